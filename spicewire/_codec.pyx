@@ -1,0 +1,263 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, binding=False
+"""Compiled codec. The contract and the pure-Python twin that must agree with it: codec.py, _codec_py.py.
+
+Bounds and wraparound checks are off, so every read and write below is preceded by an explicit
+length check; the fuzz tests put inputs against a guard page to prove it.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
+from cpython.list cimport PyList_New, PyList_SET_ITEM
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_INCREF
+from cpython.sequence cimport PySequence_GetSlice
+from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from spicewire import _codec_layout as layout
+from spicewire.errors import CodecError, MessageTooLarge
+
+cdef extern from "_fastmem.h" nogil:
+    uint16_t sw_load_u16le(const unsigned char *p)
+    uint32_t sw_load_u32le(const unsigned char *p)
+    uint64_t sw_load_u64le(const unsigned char *p)
+    void sw_store_u16le(unsigned char *p, uint16_t v)
+    void sw_store_u32le(unsigned char *p, uint32_t v)
+    void sw_store_u64le(unsigned char *p, uint64_t v)
+    void sw_copy_stream(unsigned char *dst, const unsigned char *src, size_t n)
+    void sw_stream_fence()
+
+cdef Py_ssize_t MINI = layout.MINI_HEADER_SIZE
+cdef Py_ssize_t FULL = layout.FULL_HEADER_SIZE
+cdef uint32_t CHUNK_MAGIC = layout.CHUNK_MAGIC
+cdef uint16_t CHUNK_VERSION = layout.CHUNK_VERSION
+cdef Py_ssize_t CHUNK_HEADER = layout.CHUNK_HEADER_SIZE
+cdef Py_ssize_t CHUNK_ENTRY = layout.CHUNK_INDEX_ENTRY_SIZE
+cdef Py_ssize_t CHUNK_ALIGN = layout.CHUNK_DATA_ALIGN
+DEFAULT_MAX_SIZE = layout.DEFAULT_MAX_SIZE
+
+cdef int _get_buffer(object obj, Py_buffer *view, int flags) except -1:
+    """PyObject_GetBuffer, with numpy's ValueError for a strided array reported as the BufferError
+    every other exporter raises, so both backends fail the same way."""
+    try:
+        PyObject_GetBuffer(obj, view, flags)
+    except ValueError as err:
+        raise BufferError(str(err)) from None
+    return 0
+
+
+# Below this much payload a plain memcpy wins: the data fits in cache and is often read again soon.
+cdef size_t STREAM_THRESHOLD = 4 * 1024 * 1024
+
+
+cdef inline object _header_at(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset, bint mini):
+    if offset < 0:
+        raise CodecError(f"negative offset {offset}")
+    if mini:
+        if offset > n - MINI:
+            return None
+        p += offset
+        return (sw_load_u16le(p), sw_load_u32le(p + 2))
+    if offset > n - FULL:
+        return None
+    p += offset
+    return (sw_load_u64le(p), sw_load_u16le(p + 8), sw_load_u32le(p + 10), sw_load_u32le(p + 14))
+
+
+def parse_header(object buf, Py_ssize_t offset=0, bint mini=True):
+    cdef Py_buffer view
+    if PyBytes_CheckExact(buf):  # the common case skips the buffer protocol entirely
+        return _header_at(<const unsigned char *>PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf), offset, mini)
+    _get_buffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        return _header_at(<const unsigned char *>view.buf, view.len, offset, mini)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef inline Py_ssize_t _scan_loop(
+    const unsigned char *p, Py_ssize_t n, Py_ssize_t hdr, Py_ssize_t type_at, Py_ssize_t size_at,
+    uint64_t max_size, int64_t *offsets, uint16_t *types, uint32_t *sizes,
+    Py_ssize_t *consumed, uint32_t *too_large,
+) noexcept nogil:
+    cdef Py_ssize_t pos = 0, count = 0
+    cdef uint32_t size
+    while n - pos >= hdr:
+        size = sw_load_u32le(p + pos + size_at)
+        if size > max_size:
+            too_large[0] = size
+            break
+        if size > n - pos - hdr:
+            break
+        offsets[count] = pos + hdr
+        types[count] = sw_load_u16le(p + pos + type_at)
+        sizes[count] = size
+        pos += hdr + size
+        count += 1
+    consumed[0] = pos
+    return count
+
+
+def scan(object buf, bint mini=True, Py_ssize_t max_size=DEFAULT_MAX_SIZE):
+    cdef Py_buffer view
+    cdef Py_ssize_t hdr = MINI if mini else FULL
+    cdef Py_ssize_t count = 0, consumed = 0, capacity
+    cdef uint32_t too_large = 0
+    cdef int64_t[::1] offsets_mv
+    cdef uint16_t[::1] types_mv
+    cdef uint32_t[::1] sizes_mv
+    if max_size < 0:
+        raise ValueError(f"max_size must be >= 0, got {max_size}")
+    _get_buffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        # Every message takes at least a header, so this bound is exact enough to need no growth;
+        # pages past the last message are never touched and so never become resident.
+        capacity = view.len // hdr
+        offsets = np.empty(capacity, dtype=np.int64)
+        types = np.empty(capacity, dtype=np.uint16)
+        sizes = np.empty(capacity, dtype=np.uint32)
+        if capacity:
+            offsets_mv = offsets
+            types_mv = types
+            sizes_mv = sizes
+            with nogil:
+                if mini:
+                    count = _scan_loop(<const unsigned char *>view.buf, view.len, MINI, 0, 2, max_size,
+                                       &offsets_mv[0], &types_mv[0], &sizes_mv[0], &consumed, &too_large)
+                else:
+                    count = _scan_loop(<const unsigned char *>view.buf, view.len, FULL, 8, 10, max_size,
+                                       &offsets_mv[0], &types_mv[0], &sizes_mv[0], &consumed, &too_large)
+    finally:
+        PyBuffer_Release(&view)
+    if too_large:
+        raise MessageTooLarge(too_large, max_size, consumed)
+    return offsets[:count], types[:count], sizes[:count], consumed
+
+
+def packed_size(chunks):
+    """Bytes pack_chunks(chunks) will produce, to size a reusable output buffer."""
+    cdef Py_buffer view
+    cdef Py_ssize_t payload = 0
+    seq = chunks if isinstance(chunks, (list, tuple)) else list(chunks)
+    for chunk in seq:
+        _get_buffer(chunk, &view, PyBUF_SIMPLE)
+        payload += view.len
+        PyBuffer_Release(&view)
+    return layout.data_start(len(seq)) + payload
+
+
+def pack_chunks(chunks, out=None):
+    cdef Py_ssize_t count, acquired = 0, k
+    cdef Py_buffer *views = NULL
+    cdef Py_buffer out_view
+    cdef bint have_out = False
+    cdef Py_ssize_t start, payload = 0, total, pos
+    cdef unsigned char *dst
+    cdef uintptr_t lo, hi, c_lo
+    cdef bint stream
+    seq = chunks if isinstance(chunks, (list, tuple)) else list(chunks)
+    count = len(seq)
+    views = <Py_buffer *>PyMem_Malloc((count if count else 1) * sizeof(Py_buffer))
+    if views == NULL:
+        raise MemoryError()
+    try:
+        for k in range(count):
+            _get_buffer(seq[k], &views[k], PyBUF_SIMPLE)
+            acquired += 1
+            payload += views[k].len
+        start = layout.data_start(count)
+        total = start + payload
+        result = layout.output_buffer(out, total)
+        _get_buffer(result, &out_view, PyBUF_WRITABLE)
+        have_out = True
+        dst = <unsigned char *>out_view.buf
+        lo = <uintptr_t>dst
+        hi = lo + <uintptr_t>total
+        for k in range(count):
+            c_lo = <uintptr_t>views[k].buf
+            if views[k].len and c_lo < hi and lo < c_lo + <uintptr_t>views[k].len:
+                raise CodecError(f"chunk {k} overlaps the output buffer")
+
+        sw_store_u32le(dst, CHUNK_MAGIC)
+        sw_store_u16le(dst + 4, CHUNK_VERSION)
+        sw_store_u16le(dst + 6, <uint16_t>CHUNK_HEADER)
+        sw_store_u32le(dst + 8, <uint32_t>count)
+        sw_store_u32le(dst + 12, 0)
+        sw_store_u64le(dst + 16, <uint64_t>total)
+        sw_store_u64le(dst + 24, <uint64_t>payload)
+        pos = start
+        for k in range(count):
+            sw_store_u64le(dst + CHUNK_HEADER + k * CHUNK_ENTRY, <uint64_t>pos)
+            sw_store_u64le(dst + CHUNK_HEADER + k * CHUNK_ENTRY + 8, <uint64_t>views[k].len)
+            pos += views[k].len
+        memset(dst + CHUNK_HEADER + count * CHUNK_ENTRY, 0, start - CHUNK_HEADER - count * CHUNK_ENTRY)
+
+        stream = <size_t>payload >= STREAM_THRESHOLD
+        with nogil:
+            pos = start
+            for k in range(count):
+                if stream:
+                    sw_copy_stream(dst + pos, <const unsigned char *>views[k].buf, views[k].len)
+                else:
+                    memcpy(dst + pos, views[k].buf, views[k].len)
+                pos += views[k].len
+            if stream:
+                sw_stream_fence()
+    finally:
+        if have_out:
+            PyBuffer_Release(&out_view)
+        for k in range(acquired):
+            PyBuffer_Release(&views[k])
+        PyMem_Free(views)
+    return result[:total]
+
+
+def unpack_chunks(object buf):
+    cdef Py_buffer view
+    cdef const unsigned char *p
+    cdef uint64_t length, count, total, payload, offset, size, start, prev_end, seen = 0
+    cdef Py_ssize_t k
+    flat = layout.byte_view(buf)
+    _get_buffer(flat, &view, PyBUF_SIMPLE)
+    try:
+        p = <const unsigned char *>view.buf
+        length = <uint64_t>view.len
+        if length < <uint64_t>CHUNK_HEADER:
+            raise CodecError(f"chunk container truncated: {length} bytes, the header alone needs {CHUNK_HEADER}")
+        if sw_load_u32le(p) != CHUNK_MAGIC:
+            raise CodecError(f"bad chunk container magic 0x{sw_load_u32le(p):08x}")
+        if sw_load_u16le(p + 4) != CHUNK_VERSION:
+            raise CodecError(f"unsupported chunk container version {sw_load_u16le(p + 4)}")
+        if sw_load_u16le(p + 6) != CHUNK_HEADER:
+            raise CodecError(f"bad chunk container header size {sw_load_u16le(p + 6)}")
+        if sw_load_u32le(p + 12) != 0:
+            raise CodecError(f"reserved chunk container flags set: 0x{sw_load_u32le(p + 12):08x}")
+        count = sw_load_u32le(p + 8)
+        total = sw_load_u64le(p + 16)
+        payload = sw_load_u64le(p + 24)
+        if count > (length - CHUNK_HEADER) // CHUNK_ENTRY:
+            raise CodecError(f"index of {count} chunks runs past the end of {length} bytes")
+        if total > length:
+            raise CodecError(f"container claims {total} bytes, the buffer holds {length}")
+        start = layout.data_start(count)
+        prev_end = start
+        result = PyList_New(<Py_ssize_t>count)
+        for k in range(<Py_ssize_t>count):
+            offset = sw_load_u64le(p + CHUNK_HEADER + k * CHUNK_ENTRY)
+            size = sw_load_u64le(p + CHUNK_HEADER + k * CHUNK_ENTRY + 8)
+            if offset < prev_end:
+                raise CodecError(f"chunk {k} at offset {offset} overlaps the index or the chunk before it")
+            if offset > total or size > total - offset:
+                raise CodecError(f"chunk {k} (offset {offset}, length {size}) runs past the end ({total})")
+            piece = PySequence_GetSlice(flat, <Py_ssize_t>offset, <Py_ssize_t>(offset + size))
+            Py_INCREF(piece)  # PyList_SET_ITEM steals a reference
+            PyList_SET_ITEM(result, k, piece)
+            prev_end = offset + size
+            seen += size
+        if seen != payload:
+            raise CodecError(f"chunk lengths add up to {seen}, the header says {payload}")
+    finally:
+        PyBuffer_Release(&view)
+    return result

@@ -1,0 +1,65 @@
+"""Layout constants shared by the compiled codec and its pure-Python twin (one source of truth).
+
+Bulk chunk container (``pack_chunks``), all integers little-endian::
+
+    0   4s   magic        b"SWCK"
+    4   u16  version      1
+    6   u16  header_size  32
+    8   u32  count        number of chunks
+    12  u32  flags        0 (reserved; anything else is rejected)
+    16  u64  total_size   bytes of the whole container: header, index, padding and data
+    24  u64  payload_size sum of the chunk lengths
+    32  count x {u64 offset, u64 length}   offsets from the container start
+    ..  zero padding up to a multiple of 64 (so bulk stores start cache-line aligned)
+    ..  chunk bytes, back to back, in index order
+"""
+
+from spicewire.protocol.enums import FULL_HEADER_SIZE, MINI_HEADER_SIZE
+
+CHUNK_MAGIC = 0x4B435753  # b"SWCK" as a little-endian u32
+CHUNK_VERSION = 1
+CHUNK_HEADER_SIZE = 32
+CHUNK_INDEX_ENTRY_SIZE = 16
+CHUNK_DATA_ALIGN = 64
+
+# Sizes of one message body that scan() and the framing accept unless told otherwise. SPICE allows a
+# u32; real servers cap far lower per channel (PROTOCOL.md section 2).
+DEFAULT_MAX_SIZE = 64 * 1024 * 1024
+
+__all__ = [
+    "CHUNK_MAGIC", "CHUNK_VERSION", "CHUNK_HEADER_SIZE", "CHUNK_INDEX_ENTRY_SIZE", "CHUNK_DATA_ALIGN",
+    "DEFAULT_MAX_SIZE", "MINI_HEADER_SIZE", "FULL_HEADER_SIZE",
+]
+
+
+def data_start(count: int) -> int:
+    """Where the first chunk's bytes start in a container of ``count`` chunks."""
+    index_end = CHUNK_HEADER_SIZE + CHUNK_INDEX_ENTRY_SIZE * count
+    return -(-index_end // CHUNK_DATA_ALIGN) * CHUNK_DATA_ALIGN
+
+
+def output_buffer(out, total: int):
+    """The buffer pack_chunks writes into: ``out`` when it is usable and large enough, else a new one."""
+    import numpy as np
+
+    if out is None:
+        return np.empty(total, dtype=np.uint8)
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.uint8
+        or out.ndim != 1
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise TypeError("out must be a writable, C-contiguous, 1-D numpy uint8 array")
+    if out.shape[0] < total:
+        return np.empty(total, dtype=np.uint8)
+    return out
+
+
+def byte_view(buf) -> memoryview:
+    """A flat unsigned-byte memoryview of any C-contiguous buffer, for slicing out zero-copy views."""
+    view = memoryview(buf)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    return view

@@ -1,0 +1,71 @@
+/* Little-endian loads/stores and a streaming copy for spicewire/_codec.pyx.
+ *
+ * The loads go through memcpy so unaligned addresses are legal on every CPU; compilers turn them
+ * into single moves. The streaming copy uses non-temporal stores on x86: a migration buffer of
+ * hundreds of MiB is written once and sent, so pulling every destination line into the cache (the
+ * read-for-ownership of a normal store) only costs bandwidth. */
+#ifndef SPICEWIRE_FASTMEM_H
+#define SPICEWIRE_FASTMEM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define SW_BSWAP16(x) __builtin_bswap16(x)
+#define SW_BSWAP32(x) __builtin_bswap32(x)
+#define SW_BSWAP64(x) __builtin_bswap64(x)
+#else
+#define SW_BSWAP16(x) (x)
+#define SW_BSWAP32(x) (x)
+#define SW_BSWAP64(x) (x)
+#endif
+
+static inline uint16_t sw_load_u16le(const unsigned char *p) { uint16_t v; memcpy(&v, p, 2); return SW_BSWAP16(v); }
+static inline uint32_t sw_load_u32le(const unsigned char *p) { uint32_t v; memcpy(&v, p, 4); return SW_BSWAP32(v); }
+static inline uint64_t sw_load_u64le(const unsigned char *p) { uint64_t v; memcpy(&v, p, 8); return SW_BSWAP64(v); }
+static inline void sw_store_u16le(unsigned char *p, uint16_t v) { v = SW_BSWAP16(v); memcpy(p, &v, 2); }
+static inline void sw_store_u32le(unsigned char *p, uint32_t v) { v = SW_BSWAP32(v); memcpy(p, &v, 4); }
+static inline void sw_store_u64le(unsigned char *p, uint64_t v) { v = SW_BSWAP64(v); memcpy(p, &v, 8); }
+
+/* Copy n bytes without caching the destination. Callers issue sw_stream_fence() once after a batch
+ * so the stores are visible before the buffer is handed to another thread. */
+static inline void sw_copy_stream(unsigned char *dst, const unsigned char *src, size_t n)
+{
+#if defined(__SSE2__)
+    size_t head = (size_t)(-(uintptr_t)dst) & 15;
+    if (n < 256) {
+        memcpy(dst, src, n);
+        return;
+    }
+    memcpy(dst, src, head);
+    dst += head; src += head; n -= head;
+    while (n >= 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + 0));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+        _mm_stream_si128((__m128i *)(dst + 0), a);
+        _mm_stream_si128((__m128i *)(dst + 16), b);
+        _mm_stream_si128((__m128i *)(dst + 32), c);
+        _mm_stream_si128((__m128i *)(dst + 48), d);
+        dst += 64; src += 64; n -= 64;
+    }
+    memcpy(dst, src, n);
+#else
+    memcpy(dst, src, n);
+#endif
+}
+
+static inline void sw_stream_fence(void)
+{
+#if defined(__SSE2__)
+    _mm_sfence();
+#endif
+}
+
+#endif

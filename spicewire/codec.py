@@ -1,0 +1,42 @@
+"""The hot-path codec: message headers and the bulk chunk container used for MIGRATE_DATA.
+
+The compiled extension (_codec.pyx) is used when it is built; SPICEWIRE_PURE=1 forces the pure-Python
+twin (_codec_py.py), which gives identical results and raises identical errors.
+
+- ``parse_header(buf, offset=0, mini=True)``: ``(type, size)`` for a mini header, ``(serial, type,
+  size, sub_list)`` for a full one, or ``None`` when fewer bytes than a header remain at ``offset``.
+- ``scan(buf, mini=True, max_size=DEFAULT_MAX_SIZE)``: every complete message back to back from the
+  start of ``buf`` as ``(body_offsets int64, types uint16, sizes uint32, consumed)``; stops at the
+  first incomplete message; a body larger than ``max_size`` raises MessageTooLarge.
+- ``pack_chunks(chunks, out=None)``: many buffers into ONE numpy uint8 container (layout in
+  _codec_layout.py); ``out`` is reused when it is large enough. ``packed_size(chunks)`` sizes it.
+- ``unpack_chunks(buf)``: the container's chunks as zero-copy memoryviews, after validating it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from spicewire._codec_layout import DEFAULT_MAX_SIZE
+
+if os.environ.get("SPICEWIRE_PURE", "") not in ("", "0"):
+    from spicewire import _codec_py as _impl
+
+    BACKEND = "python"
+else:
+    try:
+        from spicewire import _codec as _impl  # type: ignore[no-redef]
+
+        BACKEND = "cython"
+    except ImportError:
+        from spicewire import _codec_py as _impl  # type: ignore[no-redef]
+
+        BACKEND = "python"
+
+parse_header = _impl.parse_header
+scan = _impl.scan
+pack_chunks = _impl.pack_chunks
+packed_size = _impl.packed_size
+unpack_chunks = _impl.unpack_chunks
+
+__all__ = ["BACKEND", "DEFAULT_MAX_SIZE", "parse_header", "scan", "pack_chunks", "packed_size", "unpack_chunks"]

@@ -1,0 +1,33 @@
+import os
+
+import pytest
+
+from spicewire import _codec_py
+
+try:
+    from spicewire import _codec as _codec_compiled
+except ImportError:  # not built: the compiled half of every codec test skips (and fails in CI)
+    _codec_compiled = None
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+def compiled_codec():
+    if _codec_compiled is None:
+        reason = "spicewire._codec is not built (run `make build`)"
+        if IN_CI:
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return _codec_compiled
+
+
+@pytest.fixture(params=["cython", "python"])
+def codec_impl(request):
+    """Every codec test runs once against each backend."""
+    return compiled_codec() if request.param == "cython" else _codec_py
+
+
+@pytest.fixture
+def both_codecs():
+    """(compiled, pure) for tests that demand the two agree."""
+    return compiled_codec(), _codec_py
