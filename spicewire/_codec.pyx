@@ -9,7 +9,7 @@ from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyOb
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_GET_SIZE
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.sequence cimport PySequence_GetSlice
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memcpy, memset
@@ -52,6 +52,28 @@ cdef int _get_buffer(object obj, Py_buffer *view, int flags) except -1:
 cdef size_t STREAM_THRESHOLD = 4 * 1024 * 1024
 
 
+# Mini headers repeat: a stream is mostly a few message kinds at a few sizes (PINGs, ACKs, full-size
+# DATA). Like CPython's small-int cache, hand out one immutable tuple per recent (type, size) pair
+# instead of building a new one per call; a direct-mapped table keeps the memory bounded.
+DEF HEADER_CACHE_BITS = 12
+cdef uint64_t _header_cache_keys[1 << HEADER_CACHE_BITS]
+cdef PyObject *_header_cache[1 << HEADER_CACHE_BITS]
+
+
+cdef inline object _mini_header_tuple(uint16_t msg_type, uint32_t size):
+    cdef uint64_t key = (<uint64_t>size << 16) | msg_type
+    cdef size_t slot = <size_t>((key * 0x9E3779B97F4A7C15ULL) >> (64 - HEADER_CACHE_BITS))
+    cdef PyObject *cached = _header_cache[slot]
+    if cached != NULL and _header_cache_keys[slot] == key:
+        return <object>cached
+    result = (msg_type, size)
+    Py_INCREF(result)
+    Py_XDECREF(cached)
+    _header_cache[slot] = <PyObject *>result
+    _header_cache_keys[slot] = key
+    return result
+
+
 cdef inline object _header_at(const unsigned char *p, Py_ssize_t n, Py_ssize_t offset, bint mini):
     if offset < 0:
         raise CodecError(f"negative offset {offset}")
@@ -59,7 +81,7 @@ cdef inline object _header_at(const unsigned char *p, Py_ssize_t n, Py_ssize_t o
         if offset > n - MINI:
             return None
         p += offset
-        return (sw_load_u16le(p), sw_load_u32le(p + 2))
+        return _mini_header_tuple(sw_load_u16le(p), sw_load_u32le(p + 2))
     if offset > n - FULL:
         return None
     p += offset

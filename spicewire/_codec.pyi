@@ -1,0 +1,19 @@
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from spicewire._codec_layout import DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE
+
+Buffer = Any  # anything exporting a C-contiguous buffer: bytes, bytearray, memoryview, numpy arrays
+
+def parse_header(
+    buf: Buffer, offset: int = 0, mini: bool = True
+) -> tuple[int, int] | tuple[int, int, int, int] | None: ...
+def scan(
+    buf: Buffer, mini: bool = True, max_size: int = ...
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint16], npt.NDArray[np.uint32], int]: ...
+def packed_size(chunks: Iterable[Buffer]) -> int: ...
+def pack_chunks(chunks: Iterable[Buffer], out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]: ...
+def unpack_chunks(buf: Buffer) -> list[memoryview]: ...
