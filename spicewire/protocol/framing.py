@@ -1,0 +1,171 @@
+"""Message framing after link (PROTOCOL.md section 2): headers, serials and sub-message lists.
+
+No I/O: ``MessageReader.feed`` takes bytes as they arrive, in any split, and hands back whole
+messages; ``MessageWriter.frame`` gives the bytes to send.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from spicewire.errors import CodecError, LocalProtocolError, MessageTooLarge, RemoteProtocolError
+
+MINI_HEADER = struct.Struct("<HI")  # SpiceMiniDataHeader: type, size
+FULL_HEADER = struct.Struct("<QHII")  # SpiceDataHeader: serial, type, size, sub_list
+
+# The protocol allows u32 sizes; a receiver that believes any of them lets a peer make it allocate
+# 4 GiB. Channels pass their own, smaller limits (section 2, "Size limits").
+DEFAULT_MAX_SIZE = 64 * 1024 * 1024
+
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_SUB_HEADER = struct.Struct("<HI")  # SpiceSubMessage: type, size
+
+
+@dataclass(frozen=True, slots=True)
+class RawMessage:
+    """One framed message: its header fields and the undecoded body."""
+
+    serial: int
+    type: int
+    body: bytes
+    sub_list: int = 0  # full header only: offset of a SpiceSubMessageList in body, 0 = none
+
+    def sub_messages(self) -> tuple[SubMessage, ...]:
+        """The sub-messages the header's sub_list points to (to be handled before this message)."""
+        return parse_sub_message_list(self.body, self.sub_list) if self.sub_list else ()
+
+
+@dataclass(frozen=True, slots=True)
+class SubMessage:
+    type: int
+    body: bytes
+
+
+def parse_sub_message_list(body: bytes | memoryview, offset: int = 0) -> tuple[SubMessage, ...]:
+    """Parse the SpiceSubMessageList at ``offset`` of ``body`` (offset 0 for a LIST message)."""
+    size = len(body)
+    if offset < 0 or offset + _U16.size > size:
+        raise CodecError(f"sub-message list at offset {offset} lies outside the {size}-byte body")
+    (count,) = _U16.unpack_from(body, offset)
+    table = offset + _U16.size
+    if table + count * _U32.size > size:
+        raise CodecError(f"sub-message list of {count} entries at offset {offset} overruns the {size}-byte body")
+    subs = []
+    for (sub_offset,) in _U32.iter_unpack(body[table : table + count * _U32.size]):
+        if sub_offset + _SUB_HEADER.size > size:
+            raise CodecError(f"sub-message header at offset {sub_offset} overruns the {size}-byte body")
+        sub_type, sub_size = _SUB_HEADER.unpack_from(body, sub_offset)
+        start = sub_offset + _SUB_HEADER.size
+        if start + sub_size > size:
+            raise CodecError(f"sub-message of {sub_size} bytes at offset {sub_offset} overruns the {size}-byte body")
+        subs.append(SubMessage(sub_type, bytes(body[start : start + sub_size])))
+    return tuple(subs)
+
+
+def encode_sub_message_list(subs: Iterable[SubMessage], base: int = 0) -> bytes:
+    """A SpiceSubMessageList followed by its records, for placing at offset ``base`` of a body
+    (offsets count from the body start)."""
+    subs = list(subs)
+    position = base + _U16.size + _U32.size * len(subs)
+    try:
+        out = bytearray(_U16.pack(len(subs)))
+        for sub in subs:
+            out += _U32.pack(position)
+            position += _SUB_HEADER.size + len(sub.body)
+        for sub in subs:
+            out += _SUB_HEADER.pack(sub.type, len(sub.body))
+            out += sub.body
+        return bytes(out)
+    except (struct.error, TypeError) as exc:
+        raise CodecError(f"cannot encode sub-message list: {exc}") from None
+
+
+class MessageReader:
+    """Reassembles messages from a byte stream, checking header serials and sizes."""
+
+    def __init__(self, mini: bool, max_size: int = DEFAULT_MAX_SIZE) -> None:
+        self.mini = mini
+        self.max_size = max_size
+        self.serial = 0  # serial of the last message handed out
+        self._header = MINI_HEADER if mini else FULL_HEADER
+        self._buf = bytearray()
+        self._offset = 0  # start of unconsumed data in _buf
+        self._consumed = 0  # stream position of _buf[0], for error reports
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet handed out as a message."""
+        return len(self._buf) - self._offset
+
+    def next_message(self) -> RawMessage | None:
+        """The next complete message, or None until more bytes are fed."""
+        buf, start = self._buf, self._offset
+        header = self._header
+        if len(buf) - start < header.size:
+            return None
+        if self.mini:
+            msg_type, size = header.unpack_from(buf, start)
+            serial, sub_list = self.serial + 1, 0
+        else:
+            serial, msg_type, size, sub_list = header.unpack_from(buf, start)
+        if serial != self.serial + 1:
+            raise RemoteProtocolError(f"message serial {serial} where {self.serial + 1} was expected")
+        if size > self.max_size:
+            raise MessageTooLarge(size, self.max_size, self._consumed + start)
+        body_start = start + header.size
+        end = body_start + size
+        if len(buf) < end:
+            return None
+        # Copy out exactly the body: a view into _buf would pin it (BufferError on resize) and
+        # would see its bytes change once the buffer is compacted and refilled.
+        with memoryview(buf) as view:
+            body = view[body_start:end].tobytes()
+        self.serial = serial
+        self._advance(end)
+        return RawMessage(serial, msg_type, body, sub_list)
+
+    def __iter__(self) -> Iterator[RawMessage]:
+        while (msg := self.next_message()) is not None:
+            yield msg
+
+    def _advance(self, offset: int) -> None:
+        # Dropping the consumed prefix on every message would copy the rest of the buffer each
+        # time (quadratic for many small messages); compact only once it is most of the buffer.
+        if offset == len(self._buf):
+            self._consumed += offset
+            self._buf.clear()
+            self._offset = 0
+        elif offset > len(self._buf) // 2:
+            self._consumed += offset
+            del self._buf[:offset]
+            self._offset = 0
+        else:
+            self._offset = offset
+
+
+class MessageWriter:
+    """Frames message bodies with the header the peer expects; serials start at 1."""
+
+    def __init__(self, mini: bool) -> None:
+        self.mini = mini
+        self.serial = 0  # serial of the last message framed (implicit with mini headers)
+
+    def frame(self, msg_type: int, body: bytes | bytearray | memoryview = b"", sub_list: int = 0) -> bytes:
+        if sub_list and self.mini:
+            raise LocalProtocolError("the mini header has no sub_list; send a LIST message instead")
+        serial = self.serial + 1
+        try:
+            if self.mini:
+                header = MINI_HEADER.pack(msg_type, len(body))
+            else:
+                header = FULL_HEADER.pack(serial, msg_type, len(body), sub_list)
+        except struct.error as exc:
+            raise CodecError(f"cannot frame message type {msg_type} of {len(body)} bytes: {exc}") from None
+        self.serial = serial
+        return b"".join((header, body))

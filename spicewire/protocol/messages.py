@@ -1,0 +1,757 @@
+"""Message payloads of PROTOCOL.md section 4, each declared once.
+
+A message is a frozen dataclass whose annotations *are* its wire layout, in wire order:
+``session_id: U32`` reads "a little-endian u32". Encoding and decoding are both derived from that
+declaration, so the two directions of the codec cannot drift apart. ``Cls.LAYOUT`` lists the
+(field, wire kind) pairs the codec compiled.
+
+Rules from spice.proto (4.0) that every kind below obeys:
+
+- pointers are a u32 size and a u32 offset from the body start (0 = absent); the pointed bytes are
+  appended after everything else, in field order; receivers bounds-check them;
+- zero-terminated strings are sent with their NUL counted and parsed with or without it;
+- bytes beyond what the layout consumes are ignored.
+
+Bad input raises ``CodecError``, never ``IndexError`` or ``struct.error``.
+"""
+
+import dataclasses
+import struct
+import typing
+from collections.abc import Callable, Sequence
+from enum import Enum, IntEnum
+from types import MappingProxyType
+from typing import Annotated, Any, ClassVar
+
+from spicewire.errors import CodecError
+from spicewire.protocol import framing
+from spicewire.protocol.enums import (
+    ChannelType,
+    DataCompression,
+    Msg,
+    Msgc,
+    MsgcMain,
+    MsgcSpicevmc,
+    MsgMain,
+    MsgSpicevmc,
+)
+
+Buffer = bytes | bytearray | memoryview
+_U32 = struct.Struct("<I")
+_POINTER = struct.Struct("<II")  # every pointer in these layouts sits right after its size field
+
+
+def _need(body: Buffer, pos: int, n: int, what: str) -> None:
+    if pos + n > len(body):
+        raise CodecError(f"{what} needs bytes {pos}..{pos + n} but the body has {len(body)}")
+
+
+def _to_c_string(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise CodecError(f"expected str, got {type(value).__name__}")
+    # surrogateescape: any bytes a peer sent decode to a str that encodes back to the same bytes
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise CodecError(f"string {value!r} cannot be encoded: {exc}") from None
+    if b"\0" in raw:
+        raise CodecError(f"string {value!r} contains NUL, which a C peer would cut it at")
+    return raw
+
+
+def _from_c_string(raw: Buffer) -> str:
+    # A C peer stops at the first NUL, whether or not the sender counted one.
+    return bytes(raw).split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+# --- wire kinds ------------------------------------------------------------------------------
+# encode(value, out, deferred, owner) appends to ``out``; pointed-to data goes to ``deferred``
+# as (offset of the u32 to patch, bytes). decode(body, pos, decoded) -> (value, new pos), where
+# ``decoded`` holds the fields already read (for When).
+
+
+class Scalar:
+    """An unsigned little-endian integer; runs of them are packed with one struct.Struct."""
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+        self.size = struct.calcsize(code)
+
+    def __repr__(self) -> str:
+        return f"u{self.size * 8}"
+
+
+u8, u16, u32, u64 = Scalar("B"), Scalar("H"), Scalar("I"), Scalar("Q")
+U8 = Annotated[int, u8]
+U16 = Annotated[int, u16]
+U32 = Annotated[int, u32]
+U64 = Annotated[int, u64]
+
+
+class FixedBytes:
+    """``u8 x[n]`` with a constant n."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def encode(self, value: Buffer, out: bytearray, deferred: list, owner: Any) -> None:
+        if len(value) != self.n:
+            raise CodecError(f"expected exactly {self.n} bytes, got {len(value)}")
+        out += value
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[bytes, int]:
+        _need(body, pos, self.n, f"{self.n}-byte array")
+        return bytes(body[pos : pos + self.n]), pos + self.n
+
+
+class Rest:
+    """Opaque bytes to the end of the body (Data messages, compressed payloads)."""
+
+    def encode(self, value: Buffer, out: bytearray, deferred: list, owner: Any) -> None:
+        out += value
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[Buffer, int]:
+        return (body[pos:] if pos else body), len(body)  # the whole body is passed on uncopied
+
+
+class Padding:
+    """Filler to the end of the body, kept as its length: only its size matters (PING)."""
+
+    def encode(self, value: int, out: bytearray, deferred: list, owner: Any) -> None:
+        if not isinstance(value, int) or value < 0:
+            raise CodecError(f"padding length {value!r} is not a byte count")
+        out += bytes(value)
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[int, int]:
+        return len(body) - pos, len(body)
+
+
+class CString:
+    """An inline length-prefixed string (``u32 n; u8 s[n]``).
+
+    ``counts_nul`` is the zero_terminated rule (NAME); NOTIFY instead counts strlen but spice-server
+    appends the NUL anyway, which ``counts_nul=False`` reproduces.
+    """
+
+    def __init__(self, length: Scalar, counts_nul: bool = True) -> None:
+        self.length = struct.Struct("<" + length.code)
+        self.counts_nul = counts_nul
+
+    def encode(self, value: str, out: bytearray, deferred: list, owner: Any) -> None:
+        raw = _to_c_string(value)
+        out += self.length.pack(len(raw) + self.counts_nul)
+        out += raw
+        out += b"\0"
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[str, int]:
+        _need(body, pos, self.length.size, "string length")
+        (n,) = self.length.unpack_from(body, pos)
+        pos += self.length.size
+        _need(body, pos, n, f"{n}-byte string")
+        return _from_c_string(body[pos : pos + n]), pos + n
+
+
+class Pointer:
+    """``u32 size; u8 *data[size] @zero_terminated`` as a str, or None when the pointer is 0."""
+
+    def __init__(self, nonnull: bool) -> None:
+        self.nonnull = nonnull
+
+    def encode(self, value: str | None, out: bytearray, deferred: list, owner: Any) -> None:
+        if value is None:
+            if self.nonnull:
+                raise CodecError("a @nonnull pointer field cannot be None")
+            out += _POINTER.pack(0, 0)
+            return
+        data = _to_c_string(value) + b"\0"
+        out += _U32.pack(len(data))
+        deferred.append((len(out), data))
+        out += bytes(4)  # offset, patched once the fixed part's length is known
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[str | None, int]:
+        _need(body, pos, _POINTER.size, "pointer")
+        size, offset = _POINTER.unpack_from(body, pos)
+        pos += _POINTER.size
+        if offset == 0:
+            if self.nonnull:
+                raise CodecError("@nonnull pointer is 0")
+            return None, pos
+        if offset >= len(body) or offset + size > len(body):
+            raise CodecError(f"pointer to {size} bytes at offset {offset} is past the {len(body)}-byte body")
+        return _from_c_string(body[offset : offset + size]), pos
+
+
+class Array:
+    """``count; Item items[count] @end`` where Item is a wire struct of scalars."""
+
+    def __init__(self, count: Scalar, item: type) -> None:
+        self.count = struct.Struct("<" + count.code)
+        self.item = item
+        self.item_struct = item._layout.fixed
+        if self.item_struct is None:
+            raise TypeError(f"array items must be structs of scalars, {item.__name__} is not")
+
+    def encode(self, value: Sequence, out: bytearray, deferred: list, owner: Any) -> None:
+        out += self.count.pack(len(value))
+        for item in value:
+            self.item._layout.encode_into(item, out, deferred)
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[tuple, int]:
+        _need(body, pos, self.count.size, "array count")
+        (count,) = self.count.unpack_from(body, pos)
+        pos += self.count.size
+        item = self.item_struct
+        end = pos + count * item.size
+        _need(body, pos, count * item.size, f"array of {count} {self.item.__name__}")
+        return tuple(self.item(*fields) for fields in item.iter_unpack(body[pos:end])), end
+
+
+class When:
+    """A field present only if ``predicate(<field ``on``>)`` holds; None when absent."""
+
+    def __init__(self, on: str, predicate: Callable[[Any], bool], kind: Scalar) -> None:
+        self.on = on
+        self.predicate = predicate
+        self.struct = struct.Struct("<" + kind.code)
+
+    def encode(self, value: int | None, out: bytearray, deferred: list, owner: Any) -> None:
+        if self.predicate(getattr(owner, self.on)):
+            if value is None:
+                raise CodecError(f"field is required when {self.on} = {getattr(owner, self.on)}")
+            out += self.struct.pack(value)
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[int | None, int]:
+        if not self.predicate(decoded[self.on]):
+            return None, pos
+        _need(body, pos, self.struct.size, "conditional field")
+        return self.struct.unpack_from(body, pos)[0], pos + self.struct.size
+
+
+class SubMessages:
+    """A SpiceSubMessageList taking the rest of the body (the LIST message)."""
+
+    def encode(self, value: Sequence, out: bytearray, deferred: list, owner: Any) -> None:
+        out += framing.encode_sub_message_list(value, base=len(out))
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[tuple, int]:
+        return framing.parse_sub_message_list(body, pos), len(body)
+
+
+class Nested:
+    """A wire struct inside another; its pointers still count from the message body start."""
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __repr__(self) -> str:
+        return f"Nested({self.cls.__name__})"
+
+    def encode(self, value: Any, out: bytearray, deferred: list, owner: Any) -> None:
+        self.cls._layout.encode_into(value, out, deferred)
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[Any, int]:
+        return self.cls._layout.decode_from(body, pos)
+
+
+# --- layout compiler -------------------------------------------------------------------------
+
+
+class _Scalars:
+    """Consecutive scalar fields, read and written with one struct call."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.codes = "<"
+
+    def add(self, name: str, kind: Scalar) -> None:
+        self.names.append(name)
+        self.codes += kind.code
+        self.struct = struct.Struct(self.codes)
+
+    def encode(self, obj: Any, out: bytearray, deferred: list) -> None:
+        out += self.struct.pack(*[getattr(obj, name) for name in self.names])
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> int:
+        _need(body, pos, self.struct.size, "fields " + ", ".join(self.names))
+        decoded.update(zip(self.names, self.struct.unpack_from(body, pos)))
+        return pos + self.struct.size
+
+
+class _Field:
+    def __init__(self, name: str, kind: Any) -> None:
+        self.name = name
+        self.kind = kind
+
+    def encode(self, obj: Any, out: bytearray, deferred: list) -> None:
+        self.kind.encode(getattr(obj, self.name), out, deferred, obj)
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> int:
+        decoded[self.name], pos = self.kind.decode(body, pos, decoded)
+        return pos
+
+
+class _Layout:
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+        hints = typing.get_type_hints(cls, include_extras=True)
+        fields = []
+        self.ops: list[_Scalars | _Field] = []
+        for field in dataclasses.fields(cls):
+            kind = _kind_of(cls, field.name, hints[field.name])
+            fields.append((field.name, kind))
+            if isinstance(kind, Scalar):
+                if not (self.ops and isinstance(self.ops[-1], _Scalars)):
+                    self.ops.append(_Scalars())
+                self.ops[-1].add(field.name, kind)
+            else:
+                self.ops.append(_Field(field.name, kind))
+        self.fields = tuple(fields)
+        only = self.ops[0] if len(self.ops) == 1 else None
+        # Data messages: the body is the payload, so neither direction needs to copy it.
+        self.opaque_field = only.name if isinstance(only, _Field) and isinstance(only.kind, Rest) else None
+        self.fixed = only.struct if isinstance(only, _Scalars) else None  # scalars only: array items
+
+    def encode_into(self, obj: Any, out: bytearray, deferred: list) -> None:
+        for op in self.ops:
+            op.encode(obj, out, deferred)
+
+    def decode_from(self, body: Buffer, pos: int) -> tuple[Any, int]:
+        decoded: dict[str, Any] = {}
+        for op in self.ops:
+            try:
+                pos = op.decode(body, pos, decoded)
+            except CodecError as exc:
+                where = f".{op.name}" if isinstance(op, _Field) else ""
+                raise CodecError(f"{self.cls.__name__}{where}: {exc}") from None
+        return self.cls(**decoded), pos
+
+    def encode(self, obj: Any) -> bytes:
+        out = bytearray()
+        deferred: list[tuple[int, bytes]] = []
+        try:
+            if self.opaque_field:
+                payload = getattr(obj, self.opaque_field)
+                return payload if isinstance(payload, bytes) else memoryview(payload).tobytes()
+            self.encode_into(obj, out, deferred)
+            for slot, data in deferred:
+                _U32.pack_into(out, slot, len(out))
+                out += data
+        except (struct.error, TypeError) as exc:
+            raise CodecError(f"cannot encode {obj!r}: {exc}") from None
+        except CodecError as exc:
+            raise CodecError(f"{self.cls.__name__}: {exc}") from None
+        return bytes(out)
+
+
+def _kind_of(cls: type, name: str, hint: Any) -> Any:
+    if typing.get_origin(hint) is Annotated:
+        return hint.__metadata__[0]
+    if isinstance(hint, type) and hasattr(hint, "_layout"):
+        return Nested(hint)
+    raise TypeError(f"{cls.__name__}.{name}: annotation {hint!r} does not say how it is encoded")
+
+
+def wire_struct(cls: type) -> type:
+    """Make ``cls`` a frozen dataclass whose annotations are its wire layout."""
+    cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
+    cls._layout = _Layout(cls)
+    cls.LAYOUT = cls._layout.fields
+    return cls
+
+
+# --- messages and their registry ---------------------------------------------------------------
+
+
+class Direction(IntEnum):
+    SERVER_TO_CLIENT = 0  # SPICE_MSG_*
+    CLIENT_TO_SERVER = 1  # SPICE_MSGC_*
+
+
+class Family(Enum):
+    """Which channels share a message-number space (section 3)."""
+
+    COMMON = "common"  # types below 101, on every channel
+    MAIN = "main"
+    SPICEVMC = "spicevmc"  # usbredir, port, webdav
+    PORT = "port"  # port and webdav on top of spicevmc
+
+
+_CHANNEL_FAMILIES = {
+    ChannelType.MAIN: (Family.COMMON, Family.MAIN),
+    ChannelType.USBREDIR: (Family.COMMON, Family.SPICEVMC),
+    ChannelType.PORT: (Family.COMMON, Family.SPICEVMC, Family.PORT),
+    ChannelType.WEBDAV: (Family.COMMON, Family.SPICEVMC, Family.PORT),
+}
+
+_REGISTRY: dict[tuple[Family, Direction, int], type["Message"]] = {}
+REGISTRY = MappingProxyType(_REGISTRY)
+"""(family, direction, type number) -> message class."""
+
+
+class Message:
+    """Base of every message class; the class attributes say where it travels."""
+
+    __slots__ = ()
+    FAMILY: ClassVar[Family]
+    DIRECTION: ClassVar[Direction]
+    TYPE: ClassVar[int]
+    LAYOUT: ClassVar[tuple]
+    _layout: ClassVar[_Layout]
+
+    def encode(self) -> bytes:
+        return self._layout.encode(self)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> "Message":
+        return cls._layout.decode_from(body, 0)[0]
+
+
+def message(family: Family, direction: Direction, msg_type: int) -> Callable[[type], type]:
+    def register(cls: type) -> type:
+        cls = wire_struct(cls)
+        cls.FAMILY, cls.DIRECTION, cls.TYPE = family, direction, msg_type
+        key = (family, direction, int(msg_type))
+        if key in _REGISTRY:
+            raise TypeError(f"{cls.__name__} and {_REGISTRY[key].__name__} share the number {key}")
+        _REGISTRY[key] = cls
+        return cls
+
+    return register
+
+
+def lookup(channel_type: int, direction: Direction, msg_type: int) -> type[Message] | None:
+    """The message class for ``msg_type`` on a channel of ``channel_type``, or None if unknown."""
+    for family in _CHANNEL_FAMILIES.get(channel_type, (Family.COMMON,)):
+        cls = _REGISTRY.get((family, direction, msg_type))
+        if cls is not None:
+            return cls
+    return None
+
+
+def decode(channel_type: int, direction: Direction, msg_type: int, body: Buffer) -> Message:
+    cls = lookup(channel_type, direction, msg_type)
+    if cls is None:
+        raise CodecError(f"unknown message type {msg_type} ({direction!r}) on channel type {channel_type}")
+    return cls.decode(body)
+
+
+def encode(msg: Message) -> bytes:
+    return msg.encode()
+
+
+S2C, C2S = Direction.SERVER_TO_CLIENT, Direction.CLIENT_TO_SERVER
+Data = Annotated[Buffer, Rest()]
+
+
+@wire_struct
+class ChannelWait:
+    channel_type: U8
+    channel_id: U8
+    message_serial: U64
+
+
+@wire_struct
+class ChannelId:
+    type: U8
+    id: U8
+
+
+@wire_struct
+class MigrationDstInfo:
+    """SpiceMigrationDstInfo: where the client should connect to reach the destination."""
+
+    port: U16  # plain TCP port, 0 = none
+    sport: U16  # TLS port, 0 = none
+    host: Annotated[str, Pointer(nonnull=True)]
+    cert_subject: Annotated[str | None, Pointer(nonnull=False)] = None
+
+
+# 4.1 common, server -> client
+
+
+@message(Family.COMMON, S2C, Msg.MIGRATE)
+class MsgMigrate(Message):
+    flags: U32
+
+
+@message(Family.COMMON, S2C, Msg.MIGRATE_DATA)
+class MsgMigrateData(Message):
+    data: Data
+
+
+@message(Family.COMMON, S2C, Msg.SET_ACK)
+class MsgSetAck(Message):
+    generation: U32
+    window: U32
+
+
+@message(Family.COMMON, S2C, Msg.PING)
+class MsgPing(Message):
+    id: U32
+    timestamp: U64
+    padding: Annotated[int, Padding()] = 0  # byte count; the network test sends 256000
+
+
+@message(Family.COMMON, S2C, Msg.WAIT_FOR_CHANNELS)
+class MsgWaitForChannels(Message):
+    wait_list: Annotated[tuple[ChannelWait, ...], Array(u8, ChannelWait)]
+
+
+@message(Family.COMMON, S2C, Msg.DISCONNECTING)
+class MsgDisconnecting(Message):
+    time_stamp: U64
+    reason: U32  # LinkErr
+
+
+@message(Family.COMMON, S2C, Msg.NOTIFY)
+class MsgNotify(Message):
+    time_stamp: U64
+    severity: U32
+    visibility: U32
+    what: U32
+    message: Annotated[str, CString(u32, counts_nul=False)]
+
+
+@message(Family.COMMON, S2C, Msg.LIST)
+class MsgList(Message):
+    sub_messages: Annotated[tuple[framing.SubMessage, ...], SubMessages()]
+
+
+# 4.1 common, client -> server
+
+
+@message(Family.COMMON, C2S, Msgc.ACK_SYNC)
+class MsgcAckSync(Message):
+    generation: U32
+
+
+@message(Family.COMMON, C2S, Msgc.ACK)
+class MsgcAck(Message):
+    pass
+
+
+@message(Family.COMMON, C2S, Msgc.PONG)
+class MsgcPong(Message):
+    id: U32
+    timestamp: U64
+
+
+@message(Family.COMMON, C2S, Msgc.MIGRATE_FLUSH_MARK)
+class MsgcMigrateFlushMark(Message):
+    pass
+
+
+@message(Family.COMMON, C2S, Msgc.MIGRATE_DATA)
+class MsgcMigrateData(Message):
+    data: Data
+
+
+@message(Family.COMMON, C2S, Msgc.DISCONNECTING)
+class MsgcDisconnecting(Message):
+    time_stamp: U64
+    reason: U32
+
+
+# 4.2 main, server -> client
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_BEGIN)
+class MsgMainMigrateBegin(Message):
+    dst_info: MigrationDstInfo
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_CANCEL)
+class MsgMainMigrateCancel(Message):
+    pass
+
+
+@message(Family.MAIN, S2C, MsgMain.INIT)
+class MsgMainInit(Message):
+    session_id: U32
+    display_channels_hint: U32
+    supported_mouse_modes: U32
+    current_mouse_mode: U32
+    agent_connected: U32
+    agent_tokens: U32
+    multi_media_time: U32
+    ram_hint: U32
+
+
+@message(Family.MAIN, S2C, MsgMain.CHANNELS_LIST)
+class MsgMainChannelsList(Message):
+    channels: Annotated[tuple[ChannelId, ...], Array(u32, ChannelId)]
+
+
+@message(Family.MAIN, S2C, MsgMain.MOUSE_MODE)
+class MsgMainMouseMode(Message):
+    supported_modes: U16  # flags16 here, although MAIN_INIT carries them as u32
+    current_mode: U16
+
+
+@message(Family.MAIN, S2C, MsgMain.MULTI_MEDIA_TIME)
+class MsgMainMultiMediaTime(Message):
+    time: U32
+
+
+@message(Family.MAIN, S2C, MsgMain.AGENT_CONNECTED)
+class MsgMainAgentConnected(Message):
+    pass
+
+
+@message(Family.MAIN, S2C, MsgMain.AGENT_DISCONNECTED)
+class MsgMainAgentDisconnected(Message):
+    error_code: U32
+
+
+@message(Family.MAIN, S2C, MsgMain.AGENT_DATA)
+class MsgMainAgentData(Message):
+    data: Data
+
+
+@message(Family.MAIN, S2C, MsgMain.AGENT_TOKEN)
+class MsgMainAgentToken(Message):
+    num_tokens: U32
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_SWITCH_HOST)
+class MsgMainMigrateSwitchHost(Message):
+    dst_info: MigrationDstInfo  # spice.proto spells the same fields out inline
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_END)
+class MsgMainMigrateEnd(Message):
+    pass
+
+
+@message(Family.MAIN, S2C, MsgMain.NAME)
+class MsgMainName(Message):
+    name: Annotated[str, CString(u32)]  # name_len counts the NUL
+
+
+@message(Family.MAIN, S2C, MsgMain.UUID)
+class MsgMainUuid(Message):
+    uuid: Annotated[bytes, FixedBytes(16)]
+
+
+@message(Family.MAIN, S2C, MsgMain.AGENT_CONNECTED_TOKENS)
+class MsgMainAgentConnectedTokens(Message):
+    num_tokens: U32
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_BEGIN_SEAMLESS)
+class MsgMainMigrateBeginSeamless(Message):
+    dst_info: MigrationDstInfo
+    src_mig_version: U32  # at offset 20: the host and cert bytes follow it, from offset 24
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_DST_SEAMLESS_ACK)
+class MsgMainMigrateDstSeamlessAck(Message):
+    pass
+
+
+@message(Family.MAIN, S2C, MsgMain.MIGRATE_DST_SEAMLESS_NACK)
+class MsgMainMigrateDstSeamlessNack(Message):
+    pass
+
+
+# 4.2 main, client -> server
+
+
+@message(Family.MAIN, C2S, MsgcMain.CLIENT_INFO)
+class MsgcMainClientInfo(Message):
+    cache_size: U64
+
+
+@message(Family.MAIN, C2S, MsgcMain.MIGRATE_CONNECTED)
+class MsgcMainMigrateConnected(Message):
+    pass
+
+
+@message(Family.MAIN, C2S, MsgcMain.MIGRATE_CONNECT_ERROR)
+class MsgcMainMigrateConnectError(Message):
+    pass
+
+
+@message(Family.MAIN, C2S, MsgcMain.ATTACH_CHANNELS)
+class MsgcMainAttachChannels(Message):
+    pass
+
+
+@message(Family.MAIN, C2S, MsgcMain.MOUSE_MODE_REQUEST)
+class MsgcMainMouseModeRequest(Message):
+    mode: U16
+
+
+@message(Family.MAIN, C2S, MsgcMain.AGENT_START)
+class MsgcMainAgentStart(Message):
+    num_tokens: U32
+
+
+@message(Family.MAIN, C2S, MsgcMain.AGENT_DATA)
+class MsgcMainAgentData(Message):
+    data: Data
+
+
+@message(Family.MAIN, C2S, MsgcMain.AGENT_TOKEN)
+class MsgcMainAgentToken(Message):
+    num_tokens: U32
+
+
+@message(Family.MAIN, C2S, MsgcMain.MIGRATE_END)
+class MsgcMainMigrateEnd(Message):
+    pass
+
+
+@message(Family.MAIN, C2S, MsgcMain.MIGRATE_DST_DO_SEAMLESS)
+class MsgcMainMigrateDstDoSeamless(Message):
+    src_version: U32
+
+
+@message(Family.MAIN, C2S, MsgcMain.MIGRATE_CONNECTED_SEAMLESS)
+class MsgcMainMigrateConnectedSeamless(Message):
+    pass
+
+
+# 4.3 spicevmc / port
+
+_Compressed = When("type", lambda kind: kind != DataCompression.NONE, u32)
+
+
+@message(Family.SPICEVMC, S2C, MsgSpicevmc.DATA)
+class MsgSpicevmcData(Message):
+    data: Data
+
+
+@message(Family.SPICEVMC, S2C, MsgSpicevmc.COMPRESSED_DATA)
+class MsgSpicevmcCompressedData(Message):
+    type: U8  # DataCompression
+    uncompressed_size: Annotated[int | None, _Compressed]
+    data: Data
+
+
+@message(Family.PORT, S2C, MsgSpicevmc.PORT_INIT)
+class MsgPortInit(Message):
+    name: Annotated[str, Pointer(nonnull=True)]  # the name bytes land at offset 9
+    opened: U8
+
+
+@message(Family.PORT, S2C, MsgSpicevmc.PORT_EVENT)
+class MsgPortEvent(Message):
+    event: U8  # PortEvent
+
+
+@message(Family.SPICEVMC, C2S, MsgcSpicevmc.DATA)
+class MsgcSpicevmcData(Message):
+    data: Data
+
+
+@message(Family.SPICEVMC, C2S, MsgcSpicevmc.COMPRESSED_DATA)
+class MsgcSpicevmcCompressedData(Message):
+    type: U8
+    uncompressed_size: Annotated[int | None, _Compressed]
+    data: Data
+
+
+@message(Family.PORT, C2S, MsgcSpicevmc.PORT_EVENT)
+class MsgcPortEvent(Message):
+    event: U8
