@@ -100,13 +100,14 @@ def parse_header(object buf, Py_ssize_t offset=0, bint mini=True):
 
 
 cdef inline Py_ssize_t _scan_loop(
-    const unsigned char *p, Py_ssize_t n, Py_ssize_t hdr, Py_ssize_t type_at, Py_ssize_t size_at,
-    uint64_t max_size, int64_t *offsets, uint16_t *types, uint32_t *sizes,
-    Py_ssize_t *consumed, uint32_t *too_large,
+    const unsigned char *p, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t hdr, Py_ssize_t type_at,
+    Py_ssize_t size_at, uint64_t max_size, int64_t *offsets, uint16_t *types, uint32_t *sizes,
+    Py_ssize_t room, Py_ssize_t *consumed, uint32_t *too_large,
 ) noexcept nogil:
-    cdef Py_ssize_t pos = 0, count = 0
+    """Walk headers from ``pos`` until the data, or the ``room`` output slots, run out."""
+    cdef Py_ssize_t count = 0
     cdef uint32_t size
-    while n - pos >= hdr:
+    while count < room and n - pos >= hdr:
         size = sw_load_u32le(p + pos + size_at)
         if size > max_size:
             too_large[0] = size
@@ -122,10 +123,17 @@ cdef inline Py_ssize_t _scan_loop(
     return count
 
 
+# First guess at the message count: bodies of ~26 bytes on average. Guessing from the worst case
+# (empty bodies) would allocate several times what is used; output arrays sized close to their use
+# are also recycled by malloc instead of being mapped, faulted and zeroed afresh on every call.
+cdef Py_ssize_t SCAN_GUESS_BYTES_PER_MESSAGE = 32
+
+
 def scan(object buf, bint mini=True, Py_ssize_t max_size=DEFAULT_MAX_SIZE):
     cdef Py_buffer view
     cdef Py_ssize_t hdr = MINI if mini else FULL
-    cdef Py_ssize_t count = 0, consumed = 0, capacity
+    cdef Py_ssize_t type_at = 0 if mini else 8
+    cdef Py_ssize_t count = 0, consumed = 0, capacity, most, added
     cdef uint32_t too_large = 0
     cdef int64_t[::1] offsets_mv
     cdef uint16_t[::1] types_mv
@@ -134,23 +142,26 @@ def scan(object buf, bint mini=True, Py_ssize_t max_size=DEFAULT_MAX_SIZE):
         raise ValueError(f"max_size must be >= 0, got {max_size}")
     _get_buffer(buf, &view, PyBUF_SIMPLE)
     try:
-        # Every message takes at least a header, so this bound is exact enough to need no growth;
-        # pages past the last message are never touched and so never become resident.
-        capacity = view.len // hdr
+        most = view.len // hdr  # every message takes at least a header
+        capacity = min(most, view.len // SCAN_GUESS_BYTES_PER_MESSAGE + 16)
         offsets = np.empty(capacity, dtype=np.int64)
         types = np.empty(capacity, dtype=np.uint16)
         sizes = np.empty(capacity, dtype=np.uint32)
-        if capacity:
+        while capacity:
             offsets_mv = offsets
             types_mv = types
             sizes_mv = sizes
             with nogil:
-                if mini:
-                    count = _scan_loop(<const unsigned char *>view.buf, view.len, MINI, 0, 2, max_size,
-                                       &offsets_mv[0], &types_mv[0], &sizes_mv[0], &consumed, &too_large)
-                else:
-                    count = _scan_loop(<const unsigned char *>view.buf, view.len, FULL, 8, 10, max_size,
-                                       &offsets_mv[0], &types_mv[0], &sizes_mv[0], &consumed, &too_large)
+                added = _scan_loop(<const unsigned char *>view.buf, view.len, consumed, hdr, type_at,
+                                   type_at + 2, max_size, &offsets_mv[count], &types_mv[count],
+                                   &sizes_mv[count], capacity - count, &consumed, &too_large)
+            count += added
+            if count < capacity or too_large or capacity == most:
+                break
+            capacity = min(most, capacity * 2)
+            offsets = np.concatenate((offsets, np.empty(capacity - count, dtype=np.int64)))
+            types = np.concatenate((types, np.empty(capacity - count, dtype=np.uint16)))
+            sizes = np.concatenate((sizes, np.empty(capacity - count, dtype=np.uint32)))
     finally:
         PyBuffer_Release(&view)
     if too_large:

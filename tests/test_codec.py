@@ -318,3 +318,14 @@ def test_spicewire_pure_forces_the_python_backend():
         capture_output=True, text=True, check=True, env={**os.environ, "SPICEWIRE_PURE": "1"},
     )
     assert out.stdout.strip() == "python"
+
+
+@pytest.mark.parametrize("body_size", [0, 1, 7, 100])
+def test_scan_finds_every_message_whatever_their_density(codec_impl, body_size):
+    """Dense streams of tiny messages outgrow the compiled scan's first capacity guess."""
+    count = 20_000
+    stream = b"".join(mini(i % 300, bytes([i % 256]) * body_size) for i in range(count))
+    offsets, types, sizes, consumed = codec_impl.scan(stream + b"\x01")
+    assert len(offsets) == count and consumed == len(stream)
+    assert types.tolist() == [i % 300 for i in range(count)]
+    assert offsets[-1] == len(stream) - body_size and set(sizes.tolist()) == {body_size}
