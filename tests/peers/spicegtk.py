@@ -1,0 +1,125 @@
+"""Run ``spicegtk_driver.py`` (spice-gtk client) from the project venv and parse its report.
+
+    from tests.peers.spicegtk import run_driver, start_driver
+    rep = run_driver(port, port_name="org.test.echo", send_bytes=4096, expect_echo=True)
+    rep["ok"], rep["error"], rep["linked_channels"], rep["bytes_received"], rep["timings"] ...
+
+    proc = start_driver(port, hold=30)     # background (e.g. while a test migrates the server)
+    rep = proc.report()                      # waits for the driver to end, returns the report
+
+The report is the driver's single JSON stdout line plus ``returncode`` and ``stderr`` (spice-gtk
+warnings go there).  Pass ``debug=True`` for SPICE_DEBUG output on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from . import DRIVER, SYSTEM_PYTHON
+
+
+def driver_argv(port: int, host: str = "127.0.0.1", password: str | None = None,
+                port_name: str | None = None, send_bytes: int = 0, expect_echo: bool = False,
+                timeout: float = 20.0, hold: float = 0.0, wait_opened: bool = False,
+                no_port: bool = False, main_only: bool = False, chunk_size: int | None = None,
+                debug: bool = False, extra: list[str] | None = None) -> list[str]:
+    argv = [SYSTEM_PYTHON, DRIVER, "--host", host, "--port", str(port), "--timeout", str(timeout)]
+    if password is not None:
+        argv += ["--password", password]
+    if port_name is not None:
+        argv += ["--port-name", port_name]
+    if send_bytes:
+        argv += ["--send-bytes", str(send_bytes)]
+    if expect_echo:
+        argv.append("--expect-echo")
+    if hold:
+        argv += ["--hold", str(hold)]
+    if wait_opened:
+        argv.append("--wait-opened")
+    if no_port:
+        argv.append("--no-port")
+    if main_only:
+        argv.append("--main-only")
+    if chunk_size:
+        argv += ["--chunk-size", str(chunk_size)]
+    if debug:
+        argv.append("--debug")
+    return argv + list(extra or [])
+
+
+def _parse(stdout: str, stderr: str, rc: int) -> dict:
+    lines = [ln for ln in stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        return {"ok": False, "error": f"driver printed no report (rc={rc})", "returncode": rc,
+                "stderr": stderr, "stdout": stdout}
+    rep = json.loads(lines[-1])
+    rep["returncode"] = rc
+    rep["stderr"] = stderr
+    return rep
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # the venv's variables must not leak into Debian's python
+    for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(k, None)
+    return env
+
+
+def run_driver(port: int, **kw) -> dict:
+    """Run the driver to completion; returns its report dict (never raises on peer failure)."""
+    timeout = kw.get("timeout", 20.0) + kw.get("hold", 0.0) + 30
+    argv = driver_argv(port, **kw)
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL, env=_env())
+    except subprocess.TimeoutExpired as exc:
+        return {"ok": False, "error": f"driver did not exit within {timeout}s",
+                "returncode": None, "stderr": str(exc.stderr or "")}
+    return _parse(r.stdout, r.stderr, r.returncode)
+
+
+class DriverProcess:
+    """A driver running in the background (``start_driver``)."""
+
+    def __init__(self, argv: list[str], wall: float):
+        self.argv = argv
+        self.wall = wall
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, text=True, env=_env(),
+                                     start_new_session=True)
+
+    def report(self) -> dict:
+        try:
+            out, err = self.proc.communicate(timeout=self.wall)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, err = self.proc.communicate()
+            rep = _parse(out, err, self.proc.returncode)
+            rep["ok"] = False
+            rep["error"] = f"driver did not exit within {self.wall}s"
+            return rep
+        return _parse(out, err, self.proc.returncode)
+
+    def terminate(self) -> None:
+        """SIGTERM: the driver stops its loop and still prints its report."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+        self.proc.wait(timeout=10)
+
+
+def start_driver(port: int, **kw) -> DriverProcess:
+    wall = kw.get("timeout", 20.0) + kw.get("hold", 0.0) + 30
+    return DriverProcess(driver_argv(port, **kw), wall)

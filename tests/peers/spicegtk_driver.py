@@ -1,0 +1,604 @@
+#!/usr/bin/python3
+"""Drive a real spice-gtk client (SpiceClientGLib via GObject introspection) against a SPICE server.
+
+Runs under Debian's /usr/bin/python3 (python3-gi + gir1.2-spiceclientglib-2.0); the project venv
+cannot import ``gi``.  No GTK, no display: only a GLib main loop.
+
+    /usr/bin/python3 tests/peers/spicegtk_driver.py --host 127.0.0.1 --port P \
+        [--password PW] [--port-name NAME] [--send-bytes N] [--expect-echo] [--timeout S] [--hold S]
+
+Flow: create a SpiceSession, connect it (that links MAIN), connect every non-main channel from the
+``channel-new`` handler (spice-gtk leaves that to the application), find the SpicePortChannel whose
+``port-name`` matches, optionally wait until it is opened, write N deterministic bytes (see
+``make_payload``) in chunks, optionally read them back through ``port-data`` and compare.  Prints
+exactly ONE JSON line on stdout (the report) and exits 0 on success, 1 on failure, 2 when the
+environment cannot run spice-gtk at all.
+
+Implementation notes (spice-gtk / PyGObject traps):
+
+* ``SpicePortChannel.write_async`` called through PyGObject sends freed memory: spice-gtk keeps a
+  pointer to the caller's buffer until the write completes, PyGObject frees its temporary copy as
+  soon as the call returns.  We call the C functions ``spice_port_channel_write_async`` /
+  ``spice_port_channel_write_finish`` with ctypes and keep each chunk alive until its callback.
+* The C pointer of a PyGObject comes from its ``__gpointer__`` attribute, a PyCapsule wrapping the
+  ``GObject *`` (read with ``PyCapsule_GetPointer``); it is cross-checked with
+  ``g_type_check_instance_is_a`` against the GType of the class before use.
+* ``Session.connect()`` / ``Channel.connect()`` are the SPICE calls (``spice_session_connect`` /
+  ``spice_channel_connect``); signals are connected with ``GObject.Object.connect(obj, sig, cb)``.
+
+This file is also importable from the project venv (``gi`` is only imported inside ``main``), so
+tests can reuse ``make_payload`` and ``DEFAULT_*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+DEFAULT_CHUNK = 64 * 1024
+PAYLOAD_SEED = b"spicewire-peer-payload"
+
+# SpiceChannelEvent values (spice-gtk spice-channel.h)
+_EVENT_NAMES = {
+    0: "none",
+    10: "opened",
+    11: "switching",
+    12: "closed",
+    20: "error-connect",
+    21: "error-tls",
+    22: "error-link",
+    23: "error-auth",
+    24: "error-io",
+}
+_EVENT_OPENED = 10
+_EVENT_CLOSED = 12
+_EVENT_ERRORS = (20, 21, 22, 23, 24)
+
+# SPICE channel types (spice-protocol enums.h), used only if spice-gtk cannot name one.
+_CHANNEL_NAMES = {
+    1: "main", 2: "display", 3: "inputs", 4: "cursor", 5: "playback", 6: "record",
+    7: "tunnel", 8: "smartcard", 9: "usbredir", 10: "port", 11: "webdav",
+}
+_TYPE_MAIN = 1
+_TYPE_PORT = 10
+
+
+def make_payload(n: int, seed: bytes = PAYLOAD_SEED) -> bytes:
+    """Deterministic, non-periodic test bytes: SHA-256 in counter mode over ``seed``."""
+    out = bytearray()
+    counter = 0
+    while len(out) < n:
+        out += hashlib.sha256(seed + counter.to_bytes(8, "little")).digest()
+        counter += 1
+    return bytes(out[:n])
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _emit(report: dict) -> None:
+    sys.stdout.write(json.dumps(report, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True, help="plain SPICE port")
+    p.add_argument("--password", default=None)
+    p.add_argument("--port-name", default=None,
+                   help="port channel to use (default: the first port channel that reports a name)")
+    p.add_argument("--send-bytes", type=int, default=0, help="bytes to write to the port channel")
+    p.add_argument("--expect-echo", action="store_true",
+                   help="read back --send-bytes bytes via port-data and compare them")
+    p.add_argument("--wait-opened", action="store_true",
+                   help="require the port to be opened even when sending nothing")
+    p.add_argument("--no-port", action="store_true",
+                   help="only link the session (MAIN + the other channels); no port channel needed")
+    p.add_argument("--main-only", action="store_true",
+                   help="do not connect non-main channels (implies --no-port)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK)
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds until giving up")
+    p.add_argument("--hold", type=float, default=0.0,
+                   help="keep the session open this many seconds after success")
+    p.add_argument("--settle", type=float, default=0.3,
+                   help="after the echo completed, wait this long for unexpected extra bytes")
+    p.add_argument("--debug", action="store_true", help="spice-gtk debug output on stderr")
+    args = p.parse_args(argv)
+    if args.expect_echo and args.send_bytes <= 0:
+        p.error("--expect-echo needs --send-bytes > 0")
+    if args.main_only:
+        args.no_port = True
+    if args.no_port and (args.send_bytes or args.expect_echo):
+        p.error("--no-port/--main-only cannot send bytes")
+    return args
+
+
+class Driver:
+    def __init__(self, args, gi_mods, clib):
+        self.a = args
+        self.S, self.GLib, self.GObject = gi_mods
+        self.clib = clib
+        self.loop = self.GLib.MainLoop()
+        self.t0 = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self.events: list[dict] = []
+        self.channels: dict[tuple[int, int], dict] = {}
+        self.chan_objs = []  # keep Python wrappers alive
+        self.port = None
+        self.port_candidates: list[dict] = []
+        self.payload = make_payload(args.send_bytes) if args.send_bytes else b""
+        self.sent = 0
+        self.received = bytearray()
+        self.inflight = {}  # id -> ctypes buffer kept alive until the write callback fires
+        self.error: str | None = None
+        self.ok = False
+        self.phase = "connecting"
+        self.finished = False
+        self.write_started = False
+        self.extra_after_echo = 0
+
+    # -- helpers -----------------------------------------------------------------------------
+    def now(self) -> float:
+        return round(time.monotonic() - self.t0, 4)
+
+    def mark(self, name: str) -> None:
+        self.timings.setdefault(name, self.now())
+
+    def type_name(self, t: int) -> str:
+        try:
+            return self.S.Channel.type_to_string(t)
+        except Exception:  # pragma: no cover - depends on the spice-gtk build
+            return _CHANNEL_NAMES.get(t, str(t))
+
+    def fail(self, msg: str) -> None:
+        if self.finished:
+            return
+        if self.error is None:
+            self.error = msg
+        self.ok = False
+        self.finish()
+
+    def succeed(self) -> None:
+        """Success, once every channel we asked to connect has linked (complete report)."""
+        if self.finished or self.error:
+            return
+        pending = self.pending_channels()
+        if pending:
+            if self.phase != "waiting-channels":
+                self.phase_before_wait = self.phase
+                self.phase = "waiting-channels"
+                self.GLib.timeout_add(20, self._retry_succeed)
+            return
+        self.ok = True
+        self.mark("success")
+        if self.a.hold > 0:
+            self.phase = "holding"
+            self.GLib.timeout_add(int(self.a.hold * 1000), self._hold_done)
+        else:
+            self.finish()
+
+    def pending_channels(self) -> list[str]:
+        if self.a.main_only:
+            return []
+        return [f"{i['type_name']}:{i['id']}" for i in self.channels.values()
+                if not i["opened"]]
+
+    def _retry_succeed(self):
+        if self.finished or self.error:
+            return False
+        if self.pending_channels():
+            return True
+        self.phase = "linked"
+        self.succeed()
+        return False
+
+    def _hold_done(self):
+        self.finish()
+        return False
+
+    def finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.mark("finished")
+        self.loop.quit()
+
+    # -- session / channels ------------------------------------------------------------------
+    def start(self) -> None:
+        s = self.S.Session()
+        s.set_property("host", self.a.host)
+        s.set_property("port", str(self.a.port))
+        if self.a.password is not None:
+            s.set_property("password", self.a.password)
+        for prop, val in (("enable-audio", False), ("enable-usbredir", False),
+                          ("enable-smartcard", False)):
+            try:
+                s.set_property(prop, val)
+            except Exception:
+                pass
+        self.session = s
+        self.GObject.Object.connect(s, "channel-new", self.on_channel_new)
+        self.GObject.Object.connect(s, "channel-destroy", self.on_channel_destroy)
+        self.GLib.timeout_add(int(self.a.timeout * 1000), self.on_timeout)
+        self.mark("connect_called")
+        if not s.connect():  # spice_session_connect
+            self.fail("spice_session_connect returned FALSE")
+
+    def on_timeout(self):
+        if not self.finished and self.phase != "holding":
+            extra = ""
+            if self.phase == "waiting-channels":
+                extra = f" (not linked: {self.pending_channels()})"
+            self.fail(f"timeout after {self.a.timeout}s in phase {self.phase!r}{extra}")
+        return False
+
+    def on_channel_new(self, session, channel):
+        t = channel.get_property("channel-type")
+        cid = channel.get_property("channel-id")
+        info = {"type": t, "type_name": self.type_name(t), "id": cid,
+                "opened": False, "last_event": None, "created_at": self.now()}
+        self.channels[(t, cid)] = info
+        self.chan_objs.append(channel)
+        self.GObject.Object.connect(channel, "channel-event", self.on_channel_event, info)
+        if t == _TYPE_PORT:
+            pinfo = {"id": cid, "name": None, "opened": False, "channel": channel}
+            self.port_candidates.append(pinfo)
+            self.GObject.Object.connect(channel, "notify::port-name", self.on_port_notify, pinfo)
+            self.GObject.Object.connect(channel, "notify::port-opened", self.on_port_notify, pinfo)
+            self.GObject.Object.connect(channel, "port-data", self.on_port_data, pinfo)
+            self.GObject.Object.connect(channel, "port-event", self.on_port_event, pinfo)
+        if t != _TYPE_MAIN and not self.a.main_only:
+            if not channel.connect():  # spice_channel_connect
+                self.fail(f"spice_channel_connect({info['type_name']}:{cid}) returned FALSE")
+
+    def on_channel_destroy(self, session, channel):
+        self.events.append({"t": self.now(), "what": "channel-destroy",
+                            "channel": f"{self.type_name(channel.get_property('channel-type'))}:"
+                                       f"{channel.get_property('channel-id')}"})
+
+    def on_channel_event(self, channel, event, info):
+        ev = int(event)
+        name = _EVENT_NAMES.get(ev, str(ev))
+        info["last_event"] = name
+        rec = {"t": self.now(), "what": "channel-event",
+               "channel": f"{info['type_name']}:{info['id']}", "event": name}
+        if ev in _EVENT_ERRORS or ev == _EVENT_CLOSED:
+            try:
+                err = channel.get_error()
+            except Exception:
+                err = None
+            if err is not None:
+                rec["error"] = f"{err.domain}:{err.code}: {err.message}"
+        self.events.append(rec)
+        if ev == _EVENT_OPENED:
+            info["opened"] = True
+            self.mark(f"{info['type_name']}_{info['id']}_linked")
+            if info["type"] == _TYPE_MAIN:
+                self.phase = "main-linked"
+                if self.a.no_port:
+                    # give spice-gtk a moment to create/connect the other channels it was told about
+                    self.GLib.timeout_add(500, self._link_only_done)
+        elif ev in _EVENT_ERRORS:
+            detail = f" ({rec['error']})" if "error" in rec else ""
+            self.fail(f"channel {info['type_name']}:{info['id']} event {name}{detail}")
+        elif ev == _EVENT_CLOSED and self.phase not in ("holding",) and not self.finished:
+            self.fail(f"channel {info['type_name']}:{info['id']} closed in phase {self.phase!r}")
+        elif ev == _EVENT_CLOSED and self.phase == "holding" and info["type"] == _TYPE_MAIN:
+            # the server went away while we were holding: report it, but success stands
+            self.events.append({"t": self.now(), "what": "note", "text": "main closed during hold"})
+
+    def _link_only_done(self):
+        self.succeed()
+        return False
+
+    # -- port channel ------------------------------------------------------------------------
+    def on_port_notify(self, channel, pspec, pinfo):
+        pinfo["name"] = channel.get_property("port-name")
+        pinfo["opened"] = bool(channel.get_property("port-opened"))
+        self.events.append({"t": self.now(), "what": "port-notify", "id": pinfo["id"],
+                            "prop": pspec.name, "name": pinfo["name"], "opened": pinfo["opened"]})
+        if self.a.no_port or pinfo["name"] is None:
+            return
+        if self.port is None:
+            if self.a.port_name is None or pinfo["name"] == self.a.port_name:
+                self.port = pinfo
+                self.mark("port_init")
+                self.phase = "port-found"
+        if self.port is pinfo:
+            if pinfo["opened"]:
+                self.mark("port_opened")
+            # PORT_INIT sets name and opened together: decide after both notifies ran.
+            self.GLib.idle_add(self._port_progress)
+
+    def on_port_event(self, channel, event, pinfo):
+        self.events.append({"t": self.now(), "what": "port-event", "id": pinfo["id"],
+                            "event": int(event)})
+
+    def _port_progress(self):
+        if self.finished or self.port is None or self.write_started:
+            return False
+        need_open = self.a.send_bytes > 0 or self.a.expect_echo or self.a.wait_opened
+        if not need_open:
+            self.succeed()
+            return False
+        if not self.port["opened"]:
+            self.phase = "waiting-port-opened"
+            return False
+        if self.a.send_bytes > 0:
+            self.write_started = True
+            self.phase = "writing"
+            self.mark("write_start")
+            self._write_next()
+        else:
+            self.succeed()
+        return False
+
+    def _write_next(self) -> None:
+        if self.finished:
+            return
+        if self.sent >= len(self.payload):
+            self.mark("write_done")
+            if self.a.expect_echo:
+                self.phase = "reading-echo"
+                self._check_echo()
+            else:
+                self.succeed()
+            return
+        chunk = self.payload[self.sent:self.sent + self.a.chunk_size]
+        buf = self.clib.make_buffer(chunk)
+        key = id(buf)
+        self.inflight[key] = (buf, len(chunk))
+        self.clib.write_async(self.port["channel"], buf, len(chunk), key, self._on_written)
+
+    def _on_written(self, key: int, nwritten: int, err: str | None) -> None:
+        buf, n = self.inflight.pop(key)
+        del buf
+        if err is not None:
+            self.fail(f"spice_port_channel_write_finish: {err}")
+            return
+        if nwritten != n:
+            self.fail(f"short write: {nwritten} of {n}")
+            return
+        self.sent += nwritten
+        self._write_next()
+
+    def on_port_data(self, channel, data, size, pinfo):
+        if self.port is not None and pinfo is not self.port:
+            return
+        chunk = self.clib.string_at(data, size)
+        if self.phase == "holding" or self.ok:
+            self.extra_after_echo += len(chunk)
+        start = len(self.received)
+        self.received += chunk
+        self.mark("first_data")
+        if self.a.expect_echo and self.write_started and not self.finished and not self.ok:
+            # compare only the new bytes (incremental: O(total), not O(total^2))
+            expect = self.payload[start:start + len(chunk)]
+            if chunk[:len(expect)] != expect:
+                self.fail(f"echo mismatch at offset {self.first_mismatch()}")
+                return
+            self._check_echo()
+
+    def _check_echo(self) -> None:
+        if self.finished or self.ok:
+            return
+        n = len(self.payload)
+        got = len(self.received)
+        if got > n:
+            self.fail(f"echo returned {got - n} more bytes than sent")
+            return
+        if got == n and self.sent == n:
+            self.mark("echo_done")
+            self.phase = "settling"
+            self.GLib.timeout_add(int(self.a.settle * 1000), self._settled)
+
+    def _settled(self):
+        if len(self.received) != len(self.payload):
+            self.fail(f"echo returned {len(self.received) - len(self.payload)} extra bytes")
+        else:
+            self.succeed()
+        return False
+
+    def first_mismatch(self):
+        n = min(len(self.received), len(self.payload))
+        if bytes(self.received[:n]) != self.payload[:n]:
+            lo, hi = 0, n  # binary search over prefixes for the first differing byte
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if bytes(self.received[:mid]) == self.payload[:mid]:
+                    lo = mid
+                else:
+                    hi = mid
+            return lo
+        if len(self.received) != len(self.payload):
+            return min(len(self.received), len(self.payload))
+        return None
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self) -> dict:
+        linked = [{"type": i["type"], "type_name": i["type_name"], "id": i["id"]}
+                  for i in sorted(self.channels.values(), key=lambda x: (x["type"], x["id"]))
+                  if i["opened"]]
+        port = self.port
+        r = {
+            "ok": bool(self.ok and self.error is None),
+            "error": self.error,
+            "host": self.a.host,
+            "port": self.a.port,
+            "spice_gtk_version": self.S.util_get_version_string(),
+            "linked_channels": linked,
+            "channels": [{k: v for k, v in i.items()} for i in
+                         sorted(self.channels.values(), key=lambda x: (x["type"], x["id"]))],
+            "port_channels": [{"id": p["id"], "name": p["name"], "opened": p["opened"]}
+                              for p in self.port_candidates],
+            "port_name": port["name"] if port else None,
+            "port_id": port["id"] if port else None,
+            "port_opened": port["opened"] if port else None,
+            "bytes_requested": len(self.payload),
+            "bytes_sent": self.sent,
+            "bytes_received": len(self.received),
+            "bytes_received_after_success": self.extra_after_echo,
+            "sha256_sent": _sha256(self.payload[:self.sent]),
+            "sha256_received": _sha256(bytes(self.received)),
+            "echo_checked": bool(self.a.expect_echo),
+            "first_mismatch": self.first_mismatch() if self.a.expect_echo else None,
+            "phase": self.phase,
+            "timings": dict(self.timings),
+            "events": list(self.events),  # snapshot: our own disconnect's events are not reported
+        }
+        if self.a.send_bytes and self.timings.get("write_start") is not None:
+            end = self.timings.get("echo_done") or self.timings.get("write_done")
+            if end:
+                dt = max(end - self.timings["write_start"], 1e-6)
+                r["throughput_MiB_s"] = round(self.sent / dt / (1 << 20), 2)
+        return r
+
+    def shutdown(self) -> None:
+        try:
+            self.session.disconnect()
+        except Exception:
+            pass
+        # let spice-gtk run its disconnect idles a little
+        ctx = self.GLib.MainContext.default()
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline and ctx.pending():
+            ctx.iteration(False)
+
+
+class CPort:
+    """ctypes access to spice_port_channel_write_async/_finish (see module docstring)."""
+
+    def __init__(self):
+        import ctypes
+        self.ct = ctypes
+        self.lib = ctypes.CDLL("libspice-client-glib-2.0.so.8")
+        self.gobj = ctypes.CDLL("libgobject-2.0.so.0")
+        self.glib = ctypes.CDLL("libglib-2.0.so.0")
+        vp = ctypes.c_void_p
+        self.CB = ctypes.CFUNCTYPE(None, vp, vp, vp)  # GAsyncReadyCallback
+        self.lib.spice_port_channel_write_async.argtypes = [vp, vp, ctypes.c_size_t, vp, self.CB, vp]
+        self.lib.spice_port_channel_write_async.restype = None
+        self.lib.spice_port_channel_write_finish.argtypes = [vp, vp, ctypes.POINTER(vp)]
+        self.lib.spice_port_channel_write_finish.restype = ctypes.c_ssize_t
+        self.lib.spice_port_channel_get_type.restype = ctypes.c_size_t
+        self.gobj.g_type_check_instance_is_a.argtypes = [vp, ctypes.c_size_t]
+        self.gobj.g_type_check_instance_is_a.restype = ctypes.c_int
+        self.glib.g_error_free.argtypes = [vp]
+
+        class GError(ctypes.Structure):
+            _fields_ = [("domain", ctypes.c_uint32), ("code", ctypes.c_int),
+                        ("message", ctypes.c_char_p)]
+        self.GError = GError
+        self.capsule_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+        self.capsule_ptr.argtypes = [ctypes.py_object, ctypes.c_char_p]
+        self.capsule_ptr.restype = vp
+        self._pending = {}  # key -> python callback
+        self._cb = self.CB(self._trampoline)  # one C callback for all writes, kept alive
+
+    def gobject_pointer(self, obj) -> int:
+        """C ``GObject *`` of a PyGObject wrapper, checked to really be a SpicePortChannel."""
+        ptr = self.capsule_ptr(obj.__gpointer__, None)
+        if not ptr:
+            raise RuntimeError("PyGObject __gpointer__ capsule is NULL")
+        if not self.gobj.g_type_check_instance_is_a(ptr, self.lib.spice_port_channel_get_type()):
+            raise RuntimeError("pointer from __gpointer__ is not a SpicePortChannel")
+        return ptr
+
+    def make_buffer(self, data: bytes):
+        return self.ct.create_string_buffer(data, len(data))
+
+    def string_at(self, addr, size: int) -> bytes:
+        if not size:
+            return b""
+        if not isinstance(addr, int):  # some PyGObject versions hand gpointer over differently
+            addr = self.ct.cast(addr, self.ct.c_void_p).value
+        return self.ct.string_at(addr, size)
+
+    def write_async(self, channel, buf, n: int, key: int, done) -> None:
+        ptr = self.gobject_pointer(channel)
+        self._pending[key] = (ptr, done)
+        self.lib.spice_port_channel_write_async(ptr, self.ct.addressof(buf), n, None, self._cb,
+                                                self.ct.c_void_p(key))
+
+    def _trampoline(self, source, result, user_data):
+        key = user_data
+        ptr, done = self._pending.pop(key)
+        err = self.ct.c_void_p()
+        n = self.lib.spice_port_channel_write_finish(ptr, result, self.ct.byref(err))
+        msg = None
+        if err.value:
+            e = self.GError.from_address(err.value)
+            msg = f"code {e.code}: {(e.message or b'').decode('utf-8', 'replace')}"
+            self.glib.g_error_free(err)
+        elif n < 0:
+            msg = f"write_finish returned {n}"
+        try:
+            done(key, n, msg)
+        except Exception as exc:  # never let an exception unwind into C
+            sys.stderr.write(f"spicegtk_driver: write callback raised {exc!r}\n")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    base = {"ok": False, "host": args.host, "port": args.port}
+    # A hard stop in case the main loop is wedged in C: the process must end on its own.
+    hard = int(args.timeout + args.hold + args.settle + 10)
+    signal.signal(signal.SIGALRM, lambda *_: (_emit({**base, "error": "hard watchdog fired"}),
+                                             os._exit(3)))
+    signal.alarm(hard)
+    os.environ.setdefault("GIO_USE_VFS", "local")       # no gvfs / D-Bus probing
+    os.environ.setdefault("GSETTINGS_BACKEND", "memory")  # no dconf for proxy settings
+    if args.debug:
+        os.environ["SPICE_DEBUG"] = "1"
+    try:
+        import gi
+        gi.require_version("SpiceClientGLib", "2.0")
+        from gi.repository import GLib, GObject, SpiceClientGLib
+    except Exception as exc:
+        _emit({**base, "error": f"cannot import SpiceClientGLib: {exc!r}", "phase": "import"})
+        return 2
+    try:
+        clib = CPort()
+    except Exception as exc:
+        _emit({**base, "error": f"cannot load libspice-client-glib via ctypes: {exc!r}",
+               "phase": "import"})
+        return 2
+    if args.debug:
+        SpiceClientGLib.util_set_debug(True)
+
+    d = Driver(args, (SpiceClientGLib, GLib, GObject), clib)
+    def on_signal(name):
+        # SIGTERM/SIGINT while holding ends the hold (success stands); otherwise it is a failure
+        if d.phase == "holding" and d.ok:
+            d.events.append({"t": d.now(), "what": "note", "text": f"{name} ended the hold"})
+            d.finish()
+        else:
+            d.fail(name)
+        return False
+
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGTERM, on_signal, "SIGTERM")
+    GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, signal.SIGINT, on_signal, "SIGINT")
+    try:
+        d.start()
+        if not d.finished:
+            d.loop.run()
+    except Exception as exc:
+        d.error = d.error or f"driver exception: {exc!r}"
+        d.ok = False
+    rep = d.report()
+    d.shutdown()
+    rep["timings"]["total"] = d.now()
+    _emit(rep)
+    signal.alarm(0)
+    return 0 if rep["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
