@@ -1,0 +1,199 @@
+"""The things behind a port channel, and the plug-in API for writing more.
+
+A device sees its port through three calls: ``port.send(data)`` queues bytes for the client,
+``port.room`` says how many more bytes the port will queue right now, and ``port.pump()`` asks
+the port to offer its buffered client bytes again (after the device stopped taking them). The port
+offers client bytes with ``device.write(view)``, which returns how many it took: taking fewer is
+how a device pushes back, and the port then buffers, up to its limit, before it stops reading the
+client's socket. Nothing is ever dropped.
+
+Register a new kind with ``@register("name")``; ``--port-channel NAME=KIND`` then creates one
+instance per session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+
+class Port(Protocol):
+    """What a device may ask of the port channel it sits behind."""
+
+    @property
+    def room(self) -> int: ...
+
+    def send(self, data: bytes | memoryview) -> None: ...
+
+    def pump(self) -> None: ...
+
+
+class Device:
+    """Base device: subclasses override ``write`` and whatever else they need."""
+
+    kind = "device"
+    wants_ticks = False  # whether the server should call tick(now) periodically
+
+    def __init__(self) -> None:
+        self.port: Port | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def attach(self, port: Port) -> None:
+        self.port = port
+
+    def detach(self) -> None:
+        self.port = None
+
+    def write(self, data: memoryview) -> int:
+        """Take bytes from the client; return how many were taken (0 pushes back)."""
+        raise NotImplementedError
+
+    def on_room(self) -> None:
+        """The client-bound queue drained below its limit."""
+
+    def tick(self, now: float) -> None:
+        """Periodic call for devices with ``wants_ticks``."""
+
+    def pause(self) -> None:
+        raise NotImplementedError(f"a {self.kind} device cannot be paused")
+
+    def resume(self) -> None:
+        raise NotImplementedError(f"a {self.kind} device cannot be resumed")
+
+    def status(self) -> dict:
+        return {"kind": self.kind, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+
+
+DeviceFactory = Callable[[], Device]
+_KINDS: dict[str, DeviceFactory] = {}
+
+
+def register(kind: str) -> Callable[[type[Device]], type[Device]]:
+    def add(cls: type[Device]) -> type[Device]:
+        cls.kind = kind
+        _KINDS[kind] = cls
+        return cls
+
+    return add
+
+
+def factory(kind: str) -> DeviceFactory:
+    try:
+        return _KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown device kind {kind!r}; known: {', '.join(sorted(_KINDS))}") from None
+
+
+def kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+@register("echo")
+class EchoDevice(Device):
+    """Sends back everything it receives, as far as the client-bound queue has room."""
+
+    def write(self, data: memoryview) -> int:
+        n = min(len(data), self.port.room)
+        if n:
+            self.port.send(bytes(data[:n]))
+            self.bytes_in += n
+            self.bytes_out += n
+        return n
+
+    def on_room(self) -> None:
+        self.port.pump()
+
+
+@register("sink")
+class SinkDevice(Device):
+    """Consumes everything, keeping a byte count and a SHA-256; pausing makes data pile up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self._sha = hashlib.sha256()
+
+    def write(self, data: memoryview) -> int:
+        if self.paused:
+            return 0
+        self._sha.update(data)
+        self.bytes_in += len(data)
+        return len(data)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.port is not None:
+            self.port.pump()
+
+    def status(self) -> dict:
+        return {**super().status(), "paused": self.paused, "sha256": self._sha.hexdigest()}
+
+
+_PATTERN = np.random.default_rng(0x5350494345).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+
+
+def source_pattern(offset: int, n: int) -> bytes:
+    """Bytes ``offset .. offset+n`` of the endless deterministic stream a source device emits."""
+    out = bytearray()
+    size = len(_PATTERN)
+    while n > 0:
+        start = offset % size
+        piece = _PATTERN[start : start + n]
+        out += piece
+        offset += len(piece)
+        n -= len(piece)
+    return bytes(out)
+
+
+@register("source")
+class SourceDevice(Device):
+    """Emits the deterministic ``source_pattern`` stream at ``rate`` bytes/s (0 = as fast as the
+    client takes it), up to ``limit`` bytes (0 = forever). Client bytes are consumed and counted."""
+
+    wants_ticks = True
+    CHUNK = 64 * 1024
+
+    def __init__(self, rate: int = 1 << 20, limit: int = 0) -> None:
+        super().__init__()
+        self.rate = rate
+        self.limit = limit
+        self.paused = False
+        self._started: float | None = None
+
+    def write(self, data: memoryview) -> int:
+        self.bytes_in += len(data)
+        return len(data)
+
+    def tick(self, now: float) -> None:
+        if self.port is None or self.paused:
+            return
+        if self._started is None:
+            self._started = now
+        due = (now - self._started) * self.rate if self.rate else float("inf")
+        if self.limit:
+            due = min(due, self.limit)
+        while self.bytes_out < due:
+            n = int(min(self.CHUNK, due - self.bytes_out, self.port.room))
+            if n <= 0:
+                return
+            self.port.send(source_pattern(self.bytes_out, n))
+            self.bytes_out += n
+
+    def on_room(self) -> None:
+        pass  # the next tick sends what is due
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def status(self) -> dict:
+        return {**super().status(), "rate": self.rate, "paused": self.paused}

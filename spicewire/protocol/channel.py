@@ -1,0 +1,157 @@
+"""One channel connection after its link (PROTOCOL.md sections 2 and 7.1-7.2), for either side.
+
+It frames and unframes messages, keeps the serials, and answers the common messages itself:
+the client side answers SET_ACK with ACK_SYNC, PING with PONG and sends an ACK every ``window``
+messages; the server side counts what it sent against the ACK window. Everything else comes out of
+``receive_data`` as decoded message objects for the channel's owner. No sockets, no clock.
+
+The state a migration has to move (serials, ACK window and generation, unacknowledged count) is
+plain attributes, readable by the control plane and by migrate-data builders.
+"""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+
+from spicewire.errors import CodecError, RemoteProtocolError
+from spicewire.protocol import messages as m
+from spicewire.protocol.enums import ChannelType
+from spicewire.protocol.framing import DEFAULT_MAX_SIZE, MessageReader, MessageWriter
+
+log = logging.getLogger(__name__)
+
+NO_GENERATION = 0xFFFFFFFF  # the server's idea of the client's ACK generation before any ACK_SYNC
+
+
+class Side(Enum):
+    SERVER = "server"
+    CLIENT = "client"
+
+
+class ChannelConnection:
+    """Framing plus the common-message rules of one channel connection."""
+
+    def __init__(
+        self,
+        side: Side,
+        channel_type: int,
+        channel_id: int = 0,
+        *,
+        send_mini: bool = True,
+        expect_mini: bool = True,
+        max_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
+        self.side = side
+        self.channel_type = ChannelType(channel_type)
+        self.channel_id = channel_id
+        self.reader = MessageReader(expect_mini, max_size)
+        self.writer = MessageWriter(send_mini)
+        self._incoming = m.C2S if side is Side.SERVER else m.S2C
+        self._outbox: list[bytes] = []
+        self.bytes_in = 0
+        self.bytes_out = 0
+        # Server: the window it set and how many messages the client has not acknowledged.
+        self.ack_generation = 0
+        self.ack_window = 0
+        self.unacked = 0
+        self.client_generation = NO_GENERATION
+        # Client: the window the server set, and messages left before the client owes an ACK.
+        self.client_window = 0
+        self.ack_countdown = 0
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> list[m.Message]:
+        """Messages for the owner; answers to common messages wait in ``data_to_send``."""
+        self.bytes_in += len(data)
+        self.reader.feed(data)
+        out = []
+        for raw in self.reader:
+            if self.side is Side.CLIENT:
+                self._count_for_ack()
+            cls = m.lookup(self.channel_type, self._incoming, raw.type)
+            if cls is None:
+                self._unknown(raw.type)
+                continue
+            try:
+                msg = cls.decode(raw.body)
+            except CodecError as err:
+                raise RemoteProtocolError(f"malformed {cls.__name__}: {err}") from None
+            if not self._handle_common(msg):
+                out.append(msg)
+        return out
+
+    def _unknown(self, msg_type: int) -> None:
+        # spice-server disconnects on an unknown type; spice-gtk logs and goes on (section 2).
+        if self.side is Side.SERVER:
+            raise RemoteProtocolError(f"unknown message type {msg_type} on {self.channel_type.name} channel")
+        log.warning("ignoring unknown message type %d on %s channel", msg_type, self.channel_type.name)
+
+    def _handle_common(self, msg: m.Message) -> bool:
+        if isinstance(msg, m.MsgcAckSync):
+            self.client_generation = msg.generation
+        elif isinstance(msg, m.MsgcAck):
+            if self.client_generation == self.ack_generation and self.ack_window:
+                self.unacked = max(0, self.unacked - self.ack_window)
+        elif isinstance(msg, m.MsgSetAck):
+            self.send(m.MsgcAckSync(msg.generation))
+            self.client_window = self.ack_countdown = msg.window
+        elif isinstance(msg, m.MsgPing):
+            self.send(m.MsgcPong(msg.id, msg.timestamp))
+        elif isinstance(msg, m.MsgNotify):
+            log.info("server notice on %s channel: %s", self.channel_type.name, msg.message)
+        elif isinstance(msg, (m.MsgWaitForChannels, m.MsgList, m.MsgcPong)):
+            pass  # no display channel here to wait for or to carry sub-messages
+        else:
+            return False
+        return True
+
+    def _count_for_ack(self) -> None:
+        if self.ack_countdown:
+            self.ack_countdown -= 1
+            if self.ack_countdown == 0:
+                self.send(m.MsgcAck())
+                self.ack_countdown = self.client_window
+
+    # --- sending -----------------------------------------------------------------------------
+
+    def send(self, msg: m.Message) -> None:
+        self.send_raw(msg.TYPE, msg.encode())
+
+    def send_raw(self, msg_type: int, body: bytes | bytearray | memoryview = b"") -> None:
+        framed = self.writer.frame(msg_type, body)
+        self.bytes_out += len(framed)
+        self._outbox.append(framed)
+        if self.side is Side.SERVER and self.ack_window:
+            self.unacked += 1
+
+    def set_ack(self, window: int) -> None:
+        """Server: start (or change) ACK flow control with a new generation."""
+        self.ack_generation += 1
+        self.ack_window = window
+        self.unacked = 0
+        self.send(m.MsgSetAck(self.ack_generation, window))
+        self.unacked = 0  # SET_ACK itself is not counted
+
+    @property
+    def window_open(self) -> bool:
+        """Server: whether another message may go out (spice-server stops at twice the window)."""
+        return not self.ack_window or self.unacked < 2 * self.ack_window
+
+    def data_to_send(self) -> list[bytes]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def state(self) -> dict:
+        """The in-flight protocol state, as the control plane and migration see it."""
+        return {
+            "serial_in": self.reader.serial,
+            "serial_out": self.writer.serial,
+            "ack_generation": self.ack_generation,
+            "ack_window": self.ack_window,
+            "unacked": self.unacked,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "buffered_in": self.reader.buffered,
+        }

@@ -1,0 +1,347 @@
+"""gevent at the edge: accept sockets, run each link machine, then move bytes between sockets and
+the sans-I/O channel machines (protocol/) and session logic (session.py). Nothing here decides
+protocol; it reads, writes, waits and times out.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.event
+import gevent.pool
+from gevent.server import StreamServer
+
+from spicewire import devices
+from spicewire.errors import LinkError, ProtocolError, SpiceError
+from spicewire.protocol.caps import caps_to_words
+from spicewire.protocol.channel import ChannelConnection, Side
+from spicewire.protocol.enums import ChannelType, LinkErr
+from spicewire.protocol.link import LinkEstablished, LinkRequested, ServerLink, new_link_key
+from spicewire.server.session import Limits, MainConnection, PortConnection, PortState, Session, new_session_id
+
+log = logging.getLogger(__name__)
+
+# spice-server's receive limit on the main channel (2): 4096 + 11 * 2048.
+MAIN_MAX_MESSAGE = 26624
+PORT_MAX_MESSAGE = 64 << 20
+RECV_BUFFER = 256 << 10
+WRITE_BATCH = 1 << 20
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 5900
+    password: str | None = None  # None: ticketing disabled (a decryptable ticket is still required)
+    password_expiry: float | None = None  # epoch seconds after which the password is refused
+    port_channels: list[tuple[str, str]] = field(default_factory=list)  # (port name, device kind)
+    limits: Limits = field(default_factory=Limits)
+    link_timeout: float = 10.0
+    stall_timeout: float = 30.0  # a client silent this long in the middle of a message is dropped
+    tick_interval: float = 0.01
+
+
+class KeyPool:
+    """Fresh RSA-1024 keys, generated ahead in a thread: a key costs ~8 ms, too long to make a
+    client wait for on every link. Each key is handed out once."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._keys: deque = deque()
+        self._pending = 0
+
+    def pop(self):
+        key = self._keys.popleft() if self._keys else new_link_key()
+        self._refill()
+        return key
+
+    def _refill(self) -> None:
+        hub = gevent.get_hub()
+        while len(self._keys) + self._pending < self.size:
+            self._pending += 1
+            hub.threadpool.spawn(new_link_key).rawlink(self._arrived)
+
+    def _arrived(self, result) -> None:
+        self._pending -= 1
+        if result.successful():
+            self._keys.append(result.value)
+
+
+class Connection:
+    """One TCP connection: its link, then its channel. Also the session layer's Transport."""
+
+    def __init__(self, server: SpiceServer, sock: socket.socket, address) -> None:
+        self.server = server
+        self.sock = sock
+        self.peer = f"{address[0]}:{address[1]}"
+        self.label = self.peer
+        self.pending_write = 0
+        self.closed = False
+        self.handler = None
+        self.channel: ChannelConnection | None = None
+        self._outq: deque[bytes] = deque()
+        self._write_ready = gevent.event.Event()
+        self._read_gate = gevent.event.Event()
+        self._read_gate.set()
+        self._writer = None
+
+    # --- Transport ---------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        frames = self.channel.data_to_send()
+        if frames and not self.closed:
+            self._outq.extend(frames)
+            self.pending_write += sum(len(f) for f in frames)
+            self._write_ready.set()
+
+    def resume_reading(self) -> None:
+        self._read_gate.set()
+
+    def close(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        log.info("[%s] closing: %s", self.label, reason)
+        self._read_gate.set()
+        self._write_ready.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    # --- the connection's life ---------------------------------------------------------------
+
+    def run(self) -> None:
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            established = self._link()
+            if established is not None and not self.closed:
+                self._serve(established)
+        except ProtocolError as err:
+            log.warning("[%s] protocol error, disconnecting: %s", self.label, err)
+        except (OSError, socket.timeout) as err:
+            log.info("[%s] connection lost: %s", self.label, err)
+        finally:
+            self.close("done")
+            if self._writer is not None:
+                self._writer.kill(block=False)
+            if self.handler is not None:
+                self.handler.closed()
+            self.sock.close()
+
+    def _link(self) -> LinkEstablished | None:
+        cfg = self.server.config
+        start = time.monotonic()
+        deadline = start + cfg.link_timeout
+        link = ServerLink(
+            time.time(), password=cfg.password, password_expiry=cfg.password_expiry,
+            key_factory=self.server.keys.pop, timeout=cfg.link_timeout,
+        )
+        while True:
+            try:
+                event = link.next_event()
+            except (ProtocolError, LinkError) as err:
+                self._send_now(link.data_to_send())
+                log.warning("[%s] link refused: %s", self.label, err)
+                return None
+            self._send_now(link.data_to_send())
+            if isinstance(event, LinkRequested):
+                self.server.answer_link(link, event)
+            elif isinstance(event, LinkEstablished):
+                return event
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
+                    return None
+                self.sock.settimeout(remaining)
+                try:
+                    data = self.sock.recv(65536)
+                except socket.timeout:
+                    log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
+                    return None
+                if not data:
+                    log.info("[%s] client closed during the link", self.label)
+                    return None
+                link.receive_data(data, time.time())
+
+    def _send_now(self, data: bytes) -> None:
+        if data:
+            self.sock.settimeout(self.server.config.link_timeout)
+            self.sock.sendall(data)
+
+    def _serve(self, established: LinkEstablished) -> None:
+        max_size = MAIN_MAX_MESSAGE if established.channel_type == ChannelType.MAIN else PORT_MAX_MESSAGE
+        self.channel = ChannelConnection(
+            Side.SERVER, established.channel_type, established.channel_id,
+            send_mini=established.send_mini_header, expect_mini=established.expect_mini_header,
+            max_size=max_size,
+        )
+        self.handler = self.server.attach(established, self)
+        if self.handler is None:
+            return
+        self.sock.settimeout(None)
+        self._writer = gevent.spawn(self._write_loop)
+        self.handler.start()
+        if established.trailing:
+            self._received(established.trailing)
+        buf = bytearray(RECV_BUFFER)
+        view = memoryview(buf)
+        stall = self.server.config.stall_timeout
+        while not self.closed:
+            while not self.handler.reading_allowed and not self.closed:
+                self._read_gate.clear()
+                self._read_gate.wait(1.0)
+            if self.closed:
+                break
+            self.sock.settimeout(stall if self.channel.reader.buffered else None)
+            try:
+                n = self.sock.recv_into(buf)
+            except socket.timeout:
+                raise ProtocolError(f"client stalled {stall:.0f} s in the middle of a message") from None
+            if n == 0:
+                log.info("[%s] client closed the connection", self.label)
+                break
+            self._received(view[:n])
+
+    def _received(self, data) -> None:
+        self.handler.handle(self.channel.receive_data(data))
+        self.flush()
+
+    def _write_loop(self) -> None:
+        try:
+            while not self.closed:
+                self._write_ready.wait()
+                self._write_ready.clear()
+                while self._outq and not self.closed:
+                    batch, size = [], 0
+                    while self._outq and size < WRITE_BATCH:
+                        frame = self._outq.popleft()
+                        batch.append(frame)
+                        size += len(frame)
+                    self.sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
+                    self.pending_write -= size
+                    if not self._outq:
+                        self.handler.on_drained()
+        except OSError as err:
+            self.close(f"write failed: {err}")
+
+
+class SpiceServer:
+    """Serves main and port channels to any number of sessions."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.sessions: dict[int, Session] = {}
+        self.keys = KeyPool()
+        self._factories = [(name, devices.factory(kind)) for name, kind in config.port_channels]
+        self._connections: set[Connection] = set()
+        self._pool = gevent.pool.Pool()
+        self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
+        self._ticker = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.address[:2]
+
+    def start(self) -> None:
+        self._server.start()
+        self._ticker = gevent.spawn(self._tick_loop)
+        log.info("serving SPICE on %s:%d", *self.address)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._server.stop(timeout=0)
+        if self._ticker is not None:
+            self._ticker.kill()
+        for conn in list(self._connections):
+            conn.close("server stopping")
+        self._pool.join(timeout=timeout)
+        self._pool.kill()
+
+    def serve_forever(self) -> None:
+        self.start()
+        self._server._stop_event.wait()
+
+    def _handle(self, sock, address) -> None:
+        conn = Connection(self, sock, address)
+        self._connections.add(conn)
+        try:
+            conn.run()
+        finally:
+            self._connections.discard(conn)
+
+    # --- decisions the network layer asks for ------------------------------------------------
+
+    def answer_link(self, link: ServerLink, req: LinkRequested) -> None:
+        if req.channel_type == ChannelType.MAIN:
+            if req.connection_id != 0:
+                # A migration target link: only for sessions announced by a source (migration issue).
+                link.reject(LinkErr.BAD_CONNECTION_ID)
+            else:
+                link.accept(self.main_caps())
+            return
+        if req.channel_type != ChannelType.PORT:
+            link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
+            return
+        session = self.sessions.get(req.connection_id)
+        if session is None:
+            link.reject(LinkErr.BAD_CONNECTION_ID)
+        elif req.channel_id not in session.ports or session.ports[req.channel_id].connection is not None:
+            link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
+        else:
+            link.accept(())
+
+    def main_caps(self) -> tuple[int, ...]:
+        return tuple(caps_to_words(()))  # migration caps come with the migration issue
+
+    def attach(self, established: LinkEstablished, conn: Connection):
+        if established.channel_type == ChannelType.MAIN:
+            session = Session(
+                id=new_session_id(self.sessions),
+                ports={
+                    i: PortState(i, name, make(), self.config.limits)
+                    for i, (name, make) in enumerate(self._factories)
+                },
+            )
+            self.sessions[session.id] = session
+            conn.label = f"{conn.peer} session {session.id:08x} main"
+            session.main = MainConnection(session, conn.channel, conn, established.channel_caps)
+            session.on_end = self._session_ended
+            log.info("[%s] new session", conn.label)
+            return session.main
+        session = self.sessions.get(established.connection_id)
+        port = session.ports.get(established.channel_id) if session else None
+        if port is None or port.connection is not None:
+            log.warning("[%s] session or port went away during the link", conn.label)
+            return None
+        conn.label = f"{conn.peer} session {session.id:08x} port {port.channel_id} ({port.name})"
+        log.info("[%s] port channel linked", conn.label)
+        return PortConnection(port, conn.channel, conn)
+
+    def _session_ended(self, session: Session) -> None:
+        self.sessions.pop(session.id, None)
+        for port in session.ports.values():
+            if port.connection is not None:
+                port.connection.transport.close("session ended")
+            port.device.detach()
+        log.info("session %08x ended", session.id)
+
+    def _tick_loop(self) -> None:
+        while True:
+            gevent.sleep(self.config.tick_interval)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                for port in session.ports.values():
+                    if port.device.wants_ticks and port.connection is not None:
+                        try:
+                            port.device.tick(now)
+                        except SpiceError:
+                            log.exception("device %s failed", port.name)
+
+    def status(self) -> dict:
+        return {"sessions": [s.status() for s in self.sessions.values()]}

@@ -1,0 +1,278 @@
+"""Sessions and their channels, without sockets.
+
+A session is what one client's main link created: its main channel and one port per configured
+port channel. A port's device and the bytes buffered around it live in ``PortState``, which
+belongs to the session and outlives any one connection of that channel (and is what migration
+moves). A connection is driven by the network layer through the ``Transport`` it is given.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from spicewire.devices import Device
+from spicewire.errors import RemoteProtocolError
+from spicewire.protocol import messages as m
+from spicewire.protocol.caps import has_cap
+from spicewire.protocol.channel import ChannelConnection
+from spicewire.protocol.enums import ChannelType, MainCap, MouseMode, MsgSpicevmc
+
+log = logging.getLogger(__name__)
+
+# spice-server's spicevmc DATA bodies are at most this long (7.4); spice-gtk reads any size.
+MAX_DATA_MESSAGE = 65568
+
+
+class Transport(Protocol):
+    """What the network layer offers one channel connection."""
+
+    pending_write: int
+
+    def flush(self) -> None:
+        """Move the channel's framed output to the socket writer."""
+
+    def resume_reading(self) -> None:
+        """Reading had stopped for backpressure; it may go on."""
+
+    def close(self, reason: str) -> None: ...
+
+
+@dataclass
+class Limits:
+    to_device: int = 8 << 20  # client bytes buffered for a device before the socket stops being read
+    to_client: int = 4 << 20  # device bytes queued for a client before the device is told no room
+    ack_window: int = 20  # SET_ACK window on port channels (0: no ACK flow control)
+
+
+class PortState:
+    """One port of a session: its device and the bytes buffered in each direction."""
+
+    def __init__(self, channel_id: int, name: str, device: Device, limits: Limits) -> None:
+        self.channel_id = channel_id
+        self.name = name
+        self.device = device
+        self.limits = limits
+        self.to_device: deque[memoryview] = deque()
+        self.to_device_bytes = 0
+        self.to_client: deque[bytes] = deque()
+        self.to_client_bytes = 0
+        self.connection: PortConnection | None = None
+        device.attach(self)
+
+    # --- the Port interface devices see ------------------------------------------------------
+
+    @property
+    def room(self) -> int:
+        pending = self.connection.transport.pending_write if self.connection else 0
+        return max(0, self.limits.to_client - self.to_client_bytes - pending)
+
+    def send(self, data: bytes | memoryview) -> None:
+        self.to_client.append(bytes(data))
+        self.to_client_bytes += len(data)
+        self.flush_to_client()
+
+    def pump(self) -> None:
+        """Offer buffered client bytes to the device until it stops taking them."""
+        was_blocked = not self.reading_allowed
+        queue = self.to_device
+        while queue:
+            head = queue[0]
+            taken = self.device.write(head)
+            if taken <= 0:
+                break
+            self.to_device_bytes -= taken
+            if taken >= len(head):
+                queue.popleft()
+            else:
+                queue[0] = head[taken:]
+        if was_blocked and self.reading_allowed and self.connection:
+            self.connection.transport.resume_reading()
+
+    # --- the connection side ------------------------------------------------------------------
+
+    @property
+    def reading_allowed(self) -> bool:
+        return self.to_device_bytes < self.limits.to_device
+
+    def from_client(self, data: bytes | memoryview) -> None:
+        if len(data):
+            self.to_device.append(memoryview(data))
+            self.to_device_bytes += len(data)
+            self.pump()
+
+    def flush_to_client(self) -> None:
+        conn = self.connection
+        if conn is None:
+            return
+        channel = conn.channel
+        sent = False
+        while self.to_client and channel.window_open:
+            data = self.to_client.popleft()
+            if len(data) > MAX_DATA_MESSAGE:
+                self.to_client.appendleft(data[MAX_DATA_MESSAGE:])
+                data = data[:MAX_DATA_MESSAGE]
+            self.to_client_bytes -= len(data)
+            channel.send_raw(MsgSpicevmc.DATA, data)
+            sent = True
+        if sent:
+            conn.transport.flush()
+
+    def on_drained(self) -> None:
+        """The socket writer caught up: the device may have room again."""
+        self.flush_to_client()
+        if self.room:
+            self.device.on_room()
+
+    def status(self) -> dict:
+        return {
+            "channel_id": self.channel_id,
+            "name": self.name,
+            "connected": self.connection is not None,
+            "to_device_bytes": self.to_device_bytes,
+            "to_client_bytes": self.to_client_bytes,
+            "device": self.device.status(),
+            "channel": self.connection.channel.state() if self.connection else None,
+        }
+
+
+class PortConnection:
+    """A live port-channel connection of a session."""
+
+    def __init__(self, port: PortState, channel: ChannelConnection, transport: Transport) -> None:
+        self.port = port
+        self.channel = channel
+        self.transport = transport
+
+    def start(self) -> None:
+        self.port.connection = self
+        self.channel.send(m.MsgPortInit(self.port.name, 1))
+        if self.port.limits.ack_window:
+            self.channel.set_ack(self.port.limits.ack_window)
+        self.port.flush_to_client()
+        self.transport.flush()
+
+    @property
+    def reading_allowed(self) -> bool:
+        return self.port.reading_allowed
+
+    def handle(self, msgs: list[m.Message]) -> None:
+        for msg in msgs:
+            if isinstance(msg, m.MsgcSpicevmcData):
+                self.port.from_client(msg.data)
+            elif isinstance(msg, m.MsgcPortEvent):
+                log.debug("port %s event %s", self.port.name, msg.event)
+            elif isinstance(msg, m.MsgcSpicevmcCompressedData):
+                raise RemoteProtocolError("COMPRESSED_DATA without the LZ4 cap we never advertise")
+            elif isinstance(msg, m.MsgcDisconnecting):
+                self.transport.close("client is disconnecting")
+            else:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} on a port channel")
+        self.port.flush_to_client()  # ACKs may have opened the window
+        self.transport.flush()
+
+    def on_drained(self) -> None:
+        self.port.on_drained()
+
+    def closed(self) -> None:
+        if self.port.connection is self:
+            self.port.connection = None
+
+
+class MainConnection:
+    """The session's main channel connection."""
+
+    def __init__(self, session: Session, channel: ChannelConnection, transport: Transport, client_caps) -> None:
+        self.session = session
+        self.channel = channel
+        self.transport = transport
+        self.client_caps = client_caps
+        self.attached = False
+
+    reading_allowed = True
+
+    def start(self) -> None:
+        s = self.session
+        mm_time = int(time.monotonic() * 1000 - 400) & 0xFFFFFFFF
+        self.channel.send(
+            m.MsgMainInit(
+                session_id=s.id,
+                display_channels_hint=0,
+                supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
+                current_mouse_mode=s.mouse_mode,
+                agent_connected=0,
+                agent_tokens=10,
+                multi_media_time=mm_time,
+                ram_hint=0,
+            )
+        )
+        if has_cap(self.client_caps, MainCap.NAME_AND_UUID):
+            self.channel.send(m.MsgMainName(s.server_name))
+            self.channel.send(m.MsgMainUuid(s.server_uuid))
+        self.transport.flush()
+
+    def handle(self, msgs: list[m.Message]) -> None:
+        for msg in msgs:
+            if isinstance(msg, m.MsgcMainAttachChannels):
+                self.attached = True
+                self.channel.send(m.MsgMainChannelsList(tuple(m.ChannelId(ChannelType.PORT, p) for p in self.session.ports)))
+            elif isinstance(msg, m.MsgcMainMouseModeRequest):
+                if msg.mode in (MouseMode.SERVER, MouseMode.CLIENT):
+                    self.session.mouse_mode = msg.mode
+                self.channel.send(m.MsgMainMouseMode(MouseMode.SERVER | MouseMode.CLIENT, self.session.mouse_mode))
+            elif isinstance(msg, (m.MsgcMainAgentStart, m.MsgcMainAgentToken, m.MsgcMainAgentData)):
+                pass  # no guest agent: AGENT_CONNECTED stays 0, so a client has nothing to send to
+            elif isinstance(msg, m.MsgcDisconnecting):
+                self.transport.close("client is disconnecting")
+            else:
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the main channel")
+        self.transport.flush()
+
+    def on_drained(self) -> None:
+        pass
+
+    def closed(self) -> None:
+        self.session.main_closed(self)
+
+
+@dataclass
+class Session:
+    id: int
+    ports: dict[int, PortState]
+    server_name: str = "spicewire"
+    server_uuid: bytes = field(default_factory=lambda: secrets.token_bytes(16))
+    mouse_mode: int = MouseMode.SERVER
+    main: MainConnection | None = None
+    created: float = field(default_factory=time.time)
+    closed: bool = False
+    on_end: Callable[[Session], None] | None = None
+
+    def main_closed(self, conn: MainConnection) -> None:
+        if self.main is conn:
+            self.main = None
+            self.closed = True
+            if self.on_end is not None:
+                self.on_end(self)
+
+    def status(self) -> dict:
+        return {
+            "session_id": self.id,
+            "created": self.created,
+            "main": self.main.channel.state() if self.main else None,
+            "ports": [p.status() for p in self.ports.values()],
+        }
+
+
+def new_session_id(taken) -> int:
+    """A random non-zero u32 not in use (spice-gtk takes 0 to mean 'new session')."""
+    while True:
+        candidate = secrets.randbits(32)
+        if candidate and candidate not in taken:
+            return candidate
+
+
