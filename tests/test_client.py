@@ -1,0 +1,102 @@
+"""The client library against our own server and against QEMU's spice-server."""
+
+import hashlib
+import os
+
+import gevent
+import pytest
+
+from spicewire.client import ClientSession
+from spicewire.errors import LinkError
+from spicewire.protocol.enums import ChannelType, LinkErr
+from spicewire.server import ServerConfig, SpiceServer
+
+from . import peers
+from .peers import echo_bios
+from .peers.qemu import QemuSpice, SpicePort
+
+PORTS = [("org.spicewire.echo", "echo"), ("org.spicewire.sink", "sink")]
+
+
+@pytest.fixture
+def server():
+    srv = SpiceServer(ServerConfig(port=0, port_channels=PORTS))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def password_server():
+    srv = SpiceServer(ServerConfig(port=0, password="s3cret", port_channels=PORTS))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_client_learns_session_id_and_port_channels(server):
+    with ClientSession(*server.address) as session:
+        assert session.session_id in server.sessions
+        assert session.channels == [(ChannelType.PORT, 0), (ChannelType.PORT, 1)]
+        assert session.main.name == "spicewire"  # NAME_AND_UUID is advertised and honoured
+        assert len(session.main.uuid) == 16
+
+
+def test_client_finds_a_port_by_name(server):
+    with ClientSession(*server.address) as session:
+        port = session.open_port("org.spicewire.sink")
+        assert (port.name, port.opened, port.channel.channel_id) == ("org.spicewire.sink", True, 1)
+
+
+def test_client_echo_round_trip_is_byte_exact(server):
+    data = os.urandom(3 << 20)
+    with ClientSession(*server.address) as session:
+        port = session.open_port("org.spicewire.echo")
+        writer = gevent.spawn(port.write, data)
+        assert port.read(len(data), timeout=20) == data
+        writer.get(timeout=5)
+
+
+def test_client_data_reaches_the_sink_intact(server):
+    data = os.urandom(1 << 20)
+    with ClientSession(*server.address) as session:
+        port = session.open_port("org.spicewire.sink")
+        port.write(data)
+        sink = server.sessions[session.session_id].ports[1].device
+        with gevent.Timeout(10):
+            while sink.bytes_in < len(data):
+                gevent.sleep(0.01)
+        assert sink.status()["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_client_with_the_right_password_links(password_server):
+    with ClientSession(*password_server.address, password="s3cret") as session:
+        assert session.open_port("org.spicewire.echo").name == "org.spicewire.echo"
+
+
+def test_client_with_a_wrong_password_is_refused(password_server):
+    with pytest.raises(LinkError) as err:
+        ClientSession(*password_server.address, password="wrong").connect()
+    assert err.value.code == LinkErr.PERMISSION_DENIED
+
+
+def test_client_asking_for_a_missing_port_name_says_which_exist(server):
+    with ClientSession(*server.address) as session:
+        with pytest.raises(LookupError, match="org.spicewire.echo"):
+            session.open_port("org.nothing")
+
+
+@pytest.mark.peer
+def test_client_links_main_and_port_to_qemu_spice_server():
+    """Our side of the protocol against the reference server: links, PORT_INIT, and an echo
+    through a guest (a BIOS that echoes COM1)."""
+    peers.require("qemu")
+    with QemuSpice(ports=[SpicePort("org.test.echo", "isa")], bios=echo_bios.build(), lifetime=120) as q:
+        with ClientSession("127.0.0.1", q.spice_port) as session:
+            assert session.session_id != 0
+            assert (ChannelType.PORT, 0) in session.channels
+            port = session.open_port("org.test.echo")
+            assert port.opened
+            payload = b"spicewire through QEMU\n" * 40
+            port.write(payload)
+            assert port.read(len(payload), timeout=30) == payload
