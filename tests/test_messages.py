@@ -306,7 +306,8 @@ def test_out_of_range_field_is_a_codec_error_on_encode():
 
 # --- properties ------------------------------------------------------------------------------
 
-c_strings = st.text(st.characters(blacklist_characters="\0"), max_size=12)
+# Any text a C peer can carry: no NUL, and no lone surrogates (not encodable as UTF-8 at all).
+c_strings = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=12)
 
 
 def kind_strategy(kind):
