@@ -244,6 +244,7 @@ class SpiceServer:
         self._pool = gevent.pool.Pool()
         self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
         self._ticker = None
+        self.started: float | None = None  # time.monotonic() at start(), for the control API's uptime
 
     @property
     def address(self) -> tuple[str, int]:
@@ -251,6 +252,7 @@ class SpiceServer:
 
     def start(self) -> None:
         self._server.start()
+        self.started = time.monotonic()
         self._ticker = gevent.spawn(self._tick_loop)
         log.info("serving SPICE on %s:%d", *self.address)
 

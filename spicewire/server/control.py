@@ -1,0 +1,278 @@
+"""The HTTP/JSON control plane: what a server is doing, and levers on its devices.
+
+It runs as a gevent WSGI server on the SPICE server's own hub. Every handler reads or changes the
+server's state synchronously, without yielding, so an answer is a consistent snapshot and a slow
+control client never holds up a SPICE connection.
+
+Routes are a table of ``(method, pattern) -> handler``; a pattern's ``{name}`` segments become
+``request.params``. A handler returns a JSON-able body (status 200) or ``(status, body)``, and
+raises ``HttpError`` for anything else. More endpoints (migration's ``POST /migrate`` and
+``POST /announce``) are added with ``ControlServer.router.add``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from http import HTTPStatus
+from typing import Any
+
+from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+
+from spicewire import __version__
+from spicewire.errors import SpiceError
+from spicewire.server.net import SpiceServer
+from spicewire.server.session import PortState, Session
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+_HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
+
+
+class HttpError(SpiceError):
+    """A control request that gets an error status instead of its answer."""
+
+    def __init__(self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    environ: dict
+    params: dict[str, str] = field(default_factory=dict)
+
+    def json(self) -> Any:
+        """The body as JSON (None when empty); 400 when it is not JSON."""
+        try:
+            length = int(self.environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise HttpError(400, "bad Content-Length") from None
+        if length > MAX_BODY:
+            raise HttpError(413, f"body over {MAX_BODY} bytes")
+        body = self.environ["wsgi.input"].read(length) if length > 0 else b""
+        if not body.strip():
+            return None
+        try:
+            return json.loads(body)
+        except (UnicodeDecodeError, ValueError) as err:
+            raise HttpError(400, f"body is not JSON: {err}") from None
+
+
+Handler = Callable[[Request], Any]
+
+
+class Router:
+    """Exact segments and ``{param}`` segments; 404 for an unknown path, 405 for a known path
+    asked with the wrong method."""
+
+    def __init__(self) -> None:
+        self._routes: list[tuple[tuple[str, ...], dict[str, Handler]]] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        segments = _split(pattern)
+        for known, methods in self._routes:
+            if known == segments:
+                if method in methods:
+                    raise ValueError(f"{method} {pattern} is already routed")
+                methods[method] = handler
+                return
+        self._routes.append((segments, {method: handler}))
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        parts = _split(path)
+        allowed: set[str] = set()
+        best = None
+        for segments, methods in self._routes:
+            params = _match(segments, parts)
+            if params is None:
+                continue
+            allowed.update(methods)
+            # A literal segment beats a parameter: /sessions/x may be routed beside /sessions/{id}.
+            if method in methods and (best is None or len(params) < len(best[1])):
+                best = methods[method], params
+        if best is not None:
+            return best
+        if allowed:
+            allow = ", ".join(sorted(allowed))
+            raise HttpError(405, f"{method} not allowed on {path}; use {allow}", (("Allow", allow),))
+        raise HttpError(404, f"no such endpoint: {path}")
+
+    def endpoints(self) -> list[str]:
+        return [f"{m} /{'/'.join(s)}" for s, methods in self._routes for m in methods]
+
+
+def _split(path: str) -> tuple[str, ...]:
+    return tuple(path.strip("/").split("/")) if path.strip("/") else ()
+
+
+def _match(segments: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] | None:
+    if len(segments) != len(parts):
+        return None
+    params = {}
+    for segment, part in zip(segments, parts):
+        if segment.startswith("{") and segment.endswith("}"):
+            if not part:
+                return None
+            params[segment[1:-1]] = part
+        elif segment != part:
+            return None
+    return params
+
+
+def parse_session_id(text: str) -> int:
+    """Eight hex digits (as the logs print it) or a decimal number. Eight digits read as hex, so a
+    decimal id of eight digits needs a leading zero."""
+    if _HEX_ID.fullmatch(text):
+        return int(text, 16)
+    if text.isascii() and text.isdigit():
+        value = int(text)
+        if value < 1 << 32:
+            return value
+    raise HttpError(400, f"bad session id {text!r}: 8 hex digits or a decimal u32")
+
+
+class ControlServer:
+    """The control API of one SpiceServer, on ``(host, port)``; ``token`` demands a bearer token."""
+
+    def __init__(self, spice: SpiceServer, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
+        self.spice = spice
+        self.token = token
+        self.router = Router()
+        self.router.add("GET", "/status", self.get_status)
+        self.router.add("GET", "/sessions", self.get_sessions)
+        self.router.add("GET", "/sessions/{session}", self.get_session)
+        self.router.add("POST", "/sessions/{session}/ports/{port}/pause", self.pause_port)
+        self.router.add("POST", "/sessions/{session}/ports/{port}/resume", self.resume_port)
+        self.router.add("GET", "/sessions/{session}/ports/{port}/digest", self.port_digest)
+        access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
+        self._wsgi = WSGIServer((host, port), self, log=access, error_log=log)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._wsgi.address[:2]
+
+    def start(self) -> None:
+        self._wsgi.start()
+        log.info("control API on http://%s:%d%s", *self.address, " (bearer token required)" if self.token else "")
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._wsgi.stop(timeout=timeout)
+
+    # --- WSGI ---------------------------------------------------------------------------------
+
+    def __call__(self, environ: dict, start_response) -> list[bytes]:
+        # PATH_INFO is the percent-decoded path as latin-1 (PEP 3333); names are UTF-8.
+        path = environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", "replace")
+        request = Request(environ["REQUEST_METHOD"], path, environ)
+        headers: tuple[tuple[str, str], ...] = ()
+        try:
+            self._authorize(environ)
+            handler, request.params = self.router.resolve(request.method, path)
+            result = handler(request)
+            status, body = result if isinstance(result, tuple) else (200, result)
+        except HttpError as err:
+            status, body, headers = err.status, {"error": err.message, "status": err.status}, err.headers
+        except Exception:
+            log.exception("control request %s %s failed", request.method, path)
+            status, body = 500, {"error": "internal error (see the server log)", "status": 500}
+        data = json.dumps(body, indent=1).encode() + b"\n"
+        start_response(
+            f"{status} {HTTPStatus(status).phrase}",
+            [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers],
+        )
+        return [data]
+
+    def _authorize(self, environ: dict) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+            challenge = ("WWW-Authenticate", 'Bearer realm="spicewire"')
+            raise HttpError(401, "a valid bearer token is required", (challenge,))
+
+    # --- lookups ------------------------------------------------------------------------------
+
+    def session(self, request: Request) -> Session:
+        session_id = parse_session_id(request.params["session"])
+        session = self.spice.sessions.get(session_id)
+        if session is None:
+            raise HttpError(404, f"no session {session_id:08x}")
+        return session
+
+    def port(self, request: Request) -> tuple[Session, PortState]:
+        session = self.session(request)
+        name = request.params["port"]
+        for port in session.ports.values():
+            if port.name == name:
+                return session, port
+        raise HttpError(404, f"session {session.id:08x} has no port {name!r}")
+
+    # --- endpoints ----------------------------------------------------------------------------
+
+    def get_status(self, request: Request) -> dict:
+        cfg = self.spice.config
+        host, port = self.spice.address
+        started = self.spice.started
+        return {
+            "version": __version__,
+            "listen": {"host": host, "port": port},
+            "uptime": None if started is None else round(time.monotonic() - started, 3),
+            "sessions": len(self.spice.sessions),
+            "config": {
+                "ticketing": cfg.password is not None,
+                "password_expiry": cfg.password_expiry,
+                "port_channels": [{"name": name, "device": kind} for name, kind in cfg.port_channels],
+                "limits": asdict(cfg.limits),
+                "link_timeout": cfg.link_timeout,
+                "stall_timeout": cfg.stall_timeout,
+            },
+            "endpoints": self.router.endpoints(),
+        }
+
+    def get_sessions(self, request: Request) -> dict:
+        return {"sessions": [session_view(s) for s in list(self.spice.sessions.values())]}
+
+    def get_session(self, request: Request) -> dict:
+        return session_view(self.session(request))
+
+    def pause_port(self, request: Request) -> dict:
+        return self._lever(request, "pause")
+
+    def resume_port(self, request: Request) -> dict:
+        return self._lever(request, "resume")
+
+    def _lever(self, request: Request, action: str) -> dict:
+        session, port = self.port(request)
+        try:
+            getattr(port.device, action)()
+        except NotImplementedError as err:
+            raise HttpError(409, str(err)) from None
+        log.info("session %08x port %s: device %sd over the control API", session.id, port.name, action)
+        return {"session_id": session.id, "port": port.name, "device": port.device.status()}
+
+    def port_digest(self, request: Request) -> dict:
+        session, port = self.port(request)
+        return {"session_id": session.id, "port": port.name, "device": port.device.status()}
+
+
+def session_view(session: Session) -> dict:
+    """Session.status() plus the hex id the logs use and each socket's unsent bytes."""
+    view = session.status()
+    view["id"] = f"{session.id:08x}"
+    if session.main is not None:
+        view["main"]["pending_write"] = session.main.transport.pending_write
+    for port, port_view in zip(session.ports.values(), view["ports"]):
+        if port.connection is not None:
+            port_view["channel"]["pending_write"] = port.connection.transport.pending_write
+    return view
