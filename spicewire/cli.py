@@ -1,4 +1,4 @@
-"""The ``spicewire`` command: ``spicewire serve ...`` runs a SPICE server.
+"""The ``spicewire`` command: ``serve`` runs a SPICE server, ``connect`` is a client.
 
 Each subcommand is an ``_add_<name>(subparsers)`` function in ``COMMANDS`` that sets ``run`` on its
 parser; ``run(args)`` returns the exit code. Parsing imports nothing heavy, so argument errors
@@ -140,10 +140,75 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- connect ----------------------------------------------------------------------------------
+
+
+def _add_connect(commands) -> None:
+    p = commands.add_parser(
+        "connect",
+        help="link to a SPICE server, stream through a port channel, print a JSON report",
+        description="Link a session, open one port channel, optionally send data (and check its "
+        "echo), then print a JSON report: bytes sent and received, sha256 of each, timings.",
+    )
+    p.add_argument("address", type=host_port, metavar="HOST:PORT")
+    p.add_argument("--password", metavar="PW")
+    p.add_argument("--port-channel", required=True, metavar="NAME", help="the port channel to open, by name")
+    p.add_argument("--send-mib", type=float, default=0.0, metavar="N", help="send N MiB of random data")
+    p.add_argument("--expect-echo", action="store_true", help="read back what was sent and compare it")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds (default 60)")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(run=connect)
+
+
+def connect(args: argparse.Namespace) -> int:
+    import hashlib
+    import json
+    import os
+    import time
+
+    import gevent
+
+    from spicewire.client import ClientSession
+    from spicewire.errors import SpiceError
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    report: dict = {"server": "%s:%d" % args.address, "port_channel": args.port_channel, "ok": False}
+    started = time.perf_counter()
+    timings = report["timings"] = {}
+    session = ClientSession(*args.address, password=args.password, timeout=min(args.timeout, 10.0))
+    try:
+        with gevent.Timeout(args.timeout, TimeoutError(f"not done after {args.timeout:g} s")):
+            session.connect()
+            timings["linked"] = round(time.perf_counter() - started, 6)
+            report["session_id"] = f"{session.session_id:08x}"
+            port = session.open_port(args.port_channel)
+            timings["port_open"] = round(time.perf_counter() - started, 6)
+            data = os.urandom(int(args.send_mib * (1 << 20)))
+            writer = gevent.spawn(port.write, data)
+            received = port.read(len(data), timeout=args.timeout) if args.expect_echo else b""
+            writer.get()
+            timings["done"] = round(time.perf_counter() - started, 6)
+            report.update(
+                bytes_sent=len(data), sha256_sent=hashlib.sha256(data).hexdigest(),
+                bytes_received=len(received), sha256_received=hashlib.sha256(received).hexdigest(),
+            )
+            report["ok"] = not args.expect_echo or received == data
+            if args.expect_echo and received != data:
+                report["error"] = "echo differs from what was sent"
+            span = timings["done"] - timings["port_open"]
+            if data and span > 0:
+                report["throughput_mib_s"] = round(len(data) / span / (1 << 20), 1)
+    except (SpiceError, OSError, LookupError, TimeoutError) as err:
+        report["error"] = f"{type(err).__name__}: {err}"
+    finally:
+        session.close()
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
 # --- the command line -------------------------------------------------------------------------
 
-# `connect` (the client in spicewire/client/) adds its _add_connect here.
-COMMANDS = (_add_serve,)
+COMMANDS = (_add_serve, _add_connect)
 
 
 def build_parser() -> argparse.ArgumentParser:

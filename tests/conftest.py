@@ -31,3 +31,6 @@ def codec_impl(request):
 def both_codecs():
     """(compiled, pure) for tests that demand the two agree."""
     return compiled_codec(), _codec_py
+
+
+pytest_plugins = ["tests.served"]  # the `serve` fixture: `spicewire serve` in a subprocess

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
@@ -18,73 +14,6 @@ from spicewire.errors import LinkError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, LinkErr
 from tests.rawclient import RawChannel, open_session
-
-TOKEN = "cli-token"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Served:
-    """A ``spicewire serve`` subprocess with its SPICE and control addresses."""
-
-    def __init__(self, tmp_path, *extra: str) -> None:
-        self.address = ("127.0.0.1", free_port())
-        self.control = ("127.0.0.1", free_port())
-        self.log = tmp_path / "serve.log"
-        argv = [
-            sys.executable, "-m", "spicewire", "serve", "--listen", "%s:%d" % self.address,
-            "--port-channel", "org.test.echo=echo", "--control", "%s:%d" % self.control,
-            "--control-token", TOKEN, *extra,
-        ]
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        self._wait_until_up()
-
-    def get(self, path: str) -> dict:
-        request = urllib.request.Request(
-            "http://%s:%d%s" % (*self.control, path), headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return json.loads(response.read())
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def _wait_until_up(self) -> None:
-        deadline = time.monotonic() + 15
-        while True:
-            if self.proc.poll() is not None:
-                pytest.fail(f"serve exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                self.get("/status")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                if time.monotonic() > deadline:
-                    self.stop()
-                    pytest.fail(f"serve did not come up within 15 s:\n{self.output()}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-
-@pytest.fixture
-def serve(tmp_path):
-    started = []
-
-    def start(*extra: str) -> Served:
-        started.append(Served(tmp_path, *extra))
-        return started[-1]
-
-    yield start
-    for served in started:
-        served.stop()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
