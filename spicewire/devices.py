@@ -9,15 +9,21 @@ client's socket. Nothing is ever dropped.
 
 Register a new kind with ``@register("name")``; ``--port-channel NAME=KIND`` then creates one
 instance per session.
+
+Migration moves a device with its VM: ``save()`` returns the state as a list of buffers (the first
+a small JSON record, any bulk state after it) and ``restore(chunks)`` on a fresh instance of the
+same kind on the destination takes it back; the list travels in one ``codec.pack_chunks``
+container. A restored device continues its streams exactly where the saved one stopped.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
+from rehashes import PySha256  # SHA-256 whose running state can be saved: a sink's digest migrates
 
 
 class Port(Protocol):
@@ -67,6 +73,22 @@ class Device:
     def status(self) -> dict:
         return {"kind": self.kind, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
 
+    def save(self) -> list[bytes]:
+        return [json.dumps(self.state()).encode()]
+
+    def restore(self, chunks: Sequence[bytes | memoryview]) -> None:
+        self.load_state(json.loads(bytes(chunks[0])))
+
+    def state(self) -> dict:
+        """The JSON part of the saved state; subclasses extend it."""
+        return {"kind": self.kind, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+
+    def load_state(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"cannot restore a {state.get('kind')!r} device into a {self.kind!r} one")
+        self.bytes_in = state["bytes_in"]
+        self.bytes_out = state["bytes_out"]
+
 
 DeviceFactory = Callable[[], Device]
 _KINDS: dict[str, DeviceFactory] = {}
@@ -115,12 +137,12 @@ class SinkDevice(Device):
     def __init__(self) -> None:
         super().__init__()
         self.paused = False
-        self._sha = hashlib.sha256()
+        self._sha = PySha256()
 
     def write(self, data: memoryview) -> int:
         if self.paused:
             return 0
-        self._sha.update(data)
+        self._sha.update(bytes(data))
         self.bytes_in += len(data)
         return len(data)
 
@@ -133,7 +155,21 @@ class SinkDevice(Device):
             self.port.pump()
 
     def status(self) -> dict:
-        return {**super().status(), "paused": self.paused, "sha256": self._sha.hexdigest()}
+        return {**super().status(), "paused": self.paused, "sha256": self._sha.finalize()}
+
+    def save(self) -> list[bytes]:
+        return [*super().save(), self._sha.serialize()]
+
+    def restore(self, chunks: Sequence[bytes | memoryview]) -> None:
+        super().restore(chunks)
+        self._sha = PySha256.deserialize(bytes(chunks[1]))
+
+    def state(self) -> dict:
+        return {**super().state(), "paused": self.paused}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.paused = state["paused"]
 
 
 _PATTERN = np.random.default_rng(0x5350494345).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
@@ -165,7 +201,8 @@ class SourceDevice(Device):
         self.rate = rate
         self.limit = limit
         self.paused = False
-        self._started: float | None = None
+        self._started: float | None = None  # when the rate clock started, and bytes_out then
+        self._origin = 0
 
     def write(self, data: memoryview) -> int:
         self.bytes_in += len(data)
@@ -175,8 +212,8 @@ class SourceDevice(Device):
         if self.port is None or self.paused:
             return
         if self._started is None:
-            self._started = now
-        due = (now - self._started) * self.rate if self.rate else float("inf")
+            self._started, self._origin = now, self.bytes_out
+        due = self._origin + (now - self._started) * self.rate if self.rate else float("inf")
         if self.limit:
             due = min(due, self.limit)
         while self.bytes_out < due:
@@ -194,6 +231,15 @@ class SourceDevice(Device):
 
     def resume(self) -> None:
         self.paused = False
+        self._started = None  # no burst for the time spent paused
 
     def status(self) -> dict:
         return {**super().status(), "rate": self.rate, "paused": self.paused}
+
+    def state(self) -> dict:
+        return {**super().state(), "rate": self.rate, "limit": self.limit, "paused": self.paused}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        self.rate, self.limit, self.paused = state["rate"], state["limit"], state["paused"]
+        self._started = None  # the rate clock restarts here, from the restored offset
