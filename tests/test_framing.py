@@ -232,3 +232,49 @@ def test_garbage_sub_message_list_raises_only_codec_error(body, offset):
         parse_sub_message_list(body, offset)
     except CodecError:
         pass
+
+
+def test_bulk_body_is_gathered_whole_across_any_split():
+    body = bytes(range(256)) * 5000  # over BULK_BODY
+    stream = MessageWriter(mini=True).frame(2, body) + MessageWriter(mini=True).frame(3, b"next")[0:]
+    reader = MessageReader(mini=True)
+    got = []
+    for i in range(0, len(stream), 99_991):
+        reader.feed(stream[i : i + 99_991])
+        got.extend(reader)
+    assert [(msg.type, bytes(msg.body)) for msg in got] == [(2, body), (3, b"next")]
+
+
+def test_bulk_body_is_a_view_of_its_own_buffer():
+    body = b"\x07" * (MessageReader.BULK_BODY + 1)
+    reader = MessageReader(mini=True)
+    reader.feed(MessageWriter(mini=True).frame(2, body))
+    msg = reader.next_message()
+    assert isinstance(msg.body, memoryview) and msg.body == body
+
+
+def test_buffered_counts_a_half_gathered_bulk_body():
+    reader = MessageReader(mini=True)
+    frame = MessageWriter(mini=True).frame(2, b"x" * MessageReader.BULK_BODY)
+    reader.feed(frame[:1000])
+    assert reader.next_message() is None and reader.buffered == 1000
+
+
+def test_take_buffered_hands_over_unparsed_bytes_in_order():
+    writer = MessageWriter(mini=True)
+    writer.serial = 1
+    partial = writer.frame(2, b"bc")
+    reader = MessageReader(mini=True)
+    reader.feed(MessageWriter(mini=True).frame(1, b"a") + partial[:5])
+    assert reader.next_message().type == 1
+    assert reader.take_buffered() == partial[:5]
+    assert reader.buffered == 0
+
+
+def test_adopt_serial_takes_the_next_full_header_serial_as_given():
+    writer = MessageWriter(mini=False)
+    writer.serial = 41
+    reader = MessageReader(mini=False)
+    reader.adopt_serial = True
+    reader.feed(writer.frame(1, b"") + writer.frame(1, b""))
+    assert [msg.serial for msg in reader] == [42, 43]

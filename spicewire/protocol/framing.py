@@ -10,6 +10,9 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
+from spicewire import codec
 from spicewire.errors import CodecError, LocalProtocolError, MessageTooLarge, RemoteProtocolError
 
 MINI_HEADER = struct.Struct("<HI")  # SpiceMiniDataHeader: type, size
@@ -30,7 +33,7 @@ class RawMessage:
 
     serial: int
     type: int
-    body: bytes
+    body: bytes | memoryview  # memoryview over a numpy buffer for bulk bodies
     sub_list: int = 0  # full header only: offset of a SpiceSubMessageList in body, 0 = none
 
     def sub_messages(self) -> tuple[SubMessage, ...]:
@@ -41,7 +44,7 @@ class RawMessage:
 @dataclass(frozen=True, slots=True)
 class SubMessage:
     type: int
-    body: bytes
+    body: bytes | memoryview  # memoryview over a numpy buffer for bulk bodies
 
 
 def parse_sub_message_list(body: bytes | memoryview, offset: int = 0) -> tuple[SubMessage, ...]:
@@ -84,51 +87,98 @@ def encode_sub_message_list(subs: Iterable[SubMessage], base: int = 0) -> bytes:
 
 
 class MessageReader:
-    """Reassembles messages from a byte stream, checking header serials and sizes."""
+    """Reassembles messages from a byte stream, checking header serials and sizes.
+
+    Small bodies are copied out of one growing buffer. A body of BULK_BODY bytes or more (a
+    migration's MIGRATE_DATA, a large DATA) is gathered straight into a numpy buffer of its exact
+    size instead, so a 1 GiB body costs 1 GiB, not a bytearray grown to 1 GiB and copied again.
+    """
+
+    BULK_BODY = 256 * 1024
 
     def __init__(self, mini: bool, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.mini = mini
         self.max_size = max_size
         self.serial = 0  # serial of the last message handed out
-        self._header = MINI_HEADER if mini else FULL_HEADER
+        self.adopt_serial = False  # take the next full-header serial as given (a migrated channel)
+        self._header_size = MINI_HEADER.size if mini else FULL_HEADER.size
         self._buf = bytearray()
         self._offset = 0  # start of unconsumed data in _buf
         self._consumed = 0  # stream position of _buf[0], for error reports
+        self._bulk: tuple[int, int, int, np.ndarray] | None = None  # serial, type, sub_list, body
+        self._bulk_filled = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
+        if self._bulk is not None:
+            body = self._bulk[3]
+            n = min(len(data), len(body) - self._bulk_filled)
+            body[self._bulk_filled : self._bulk_filled + n] = np.frombuffer(data, dtype=np.uint8, count=n)
+            self._bulk_filled += n
+            data = memoryview(data)[n:]
+        if len(data):
+            self._buf += data
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet handed out as a message."""
-        return len(self._buf) - self._offset
+        bulk = self._header_size + self._bulk_filled if self._bulk is not None else 0
+        return len(self._buf) - self._offset + bulk
+
+    def take_buffered(self) -> bytes:
+        """Every byte received but not yet parsed, raw: for passing a stream through unparsed."""
+        if self._bulk is not None:
+            raise LocalProtocolError("a message body is half read")
+        rest = bytes(self._buf[self._offset :])
+        self._advance(len(self._buf))
+        return rest
 
     def next_message(self) -> RawMessage | None:
         """The next complete message, or None until more bytes are fed."""
+        if self._bulk is not None:
+            return self._finish_bulk()
         buf, start = self._buf, self._offset
-        header = self._header
-        if len(buf) - start < header.size:
+        header = codec.parse_header(buf, start, self.mini)
+        if header is None:
             return None
         if self.mini:
-            msg_type, size = header.unpack_from(buf, start)
+            msg_type, size = header
             serial, sub_list = self.serial + 1, 0
         else:
-            serial, msg_type, size, sub_list = header.unpack_from(buf, start)
-        if serial != self.serial + 1:
+            serial, msg_type, size, sub_list = header
+        if serial != self.serial + 1 and not self.adopt_serial:
             raise RemoteProtocolError(f"message serial {serial} where {self.serial + 1} was expected")
         if size > self.max_size:
             raise MessageTooLarge(size, self.max_size, self._consumed + start)
-        body_start = start + header.size
+        body_start = start + self._header_size
         end = body_start + size
+        if size >= self.BULK_BODY:
+            body = np.empty(size, dtype=np.uint8)
+            have = min(size, len(buf) - body_start)
+            body[:have] = np.frombuffer(buf, dtype=np.uint8, count=have, offset=body_start)
+            self._bulk, self._bulk_filled = (serial, msg_type, sub_list, body), have
+            self._advance(body_start + have)
+            return self._finish_bulk()
         if len(buf) < end:
             return None
         # Copy out exactly the body: a view into _buf would pin it (BufferError on resize) and
         # would see its bytes change once the buffer is compacted and refilled.
         with memoryview(buf) as view:
             body = view[body_start:end].tobytes()
-        self.serial = serial
+        self._accept(serial)
         self._advance(end)
         return RawMessage(serial, msg_type, body, sub_list)
+
+    def _finish_bulk(self) -> RawMessage | None:
+        serial, msg_type, sub_list, body = self._bulk
+        if self._bulk_filled < len(body):
+            return None
+        self._bulk = None
+        self._accept(serial)
+        return RawMessage(serial, msg_type, memoryview(body), sub_list)
+
+    def _accept(self, serial: int) -> None:
+        self.serial = serial
+        self.adopt_serial = False
 
     def __iter__(self) -> Iterator[RawMessage]:
         while (msg := self.next_message()) is not None:
