@@ -80,6 +80,7 @@ from spicewire.protocol.migration import (
     SwitchChannel,
     SwitchHost,
     build_main_migrate_data,
+    PortMigrateDataWriter,
     build_port_migrate_data,
     build_spicevmc_migrate_data,
     parse_main_migrate_data,
@@ -790,10 +791,29 @@ def test_swpd_parse_is_zero_copy():
     assert np.shares_memory(first, body)
 
 
-def test_swpd_pending_chunks_start_cache_line_aligned_in_the_built_body():
-    body = build_port_migrate_data(PortMigrateData(pending=[b"x" * 1000]))
-    pending = parse_port_migrate_data(body).pending[0]
-    assert np.frombuffer(pending, dtype=np.uint8).ctypes.data % 64 == 0
+def test_swpd_in_many_segments_round_trips_pending_and_client_bound_data():
+    pending = [bytes([i]) * (300 + i) for i in range(50)]
+    to_client = [b"out" * 100, b"put"]
+    body = build_port_migrate_data(PortMigrateData(pending=pending, to_client=to_client), segment=2048)
+    parsed = parse_port_migrate_data(body)
+    assert [bytes(c) for c in parsed.pending] == pending
+    assert [bytes(c) for c in parsed.to_client] == to_client
+
+
+def test_swpd_writer_knows_its_size_first_and_drains_the_queues_it_packs():
+    from collections import deque
+
+    pending = deque(bytes([i]) * 1000 for i in range(40))
+    writer = PortMigrateDataWriter(PortMigrateData(pending=pending), segment=4096)
+    size = writer.size
+    sizes_seen = []
+    body = bytearray()
+    for piece in writer.segments():
+        body += piece.tobytes()
+        sizes_seen.append(len(pending))
+    assert len(body) == size and len(pending) == 0
+    assert sizes_seen[1] < 40  # the first container popped what it packed
+    assert len(parse_port_migrate_data(bytes(body)).pending) == 40
 
 
 @pytest.mark.parametrize(

@@ -19,42 +19,46 @@ illegal sequence: RemoteProtocolError for a received message, LocalProtocolError
 Migrate-data bodies (section 6) start with SpiceMigrateDataHeader ``u32 magic, u32 version``.
 spice-server's formats (main ``MNMD``, spicevmc ``SVMD``) are built and parsed byte-exact, pointers
 being u32 offsets from the first header byte. For spicewire <-> spicewire port channels there is also
-``SWPD``, which carries hundreds of MiB of pending device writes without per-chunk copies::
+``SWPD``, which carries hundreds of MiB of buffered port data without per-chunk copies::
 
     0   4s   magic    b"SWPD"
     4   u32  version  1
-    8   codec.pack_chunks container (layout in spicewire/_codec_layout.py), its chunks being
-        [0]     state record, 64 bytes, little-endian:
+    8   one or more codec.pack_chunks containers back to back (layout in _codec_layout.py), each
+        at most a segment long unless a single chunk is larger; their chunks, in order:
+        [0]     state record, 64 bytes, little-endian (first container only):
                 0  u32 ack_generation   last SET_ACK generation sent (0 = none)
                 4  u32 ack_window       its window (0 = ACKs off)
                 8  u64 serial           last server->client message serial sent
                 16 u64 client_serial    last client->server message serial received
                 24 u64 pending_size     sum of the pending chunk lengths
-                32 u32 pending_count    number of pending chunks (= chunk count - 2)
+                32 u32 pending_count    client->device chunks that follow the record
                 36 u32 num_client_tokens
                 40 u32 num_send_tokens
-                44 20 bytes reserved, zero
-        [1:-1]  client->device buffers not yet written to the device, oldest first
-        [-1]    device-specific state, opaque (may be empty)
+                44 u32 to_client_count  device->client chunks that follow the pending ones
+                48 u64 to_client_size   their total length
+                56 8 bytes reserved, zero
+        then    client->device bytes not yet written to the device, oldest first
+        then    device->client bytes the device produced before it stopped, not yet sent
+        last    device-specific state, opaque (may be empty)
 
-The record is 64 bytes so that the first pending buffer starts on a cache line, as the container's
-data area does.
-
-The builder writes every pending buffer once, straight into the final message buffer; the parser
-returns memoryviews into the received body.
+Why segments: s1 packs one segment at a time into a reused buffer and drops the buffers it has
+packed, so building the message never holds the in-flight state twice; s2 gathers the whole body
+in one buffer and keeps memoryviews into it, so restoring copies nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum, IntEnum, auto
 from typing import Any, ClassVar
 
 import numpy as np
 
+from spicewire import _codec_layout as layout
 from spicewire import codec
 from spicewire.errors import CodecError, LocalProtocolError, RemoteProtocolError
 from spicewire.protocol.caps import has_cap
@@ -152,7 +156,8 @@ U32_MAX = 0xFFFFFFFF
 _HEADER = struct.Struct("<II")  # magic, version
 _CHAR_DEVICE = struct.Struct("<IBIIIII")  # 25 bytes (6.1)
 _MAIN_TAIL = struct.Struct("<BI8sBIIIBIB")  # the 32 bytes after the agent char device (6.2)
-_PORT_STATE = struct.Struct("<IIQQQIII20x")  # 64 bytes, SWPD chunk 0
+_PORT_STATE = struct.Struct("<IIQQQIIIIQ8x")  # 64 bytes, SWPD chunk 0
+SWPD_SEGMENT = 32 << 20  # one container's bytes while building: the size of the reused buffer
 _CONTAINER_TOTAL = struct.Struct("<Q")  # codec container total_size, at offset 16
 SPICEVMC_MIGRATE_DATA_SIZE = _HEADER.size + _CHAR_DEVICE.size  # 33
 MAIN_MIGRATE_DATA_SIZE = SPICEVMC_MIGRATE_DATA_SIZE + _MAIN_TAIL.size  # 65
@@ -305,52 +310,119 @@ class PortMigrateData:
     num_send_tokens: int = U32_MAX
     device_state: Buffer = b""
     pending: Sequence[Buffer] = ()
+    to_client: Sequence[Buffer] = ()
 
     @property
     def pending_size(self) -> int:
         return sum(memoryview(chunk).nbytes for chunk in self.pending)
 
+    @property
+    def to_client_size(self) -> int:
+        return sum(memoryview(chunk).nbytes for chunk in self.to_client)
 
-def build_port_migrate_data(state: PortMigrateData) -> np.ndarray:
-    """The ``SWPD`` body as a numpy uint8 buffer; each pending byte is copied exactly once."""
-    pending = list(state.pending)
-    record = _PORT_STATE.pack(
-        state.ack_generation, state.ack_window, state.serial, state.client_serial, state.pending_size,
-        len(pending), state.num_client_tokens, state.num_send_tokens,
-    )
-    chunks = [record, *pending, state.device_state]
-    size = _HEADER.size + codec.packed_size(chunks)
-    # Start the container on a cache line so its 64-aligned chunk data is aligned in memory too.
-    raw = np.empty(size + _ALIGN, dtype=np.uint8)
-    skip = -(raw.ctypes.data + _HEADER.size) % _ALIGN
-    body = raw[skip : skip + size]
-    _HEADER.pack_into(body, 0, MigrateDataMagic.PORT, MIGRATE_DATA_VERSION)
-    codec.pack_chunks(chunks, out=body[_HEADER.size :])
+
+class PortMigrateDataWriter:
+    """Builds an SWPD body segment by segment. ``size`` is known up front (for the message header);
+    ``segments()`` yields numpy views of ONE reused buffer, each valid until the next is asked for,
+    and pops the buffers it has packed from ``pending`` / ``to_client`` when those are deques, so
+    the caller's memory falls as the message goes out."""
+
+    def __init__(self, state: PortMigrateData, segment: int = SWPD_SEGMENT) -> None:
+        self._pending = state.pending
+        self._to_client = state.to_client
+        pending_lengths = [memoryview(c).nbytes for c in state.pending]
+        to_client_lengths = [memoryview(c).nbytes for c in state.to_client]
+        self._record = _PORT_STATE.pack(
+            state.ack_generation, state.ack_window, state.serial, state.client_serial, sum(pending_lengths),
+            len(pending_lengths), state.num_client_tokens, state.num_send_tokens, len(to_client_lengths),
+            sum(to_client_lengths),
+        )
+        self._device_state = state.device_state
+        lengths = [len(self._record), *pending_lengths, *to_client_lengths, memoryview(state.device_state).nbytes]
+        self._plan = _segment_plan(lengths, segment)  # chunk counts per container
+        sizes, start = [], 0
+        for count in self._plan:
+            sizes.append(layout.data_start(count) + sum(lengths[start : start + count]))
+            start += count
+        self._container_sizes = sizes
+        self.size = _HEADER.size + sum(sizes)
+
+    def segments(self) -> Iterator[np.ndarray]:
+        yield np.frombuffer(_HEADER.pack(MigrateDataMagic.PORT, MIGRATE_DATA_VERSION), dtype=np.uint8)
+        out = np.empty(max(self._container_sizes), dtype=np.uint8)
+        sources = self._chunks()
+        for count in self._plan:
+            chunks = [next(sources) for _ in range(count)]
+            packed = codec.pack_chunks(chunks, out=out)
+            del chunks
+            yield packed
+
+    def _chunks(self) -> Iterator[Buffer]:
+        yield self._record
+        for queue in (self._pending, self._to_client):
+            if isinstance(queue, deque):
+                while queue:
+                    yield queue.popleft()
+            else:
+                yield from queue
+        yield self._device_state
+
+
+def _segment_plan(lengths: Sequence[int], segment: int) -> list[int]:
+    """How many chunks go in each container so that each packs to at most ``segment`` bytes (a
+    chunk larger than that gets a container of its own)."""
+    plan, count, size = [], 0, 0
+    for length in lengths:
+        if count and layout.data_start(count + 1) + size + length > segment:
+            plan.append(count)
+            count, size = 0, 0
+        count += 1
+        size += length
+    plan.append(count)
+    return plan
+
+
+def build_port_migrate_data(state: PortMigrateData, segment: int = SWPD_SEGMENT) -> np.ndarray:
+    """The whole ``SWPD`` body in one numpy buffer (the server streams the writer's segments)."""
+    writer = PortMigrateDataWriter(state, segment)
+    body = np.empty(writer.size, dtype=np.uint8)
+    pos = 0
+    for piece in writer.segments():
+        body[pos : pos + len(piece)] = piece
+        pos += len(piece)
     return body
 
 
 def parse_port_migrate_data(body: Buffer) -> PortMigrateData:
-    """Zero copy: ``device_state`` and ``pending`` are memoryviews into ``body``."""
+    """Zero copy: ``device_state``, ``pending`` and ``to_client`` are memoryviews into ``body``."""
     view = memoryview(body).cast("B") if memoryview(body).format != "B" else memoryview(body)
     parse_migrate_data_header(view, MigrateDataMagic.PORT)
-    chunks = codec.unpack_chunks(view[_HEADER.size :])
-    (total,) = _CONTAINER_TOTAL.unpack_from(view, _HEADER.size + 16)
-    if _HEADER.size + total != len(view):
-        raise CodecError(f"SWPD container of {total} bytes in a {len(view)}-byte body")
+    chunks: list[memoryview] = []
+    pos = _HEADER.size
+    while pos < len(view):
+        if len(view) - pos < layout.CHUNK_HEADER_SIZE:
+            raise CodecError(f"SWPD: {len(view) - pos} stray bytes after the containers")
+        (total,) = _CONTAINER_TOTAL.unpack_from(view, pos + 16)
+        if not layout.CHUNK_HEADER_SIZE <= total <= len(view) - pos:
+            raise CodecError(f"SWPD container of {total} bytes at offset {pos} in a {len(view)}-byte body")
+        chunks += codec.unpack_chunks(view[pos : pos + total])
+        pos += total
     if len(chunks) < 2 or len(chunks[0]) != _PORT_STATE.size:
         raise CodecError(f"SWPD needs a {_PORT_STATE.size}-byte state record and a device state chunk")
-    record, pending, device_state = chunks[0], chunks[1:-1], chunks[-1]
-    (generation, window, serial, client_serial, pending_size, pending_count, client_tokens,
-     send_tokens) = _PORT_STATE.unpack(record)
-    if any(record[44:]):
+    record = chunks[0]
+    (generation, window, serial, client_serial, pending_size, pending_count, client_tokens, send_tokens,
+     to_client_count, to_client_size) = _PORT_STATE.unpack(record)
+    if any(record[56:]):
         raise CodecError("SWPD reserved bytes are not zero")
-    if pending_count != len(pending) or pending_size != sum(len(chunk) for chunk in pending):
-        raise CodecError(
-            f"SWPD announces {pending_count} pending buffers of {pending_size} bytes, "
-            f"holds {len(pending)} of {sum(len(chunk) for chunk in pending)}"
-        )
+    if 1 + pending_count + to_client_count + 1 != len(chunks):
+        raise CodecError(f"SWPD announces {pending_count} + {to_client_count} buffers, holds {len(chunks) - 2}")
+    pending = chunks[1 : 1 + pending_count]
+    to_client = chunks[1 + pending_count : -1]
+    if pending_size != sum(len(c) for c in pending) or to_client_size != sum(len(c) for c in to_client):
+        raise CodecError("SWPD buffer sizes do not add up to the sizes its record announces")
     return PortMigrateData(
-        generation, window, serial, client_serial, client_tokens, send_tokens, device_state, tuple(pending)
+        generation, window, serial, client_serial, client_tokens, send_tokens, chunks[-1], tuple(pending),
+        tuple(to_client),
     )
 
 
