@@ -17,11 +17,11 @@ import gevent.pool
 from gevent.server import StreamServer
 
 from spicewire import devices
-from spicewire.errors import LinkError, ProtocolError, SpiceError
+from spicewire.errors import CodecError, LinkError, ProtocolError, SpiceError
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
-from spicewire.protocol.enums import ChannelType, LinkErr
-from spicewire.protocol.link import LinkEstablished, LinkRequested, ServerLink, new_link_key
+from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr
+from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
 from spicewire.server.session import Limits, MainConnection, PortConnection, PortState, Session, new_session_id
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class Connection:
             established = self._link()
             if established is not None and not self.closed:
                 self._serve(established)
-        except ProtocolError as err:
+        except (ProtocolError, CodecError) as err:  # CodecError: MessageTooLarge from the reader
             log.warning("[%s] protocol error, disconnecting: %s", self.label, err)
         except (OSError, socket.timeout) as err:
             log.info("[%s] connection lost: %s", self.label, err)
@@ -152,6 +152,17 @@ class Connection:
             self._send_now(link.data_to_send())
             if isinstance(event, LinkRequested):
                 self.server.answer_link(link, event)
+                if link.state is LinkState.CLOSED:
+                    # Rejected (BAD_CONNECTION_ID, CHANNEL_NOT_AVAILABLE...): send the error reply
+                    # and close now, rather than wait for bytes that cannot come until link_timeout.
+                    reply = link.data_to_send()
+                    self._send_now(reply)
+                    code = LinkErr(SpiceLinkReply.decode(reply[LINK_HEADER_SIZE:]).error).name if reply else "no reply"
+                    log.warning(
+                        "[%s] link refused: %s for channel type %d id %d, connection id %08x", self.label,
+                        code, event.channel_type, event.channel_id, event.connection_id,
+                    )
+                    return None
             elif isinstance(event, LinkEstablished):
                 return event
             else:
@@ -203,7 +214,7 @@ class Connection:
             try:
                 n = self.sock.recv_into(buf)
             except socket.timeout:
-                raise ProtocolError(f"client stalled {stall:.0f} s in the middle of a message") from None
+                raise ProtocolError(f"client stalled {stall:g} s in the middle of a message") from None
             if n == 0:
                 log.info("[%s] client closed the connection", self.label)
                 break

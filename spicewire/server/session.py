@@ -112,7 +112,11 @@ class PortState:
             return
         channel = conn.channel
         sent = False
-        while self.to_client and channel.window_open:
+        # ACKs can only be read from the socket, behind the client's DATA: while reading is
+        # stopped for backpressure (to_device full), a closed window would never reopen and the
+        # two would wait on each other forever. Then the socket's own backpressure (pending_write
+        # counts against room) bounds what goes out, as on spice-server's spicevmc channels.
+        while self.to_client and (channel.window_open or not self.reading_allowed):
             data = self.to_client.popleft()
             if len(data) > MAX_DATA_MESSAGE:
                 self.to_client.appendleft(data[MAX_DATA_MESSAGE:])
