@@ -273,10 +273,10 @@ def test_other_schemes_are_refused(guarded):
 
 
 def test_a_later_endpoint_slots_in_and_reads_a_json_body(control):
-    control.router.add("POST", "/migrate", lambda request: (202, {"accepted": request.json()}))
-    status, _, body = call(control, "POST", "/migrate", body=json.dumps({"host": "127.0.0.1", "port": 5901}))
+    control.router.add("POST", "/extension", lambda request: (202, {"accepted": request.json()}))
+    status, _, body = call(control, "POST", "/extension", body=json.dumps({"host": "127.0.0.1", "port": 5901}))
     assert status == 202 and body == {"accepted": {"host": "127.0.0.1", "port": 5901}}
-    status, _, body = call(control, "POST", "/migrate", body="{not json")
+    status, _, body = call(control, "POST", "/extension", body="{not json")
     assert status == 400 and "not JSON" in body["error"]
 
 

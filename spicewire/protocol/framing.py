@@ -206,6 +206,16 @@ class MessageWriter:
         self.mini = mini
         self.serial = 0  # serial of the last message framed (implicit with mini headers)
 
+    def header(self, msg_type: int, size: int) -> bytes:
+        """Only the header of a ``size``-byte message whose body the caller sends itself."""
+        serial = self.serial + 1
+        try:
+            header = MINI_HEADER.pack(msg_type, size) if self.mini else FULL_HEADER.pack(serial, msg_type, size, 0)
+        except struct.error as exc:
+            raise CodecError(f"cannot frame message type {msg_type} of {size} bytes: {exc}") from None
+        self.serial = serial
+        return header
+
     def frame(self, msg_type: int, body: bytes | bytearray | memoryview = b"", sub_list: int = 0) -> bytes:
         if sub_list and self.mini:
             raise LocalProtocolError("the mini header has no sub_list; send a LIST message instead")

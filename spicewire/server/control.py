@@ -26,12 +26,15 @@ from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from spicewire import __version__
 from spicewire.errors import SpiceError
+from spicewire.protocol.migration import MigrationMode
+from spicewire.server.migration import MigrationError
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+MAX_DEVICE_STATE = 256 << 20
 _HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
 
 
@@ -155,6 +158,10 @@ class ControlServer:
         self.router.add("POST", "/sessions/{session}/ports/{port}/pause", self.pause_port)
         self.router.add("POST", "/sessions/{session}/ports/{port}/resume", self.resume_port)
         self.router.add("GET", "/sessions/{session}/ports/{port}/digest", self.port_digest)
+        self.router.add("POST", "/migrate", self.migrate)
+        self.router.add("POST", "/migration/announce", self.announce)
+        self.router.add("POST", "/migration/device-state", self.device_state)
+        self.router.add("GET", "/migration/completed", self.completed)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
         self._wsgi = WSGIServer((host, port), self, log=access, error_log=log)
 
@@ -264,6 +271,61 @@ class ControlServer:
     def port_digest(self, request: Request) -> dict:
         session, port = self.port(request)
         return {"session_id": session.id, "port": port.name, "device": port.device.status()}
+
+
+    # --- migration ----------------------------------------------------------------------------
+
+    def migrate(self, request: Request) -> dict:
+        """Move every session to another server: ``{"to": "HOST:PORT", "to_control": "HOST:PORT",
+        "mode": "seamless"|"semi-seamless", "timeout": s, "to_token": T}``; answers with the report
+        once the migration is over (this request waits; the SPICE traffic does not)."""
+        body = request.json() or {}
+        try:
+            to = _host_port(body["to"])
+            to_control = _host_port(body["to_control"])
+            mode = {"seamless": MigrationMode.SEAMLESS, "semi-seamless": MigrationMode.SEMI_SEAMLESS}[
+                body.get("mode", "seamless")]
+            timeout = float(body.get("timeout", 30.0))
+        except (KeyError, ValueError, TypeError) as err:
+            raise HttpError(400, f"bad migrate request: {err!r}") from None
+        try:
+            return self.spice.migration.migrate(to, to_control, mode, timeout, body.get("to_token"))
+        except MigrationError as err:
+            raise HttpError(502, str(err)) from None
+
+    def announce(self, request: Request) -> dict:
+        body = request.json() or {}
+        try:
+            count = self.spice.migration.announce(body["sessions"], float(body.get("ttl", 90)))
+        except (KeyError, ValueError, TypeError) as err:
+            raise HttpError(400, f"bad announcement: {err}") from None
+        except MigrationError as err:
+            raise HttpError(409, str(err)) from None
+        return {"announced": count}
+
+    def device_state(self, request: Request) -> dict:
+        length = int(request.environ.get("CONTENT_LENGTH") or 0)
+        if length > MAX_DEVICE_STATE:
+            raise HttpError(413, f"device state over {MAX_DEVICE_STATE} bytes")
+        body = request.environ["wsgi.input"].read(length)
+        try:
+            return {"restored": self.spice.migration.receive_device_states(body)}
+        except (SpiceError, ValueError, KeyError) as err:
+            raise HttpError(400, f"bad device state: {err}") from None
+
+    def completed(self, request: Request) -> dict:
+        query = request.environ.get("QUERY_STRING", "")
+        ids = [part for key, _, value in (p.partition("=") for p in query.split("&")) if key == "ids"
+               for part in value.split(",") if part]
+        done = self.spice.migration.completed
+        return {text: done[sid] for text in ids if (sid := parse_session_id(text)) in done}
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = str(text).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
 
 
 def session_view(session: Session) -> dict:

@@ -20,8 +20,9 @@ from spicewire import devices
 from spicewire.errors import CodecError, LinkError, ProtocolError, SpiceError
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
-from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr
+from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
 from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
+from spicewire.server.migration import MigrationManager
 from spicewire.server.session import Limits, MainConnection, PortConnection, PortState, Session, new_session_id
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,18 @@ class Connection:
 
     def resume_reading(self) -> None:
         self._read_gate.set()
+
+    def send_stream(self, header: bytes, pieces, size: int) -> None:
+        """Queue a message whose body is produced piece by piece (MIGRATE_DATA of a large
+        session): each piece is written before the next is asked for, so a producer may reuse
+        one buffer. ``size`` is header plus body, for the pending-bytes accounting."""
+        if self.closed:
+            return
+        self.flush()
+        self._outq.append(header)
+        self._outq.append(pieces)
+        self.pending_write += size
+        self._write_ready.set()
 
     def close(self, reason: str) -> None:
         if self.closed:
@@ -230,8 +243,13 @@ class Connection:
                 self._write_ready.wait()
                 self._write_ready.clear()
                 while self._outq and not self.closed:
+                    if not isinstance(self._outq[0], (bytes, bytearray, memoryview)):
+                        for piece in self._outq.popleft():  # a streamed body (send_stream)
+                            self.sock.sendall(piece)
+                            self.pending_write -= len(piece)
+                        continue
                     batch, size = [], 0
-                    while self._outq and size < WRITE_BATCH:
+                    while self._outq and size < WRITE_BATCH and isinstance(self._outq[0], bytes):
                         frame = self._outq.popleft()
                         batch.append(frame)
                         size += len(frame)
@@ -255,6 +273,7 @@ class SpiceServer:
         self._pool = gevent.pool.Pool()
         self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
         self._ticker = None
+        self.migration = MigrationManager(self)
         self.started: float | None = None  # time.monotonic() at start(), for the control API's uptime
 
     @property
@@ -292,11 +311,12 @@ class SpiceServer:
 
     def answer_link(self, link: ServerLink, req: LinkRequested) -> None:
         if req.channel_type == ChannelType.MAIN:
-            if req.connection_id != 0:
-                # A migration target link: only for sessions announced by a source (migration issue).
-                link.reject(LinkErr.BAD_CONNECTION_ID)
-            else:
+            # connection_id != 0 is a migrating client: only for a session a source announced
+            # (spice-server takes any id; 1.8).
+            if req.connection_id == 0 or self.migration.expects(req.connection_id):
                 link.accept(self.main_caps())
+            else:
+                link.reject(LinkErr.BAD_CONNECTION_ID)
             return
         if req.channel_type != ChannelType.PORT:
             link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
@@ -310,22 +330,34 @@ class SpiceServer:
             link.accept(())
 
     def main_caps(self) -> tuple[int, ...]:
-        return tuple(caps_to_words(()))  # migration caps come with the migration issue
+        # Both migration modes are honoured as source and as destination (5.9 items 1-2).
+        return tuple(caps_to_words((MainCap.SEMI_SEAMLESS_MIGRATE, MainCap.SEAMLESS_MIGRATE)))
 
     def attach(self, established: LinkEstablished, conn: Connection):
         if established.channel_type == ChannelType.MAIN:
-            session = Session(
-                id=new_session_id(self.sessions),
-                ports={
-                    i: PortState(i, name, make(), self.config.limits)
-                    for i, (name, make) in enumerate(self._factories)
-                },
-            )
+            migrating = established.connection_id != 0
+            if migrating:
+                session = self.migration.target_session(established.connection_id)
+                if session is None:
+                    log.warning("[%s] the announcement went away during the link", conn.label)
+                    return None
+            else:
+                session = Session(
+                    id=new_session_id(self.sessions),
+                    ports={
+                        i: PortState(i, name, make(), self.config.limits)
+                        for i, (name, make) in enumerate(self._factories)
+                    },
+                )
             self.sessions[session.id] = session
             conn.label = f"{conn.peer} session {session.id:08x} main"
             session.main = MainConnection(session, conn.channel, conn, established.channel_caps)
             session.on_end = self._session_ended
-            log.info("[%s] new session", conn.label)
+            if migrating:
+                self.migration.target_main_linked(session)
+                log.info("[%s] migration target linked", conn.label)
+            else:
+                log.info("[%s] new session", conn.label)
             return session.main
         session = self.sessions.get(established.connection_id)
         port = session.ports.get(established.channel_id) if session else None
@@ -334,9 +366,13 @@ class SpiceServer:
             return None
         conn.label = f"{conn.peer} session {session.id:08x} port {port.channel_id} ({port.name})"
         log.info("[%s] port channel linked", conn.label)
-        return PortConnection(port, conn.channel, conn)
+        handler = PortConnection(port, conn.channel, conn)
+        if session.migration is not None:
+            self.migration.port_linked(session, handler)
+        return handler
 
     def _session_ended(self, session: Session) -> None:
+        self.migration.session_ended(session)
         self.sessions.pop(session.id, None)
         for port in session.ports.values():
             if port.connection is not None:
@@ -350,7 +386,7 @@ class SpiceServer:
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 for port in session.ports.values():
-                    if port.device.wants_ticks and port.connection is not None:
+                    if port.device.wants_ticks and port.connection is not None and not port.device_stopped:
                         try:
                             port.device.tick(now)
                         except SpiceError:

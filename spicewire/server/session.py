@@ -63,6 +63,10 @@ class PortState:
         self.to_client: deque[bytes] = deque()
         self.to_client_bytes = 0
         self.connection: PortConnection | None = None
+        # Migration: a stopped device takes and makes nothing (the VM is paused); a frozen port
+        # sends nothing (SPICE_MSG_MIGRATE went out, only MIGRATE_DATA may follow).
+        self.device_stopped = False
+        self.frozen = False
         device.attach(self)
 
     # --- the Port interface devices see ------------------------------------------------------
@@ -79,6 +83,8 @@ class PortState:
 
     def pump(self) -> None:
         """Offer buffered client bytes to the device until it stops taking them."""
+        if self.device_stopped:
+            return
         was_blocked = not self.reading_allowed
         queue = self.to_device
         while queue:
@@ -98,7 +104,8 @@ class PortState:
 
     @property
     def reading_allowed(self) -> bool:
-        return self.to_device_bytes < self.limits.to_device
+        # A stopped device still needs the socket read: the FLUSH_MARK is behind the client's data.
+        return self.device_stopped or self.to_device_bytes < self.limits.to_device
 
     def from_client(self, data: bytes | memoryview) -> None:
         if len(data):
@@ -108,7 +115,7 @@ class PortState:
 
     def flush_to_client(self) -> None:
         conn = self.connection
-        if conn is None:
+        if conn is None or self.frozen:
             return
         channel = conn.channel
         sent = False
@@ -130,7 +137,7 @@ class PortState:
     def on_drained(self) -> None:
         """The socket writer caught up: the device may have room again."""
         self.flush_to_client()
-        if self.room:
+        if self.room and not self.device_stopped:
             self.device.on_room()
 
     def status(self) -> dict:
@@ -140,6 +147,7 @@ class PortState:
             "connected": self.connection is not None,
             "to_device_bytes": self.to_device_bytes,
             "to_client_bytes": self.to_client_bytes,
+            "device_stopped": self.device_stopped,
             "device": self.device.status(),
             "channel": self.connection.channel.state() if self.connection else None,
         }
@@ -152,10 +160,19 @@ class PortConnection:
         self.port = port
         self.channel = channel
         self.transport = transport
+        # Migration hooks: a parked link is neither read nor answered until s2 attaches it; one
+        # waiting for its MIGRATE_DATA is read but starts only once restored. ``intercept`` sees
+        # every client message first and returns True for those it took.
+        self.parked = False
+        self.waiting_for_migrate_data = False
+        self.intercept: Callable[[m.Message], bool] | None = None
 
-    def start(self) -> None:
+    def start(self, announce: bool = True) -> None:
+        if self.parked or self.waiting_for_migrate_data:
+            return
         self.port.connection = self
-        self.channel.send(m.MsgPortInit(self.port.name, 1))
+        if announce:
+            self.channel.send(m.MsgPortInit(self.port.name, 1))
         if self.port.limits.ack_window:
             self.channel.set_ack(self.port.limits.ack_window)
         self.port.flush_to_client()
@@ -163,10 +180,12 @@ class PortConnection:
 
     @property
     def reading_allowed(self) -> bool:
-        return self.port.reading_allowed
+        return not self.parked and self.port.reading_allowed
 
     def handle(self, msgs: list[m.Message]) -> None:
         for msg in msgs:
+            if self.intercept is not None and self.intercept(msg):
+                continue
             if isinstance(msg, m.MsgcSpicevmcData):
                 self.port.from_client(msg.data)
             elif isinstance(msg, m.MsgcPortEvent):
@@ -197,24 +216,37 @@ class MainConnection:
         self.transport = transport
         self.client_caps = client_caps
         self.attached = False
+        # Migration hooks: a migration target gets no MAIN_INIT until the migration says so;
+        # ``intercept`` sees every client message first; after SPICE_MSG_MIGRATE (frozen) only
+        # the migration writes on this channel.
+        self.target = False
+        self.frozen = False
+        self.intercept: Callable[[m.Message], bool] | None = None
 
     reading_allowed = True
 
-    def start(self) -> None:
+    def main_init(self) -> m.MsgMainInit:
         s = self.session
-        mm_time = int(time.monotonic() * 1000 - 400) & 0xFFFFFFFF
-        self.channel.send(
-            m.MsgMainInit(
-                session_id=s.id,
-                display_channels_hint=0,
-                supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
-                current_mouse_mode=s.mouse_mode,
-                agent_connected=0,
-                agent_tokens=10,
-                multi_media_time=mm_time,
-                ram_hint=0,
-            )
+        return m.MsgMainInit(
+            session_id=s.id,
+            display_channels_hint=0,
+            supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
+            current_mouse_mode=s.mouse_mode,
+            agent_connected=0,
+            agent_tokens=10,
+            multi_media_time=int(time.monotonic() * 1000 - 400) & 0xFFFFFFFF,
+            ram_hint=0,
         )
+
+    def send(self, msg: m.Message) -> None:
+        if not self.frozen:
+            self.channel.send(msg)
+
+    def start(self) -> None:
+        if self.target:
+            return
+        s = self.session
+        self.channel.send(self.main_init())
         if has_cap(self.client_caps, MainCap.NAME_AND_UUID):
             self.channel.send(m.MsgMainName(s.server_name))
             self.channel.send(m.MsgMainUuid(s.server_uuid))
@@ -222,13 +254,15 @@ class MainConnection:
 
     def handle(self, msgs: list[m.Message]) -> None:
         for msg in msgs:
+            if self.intercept is not None and self.intercept(msg):
+                continue
             if isinstance(msg, m.MsgcMainAttachChannels):
                 self.attached = True
-                self.channel.send(m.MsgMainChannelsList(tuple(m.ChannelId(ChannelType.PORT, p) for p in self.session.ports)))
+                self.send(m.MsgMainChannelsList(tuple(m.ChannelId(ChannelType.PORT, p) for p in self.session.ports)))
             elif isinstance(msg, m.MsgcMainMouseModeRequest):
                 if msg.mode in (MouseMode.SERVER, MouseMode.CLIENT):
                     self.session.mouse_mode = msg.mode
-                self.channel.send(m.MsgMainMouseMode(MouseMode.SERVER | MouseMode.CLIENT, self.session.mouse_mode))
+                self.send(m.MsgMainMouseMode(MouseMode.SERVER | MouseMode.CLIENT, self.session.mouse_mode))
             elif isinstance(msg, (m.MsgcMainAgentStart, m.MsgcMainAgentToken, m.MsgcMainAgentData)):
                 pass  # no guest agent: AGENT_CONNECTED stays 0, so a client has nothing to send to
             elif isinstance(msg, m.MsgcDisconnecting):
@@ -255,6 +289,8 @@ class Session:
     created: float = field(default_factory=time.time)
     closed: bool = False
     on_end: Callable[[Session], None] | None = None
+    migration: object | None = None  # the SessionSource (s1) or SessionTarget (s2) under way
+    migrations: list[dict] = field(default_factory=list)  # reports of the finished ones
 
     def main_closed(self, conn: MainConnection) -> None:
         if self.main is conn:
@@ -269,6 +305,8 @@ class Session:
             "created": self.created,
             "main": self.main.channel.state() if self.main else None,
             "ports": [p.status() for p in self.ports.values()],
+            "migration": self.migration.status() if self.migration is not None else None,
+            "migrations": self.migrations,
         }
 
 
