@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/report.py bench-report.json
 
 demo: $(STAMP)
-	@echo "make demo arrives with the migration issue (#4); see README.md."
+	$(PY) -m spicewire.demo
 
 wheel: $(PY)
 	$(PY) -m pip wheel --no-deps -w dist .

@@ -1,4 +1,5 @@
-"""The ``spicewire`` command: ``serve`` runs a SPICE server, ``connect`` is a client.
+"""The ``spicewire`` command: ``serve`` runs a SPICE server, ``connect`` is a client, ``migrate``
+moves a server's sessions to another.
 
 Each subcommand is an ``_add_<name>(subparsers)`` function in ``COMMANDS`` that sets ``run`` on its
 parser; ``run(args)`` returns the exit code. Parsing imports nothing heavy, so argument errors
@@ -69,6 +70,11 @@ def _add_serve(commands) -> None:
         "--port-channel", dest="port_channels", action="append", default=[], type=port_channel,
         metavar="NAME=DEVICE", help="add a port channel to every session (repeatable); devices: echo, sink, source",
     )
+    p.add_argument(
+        "--port-buffer-mib", type=float, default=8.0, metavar="N",
+        help="client bytes a port buffers for a device that does not take them, before the server "
+        "stops reading that client (default 8)",
+    )
     p.add_argument("--control", type=host_port, metavar="HOST:PORT", help="serve the HTTP/JSON control API here")
     p.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API")
     p.add_argument(
@@ -108,7 +114,12 @@ def serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     host, port = args.listen
-    config = ServerConfig(host=host, port=port, password=args.password, port_channels=args.port_channels)
+    from spicewire.server.session import Limits
+
+    config = ServerConfig(
+        host=host, port=port, password=args.password, port_channels=args.port_channels,
+        limits=Limits(to_device=int(args.port_buffer_mib * (1 << 20))),
+    )
     server = SpiceServer(config)
     control = None
     try:
@@ -206,9 +217,49 @@ def connect(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+# --- migrate ----------------------------------------------------------------------------------
+
+
+def _add_migrate(commands) -> None:
+    p = commands.add_parser(
+        "migrate",
+        help="move every session of one server to another, print a JSON report",
+        description="Ask the source server (its control API) to migrate all its sessions to the "
+        "destination: announce them there, pre-migrate every client, wait for every answer, move "
+        "device state, then switch. Prints the report; exit 0 when every session arrived.",
+    )
+    p.add_argument("--control", required=True, type=host_port, metavar="S1_CONTROL", help="source control API")
+    p.add_argument("--to", required=True, type=host_port, metavar="S2_HOST:S2_PORT", help="destination SPICE address")
+    p.add_argument("--to-control", required=True, type=host_port, metavar="S2_CONTROL", help="destination control API")
+    p.add_argument("--mode", choices=["seamless", "semi-seamless"], default="seamless")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="for each phase (default 30)")
+    p.add_argument("--token", metavar="T", help="bearer token of the source control API")
+    p.add_argument("--to-token", metavar="T", help="bearer token of the destination control API")
+    p.set_defaults(run=migrate)
+
+
+def migrate(args: argparse.Namespace) -> int:
+    import json
+
+    from spicewire.server.migration import ControlClient, MigrationError
+
+    source = ControlClient(*args.control, token=args.token, timeout=3 * args.timeout + 30)
+    request = {
+        "to": "%s:%d" % args.to, "to_control": "%s:%d" % args.to_control, "mode": args.mode,
+        "timeout": args.timeout, "to_token": args.to_token,
+    }
+    try:
+        report = source.post_json("/migrate", request)
+    except (MigrationError, OSError) as err:
+        print(json.dumps({"error": str(err)}))
+        return 1
+    print(json.dumps(report, indent=1))
+    return 0 if report.get("stayed") == 0 and not report.get("error") else 1
+
+
 # --- the command line -------------------------------------------------------------------------
 
-COMMANDS = (_add_serve, _add_connect)
+COMMANDS = (_add_serve, _add_connect, _add_migrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
