@@ -1,242 +1,60 @@
-"""gevent client: links channels with protocol.link.ClientLink, then runs each channel's messages
-through protocol.channel.ChannelConnection (which answers SET_ACK, PING and the ACK window).
+"""gevent client: links channels with protocol.link.ClientLink, runs each channel's messages through
+protocol.channel.ChannelConnection, and follows migrations (client.migration).
 
     session = ClientSession("127.0.0.1", 5900, password=None)
     session.connect()
     port = session.open_port("org.spicewire.echo")
     port.write(b"hello")
     port.read(5, timeout=5)
+    session.wait_migrated(timeout=30)   # -> the report of the migration that completed
     session.close()
 """
 
 from __future__ import annotations
 
 import logging
-from gevent import socket
-import time
-from collections import deque
 
 import gevent
 import gevent.event
-import gevent.lock
 
+from spicewire.client.channels import (
+    ChannelClient,
+    MainChannel,
+    PortChannel,
+    close_socket,
+    link_channel,
+)
+from spicewire.client.migration import MigrationDriver, channel_name
 from spicewire.errors import ProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
-from spicewire.protocol.channel import ChannelConnection, Side
-from spicewire.protocol.enums import ChannelType, MainCap, MsgcSpicevmc, PortEvent
-from spicewire.protocol.link import CLIENT_COMMON_CAPS, ClientLink, LinkEstablished
+from spicewire.protocol.enums import ChannelType, MainCap
+from spicewire.protocol.migration import MAIN, MigrationDstInfo, Peer
 
 log = logging.getLogger(__name__)
 
-RECV_BUFFER = 256 << 10
-DATA_CHUNK = 64 << 10
-# Caps this client honours. Migration caps are added only by the migration code that honours them.
-MAIN_CAPS = (MainCap.NAME_AND_UUID,)
-
-
-def link_channel(
-    host: str, port: int, connection_id: int, channel_type: int, channel_id: int, *,
-    password: str | None = None, channel_caps=(), common_caps=CLIENT_COMMON_CAPS, timeout: float = 10.0,
-) -> tuple[socket.socket, LinkEstablished]:
-    """Open a TCP connection and run the link handshake on it (LinkError when refused)."""
-    sock = socket.create_connection((host, port), timeout=timeout)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        link = ClientLink(connection_id, channel_type, channel_id, password=password,
-                          common_caps=common_caps, channel_caps=tuple(channel_caps))
-        deadline = time.monotonic() + timeout
-        while True:
-            out = link.data_to_send()
-            if out:
-                sock.sendall(out)
-            event = link.next_event()
-            out = link.data_to_send()
-            if out:
-                sock.sendall(out)
-            if isinstance(event, LinkEstablished):
-                sock.settimeout(None)
-                return sock, event
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data = sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"server closed the {ChannelType(channel_type).name} link")
-            link.receive_data(data)
-    except BaseException:
-        sock.close()
-        raise
-
-
-class ChannelClient:
-    """One linked channel: a reader greenlet feeding a ChannelConnection, and locked writes."""
-
-    def __init__(self, sock: socket.socket, established: LinkEstablished) -> None:
-        self.sock = sock
-        self.established = established
-        self.channel = ChannelConnection(
-            Side.CLIENT, established.channel_type, established.channel_id,
-            send_mini=established.send_mini_header, expect_mini=established.expect_mini_header,
-        )
-        self.closed = gevent.event.Event()
-        self.error: BaseException | None = None
-        self._write_lock = gevent.lock.Semaphore()
-        self._reader = None
-
-    def start(self) -> None:
-        if self.established.trailing:
-            self._dispatch(self.channel.receive_data(self.established.trailing))
-        self._reader = gevent.spawn(self._read_loop)
-
-    def send(self, msg: m.Message) -> None:
-        self.channel.send(msg)
-        self._flush()
-
-    def send_raw(self, msg_type: int, body) -> None:
-        self.channel.send_raw(msg_type, body)
-        self._flush()
-
-    def _flush(self) -> None:
-        frames = self.channel.data_to_send()
-        if frames:
-            with self._write_lock:
-                self.sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def _read_loop(self) -> None:
-        buf = bytearray(RECV_BUFFER)
-        view = memoryview(buf)
-        try:
-            while True:
-                n = self.sock.recv_into(buf)
-                if n == 0:
-                    break
-                self._dispatch(self.channel.receive_data(view[:n]))
-                self._flush()
-        except (OSError, SpiceError) as err:
-            self.error = err
-            if not isinstance(err, OSError):
-                log.warning("%s channel: %s", self.channel.channel_type.name, err)
-        finally:
-            self.closed.set()
-            self._on_closed()
-
-    def _dispatch(self, msgs: list[m.Message]) -> None:
-        for msg in msgs:
-            self.handle(msg)
-
-    def handle(self, msg: m.Message) -> None:
-        log.debug("ignoring %s on %s channel", type(msg).__name__, self.channel.channel_type.name)
-
-    def _on_closed(self) -> None:
-        pass
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        if self._reader is not None:
-            self._reader.join(timeout=1)
-
-
-class MainChannel(ChannelClient):
-    def __init__(self, sock, established) -> None:
-        super().__init__(sock, established)
-        self.init: m.MsgMainInit | None = None
-        self.channels: list[tuple[int, int]] | None = None
-        self.name: str | None = None
-        self.uuid: bytes | None = None
-        self.ready = gevent.event.Event()
-        self.listed = gevent.event.Event()
-
-    def handle(self, msg: m.Message) -> None:
-        if isinstance(msg, m.MsgMainInit):
-            self.init = msg
-            self.ready.set()
-            self.send(m.MsgcMainAttachChannels())
-        elif isinstance(msg, m.MsgMainChannelsList):
-            self.channels = [(c.type, c.id) for c in msg.channels]
-            self.listed.set()
-        elif isinstance(msg, m.MsgMainName):
-            self.name = msg.name
-        elif isinstance(msg, m.MsgMainUuid):
-            self.uuid = msg.uuid
-        else:
-            super().handle(msg)
-
-
-class PortChannel(ChannelClient):
-    """A port channel: write() sends DATA, read() returns what the device sent."""
-
-    def __init__(self, sock, established) -> None:
-        super().__init__(sock, established)
-        self.name: str | None = None
-        self.opened = False
-        self.initialised = gevent.event.Event()
-        self._inbox: deque[bytes] = deque()
-        self._inbox_bytes = 0
-        self._arrived = gevent.event.Event()
-        self.bytes_received = 0
-        self.bytes_sent = 0
-
-    def handle(self, msg: m.Message) -> None:
-        if isinstance(msg, m.MsgSpicevmcData):
-            data = bytes(msg.data)
-            self._inbox.append(data)
-            self._inbox_bytes += len(data)
-            self.bytes_received += len(data)
-            self.opened = True  # spice-gtk treats any data as "opened" (4.3)
-            self._arrived.set()
-        elif isinstance(msg, m.MsgPortInit):
-            if self.name is None:  # spice-gtk accepts PORT_INIT once per connection (4.3)
-                self.name, self.opened = msg.name, bool(msg.opened)
-            self.initialised.set()
-        elif isinstance(msg, m.MsgPortEvent):
-            if msg.event == PortEvent.OPENED:
-                self.opened = True
-            elif msg.event == PortEvent.CLOSED:
-                self.opened = False
-        else:
-            super().handle(msg)
-
-    def _on_closed(self) -> None:
-        self._arrived.set()
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), DATA_CHUNK):
-            self.send_raw(MsgcSpicevmc.DATA, view[start : start + DATA_CHUNK])
-        self.bytes_sent += len(view)
-
-    def read(self, n: int | None = None, timeout: float | None = None) -> bytes:
-        """Up to ``n`` bytes (everything buffered if None) once at least one byte arrived; with
-        ``n`` given, waits until exactly ``n`` arrived or the timeout passes, then returns what
-        there is."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        want = 1 if n is None else n
-        while self._inbox_bytes < want and not self.closed.is_set():
-            self._arrived.clear()
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            self._arrived.wait(left)
-        return self._take(self._inbox_bytes if n is None else min(n, self._inbox_bytes))
-
-    def _take(self, n: int) -> bytes:
-        parts, got = [], 0
-        while got < n:
-            head = self._inbox.popleft()
-            if got + len(head) > n:
-                self._inbox.appendleft(head[n - got :])
-                head = head[: n - got]
-            parts.append(head)
-            got += len(head)
-        self._inbox_bytes -= got
-        return b"".join(parts)
+# Caps this client honours: it follows both migration modes and keeps the agent token count.
+MAIN_CAPS = (
+    MainCap.SEMI_SEAMLESS_MIGRATE,
+    MainCap.NAME_AND_UUID,
+    MainCap.AGENT_CONNECTED_TOKENS,
+    MainCap.SEAMLESS_MIGRATE,
+)
+# Messages the migration driver consumes (5.2-5.6).
+_MIGRATION_MESSAGES = (
+    m.MsgMigrate, m.MsgMigrateData, m.MsgMainMigrateBegin, m.MsgMainMigrateBeginSeamless,
+    m.MsgMainMigrateCancel, m.MsgMainMigrateEnd, m.MsgMainMigrateSwitchHost,
+)
+_STARTS_MIGRATION = (m.MsgMainMigrateBegin, m.MsgMainMigrateBeginSeamless, m.MsgMainMigrateSwitchHost)
 
 
 class ClientSession:
-    """A client session: the main channel plus whichever port channels are opened."""
+    """A client session: the main channel plus whichever port channels are opened.
+
+    Migrations are followed without the application's help: port objects stay valid, writes made
+    meanwhile are delivered in order, reads go on. ``migrations`` lists a report per attempt;
+    ``migrated`` is set when one completes; ``connected_to`` says which server the session is on.
+    """
 
     def __init__(self, host: str, port: int, password: str | None = None, *, timeout: float = 10.0) -> None:
         self.host = host
@@ -245,28 +63,58 @@ class ClientSession:
         self.timeout = timeout
         self.main: MainChannel | None = None
         self.ports: dict[int, PortChannel] = {}
+        self.migrations: list[dict] = []
+        self.migrated = gevent.event.Event()  # a migration completed; cleared by the next BEGIN
+        self.migration_connected_event = gevent.event.Event()  # CONNECTED(_SEAMLESS) went to s1
+        self._migration: MigrationDriver | None = None
+        self._idle = gevent.event.Event()  # no migration running
+        self._idle.set()
+        self._dropped_outside: dict = {}
 
     @property
     def session_id(self) -> int:
         return self.main.init.session_id
 
+    @property
+    def migrating(self) -> bool:
+        return self._migration is not None
+
+    @property
+    def connected_to(self) -> tuple[str, int]:
+        """(host, port) of the server every channel's socket is connected to."""
+        return self.main.sock.getpeername()[:2]
+
     def connect(self) -> ClientSession:
         sock, est = link_channel(self.host, self.port, 0, ChannelType.MAIN, 0, password=self.password,
-                                 channel_caps=caps_to_words(MAIN_CAPS), timeout=self.timeout)
-        self.main = MainChannel(sock, est)
+                                 channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
+        self.main = MainChannel(self, sock, est)
         self.main.start()
         if not self.main.listed.wait(self.timeout):
             self.close()
             raise ProtocolError("no MAIN_INIT and CHANNELS_LIST from the server in time")
         return self
 
+    @staticmethod
+    def channel_caps(channel_type: int) -> list[int]:
+        return caps_to_words(MAIN_CAPS) if channel_type == ChannelType.MAIN else []
+
     @property
     def channels(self) -> list[tuple[int, int]]:
         return list(self.main.channels or [])
 
+    def channel(self, key: tuple[int, int]) -> ChannelClient:
+        return self.main if key == MAIN else self.ports[key[1]]
+
+    def all_channels(self):
+        yield MAIN, self.main
+        for cid, port in self.ports.items():
+            yield (ChannelType.PORT, cid), port
+
     def open_port(self, name: str | None = None, channel_id: int | None = None) -> PortChannel:
         """Link the port channel with ``channel_id``, or find the one named ``name`` (as spice-gtk
-        does: link each port and read its PORT_INIT)."""
+        does: link each port and read its PORT_INIT). Waits while a migration runs."""
+        if not self._idle.wait(self.timeout):
+            raise ProtocolError("a migration is still running")
         candidates = [cid for ctype, cid in self.channels if ctype == ChannelType.PORT]
         if channel_id is not None:
             candidates = [channel_id]
@@ -282,7 +130,7 @@ class ClientSession:
     def _link_port(self, channel_id: int) -> PortChannel:
         sock, est = link_channel(self.host, self.port, self.session_id, ChannelType.PORT, channel_id,
                                  password=self.password, timeout=self.timeout)
-        port = PortChannel(sock, est)
+        port = PortChannel(self, sock, est)
         port.start()
         if not port.initialised.wait(self.timeout):
             port.close()
@@ -290,7 +138,126 @@ class ClientSession:
         self.ports[channel_id] = port
         return port
 
+    # --- what the channels call ----------------------------------------------------------------
+
+    def route(self, ch: ChannelClient, msg: m.Message) -> None:
+        """Every outgoing message: straight out, or through the running migration."""
+        while ch.frozen and self._migration is None and not ch.closed.is_set():
+            ch.wait_resumed(self.timeout)  # switch-host: the port is being re-opened
+        with ch.write_lock:
+            if self._migration is not None:
+                self._migration.send(ch, msg)
+            else:
+                ch.write_now(msg)
+
+    def on_message(self, ch: ChannelClient, msg: m.Message) -> None:
+        """Every incoming message that ChannelConnection did not answer itself."""
+        if isinstance(msg, _MIGRATION_MESSAGES):
+            if self._migration is None and ch is self.main and isinstance(msg, _STARTS_MIGRATION):
+                self._start_migration()
+            if self._migration is None:
+                log.warning("%s outside a migration on %s", type(msg).__name__, channel_name(ch.key))
+                return
+            self._migration.receive(ch.peer, ch.key, msg)
+            return
+        ch.handle(msg)
+        if isinstance(msg, m.MsgMainInit):
+            if self._migration is not None and self._migration.waiting_main_init:
+                self._migration.receive(ch.peer, MAIN, msg)  # 5.3 step 4: no ATTACH_CHANNELS
+            else:
+                ch.send(m.MsgcMainAttachChannels())
+
+    def pass_through_migrate_data(self, ch: ChannelClient) -> None:
+        if self._migration is None:
+            raise ProtocolError(f"MIGRATE outside a migration on {channel_name(ch.key)}")
+        self._migration.pass_through(ch)
+
+    def note_dropped(self, ch: ChannelClient, **counts) -> None:
+        if self._migration is not None:
+            self._migration.note_dropped(ch.key, **counts)
+
+    # --- migration bookkeeping -----------------------------------------------------------------
+
+    def _start_migration(self) -> None:
+        keys = [MAIN, *((ChannelType.PORT, cid) for cid in self.ports)]
+        self._migration = MigrationDriver(self, keys, self.main.established.channel_caps)
+        self._idle.clear()
+        self.migrated.clear()
+        self.migration_connected_event.clear()
+
+    def migration_connected(self, driver: MigrationDriver) -> None:
+        self.migration_connected_event.set()
+
+    def migration_finished(self, driver: MigrationDriver) -> None:
+        if self._migration is driver:
+            self._migration = None
+        report = driver.report.as_dict()
+        self.migrations.append(report)
+        if report["result"] == "completed":
+            host, port = report["destination"].rsplit(":", 1)
+            self.host, self.port = host, int(port)
+            for _, ch in self.all_channels():
+                ch.peer = Peer.S1  # the destination is the source of any next migration
+            self.migrated.set()
+        self._idle.set()
+
+    def wait_migrated(self, timeout: float | None = None) -> dict | None:
+        """The report of the migration that completed, or None if none did within ``timeout``."""
+        if not self.migrated.wait(timeout):
+            return None
+        return self.migrations[-1]
+
+    def switch_host(self, dst: MigrationDstInfo, driver: MigrationDriver) -> None:
+        """5.6: a new session on the new host; the ports the application had open are re-opened by
+        name (their objects stay, with unread data). Runs in main's reader."""
+        names = {cid: port.name for cid, port in self.ports.items()}
+        for port in self.ports.values():
+            port.freeze()
+        self._migration = None  # writes now wait for their port to come back
+        old = self.main.sock
+        try:
+            sock, est = link_channel(dst.host, dst.port, 0, ChannelType.MAIN, 0, password=self.password,
+                                     channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
+        except (OSError, SpiceError) as err:
+            driver.report.errors.append(f"switch host: {err}")
+            driver.finish("failed")
+            raise
+        self.host, self.port = dst.host, dst.port
+        self.main.listed.clear()
+        self.main.attach(sock, est)
+        self.main.reset_state()
+        close_socket(old)
+        gevent.spawn(self._reopen_ports, names, driver)
+
+    def _reopen_ports(self, names: dict[int, str | None], driver: MigrationDriver) -> None:
+        try:
+            if not self.main.listed.wait(self.timeout):
+                raise ProtocolError("no CHANNELS_LIST from the new host")
+            for old_cid, name in names.items():
+                port = self.ports.pop(old_cid)
+                for ctype, cid in self.channels:
+                    if ctype != ChannelType.PORT or cid in self.ports:
+                        continue
+                    sock, est = link_channel(self.host, self.port, self.session_id, ctype, cid,
+                                             password=self.password, timeout=self.timeout)
+                    port.resume(sock, est)
+                    port.key = (ctype, cid)
+                    if port.initialised.wait(self.timeout) and port.name == name:
+                        self.ports[cid] = port
+                        break
+                    port.freeze()
+                else:
+                    driver.report.errors.append(f"switch host: no port named {name!r} on the new host")
+                    port.close()
+        except (OSError, SpiceError) as err:  # reported; the session goes on with what it has
+            driver.report.errors.append(f"switch host: {err}")
+            driver.finish("failed")
+            return
+        driver.finish("completed")
+
     def close(self) -> None:
+        if self._migration is not None:
+            self._migration.close()
         for port in self.ports.values():
             port.close()
         if self.main is not None:

@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 from enum import Enum
 
-from spicewire.errors import CodecError, RemoteProtocolError
+from spicewire.errors import CodecError, LocalProtocolError, RemoteProtocolError
 from spicewire.protocol import messages as m
-from spicewire.protocol.enums import ChannelType
+from spicewire.protocol.enums import ChannelType, MigrateFlags
 from spicewire.protocol.framing import DEFAULT_MAX_SIZE, MessageReader, MessageWriter
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,47 @@ class ChannelConnection:
         # Client: the window the server set, and messages left before the client owes an ACK.
         self.client_window = 0
         self.ack_countdown = 0
+        # Client: set by a MIGRATE with NEED_DATA_TRANSFER. The MIGRATE_DATA that must follow can be
+        # far larger than what a client may hold, so parsing stops and the owner passes it through
+        # (reader.take_buffered(), then the socket) and calls ``passed_through`` or ``resume``.
+        self.paused = False
 
     # --- receiving ---------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[m.Message]:
         """Messages for the owner; answers to common messages wait in ``data_to_send``."""
+        if self.paused:
+            raise LocalProtocolError("the channel is paused for a MIGRATE_DATA pass-through")
         self.bytes_in += len(data)
         self.reader.feed(data)
+        return self._parse()
+
+    def resume(self, unparsed: bytes | bytearray | memoryview = b"") -> list[m.Message]:
+        """Parse again after a pause, starting with ``unparsed`` (bytes taken out with
+        reader.take_buffered() that turned out not to be a MIGRATE_DATA)."""
+        self.paused = False
+        self.reader.feed(unparsed)
+        return self._parse()
+
+    def passed_through(self) -> None:
+        """The owner passed one whole message through unparsed: it counts for the ACK window."""
+        self.paused = False
+        if self.side is Side.CLIENT:
+            self._count_for_ack()
+
+    def rebind(self, *, send_mini: bool, expect_mini: bool) -> None:
+        """Client, seamless migration: the channel goes on over a connection to another server.
+        Serials and ACK state stay (spice-gtk swaps only socket and header mode); the new server
+        numbers its full headers from 1, so the next incoming serial is adopted."""
+        reader, writer = self.reader, self.writer
+        self.reader = MessageReader(expect_mini, reader.max_size)
+        self.reader.serial = reader.serial
+        self.reader.adopt_serial = not expect_mini
+        self.writer = MessageWriter(send_mini)
+        self.writer.serial = writer.serial
+        self.paused = False
+
+    def _parse(self) -> list[m.Message]:
         out = []
         for raw in self.reader:
             if self.side is Side.CLIENT:
@@ -80,6 +114,13 @@ class ChannelConnection:
                 raise RemoteProtocolError(f"malformed {cls.__name__}: {err}") from None
             if not self._handle_common(msg):
                 out.append(msg)
+            if (
+                self.side is Side.CLIENT
+                and isinstance(msg, m.MsgMigrate)
+                and msg.flags & MigrateFlags.NEED_DATA_TRANSFER
+            ):
+                self.paused = True
+                break
         return out
 
     def _unknown(self, msg_type: int) -> None:

@@ -1,0 +1,346 @@
+"""One linked channel on gevent: a reader greenlet feeding a ChannelConnection, locked writes.
+
+A channel outlives its sockets: a migration moves it onto a connection to another server (the
+session's migration driver decides when), and the application's PortChannel object stays valid.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+
+import gevent
+import gevent.event
+import gevent.lock
+from gevent import socket
+
+from spicewire.errors import SpiceError
+from spicewire.protocol import messages as m
+from spicewire.protocol.channel import ChannelConnection, Side
+from spicewire.protocol.enums import ChannelType, PortEvent
+from spicewire.protocol.link import CLIENT_COMMON_CAPS, ClientLink, LinkEstablished
+from spicewire.protocol.migration import Peer
+
+log = logging.getLogger(__name__)
+
+RECV_BUFFER = 256 << 10
+DATA_CHUNK = 64 << 10
+PARK_WRITE_WAIT = 2.0  # a frozen s1 that no longer reads must not hold a write forever
+
+
+def link_channel(
+    host: str, port: int, connection_id: int, channel_type: int, channel_id: int, *,
+    password: str | None = None, channel_caps=(), common_caps=CLIENT_COMMON_CAPS, timeout: float = 10.0,
+) -> tuple[socket.socket, LinkEstablished]:
+    """Open a TCP connection and run the link handshake on it (LinkError when refused)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = ClientLink(connection_id, channel_type, channel_id, password=password,
+                          common_caps=common_caps, channel_caps=tuple(channel_caps))
+        deadline = time.monotonic() + timeout
+        while True:
+            out = link.data_to_send()
+            if out:
+                sock.sendall(out)
+            event = link.next_event()
+            out = link.data_to_send()
+            if out:
+                sock.sendall(out)
+            if isinstance(event, LinkEstablished):
+                sock.settimeout(None)
+                return sock, event
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"server closed the {ChannelType(channel_type).name} link")
+            link.receive_data(data)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def close_socket(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+class ChannelClient:
+    """One channel of a session. ``session`` routes every outgoing message (``send``) and sees
+    every incoming one (``session.on_message``); the channel only moves bytes."""
+
+    def __init__(self, session, sock: socket.socket, established: LinkEstablished) -> None:
+        self.session = session
+        self.key = (established.channel_type, established.channel_id)
+        self.write_lock = gevent.lock.RLock()
+        self.closed = gevent.event.Event()
+        self.error: BaseException | None = None
+        self.peer = Peer.S1  # which server of a running migration the channel talks to
+        # Semi-seamless / switch-host: s1 is gone and the next connection is not attached yet.
+        self.frozen = False
+        self._parked = gevent.event.Event()  # the reader saw the end of the old connection
+        self._resumed = gevent.event.Event()
+        self._resumed.set()
+        self._reader = None
+        self.attach(sock, established)
+
+    @property
+    def channel_type(self) -> ChannelType:
+        return ChannelType(self.key[0])
+
+    def attach(self, sock: socket.socket, established: LinkEstablished, *, keep_state: bool = False) -> None:
+        """Use ``sock`` from now on. ``keep_state`` (seamless migration) keeps serials and ACK
+        state; otherwise the channel starts a fresh connection state."""
+        self.sock, self.established = sock, established
+        if keep_state:
+            self.channel.rebind(send_mini=established.send_mini_header, expect_mini=established.expect_mini_header)
+        else:
+            self.channel = ChannelConnection(
+                Side.CLIENT, established.channel_type, established.channel_id,
+                send_mini=established.send_mini_header, expect_mini=established.expect_mini_header,
+            )
+        self._trailing = established.trailing
+
+    def start(self) -> None:
+        self._reader = gevent.spawn(self._read_loop)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def send(self, msg: m.Message) -> None:
+        """Send ``msg`` wherever the session's routing says (a migration may hold it back)."""
+        self.session.route(self, msg)
+
+    def write_now(self, msg: m.Message) -> None:
+        """Frame ``msg`` on the current connection and write it (caller holds no routing duty)."""
+        with self.write_lock:
+            self.channel.send(msg)
+            self.flush()
+
+    def flush(self) -> None:
+        with self.write_lock:
+            frames = self.channel.data_to_send()
+            if not frames:
+                return
+            sock = self.sock
+            try:
+                sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+            except OSError:
+                if not (self.frozen or self.sock is not sock):
+                    raise
+                # s1 went away under a write during a migration: lost by design (5.3)
+                self.session.note_dropped(self, unsent_bytes=sum(map(len, frames)))
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        buf = bytearray(RECV_BUFFER)
+        view = memoryview(buf)
+        try:
+            while True:
+                if self._trailing:
+                    data, self._trailing = self._trailing, b""
+                    self._receive(data)
+                    continue
+                sock = self.sock
+                try:
+                    n = sock.recv_into(buf)
+                except OSError:
+                    if not (self.frozen or self.sock is not sock):
+                        raise
+                    n = 0
+                if n == 0:
+                    if self.sock is not sock:
+                        continue  # switched underneath: read the new connection
+                    if self.frozen:
+                        self._park(sock)
+                        continue
+                    break
+                self._receive(view[:n])
+        except (OSError, SpiceError) as err:
+            self.error = err
+            if not isinstance(err, OSError):
+                log.warning("%s channel: %s", self.channel_type.name, err)
+        finally:
+            self.closed.set()
+            self._on_closed()
+
+    def _receive(self, data) -> None:
+        conn = self.channel
+        for msg in conn.receive_data(data):
+            if self.channel is not conn:
+                break  # the channel moved to another server while handling this batch
+            self.session.on_message(self, msg)
+        if self.channel is conn:
+            self.flush()
+            if conn.paused:
+                self.session.pass_through_migrate_data(self)
+
+    def _park(self, old: socket.socket) -> None:
+        """The old server's connection ended during a freeze: drop it, wait for the next one."""
+        locked = self.write_lock.acquire(timeout=PARK_WRITE_WAIT)  # a write in progress finishes first
+        try:
+            self.session.note_dropped(self, partial_in_bytes=self.channel.reader.buffered)
+            old.close()
+        finally:
+            if locked:
+                self.write_lock.release()
+        self._parked.set()
+        self._resumed.wait()
+
+    def freeze(self) -> None:
+        """Stop using the current connection: what has arrived is still read, then the reader waits
+        for ``resume``. Writes wait too (see ClientSession.route)."""
+        self.frozen = True
+        self._parked.clear()
+        self._resumed.clear()
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # the reader gets what is queued, then EOF
+        except OSError:
+            pass  # already gone: the reader sees an error, which a frozen channel takes as EOF
+
+    def resume(self, sock: socket.socket, established: LinkEstablished, timeout: float = 10.0) -> None:
+        """Attach the next connection (fresh state) after ``freeze``."""
+        if self._reader is not None and not self._reader.dead and not self._parked.wait(timeout):
+            log.warning("%s channel: reader did not park in time", self.channel_type.name)
+        self.attach(sock, established)
+        self.reset_state()
+        self.frozen = False
+        self._resumed.set()
+
+    def wait_resumed(self, timeout: float | None = None) -> bool:
+        return self._resumed.wait(timeout)
+
+    def reset_state(self) -> None:
+        """Forget what the old server told this channel (semi-seamless 5.3 step 1)."""
+
+    def handle(self, msg: m.Message) -> None:
+        log.debug("ignoring %s on %s channel", type(msg).__name__, self.channel_type.name)
+
+    def _on_closed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._resumed.set()
+        close_socket(self.sock)
+        if self._reader is not None and self._reader is not gevent.getcurrent():
+            self._reader.join(timeout=1)
+
+
+class MainChannel(ChannelClient):
+    def __init__(self, session, sock, established) -> None:
+        self.init: m.MsgMainInit | None = None
+        self.channels: list[tuple[int, int]] | None = None
+        self.name: str | None = None
+        self.uuid: bytes | None = None
+        self.agent_tokens = 0
+        self.ready = gevent.event.Event()
+        self.listed = gevent.event.Event()
+        super().__init__(session, sock, established)
+
+    def handle(self, msg: m.Message) -> None:
+        if isinstance(msg, m.MsgMainInit):
+            self.init = msg
+            self.agent_tokens = msg.agent_tokens
+            self.ready.set()
+        elif isinstance(msg, m.MsgMainChannelsList):
+            self.channels = [(c.type, c.id) for c in msg.channels]
+            self.listed.set()
+        elif isinstance(msg, m.MsgMainName):
+            self.name = msg.name
+        elif isinstance(msg, m.MsgMainUuid):
+            self.uuid = msg.uuid
+        elif isinstance(msg, m.MsgMainAgentConnectedTokens):
+            self.agent_tokens = msg.num_tokens  # replaces the count (7.3); we have no agent to feed
+        elif isinstance(msg, m.MsgMainAgentToken):
+            self.agent_tokens += msg.num_tokens
+        elif isinstance(msg, m.MsgMainAgentDisconnected):
+            self.agent_tokens = 0
+        else:
+            super().handle(msg)
+
+    def reset_state(self) -> None:
+        self.agent_tokens = 0
+
+
+class PortChannel(ChannelClient):
+    """A port channel: write() sends DATA, read() returns what the device sent, in order, across
+    migrations."""
+
+    def __init__(self, session, sock, established) -> None:
+        self.name: str | None = None
+        self.opened = False
+        self.initialised = gevent.event.Event()
+        self._inbox: deque[bytes] = deque()
+        self._inbox_bytes = 0
+        self._arrived = gevent.event.Event()
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        super().__init__(session, sock, established)
+
+    @property
+    def unread(self) -> int:
+        return self._inbox_bytes
+
+    def handle(self, msg: m.Message) -> None:
+        if isinstance(msg, m.MsgSpicevmcData):
+            data = bytes(msg.data)
+            self._inbox.append(data)
+            self._inbox_bytes += len(data)
+            self.bytes_received += len(data)
+            self.opened = True  # spice-gtk treats any data as "opened" (4.3)
+            self._arrived.set()
+        elif isinstance(msg, m.MsgPortInit):
+            if self.name is None:  # spice-gtk accepts PORT_INIT once per connection (4.3, 5.9.8)
+                self.name, self.opened = msg.name, bool(msg.opened)
+            self.initialised.set()
+        elif isinstance(msg, m.MsgPortEvent):
+            if msg.event == PortEvent.OPENED:
+                self.opened = True
+            elif msg.event == PortEvent.CLOSED:
+                self.opened = False
+        else:
+            super().handle(msg)
+
+    def reset_state(self) -> None:
+        # The next server introduces the port again with PORT_INIT; unread data stays for the app.
+        self.name, self.opened = None, False
+        self.initialised.clear()
+
+    def _on_closed(self) -> None:
+        self._arrived.set()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), DATA_CHUNK):
+            self.send(m.MsgcSpicevmcData(view[start : start + DATA_CHUNK]))
+        self.bytes_sent += len(view)
+
+    def read(self, n: int | None = None, timeout: float | None = None) -> bytes:
+        """Up to ``n`` bytes (everything buffered if None) once at least one byte arrived; with
+        ``n`` given, waits until exactly ``n`` arrived or the timeout passes, then returns what
+        there is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        want = 1 if n is None else n
+        while self._inbox_bytes < want and not self.closed.is_set():
+            self._arrived.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            self._arrived.wait(left)
+        return self._take(self._inbox_bytes if n is None else min(n, self._inbox_bytes))
+
+    def _take(self, n: int) -> bytes:
+        parts, got = [], 0
+        while got < n:
+            head = self._inbox.popleft()
+            if got + len(head) > n:
+                self._inbox.appendleft(head[n - got :])
+                head = head[: n - got]
+            parts.append(head)
+            got += len(head)
+        self._inbox_bytes -= got
+        return b"".join(parts)

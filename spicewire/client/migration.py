@@ -1,0 +1,431 @@
+"""The gevent side of a client migration: ClientMigration (protocol.migration) decides, this module
+does what its events say - links to s2, the seamless handshake, channel switches, the MIGRATE_DATA
+pass-through - and writes the migration report.
+
+The MIGRATE_DATA body is never held: its header is read from s1, a header of the same size is
+written to s2, and the body follows in chunks of at most RELAY_CHUNK bytes as they arrive. The
+machine sees a ``StreamedBody`` in place of the bytes; the ``Send`` it answers with is the moment to
+stream.
+
+Writes of a channel are serialised by its RLock, and routing happens under that lock, so a message
+the machine sent to s1 is on the wire before a MIGRATE_FLUSH_MARK, and one routed to s2 follows the
+MIGRATE_DATA and the retained messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import gevent
+import gevent.event
+import gevent.pool
+from gevent import socket
+
+from spicewire.client.channels import link_channel
+from spicewire.errors import ProtocolError, RemoteProtocolError, SpiceError
+from spicewire.protocol import messages as m
+from spicewire.protocol.enums import ChannelType, Msg, Msgc
+from spicewire.protocol.framing import (
+    FULL_HEADER,
+    MINI_HEADER,
+    MessageReader,
+    MessageWriter,
+)
+from spicewire.protocol.link import LinkEstablished
+from spicewire.protocol.migration import (
+    MAIN,
+    ClientMigration,
+    ClientState,
+    CloseSource,
+    DropDestination,
+    LinkDestination,
+    MigrationCompleted,
+    MigrationMode,
+    Peer,
+    ResetChannels,
+    Send,
+    SwitchChannel,
+    SwitchHost,
+)
+
+log = logging.getLogger(__name__)
+
+RELAY_CHUNK = 256 << 10
+HANDSHAKE_TIMEOUT = 10.0  # spice-gtk has none; s1 gives up after its own 10 s anyway (7.6)
+MODE_NAMES = {
+    MigrationMode.SEAMLESS: "seamless",
+    MigrationMode.SEMI_SEAMLESS: "semi-seamless",
+    MigrationMode.SWITCH_HOST: "switch-host",
+}
+_FINAL = (ClientState.IDLE, ClientState.MIGRATED, ClientState.HOST_SWITCHED)
+
+
+def channel_name(key: tuple[int, int]) -> str:
+    return f"{ChannelType(key[0]).name.lower()}:{key[1]}"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedBody:
+    """Stands in for a MIGRATE_DATA body that is passed through: ``first`` came with the header,
+    the rest is still unread on ``source``."""
+
+    size: int
+    first: bytes
+    source: socket.socket
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclass
+class _Parked:
+    """A link to s2, frozen until its channel switches."""
+
+    sock: socket.socket
+    established: LinkEstablished
+    writer: MessageWriter  # DST_DO_SEAMLESS goes out before main switches
+    trailing: bytes = b""
+
+
+@dataclass
+class _Report:
+    destination: str | None = None
+    mode: str | None = None
+    result: str = "in progress"
+    relayed: dict = field(default_factory=dict)
+    dropped: dict = field(default_factory=dict)
+    kept_unread: dict = field(default_factory=dict)
+    begin_to_connected: float | None = None
+    migrate_to_switched: dict = field(default_factory=dict)
+    total: float | None = None
+    peak_relay_buffer: int = 0
+    errors: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["timings"] = {
+            "begin_to_connected": out.pop("begin_to_connected"),
+            "migrate_to_switched": out.pop("migrate_to_switched"),
+            "total": out.pop("total"),
+        }
+        return out
+
+
+class MigrationDriver:
+    """One migration attempt of a ClientSession, from MIGRATE_BEGIN (or SWITCH_HOST) to its end."""
+
+    def __init__(self, session, channels, server_main_caps) -> None:
+        self.session = session
+        self.machine = ClientMigration(session.session_id, channels, server_main_caps)
+        self.report = _Report()
+        self.finished = False
+        self._t0 = time.monotonic()
+        self._attempt = 0  # bumped by DropDestination: late link results are stale
+        self._parked: dict[tuple, _Parked] = {}
+        self._s1: dict[tuple, tuple[socket.socket, LinkEstablished]] = {}
+        self._greenlets = gevent.pool.Group()
+        self._relays: dict[tuple, gevent.event.Event] = {}
+        self._migrate_at: dict[tuple, float] = {}
+        self._retained: dict[tuple, deque] = {key: deque() for key in self.machine.channels}
+        self._result = "cancelled"
+        self._handlers = {
+            Send: self._send, LinkDestination: self._link_destination, DropDestination: self._drop,
+            ResetChannels: self._reset, SwitchChannel: self._switch, CloseSource: self._close_source,
+            MigrationCompleted: self._completed, SwitchHost: self._switch_host,
+        }
+
+    @property
+    def waiting_main_init(self) -> bool:
+        return self.machine.state is ClientState.WAIT_MAIN_INIT
+
+    # --- inputs from the session ---------------------------------------------------------------
+
+    def receive(self, peer: Peer, key: tuple, msg: m.Message) -> None:
+        if isinstance(msg, m.MsgMigrate):
+            self._migrate_at[key] = time.monotonic()
+        elif isinstance(msg, m.MsgMainMigrateEnd):  # semi-seamless: every channel moves from here
+            self._migrate_at.update(dict.fromkeys(self.machine.channels, time.monotonic()))
+        self._run(self.machine.receive, peer, key, msg)
+
+    def send(self, ch, msg: m.Message) -> None:
+        """An application (or channel) message; the caller holds ``ch.write_lock``."""
+        events = self.machine.send(ch.key, msg)
+        if not any(isinstance(ev, Send) and ev.message is msg for ev in events):
+            self._retained[ch.key].append(msg)
+        self.execute(events)
+
+    def pass_through(self, ch) -> None:
+        """``ch`` paused after MIGRATE(NEED_DATA_TRANSFER): the next message from s1 must be
+        MIGRATE_DATA; relay it to s2 unparsed, or hand anything else back to the parser."""
+        conn, s1 = ch.channel, ch.sock
+        header = FULL_HEADER if not conn.reader.mini else MINI_HEADER
+        pending = bytearray(conn.reader.take_buffered())
+        while len(pending) < header.size:
+            data = s1.recv(RELAY_CHUNK)
+            if not data:
+                raise ConnectionError(f"s1 closed {channel_name(ch.key)} before its MIGRATE_DATA")
+            pending += data
+        fields = header.unpack_from(pending)
+        msg_type, size = fields if header is MINI_HEADER else fields[1:3]
+        if msg_type != Msg.MIGRATE_DATA:
+            self._not_migrate_data(ch, header.size, msg_type, size, pending)
+            return
+        conn.passed_through()
+        first = bytes(pending[header.size : header.size + size])
+        extra = len(pending) - header.size - len(first)
+        if extra:  # s1 sends nothing after MIGRATE_DATA (5.9.4)
+            self.note_dropped(ch.key, partial_in_bytes=extra)
+        del pending
+        self._relays[ch.key] = done = gevent.event.Event()
+        try:
+            with ch.write_lock:  # app writes routed to s2 from now on wait for the relay
+                self._run(self.machine.receive, Peer.S1, ch.key, m.MsgMigrateData(StreamedBody(size, first, s1)))
+        except OSError as err:  # s1 or s2 went away mid-relay: this channel cannot be saved
+            self.report.errors.append(f"{channel_name(ch.key)}: MIGRATE_DATA relay: {err}")
+            self.finish("failed")
+            raise
+        finally:
+            done.set()
+
+    def _not_migrate_data(self, ch, header_size: int, msg_type: int, size: int, pending: bytearray) -> None:
+        """5.4 step 2: anything else is logged and dropped - even a PING goes unanswered - and the
+        switch of this channel is aborted: it stays on s1 and parsing resumes after the message."""
+        conn = ch.channel
+        if size > conn.reader.max_size:
+            raise RemoteProtocolError(f"{size}-byte message type {msg_type} where MIGRATE_DATA must follow MIGRATE")
+        end = header_size + size
+        while len(pending) < end:
+            data = ch.sock.recv(RELAY_CHUNK)
+            if not data:
+                raise ConnectionError(f"s1 closed {channel_name(ch.key)} inside a message")
+            pending += data
+        cls = m.lookup(ch.key[0], m.S2C, msg_type)
+        try:
+            offender = cls.decode(bytes(pending[header_size:end])) if cls else None
+        except SpiceError:
+            offender = None
+        try:
+            # The machine only needs to see that it is not MIGRATE_DATA; MIGRATE stands in for
+            # a message that does not decode.
+            self.machine.receive(Peer.S1, ch.key, offender or m.MsgMigrate(0))
+        except ProtocolError as err:
+            log.error("%s: message type %d: %s", channel_name(ch.key), msg_type, err)
+            self.report.errors.append(f"{channel_name(ch.key)}: message type {msg_type}: {err}")
+        conn.reader.serial += 1
+        conn.passed_through()
+        for msg in conn.resume(pending[end:]):
+            self.session.on_message(ch, msg)
+
+    # --- running the machine -------------------------------------------------------------------
+
+    def _run(self, fn, *args) -> None:
+        try:
+            events = fn(*args)
+        except ProtocolError as err:
+            log.error("migration: %s", err)
+            self.report.errors.append(str(err))
+            return
+        self.execute(events)
+
+    def execute(self, events: list) -> None:
+        for ev in events:
+            self._handlers[type(ev)](ev)
+        if not self.finished and self.machine.state is ClientState.IDLE:
+            self.finish(self._result)
+
+    def close(self) -> None:
+        """The session closes mid-migration: let go of every s2 link and any s1 socket left."""
+        self._drop(DropDestination())
+        for sock, _ in self._s1.values():
+            sock.close()
+        self._s1.clear()
+
+    def finish(self, result: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.report.result = result
+        self.report.total = time.monotonic() - self._t0
+        self.session.migration_finished(self)
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _send(self, ev: Send) -> None:
+        ch = self.session.channel(ev.channel)
+        retained = self._retained[ev.channel]
+        if retained and retained[0] is ev.message:
+            retained.popleft()
+        msg = ev.message
+        if isinstance(msg, m.MsgcMigrateData) and isinstance(msg.data, StreamedBody):
+            self._stream(ch, msg.data)
+        elif ev.peer is Peer.S2 and ch.peer is Peer.S1:  # DST_DO_SEAMLESS, before main switches
+            parked = self._parked[ev.channel]
+            parked.sock.sendall(parked.writer.frame(msg.TYPE, msg.encode()))
+        else:
+            ch.write_now(msg)
+        if isinstance(msg, (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless)):
+            self.report.begin_to_connected = time.monotonic() - self._t0
+            self.report.mode = MODE_NAMES[self.machine.mode]
+            self.session.migration_connected(self)
+        elif isinstance(msg, m.MsgcMainMigrateConnectError):
+            self._result = "connect-error"
+
+    def _link_destination(self, ev: LinkDestination) -> None:
+        dst = ev.dst_info
+        self.report.destination = f"{dst.host}:{dst.port}"
+        for key in ev.channels:
+            self._greenlets.spawn(self._link, key, dst, ev.connection_id, self._attempt)
+
+    def _link(self, key, dst, connection_id: int, attempt: int) -> None:
+        try:
+            if not dst.port:
+                raise ConnectionError("s2 offers no plain port (TLS is not supported here)")
+            sock, est = link_channel(
+                dst.host, dst.port, connection_id, *key, password=self.session.password,
+                channel_caps=self.session.channel_caps(key[0]), timeout=self.session.timeout,
+            )
+        except (OSError, SpiceError) as err:
+            if attempt == self._attempt:
+                self.report.errors.append(f"link {channel_name(key)} to s2: {err}")
+                self._run(self.machine.s2_link_failed, key)
+            return
+        if attempt != self._attempt:
+            sock.close()
+            return
+        self._parked[key] = _Parked(sock, est, MessageWriter(est.send_mini_header), est.trailing)
+        if key == MAIN:
+            self._run(self.machine.s2_linked, MAIN, est.channel_caps)
+            if self.machine.state is ClientState.HANDSHAKE:
+                self._greenlets.spawn(self._handshake, attempt)
+        else:
+            self._run(self.machine.s2_linked, key)
+
+    def _handshake(self, attempt: int) -> None:
+        """5.2 step 4: s2 main answers DST_DO_SEAMLESS; anything else is logged and dropped."""
+        parked = self._parked[MAIN]
+        reader = MessageReader(parked.established.expect_mini_header)
+        reader.feed(parked.trailing)
+        parked.sock.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            while True:
+                raw = reader.next_message()
+                if raw is None:
+                    data = parked.sock.recv(65536)
+                    if not data:
+                        raise ConnectionError("s2 closed main during the seamless handshake")
+                    reader.feed(data)
+                    continue
+                cls = m.lookup(ChannelType.MAIN, m.S2C, raw.type)
+                if cls in (m.MsgMainMigrateDstSeamlessAck, m.MsgMainMigrateDstSeamlessNack):
+                    break
+                log.warning("dropping message type %d from s2 main during the handshake", raw.type)
+        except (OSError, SpiceError) as err:
+            if attempt == self._attempt:
+                self.report.errors.append(f"seamless handshake: {err}")
+                self._run(self.machine.s2_link_failed, MAIN)
+            return
+        finally:
+            parked.sock.settimeout(None)
+        parked.trailing = reader.take_buffered()
+        if attempt == self._attempt:
+            self._run(self.machine.receive, Peer.S2, MAIN, cls())
+
+    def _drop(self, ev: DropDestination) -> None:
+        self._attempt += 1
+        current = gevent.getcurrent()
+        for greenlet in list(self._greenlets):
+            if greenlet is not current:
+                greenlet.kill(block=False)
+        for parked in self._parked.values():
+            parked.sock.close()
+        self._parked.clear()
+
+    def _reset(self, ev: ResetChannels) -> None:
+        """Semi-seamless 5.3 step 1: s1 goes. Main's socket is closed here (its reader is the caller
+        and switches next); the others are frozen and park once they have read what s1 sent."""
+        for key, retained in self._retained.items():
+            if retained:
+                self.note_dropped(key, unsent_messages=len(retained),
+                                   unsent_bytes=sum(len(msg.encode()) for msg in retained))
+                retained.clear()
+        main = self.session.main
+        self.note_dropped(MAIN, partial_in_bytes=main.channel.reader.buffered)
+        main.sock.close()
+        for key in self.machine.channels:
+            if key != MAIN:
+                self.session.channel(key).freeze()
+
+    def _switch(self, ev: SwitchChannel) -> None:
+        ch = self.session.channel(ev.channel)
+        if ev.peer is Peer.S1:  # MIGRATE_CANCEL after this channel had switched
+            sock, est = self._s1.pop(ev.channel)
+            ch.sock.close()
+            ch.sock, ch.established = sock, est
+            ch.channel.rebind(send_mini=est.send_mini_header, expect_mini=est.expect_mini_header)
+            ch.peer = Peer.S1
+            return
+        parked = self._parked.pop(ev.channel)
+        est = dataclasses.replace(parked.established, trailing=parked.trailing)
+        if self.machine.mode is MigrationMode.SEAMLESS:
+            self._s1[ev.channel] = (ch.sock, ch.established)  # closed by CloseSource
+            ch.attach(parked.sock, est, keep_state=True)
+        elif ev.channel == MAIN:
+            ch.attach(parked.sock, est)  # semi-seamless takes serials and queue from s2-main too
+            ch.reset_state()
+        else:
+            ch.resume(parked.sock, est)
+            self.report.kept_unread[channel_name(ev.channel)] = getattr(ch, "unread", 0)
+        ch.peer = Peer.S2
+        self._switched(ev.channel)
+
+    def _switched(self, key) -> None:
+        start = self._migrate_at.get(key, self._t0)
+        self.report.migrate_to_switched[channel_name(key)] = time.monotonic() - start
+
+    def _stream(self, ch, body: StreamedBody) -> None:
+        """Header for s2 (its header mode, the channel's serial), then the body as it arrives."""
+        out = ch.sock
+        out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size))
+        out.sendall(body.first)
+        left = body.size - len(body.first)
+        peak = len(body.first)
+        buf = bytearray(min(RELAY_CHUNK, left))
+        view = memoryview(buf)
+        while left:
+            n = body.source.recv_into(buf, min(len(buf), left))
+            if n == 0:
+                raise ConnectionError(f"s1 closed {channel_name(ch.key)} {left} bytes before the end of MIGRATE_DATA")
+            out.sendall(view[:n])
+            left -= n
+        peak = max(peak, len(buf))
+        self.report.peak_relay_buffer = max(self.report.peak_relay_buffer, peak)
+        self.report.relayed[channel_name(ch.key)] = body.size
+        ch.channel.bytes_out += body.size
+        self._switched(ch.key)
+        self._relays[ch.key].set()
+
+    def _close_source(self, ev: CloseSource) -> None:
+        for done in self._relays.values():  # the last one is done: it is what switched last
+            done.wait()
+        for sock, _ in self._s1.values():
+            sock.close()
+        self._s1.clear()
+
+    def _completed(self, ev: MigrationCompleted) -> None:
+        self.report.mode = MODE_NAMES[ev.mode]
+        self.finish("completed")
+
+    def _switch_host(self, ev: SwitchHost) -> None:
+        self.report.mode = MODE_NAMES[MigrationMode.SWITCH_HOST]
+        self.report.destination = f"{ev.dst_info.host}:{ev.dst_info.port}"
+        self.session.switch_host(ev.dst_info, self)
+
+    def note_dropped(self, key, **counts) -> None:
+        for name, value in counts.items():
+            if value:
+                entry = self.report.dropped.setdefault(channel_name(key), {})
+                entry[name] = entry.get(name, 0) + value
