@@ -70,9 +70,15 @@ class Server:
             self.proc.kill()
 
 
+_drawn: list = [None]
+
+
 def bar(label: str, done: float, total: float, width: int = 40) -> None:
     frac = 0.0 if total <= 0 else min(1.0, done / total)
     filled = int(frac * width)
+    if _drawn[0] == (label, filled):
+        return  # redraw only when the bar moves
+    _drawn[0] = (label, filled)
     sys.stdout.write(f"\r  {label:<24} [{'#' * filled}{'.' * (width - filled)}] {frac * 100:5.1f}%")
     sys.stdout.flush()
 

@@ -266,7 +266,7 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
         assert report is not None and report["mode"] == "seamless"
         assert s2.received == (Msgc.MIGRATE_DATA, BIG, s1.sent_digest)
         assert report["relayed"] == {"main:0": 65, "port:0": BIG}
-        assert report["peak_relay_buffer"] <= 512 << 10
+        assert report["peak_relay_buffer"] <= 2 << 20  # one relay chunk, never the whole message
         assert peak < 8 << 20, f"client peak {peak} bytes while relaying {BIG}"
         with gevent.Timeout(10):
             while sum(map(len, s1.port_data + s2.port_data)) < len(b"".join(writes)):

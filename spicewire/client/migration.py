@@ -54,7 +54,7 @@ from spicewire.protocol.migration import (
 
 log = logging.getLogger(__name__)
 
-RELAY_CHUNK = 256 << 10
+RELAY_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0  # spice-gtk has none; s1 gives up after its own 10 s anyway (7.6)
 MODE_NAMES = {
     MigrationMode.SEAMLESS: "seamless",

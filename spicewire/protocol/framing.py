@@ -7,7 +7,7 @@ messages; ``MessageWriter.frame`` gives the bytes to send.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +86,10 @@ def encode_sub_message_list(subs: Iterable[SubMessage], base: int = 0) -> bytes:
         raise CodecError(f"cannot encode sub-message list: {exc}") from None
 
 
+def _new_buffer(size: int) -> np.ndarray:
+    return np.empty(size, dtype=np.uint8)
+
+
 class MessageReader:
     """Reassembles messages from a byte stream, checking header serials and sizes.
 
@@ -107,6 +111,9 @@ class MessageReader:
         self._consumed = 0  # stream position of _buf[0], for error reports
         self._bulk: tuple[int, int, int, np.ndarray] | None = None  # serial, type, sub_list, body
         self._bulk_filled = 0
+        # Where bulk bodies go: a receiver that knows a big one is coming can hand out memory it
+        # prepared (faulted in) ahead, instead of paying for fresh pages while the bytes arrive.
+        self.bulk_allocator: Callable[[int], np.ndarray] = _new_buffer
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._bulk is not None:
@@ -117,6 +124,18 @@ class MessageReader:
             data = memoryview(data)[n:]
         if len(data):
             self._buf += data
+
+    def bulk_view(self, limit: int = 8 << 20) -> memoryview | None:
+        """The next unfilled part (at most ``limit`` bytes) of a bulk body being gathered, for
+        receiving straight into it (then call ``bulk_received``); None when none is under way."""
+        if self._bulk is None:
+            return None
+        body = self._bulk[3]
+        end = min(len(body), self._bulk_filled + limit)
+        return memoryview(body)[self._bulk_filled : end]
+
+    def bulk_received(self, n: int) -> None:
+        self._bulk_filled += n
 
     @property
     def buffered(self) -> int:
@@ -152,7 +171,7 @@ class MessageReader:
         body_start = start + self._header_size
         end = body_start + size
         if size >= self.BULK_BODY:
-            body = np.empty(size, dtype=np.uint8)
+            body = self.bulk_allocator(size)
             have = min(size, len(buf) - body_start)
             body[:have] = np.frombuffer(buf, dtype=np.uint8, count=have, offset=body_start)
             self._bulk, self._bulk_filled = (serial, msg_type, sub_list, body), have

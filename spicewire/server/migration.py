@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import time
 from dataclasses import dataclass, field
 from functools import partial
 
 import gevent
 import gevent.event
+import numpy as np
 from gevent import socket
 
 from spicewire import codec, devices
@@ -215,6 +217,24 @@ class Announcement:
     expires: float  # time.monotonic()
     device_state: dict[int, list] = field(default_factory=dict)  # channel id -> saved chunks
     session: Session | None = None
+    # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
+    # more to touch than the bytes cost to receive, and the downtime should pay for neither.
+    buffers: dict[int, gevent.event.AsyncResult] = field(default_factory=dict)
+
+    def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
+        ready = self.buffers.pop(channel_id, None)
+        if ready is not None and ready.ready() and ready.successful() and len(ready.value) >= size:
+            return ready.value[:size]
+        return np.empty(size, dtype=np.uint8)
+
+
+def prefaulted(size: int) -> np.ndarray:
+    """Anonymous memory the kernel maps in at once (MAP_POPULATE), in a worker thread."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), dtype=np.uint8)
+
+
+PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
 
 
 class SessionTarget:
@@ -275,6 +295,9 @@ class SessionTarget:
             # Read, but only MIGRATE_DATA may come, and it may be as large as the port's backlog.
             handler.waiting_for_migrate_data = True
             handler.channel.reader.max_size = MAX_MIGRATE_DATA
+            ann = self.manager.announcements.get(self.session.id)
+            if ann is not None:
+                handler.channel.reader.bulk_allocator = partial(ann.take_buffer, handler.port.channel_id)
             handler.channel.reader.adopt_serial = True
         else:
             handler.start()
@@ -284,6 +307,7 @@ class SessionTarget:
         port, ch = handler.port, handler.channel
         handler.waiting_for_migrate_data = False
         ch.reader.max_size = self.manager.server_port_limit
+        ch.reader.bulk_allocator = np.empty
         for chunk in data.pending:
             port.to_device.append(memoryview(chunk))
             port.to_device_bytes += len(chunk)
@@ -338,10 +362,17 @@ class MigrationManager:
             sid = int(entry["session_id"])
             if sid == 0 or sid in self.server.sessions:
                 raise MigrationError(f"session {sid:08x} cannot migrate here: it is in use")
-            ports = [(int(cid), str(name), str(kind)) for cid, name, kind in entry["ports"]]
+            ports = [(int(p[0]), str(p[1]), str(p[2])) for p in entry["ports"]]
             for _, _, kind in ports:
                 devices.factory(kind)  # unknown kinds fail the announcement, not the migration
-            self.announcements[sid] = Announcement(sid, ports, expires)
+            ann = self.announcements[sid] = Announcement(sid, ports, expires)
+            self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
+            for port in entry["ports"]:
+                in_flight = int(port[3]) if len(port) > 3 else 0
+                if in_flight >= PREFAULT_MIN:
+                    # Room for the SWPD framing around the bytes, and for what arrives until FLUSH_MARK.
+                    size = int(in_flight * 1.05) + (4 << 20)
+                    ann.buffers[int(port[0])] = gevent.get_hub().threadpool.spawn(prefaulted, size)
         return len(sessions)
 
     def expects(self, session_id: int) -> bool:
@@ -416,7 +447,8 @@ class MigrationManager:
         peer = ControlClient(*to_control, token=to_token)
         peer.post_json("/migration/announce", {
             "ttl": timeout + 60,
-            "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind] for cid, p in s.ports.items()]}
+            "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind, p.to_device_bytes + p.to_client_bytes]
+                                                        for cid, p in s.ports.items()]}
                          for s in sessions],
         })
         dst = m.MigrationDstInfo(port=to[1], sport=0, host=to[0], cert_subject=None)

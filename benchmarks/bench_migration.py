@@ -1,0 +1,360 @@
+"""Migration speed and memory, each beside its reference, measured in one run (`make bench`).
+
+1. A session with SIZE MiB in flight (a paused sink on s1) migrates seamlessly; its throughput
+   (in-flight bytes / downtime) is compared with a plain socket relay moving the same bytes
+   s1 -> client -> s2 through three processes in the same run.
+2. Peak memory during that migration, read from /proc (VmHWM, reset just before the migration):
+   the client beyond its idle size, s1 and s2 as a multiple of the in-flight state.
+3. Downtime of an idle session (main + one port) with our client, median of ROUNDS migrations
+   back and forth.
+4. SESSIONS sessions with 1 MiB in flight each, migrated by one command; all checked intact.
+
+Every process is on loopback; the script prints a JSON report and a table.
+
+    python benchmarks/bench_migration.py [--mib 1024] [--rounds 20] [--sessions 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+CHUNK = 1 << 20
+SINK = "org.spicewire.sink"
+
+
+# --- helpers run as their own processes ---------------------------------------------------------
+
+
+def role_sender(port: int, nbytes: int) -> None:
+    block = os.urandom(CHUNK)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sent = 0
+        while sent < nbytes:
+            n = min(CHUNK, nbytes - sent)
+            sock.sendall(block[:n])
+            sent += n
+
+
+def role_relay(listen: int, forward: int) -> None:
+    """What the client does in a migration, minus SPICE: read from s1, write to s2."""
+    with socket.create_server(("127.0.0.1", listen)) as server:
+        print("ready", flush=True)
+        src, _ = server.accept()
+        with src, socket.create_connection(("127.0.0.1", forward)) as dst:
+            buf = bytearray(CHUNK)
+            view = memoryview(buf)
+            while n := src.recv_into(buf):
+                dst.sendall(view[:n])
+
+
+def role_receiver(listen: int, nbytes: int) -> None:
+    with socket.create_server(("127.0.0.1", listen)) as server:
+        print("ready", flush=True)
+        conn, _ = server.accept()
+        buf = bytearray(CHUNK)
+        got = 0
+        with conn:
+            while got < nbytes and (n := conn.recv_into(buf)):
+                got += n
+        print(json.dumps({"received": got}), flush=True)
+
+
+def role_client(port: int, mib: int, sessions: int) -> None:
+    """Our client: SESSIONS sessions, each writing MIB MiB into its sink, then following
+    migrations until stdin closes; answers 'rss' on stdin with its memory figures."""
+    import gevent
+
+    from spicewire.client import ClientSession
+
+    opened = []
+    block = os.urandom(CHUNK)
+    for _ in range(sessions):
+        session = ClientSession("127.0.0.1", port).connect()
+        opened.append((session, session.open_port(SINK), hashlib.sha256()))
+    print(json.dumps({"ready": [f"{s.session_id:08x}" for s, _, _ in opened], **memory(os.getpid())}), flush=True)
+    for line in iter(lambda: gevent.os.tp_read(0, 4096).decode(), ""):
+        for command in line.split():
+            if command == "write":
+                for _, port_channel, digest in opened:
+                    for i in range(0, mib << 20, CHUNK):
+                        piece = block[: min(CHUNK, (mib << 20) - i)]
+                        port_channel.write(piece)
+                        digest.update(piece)
+                print(json.dumps({"written": [d.hexdigest() for _, _, d in opened]}), flush=True)
+            elif command == "rss":
+                print(json.dumps(memory(os.getpid())), flush=True)
+            elif command == "reset":
+                reset_peak(os.getpid())
+                print(json.dumps({"reset": True}), flush=True)
+    for session, _, _ in opened:
+        session.close()
+
+
+# --- the orchestration --------------------------------------------------------------------------
+
+
+def memory(pid: int) -> dict:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+
+def reset_peak(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True, **kwargs)
+
+
+def relay_baseline(nbytes: int) -> float:
+    """Bytes per second of a plain socket relay s1 -> client -> s2, three processes."""
+    p_recv, p_relay = free_port(), free_port()
+    receiver = spawn("--role", "receiver", "--listen", str(p_recv), "--bytes", str(nbytes))
+    receiver.stdout.readline()
+    relay = spawn("--role", "relay", "--listen", str(p_relay), "--forward", str(p_recv))
+    relay.stdout.readline()
+    start = time.perf_counter()
+    sender = spawn("--role", "sender", "--port", str(p_relay), "--bytes", str(nbytes))
+    result = json.loads(receiver.stdout.readline())
+    elapsed = time.perf_counter() - start
+    for proc in (sender, relay, receiver):
+        proc.wait(timeout=30)
+    assert result["received"] == nbytes, result
+    return nbytes / elapsed
+
+
+class Served:
+    def __init__(self, buffer_mib: int) -> None:
+        from spicewire.server.migration import ControlClient
+
+        self.port, self.control_port = free_port(), free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "spicewire", "serve", "--listen", f"127.0.0.1:{self.port}", "--disable-ticketing",
+             "--port-channel", f"{SINK}=sink", "--port-buffer-mib", str(buffer_mib),
+             "--control", f"127.0.0.1:{self.control_port}", "--log-level", "WARNING"],
+        )
+        self.control = ControlClient("127.0.0.1", self.control_port, timeout=600)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.control.get_json("/status")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def migrate_to(self, other: Served, mode: str = "seamless") -> dict:
+        return self.control.post_json("/migrate", {
+            "to": f"127.0.0.1:{other.port}", "to_control": f"127.0.0.1:{other.control_port}",
+            "mode": mode, "timeout": 120,
+        })
+
+    def sinks(self) -> dict[str, dict]:
+        return {s["id"]: next(p for p in s["ports"] if p["name"] == SINK)
+                for s in self.control.get_json("/sessions")["sessions"]}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Client:
+    def __init__(self, port: int, mib: int, sessions: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--role", "client", "--port", str(port), "--mib", str(mib),
+             "--sessions", str(sessions)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.hello = self.ask(None)
+
+    def ask(self, command: str | None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark setup timed out")
+        time.sleep(0.02)
+
+
+def bench_big_session(mib: int, rounds: int = 3) -> dict:
+    """The same SIZE MiB migrate back and forth ROUNDS times (the restored backlog stays paused on
+    the destination); a relay of the same size runs after each, and medians are compared."""
+    size = mib << 20
+    s1, s2 = Served(mib + 64), Served(mib + 64)
+    client = Client(s1.port, mib, 1)
+    downtimes, relays, peaks = [], [], {"client": 0, "s1": 0, "s2": 0}
+    try:
+        (sid,) = client.hello["ready"]
+        s1.control.post_json(f"/sessions/{sid}/ports/{SINK}/pause", {})
+        idle = {"client": client.ask("rss")["rss"], "s1": memory(s1.proc.pid)["rss"], "s2": memory(s2.proc.pid)["rss"]}
+        (digest,) = client.ask("write")["written"]
+        wait_until(lambda: s1.sinks()[sid]["to_device_bytes"] == size, 120)
+        here, there = s1, s2
+        for _ in range(rounds):
+            client.ask("reset")
+            for proc in (s1.proc, s2.proc):
+                reset_peak(proc.pid)
+            entry = here.migrate_to(there)["sessions"][0]
+            assert entry["migrated"] and entry["in_flight_bytes_moved"] >= size, entry
+            downtimes.append(entry["downtime_s"])
+            peaks["client"] = max(peaks["client"], client.ask("rss")["peak"])
+            for name, proc in (("s1", s1.proc), ("s2", s2.proc)):
+                peaks[name] = max(peaks[name], memory(proc.pid)["peak"])
+            relays.append(relay_baseline(size))
+            here, there = there, here
+        here.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
+        wait_until(lambda: here.sinks()[sid]["device"]["bytes_in"] == size, 120)
+        intact = here.sinks()[sid]["device"]["sha256"] == digest
+    finally:
+        client.stop()
+        s1.stop()
+        s2.stop()
+    downtime, relay = statistics.median(downtimes), statistics.median(relays)
+    return {
+        "in_flight_bytes": size,
+        "rounds": rounds,
+        "intact": intact,
+        "downtimes_s": downtimes,
+        "median_downtime_s": downtime,
+        "migration_bytes_per_s": size / downtime,
+        "relay_bytes_per_s": relay,
+        "throughput_vs_relay": size / downtime / relay,
+        "client_peak_beyond_idle": peaks["client"] - idle["client"],
+        "server_peak_vs_in_flight": max(peaks["s1"], peaks["s2"]) / size,
+        "memory": {"idle": idle, "peak_during_migrations": peaks},
+    }
+
+
+def bench_idle_downtime(rounds: int) -> dict:
+    s1, s2 = Served(8), Served(8)
+    client = Client(s1.port, 0, 1)
+    downtimes = []
+    try:
+        here, there = s1, s2
+        for _ in range(rounds):
+            entry = here.migrate_to(there)["sessions"][0]
+            assert entry["migrated"], entry
+            downtimes.append(entry["downtime_s"])
+            here, there = there, here
+    finally:
+        client.stop()
+        s1.stop()
+        s2.stop()
+    return {"rounds": rounds, "median_downtime_s": statistics.median(downtimes), "max_downtime_s": max(downtimes)}
+
+
+def bench_many_sessions(sessions: int) -> dict:
+    s1, s2 = Served(16), Served(16)
+    client = Client(s1.port, 1, sessions)
+    try:
+        ids = client.hello["ready"]
+        for sid in ids:
+            s1.control.post_json(f"/sessions/{sid}/ports/{SINK}/pause", {})
+        digests = dict(zip(ids, client.ask("write")["written"]))
+        wait_until(lambda: all(p["to_device_bytes"] == 1 << 20 for p in s1.sinks().values()), 300)
+        start = time.perf_counter()
+        report = s1.migrate_to(s2)
+        elapsed = time.perf_counter() - start
+        for sid in ids:
+            s2.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
+        wait_until(lambda: all(p["device"]["bytes_in"] == 1 << 20 for p in s2.sinks().values()), 300)
+        sinks = s2.sinks()
+        intact = sum(1 for sid in ids if sinks.get(sid, {}).get("device", {}).get("sha256") == digests[sid])
+    finally:
+        client.stop()
+        s1.stop()
+        s2.stop()
+    return {"sessions": sessions, "migrated": report["migrated"], "intact": intact, "command_s": elapsed,
+            "report_total_s": report["total_s"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--listen", type=int)
+    parser.add_argument("--forward", type=int)
+    parser.add_argument("--bytes", type=int)
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--json", help="also write the report here")
+    parser.add_argument("--only", choices=["big", "idle", "many"], help="run one of the three")
+    args = parser.parse_args()
+    if args.role == "sender":
+        role_sender(args.port, args.bytes)
+        return 0
+    if args.role == "relay":
+        role_relay(args.listen, args.forward)
+        return 0
+    if args.role == "receiver":
+        role_receiver(args.listen, args.bytes)
+        return 0
+    if args.role == "client":
+        role_client(args.port, args.mib, args.sessions)
+        return 0
+    runs = {"big_session": lambda: bench_big_session(args.mib), "idle_downtime": lambda: bench_idle_downtime(args.rounds),
+            "many_sessions": lambda: bench_many_sessions(args.sessions)}
+    wanted = {"big": "big_session", "idle": "idle_downtime", "many": "many_sessions"}.get(args.only)
+    results = {"machine": f"{os.cpu_count()} cores", **{k: run() for k, run in runs.items() if wanted in (None, k)}}
+    text = json.dumps(results, indent=1)
+    print(text)
+    if wanted is not None:
+        return 0
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    big, idle, many = results["big_session"], results["idle_downtime"], results["many_sessions"]
+    mib = big["in_flight_bytes"] >> 20
+    print("\n| measure | figure | goal | met |\n|---|---|---|---|")
+    rows = [
+        (f"seamless migration of {mib} MiB in flight, median of {big['rounds']}: GB/s",
+         f"{big['migration_bytes_per_s'] / 1e9:.2f}", "", ""),
+        ("plain socket relay s1 -> client -> s2: GB/s", f"{big['relay_bytes_per_s'] / 1e9:.2f}", "", ""),
+        ("migration vs relay", f"{big['throughput_vs_relay']:.2f}x", ">= 0.9x", big["throughput_vs_relay"] >= 0.9),
+        ("client peak beyond idle: MiB", f"{big['client_peak_beyond_idle'] / 2**20:.1f}", "<= 64",
+         big["client_peak_beyond_idle"] <= 64 << 20),
+        ("server peak RSS vs in-flight state (s1 and s2)", f"{big['server_peak_vs_in_flight']:.2f}x", "<= 1.25x",
+         big["server_peak_vs_in_flight"] <= 1.25),
+        ("idle session downtime, our client: median ms", f"{idle['median_downtime_s'] * 1e3:.2f}", "<= 2",
+         idle["median_downtime_s"] <= 0.002),
+        (f"{many['sessions']} sessions x 1 MiB, one command: s", f"{many['command_s']:.2f}", "all intact",
+         many["intact"] == many["sessions"]),
+    ]
+    for what, figure, goal, ok in rows:
+        print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
