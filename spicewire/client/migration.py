@@ -389,8 +389,8 @@ class MigrationDriver:
     def _stream(self, ch, body: StreamedBody) -> None:
         """Header for s2 (its header mode, the channel's serial), then the body as it arrives."""
         out = ch.sock
-        out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size))
-        out.sendall(body.first)
+        # Header and what already arrived in one write: a small MIGRATE_DATA is then one segment.
+        out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size) + body.first)
         left = body.size - len(body.first)
         peak = len(body.first)
         buf = bytearray(min(RELAY_CHUNK, left))

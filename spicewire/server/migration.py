@@ -37,7 +37,8 @@ from spicewire.server.session import PortConnection, PortState, Session
 log = logging.getLogger(__name__)
 
 MAIN = mig.MAIN
-MAX_MIGRATE_DATA = 0xFFFFFFFF  # a migrating port's first message may carry all its buffered bytes
+MAX_MIGRATE_DATA = 0xFFFFFFFF
+STREAM_MIGRATE_DATA = 1 << 20  # port MIGRATE_DATA at least this large is streamed segment by segment  # a migrating port's first message may carry all its buffered bytes
 _SOURCE_MESSAGES = (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless,
                     m.MsgcMainMigrateConnectError, m.MsgcMigrateFlushMark)
 _TARGET_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateEnd, m.MsgcMigrateData)
@@ -129,6 +130,12 @@ class SessionSource:
                 self.error = "the client disconnected before answering"
         self.detach()
 
+    @property
+    def switched(self) -> bool:
+        """Post-migration is done on this side: END or every MIGRATE_DATA went out (or it ended)."""
+        return self.finished.is_set() or self.machine.state in (
+            mig.SourceState.WAIT_DISCONNECT, mig.SourceState.DONE, mig.SourceState.IDLE)
+
     def status(self) -> dict:
         return {"role": "source", "state": self.machine.state.name, "mode": _mode(self.machine.mode),
                 "moved": self.moved, "dropped": self.dropped, "times": self.times, "error": self.error}
@@ -186,11 +193,15 @@ class SessionSource:
             client_serial=ch.reader.serial, pending=list(port.to_device), to_client=list(port.to_client),
         )
         writer = mig.PortMigrateDataWriter(state)
+        self.moved += writer.size
+        if writer.size < STREAM_MIGRATE_DATA:  # small: one frame, one write, the least latency
+            body = b"".join(piece.tobytes() for piece in writer.segments())
+            self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
+            return
         self.machine.send(channel, m.MsgMigrateData(b""))  # the transition; the body is streamed
         header = ch.writer.header(Msg.MIGRATE_DATA, writer.size)
         ch.bytes_out += len(header) + writer.size
         conn.transport.send_stream(header, writer.segments(), len(header) + writer.size)
-        self.moved += writer.size
 
     def _arm_timer(self) -> None:
         deadline = self.machine.get_timer()
@@ -500,6 +511,9 @@ class MigrationManager:
         """Ask the destination until every session has completed there or the deadline passed."""
         ids = ",".join(f"{s.session.id:08x}" for s in sources)
         landed: dict = {}
+        # Asking s2 costs it CPU right when it restores; ask once everything has left here.
+        while not all(s.switched for s in sources) and time.monotonic() < deadline:
+            gevent.sleep(0.001)
         delay = 0.002
         while True:
             try:

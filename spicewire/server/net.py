@@ -67,19 +67,28 @@ def release_free_memory() -> None:
 
 class KeyPool:
     """Fresh RSA-1024 keys, generated ahead in a thread: a key costs ~8 ms, too long to make a
-    client wait for on every link. Each key is handed out once."""
+    client wait for on every link. Each key is handed out once.
+
+    Refills wait a moment after the links that used the keys: clients link in bursts (a session's
+    channels, a migration's pre-connect), and key generation competing for the CPU right then
+    would slow exactly the latency-sensitive steps that follow (a migration's switch)."""
+
+    REFILL_DELAY = 1.0
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
         self._keys: deque = deque()
         self._pending = 0
+        self._scheduled = None
 
     def pop(self):
         key = self._keys.popleft() if self._keys else new_link_key()
-        self._refill()
+        if self._scheduled is None:
+            self._scheduled = gevent.spawn_later(self.REFILL_DELAY, self._refill)
         return key
 
     def _refill(self) -> None:
+        self._scheduled = None
         hub = gevent.get_hub()
         while len(self._keys) + self._pending < self.size:
             self._pending += 1
