@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-json=bench-report.json \
 	    --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 	$(PY) benchmarks/report.py bench-report.json
+	$(PY) benchmarks/bench_migration.py --json bench-migration.json
 
 demo: $(STAMP)
 	$(PY) -m spicewire.demo
