@@ -336,6 +336,11 @@ class SessionTarget:
     def _completed(self, mode: mig.MigrationMode) -> None:
         self.times["completed"] = time.time()
         session = self.session
+        if mode is mig.MigrationMode.SEAMLESS:
+            # As spice-server's s2 does (5.4); spice-gtk also lets go of its s1 main connection
+            # only once s2's main channel has said something.
+            session.main.channel.send(m.MsgMainMultiMediaTime(session.main.main_init().multi_media_time))
+            session.main.transport.flush()
         session.main.target = False
         session.main.intercept = None
         for handler in self.links.values():
@@ -493,6 +498,11 @@ class MigrationManager:
             for source in ready:
                 source.finish()
         landed = self._wait_landed(peer, ready, time.monotonic() + timeout) if ready else {}
+        for source in ready:
+            main = source.session.main
+            if f"{source.session.id:08x}" in landed and main is not None:
+                # It lives on s2 now; a client still holding an s1 socket has no use for it.
+                main.transport.close("the session migrated away")
         if ready and len(landed) < len(ready):
             report["error"] = f"{len(ready) - len(landed)} sessions did not arrive on the destination in time"
         for source in sources:

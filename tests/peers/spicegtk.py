@@ -7,6 +7,11 @@
     proc = start_driver(port, hold=30)     # background (e.g. while a test migrates the server)
     rep = proc.report()                      # waits for the driver to end, returns the report
 
+    # streaming echo for migration tests: writes for up to 30 s, checks every echoed byte
+    proc = start_driver(port, port_name="org.test.echo", expect_echo=True, stream_seconds=30)
+    proc.stop_stream()                       # SIGUSR1: stop writing now, wait for the echo
+    rep = proc.report()                      # rep["stream"]: epochs, bytes, mismatch, gaps
+
 The report is the driver's single JSON stdout line plus ``returncode`` and ``stderr`` (spice-gtk
 warnings go there).  Pass ``debug=True`` for SPICE_DEBUG output on stderr.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 
 from . import DRIVER, SYSTEM_PYTHON
@@ -24,7 +30,10 @@ def driver_argv(port: int, host: str = "127.0.0.1", password: str | None = None,
                 port_name: str | None = None, send_bytes: int = 0, expect_echo: bool = False,
                 timeout: float = 20.0, hold: float = 0.0, wait_opened: bool = False,
                 no_port: bool = False, main_only: bool = False, chunk_size: int | None = None,
-                debug: bool = False, extra: list[str] | None = None) -> list[str]:
+                debug: bool = False, stream_seconds: float = 0.0, stream_rate: float = 0.0,
+                max_inflight: int | None = None, drain_timeout: float | None = None,
+                resync: bool = False, trace_spice: bool = False,
+                extra: list[str] | None = None) -> list[str]:
     argv = [SYSTEM_PYTHON, DRIVER, "--host", host, "--port", str(port), "--timeout", str(timeout)]
     if password is not None:
         argv += ["--password", password]
@@ -46,7 +55,46 @@ def driver_argv(port: int, host: str = "127.0.0.1", password: str | None = None,
         argv += ["--chunk-size", str(chunk_size)]
     if debug:
         argv.append("--debug")
+    if stream_seconds:
+        argv += ["--stream-seconds", str(stream_seconds)]
+    if stream_rate:
+        argv += ["--stream-rate", str(stream_rate)]
+    if max_inflight:
+        argv += ["--max-inflight", str(max_inflight)]
+    if drain_timeout is not None:
+        argv += ["--drain-timeout", str(drain_timeout)]
+    if resync:
+        argv.append("--resync")
+    if trace_spice:
+        argv.append("--trace-spice")
     return argv + list(extra or [])
+
+
+def tcp_peers(pid: int) -> list[tuple[str, int]]:
+    """Remote (host, port) of each ESTABLISHED IPv4 TCP socket of process ``pid``, sorted: its
+    socket inodes from /proc/PID/fd matched against /proc/PID/net/tcp (no psutil, no ss)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        with open(f"/proc/{pid}/net/tcp") as table:
+            rows = table.read().splitlines()[1:]
+    except OSError:
+        return []
+    peers = []
+    for row in rows:
+        fields = row.split()
+        if fields[3] != "01" or fields[9] not in inodes:  # 01: TCP_ESTABLISHED
+            continue
+        addr, port = fields[2].split(":")
+        host = ".".join(str(b) for b in reversed(bytes.fromhex(addr)))  # little-endian u32
+        peers.append((host, int(port, 16)))
+    return sorted(peers)
 
 
 def _parse(stdout: str, stderr: str, rc: int) -> dict:
@@ -68,9 +116,17 @@ def _env() -> dict:
     return env
 
 
+def _wall(kw: dict) -> float:
+    """How long the driver may take at most (its own limits plus a margin)."""
+    stream = kw.get("stream_seconds", 0.0)
+    if stream:
+        stream += kw.get("drain_timeout") or 15.0
+    return kw.get("timeout", 20.0) + kw.get("hold", 0.0) + stream + 30
+
+
 def run_driver(port: int, **kw) -> dict:
     """Run the driver to completion; returns its report dict (never raises on peer failure)."""
-    timeout = kw.get("timeout", 20.0) + kw.get("hold", 0.0) + 30
+    timeout = _wall(kw)
     argv = driver_argv(port, **kw)
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
@@ -103,6 +159,15 @@ class DriverProcess:
             return rep
         return _parse(out, err, self.proc.returncode)
 
+    def connections(self) -> list[tuple[str, int]]:
+        """Remote (host, port) of every established TCP connection the driver has now."""
+        return tcp_peers(self.proc.pid)
+
+    def stop_stream(self) -> None:
+        """SIGUSR1: a streaming driver stops writing and waits for the rest of the echo."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+
     def terminate(self) -> None:
         """SIGTERM: the driver stops its loop and still prints its report."""
         if self.proc.poll() is None:
@@ -121,5 +186,4 @@ class DriverProcess:
 
 
 def start_driver(port: int, **kw) -> DriverProcess:
-    wall = kw.get("timeout", 20.0) + kw.get("hold", 0.0) + 30
-    return DriverProcess(driver_argv(port, **kw), wall)
+    return DriverProcess(driver_argv(port, **kw), _wall(kw))
