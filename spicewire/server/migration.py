@@ -96,6 +96,12 @@ class SessionSource:
             self.dropped = sum(p.to_device_bytes + p.to_client_bytes for p in self.session.ports.values())
         self._apply(self.machine.finish(time.monotonic(), switch_host=False))
 
+    def switch_host(self) -> None:
+        """5.6: the client drops everything and links to s2 as a new session."""
+        self.times["migrate_sent"] = time.time()
+        self.dropped = sum(p.to_device_bytes + p.to_client_bytes for p in self.session.ports.values())
+        self._apply(self.machine.finish(time.monotonic(), switch_host=True))
+
     def cancel(self, reason: str) -> None:
         self.error = reason
         try:
@@ -474,12 +480,17 @@ class MigrationManager:
             session.migration = source
             sources.append(source)
             source.begin(dst, mode)
+        # A client without SEMI_SEAMLESS_MIGRATE gets no BEGIN (5.1): it can only be told to
+        # reconnect to s2 from scratch, at the end, losing its state (5.6).
+        switch_host = [s for s in sources if s.machine.mode is mig.MigrationMode.SWITCH_HOST]
         deadline = time.monotonic() + timeout
         for source in sources:  # the machine answers ConnectComplete(False) at its own timeout
-            source.connected.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+            if source not in switch_host:
+                source.connected.wait(max(0.0, deadline - time.monotonic()) + 1.0)
         ready = [s for s in sources if s.connected.ready() and s.connected.value.success]
         for source in sources:
-            if source not in ready:
+            if source not in ready and source not in switch_host:
+                # Never a lossy fallback for a client that tried: it stays here, working.
                 source.error = source.error or "the client could not connect to the destination"
                 source.cancel(source.error)
         pre_migration = time.time() - started
@@ -497,6 +508,8 @@ class MigrationManager:
                 ready = []
             for source in ready:
                 source.finish()
+        for source in switch_host:
+            source.switch_host()
         landed = self._wait_landed(peer, ready, time.monotonic() + timeout) if ready else {}
         for source in ready:
             main = source.session.main
@@ -512,7 +525,8 @@ class MigrationManager:
             total_s=round(time.time() - started, 6),
             device_state_bytes=moved_devices,
             migrated=sum(1 for s in report["sessions"] if s["migrated"]),
-            stayed=sum(1 for s in report["sessions"] if not s["migrated"]),
+            switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
+            stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"),
         )
         return report
 
@@ -540,10 +554,11 @@ class MigrationManager:
     @staticmethod
     def _session_report(source: SessionSource, landed: dict | None) -> dict:
         times = source.times
+        switched_host = source.machine.mode is mig.MigrationMode.SWITCH_HOST and "migrate_sent" in times
         entry = {
             "session_id": f"{source.session.id:08x}",
             "migrated": landed is not None,
-            "mode": landed["mode"] if landed else None,
+            "mode": landed["mode"] if landed else ("switch-host" if switched_host else None),
             "in_flight_bytes_moved": source.moved,
             "bytes_dropped": source.dropped,
             "error": source.error,
