@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import logging
 import sys
+import time
 
 from spicewire import __version__
 
@@ -66,6 +67,8 @@ def _add_serve(commands) -> None:
     auth = p.add_mutually_exclusive_group(required=True)
     auth.add_argument("--password", metavar="PW", help="the ticket clients must present")
     auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
+    p.add_argument("--ticket-lifetime", type=float, metavar="S",
+                   help="refuse the password S seconds after the server starts (QEMU's set_password expiry)")
     p.add_argument(
         "--port-channel", dest="port_channels", action="append", default=[], type=port_channel,
         metavar="NAME=DEVICE", help="add a port channel to every session (repeatable); devices: echo, sink, source",
@@ -85,6 +88,8 @@ def _add_serve(commands) -> None:
 
 
 def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.ticket_lifetime is not None and args.password is None:
+        parser.error("--ticket-lifetime needs --password")
     names = [name for name, _ in args.port_channels]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -118,6 +123,7 @@ def serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(
         host=host, port=port, password=args.password, port_channels=args.port_channels,
+        password_expiry=None if args.ticket_lifetime is None else time.time() + args.ticket_lifetime,
         limits=Limits(to_device=int(args.port_buffer_mib * (1 << 20))),
     )
     server = SpiceServer(config)

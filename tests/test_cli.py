@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 import socket
 import subprocess
 import sys
@@ -107,3 +108,13 @@ def test_importing_spicewire_does_not_monkey_patch():
         "assert not gevent.monkey.is_module_patched('socket')"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=15)
+
+
+def test_serve_refuses_the_password_once_its_ticket_lifetime_is_over(serve):
+    served = serve("--password", "right", "--ticket-lifetime", "1")
+    main, _ = open_session(served.address, password="right")
+    main.close()
+    time.sleep(1.2)
+    with pytest.raises(LinkError) as err:
+        open_session(served.address, password="right")
+    assert err.value.code == LinkErr.PERMISSION_DENIED
