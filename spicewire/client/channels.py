@@ -121,18 +121,33 @@ class ChannelClient:
             self.flush()
 
     def flush(self) -> None:
+        # Never wait here for a write another greenlet is blocked in: the reader flushes its ACKs
+        # after every batch, and a server that stopped reading until we read would wait forever.
+        # The holder writes what we queued: it loops until nothing is left.
+        if not self.write_lock.acquire(blocking=False):
+            return
+        try:
+            while frames := self.channel.data_to_send():
+                sock = self.sock
+                try:
+                    sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+                except OSError:
+                    if not (self.frozen or self.sock is not sock):
+                        raise
+                    # s1 went away under a write during a migration: lost by design (5.3)
+                    self.session.note_dropped(self, unsent_bytes=sum(map(len, frames)))
+        finally:
+            self.write_lock.release()
+
+    def write_soon(self, msg: m.Message) -> None:
+        """Like write_now, but from the channel's reader: frame ``msg`` now (its place in the order
+        is taken) and let another greenlet write it, so the reader goes on reading."""
+        if gevent.getcurrent() is not self._reader:
+            self.write_now(msg)
+            return
         with self.write_lock:
-            frames = self.channel.data_to_send()
-            if not frames:
-                return
-            sock = self.sock
-            try:
-                sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
-            except OSError:
-                if not (self.frozen or self.sock is not sock):
-                    raise
-                # s1 went away under a write during a migration: lost by design (5.3)
-                self.session.note_dropped(self, unsent_bytes=sum(map(len, frames)))
+            self.channel.send(msg)
+        gevent.spawn(self.flush)
 
     # --- reading -----------------------------------------------------------------------------
 

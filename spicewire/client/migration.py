@@ -262,9 +262,13 @@ class MigrationDriver:
         msg = ev.message
         if isinstance(msg, m.MsgcMigrateData) and isinstance(msg.data, StreamedBody):
             self._stream(ch, msg.data)
-        elif ev.peer is Peer.S2 and ch.peer is Peer.S1:  # DST_DO_SEAMLESS, before main switches
+        elif ev.peer is Peer.S2 and ev.channel in self._parked:  # DST_DO_SEAMLESS, before main switches
             parked = self._parked[ev.channel]
             parked.sock.sendall(parked.writer.frame(msg.TYPE, msg.encode()))
+        elif ev.peer is Peer.S2:
+            # Retained messages released after a MIGRATE_DATA relay run in the channel's reader:
+            # it must not block writing them while s2 waits for it to read.
+            ch.write_soon(msg)
         else:
             ch.write_now(msg)
         if isinstance(msg, (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless)):

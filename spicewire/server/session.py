@@ -267,6 +267,11 @@ class MainConnection:
                 pass  # no guest agent: AGENT_CONNECTED stays 0, so a client has nothing to send to
             elif isinstance(msg, m.MsgcDisconnecting):
                 self.transport.close("client is disconnecting")
+            elif isinstance(msg, (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless)):
+                # The answer to a BEGIN we stopped waiting for (timeout, cancel): 5.2 cancels it.
+                self.send(m.MsgMainMigrateCancel())
+            elif isinstance(msg, m.MsgcMainMigrateConnectError):
+                pass  # a late CONNECT_ERROR is ignored (5.2)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the main channel")
         self.transport.flush()
