@@ -260,7 +260,7 @@ def migrate(args: argparse.Namespace) -> int:
         print(json.dumps({"error": str(err)}))
         return 1
     print(json.dumps(report, indent=1))
-    return 0 if report.get("stayed") == 0 and not report.get("error") else 1
+    return 0 if report.get("migrated") == len(report.get("sessions", ())) and not report.get("error") else 1
 
 
 # --- the command line -------------------------------------------------------------------------

@@ -548,6 +548,7 @@ def test_fault_s2_dies_after_migrate_data_was_sent(nodes, procs, monkeypatch):
     report = migration.get(timeout=timeout + 5)
     entry = only_entry(report)
     assert report["migrated"] == 0 and not entry["migrated"] and entry["mode"] is None, report
+    assert report["lost"] + report["stayed"] == 1, report  # lost once the client has left s1
     assert "did not arrive on the destination in time" in report["error"]
     assert entry["in_flight_bytes_moved"] >= 32 << 20  # s1's buffers went out: nothing to go back to
     client = session.migrations[-1]

@@ -129,6 +129,10 @@ class SessionSource:
 
     def client_gone(self) -> None:
         self.times["client_left"] = time.time()
+        if self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS and "migrate_sent" in self.times:
+            # Whatever the client still wrote until it left is dropped as well.
+            self.dropped = max(self.dropped, sum(p.to_device_bytes + p.to_client_bytes
+                                                 for p in self.session.ports.values()))
         try:
             self._apply(self.machine.client_disconnected())
         except ProtocolError:
@@ -516,6 +520,8 @@ class MigrationManager:
             if f"{source.session.id:08x}" in landed and main is not None:
                 # It lives on s2 now; a client still holding an s1 socket has no use for it.
                 main.transport.close("the session migrated away")
+        for source in ready:  # their final counts (what a semi-seamless switch dropped) come at the end
+            source.finished.wait(max(0.0, min(1.0, deadline + timeout - time.monotonic())))
         if ready and len(landed) < len(ready):
             report["error"] = f"{len(ready) - len(landed)} sessions did not arrive on the destination in time"
         for source in sources:
@@ -526,7 +532,9 @@ class MigrationManager:
             device_state_bytes=moved_devices,
             migrated=sum(1 for s in report["sessions"] if s["migrated"]),
             switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
-            stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"),
+            lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
+            stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"
+                       and not (s["error"] or "").startswith("lost")),
         )
         return report
 
@@ -565,6 +573,8 @@ class MigrationManager:
         }
         if "connected" in times:
             entry["pre_migration_s"] = round(times["connected"] - times["begin"], 6)
+        if not landed and "migrate_sent" in times and "client_left" in times and not switched_host:
+            entry["error"] = entry["error"] or "lost: the client left the source but never arrived on the destination"
         if landed and "migrate_sent" in times:
             entry["downtime_s"] = round(landed["times"]["completed"] - times["migrate_sent"], 6)
             entry["total_s"] = round(landed["times"]["completed"] - times["begin"], 6)
