@@ -157,7 +157,7 @@ _HEADER = struct.Struct("<II")  # magic, version
 _CHAR_DEVICE = struct.Struct("<IBIIIII")  # 25 bytes (6.1)
 _MAIN_TAIL = struct.Struct("<BI8sBIIIBIB")  # the 32 bytes after the agent char device (6.2)
 _PORT_STATE = struct.Struct("<IIQQQIIIIQ8x")  # 64 bytes, SWPD chunk 0
-SWPD_SEGMENT = 32 << 20  # one container's bytes while building: the size of the reused buffer
+SWPD_SEGMENT = 16 << 20  # one container's bytes while building: the size of the reused buffer
 _CONTAINER_TOTAL = struct.Struct("<Q")  # codec container total_size, at offset 16
 SPICEVMC_MIGRATE_DATA_SIZE = _HEADER.size + _CHAR_DEVICE.size  # 33
 MAIN_MIGRATE_DATA_SIZE = SPICEVMC_MIGRATE_DATA_SIZE + _MAIN_TAIL.size  # 65
@@ -347,15 +347,26 @@ class PortMigrateDataWriter:
         self._container_sizes = sizes
         self.size = _HEADER.size + sum(sizes)
 
-    def segments(self) -> Iterator[np.ndarray]:
-        yield np.frombuffer(_HEADER.pack(MigrateDataMagic.PORT, MIGRATE_DATA_VERSION), dtype=np.uint8)
-        out = np.empty(max(self._container_sizes), dtype=np.uint8)
+    @property
+    def header(self) -> bytes:
+        return _HEADER.pack(MigrateDataMagic.PORT, MIGRATE_DATA_VERSION)
+
+    @property
+    def largest_container(self) -> int:
+        return max(self._container_sizes)
+
+    def chunk_groups(self) -> Iterator[list[Buffer]]:
+        """The chunks of each container in turn, for a caller that packs them itself (the server
+        packs the next container in a thread while the previous one is being sent)."""
         sources = self._chunks()
         for count in self._plan:
-            chunks = [next(sources) for _ in range(count)]
-            packed = codec.pack_chunks(chunks, out=out)
-            del chunks
-            yield packed
+            yield [next(sources) for _ in range(count)]
+
+    def segments(self) -> Iterator[np.ndarray]:
+        yield np.frombuffer(self.header, dtype=np.uint8)
+        out = np.empty(self.largest_container, dtype=np.uint8)
+        for chunks in self.chunk_groups():
+            yield codec.pack_chunks(chunks, out=out)
 
     def _chunks(self) -> Iterator[Buffer]:
         yield self._record

@@ -211,7 +211,7 @@ class SessionSource:
         self.machine.send(channel, m.MsgMigrateData(b""))  # the transition; the body is streamed
         header = ch.writer.header(Msg.MIGRATE_DATA, writer.size)
         ch.bytes_out += len(header) + writer.size
-        conn.transport.send_stream(header, writer.segments(), len(header) + writer.size)
+        conn.transport.send_stream(header, pipelined_segments(writer), len(header) + writer.size)
 
     def _arm_timer(self) -> None:
         deadline = self.machine.get_timer()
@@ -579,6 +579,25 @@ class MigrationManager:
             entry["downtime_s"] = round(landed["times"]["completed"] - times["migrate_sent"], 6)
             entry["total_s"] = round(landed["times"]["completed"] - times["begin"], 6)
         return entry
+
+
+def pipelined_segments(writer: mig.PortMigrateDataWriter):
+    """The writer's segments, each packed in a worker thread into one of two buffers while the one
+    before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
+    instead of taking turns. A segment is asked for only once the previous one is sent, so the
+    buffer being packed is never the one on the wire."""
+    yield np.frombuffer(writer.header, dtype=np.uint8)
+    pool = gevent.get_hub().threadpool
+    buffers = [np.empty(writer.largest_container, dtype=np.uint8) for _ in range(2)]
+    groups = writer.chunk_groups()
+    job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
+    turn = 0
+    for group in groups:
+        packed = job.get()
+        turn ^= 1
+        job = pool.spawn(codec.pack_chunks, group, buffers[turn])
+        yield packed
+    yield job.get()
 
 
 def _mode(mode: mig.MigrationMode | None) -> str | None:
