@@ -38,7 +38,7 @@ def free_port() -> int:
 class Server:
     """A ``spicewire serve`` process with a sink port and a control API."""
 
-    def __init__(self, name: str, buffer_mib: float) -> None:
+    def __init__(self, name: str, buffer_mib: float, control_timeout: float = 120) -> None:
         self.name = name
         self.port, self.control_port = free_port(), free_port()
         self.proc = subprocess.Popen(
@@ -47,7 +47,7 @@ class Server:
              "--control", f"127.0.0.1:{self.control_port}", "--log-level", "WARNING"],
             stdin=subprocess.DEVNULL,
         )
-        self.control = ControlClient("127.0.0.1", self.control_port, timeout=120)
+        self.control = ControlClient("127.0.0.1", self.control_port, timeout=control_timeout)
         deadline = time.monotonic() + 20
         while True:
             try:
