@@ -158,7 +158,8 @@ def test_paused_sink_buffers_and_resumed_sink_digests_everything(spice, control)
     assert port.expect(m.MsgPortInit).name == SINK
     payload = os.urandom(300_000)
     chunks = [payload[i : i + 65536] for i in range(0, len(payload), 65536)]
-    port.send(*(m.MsgcSpicevmcData(chunk) for chunk in chunks))
+    for chunk in chunks:
+        port.send(m.MsgcSpicevmcData(chunk))
 
     wait_for(lambda: port_view(control, session_id, SINK)["to_device_bytes"] == len(payload), "all buffered")
     view = port_view(control, session_id, SINK)

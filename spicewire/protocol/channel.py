@@ -130,6 +130,8 @@ class ChannelConnection:
         log.warning("ignoring unknown message type %d on %s channel", msg_type, self.channel_type.name)
 
     def _handle_common(self, msg: m.Message) -> bool:
+        if msg.FAMILY is not m.Family.COMMON:
+            return False  # the data path (DATA, main messages) skips the chain below
         if isinstance(msg, m.MsgcAckSync):
             self.client_generation = msg.generation
         elif isinstance(msg, m.MsgcAck):
@@ -171,7 +173,6 @@ class ChannelConnection:
         """Server: start (or change) ACK flow control with a new generation."""
         self.ack_generation += 1
         self.ack_window = window
-        self.unacked = 0
         self.send(m.MsgSetAck(self.ack_generation, window))
         self.unacked = 0  # SET_ACK itself is not counted
 

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from spicewire.errors import LinkError, LocalProtocolError, RemoteProtocolError
+from spicewire.protocol.caps import caps_to_words, has_cap
 from spicewire.protocol.enums import (
     ENCRYPTED_TICKET_SIZE,
     LINK_HEADER_SIZE,
@@ -59,20 +60,11 @@ _OAEP = padding.OAEP(mgf=padding.MGF1(hashes.SHA1()), algorithm=hashes.SHA1(), l
 KeyFactory = Callable[[], rsa.RSAPrivateKey]
 
 
-def _has_cap(words: Caps, cap: int) -> bool:
-    index, bit = divmod(cap, 32)
-    return index < len(words) and bool(words[index] >> bit & 1)
-
-
-def _caps_word(*caps: int) -> Caps:
-    return (sum(1 << cap for cap in set(caps)),)
-
-
-SERVER_COMMON_CAPS = _caps_word(
-    CommonCap.PROTOCOL_AUTH_SELECTION, CommonCap.AUTH_SPICE, CommonCap.MINI_HEADER
+SERVER_COMMON_CAPS: Caps = tuple(
+    caps_to_words((CommonCap.PROTOCOL_AUTH_SELECTION, CommonCap.AUTH_SPICE, CommonCap.MINI_HEADER))
 )
 """0x0B, what spice-server advertises without SASL."""
-CLIENT_COMMON_CAPS = _caps_word(CommonCap.PROTOCOL_AUTH_SELECTION, CommonCap.MINI_HEADER)
+CLIENT_COMMON_CAPS: Caps = tuple(caps_to_words((CommonCap.PROTOCOL_AUTH_SELECTION, CommonCap.MINI_HEADER)))
 """0x09, what spice-gtk advertises without SASL (it never sets AUTH_SPICE)."""
 
 
@@ -349,7 +341,7 @@ class ServerLink(_LinkMachine):
         reply = SpiceLinkReply(LinkErr.OK, pub_key, SERVER_COMMON_CAPS, tuple(channel_caps))
         self._outbox += _framed(reply.encode())
         # The mechanism word is expected on the client's bit, not ours (section 1 preamble).
-        if _has_cap(self._mess.common_caps, CommonCap.PROTOCOL_AUTH_SELECTION):
+        if has_cap(self._mess.common_caps, CommonCap.PROTOCOL_AUTH_SELECTION):
             self._expect(LinkState.AUTH_MECHANISM, _U32.size)
         else:
             self._expect(LinkState.TICKET, ENCRYPTED_TICKET_SIZE)
@@ -431,8 +423,8 @@ class ServerLink(_LinkMachine):
         mess = self._mess
         self._establish(
             mess, (mess.common_caps, mess.channel_caps),
-            send_mini=_has_cap(mess.common_caps, CommonCap.MINI_HEADER),
-            expect_mini=_has_cap(SERVER_COMMON_CAPS, CommonCap.MINI_HEADER),
+            send_mini=has_cap(mess.common_caps, CommonCap.MINI_HEADER),
+            expect_mini=has_cap(SERVER_COMMON_CAPS, CommonCap.MINI_HEADER),
         )
 
     _HANDLERS = {
@@ -498,7 +490,7 @@ class ClientLink(_LinkMachine):
         if reply.error != LinkErr.OK:
             self._close()
             raise LinkError(reply.error, "server refused the link")
-        if not _has_cap(reply.common_caps, CommonCap.AUTH_SPICE):
+        if not has_cap(reply.common_caps, CommonCap.AUTH_SPICE):
             self._fail("No compatible AUTH mechanism")
         try:
             key = serialization.load_der_public_key(reply.pub_key)
@@ -507,7 +499,7 @@ class ClientLink(_LinkMachine):
         if not isinstance(key, rsa.RSAPublicKey) or key.key_size != 8 * ENCRYPTED_TICKET_SIZE:
             self._fail("server public key is not RSA-1024")
         # Mechanism word and ticket go back to back, without waiting (as spice-gtk does).
-        if _has_cap(reply.common_caps, CommonCap.PROTOCOL_AUTH_SELECTION):
+        if has_cap(reply.common_caps, CommonCap.PROTOCOL_AUTH_SELECTION):
             self._outbox += _U32.pack(AuthMechanism.SPICE)
         self._outbox += key.encrypt(self._ticket, _OAEP)
         self._reply = reply
@@ -521,8 +513,8 @@ class ClientLink(_LinkMachine):
         reply = self._reply
         self._establish(
             self._mess, (reply.common_caps, reply.channel_caps),
-            send_mini=_has_cap(reply.common_caps, CommonCap.MINI_HEADER),
-            expect_mini=_has_cap(self._mess.common_caps, CommonCap.MINI_HEADER),
+            send_mini=has_cap(reply.common_caps, CommonCap.MINI_HEADER),
+            expect_mini=has_cap(self._mess.common_caps, CommonCap.MINI_HEADER),
         )
 
     _HANDLERS = {

@@ -32,7 +32,7 @@ from spicewire.errors import ProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType, Msg
-from spicewire.server.session import PortConnection, PortState, Session
+from spicewire.server.session import PORT_MAX_MESSAGE, PortConnection, PortState, Session, multi_media_time
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class SessionTarget:
     def _restore_port(self, handler: PortConnection, data: mig.PortMigrateData) -> None:
         port, ch = handler.port, handler.channel
         handler.waiting_for_migrate_data = False
-        ch.reader.max_size = self.manager.server_port_limit
+        ch.reader.max_size = PORT_MAX_MESSAGE
         ch.reader.bulk_allocator = np.empty
         for chunk in data.pending:
             port.to_device.append(memoryview(chunk))
@@ -349,7 +349,7 @@ class SessionTarget:
         if mode is mig.MigrationMode.SEAMLESS:
             # As spice-server's s2 does (5.4); spice-gtk also lets go of its s1 main connection
             # only once s2's main channel has said something.
-            session.main.channel.send(m.MsgMainMultiMediaTime(session.main.main_init().multi_media_time))
+            session.main.channel.send(m.MsgMainMultiMediaTime(multi_media_time()))
             session.main.transport.flush()
         session.main.target = False
         session.main.intercept = None
@@ -373,12 +373,6 @@ class MigrationManager:
         self.seamless_enabled = True
         self.announcements: dict[int, Announcement] = {}
         self.completed: dict[int, dict] = {}  # session id -> its last destination report
-
-    @property
-    def server_port_limit(self) -> int:
-        from spicewire.server.net import PORT_MAX_MESSAGE
-
-        return PORT_MAX_MESSAGE
 
     # --- destination -------------------------------------------------------------------------
 

@@ -24,13 +24,12 @@ from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
 from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
 from spicewire.server.migration import MigrationManager
-from spicewire.server.session import Limits, MainConnection, PortConnection, PortState, Session, new_session_id
+from spicewire.server.session import (
+    MAIN_MAX_MESSAGE, PORT_MAX_MESSAGE, Limits, MainConnection, PortConnection, PortState, Session, new_session_id,
+)
 
 log = logging.getLogger(__name__)
 
-# spice-server's receive limit on the main channel (2): 4096 + 11 * 2048.
-MAIN_MAX_MESSAGE = 26624
-PORT_MAX_MESSAGE = 64 << 20
 RECV_BUFFER = 256 << 10
 WRITE_BATCH = 1 << 20
 
@@ -164,7 +163,7 @@ class Connection:
                 self._serve(established)
         except (ProtocolError, CodecError) as err:  # CodecError: MessageTooLarge from the reader
             log.warning("[%s] protocol error, disconnecting: %s", self.label, err)
-        except (OSError, socket.timeout) as err:
+        except OSError as err:  # socket.timeout included
             log.info("[%s] connection lost: %s", self.label, err)
         finally:
             self.close("done")

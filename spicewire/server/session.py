@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 
 # spice-server's spicevmc DATA bodies are at most this long (7.4); spice-gtk reads any size.
 MAX_DATA_MESSAGE = 65568
+# Receive limits per channel: spice-server's on main (2: 4096 + 11 * 2048); ports take any DATA a
+# client sends in one message, up to this.
+MAIN_MAX_MESSAGE = 26624
+PORT_MAX_MESSAGE = 64 << 20
 
 
 class Transport(Protocol):
@@ -234,7 +238,7 @@ class MainConnection:
             current_mouse_mode=s.mouse_mode,
             agent_connected=0,
             agent_tokens=10,
-            multi_media_time=int(time.monotonic() * 1000 - 400) & 0xFFFFFFFF,
+            multi_media_time=multi_media_time(),
             ram_hint=0,
         )
 
@@ -313,6 +317,11 @@ class Session:
             "migration": self.migration.status() if self.migration is not None else None,
             "migrations": self.migrations,
         }
+
+
+def multi_media_time() -> int:
+    """The server's multimedia clock in ms, 400 ms behind as spice-server reports it (4.2)."""
+    return int(time.monotonic() * 1000 - 400) & 0xFFFFFFFF
 
 
 def new_session_id(taken) -> int:
