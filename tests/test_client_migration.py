@@ -540,3 +540,50 @@ def test_echo_stream_survives_a_seamless_qemu_migration_without_loss_or_duplicat
         assert report["mode"] == "seamless"
         assert got == expected, (len(got), len(expected))
         print("in-flight report", report)
+
+
+# --- the MIGRATE_DATA relay itself ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
+@pytest.mark.parametrize("count", [1, 4095, (3 << 20) + 17])
+def test_relay_moves_exactly_count_bytes_and_leaves_the_rest(monkeypatch, use_splice, count):
+    """relay() moves ``count`` bytes s1 -> s2 through either path and never reads past them: what
+    follows on the s1 socket stays there for the channel's parser."""
+    from spicewire.client import migration as client_migration
+
+    monkeypatch.setattr(client_migration, "_SPLICE", use_splice and client_migration._SPLICE)
+    payload, after = os.urandom(count), b"next message"
+    s1_far, s1_near = socket.socketpair()
+    s2_near, s2_far = socket.socketpair()
+    writer = gevent.spawn(lambda: s1_far.sendall(payload + after))
+    received = bytearray()
+
+    def drain():
+        while len(received) < count:
+            received.extend(s2_far.recv(1 << 20))
+
+    reader = gevent.spawn(drain)
+    held = client_migration.relay(s1_near, s2_near, count, "port:1")
+    writer.get(timeout=10)
+    reader.get(timeout=10)
+    assert bytes(received) == payload
+    assert s1_near.recv(100) == after
+    assert held == (0 if use_splice else min(count, client_migration.RELAY_CHUNK))
+    for sock in (s1_far, s1_near, s2_near, s2_far):
+        sock.close()
+
+
+@pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
+def test_relay_reports_s1_closing_early(monkeypatch, use_splice):
+    from spicewire.client import migration as client_migration
+
+    monkeypatch.setattr(client_migration, "_SPLICE", use_splice and client_migration._SPLICE)
+    s1_far, s1_near = socket.socketpair()
+    s2_near, s2_far = socket.socketpair()
+    s1_far.sendall(b"x" * 1000)
+    s1_far.close()
+    with pytest.raises(ConnectionError, match="s1 closed port:1 24 bytes before the end"):
+        client_migration.relay(s1_near, s2_near, 1024, "port:1")
+    for sock in (s1_near, s2_near, s2_far):
+        sock.close()

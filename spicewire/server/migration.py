@@ -15,10 +15,12 @@ client that could not reach s2 simply stays on s1, its devices running.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import mmap
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -52,6 +54,19 @@ def _port_channel(channel_id: int) -> mig.Channel:
     return (ChannelType.PORT, channel_id)
 
 
+@contextmanager
+def collector_paused():
+    """For the downtime's bursts of small objects (a chunk list per MIGRATE_DATA): the cyclic
+    collector would otherwise walk the whole heap in the middle of them, several ms in a big server."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 # --- s1 ----------------------------------------------------------------------------------------
 
 
@@ -71,6 +86,7 @@ class SessionSource:
         self.dropped = 0  # in-flight bytes a semi-seamless migration throws away
         self.error: str | None = None
         self._timer: gevent.Greenlet | None = None
+        self.pack_buffers: PackBuffers | None = None  # the migration's, for a big MIGRATE_DATA
         session.main.intercept = partial(self._intercept, MAIN)
         for cid, port in self.ports.items():
             port.connection.intercept = partial(self._intercept, _port_channel(cid))
@@ -202,7 +218,8 @@ class SessionSource:
             ack_generation=ch.ack_generation, ack_window=ch.ack_window, serial=ch.writer.serial + 1,
             client_serial=ch.reader.serial, pending=list(port.to_device), to_client=list(port.to_client),
         )
-        writer = mig.PortMigrateDataWriter(state)
+        with collector_paused():
+            writer = mig.PortMigrateDataWriter(state)
         self.moved += writer.size
         if writer.size < STREAM_MIGRATE_DATA:  # small: one frame, one write, the least latency
             body = b"".join(piece.tobytes() for piece in writer.segments())
@@ -211,7 +228,8 @@ class SessionSource:
         self.machine.send(channel, m.MsgMigrateData(b""))  # the transition; the body is streamed
         header = ch.writer.header(Msg.MIGRATE_DATA, writer.size)
         ch.bytes_out += len(header) + writer.size
-        conn.transport.send_stream(header, pipelined_segments(writer), len(header) + writer.size)
+        segments = pipelined_segments(writer, self.pack_buffers)
+        conn.transport.send_stream(header, segments, len(header) + writer.size)
 
     def _arm_timer(self) -> None:
         deadline = self.machine.get_timer()
@@ -256,6 +274,7 @@ def prefaulted(size: int) -> np.ndarray:
 
 
 PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
+MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
 
 
 class SessionTarget:
@@ -294,6 +313,10 @@ class SessionTarget:
         return isinstance(msg, _TARGET_MAIN_MESSAGES)
 
     def _intercept_port(self, channel: mig.Channel, msg: m.Message) -> bool:
+        if isinstance(msg, m.MsgcMigrateData):
+            with collector_paused():
+                self._apply(self.machine.receive(channel, msg))
+            return True
         self._apply(self.machine.receive(channel, msg))  # raises for data before MIGRATE_DATA
         return isinstance(msg, m.MsgcMigrateData)
 
@@ -329,15 +352,14 @@ class SessionTarget:
         handler.waiting_for_migrate_data = False
         ch.reader.max_size = PORT_MAX_MESSAGE
         ch.reader.bulk_allocator = np.empty
-        for chunk in data.pending:
-            port.to_device.append(memoryview(chunk))
-            port.to_device_bytes += len(chunk)
-        for chunk in data.to_client:
-            port.to_client.append(chunk)
-            port.to_client_bytes += len(chunk)
+        pending, to_client = data.pending_size, data.to_client_size
+        port.to_device.extend(data.pending)  # memoryviews into the received body: no copy
+        port.to_device_bytes += pending
+        port.to_client.extend(data.to_client)
+        port.to_client_bytes += to_client
         ch.writer.serial = max(ch.writer.serial, data.serial)
         ch.ack_generation = data.ack_generation
-        self.restored += data.pending_size + data.to_client_size
+        self.restored += pending + to_client
         # No PORT_INIT: after a seamless switch the client keeps the port's name and state (spice-gtk
         # logs a critical for a second one, 5.9 item 8).
         handler.start(announce=False)
@@ -391,7 +413,7 @@ class MigrationManager:
                 in_flight = int(port[3]) if len(port) > 3 else 0
                 if in_flight >= PREFAULT_MIN:
                     # Room for the SWPD framing around the bytes, and for what arrives until FLUSH_MARK.
-                    size = int(in_flight * 1.05) + (4 << 20)
+                    size = int(in_flight * 1.02) + (4 << 20)
                     ann.buffers[int(port[0])] = gevent.get_hub().threadpool.spawn(prefaulted, size)
         return len(sessions)
 
@@ -472,9 +494,13 @@ class MigrationManager:
                          for s in sessions],
         })
         dst = m.MigrationDstInfo(port=to[1], sport=0, host=to[0], cert_subject=None)
+        big = sum(1 for s in sessions for p in s.ports.values()
+                  if p.to_device_bytes + p.to_client_bytes >= PackBuffers.SIZE)
+        pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
         sources = []
         for session in sessions:
             source = SessionSource(self, session, timeout)
+            source.pack_buffers = pack_buffers
             session.migration = source
             sources.append(source)
             source.begin(dst, mode)
@@ -575,23 +601,53 @@ class MigrationManager:
         return entry
 
 
-def pipelined_segments(writer: mig.PortMigrateDataWriter):
+class PackBuffers:
+    """Segment buffers for pipelined_segments, faulted in by worker threads during pre-migration:
+    fresh pages cost this machine about as much to touch as to fill (some 2 ms per MiB), and the
+    downtime should pay for neither. One migration's; buffers go back here after each stream."""
+
+    SIZE = mig.SWPD_SEGMENT  # a container is at most this large unless one chunk is larger
+
+    def __init__(self, count: int = 0) -> None:
+        pool = gevent.get_hub().threadpool
+        self._free = [pool.spawn(prefaulted, self.SIZE) for _ in range(count)]
+
+    def take(self, size: int) -> np.ndarray:
+        while self._free:
+            job = self._free.pop()
+            if job.ready() and job.successful() and len(job.value) >= size:
+                return job.value
+        return np.empty(size, dtype=np.uint8)
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        if len(buffer) == self.SIZE:
+            done = gevent.event.AsyncResult()
+            done.set(buffer)
+            self._free.append(done)
+
+
+def pipelined_segments(writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None):
     """The writer's segments, each packed in a worker thread into one of two buffers while the one
     before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
     instead of taking turns. A segment is asked for only once the previous one is sent, so the
     buffer being packed is never the one on the wire."""
     yield np.frombuffer(writer.header, dtype=np.uint8)
     pool = gevent.get_hub().threadpool
-    buffers = [np.empty(writer.largest_container, dtype=np.uint8) for _ in range(2)]
-    groups = writer.chunk_groups()
-    job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
-    turn = 0
-    for group in groups:
-        packed = job.get()
-        turn ^= 1
-        job = pool.spawn(codec.pack_chunks, group, buffers[turn])
-        yield packed
-    yield job.get()
+    spare = spare or PackBuffers()
+    buffers = [spare.take(writer.largest_container) for _ in range(2)]
+    try:
+        groups = writer.chunk_groups()
+        job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
+        turn = 0
+        for group in groups:
+            packed = job.get()
+            turn ^= 1
+            job = pool.spawn(codec.pack_chunks, group, buffers[turn])
+            yield packed
+        yield job.get()
+    finally:
+        for buffer in buffers:
+            spare.give_back(buffer)
 
 
 def _mode(mode: mig.MigrationMode | None) -> str | None:
