@@ -55,6 +55,8 @@ from spicewire.protocol.migration import (
     DEFAULT_MAIN_INIT,
     MAIN,
     AttachChannel,
+    AwaitConfirmation,
+    AwaitRollback,
     CharDeviceMigrateData,
     ClientMigration,
     ClientState,
@@ -64,6 +66,7 @@ from spicewire.protocol.migration import (
     DestinationState,
     DisconnectClient,
     DropDestination,
+    DropMigrateData,
     LinkDestination,
     MainMigrateData,
     MigrateDataMagic,
@@ -74,6 +77,7 @@ from spicewire.protocol.migration import (
     PortMigrateData,
     ResetChannels,
     RestoreMigrateData,
+    RolledBack,
     Send,
     SourceMigration,
     SourceState,
@@ -229,6 +233,24 @@ def test_source_refuses_to_send_anything_after_migrate_data():
     src.send(PORT, MsgMigrateData(SVMD))
     with pytest.raises(LocalProtocolError):
         src.send(PORT, MsgMigrateData(SVMD))
+
+
+def test_source_seamless_rolls_back_to_normal_with_migrate_cancel():
+    src = connected_source()
+    src.finish(now=1.0)
+    src.receive(PORT, MsgcMigrateFlushMark())
+    src.send(PORT, MsgMigrateData(SVMD))
+    assert src.roll_back() == [Send(MAIN, MsgMainMigrateCancel())]
+    assert src.state is SourceState.IDLE and src.get_timer() is None
+    assert src.receive(PORT, MsgcSpicevmcData(b"again")) == []  # no longer "after FLUSH_MARK"
+    assert src.send(PORT, MsgSpicevmcData(b"x")) == [Send(PORT, MsgSpicevmcData(b"x"))]
+
+
+def test_source_semi_seamless_cannot_roll_back():
+    src = connected_source(seamless=False)
+    src.finish(now=1.0)
+    with pytest.raises(LocalProtocolError):
+        src.roll_back()
 
 
 def test_source_refuses_owner_sent_migrate():
@@ -660,13 +682,70 @@ def test_client_migrate_data_without_migrate_is_a_remote_error():
         linked_client().receive(Peer.S1, PORT, MsgMigrateData(SVMD))
 
 
-def test_client_last_channel_switched_closes_s1_and_completes():
+def switched_client():
     cli = linked_client()
     for channel, body in ((MAIN, MNMD), (PORT, SVMD)):
         cli.receive(Peer.S1, channel, MsgMigrate(3))
         out = cli.receive(Peer.S1, channel, MsgMigrateData(body))
-    assert events(out)[-2:] == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
+    return cli, out
+
+
+def test_client_last_channel_switched_keeps_s1_until_s2_main_speaks():
+    cli, out = switched_client()
+    assert events(out)[-1] == AwaitConfirmation() and cli.state is ClientState.CONFIRMING
+    assert cli.s2_spoke() == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
     assert cli.state is ClientState.MIGRATED
+
+
+def test_client_s2_that_spoke_before_the_last_switch_completes_it_at_once():
+    cli = linked_client()
+    cli.receive(Peer.S1, MAIN, MsgMigrate(3))
+    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD))
+    assert cli.s2_spoke() == []
+    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+    assert events(out)[-2:] == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
+
+
+def test_client_silent_s2_completes_when_the_grace_is_over():
+    cli, _ = switched_client()
+    assert cli.confirmation_due() == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
+    assert cli.confirmation_due() == [] and cli.s2_spoke() == []  # late inputs change nothing
+
+
+@pytest.mark.parametrize("when", ["port waiting for MIGRATE_DATA", "all switched"])
+def test_client_s2_failure_returns_to_s1_and_resends_after_its_cancel(when):
+    """Written to s2 before it confirmed, retained meanwhile: both go to s1 after its CANCEL, in
+    that order, ahead of anything newer."""
+    cli = linked_client()
+    cli.receive(Peer.S1, MAIN, MsgMigrate(3))
+    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD))
+    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    if when == "all switched":
+        cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+        assert cli.send(PORT, MsgcSpicevmcData(b"to s2")) == [Send(PORT, MsgcSpicevmcData(b"to s2"), Peer.S2)]
+    out = cli.s2_failed()
+    assert cli.state is ClientState.ROLLING_BACK
+    switched_back = [SwitchChannel(MAIN, Peer.S1)] + ([SwitchChannel(PORT, Peer.S1)] if when == "all switched" else [])
+    assert out == [*switched_back, AwaitRollback()]
+    assert cli.send(PORT, MsgcSpicevmcData(b"held")) == []
+    if when != "all switched":  # s1 still sends the port's MIGRATE_DATA: it is read and dropped
+        assert cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD)) == [DropMigrateData(PORT, SVMD)]
+    out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel())
+    resent = [MsgcSpicevmcData(b"to s2")] if when == "all switched" else []
+    assert [ev for ev in out if isinstance(ev, Send)] == [
+        Send(PORT, msg, Peer.S1) for msg in (*resent, MsgcSpicevmcData(b"held"))
+    ]
+    assert DropDestination() in out and out[-1] == RolledBack()
+    assert cli.state is ClientState.IDLE
+    assert cli.send(PORT, MsgcSpicevmcData(b"next")) == [Send(PORT, MsgcSpicevmcData(b"next"), Peer.S1)]
+
+
+def test_client_s2_failure_after_it_confirmed_is_not_a_rollback():
+    cli, _ = switched_client()
+    cli.s2_spoke()
+    with pytest.raises(LocalProtocolError):
+        cli.s2_failed()
 
 
 def test_client_refuses_owner_sent_migration_messages():
@@ -894,6 +973,8 @@ class Simulation:
                     continue
                 self.client_received.append((peer, channel, message))
                 self.client_outputs(self.client.receive(peer, channel, message))
+                if peer is Peer.S2 and channel == MAIN:  # as the client session does
+                    self.client_outputs(self.client.s2_spoke())
 
     def s1_receive(self, channel, message):
         out = self.s1.receive(channel, message)
@@ -930,6 +1011,8 @@ class Simulation:
                 self.s2_restored[item.channel] = item.data
             elif isinstance(item, MigrationCompleted):
                 self.completed.append(("s2", item))
+                if item.mode is MigrationMode.SEAMLESS:  # what our s2 says once it has the session
+                    self.post("client", (Peer.S2, MAIN), MsgMainMultiMediaTime(1))
 
     def client_outputs(self, out):
         for item in out:

@@ -163,8 +163,10 @@ class ChannelClient:
                 sock = self.sock
                 try:
                     n = sock.recv_into(buf)
-                except OSError:
+                except OSError as err:
                     if not (self.frozen or self.sock is not sock):
+                        if self.session.destination_failed(self, sock, str(err)):
+                            continue  # back on s1's connection
                         raise
                     n = 0
                 if n == 0:
@@ -172,6 +174,8 @@ class ChannelClient:
                         continue  # switched underneath: read the new connection
                     if self.frozen:
                         self._park(sock)
+                        continue
+                    if self.session.destination_failed(self, sock, "connection closed"):
                         continue
                     break
                 self._receive(view[:n])

@@ -42,15 +42,19 @@ from spicewire.protocol.framing import (
 from spicewire.protocol.link import LinkEstablished
 from spicewire.protocol.migration import (
     MAIN,
+    AwaitConfirmation,
+    AwaitRollback,
     ClientMigration,
     ClientState,
     CloseSource,
     DropDestination,
+    DropMigrateData,
     LinkDestination,
     MigrationCompleted,
     MigrationMode,
     Peer,
     ResetChannels,
+    RolledBack,
     Send,
     SwitchChannel,
     SwitchHost,
@@ -60,12 +64,19 @@ log = logging.getLogger(__name__)
 
 RELAY_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0  # spice-gtk has none; s1 gives up after its own 10 s anyway (7.6)
+# After the last switch, s1's sockets are kept until s2's main speaks (ours does once it has restored
+# every channel), or this long: a server that never speaks (spice-server without mm-time) is done.
+CONFIRM_GRACE = 1.0
+# s2 failed mid-migration: how long to wait on s1's sockets for its MIGRATE_CANCEL. Our s1 rolls
+# back as soon as it learns s2 failed, at the latest at its own migration timeout.
+ROLLBACK_TIMEOUT = 60.0
 MODE_NAMES = {
     MigrationMode.SEAMLESS: "seamless",
     MigrationMode.SEMI_SEAMLESS: "semi-seamless",
     MigrationMode.SWITCH_HOST: "switch-host",
 }
 _FINAL = (ClientState.IDLE, ClientState.MIGRATED, ClientState.HOST_SWITCHED)
+_CAN_ROLL_BACK = (ClientState.CONNECTED_SEAMLESS, ClientState.CONFIRMING, ClientState.ROLLING_BACK)
 
 
 def channel_name(key: tuple[int, int]) -> str:
@@ -107,6 +118,7 @@ class _Report:
     migrate_to_switched: dict = field(default_factory=dict)
     total: float | None = None
     peak_relay_buffer: int = 0
+    resent_to_s1: dict = field(default_factory=dict)  # rolled back: messages s2 may have had too
     errors: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -136,10 +148,14 @@ class MigrationDriver:
         self._migrate_at: dict[tuple, float] = {}
         self._retained: dict[tuple, deque] = {key: deque() for key in self.machine.channels}
         self._result = "cancelled"
+        self._s2_broken: str | None = None  # a relay into s2 failed; the machine hears of it next
+        self._timer: gevent.Greenlet | None = None  # confirmation grace or rollback wait
         self._handlers = {
             Send: self._send, LinkDestination: self._link_destination, DropDestination: self._drop,
             ResetChannels: self._reset, SwitchChannel: self._switch, CloseSource: self._close_source,
             MigrationCompleted: self._completed, SwitchHost: self._switch_host,
+            AwaitConfirmation: self._await_confirmation, AwaitRollback: self._await_rollback,
+            DropMigrateData: self._drop_migrate_data, RolledBack: self._rolled_back,
         }
 
     @property
@@ -188,7 +204,7 @@ class MigrationDriver:
         try:
             with ch.write_lock:  # app writes routed to s2 from now on wait for the relay
                 self._run(self.machine.receive, Peer.S1, ch.key, m.MsgMigrateData(StreamedBody(size, first, s1)))
-        except OSError as err:  # s1 or s2 went away mid-relay: this channel cannot be saved
+        except OSError as err:  # s1 went away mid-relay: the session cannot go on
             self.report.errors.append(f"{channel_name(ch.key)}: MIGRATE_DATA relay: {err}")
             self.finish("failed")
             raise
@@ -238,8 +254,26 @@ class MigrationDriver:
     def execute(self, events: list) -> None:
         for ev in events:
             self._handlers[type(ev)](ev)
+        if self._s2_broken is not None:
+            reason, self._s2_broken = self._s2_broken, None
+            self.s2_failed(reason)
         if not self.finished and self.machine.state is ClientState.IDLE:
             self.finish(self._result)
+
+    def s2_spoke(self) -> None:
+        """s2's main channel said something after main switched to it."""
+        self._run(self.machine.s2_spoke)
+
+    def s2_failed(self, reason: str) -> bool:
+        """A connection to s2 broke. True when the migration goes back to s1 (every channel then
+        reads its s1 socket again), False when it is too early or too late for that."""
+        if self.finished or self.machine.state not in _CAN_ROLL_BACK:
+            return False
+        if self.machine.state is not ClientState.ROLLING_BACK:
+            log.warning("migration: s2 failed (%s); back to s1", reason)
+            self.report.errors.append(f"s2 failed: {reason}")
+            self._run(self.machine.s2_failed)
+        return True
 
     def close(self) -> None:
         """The session closes mid-migration: let go of every s2 link and any s1 socket left."""
@@ -252,6 +286,8 @@ class MigrationDriver:
         if self.finished:
             return
         self.finished = True
+        if self._timer is not None and self._timer is not gevent.getcurrent():
+            self._timer.kill(block=False)
         self.report.result = result
         self.report.total = time.monotonic() - self._t0
         self.session.migration_finished(self)
@@ -269,6 +305,8 @@ class MigrationDriver:
         elif ev.peer is Peer.S2 and ev.channel in self._parked:  # DST_DO_SEAMLESS, before main switches
             parked = self._parked[ev.channel]
             parked.sock.sendall(parked.writer.frame(msg.TYPE, msg.encode()))
+        elif ev.peer is Peer.S2 and self._s2_broken is not None:
+            pass  # kept by the machine; it goes to s1 if the migration rolls back
         elif ev.peer is Peer.S2:
             # Retained messages released after a MIGRATE_DATA relay run in the channel's reader:
             # it must not block writing them while s2 waits for it to read.
@@ -397,16 +435,58 @@ class MigrationDriver:
     def _stream(self, ch, body: StreamedBody) -> None:
         """Header for s2 (its header mode, the channel's serial), then the body as it arrives."""
         out = ch.sock
-        # Header and what already arrived in one write: a small MIGRATE_DATA is then one segment.
-        out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size) + body.first)
         left = body.size - len(body.first)
-        if left:
-            peak = relay(body.source, out, left, channel_name(ch.key))
-            self.report.peak_relay_buffer = max(self.report.peak_relay_buffer, len(body.first), peak)
+        try:
+            try:
+                # Header and what already arrived in one write: a small MIGRATE_DATA is one segment.
+                out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size) + body.first)
+            except OSError as err:
+                _discard(body.source, left, channel_name(ch.key))
+                raise DestinationFailed(f"writing to s2: {err}") from err
+            if left:
+                peak = relay(body.source, out, left, channel_name(ch.key))
+                self.report.peak_relay_buffer = max(self.report.peak_relay_buffer, len(body.first), peak)
+        except DestinationFailed as err:  # the whole body was read from s1; s2 did not take it
+            self.report.errors.append(f"{channel_name(ch.key)}: MIGRATE_DATA relay: {err}")
+            self._s2_broken = f"MIGRATE_DATA relay on {channel_name(ch.key)}: {err}"
+            self._relays[ch.key].set()
+            return
         self.report.relayed[channel_name(ch.key)] = body.size
         ch.channel.bytes_out += body.size
         self._switched(ch.key)
         self._relays[ch.key].set()
+
+    def _await_confirmation(self, ev: AwaitConfirmation) -> None:
+        self._start_timer(CONFIRM_GRACE, self.machine.confirmation_due)
+
+    def _await_rollback(self, ev: AwaitRollback) -> None:
+        self._start_timer(ROLLBACK_TIMEOUT, self._rollback_timed_out)
+
+    def _start_timer(self, seconds: float, fn) -> None:
+        if self._timer is not None:
+            self._timer.kill(block=False)
+        self._timer = gevent.spawn_later(seconds, self._run, fn)
+
+    def _rollback_timed_out(self) -> list:
+        if self.machine.state is ClientState.ROLLING_BACK:
+            self.report.errors.append(f"s1 did not take the session back within {ROLLBACK_TIMEOUT:g} s")
+            self.finish("failed")
+            gevent.spawn(self.session.close)
+        return []
+
+    def _drop_migrate_data(self, ev: DropMigrateData) -> None:
+        body = ev.data
+        if isinstance(body, StreamedBody):
+            left = body.size - len(body.first)
+            if left:
+                _discard(body.source, left, channel_name(ev.channel))
+        self.note_dropped(ev.channel, migrate_data_bytes=len(body))
+
+    def _rolled_back(self, ev: RolledBack) -> None:
+        self._result = "rolled-back"
+        for key, count in self.machine.last_resent.items():
+            if count:
+                self.report.resent_to_s1[channel_name(key)] = count
 
     def _close_source(self, ev: CloseSource) -> None:
         for done in self._relays.values():  # the last one is done: it is what switched last
@@ -449,6 +529,20 @@ def relay(source: socket.socket, out: socket.socket, count: int, what: str) -> i
     return _copy_relay(source, out, count, what)
 
 
+class DestinationFailed(ConnectionError):
+    """Writing to s2 failed mid-relay. The rest of the body has been read from s1 and dropped, so
+    the s1 connection is at a message boundary again."""
+
+
+def _discard(source: socket.socket, count: int, what: str) -> None:
+    scratch = bytearray(min(RELAY_CHUNK, count))
+    while count:
+        n = source.recv_into(scratch, min(len(scratch), count))
+        if n == 0:
+            raise ConnectionError(f"s1 closed {what} {count} bytes before the end of MIGRATE_DATA")
+        count -= n
+
+
 class _SpliceRefused(Exception):
     """splice(2) is not possible for these sockets before any byte moved."""
 
@@ -484,6 +578,9 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
                     n -= os.splice(r, dst, n, flags=_SPLICE_FLAGS)
                 except BlockingIOError:
                     wait_write(dst)
+                except OSError as err:
+                    _discard(source, left, what)
+                    raise DestinationFailed(f"writing to s2: {err}") from err
     finally:
         os.close(r)
         os.close(w)
@@ -497,6 +594,10 @@ def _copy_relay(source: socket.socket, out: socket.socket, count: int, what: str
         n = source.recv_into(buf, min(len(buf), left))
         if n == 0:
             raise ConnectionError(f"s1 closed {what} {left} bytes before the end of MIGRATE_DATA")
-        out.sendall(view[:n])
         left -= n
+        try:
+            out.sendall(view[:n])
+        except OSError as err:
+            _discard(source, left, what)
+            raise DestinationFailed(f"writing to s2: {err}") from err
     return len(buf)

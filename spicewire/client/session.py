@@ -152,6 +152,8 @@ class ClientSession:
 
     def on_message(self, ch: ChannelClient, msg: m.Message) -> None:
         """Every incoming message that ChannelConnection did not answer itself."""
+        if self._migration is not None and ch is self.main and ch.peer is Peer.S2:
+            self._migration.s2_spoke()
         if isinstance(msg, _MIGRATION_MESSAGES):
             if self._migration is None and ch is self.main and isinstance(msg, _STARTS_MIGRATION):
                 self._start_migration()
@@ -166,6 +168,13 @@ class ClientSession:
                 self._migration.receive(ch.peer, MAIN, msg)  # 5.3 step 4: no ATTACH_CHANNELS
             else:
                 ch.send(m.MsgcMainAttachChannels())
+
+    def destination_failed(self, ch: ChannelClient, sock, reason: str) -> bool:
+        """``ch`` lost ``sock``. True when that was s2 in the middle of a seamless migration that
+        now goes back to s1, and ``ch`` reads its s1 connection again."""
+        if self._migration is None or ch.peer is not Peer.S2:
+            return False
+        return self._migration.s2_failed(f"{channel_name(ch.key)}: {reason}") and ch.sock is not sock
 
     def pass_through_migrate_data(self, ch: ChannelClient) -> None:
         if self._migration is None:

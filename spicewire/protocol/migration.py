@@ -557,6 +557,30 @@ class CloseSource:
 
 
 @dataclass(frozen=True, slots=True)
+class AwaitConfirmation:
+    """Client, seamless: every channel has switched; keep the s1 connections until s2's main speaks
+    (``s2_spoke``) or a grace period passes (``confirmation_due``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AwaitRollback:
+    """Client: s2 failed; every channel reads s1 again. Wait (bounded) for s1's MIGRATE_CANCEL."""
+
+
+@dataclass(frozen=True, slots=True)
+class DropMigrateData:
+    """Client, rolling back: this MIGRATE_DATA from s1 has nowhere to go; read it and drop it."""
+
+    channel: Channel
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class RolledBack:
+    """Client: s1 took the session back; the migration ended without moving it."""
+
+
+@dataclass(frozen=True, slots=True)
 class SwitchHost:
     """Client: destroy non-main channels, reconnect main to ``dst_info`` with connection_id 0 (a new
     session; 5.6)."""
@@ -587,6 +611,10 @@ def _migrate_input(flags: int) -> str:
     """Table input for SPICE_MSG_MIGRATE: the flags decide what follows."""
     flags = MigrateFlags(flags)
     return "MIGRATE" if not flags else f"MIGRATE({'|'.join(f.name for f in MigrateFlags if f in flags)})"
+
+
+def _mode_name(mode: MigrationMode | None) -> str:
+    return "no" if mode is None else mode.name.lower().replace("_", "-")
 
 
 class _Role:
@@ -695,6 +723,10 @@ class SourceMigration(_Role):
         (_S.MIGRATING, "all channels switched"): (_S.WAIT_DISCONNECT, None),
         (_S.MIGRATING, "timeout"): (_S.DONE, "_disconnect"),
         (_S.WAIT_DISCONNECT, "timeout"): (_S.DONE, "_disconnect"),
+        # Ours, not spice-server's: s2 failed before it had the session, and the client is still
+        # here (seamless only: semi-seamless reset the client's channels at END).
+        (_S.MIGRATING, "roll back"): (_S.IDLE, "_roll_back"),
+        (_S.WAIT_DISCONNECT, "roll back"): (_S.IDLE, "_roll_back"),
         (_S.MIGRATING, "client disconnected"): (_S.DONE, "_stop_timer"),
         (_S.WAIT_DISCONNECT, "client disconnected"): (_S.DONE, "_stop_timer"),
     }
@@ -771,6 +803,15 @@ class SourceMigration(_Role):
     def client_disconnected(self) -> list:
         out = self._begin_call()
         self._fire("client disconnected")
+        return out
+
+    def roll_back(self) -> list:
+        """Seamless post-migration failed on s2's side: the session resumes here. Every channel is
+        back to normal and the client is sent MIGRATE_CANCEL, which takes it back to our sockets."""
+        out = self._begin_call()
+        if self.mode is not MigrationMode.SEAMLESS:
+            raise LocalProtocolError(f"a {_mode_name(self.mode)} migration cannot roll back")
+        self._fire("roll back")
         return out
 
     def get_timer(self) -> float | None:
@@ -851,6 +892,12 @@ class SourceMigration(_Role):
         self.mode = MigrationMode.SWITCH_HOST
         self._out.append(Send(MAIN, MsgMainMigrateSwitchHost(self.dst_info)))
         self._deadline = self._now + self.timeout
+
+    def _roll_back(self) -> None:
+        self._deadline = None
+        self._flushed.clear()
+        self.channels = dict.fromkeys(self.channels, _SC.NORMAL)
+        self._out.append(Send(MAIN, MsgMainMigrateCancel()))
 
     def _send_migrate(self) -> None:
         self._deadline = self._now + self.timeout
@@ -1042,6 +1089,8 @@ class ClientState(Enum):
     CONNECTED = auto()  # CONNECTED sent on s1
     CONNECTED_SEAMLESS = auto()  # CONNECTED_SEAMLESS sent on s1; channels switch one by one
     WAIT_MAIN_INIT = auto()  # semi-seamless: main on s2, MSGC_MAIN_MIGRATE_END sent
+    CONFIRMING = auto()  # seamless: every channel on s2; s1's sockets are kept until s2's main speaks
+    ROLLING_BACK = auto()  # s2 failed before it confirmed: back on s1's sockets, waiting for its CANCEL
     MIGRATED = auto()  # final: a next migration needs a new machine, with s2 as its s1
     HOST_SWITCHED = auto()  # final: a new session on the new host
 
@@ -1051,6 +1100,7 @@ class ClientChannelState(Enum):
     WAIT_MIGRATE_DATA = auto()  # after MIGRATE(NEED_DATA_TRANSFER); outgoing messages retained
     FROZEN = auto()  # semi-seamless, between the reset and MAIN_INIT; outgoing messages retained
     ON_S2 = auto()
+    HELD = auto()  # rolling back: on s1's socket again, outgoing messages retained until s1 cancels
 
 
 _C, _CC = ClientState, ClientChannelState
@@ -1096,7 +1146,19 @@ class ClientMigration(_Role):
         # 5.4: seamless, the channel table does the work
         (_C.CONNECTED_SEAMLESS, MsgMigrate): (_C.CONNECTED_SEAMLESS, "_channel_input"),
         (_C.CONNECTED_SEAMLESS, MsgMigrateData): (_C.CONNECTED_SEAMLESS, "_channel_input"),
-        (_C.CONNECTED_SEAMLESS, "all switched"): (_C.MIGRATED, "_seamless_done"),
+        (_C.CONNECTED_SEAMLESS, "all switched"): (_C.CONFIRMING, "_await_confirmation"),
+        (_C.CONNECTED_SEAMLESS, "s2 spoke"): (_C.CONNECTED_SEAMLESS, "_note_s2_spoke"),
+        (_C.CONFIRMING, "s2 spoke"): (_C.MIGRATED, "_seamless_done"),
+        (_C.CONFIRMING, "confirmation due"): (_C.MIGRATED, "_seamless_done"),
+        # Not in spice-gtk: s2 fails before it confirmed. While s1 still holds the session (our s1
+        # keeps it until s2 reports it restored) the client goes back to s1's sockets; s1 answers
+        # with MIGRATE_CANCEL once it has resumed the session, and what was retained or written to
+        # s2 meanwhile goes to s1 (at least once). Without that CANCEL the session ends.
+        (_C.CONNECTED_SEAMLESS, "s2 failed"): (_C.ROLLING_BACK, "_return_to_s1"),
+        (_C.CONFIRMING, "s2 failed"): (_C.ROLLING_BACK, "_return_to_s1"),
+        (_C.ROLLING_BACK, "s2 failed"): (_C.ROLLING_BACK, None),
+        (_C.ROLLING_BACK, MsgMainMigrateCancel): (_C.IDLE, "_rolled_back"),
+        (_C.ROLLING_BACK, MsgMigrateData): (_C.ROLLING_BACK, "_channel_input"),
         # 5.6: switch host, whenever s1 gives up on s2
         **{(state, MsgMainMigrateSwitchHost): (_C.HOST_SWITCHED, "_switch_host")
            for state in (_C.IDLE, *_PRE_MIGRATION, _C.CONNECTED)},
@@ -1109,6 +1171,14 @@ class ClientMigration(_Role):
         (_CC.ON_S1, "MIGRATE(NEED_DATA_TRANSFER)"): (_CC.WAIT_MIGRATE_DATA, None),
         (_CC.ON_S1, "MIGRATE(NEED_FLUSH|NEED_DATA_TRANSFER)"): (_CC.WAIT_MIGRATE_DATA, "_flush_mark"),
         (_CC.WAIT_MIGRATE_DATA, MsgMigrateData): (_CC.ON_S2, "_switch_with_data"),
+        # rolling back
+        (_CC.ON_S1, "return"): (_CC.HELD, None),
+        (_CC.ON_S2, "return"): (_CC.HELD, "_switch_back"),
+        (_CC.WAIT_MIGRATE_DATA, "return"): (_CC.WAIT_MIGRATE_DATA, None),
+        (_CC.HELD, "return"): (_CC.HELD, None),
+        (_CC.WAIT_MIGRATE_DATA, "MIGRATE_DATA for nobody"): (_CC.HELD, "_drop_migrate_data"),
+        (_CC.HELD, "resume"): (_CC.ON_S1, "_release"),
+        (_CC.WAIT_MIGRATE_DATA, "resume"): (_CC.WAIT_MIGRATE_DATA, None),
         # 5.3: semi-seamless, main at MAIN_MIGRATE_END, the others at MAIN_INIT
         (_CC.ON_S1, "switch"): (_CC.ON_S2, "_switch"),
         (_CC.ON_S1, "freeze"): (_CC.FROZEN, None),
@@ -1131,6 +1201,10 @@ class ClientMigration(_Role):
         self._pending_links: set[Channel] = set()
         self._destination_open = False
         self._retained: dict[Channel, list[Message]] = {channel: [] for channel in ordered}
+        # Written to s2 before it confirmed: sent to s1 again if the migration rolls back.
+        self._unconfirmed: dict[Channel, list[Message]] = {channel: [] for channel in ordered}
+        self._s2_spoke = False
+        self.last_resent: dict[Channel, int] = {}  # after a rollback: messages written to s2 and resent
 
     # inputs
 
@@ -1146,7 +1220,7 @@ class ClientMigration(_Role):
                 # meanwhile go to s1 with the next send().
                 self.channels[channel] = _CC.ON_S1
                 raise RemoteProtocolError(f"{kind.__name__} on channel {channel} where MIGRATE_DATA must follow MIGRATE")
-            if state not in (_CC.ON_S1, _CC.WAIT_MIGRATE_DATA):
+            if state not in (_CC.ON_S1, _CC.WAIT_MIGRATE_DATA, _CC.HELD):
                 raise LocalProtocolError(f"channel {channel} has left s1: its s1 connection is not read")
             if kind in (MsgMigrate, MsgMigrateData):
                 self._fire(kind, channel, message)
@@ -1178,6 +1252,27 @@ class ClientMigration(_Role):
         self._check_all_linked()
         return out
 
+    def s2_spoke(self) -> list:
+        """s2's main channel sent something after main switched: it has the session (s2 speaks
+        once every channel is restored; spice-gtk too lets go of s1 only then)."""
+        out = self._begin_call()
+        if self.state in (_C.CONNECTED_SEAMLESS, _C.CONFIRMING):
+            self._fire("s2 spoke")
+        return out
+
+    def confirmation_due(self) -> list:
+        """s2 said nothing within the grace the owner allows after the last switch: done anyway."""
+        out = self._begin_call()
+        if self.state is _C.CONFIRMING:
+            self._fire("confirmation due")
+        return out
+
+    def s2_failed(self) -> list:
+        """A connection to s2 broke during seamless post-migration, before s2 confirmed."""
+        out = self._begin_call()
+        self._fire("s2 failed")
+        return out
+
     def s2_link_failed(self, channel: Channel) -> list:
         """TCP error, 10 s connect timeout or a non-OK link result on the way to s2."""
         out = self._begin_call()
@@ -1191,11 +1286,13 @@ class ClientMigration(_Role):
         if isinstance(message, _CLIENT_MACHINE_ONLY):
             raise LocalProtocolError(f"{type(message).__name__} is sent by the migration machine, not the owner")
         state = self._channel_state(channel)
-        if state in (_CC.WAIT_MIGRATE_DATA, _CC.FROZEN):
+        if state in (_CC.WAIT_MIGRATE_DATA, _CC.FROZEN, _CC.HELD):
             self._retained[channel].append(message)
         else:
             self._release(channel)
             out.append(Send(channel, message, Peer.S2 if state is _CC.ON_S2 else Peer.S1))
+            if state is _CC.ON_S2 and self.state in (_C.CONNECTED_SEAMLESS, _C.CONFIRMING):
+                self._unconfirmed[channel].append(message)
         return out
 
     # session actions
@@ -1255,6 +1352,9 @@ class ClientMigration(_Role):
         self._out.append(MigrationCompleted(MigrationMode.SEMI_SEAMLESS))
 
     def _channel_input(self, channel: Channel, message: Message) -> None:
+        if self.state is _C.ROLLING_BACK:  # MIGRATE_DATA of a channel that had not switched yet
+            self._fire_channel(channel, "MIGRATE_DATA for nobody", message)
+            return
         if type(message) is MsgMigrate:
             if message.flags & ~MIGRATE_FLAGS_MASK:
                 raise RemoteProtocolError(f"MIGRATE flags {message.flags:#x} on channel {channel}")
@@ -1264,9 +1364,34 @@ class ClientMigration(_Role):
         if all(state is _CC.ON_S2 for state in self.channels.values()):
             self._fire("all switched")
 
+    def _await_confirmation(self) -> None:
+        if self._s2_spoke:
+            self._fire("s2 spoke")
+        else:
+            self._out.append(AwaitConfirmation())
+
+    def _note_s2_spoke(self) -> None:
+        self._s2_spoke = True
+
     def _seamless_done(self) -> None:
+        self._unconfirmed = {channel: [] for channel in self.channels}
         self._out.append(CloseSource())
         self._out.append(MigrationCompleted(MigrationMode.SEAMLESS))
+
+    def _return_to_s1(self) -> None:
+        for channel in self.channels:
+            self._fire_channel(channel, "return")
+        self._out.append(AwaitRollback())
+
+    def _rolled_back(self, message: Message) -> None:
+        self.last_resent = {channel: len(sent) for channel, sent in self._unconfirmed.items()}
+        for channel in self.channels:
+            # What s2 may never have received goes to s1 first, then what waited meanwhile.
+            self._retained[channel][:0] = self._unconfirmed[channel]
+            self._unconfirmed[channel] = []
+            self._fire_channel(channel, "resume")
+        self._reset_attempt()
+        self._out.append(RolledBack())
 
     def _switch_host(self, message: Message) -> None:
         if self._destination_open:
@@ -1297,9 +1422,14 @@ class ClientMigration(_Role):
     def _switch_back(self, channel: Channel) -> None:
         self._out.append(SwitchChannel(channel, Peer.S1))
 
+    def _drop_migrate_data(self, channel: Channel, message: MsgMigrateData) -> None:
+        self._out.append(DropMigrateData(channel, message.data))
+
     def _release(self, channel: Channel) -> None:
         state = self.channels[channel]
         peer = Peer.S2 if state is _CC.ON_S2 else Peer.S1
         retained, self._retained[channel] = self._retained[channel], []
         self._out.extend(Send(channel, message, peer) for message in retained)
+        if peer is Peer.S2 and self.state in (_C.CONNECTED_SEAMLESS, _C.CONFIRMING):
+            self._unconfirmed[channel] += retained
 

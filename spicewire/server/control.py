@@ -162,6 +162,7 @@ class ControlServer:
         self.router.add("POST", "/migration/announce", self.announce)
         self.router.add("POST", "/migration/device-state", self.device_state)
         self.router.add("GET", "/migration/completed", self.completed)
+        self.router.add("POST", "/migration/abort", self.abort)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
         self._wsgi = WSGIServer((host, port), self, log=access, error_log=log)
 
@@ -317,8 +318,24 @@ class ControlServer:
         query = request.environ.get("QUERY_STRING", "")
         ids = [part for key, _, value in (p.partition("=") for p in query.split("&")) if key == "ids"
                for part in value.split(",") if part]
-        done = self.spice.migration.completed
-        return {text: done[sid] for text in ids if (sid := parse_session_id(text)) in done}
+        manager = self.spice.migration
+        answer = {}
+        for text in ids:
+            sid = parse_session_id(text)
+            if sid in manager.completed:
+                answer[text] = manager.completed[sid]
+            elif sid in manager.failed:
+                answer[text] = {"failed": manager.failed[sid]}
+        return answer
+
+    def abort(self, request: Request) -> dict:
+        """s1 took these sessions back: drop whatever arrived of them here."""
+        body = request.json() or {}
+        try:
+            ids = [parse_session_id(str(text)) for text in body["sessions"]]
+        except (KeyError, ValueError, TypeError) as err:
+            raise HttpError(400, f"bad abort: {err}") from None
+        return {"aborted": self.spice.migration.abort(ids)}
 
 
 def _host_port(text: str) -> tuple[str, int]:

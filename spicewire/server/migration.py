@@ -85,6 +85,7 @@ class SessionSource:
         self.moved = 0  # MIGRATE_DATA body bytes sent
         self.dropped = 0  # in-flight bytes a semi-seamless migration throws away
         self.error: str | None = None
+        self.rolled_back = False
         self._timer: gevent.Greenlet | None = None
         self.pack_buffers: PackBuffers | None = None  # the migration's, for a big MIGRATE_DATA
         session.main.intercept = partial(self._intercept, MAIN)
@@ -126,6 +127,29 @@ class SessionSource:
             pass  # nothing to cancel in this state
         self.detach()
         self.resume_devices()
+
+    @property
+    def can_roll_back(self) -> bool:
+        """Seamless post-migration began and the client still holds its connections here."""
+        return (self.machine.mode is mig.MigrationMode.SEAMLESS and not self.finished.is_set()
+                and self.machine.state in (mig.SourceState.MIGRATING, mig.SourceState.WAIT_DISCONNECT)
+                and self.session.main is not None)
+
+    def roll_back(self, reason: str) -> None:
+        """s2 failed before it had the session: resume it here as it was at SPICE_MSG_MIGRATE (the
+        port buffers MIGRATE_DATA was built from are still ours) and send the client MIGRATE_CANCEL,
+        which brings it back to its connections here."""
+        self.error = f"rolled back: {reason}"
+        self.rolled_back = True
+        self._apply(self.machine.roll_back())
+        connections = [self.session.main, *(p.connection for p in self.session.ports.values())]
+        for conn in connections:
+            if conn is not None:
+                # The client numbered what it wrote to s2 meanwhile (full headers only).
+                conn.channel.reader.adopt_serial = not conn.channel.reader.mini
+        self.detach()
+        self.resume_devices()
+        log.warning("session %08x: migration rolled back: %s", self.session.id, reason)
 
     def detach(self) -> None:
         if self.session.main is not None:
@@ -274,6 +298,7 @@ def prefaulted(size: int) -> np.ndarray:
 
 
 PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
+UNREACHABLE_TRIES = 3  # consecutive refused status requests after which s2 counts as gone
 MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
 
 
@@ -395,6 +420,7 @@ class MigrationManager:
         self.seamless_enabled = True
         self.announcements: dict[int, Announcement] = {}
         self.completed: dict[int, dict] = {}  # session id -> its last destination report
+        self.failed: dict[int, str] = {}  # session id -> why its migration here broke off
 
     # --- destination -------------------------------------------------------------------------
 
@@ -409,6 +435,7 @@ class MigrationManager:
                 devices.factory(kind)  # unknown kinds fail the announcement, not the migration
             ann = self.announcements[sid] = Announcement(sid, ports, expires)
             self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
+            self.failed.pop(sid, None)
             for port in entry["ports"]:
                 in_flight = int(port[3]) if len(port) > 3 else 0
                 if in_flight >= PREFAULT_MIN:
@@ -471,10 +498,28 @@ class MigrationManager:
             session.migration.client_gone()
         elif isinstance(session.migration, SessionTarget):
             log.warning("session %08x: the client left before its migration here completed", session.id)
+            self.failed[session.id] = "the client left the destination before the migration completed"
             session.migration = None
         ann = self.announcements.get(session.id)
         if ann is not None and ann.session is session:
             del self.announcements[session.id]
+
+    def abort(self, session_ids: list[int]) -> int:
+        """s1 rolled these sessions back: end what exists of them here, forget their announcements."""
+        aborted = 0
+        for sid in session_ids:
+            ann = self.announcements.pop(sid, None)
+            session = ann.session if ann is not None else None
+            if session is None or not isinstance(session.migration, SessionTarget):
+                continue
+            self.failed[sid] = "aborted by the source"
+            for port in session.ports.values():
+                if port.connection is not None:
+                    port.connection.transport.close("the source took the session back")
+            if session.main is not None:
+                session.main.transport.close("the source took the session back")
+            aborted += 1
+        return aborted
 
     # --- source: the whole migration ---------------------------------------------------------
 
@@ -534,7 +579,19 @@ class MigrationManager:
                 source.finish()
         for source in switch_host:
             source.switch_host()
-        landed = self._wait_landed(peer, ready, time.monotonic() + timeout) if ready else {}
+        answers = self._wait_landed(peer, ready, time.monotonic() + timeout) if ready else {}
+        landed = {sid: entry for sid, entry in answers.items() if "failed" not in entry}
+        rolled_back = []
+        for source in ready:
+            sid = f"{source.session.id:08x}"
+            if sid not in landed and source.can_roll_back:
+                source.roll_back(answers.get(sid, {}).get("failed") or "the destination did not take the session in time")
+                rolled_back.append(sid)
+        if rolled_back:
+            try:
+                peer.post_json("/migration/abort", {"sessions": rolled_back})
+            except (MigrationError, OSError) as err:
+                log.info("could not tell the destination to drop %d sessions: %s", len(rolled_back), err)
         for source in ready:
             main = source.session.main
             if f"{source.session.id:08x}" in landed and main is not None:
@@ -553,6 +610,7 @@ class MigrationManager:
             migrated=sum(1 for s in report["sessions"] if s["migrated"]),
             switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
             lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
+            rolled_back=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("rolled back")),
             stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"
                        and not (s["error"] or "").startswith("lost")),
         )
@@ -566,12 +624,19 @@ class MigrationManager:
         # Asking s2 costs it CPU right when it restores; ask once everything has left here.
         while not all(s.switched for s in sources) and time.monotonic() < deadline:
             gevent.sleep(0.001)
-        delay = 0.002
+        delay, unreachable = 0.002, 0
         while True:
             try:
                 landed = peer.get_json(f"/migration/completed?ids={ids}")
-            except (MigrationError, OSError) as err:
+                unreachable = 0
+            except MigrationError as err:
                 log.warning("cannot ask the destination how the migration went: %s", err)
+            except OSError as err:
+                unreachable += 1
+                log.warning("cannot ask the destination how the migration went: %s", err)
+                if unreachable >= UNREACHABLE_TRIES:  # gone: what has not landed never will
+                    return {sid: {"failed": f"the destination is unreachable: {err}"}
+                            for sid in (f"{s.session.id:08x}" for s in sources) if sid not in landed} | landed
             if len(landed) == len(sources) or time.monotonic() > deadline:
                 return landed
             if all(s.finished.is_set() for s in sources):
