@@ -277,6 +277,8 @@ class MigrationDriver:
 
     def close(self) -> None:
         """The session closes mid-migration: let go of every s2 link and any s1 socket left."""
+        if self._timer is not None and self._timer is not gevent.getcurrent():
+            self._timer.kill(block=False)
         self._drop(DropDestination())
         for sock, _ in self._s1.values():
             sock.close()
