@@ -741,6 +741,27 @@ def test_client_s2_failure_returns_to_s1_and_resends_after_its_cancel(when):
     assert cli.send(PORT, MsgcSpicevmcData(b"next")) == [Send(PORT, MsgcSpicevmcData(b"next"), Peer.S1)]
 
 
+def test_client_cancel_before_a_migrate_data_arrived_waits_to_drain_it():
+    """s1's CANCEL can overtake the MIGRATE_DATA of another channel (another socket): the rollback
+    ends only once that channel has read and dropped it; the channel's messages wait until then."""
+    cli = linked_client()
+    cli.receive(Peer.S1, MAIN, MsgMigrate(3))
+    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD))
+    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    cli.send(PORT, MsgcSpicevmcData(b"held"))
+    assert cli.s2_failed() == [SwitchChannel(MAIN, Peer.S1), AwaitRollback()]
+    out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel())
+    assert RolledBack() not in out
+    assert cli.state is ClientState.ROLLING_BACK
+    assert cli.send(PORT, MsgcSpicevmcData(b"more")) == []
+    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+    assert out[0] == DropMigrateData(PORT, SVMD)
+    assert [ev for ev in out if isinstance(ev, Send)] == [
+        Send(PORT, MsgcSpicevmcData(b"held"), Peer.S1), Send(PORT, MsgcSpicevmcData(b"more"), Peer.S1),
+    ]
+    assert out[-1] == RolledBack() and cli.state is ClientState.IDLE
+
+
 def test_client_s2_failure_after_it_confirmed_is_not_a_rollback():
     cli, _ = switched_client()
     cli.s2_spoke()

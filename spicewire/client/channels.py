@@ -131,8 +131,10 @@ class ChannelClient:
                 sock = self.sock
                 try:
                     sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
-                except OSError:
+                except OSError as err:
                     if not (self.frozen or self.sock is not sock):
+                        if self.session.destination_failed(self, sock, str(err)):
+                            continue  # s2 failed: its messages are resent to s1 if s1 takes us back
                         raise
                     # s1 went away under a write during a migration: lost by design (5.3)
                     self.session.note_dropped(self, unsent_bytes=sum(map(len, frames)))

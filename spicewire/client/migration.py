@@ -32,7 +32,7 @@ from gevent.socket import wait_read, wait_write
 from spicewire.client.channels import link_channel
 from spicewire.errors import ProtocolError, RemoteProtocolError, SpiceError
 from spicewire.protocol import messages as m
-from spicewire.protocol.enums import ChannelType, Msg, Msgc
+from spicewire.protocol.enums import ChannelType, Msg, Msgc, MsgMain
 from spicewire.protocol.framing import (
     FULL_HEADER,
     MINI_HEADER,
@@ -64,9 +64,9 @@ log = logging.getLogger(__name__)
 
 RELAY_CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0  # spice-gtk has none; s1 gives up after its own 10 s anyway (7.6)
-# After the last switch, s1's sockets are kept until s2's main speaks (ours does once it has restored
-# every channel), or this long: a server that never speaks (spice-server without mm-time) is done.
-CONFIRM_GRACE = 1.0
+# After the last switch, s1's sockets are kept until s2's main speaks (ours and spice-server both send
+# MULTI_MEDIA_TIME once every channel is restored), s1 lets go of main, or this long.
+CONFIRM_GRACE = 10.0
 # s2 failed mid-migration: how long to wait on s1's sockets for its MIGRATE_CANCEL. Our s1 rolls
 # back as soon as it learns s2 failed, at the latest at its own migration timeout.
 ROLLBACK_TIMEOUT = 60.0
@@ -150,6 +150,7 @@ class MigrationDriver:
         self._result = "cancelled"
         self._s2_broken: str | None = None  # a relay into s2 failed; the machine hears of it next
         self._timer: gevent.Greenlet | None = None  # confirmation grace or rollback wait
+        self._watcher: gevent.Greenlet | None = None  # reads s1's main once main is on s2
         self._handlers = {
             Send: self._send, LinkDestination: self._link_destination, DropDestination: self._drop,
             ResetChannels: self._reset, SwitchChannel: self._switch, CloseSource: self._close_source,
@@ -258,7 +259,8 @@ class MigrationDriver:
             reason, self._s2_broken = self._s2_broken, None
             self.s2_failed(reason)
         if not self.finished and self.machine.state is ClientState.IDLE:
-            self.finish(self._result)
+            # Asked of the machine, not of the events: a nested run may get here first.
+            self.finish("rolled-back" if self.machine.rolled_back else self._result)
 
     def s2_spoke(self) -> None:
         """s2's main channel said something after main switched to it."""
@@ -277,8 +279,9 @@ class MigrationDriver:
 
     def close(self) -> None:
         """The session closes mid-migration: let go of every s2 link and any s1 socket left."""
-        if self._timer is not None and self._timer is not gevent.getcurrent():
-            self._timer.kill(block=False)
+        for greenlet in (self._timer, self._watcher):
+            if greenlet is not None and greenlet is not gevent.getcurrent():
+                greenlet.kill(block=False)
         self._drop(DropDestination())
         for sock, _ in self._s1.values():
             sock.close()
@@ -290,6 +293,9 @@ class MigrationDriver:
         self.finished = True
         if self._timer is not None and self._timer is not gevent.getcurrent():
             self._timer.kill(block=False)
+        for key, count in self.machine.last_resent.items():
+            if count:
+                self.report.resent_to_s1[channel_name(key)] = count
         self.report.result = result
         self.report.total = time.monotonic() - self._t0
         self.session.migration_finished(self)
@@ -409,7 +415,9 @@ class MigrationDriver:
 
     def _switch(self, ev: SwitchChannel) -> None:
         ch = self.session.channel(ev.channel)
-        if ev.peer is Peer.S1:  # MIGRATE_CANCEL after this channel had switched
+        if ev.peer is Peer.S1:  # MIGRATE_CANCEL after this channel had switched, or s2 failed
+            if ev.channel == MAIN:
+                self._stop_watching()  # main's reader takes s1's main connection back
             sock, est = self._s1.pop(ev.channel)
             ch.sock.close()
             ch.sock, ch.established = sock, est
@@ -420,6 +428,8 @@ class MigrationDriver:
         est = dataclasses.replace(parked.established, trailing=parked.trailing)
         if self.machine.mode is MigrationMode.SEAMLESS:
             self._s1[ev.channel] = (ch.sock, ch.established)  # closed by CloseSource
+            if ev.channel == MAIN:
+                self._watcher = gevent.spawn(self._watch_s1_main, ch.sock, ch.established)
             ch.attach(parked.sock, est, keep_state=True)
         elif ev.channel == MAIN:
             ch.attach(parked.sock, est)  # semi-seamless takes serials and queue from s2-main too
@@ -429,6 +439,37 @@ class MigrationDriver:
             self.report.kept_unread[channel_name(ev.channel)] = getattr(ch, "unread", 0)
         ch.peer = Peer.S2
         self._switched(ev.channel)
+
+    def _watch_s1_main(self, sock: socket.socket, established: LinkEstablished) -> None:
+        """Seamless, once main is on s2: s1's main sends nothing more unless s1 takes the session
+        back (MAIN_MIGRATE_CANCEL, also when s2 went silent rather than away). Its end means s1 let
+        go, which it does once s2 reported the session restored."""
+        reader = MessageReader(established.expect_mini_header)
+        reader.adopt_serial = True
+        try:
+            while True:
+                raw = reader.next_message()
+                if raw is None:
+                    data = sock.recv(4096)
+                    if not data:
+                        break
+                    reader.feed(data)
+                elif raw.type == MsgMain.MIGRATE_CANCEL:
+                    self._watcher = None
+                    if self.s2_failed("s1 cancelled the migration"):
+                        self._run(self.machine.receive, Peer.S1, MAIN, m.MsgMainMigrateCancel())
+                    return
+                else:
+                    log.warning("dropping message type %d from s1 main after main switched", raw.type)
+        except (OSError, SpiceError):
+            pass
+        self._watcher = None
+        self._run(self.machine.confirmation_due)  # s1 let go: nothing to go back to
+
+    def _stop_watching(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None and watcher is not gevent.getcurrent():
+            watcher.kill(block=True)
 
     def _switched(self, key) -> None:
         start = self._migrate_at.get(key, self._t0)
@@ -485,14 +526,12 @@ class MigrationDriver:
         self.note_dropped(ev.channel, migrate_data_bytes=len(body))
 
     def _rolled_back(self, ev: RolledBack) -> None:
-        self._result = "rolled-back"
-        for key, count in self.machine.last_resent.items():
-            if count:
-                self.report.resent_to_s1[channel_name(key)] = count
+        pass  # the machine says so itself (``rolled_back``), which ``finish`` reads
 
     def _close_source(self, ev: CloseSource) -> None:
         for done in self._relays.values():  # the last one is done: it is what switched last
             done.wait()
+        self._stop_watching()
         for sock, _ in self._s1.values():
             sock.close()
         self._s1.clear()
@@ -566,7 +605,7 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
             try:
                 n = os.splice(src, w, min(left, pipe_size), flags=_SPLICE_FLAGS)
             except BlockingIOError:
-                wait_read(src)
+                _wait_ready(source, src, wait_read)
                 continue
             except OSError as err:
                 if left == count and err.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
@@ -577,15 +616,42 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
             left -= n
             while n:
                 try:
-                    n -= os.splice(r, dst, n, flags=_SPLICE_FLAGS)
+                    n -= _splice_out(out, r, dst, n)
                 except BlockingIOError:
-                    wait_write(dst)
+                    try:
+                        _wait_ready(out, dst, wait_write)
+                    except OSError as err:
+                        _discard(source, left, what)
+                        raise DestinationFailed(f"writing to s2: {err}") from err
                 except OSError as err:
                     _discard(source, left, what)
                     raise DestinationFailed(f"writing to s2: {err}") from err
     finally:
         os.close(r)
         os.close(w)
+
+
+RELAY_POLL = 0.2  # how often a relay waiting on a raw fd checks that its socket is still open
+
+
+def _wait_ready(sock: socket.socket, fd: int, wait) -> None:
+    """Wait until ``fd`` is ready. A raw-fd wait is not woken when another greenlet closes the
+    socket (a rollback closes s2's sockets under a stalled relay), so it looks now and then; and the
+    number is never used once the socket let go of it, as it may belong to a new socket by then."""
+    while True:
+        if sock.fileno() != fd:
+            raise OSError(errno.EBADF, "the socket was closed during the relay")
+        try:
+            wait(fd, timeout=RELAY_POLL)
+            return
+        except socket.timeout:
+            continue
+
+
+def _splice_out(out: socket.socket, pipe: int, fd: int, count: int) -> int:
+    if out.fileno() != fd:
+        raise OSError(errno.EBADF, "the socket was closed during the relay")
+    return os.splice(pipe, fd, count, flags=_SPLICE_FLAGS)
 
 
 def _copy_relay(source: socket.socket, out: socket.socket, count: int, what: str) -> int:

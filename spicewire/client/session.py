@@ -13,6 +13,7 @@ protocol.channel.ChannelConnection, and follows migrations (client.migration).
 from __future__ import annotations
 
 import logging
+import time
 
 import gevent
 import gevent.event
@@ -32,6 +33,7 @@ from spicewire.protocol.enums import ChannelType, MainCap
 from spicewire.protocol.migration import MAIN, MigrationDstInfo, Peer
 
 log = logging.getLogger(__name__)
+SWITCH_BACK_WAIT = 5.0  # s2 failed: how long a channel waits for the rollback to give it back its s1 socket
 
 # Caps this client honours: it follows both migration modes and keeps the agent token count.
 MAIN_CAPS = (
@@ -174,7 +176,13 @@ class ClientSession:
         now goes back to s1, and ``ch`` reads its s1 connection again."""
         if self._migration is None or ch.peer is not Peer.S2:
             return False
-        return self._migration.s2_failed(f"{channel_name(ch.key)}: {reason}") and ch.sock is not sock
+        if not self._migration.s2_failed(f"{channel_name(ch.key)}: {reason}"):
+            return False
+        # Another channel's greenlet may be switching every channel back right now.
+        deadline = time.monotonic() + SWITCH_BACK_WAIT
+        while ch.sock is sock and time.monotonic() < deadline:
+            gevent.sleep(0.001)
+        return ch.sock is not sock
 
     def pass_through_migrate_data(self, ch: ChannelClient) -> None:
         if self._migration is None:

@@ -1157,7 +1157,8 @@ class ClientMigration(_Role):
         (_C.CONNECTED_SEAMLESS, "s2 failed"): (_C.ROLLING_BACK, "_return_to_s1"),
         (_C.CONFIRMING, "s2 failed"): (_C.ROLLING_BACK, "_return_to_s1"),
         (_C.ROLLING_BACK, "s2 failed"): (_C.ROLLING_BACK, None),
-        (_C.ROLLING_BACK, MsgMainMigrateCancel): (_C.IDLE, "_rolled_back"),
+        (_C.ROLLING_BACK, MsgMainMigrateCancel): (_C.ROLLING_BACK, "_s1_took_back"),
+        (_C.ROLLING_BACK, "all back"): (_C.IDLE, "_rolled_back"),
         (_C.ROLLING_BACK, MsgMigrateData): (_C.ROLLING_BACK, "_channel_input"),
         # 5.6: switch host, whenever s1 gives up on s2
         **{(state, MsgMainMigrateSwitchHost): (_C.HOST_SWITCHED, "_switch_host")
@@ -1204,6 +1205,9 @@ class ClientMigration(_Role):
         # Written to s2 before it confirmed: sent to s1 again if the migration rolls back.
         self._unconfirmed: dict[Channel, list[Message]] = {channel: [] for channel in ordered}
         self._s2_spoke = False
+        self._post_migration = False  # SPICE_MSG_MIGRATE arrived: some channel has begun to switch
+        self._cancelled = False  # rolling back: s1's CANCEL came; channels resume as they drain
+        self.rolled_back = False  # this attempt ended back on s1 after s1's CANCEL
         self.last_resent: dict[Channel, int] = {}  # after a rollback: messages written to s2 and resent
 
     # inputs
@@ -1227,6 +1231,10 @@ class ClientMigration(_Role):
             elif kind in _S1_SESSION_INPUTS:
                 if channel != MAIN:
                     raise RemoteProtocolError(f"{kind.__name__} on channel {channel}")
+                if kind is MsgMainMigrateCancel and self.state is _C.CONNECTED_SEAMLESS and self._post_migration:
+                    # Post-migration: s1 took the session back, whether or not we saw s2 fail.
+                    # MIGRATE_DATA may still be on its way on other channels: they drain it first.
+                    self._fire("s2 failed")
                 end_ignored = kind is MsgMainMigrateEnd and not has_cap(
                     self.server_main_caps, MainCap.SEMI_SEAMLESS_MIGRATE
                 )
@@ -1333,6 +1341,7 @@ class ClientMigration(_Role):
 
     def _reset_attempt(self) -> None:
         self.mode, self._pending_links, self._destination_open = None, set(), False
+        self._post_migration = False
         self._out.append(DropDestination())
 
     def _switch_main(self, message: Message) -> None:
@@ -1354,7 +1363,11 @@ class ClientMigration(_Role):
     def _channel_input(self, channel: Channel, message: Message) -> None:
         if self.state is _C.ROLLING_BACK:  # MIGRATE_DATA of a channel that had not switched yet
             self._fire_channel(channel, "MIGRATE_DATA for nobody", message)
+            if self._cancelled:
+                self._resume(channel)
+                self._check_all_back()
             return
+        self._post_migration = True
         if type(message) is MsgMigrate:
             if message.flags & ~MIGRATE_FLAGS_MASK:
                 raise RemoteProtocolError(f"MIGRATE flags {message.flags:#x} on channel {channel}")
@@ -1383,13 +1396,28 @@ class ClientMigration(_Role):
             self._fire_channel(channel, "return")
         self._out.append(AwaitRollback())
 
-    def _rolled_back(self, message: Message) -> None:
+    def _s1_took_back(self, message: Message) -> None:
+        self._cancelled = True
         self.last_resent = {channel: len(sent) for channel, sent in self._unconfirmed.items()}
         for channel in self.channels:
-            # What s2 may never have received goes to s1 first, then what waited meanwhile.
+            self._resume(channel)
+        self._check_all_back()
+
+    def _resume(self, channel: Channel) -> None:
+        """Rolled back: a channel back on s1 (not one still draining its MIGRATE_DATA) sends s1 first
+        what s2 may never have received, then what it held meanwhile."""
+        if self.channels[channel] is _CC.HELD:
             self._retained[channel][:0] = self._unconfirmed[channel]
             self._unconfirmed[channel] = []
             self._fire_channel(channel, "resume")
+
+    def _check_all_back(self) -> None:
+        if self._cancelled and all(state is _CC.ON_S1 for state in self.channels.values()):
+            self._fire("all back")
+
+    def _rolled_back(self) -> None:
+        self._cancelled = False
+        self.rolled_back = True
         self._reset_attempt()
         self._out.append(RolledBack())
 

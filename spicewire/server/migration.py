@@ -130,10 +130,10 @@ class SessionSource:
 
     @property
     def can_roll_back(self) -> bool:
-        """Seamless post-migration began and the client still holds its connections here."""
+        """Every MIGRATE_DATA has gone out (so no FLUSH_MARK can come after a CANCEL) and the client
+        still holds its connections here."""
         return (self.machine.mode is mig.MigrationMode.SEAMLESS and not self.finished.is_set()
-                and self.machine.state in (mig.SourceState.MIGRATING, mig.SourceState.WAIT_DISCONNECT)
-                and self.session.main is not None)
+                and self.machine.state is mig.SourceState.WAIT_DISCONNECT and self.session.main is not None)
 
     def roll_back(self, reason: str) -> None:
         """s2 failed before it had the session: resume it here as it was at SPICE_MSG_MIGRATE (the
@@ -298,6 +298,8 @@ def prefaulted(size: int) -> np.ndarray:
 
 
 PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
+LANDING_MARGIN = 0.5  # s
+STATUS_TIMEOUT = 2.0  # for one "have they landed?" request to s2
 UNREACHABLE_TRIES = 3  # consecutive refused status requests after which s2 counts as gone
 MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
 
@@ -579,7 +581,11 @@ class MigrationManager:
                 source.finish()
         for source in switch_host:
             source.switch_host()
-        answers = self._wait_landed(peer, ready, time.monotonic() + timeout) if ready else {}
+        # Decide before the machines' own post-migration timers would disconnect the clients: a
+        # session that did not land can still be taken back then.
+        timers = [t for t in (s.machine.get_timer() for s in ready) if t is not None]
+        landing = min([time.monotonic() + timeout, *(t - LANDING_MARGIN for t in timers)])
+        answers = self._wait_landed(peer, ready, landing) if ready else {}
         landed = {sid: entry for sid, entry in answers.items() if "failed" not in entry}
         rolled_back = []
         for source in ready:
@@ -589,7 +595,7 @@ class MigrationManager:
                 rolled_back.append(sid)
         if rolled_back:
             try:
-                peer.post_json("/migration/abort", {"sessions": rolled_back})
+                peer.post_json("/migration/abort", {"sessions": rolled_back}, timeout=STATUS_TIMEOUT)
             except (MigrationError, OSError) as err:
                 log.info("could not tell the destination to drop %d sessions: %s", len(rolled_back), err)
         for source in ready:
@@ -627,7 +633,9 @@ class MigrationManager:
         delay, unreachable = 0.002, 0
         while True:
             try:
-                landed = peer.get_json(f"/migration/completed?ids={ids}")
+                # A short timeout: a destination that hangs must not outlast the deadline.
+                wait = min(STATUS_TIMEOUT, max(0.2, deadline - time.monotonic()))
+                landed = peer.get_json(f"/migration/completed?ids={ids}", timeout=wait)
                 unreachable = 0
             except MigrationError as err:
                 log.warning("cannot ask the destination how the migration went: %s", err)
@@ -738,21 +746,21 @@ class ControlClient:
     def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
 
-    def get_json(self, path: str):
-        return self._request("GET", path, b"", "application/json")
+    def get_json(self, path: str, timeout: float | None = None):
+        return self._request("GET", path, b"", "application/json", timeout)
 
-    def post_json(self, path: str, body) -> dict:
-        return self._request("POST", path, json.dumps(body).encode(), "application/json")
+    def post_json(self, path: str, body, timeout: float | None = None) -> dict:
+        return self._request("POST", path, json.dumps(body).encode(), "application/json", timeout)
 
     def post_bytes(self, path: str, body: bytes):
         return self._request("POST", path, body, "application/octet-stream")
 
-    def _request(self, method: str, path: str, body: bytes, content_type: str):
+    def _request(self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None):
         head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: close",
                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if self.token:
             head.append(f"Authorization: Bearer {self.token}")
-        with socket.create_connection((self.host, self.port), timeout=self.timeout) as sock:
+        with socket.create_connection((self.host, self.port), timeout=timeout or self.timeout) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             data = bytearray()
             while chunk := sock.recv(65536):
