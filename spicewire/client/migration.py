@@ -558,8 +558,8 @@ class MigrationDriver:
 def relay(source: socket.socket, out: socket.socket, count: int, what: str) -> int:
     """Move ``count`` bytes from ``source`` to ``out``; returns the most bytes the client held.
 
-    On Linux the bytes go through a pipe with splice(2): the kernel hands s1's socket pages on to
-    s2's socket, and the body never enters this process - the relay then costs less than a copy.
+    On Linux the bytes go through a pipe with splice(2): the body never enters this process, whose
+    memory stays flat however large it is (on loopback it is about as fast as copying, not faster).
     Elsewhere, or if splice is refused, they are copied through one RELAY_CHUNK buffer."""
     if _SPLICE:
         try:
@@ -602,6 +602,8 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
             pipe_size = 65536  # the default; pipe-max-size may be lower than a RELAY_CHUNK
         left = count
         while left:
+            if source.fileno() != src:
+                raise ConnectionError(f"{what}: s1's connection was closed during the relay")
             try:
                 n = os.splice(src, w, min(left, pipe_size), flags=_SPLICE_FLAGS)
             except BlockingIOError:
