@@ -586,6 +586,69 @@ def test_fault_s2_fails_after_migrate_data_was_sent_rolls_back_to_s1_with_nothin
     echo_ok(connect(s1))  # s1 serves new sessions
 
 
+class CutProxy(ChoppyProxy):
+    """Forwards plainly until ``cut_after`` bytes went toward ``target`` in all, then cuts every
+    connection it carries: to the client, s2 has gone away; s2 itself is fine."""
+
+    def __init__(self, target, cut_after: int) -> None:
+        super().__init__(target, seed=3, p_small=0.0, fine=0, p_sleep=0.0)
+        self.cut_after = cut_after
+        self.toward_target = 0
+        self.cut = gevent.event.Event()
+        self._socks: list = []
+
+    def _handle(self, client, addr) -> None:
+        self._socks.append(client)
+        super()._handle(client, addr)
+
+    def _pump(self, src, dst, seed: int) -> None:
+        if src not in self._socks:  # target -> client: as it comes
+            return super()._pump(src, dst, seed)
+        self._socks.append(dst)
+        try:
+            while not self.cut.is_set() and (data := src.recv(1 << 16)):
+                self.toward_target += len(data)
+                if self.toward_target > self.cut_after:
+                    self.cut.set()
+                    for sock in self._socks:
+                        try:
+                            sock.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+
+def test_fault_client_loses_s2_mid_relay_rolls_back_through_s2s_report(nodes):
+    """s2 stays up but the client loses every connection to it halfway through the sink's
+    MIGRATE_DATA. The client returns to s1; s2 sees its half session go and reports it failed;
+    s1 reads that, takes the session back and tells s2 to drop it. Nothing held is lost."""
+    s1, s2 = nodes(2, limits=Limits(to_device=16 << 20))
+    session, digest = session_with_held_sink(s1, held=8 << 20)
+    sid = session.session_id
+    proxy = CutProxy(s2.address, cut_after=2 << 20)
+    try:
+        started = time.monotonic()
+        report = s1.migrate_to(s2, to=proxy.address, timeout=10)
+        assert proxy.cut.is_set()
+        assert time.monotonic() - started < 5, "the rollback waited for the deadline"
+    finally:
+        proxy.stop()
+    entry = only_entry(report)
+    assert report["rolled_back"] == 1 and report["migrated"] == 0, report
+    assert entry["error"] == "rolled back: the client left the destination before the migration completed", entry
+    wait_until(lambda: not session.migrating, what="the client to take s1's MIGRATE_CANCEL")
+    assert session.migrations[-1]["result"] == "rolled-back", session.migrations[-1]
+    # s2: nothing left of the session, and it cannot be linked to any more
+    wait_until(lambda: not s2.spice.sessions, what="s2 to drop the half session")
+    assert not s2.spice.migration.expects(sid) and sid in s2.spice.migration.failed
+    echo_ok(session)
+    drain_sink(s1, sid, 8 << 20, digest)
+    session.close()
+
+
 class RawHolder:
     """A raw session (serverkit, no spicewire.client) whose main channel advertises the migration
     caps our client has, but which answers nothing unless told to: an echo port, and a paused sink
