@@ -23,9 +23,9 @@ Figures, each a median over the rounds (seconds):
   (spice-server emits it when the client has left s1, or after its 10 s wait).
 
 spice-gtk 0.42 keeps its old main connection to s1 after a seamless migration until s2 sends
-something on main, which spicewire's s2 does not do (tests/test_spicegtk_migration.py docstring),
-so s1 keeps the session until its 10 s wait ends and a spicewire server gets the session back only
-after that (``--servers N`` > 2 rotates through N servers, which shortens the wait).
+something on main (tests/test_spicegtk_migration.py docstring). spicewire's s2 sends
+MULTI_MEDIA_TIME once it has restored the session, as spice-server does, so s1 is free at once;
+``--servers N`` > 2 rotates through N servers all the same.
 
     .venv/bin/python benchmarks/bench_spicegtk_downtime.py [--rounds 10] [--servers 2] [--skip-qemu]
 """
