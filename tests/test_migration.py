@@ -624,7 +624,8 @@ class CutProxy(ChoppyProxy):
 def test_fault_client_loses_s2_mid_relay_rolls_back_through_s2s_report(nodes):
     """s2 stays up but the client loses every connection to it halfway through the sink's
     MIGRATE_DATA. The client returns to s1; s2 sees its half session go and reports it failed;
-    s1 reads that, takes the session back and tells s2 to drop it. Nothing held is lost."""
+    s1 reads that, takes the session back and tells s2 to drop it. Nothing held is lost, and a second
+    attempt then moves the session for good."""
     s1, s2 = nodes(2, limits=Limits(to_device=16 << 20))
     session, digest = session_with_held_sink(s1, held=8 << 20)
     sid = session.session_id
@@ -645,7 +646,12 @@ def test_fault_client_loses_s2_mid_relay_rolls_back_through_s2s_report(nodes):
     wait_until(lambda: not s2.spice.sessions, what="s2 to drop the half session")
     assert not s2.spice.migration.expects(sid) and sid in s2.spice.migration.failed
     echo_ok(session)
-    drain_sink(s1, sid, 8 << 20, digest)
+    # A second attempt starts clean, and carries the same held bytes over.
+    again = only_entry(s1.migrate_to(s2, timeout=10))
+    assert again["migrated"] and again["mode"] == "seamless", again
+    wait_until(lambda: session.connected_to == s2.address, what="the client on s2")
+    echo_ok(session)
+    drain_sink(s2, sid, 8 << 20, digest)
     session.close()
 
 
