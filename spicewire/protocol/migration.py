@@ -553,13 +553,14 @@ class SwitchChannel:
 
 @dataclass(frozen=True, slots=True)
 class CloseSource:
-    """Client, seamless: every channel has switched; close the s1 connections."""
+    """Client, seamless: s2 has the session (it spoke, or the wait for it ended); close the s1
+    connections."""
 
 
 @dataclass(frozen=True, slots=True)
 class AwaitConfirmation:
     """Client, seamless: every channel has switched; keep the s1 connections until s2's main speaks
-    (``s2_spoke``) or a grace period passes (``confirmation_due``)."""
+    (``s2_spoke``), or until s1 lets go or a grace period passes (``confirmation_due``)."""
 
 
 @dataclass(frozen=True, slots=True)
