@@ -195,6 +195,9 @@ def s2_port(server: FakeServer, conn: FakeConn) -> None:
         digest.update(memoryview(buf)[:n])
         left -= n
     server.received = (msg_type, size, digest.hexdigest())
+    # Every channel is restored: a real s2 says so on main (spice-server and ours: MULTI_MEDIA_TIME).
+    if not getattr(server, "silent_main", False):
+        server.conns[ChannelType.MAIN, 0].send(m.MsgMainMultiMediaTime(1))
     conn.send(m.MsgPortInit("ignored after a seamless migration", 1))
     conn.channel.reader.serial = 1  # MIGRATE_DATA was read raw
     for msg in conn.messages():
@@ -279,6 +282,32 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
         port.read(timeout=1)
         port.write(b"after")
         assert port.read(8, timeout=5) == b"s2:after"
+
+
+def test_seamless_completes_after_the_grace_when_s2_never_speaks(fake_pair, monkeypatch):
+    """s1's sockets stay open after the last switch until s2's main speaks; one that never does is
+    taken as done after CONFIRM_GRACE, and only then are s1's sockets closed."""
+    from spicewire.client import migration as client_migration
+
+    monkeypatch.setattr(client_migration, "CONFIRM_GRACE", 0.5)
+    s1, s2 = fake_pair
+    s1.big_size, s2.silent_main = 1 << 20, True
+    with ClientSession("127.0.0.1", s1.port) as session:
+        port = session.open_port(PORT_NAME)
+        s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateBeginSeamless(dst_info(s2.port), 1))
+        assert session.migration_connected_event.wait(5)
+        s1.migrating = True
+        s1.conns[ChannelType.MAIN, 0].send(m.MsgMigrate(3))
+        s1.conns[ChannelType.PORT, 0].send(m.MsgMigrate(3))
+        with gevent.Timeout(5):
+            while getattr(s2, "received", None) is None:
+                gevent.sleep(0.01)
+        relayed = time.monotonic()
+        assert session.wait_migrated(timeout=0.2) is None  # still waiting for s2 to speak
+        report = session.wait_migrated(timeout=5)
+        assert report is not None and report["result"] == "completed"
+        assert time.monotonic() - relayed >= 0.4
+        assert port.sock.getpeername()[1] == s2.port
 
 
 def test_agent_connected_tokens_replace_the_token_count(fake_pair):
