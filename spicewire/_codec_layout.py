@@ -14,6 +14,8 @@ Bulk chunk container (``pack_chunks``), all integers little-endian::
     ..  chunk bytes, back to back, in index order
 """
 
+import struct
+
 from spicewire.protocol.enums import FULL_HEADER_SIZE, MINI_HEADER_SIZE
 
 CHUNK_MAGIC = 0x4B435753  # b"SWCK" as a little-endian u32
@@ -22,13 +24,17 @@ CHUNK_HEADER_SIZE = 32
 CHUNK_INDEX_ENTRY_SIZE = 16
 CHUNK_DATA_ALIGN = 64
 
+# Message headers (PROTOCOL.md section 2), for the pure twin and the framing layer alike.
+MINI_HEADER = struct.Struct("<HI")  # SpiceMiniDataHeader: type, size
+FULL_HEADER = struct.Struct("<QHII")  # SpiceDataHeader: serial, type, size, sub_list
+
 # Sizes of one message body that scan() and the framing accept unless told otherwise. SPICE allows a
 # u32; real servers cap far lower per channel (PROTOCOL.md section 2).
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 
 __all__ = [
     "CHUNK_MAGIC", "CHUNK_VERSION", "CHUNK_HEADER_SIZE", "CHUNK_INDEX_ENTRY_SIZE", "CHUNK_DATA_ALIGN",
-    "DEFAULT_MAX_SIZE", "MINI_HEADER_SIZE", "FULL_HEADER_SIZE",
+    "DEFAULT_MAX_SIZE", "MINI_HEADER_SIZE", "FULL_HEADER_SIZE", "MINI_HEADER", "FULL_HEADER",
 ]
 
 

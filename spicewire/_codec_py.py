@@ -17,8 +17,8 @@ from spicewire.errors import CodecError, MessageTooLarge
 DEFAULT_MAX_SIZE = layout.DEFAULT_MAX_SIZE
 _SSIZE_MAX = 2**63 - 1
 
-_MINI = struct.Struct("<HI")
-_FULL = struct.Struct("<QHII")
+_MINI = layout.MINI_HEADER
+_FULL = layout.FULL_HEADER
 _CHUNK_HEADER = struct.Struct("<IHHIIQQ")
 _CHUNK_ENTRY = struct.Struct("<QQ")
 

@@ -312,7 +312,7 @@ class MigrationDriver:
             self._stream(ch, msg.data)
         elif ev.peer is Peer.S2 and ev.channel in self._parked:  # DST_DO_SEAMLESS, before main switches
             parked = self._parked[ev.channel]
-            parked.sock.sendall(parked.writer.frame(msg.TYPE, msg.encode()))
+            parked.sock.sendall(parked.writer.frame(msg.TYPE, msg.wire_body()))
         elif ev.peer is Peer.S2 and self._s2_broken is not None:
             pass  # kept by the machine; it goes to s1 if the migration rolls back
         elif ev.peer is Peer.S2:

@@ -48,6 +48,7 @@ class ChannelConnection:
         self.reader = MessageReader(expect_mini, max_size)
         self.writer = MessageWriter(send_mini)
         self._incoming = m.C2S if side is Side.SERVER else m.S2C
+        self._classes = m.message_table(channel_type, self._incoming)
         self._outbox: list[bytes] = []
         self.bytes_in = 0
         self.bytes_out = 0
@@ -104,7 +105,7 @@ class ChannelConnection:
         for raw in self.reader:
             if self.side is Side.CLIENT:
                 self._count_for_ack()
-            cls = m.lookup(self.channel_type, self._incoming, raw.type)
+            cls = self._classes.get(raw.type)
             if cls is None:
                 self._unknown(raw.type)
                 continue
@@ -160,7 +161,7 @@ class ChannelConnection:
     # --- sending -----------------------------------------------------------------------------
 
     def send(self, msg: m.Message) -> None:
-        self.send_raw(msg.TYPE, msg.encode())
+        self.send_raw(msg.TYPE, msg.wire_body())
 
     def send_raw(self, msg_type: int, body: bytes | bytearray | memoryview = b"") -> None:
         framed = self.writer.frame(msg_type, body)

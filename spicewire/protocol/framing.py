@@ -13,14 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from spicewire import codec
+from spicewire._codec_layout import DEFAULT_MAX_SIZE, FULL_HEADER, MINI_HEADER
 from spicewire.errors import CodecError, LocalProtocolError, MessageTooLarge, RemoteProtocolError
-
-MINI_HEADER = struct.Struct("<HI")  # SpiceMiniDataHeader: type, size
-FULL_HEADER = struct.Struct("<QHII")  # SpiceDataHeader: serial, type, size, sub_list
-
-# The protocol allows u32 sizes; a receiver that believes any of them lets a peer make it allocate
-# 4 GiB. Channels pass their own, smaller limits (section 2, "Size limits").
-DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -147,7 +141,8 @@ class MessageReader:
         """Every byte received but not yet parsed, raw: for passing a stream through unparsed."""
         if self._bulk is not None:
             raise LocalProtocolError("a message body is half read")
-        rest = bytes(self._buf[self._offset :])
+        with memoryview(self._buf) as view:
+            rest = view[self._offset :].tobytes()
         self._advance(len(self._buf))
         return rest
 
@@ -164,8 +159,8 @@ class MessageReader:
             serial, sub_list = self.serial + 1, 0
         else:
             serial, msg_type, size, sub_list = header
-        if serial != self.serial + 1 and not self.adopt_serial:
-            raise RemoteProtocolError(f"message serial {serial} where {self.serial + 1} was expected")
+            if serial != self.serial + 1 and not self.adopt_serial:
+                raise RemoteProtocolError(f"message serial {serial} where {self.serial + 1} was expected")
         if size > self.max_size:
             raise MessageTooLarge(size, self.max_size, self._consumed + start)
         body_start = start + self._header_size
@@ -225,11 +220,14 @@ class MessageWriter:
         self.mini = mini
         self.serial = 0  # serial of the last message framed (implicit with mini headers)
 
-    def header(self, msg_type: int, size: int) -> bytes:
+    def header(self, msg_type: int, size: int, sub_list: int = 0) -> bytes:
         """Only the header of a ``size``-byte message whose body the caller sends itself."""
         serial = self.serial + 1
         try:
-            header = MINI_HEADER.pack(msg_type, size) if self.mini else FULL_HEADER.pack(serial, msg_type, size, 0)
+            if self.mini:
+                header = MINI_HEADER.pack(msg_type, size)
+            else:
+                header = FULL_HEADER.pack(serial, msg_type, size, sub_list)
         except struct.error as exc:
             raise CodecError(f"cannot frame message type {msg_type} of {size} bytes: {exc}") from None
         self.serial = serial
@@ -238,13 +236,4 @@ class MessageWriter:
     def frame(self, msg_type: int, body: bytes | bytearray | memoryview = b"", sub_list: int = 0) -> bytes:
         if sub_list and self.mini:
             raise LocalProtocolError("the mini header has no sub_list; send a LIST message instead")
-        serial = self.serial + 1
-        try:
-            if self.mini:
-                header = MINI_HEADER.pack(msg_type, len(body))
-            else:
-                header = FULL_HEADER.pack(serial, msg_type, len(body), sub_list)
-        except struct.error as exc:
-            raise CodecError(f"cannot frame message type {msg_type} of {len(body)} bytes: {exc}") from None
-        self.serial = serial
-        return b"".join((header, body))
+        return b"".join((self.header(msg_type, len(body), sub_list), body))

@@ -16,6 +16,7 @@ Bad input raises ``CodecError``, never ``IndexError`` or ``struct.error``.
 """
 
 import dataclasses
+import functools
 import struct
 import typing
 from collections.abc import Callable, Sequence
@@ -401,8 +402,23 @@ class Message:
     def encode(self) -> bytes:
         return self._layout.encode(self)
 
+    def wire_body(self) -> Buffer:
+        """The body to frame. A data message's payload as it is, when it is a flat byte buffer:
+        framing copies it once anyway, and ``encode`` would copy it first."""
+        field = self._layout.opaque_field
+        if field:
+            payload = getattr(self, field)
+            if isinstance(payload, (bytes, bytearray)) or (
+                isinstance(payload, memoryview) and payload.ndim == 1 and payload.itemsize == 1
+                and payload.c_contiguous
+            ):
+                return payload
+        return self.encode()
+
     @classmethod
     def decode(cls, body: Buffer) -> "Message":
+        if cls._layout.opaque_field:  # a data message: the body is its payload, passed on uncopied
+            return cls(body)
         return cls._layout.decode_from(body, 0)[0]
 
 
@@ -421,11 +437,19 @@ def message(family: Family, direction: Direction, msg_type: int) -> Callable[[ty
 
 def lookup(channel_type: int, direction: Direction, msg_type: int) -> type[Message] | None:
     """The message class for ``msg_type`` on a channel of ``channel_type``, or None if unknown."""
-    for family in _CHANNEL_FAMILIES.get(channel_type, (Family.COMMON,)):
-        cls = _REGISTRY.get((family, direction, msg_type))
-        if cls is not None:
-            return cls
-    return None
+    return message_table(channel_type, direction).get(msg_type)
+
+
+@functools.cache
+def message_table(channel_type: int, direction: Direction) -> dict[int, type[Message]]:
+    """Every message number a channel of ``channel_type`` knows in ``direction``, to its class: one
+    dict lookup per received message. The first family listed for the channel wins a number.
+    (Classes are all registered when this module is imported, before any table is asked for.)"""
+    table: dict[int, type[Message]] = {}
+    for family in reversed(_CHANNEL_FAMILIES.get(channel_type, (Family.COMMON,))):
+        table.update({number: cls for (fam, dirn, number), cls in _REGISTRY.items()
+                      if fam is family and dirn == direction})
+    return table
 
 
 def decode(channel_type: int, direction: Direction, msg_type: int, body: Buffer) -> Message:
