@@ -177,15 +177,15 @@ _PATTERN = np.random.default_rng(0x5350494345).integers(0, 256, 1 << 20, dtype=n
 
 def source_pattern(offset: int, n: int) -> bytes:
     """Bytes ``offset .. offset+n`` of the endless deterministic stream a source device emits."""
-    out = bytearray()
+    pieces = []
     size = len(_PATTERN)
     while n > 0:
         start = offset % size
         piece = _PATTERN[start : start + n]
-        out += piece
+        pieces.append(piece)
         offset += len(piece)
         n -= len(piece)
-    return bytes(out)
+    return b"".join(pieces)  # one piece (the usual case) is returned as it is
 
 
 @register("source")

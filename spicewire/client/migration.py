@@ -70,11 +70,6 @@ CONFIRM_GRACE = 10.0
 # s2 failed mid-migration: how long to wait on s1's sockets for its MIGRATE_CANCEL. Our s1 rolls
 # back as soon as it learns s2 failed, at the latest at its own migration timeout.
 ROLLBACK_TIMEOUT = 60.0
-MODE_NAMES = {
-    MigrationMode.SEAMLESS: "seamless",
-    MigrationMode.SEMI_SEAMLESS: "semi-seamless",
-    MigrationMode.SWITCH_HOST: "switch-host",
-}
 _FINAL = (ClientState.IDLE, ClientState.MIGRATED, ClientState.HOST_SWITCHED)
 _CAN_ROLL_BACK = (ClientState.CONNECTED_SEAMLESS, ClientState.CONFIRMING, ClientState.ROLLING_BACK)
 
@@ -323,7 +318,7 @@ class MigrationDriver:
             ch.write_now(msg)
         if isinstance(msg, (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless)):
             self.report.begin_to_connected = time.monotonic() - self._t0
-            self.report.mode = MODE_NAMES[self.machine.mode]
+            self.report.mode = self.machine.mode.label
             self.session.migration_connected(self)
         elif isinstance(msg, m.MsgcMainMigrateConnectError):
             self._result = "connect-error"
@@ -537,11 +532,11 @@ class MigrationDriver:
         self._s1.clear()
 
     def _completed(self, ev: MigrationCompleted) -> None:
-        self.report.mode = MODE_NAMES[ev.mode]
+        self.report.mode = ev.mode.label
         self.finish("completed")
 
     def _switch_host(self, ev: SwitchHost) -> None:
-        self.report.mode = MODE_NAMES[MigrationMode.SWITCH_HOST]
+        self.report.mode = MigrationMode.SWITCH_HOST.label
         self.report.destination = f"{ev.dst_info.host}:{ev.dst_info.port}"
         self.session.switch_host(ev.dst_info, self)
 

@@ -115,6 +115,11 @@ class MigrationMode(IntEnum):
     SEMI_SEAMLESS = 1
     SEAMLESS = 2
 
+    @property
+    def label(self) -> str:
+        """As the command line, the control API and the reports spell it: "semi-seamless"."""
+        return self.name.lower().replace("_", "-")
+
 
 def choose_mode(client_main_caps: Sequence[int], allowed: MigrationMode) -> MigrationMode:
     """The mode spice-server picks for a client (5.1), capped at ``allowed``."""
@@ -613,10 +618,6 @@ def _migrate_input(flags: int) -> str:
     return "MIGRATE" if not flags else f"MIGRATE({'|'.join(f.name for f in MigrateFlags if f in flags)})"
 
 
-def _mode_name(mode: MigrationMode | None) -> str:
-    return "no" if mode is None else mode.name.lower().replace("_", "-")
-
-
 class _Role:
     TABLE: ClassVar[Mapping[tuple, tuple]]
     CHANNEL_TABLE: ClassVar[Mapping[tuple, tuple]]
@@ -810,7 +811,7 @@ class SourceMigration(_Role):
         back to normal and the client is sent MIGRATE_CANCEL, which takes it back to our sockets."""
         out = self._begin_call()
         if self.mode is not MigrationMode.SEAMLESS:
-            raise LocalProtocolError(f"a {_mode_name(self.mode)} migration cannot roll back")
+            raise LocalProtocolError(f"a {self.mode.label if self.mode else 'no'} migration cannot roll back")
         self._fire("roll back")
         return out
 

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 MAIN = mig.MAIN
 MAX_MIGRATE_DATA = 0xFFFFFFFF
-STREAM_MIGRATE_DATA = 1 << 20  # port MIGRATE_DATA at least this large is streamed segment by segment  # a migrating port's first message may carry all its buffered bytes
+STREAM_MIGRATE_DATA = 1 << 20  # port MIGRATE_DATA at least this large is streamed segment by segment
 _SOURCE_MESSAGES = (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless,
                     m.MsgcMainMigrateConnectError, m.MsgcMigrateFlushMark)
 _TARGET_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateEnd, m.MsgcMigrateData)
@@ -106,18 +106,14 @@ class SessionSource:
             port.pump()
             port.flush_to_client()
 
-    def finish(self) -> None:
+    def finish(self, switch_host: bool = False) -> None:
+        """Post-migration. ``switch_host`` (5.6): the client drops everything and links to s2 as a
+        new session."""
         self.times["migrate_sent"] = time.time()
-        if self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS:
+        if switch_host or self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS:
             # 5.3: every channel is reset on the client; what sits in our buffers is lost.
-            self.dropped = sum(p.to_device_bytes + p.to_client_bytes for p in self.session.ports.values())
-        self._apply(self.machine.finish(time.monotonic(), switch_host=False))
-
-    def switch_host(self) -> None:
-        """5.6: the client drops everything and links to s2 as a new session."""
-        self.times["migrate_sent"] = time.time()
-        self.dropped = sum(p.to_device_bytes + p.to_client_bytes for p in self.session.ports.values())
-        self._apply(self.machine.finish(time.monotonic(), switch_host=True))
+            self.dropped = self.session.in_flight
+        self._apply(self.machine.finish(time.monotonic(), switch_host=switch_host))
 
     def cancel(self, reason: str) -> None:
         self.error = reason
@@ -171,8 +167,7 @@ class SessionSource:
         self.times["client_left"] = time.time()
         if self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS and "migrate_sent" in self.times:
             # Whatever the client still wrote until it left is dropped as well.
-            self.dropped = max(self.dropped, sum(p.to_device_bytes + p.to_client_bytes
-                                                 for p in self.session.ports.values()))
+            self.dropped = max(self.dropped, self.session.in_flight)
         try:
             self._apply(self.machine.client_disconnected())
         except ProtocolError:
@@ -345,7 +340,7 @@ class SessionTarget:
                 self._apply(self.machine.receive(channel, msg))
             return True
         self._apply(self.machine.receive(channel, msg))  # raises for data before MIGRATE_DATA
-        return isinstance(msg, m.MsgcMigrateData)
+        return False
 
     def _apply(self, outputs: list) -> None:
         for item in outputs:
@@ -380,10 +375,7 @@ class SessionTarget:
         ch.reader.max_size = PORT_MAX_MESSAGE
         ch.reader.bulk_allocator = np.empty
         pending, to_client = data.pending_size, data.to_client_size
-        port.to_device.extend(data.pending)  # memoryviews into the received body: no copy
-        port.to_device_bytes += pending
-        port.to_client.extend(data.to_client)
-        port.to_client_bytes += to_client
+        port.restore(data.pending, data.to_client, pending, to_client)
         ch.writer.serial = max(ch.writer.serial, data.serial)
         ch.ack_generation = data.ack_generation
         self.restored += pending + to_client
@@ -515,9 +507,7 @@ class MigrationManager:
             if session is None or not isinstance(session.migration, SessionTarget):
                 continue
             self.failed[sid] = "aborted by the source"
-            for port in session.ports.values():
-                if port.connection is not None:
-                    port.connection.transport.close("the source took the session back")
+            session.close_ports("the source took the session back")
             if session.main is not None:
                 session.main.transport.close("the source took the session back")
             aborted += 1
@@ -536,13 +526,13 @@ class MigrationManager:
         peer = ControlClient(*to_control, token=to_token)
         peer.post_json("/migration/announce", {
             "ttl": timeout + 60,
-            "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind, p.to_device_bytes + p.to_client_bytes]
+            "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind, p.in_flight]
                                                         for cid, p in s.ports.items()]}
                          for s in sessions],
         })
         dst = m.MigrationDstInfo(port=to[1], sport=0, host=to[0], cert_subject=None)
         big = sum(1 for s in sessions for p in s.ports.values()
-                  if p.to_device_bytes + p.to_client_bytes >= PackBuffers.SIZE)
+                  if p.in_flight >= PackBuffers.SIZE)
         pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
         sources = []
         for session in sessions:
@@ -580,7 +570,7 @@ class MigrationManager:
             for source in ready:
                 source.finish()
         for source in switch_host:
-            source.switch_host()
+            source.finish(switch_host=True)
         # Decide before the machines' own post-migration timers would disconnect the clients: a
         # session that did not land can still be taken back then.
         timers = [t for t in (s.machine.get_timer() for s in ready) if t is not None]
@@ -724,7 +714,7 @@ def pipelined_segments(writer: mig.PortMigrateDataWriter, spare: PackBuffers | N
 
 
 def _mode(mode: mig.MigrationMode | None) -> str | None:
-    return None if mode is None else mode.name.lower().replace("_", "-")
+    return None if mode is None else mode.label
 
 
 def pack_device_states(sessions) -> bytes:

@@ -275,7 +275,7 @@ class Connection:
                 self._write_ready.wait()
                 self._write_ready.clear()
                 while self._outq and not self.closed:
-                    if not isinstance(self._outq[0], (bytes, bytearray, memoryview)):
+                    if not isinstance(self._outq[0], bytes):
                         for piece in self._outq.popleft():  # a streamed body (send_stream)
                             self.sock.sendall(piece)
                             self.pending_write -= len(piece)
@@ -406,11 +406,9 @@ class SpiceServer:
     def _session_ended(self, session: Session) -> None:
         self.migration.session_ended(session)
         self.sessions.pop(session.id, None)
-        buffered = 0
+        buffered = session.in_flight
+        session.close_ports("session ended")
         for port in session.ports.values():
-            buffered += port.to_device_bytes + port.to_client_bytes
-            if port.connection is not None:
-                port.connection.transport.close("session ended")
             port.device.detach()
             port.to_device.clear()
             port.to_client.clear()
@@ -430,5 +428,3 @@ class SpiceServer:
                         except SpiceError:
                             log.exception("device %s failed", port.name)
 
-    def status(self) -> dict:
-        return {"sessions": [s.status() for s in self.sessions.values()]}

@@ -129,9 +129,10 @@ class PortState:
         # counts against room) bounds what goes out, as on spice-server's spicevmc channels.
         while self.to_client and (channel.window_open or not self.reading_allowed):
             data = self.to_client.popleft()
-            if len(data) > MAX_DATA_MESSAGE:
-                self.to_client.appendleft(data[MAX_DATA_MESSAGE:])
-                data = data[:MAX_DATA_MESSAGE]
+            if len(data) > MAX_DATA_MESSAGE:  # views: slicing bytes would copy the rest each time
+                view = memoryview(data)
+                self.to_client.appendleft(view[MAX_DATA_MESSAGE:])
+                data = view[:MAX_DATA_MESSAGE]
             self.to_client_bytes -= len(data)
             channel.send_raw(MsgSpicevmc.DATA, data)
             sent = True
@@ -143,6 +144,18 @@ class PortState:
         self.flush_to_client()
         if self.room and not self.device_stopped:
             self.device.on_room()
+
+    @property
+    def in_flight(self) -> int:
+        """Bytes buffered here in either direction: what a migration moves or drops."""
+        return self.to_device_bytes + self.to_client_bytes
+
+    def restore(self, pending, to_client, pending_bytes: int, to_client_bytes: int) -> None:
+        """Take over the buffers a migration brought (views into its MIGRATE_DATA, no copy)."""
+        self.to_device.extend(pending)
+        self.to_device_bytes += pending_bytes
+        self.to_client.extend(to_client)
+        self.to_client_bytes += to_client_bytes
 
     def status(self) -> dict:
         return {
@@ -200,8 +213,7 @@ class PortConnection:
                 self.transport.close("client is disconnecting")
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} on a port channel")
-        self.port.flush_to_client()  # ACKs may have opened the window
-        self.transport.flush()
+        self.port.flush_to_client()  # ACKs may have opened the window (the transport flushes after us)
 
     def on_drained(self) -> None:
         self.port.on_drained()
@@ -219,7 +231,6 @@ class MainConnection:
         self.channel = channel
         self.transport = transport
         self.client_caps = client_caps
-        self.attached = False
         # Migration hooks: a migration target gets no MAIN_INIT until the migration says so;
         # ``intercept`` sees every client message first; after SPICE_MSG_MIGRATE (frozen) only
         # the migration writes on this channel.
@@ -261,7 +272,6 @@ class MainConnection:
             if self.intercept is not None and self.intercept(msg):
                 continue
             if isinstance(msg, m.MsgcMainAttachChannels):
-                self.attached = True
                 self.send(m.MsgMainChannelsList(tuple(m.ChannelId(ChannelType.PORT, p) for p in self.session.ports)))
             elif isinstance(msg, m.MsgcMainMouseModeRequest):
                 if msg.mode in (MouseMode.SERVER, MouseMode.CLIENT):
@@ -278,7 +288,6 @@ class MainConnection:
                 pass  # a late CONNECT_ERROR is ignored (5.2)
             else:
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__} on the main channel")
-        self.transport.flush()
 
     def on_drained(self) -> None:
         pass
@@ -296,7 +305,6 @@ class Session:
     mouse_mode: int = MouseMode.SERVER
     main: MainConnection | None = None
     created: float = field(default_factory=time.time)
-    closed: bool = False
     on_end: Callable[[Session], None] | None = None
     migration: object | None = None  # the SessionSource (s1) or SessionTarget (s2) under way
     migrations: list[dict] = field(default_factory=list)  # reports of the finished ones
@@ -304,9 +312,17 @@ class Session:
     def main_closed(self, conn: MainConnection) -> None:
         if self.main is conn:
             self.main = None
-            self.closed = True
             if self.on_end is not None:
                 self.on_end(self)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(port.in_flight for port in self.ports.values())
+
+    def close_ports(self, reason: str) -> None:
+        for port in self.ports.values():
+            if port.connection is not None:
+                port.connection.transport.close(reason)
 
     def status(self) -> dict:
         return {
