@@ -181,7 +181,6 @@ def connect(args: argparse.Namespace) -> int:
     import hashlib
     import json
     import os
-    import time
 
     import gevent
 

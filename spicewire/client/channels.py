@@ -162,23 +162,21 @@ class ChannelClient:
                     data, self._trailing = self._trailing, b""
                     self._receive(data)
                     continue
-                sock = self.sock
+                sock, error = self.sock, None
                 try:
                     n = sock.recv_into(buf)
                 except OSError as err:
-                    if not (self.frozen or self.sock is not sock):
-                        if self.session.destination_failed(self, sock, str(err)):
-                            continue  # back on s1's connection
-                        raise
-                    n = 0
+                    n, error = 0, err
                 if n == 0:
                     if self.sock is not sock:
                         continue  # switched underneath: read the new connection
                     if self.frozen:
                         self._park(sock)
                         continue
-                    if self.session.destination_failed(self, sock, "connection closed"):
-                        continue
+                    if self.session.destination_failed(self, sock, str(error or "connection closed")):
+                        continue  # s2 failed: back on s1's connection
+                    if error is not None:
+                        raise error
                     break
                 self._receive(view[:n])
         except (OSError, SpiceError) as err:

@@ -20,7 +20,7 @@ import fcntl
 import logging
 import os
 import time
-from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import gevent
@@ -29,6 +29,7 @@ import gevent.pool
 from gevent import socket
 from gevent.socket import wait_read, wait_write
 
+from spicewire import codec
 from spicewire.client.channels import link_channel
 from spicewire.errors import ProtocolError, RemoteProtocolError, SpiceError
 from spicewire.protocol import messages as m
@@ -90,6 +91,11 @@ class StreamedBody:
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def rest(self) -> int:
+        """Body bytes still to be read from ``source``."""
+        return self.size - len(self.first)
+
 
 @dataclass
 class _Parked:
@@ -98,7 +104,6 @@ class _Parked:
     sock: socket.socket
     established: LinkEstablished
     writer: MessageWriter  # DST_DO_SEAMLESS goes out before main switches
-    trailing: bytes = b""
 
 
 @dataclass
@@ -141,11 +146,11 @@ class MigrationDriver:
         self._greenlets = gevent.pool.Group()
         self._relays: dict[tuple, gevent.event.Event] = {}
         self._migrate_at: dict[tuple, float] = {}
-        self._retained: dict[tuple, deque] = {key: deque() for key in self.machine.channels}
         self._result = "cancelled"
         self._s2_broken: str | None = None  # a relay into s2 failed; the machine hears of it next
         self._timer: gevent.Greenlet | None = None  # confirmation grace or rollback wait
         self._watcher: gevent.Greenlet | None = None  # reads s1's main once main is on s2
+        self._back_on_s1 = gevent.event.Event()  # s2 failed and every channel reads s1 again
         self._handlers = {
             Send: self._send, LinkDestination: self._link_destination, DropDestination: self._drop,
             ResetChannels: self._reset, SwitchChannel: self._switch, CloseSource: self._close_source,
@@ -169,30 +174,24 @@ class MigrationDriver:
 
     def send(self, ch, msg: m.Message) -> None:
         """An application (or channel) message; the caller holds ``ch.write_lock``."""
-        events = self.machine.send(ch.key, msg)
-        if not any(isinstance(ev, Send) and ev.message is msg for ev in events):
-            self._retained[ch.key].append(msg)
-        self.execute(events)
+        self.execute(self.machine.send(ch.key, msg))
 
     def pass_through(self, ch) -> None:
         """``ch`` paused after MIGRATE(NEED_DATA_TRANSFER): the next message from s1 must be
         MIGRATE_DATA; relay it to s2 unparsed, or hand anything else back to the parser."""
         conn, s1 = ch.channel, ch.sock
-        header = FULL_HEADER if not conn.reader.mini else MINI_HEADER
+        header_size = MINI_HEADER.size if conn.reader.mini else FULL_HEADER.size
         pending = bytearray(conn.reader.take_buffered())
-        while len(pending) < header.size:
-            data = s1.recv(RELAY_CHUNK)
-            if not data:
-                raise ConnectionError(f"s1 closed {channel_name(ch.key)} before its MIGRATE_DATA")
-            pending += data
-        fields = header.unpack_from(pending)
-        msg_type, size = fields if header is MINI_HEADER else fields[1:3]
+        _recv_until(s1, pending, header_size, f"s1 closed {channel_name(ch.key)} before its MIGRATE_DATA")
+        header = codec.parse_header(pending, 0, conn.reader.mini)
+        msg_type, size = header if conn.reader.mini else header[1:3]
         if msg_type != Msg.MIGRATE_DATA:
-            self._not_migrate_data(ch, header.size, msg_type, size, pending)
+            self._not_migrate_data(ch, header_size, msg_type, size, pending)
             return
         conn.passed_through()
-        first = bytes(pending[header.size : header.size + size])
-        extra = len(pending) - header.size - len(first)
+        with memoryview(pending) as view:
+            first = view[header_size : header_size + size].tobytes()
+        extra = len(pending) - header_size - len(first)
         if extra:  # s1 sends nothing after MIGRATE_DATA (5.9.4)
             self.note_dropped(ch.key, partial_in_bytes=extra)
         del pending
@@ -214,11 +213,7 @@ class MigrationDriver:
         if size > conn.reader.max_size:
             raise RemoteProtocolError(f"{size}-byte message type {msg_type} where MIGRATE_DATA must follow MIGRATE")
         end = header_size + size
-        while len(pending) < end:
-            data = ch.sock.recv(RELAY_CHUNK)
-            if not data:
-                raise ConnectionError(f"s1 closed {channel_name(ch.key)} inside a message")
-            pending += data
+        _recv_until(ch.sock, pending, end, f"s1 closed {channel_name(ch.key)} inside a message")
         cls = m.lookup(ch.key[0], m.S2C, msg_type)
         try:
             offender = cls.decode(bytes(pending[header_size:end])) if cls else None
@@ -269,25 +264,28 @@ class MigrationDriver:
         if self.machine.state is not ClientState.ROLLING_BACK:
             log.warning("migration: s2 failed (%s); back to s1", reason)
             self.report.errors.append(f"s2 failed: {reason}")
-            self._run(self.machine.s2_failed)
+            try:
+                self._run(self.machine.s2_failed)
+            finally:
+                self._back_on_s1.set()
         return True
+
+    def wait_back_on_s1(self, timeout: float) -> None:
+        """Until the greenlet that took the migration back has moved every channel to s1."""
+        self._back_on_s1.wait(timeout)
 
     def close(self) -> None:
         """The session closes mid-migration: let go of every s2 link and any s1 socket left."""
-        for greenlet in (self._timer, self._watcher):
-            if greenlet is not None and greenlet is not gevent.getcurrent():
-                greenlet.kill(block=False)
+        _kill(self._timer)
+        _kill(self._watcher)
         self._drop(DropDestination())
-        for sock, _ in self._s1.values():
-            sock.close()
-        self._s1.clear()
+        self._close_s1()
 
     def finish(self, result: str) -> None:
         if self.finished:
             return
         self.finished = True
-        if self._timer is not None and self._timer is not gevent.getcurrent():
-            self._timer.kill(block=False)
+        _kill(self._timer)
         for key, count in self.machine.last_resent.items():
             if count:
                 self.report.resent_to_s1[channel_name(key)] = count
@@ -299,9 +297,6 @@ class MigrationDriver:
 
     def _send(self, ev: Send) -> None:
         ch = self.session.channel(ev.channel)
-        retained = self._retained[ev.channel]
-        if retained and retained[0] is ev.message:
-            retained.popleft()
         msg = ev.message
         if isinstance(msg, m.MsgcMigrateData) and isinstance(msg.data, StreamedBody):
             self._stream(ch, msg.data)
@@ -345,7 +340,7 @@ class MigrationDriver:
         if attempt != self._attempt:
             sock.close()
             return
-        self._parked[key] = _Parked(sock, est, MessageWriter(est.send_mini_header), est.trailing)
+        self._parked[key] = _Parked(sock, est, MessageWriter(est.send_mini_header))
         if key == MAIN:
             self._run(self.machine.s2_linked, MAIN, est.channel_caps)
             if self.machine.state is ClientState.HANDSHAKE:
@@ -357,21 +352,16 @@ class MigrationDriver:
         """5.2 step 4: s2 main answers DST_DO_SEAMLESS; anything else is logged and dropped."""
         parked = self._parked[MAIN]
         reader = MessageReader(parked.established.expect_mini_header)
-        reader.feed(parked.trailing)
+        reader.feed(parked.established.trailing)
         parked.sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            while True:
-                raw = reader.next_message()
-                if raw is None:
-                    data = parked.sock.recv(65536)
-                    if not data:
-                        raise ConnectionError("s2 closed main during the seamless handshake")
-                    reader.feed(data)
-                    continue
+            for raw in _messages(parked.sock, reader):
                 cls = m.lookup(ChannelType.MAIN, m.S2C, raw.type)
                 if cls in (m.MsgMainMigrateDstSeamlessAck, m.MsgMainMigrateDstSeamlessNack):
                     break
                 log.warning("dropping message type %d from s2 main during the handshake", raw.type)
+            else:
+                raise ConnectionError("s2 closed main during the seamless handshake")
         except (OSError, SpiceError) as err:
             if attempt == self._attempt:
                 self.report.errors.append(f"seamless handshake: {err}")
@@ -379,7 +369,7 @@ class MigrationDriver:
             return
         finally:
             parked.sock.settimeout(None)
-        parked.trailing = reader.take_buffered()
+        parked.established = dataclasses.replace(parked.established, trailing=reader.take_buffered())
         if attempt == self._attempt:
             self._run(self.machine.receive, Peer.S2, MAIN, cls())
 
@@ -395,12 +385,8 @@ class MigrationDriver:
 
     def _reset(self, ev: ResetChannels) -> None:
         """Semi-seamless 5.3 step 1: s1 goes. Main's socket is closed here (its reader is the caller
-        and switches next); the others are frozen and park once they have read what s1 sent."""
-        for key, retained in self._retained.items():
-            if retained:
-                self.note_dropped(key, unsent_messages=len(retained),
-                                   unsent_bytes=sum(len(msg.encode()) for msg in retained))
-                retained.clear()
+        and switches next); the others are frozen and park once they have read what s1 sent. (Nothing
+        is held back yet: before END every channel writes to s1 straight away.)"""
         main = self.session.main
         self.note_dropped(MAIN, partial_in_bytes=main.channel.reader.buffered)
         main.sock.close()
@@ -420,7 +406,7 @@ class MigrationDriver:
             ch.peer = Peer.S1
             return
         parked = self._parked.pop(ev.channel)
-        est = dataclasses.replace(parked.established, trailing=parked.trailing)
+        est = parked.established
         if self.machine.mode is MigrationMode.SEAMLESS:
             self._s1[ev.channel] = (ch.sock, ch.established)  # closed by CloseSource
             if ev.channel == MAIN:
@@ -442,20 +428,13 @@ class MigrationDriver:
         reader = MessageReader(established.expect_mini_header)
         reader.adopt_serial = True
         try:
-            while True:
-                raw = reader.next_message()
-                if raw is None:
-                    data = sock.recv(4096)
-                    if not data:
-                        break
-                    reader.feed(data)
-                elif raw.type == MsgMain.MIGRATE_CANCEL:
+            for raw in _messages(sock, reader):
+                if raw.type == MsgMain.MIGRATE_CANCEL:
                     self._watcher = None
                     if self.s2_failed("s1 cancelled the migration"):
                         self._run(self.machine.receive, Peer.S1, MAIN, m.MsgMainMigrateCancel())
                     return
-                else:
-                    log.warning("dropping message type %d from s1 main after main switched", raw.type)
+                log.warning("dropping message type %d from s1 main after main switched", raw.type)
         except (OSError, SpiceError):
             pass
         self._watcher = None
@@ -463,8 +442,7 @@ class MigrationDriver:
 
     def _stop_watching(self) -> None:
         watcher, self._watcher = self._watcher, None
-        if watcher is not None and watcher is not gevent.getcurrent():
-            watcher.kill(block=True)
+        _kill(watcher, block=True)
 
     def _switched(self, key) -> None:
         start = self._migrate_at.get(key, self._t0)
@@ -472,27 +450,24 @@ class MigrationDriver:
 
     def _stream(self, ch, body: StreamedBody) -> None:
         """Header for s2 (its header mode, the channel's serial), then the body as it arrives."""
-        out = ch.sock
-        left = body.size - len(body.first)
+        out, what = ch.sock, channel_name(ch.key)
         try:
             try:
                 # Header and what already arrived in one write: a small MIGRATE_DATA is one segment.
                 out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size) + body.first)
             except OSError as err:
-                _discard(body.source, left, channel_name(ch.key))
-                raise DestinationFailed(f"writing to s2: {err}") from err
-            if left:
-                peak = relay(body.source, out, left, channel_name(ch.key))
+                raise _s2_write_failed(body.source, body.rest, what, err) from err
+            if body.rest:
+                peak = relay(body.source, out, body.rest, what)
                 self.report.peak_relay_buffer = max(self.report.peak_relay_buffer, len(body.first), peak)
+            self.report.relayed[what] = body.size
+            ch.channel.bytes_out += body.size
+            self._switched(ch.key)
         except DestinationFailed as err:  # the whole body was read from s1; s2 did not take it
-            self.report.errors.append(f"{channel_name(ch.key)}: MIGRATE_DATA relay: {err}")
-            self._s2_broken = f"MIGRATE_DATA relay on {channel_name(ch.key)}: {err}"
-            self._relays[ch.key].set()
-            return
-        self.report.relayed[channel_name(ch.key)] = body.size
-        ch.channel.bytes_out += body.size
-        self._switched(ch.key)
-        self._relays[ch.key].set()
+            self.report.errors.append(f"{what}: MIGRATE_DATA relay: {err}")
+            self._s2_broken = f"MIGRATE_DATA relay on {what}: {err}"
+        finally:
+            self._relays[ch.key].set()  # before any CloseSource later in this run waits for it
 
     def _await_confirmation(self, ev: AwaitConfirmation) -> None:
         self._start_timer(CONFIRM_GRACE, self.machine.confirmation_due)
@@ -501,8 +476,7 @@ class MigrationDriver:
         self._start_timer(ROLLBACK_TIMEOUT, self._rollback_timed_out)
 
     def _start_timer(self, seconds: float, fn) -> None:
-        if self._timer is not None:
-            self._timer.kill(block=False)
+        _kill(self._timer)
         self._timer = gevent.spawn_later(seconds, self._run, fn)
 
     def _rollback_timed_out(self) -> list:
@@ -514,10 +488,8 @@ class MigrationDriver:
 
     def _drop_migrate_data(self, ev: DropMigrateData) -> None:
         body = ev.data
-        if isinstance(body, StreamedBody):
-            left = body.size - len(body.first)
-            if left:
-                _discard(body.source, left, channel_name(ev.channel))
+        if isinstance(body, StreamedBody) and body.rest:
+            _discard(body.source, body.rest, channel_name(ev.channel))
         self.note_dropped(ev.channel, migrate_data_bytes=len(body))
 
     def _rolled_back(self, ev: RolledBack) -> None:
@@ -527,6 +499,9 @@ class MigrationDriver:
         for done in self._relays.values():  # the last one is done: it is what switched last
             done.wait()
         self._stop_watching()
+        self._close_s1()
+
+    def _close_s1(self) -> None:
         for sock, _ in self._s1.values():
             sock.close()
         self._s1.clear()
@@ -545,6 +520,37 @@ class MigrationDriver:
             if value:
                 entry = self.report.dropped.setdefault(channel_name(key), {})
                 entry[name] = entry.get(name, 0) + value
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _kill(greenlet: gevent.Greenlet | None, block: bool = False) -> None:
+    """Kill ``greenlet`` unless it is gone or is the one running (which is on its way out)."""
+    if greenlet is not None and greenlet is not gevent.getcurrent():
+        greenlet.kill(block=block)
+
+
+def _messages(sock: socket.socket, reader: MessageReader) -> Iterator:
+    """Whole messages from ``sock``, through ``reader``, until the peer closes."""
+    while True:
+        raw = reader.next_message()
+        if raw is not None:
+            yield raw
+            continue
+        data = sock.recv(65536)
+        if not data:
+            return
+        reader.feed(data)
+
+
+def _recv_until(sock: socket.socket, pending: bytearray, size: int, closed: str) -> None:
+    """Receive into ``pending`` until it holds ``size`` bytes; ``closed`` says what an EOF means."""
+    while len(pending) < size:
+        data = sock.recv(RELAY_CHUNK)
+        if not data:
+            raise ConnectionError(closed)
+        pending += data
 
 
 # --- moving a MIGRATE_DATA body from s1 to s2 ---------------------------------------------------
@@ -568,6 +574,13 @@ def relay(source: socket.socket, out: socket.socket, count: int, what: str) -> i
 class DestinationFailed(ConnectionError):
     """Writing to s2 failed mid-relay. The rest of the body has been read from s1 and dropped, so
     the s1 connection is at a message boundary again."""
+
+
+def _s2_write_failed(source: socket.socket, left: int, what: str, err: OSError) -> DestinationFailed:
+    """Writing to s2 failed with ``left`` body bytes still on s1: read and drop them, so the s1
+    connection is at a message boundary for whoever reads it next."""
+    _discard(source, left, what)
+    return DestinationFailed(f"writing to s2: {err}")
 
 
 def _discard(source: socket.socket, count: int, what: str) -> None:
@@ -611,18 +624,14 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
             if n == 0:
                 raise ConnectionError(f"s1 closed {what} {left} bytes before the end of MIGRATE_DATA")
             left -= n
-            while n:
-                try:
-                    n -= _splice_out(out, r, dst, n)
-                except BlockingIOError:
+            try:
+                while n:
                     try:
+                        n -= _splice_out(out, r, dst, n)
+                    except BlockingIOError:
                         _wait_ready(out, dst, wait_write)
-                    except OSError as err:
-                        _discard(source, left, what)
-                        raise DestinationFailed(f"writing to s2: {err}") from err
-                except OSError as err:
-                    _discard(source, left, what)
-                    raise DestinationFailed(f"writing to s2: {err}") from err
+            except OSError as err:
+                raise _s2_write_failed(source, left, what, err) from err
     finally:
         os.close(r)
         os.close(w)
@@ -663,6 +672,5 @@ def _copy_relay(source: socket.socket, out: socket.socket, count: int, what: str
         try:
             out.sendall(view[:n])
         except OSError as err:
-            _discard(source, left, what)
-            raise DestinationFailed(f"writing to s2: {err}") from err
+            raise _s2_write_failed(source, left, what, err) from err
     return len(buf)

@@ -13,7 +13,6 @@ protocol.channel.ChannelConnection, and follows migrations (client.migration).
 from __future__ import annotations
 
 import logging
-import time
 
 import gevent
 import gevent.event
@@ -71,7 +70,6 @@ class ClientSession:
         self._migration: MigrationDriver | None = None
         self._idle = gevent.event.Event()  # no migration running
         self._idle.set()
-        self._dropped_outside: dict = {}
 
     @property
     def session_id(self) -> int:
@@ -176,12 +174,11 @@ class ClientSession:
         now goes back to s1, and ``ch`` reads its s1 connection again."""
         if self._migration is None or ch.peer is not Peer.S2:
             return False
-        if not self._migration.s2_failed(f"{channel_name(ch.key)}: {reason}"):
+        driver = self._migration
+        if not driver.s2_failed(f"{channel_name(ch.key)}: {reason}"):
             return False
-        # Another channel's greenlet may be switching every channel back right now.
-        deadline = time.monotonic() + SWITCH_BACK_WAIT
-        while ch.sock is sock and time.monotonic() < deadline:
-            gevent.sleep(0.001)
+        if ch.sock is sock:  # another channel's greenlet is switching every channel back right now
+            driver.wait_back_on_s1(SWITCH_BACK_WAIT)
         return ch.sock is not sock
 
     def pass_through_migrate_data(self, ch: ChannelClient) -> None:
