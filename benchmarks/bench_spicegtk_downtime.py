@@ -58,6 +58,16 @@ def median(values):
     return round(statistics.median(values), 6) if values else None
 
 
+def checked_rounds(rep: dict, rounds: int) -> list[dict]:
+    """The driver's per-migration figures, once its report says all ROUNDS went through."""
+    if not rep.get("ok"):
+        raise RuntimeError(f"driver: {rep.get('error')}")
+    client = client_rounds(rep)
+    if len(client) != rounds:
+        raise RuntimeError(f"the driver saw {len(client)} migrations, not {rounds}")
+    return client
+
+
 def client_rounds(rep: dict) -> list[dict]:
     """Per migration, from the driver's trace: wall-clock times of begin, connect reply, first
     MIGRATE handled, all channels switched."""
@@ -127,11 +137,7 @@ def bench_spicewire(rounds: int, nservers: int, tmp: pathlib.Path) -> dict:
     finally:
         for served in servers:
             served.stop()
-    if not rep.get("ok"):
-        raise RuntimeError(f"driver: {rep.get('error')}")
-    client = client_rounds(rep)
-    if len(client) != rounds:
-        raise RuntimeError(f"the driver saw {len(client)} migrations, not {rounds}")
+    client = checked_rounds(rep, rounds)
     entries = [r["sessions"][0] for r in reports]
     return {
         "spice_gtk": rep.get("spice_gtk_version"),
@@ -197,11 +203,7 @@ def bench_qemu(rounds: int) -> dict:
             driver.kill()
         current.stop()
         current.cleanup()
-    if not rep.get("ok"):
-        raise RuntimeError(f"driver: {rep.get('error')}")
-    client = client_rounds(rep)
-    if len(client) != rounds:
-        raise RuntimeError(f"the driver saw {len(client)} migrations, not {rounds}")
+    client = checked_rounds(rep, rounds)
     return {
         "rounds": rounds,
         "client_switch_s": median(c.get("client_switch_s") for c in client),

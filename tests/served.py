@@ -30,7 +30,7 @@ class Served:
         """``extra`` arguments go to serve; without a --port-channel among them, org.test.echo=echo."""
         self.address = ("127.0.0.1", free_port())
         self.control = ("127.0.0.1", free_port())
-        self.log = tmp_path / "serve.log"
+        self.log = tmp_path / f"serve-{self.address[1]}.log"  # one each: a test may start several
         argv = [
             sys.executable, "-m", "spicewire", "serve", "--listen", "%s:%d" % self.address,
             "--control", "%s:%d" % self.control, "--control-token", TOKEN,

@@ -48,7 +48,7 @@ def test_serve_with_a_password_refuses_a_wrong_one(serve):
     main.close()
 
 
-def test_serve_exits_1_when_the_address_is_taken(tmp_path):
+def test_serve_exits_1_when_the_address_is_taken():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

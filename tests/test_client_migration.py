@@ -228,6 +228,16 @@ def seen(queue, event, timeout: float = 5.0) -> bool:
     return True
 
 
+def wait_links_closed(server, timeout: float = 5.0) -> None:
+    """Until ``server`` has seen both the client's main and port links close."""
+    closed = set()
+    with gevent.Timeout(timeout):
+        while closed != {("closed", "main"), ("closed", "port")}:
+            event = server.events.get()
+            if event[0] == "closed":
+                closed.add(event)
+
+
 def dst_info(port: int) -> m.MigrationDstInfo:
     return m.MigrationDstInfo(port, 0, "127.0.0.1")
 
@@ -327,12 +337,7 @@ def test_closing_the_session_mid_migration_closes_the_s2_links(fake_pair):
     s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateBeginSeamless(dst_info(s2.port), 1))
     assert session.migration_connected_event.wait(5)
     session.close()
-    closed = set()
-    with gevent.Timeout(5):
-        while closed != {("closed", "main"), ("closed", "port")}:
-            event = s2.events.get()
-            if event[0] == "closed":
-                closed.add(event)
+    wait_links_closed(s2)
 
 
 def test_anything_but_migrate_data_after_migrate_keeps_the_channel_on_s1(fake_pair):
@@ -498,12 +503,7 @@ def test_migrate_cancel_drops_the_s2_connections(fake_pair):
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateBeginSeamless(dst_info(s2.port), 1))
         assert session.migration_connected_event.wait(5)
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateCancel())
-        closed = set()
-        with gevent.Timeout(5):
-            while closed != {("closed", "main"), ("closed", "port")}:
-                event = s2.events.get()
-                if event[0] == "closed":
-                    closed.add(event)
+        wait_links_closed(s2)
         assert session.migrations[-1]["result"] == "cancelled" and not session.migrating
         port.write(b"on s1")
         assert port.read(5, timeout=5) == b"on s1"

@@ -246,12 +246,12 @@ def connect(node, host_port=None) -> ClientSession:
     return ClientSession(host, port, timeout=10).connect()
 
 
-def fill_paused_sink(node, session: ClientSession, size: int, *, block: int = 1 << 20) -> str:
+def fill_paused_sink(node, session: ClientSession, size: int, *, block: int = 1 << 20, digest=None) -> str:
     """Pause the session's sink on ``node``, write ``size`` random bytes into it, wait until they
-    are all buffered there; returns their SHA-256."""
+    are all buffered there; returns their SHA-256 (``digest``, if given, goes on being updated)."""
     node.lever(session.session_id, SINK, "pause")
     sink = session.open_port(SINK)
-    digest = hashlib.sha256()
+    digest = digest or hashlib.sha256()
     data = os.urandom(block)
     for start in range(0, size, block):
         piece = data[: min(block, size - start)]
@@ -535,15 +535,9 @@ def test_fault_s2_fails_after_migrate_data_was_sent_rolls_back_to_s1_with_nothin
     s2 = procs("s2", buffer_mib=64)
     session = connect(s1)
     sid = session.session_id
-    held = 32 << 20
-    digest = hashlib.sha256()
-    s1.lever(sid, SINK, "pause")
-    block = os.urandom(1 << 20)
-    sink = session.open_port(SINK)
-    for _ in range(held // len(block)):
-        sink.write(block)
-        digest.update(block)
-    wait_until(lambda: s1.port(sid, SINK)["to_device_bytes"] == held, 60, what="the held bytes")
+    held, digest = 32 << 20, hashlib.sha256()
+    fill_paused_sink(s1, session, held, digest=digest)
+    sink = session.open_port(SINK)  # the same port: written to again while the session is between servers
     send_migrate_data = server_migration.SessionSource._send_migrate_data
     failed = []
 

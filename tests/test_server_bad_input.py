@@ -94,12 +94,16 @@ def refused(address, payload: bytes) -> tuple[int, str]:
     The server must close the connection after answering."""
     sock = raw_connect(address)
     peer = peer_of(sock)
+    return link_error_of(send_until_closed(sock, payload)), peer
+
+
+def send_until_closed(sock, data: bytes) -> bytes:
+    """Send ``data``, then read everything until the server closes; the socket is closed after."""
     try:
-        sock.sendall(payload)
-        answer = read_until_closed(sock)
+        sock.sendall(data)
+        return read_until_closed(sock)
     finally:
         sock.close()
-    return link_error_of(answer), peer
 
 
 def link_to_reply(address, payload: bytes):
@@ -162,11 +166,8 @@ def test_caps_counts_past_the_message(server, bystander, logs, counts):
 def test_garbage_ticket(server, bystander, logs):
     sock, _, _ = link_to_reply(server.address, link_mess_bytes(0, ChannelType.MAIN))
     peer = peer_of(sock)
-    try:
-        sock.sendall(struct.pack("<I", 1) + os.urandom(128))  # AUTH_SPICE, then no valid OAEP block
-        result = read_until_closed(sock)
-    finally:
-        sock.close()
+    # AUTH_SPICE, then no valid OAEP block
+    result = send_until_closed(sock, struct.pack("<I", 1) + os.urandom(128))
     assert result == struct.pack("<I", LinkErr.PERMISSION_DENIED)
     wait_for_log(logs, peer, "link refused", "PERMISSION_DENIED", "decrypt")
 
@@ -186,11 +187,7 @@ def test_replayed_ticket(server, bystander, logs):
     # Link B replays it: B's fresh key cannot decrypt it.
     second, _, _ = link_to_reply(server.address, link_mess_bytes(0, ChannelType.MAIN))
     peer = peer_of(second)
-    try:
-        second.sendall(recorded)
-        result = read_until_closed(second)
-    finally:
-        second.close()
+    result = send_until_closed(second, recorded)
     assert result == struct.pack("<I", LinkErr.PERMISSION_DENIED)
     wait_for_log(logs, peer, "link refused", "PERMISSION_DENIED")
 
@@ -281,11 +278,7 @@ def test_garbage_glued_to_the_ticket(server, bystander, logs):
     peer = peer_of(sock)
     link.receive_data(reply_bytes)
     assert link.next_event() is None
-    try:
-        sock.sendall(link.data_to_send() + GARBAGE)
-        answer = read_until_closed(sock)
-    finally:
-        sock.close()
+    answer = send_until_closed(sock, link.data_to_send() + GARBAGE)
     assert answer[:4] == struct.pack("<I", LinkErr.OK)  # the link itself was fine
     wait_for_log(logs, peer, "protocol error, disconnecting")
 

@@ -57,22 +57,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def wait_tcp(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> float:
-    """Poll until ``host:port`` accepts a TCP connection; returns seconds waited."""
-    t0 = time.monotonic()
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise QemuStartError(f"process exited with {proc.returncode} before {host}:{port} opened")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return time.monotonic() - t0
-        except OSError:
-            pass
-        if time.monotonic() - t0 > timeout:
-            raise QemuStartError(f"{host}:{port} not accepting after {timeout}s")
-        time.sleep(0.05)
-
-
 class QMPClient:
     """Minimal QMP client over a unix socket: greeting, qmp_capabilities, commands, events."""
 

@@ -136,6 +136,15 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _channel_error(channel) -> str | None:
+    """A spice-gtk channel's GError, as text, if it has one."""
+    try:
+        err = channel.get_error()
+    except Exception:
+        return None
+    return None if err is None else f"{err.domain}:{err.code}: {err.message}"
+
+
 def _emit(report: dict) -> None:
     sys.stdout.write(json.dumps(report, sort_keys=True) + "\n")
     sys.stdout.flush()
@@ -524,12 +533,9 @@ class Driver:
     def on_migration_channel_event(self, channel, event, name):
         rec = {"t": self.now(), "what": "migration-channel-event", "channel": name,
                "event": _EVENT_NAMES.get(int(event), str(int(event)))}
-        try:
-            err = channel.get_error()
-        except Exception:
-            err = None
+        err = _channel_error(channel)
         if err is not None:
-            rec["error"] = f"{err.domain}:{err.code}: {err.message}"
+            rec["error"] = err
         self.events.append(rec)
 
     def on_spice_log(self, domain, level, message, data):
@@ -548,12 +554,9 @@ class Driver:
         rec = {"t": self.now(), "what": "channel-event",
                "channel": f"{info['type_name']}:{info['id']}", "event": name}
         if ev in _EVENT_ERRORS or ev == _EVENT_CLOSED:
-            try:
-                err = channel.get_error()
-            except Exception:
-                err = None
+            err = _channel_error(channel)
             if err is not None:
-                rec["error"] = f"{err.domain}:{err.code}: {err.message}"
+                rec["error"] = err
         self.events.append(rec)
         if ev == _EVENT_OPENED:
             info["opened"] = True

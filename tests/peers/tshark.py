@@ -166,12 +166,6 @@ def decode_fields(path: str, port: int, fields: list[str], display_filter: str |
     return rows
 
 
-def decode_verbose(path: str, port: int, display_filter: str | None = None) -> str:
-    """``tshark -V`` packet details (text)."""
-    args = ["-V"] + (["-Y", display_filter] if display_filter else [])
-    return _read(path, port, *args)
-
-
 def decode_json(path: str, port: int, display_filter: str | None = None) -> list[dict]:
     args = ["-T", "json", "--no-duplicate-keys"] + (["-Y", display_filter] if display_filter else [])
     out = _read(path, port, *args)
@@ -217,12 +211,3 @@ def problems(path: str, port: int, min_severity: str = "error") -> list[dict]:
                         "severities": sev,
                         "groups": [_group_name(g) for g in r["_ws.expert.group"]]})
     return out
-
-
-def expert_infos(path: str, port: int) -> list[dict]:
-    """All expert infos (any severity), for diagnostics."""
-    return problems(path, port, min_severity="chat")
-
-
-def packet_count(path: str, port: int, display_filter: str | None = None) -> int:
-    return len(decode_fields(path, port, ["frame.number"], display_filter))
