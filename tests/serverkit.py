@@ -255,9 +255,9 @@ class RawChannel:
     # receiving
 
     def _feed(self, data) -> None:
-        before = self.channel.reader.serial
+        before = self.channel.serial_in
         self.inbox.extend(self.channel.receive_data(data))
-        self.received_messages += self.channel.reader.serial - before
+        self.received_messages += self.channel.serial_in - before
         self.flush()  # ACK_SYNC, PONG, ACK
 
     def pump(self, timeout: float | None = TIMEOUT) -> bool:

@@ -150,7 +150,7 @@ def s1_port(server: FakeServer, conn: FakeConn) -> None:
             server.events.put(("s1", "port", "MsgcMigrateFlushMark"))
             gevent.sleep(0.2)  # writes made meanwhile wait in the client for s2
             digest = hashlib.sha256()
-            conn.sock.sendall(conn.channel.writer.header(Msg.MIGRATE_DATA, server.big_size))
+            conn.sock.sendall(conn.channel.send_streamed(Msg.MIGRATE_DATA, server.big_size))
             for piece in pattern_chunks(server.big_size, server.block):
                 digest.update(piece)
                 conn.sock.sendall(piece)
@@ -199,7 +199,7 @@ def s2_port(server: FakeServer, conn: FakeConn) -> None:
     if not getattr(server, "silent_main", False):
         server.conns[ChannelType.MAIN, 0].send(m.MsgMainMultiMediaTime(1))
     conn.send(m.MsgPortInit("ignored after a seamless migration", 1))
-    conn.channel.reader.serial = 1  # MIGRATE_DATA was read raw
+    conn.channel.passed_through()  # MIGRATE_DATA was read raw
     for msg in conn.messages():
         if isinstance(msg, m.MsgcSpicevmcData):
             server.port_data.append(bytes(msg.data))

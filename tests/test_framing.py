@@ -1,11 +1,12 @@
 """Message framing after link, PROTOCOL.md section 2 (vectors from 4.5)."""
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from spicewire.errors import CodecError, LocalProtocolError, MessageTooLarge, RemoteProtocolError
-from spicewire.protocol.enums import Msg, MsgMain
+from spicewire.protocol.enums import Msg, Msgc, MsgMain
 from spicewire.protocol.framing import (
     FULL_HEADER,
     MINI_HEADER,
@@ -262,7 +263,7 @@ def test_buffered_counts_a_half_gathered_bulk_body():
 
 def test_take_buffered_hands_over_unparsed_bytes_in_order():
     writer = MessageWriter(mini=True)
-    writer.serial = 1
+    writer.continue_serials(1)
     partial = writer.frame(2, b"bc")
     reader = MessageReader(mini=True)
     reader.feed(MessageWriter(mini=True).frame(1, b"a") + partial[:5])
@@ -273,8 +274,104 @@ def test_take_buffered_hands_over_unparsed_bytes_in_order():
 
 def test_adopt_serial_takes_the_next_full_header_serial_as_given():
     writer = MessageWriter(mini=False)
-    writer.serial = 41
+    writer.continue_serials(41)
     reader = MessageReader(mini=False)
-    reader.adopt_serial = True
+    reader.adopt_next_serial()
     reader.feed(writer.frame(1, b"") + writer.frame(1, b""))
     assert [msg.serial for msg in reader] == [42, 43]
+
+
+# --- one announced large message (a MIGRATE_DATA into prepared memory) ----------------------------
+
+BULK = MessageReader.BULK_BODY
+
+
+def _pattern(size: int) -> bytes:
+    return bytes((i * 7 + 3) & 0xFF for i in range(size))
+
+
+@pytest.mark.parametrize("size", [BULK - 1, BULK, BULK + 1])
+def test_bodies_on_both_sides_of_the_bulk_threshold_arrive_intact_in_any_split(size):
+    body = _pattern(size)
+    frame = MessageWriter(mini=True).frame(101, body)
+    reader = MessageReader(mini=True)
+    got = []
+    for start in range(0, len(frame), 65_537):  # splits that straddle the header and the body
+        reader.feed(frame[start : start + 65_537])
+        got.extend(reader)
+    assert len(got) == 1 and bytes(got[0].body) == body
+
+
+def test_expected_large_message_goes_into_the_prepared_buffer_and_only_that_one():
+    prepared = np.zeros(4 * BULK, dtype=np.uint8)
+    handed = []
+
+    def into(size):
+        handed.append(size)
+        return prepared[:size]
+
+    reader = MessageReader(mini=True, max_size=BULK)
+    reader.expect_large(Msgc.MIGRATE_DATA, 4 * BULK, into)
+    big, after = _pattern(3 * BULK), _pattern(BULK)[::-1]
+    writer = MessageWriter(mini=True)
+    reader.feed(writer.frame(Msgc.MIGRATE_DATA, big) + writer.frame(101, after))
+    first, second = list(reader)
+    assert handed == [3 * BULK]
+    assert bytes(first.body) == big and bytes(prepared[: 3 * BULK]) == big
+    # The next bulk body gets memory of its own, and the reader's own limit is back.
+    assert bytes(second.body) == after and not np.shares_memory(np.frombuffer(second.body, np.uint8), prepared)
+    reader.feed(writer.frame(Msgc.MIGRATE_DATA, b"x" * (BULK + 1)))
+    with pytest.raises(MessageTooLarge):
+        reader.next_message()
+
+
+def test_other_messages_before_the_expected_one_keep_the_normal_limit():
+    reader = MessageReader(mini=True, max_size=100)
+    reader.expect_large(Msgc.MIGRATE_DATA, 10 * BULK)
+    writer = MessageWriter(mini=True)
+    reader.feed(writer.frame(Msgc.ACK, b"") + writer.frame(Msgc.MIGRATE_DATA, _pattern(2 * BULK)))
+    ack, data = list(reader)
+    assert ack.type == Msgc.ACK and bytes(data.body) == _pattern(2 * BULK)
+    reader.feed(writer.frame(101, b"x" * 101))
+    with pytest.raises(MessageTooLarge):
+        reader.next_message()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda size: np.empty(size),  # float64: the right count of elements, 8 bytes each
+        lambda size: np.empty(size // 2, dtype=np.uint16),
+        lambda size: np.empty(size - 1, dtype=np.uint8),
+        lambda size: np.empty((2, size), dtype=np.uint8)[:, 0],  # not contiguous
+        lambda size: bytearray(size),
+    ],
+)
+def test_a_prepared_buffer_that_is_not_flat_bytes_of_the_size_is_refused(make):
+    reader = MessageReader(mini=True)
+    reader.expect_large(Msgc.MIGRATE_DATA, 4 * BULK, make)
+    reader.feed(MessageWriter(mini=True).frame(Msgc.MIGRATE_DATA, _pattern(BULK)))
+    with pytest.raises(LocalProtocolError):
+        reader.next_message()
+
+
+def test_skip_message_counts_a_message_taken_off_the_stream():
+    writer = MessageWriter(mini=False)
+    frames = [writer.frame(1, b"a"), writer.frame(1, b"b"), writer.frame(1, b"c")]
+    reader = MessageReader(mini=False)
+    reader.feed(frames[0])
+    assert next(iter(reader)).serial == 1
+    reader.skip_message()  # frames[1] went elsewhere, unparsed
+    reader.feed(frames[2])
+    assert next(iter(reader)).serial == 3
+
+
+def test_writer_continues_serials_and_never_goes_back():
+    writer = MessageWriter(mini=False)
+    writer.continue_serials(10)
+    writer.continue_serials(4)
+    assert writer.serial == 10
+    reader = MessageReader(mini=False)
+    reader.adopt_next_serial()
+    reader.feed(writer.frame(1, b""))
+    assert next(iter(reader)).serial == 11

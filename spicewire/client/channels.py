@@ -202,7 +202,7 @@ class ChannelClient:
         """The old server's connection ended during a freeze: drop it, wait for the next one."""
         locked = self.write_lock.acquire(timeout=PARK_WRITE_WAIT)  # a write in progress finishes first
         try:
-            self.session.note_dropped(self, partial_in_bytes=self.channel.reader.buffered)
+            self.session.note_dropped(self, partial_in_bytes=self.channel.buffered)
             old.close()
         finally:
             if locked:

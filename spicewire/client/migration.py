@@ -180,11 +180,11 @@ class MigrationDriver:
         """``ch`` paused after MIGRATE(NEED_DATA_TRANSFER): the next message from s1 must be
         MIGRATE_DATA; relay it to s2 unparsed, or hand anything else back to the parser."""
         conn, s1 = ch.channel, ch.sock
-        header_size = MINI_HEADER.size if conn.reader.mini else FULL_HEADER.size
-        pending = bytearray(conn.reader.take_buffered())
+        header_size, mini = conn.header_size, conn.expects_mini_header
+        pending = bytearray(conn.take_unparsed())
         _recv_until(s1, pending, header_size, f"s1 closed {channel_name(ch.key)} before its MIGRATE_DATA")
-        header = codec.parse_header(pending, 0, conn.reader.mini)
-        msg_type, size = header if conn.reader.mini else header[1:3]
+        header = codec.parse_header(pending, 0, mini)
+        msg_type, size = header if mini else header[1:3]
         if msg_type != Msg.MIGRATE_DATA:
             self._not_migrate_data(ch, header_size, msg_type, size, pending)
             return
@@ -210,7 +210,7 @@ class MigrationDriver:
         """5.4 step 2: anything else is logged and dropped - even a PING goes unanswered - and the
         switch of this channel is aborted: it stays on s1 and parsing resumes after the message."""
         conn = ch.channel
-        if size > conn.reader.max_size:
+        if size > conn.max_size:
             raise RemoteProtocolError(f"{size}-byte message type {msg_type} where MIGRATE_DATA must follow MIGRATE")
         end = header_size + size
         _recv_until(ch.sock, pending, end, f"s1 closed {channel_name(ch.key)} inside a message")
@@ -226,7 +226,6 @@ class MigrationDriver:
         except ProtocolError as err:
             log.error("%s: message type %d: %s", channel_name(ch.key), msg_type, err)
             self.report.errors.append(f"{channel_name(ch.key)}: message type {msg_type}: {err}")
-        conn.reader.serial += 1
         conn.passed_through()
         for msg in conn.resume(pending[end:]):
             self.session.on_message(ch, msg)
@@ -388,7 +387,7 @@ class MigrationDriver:
         and switches next); the others are frozen and park once they have read what s1 sent. (Nothing
         is held back yet: before END every channel writes to s1 straight away.)"""
         main = self.session.main
-        self.note_dropped(MAIN, partial_in_bytes=main.channel.reader.buffered)
+        self.note_dropped(MAIN, partial_in_bytes=main.channel.buffered)
         main.sock.close()
         for key in self.machine.channels:
             if key != MAIN:
@@ -426,7 +425,7 @@ class MigrationDriver:
         back (MAIN_MIGRATE_CANCEL, also when s2 went silent rather than away). Its end means s1 let
         go, which it does once s2 reported the session restored."""
         reader = MessageReader(established.expect_mini_header)
-        reader.adopt_serial = True
+        reader.adopt_next_serial()  # s1 numbered on while main was away
         try:
             for raw in _messages(sock, reader):
                 if raw.type == MsgMain.MIGRATE_CANCEL:
@@ -454,14 +453,13 @@ class MigrationDriver:
         try:
             try:
                 # Header and what already arrived in one write: a small MIGRATE_DATA is one segment.
-                out.sendall(ch.channel.writer.header(Msgc.MIGRATE_DATA, body.size) + body.first)
+                out.sendall(ch.channel.send_streamed(Msgc.MIGRATE_DATA, body.size) + body.first)
             except OSError as err:
                 raise _s2_write_failed(body.source, body.rest, what, err) from err
             if body.rest:
                 peak = relay(body.source, out, body.rest, what)
                 self.report.peak_relay_buffer = max(self.report.peak_relay_buffer, len(body.first), peak)
             self.report.relayed[what] = body.size
-            ch.channel.bytes_out += body.size
             self._switched(ch.key)
         except DestinationFailed as err:  # the whole body was read from s1; s2 did not take it
             self.report.errors.append(f"{what}: MIGRATE_DATA relay: {err}")

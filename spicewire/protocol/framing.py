@@ -96,18 +96,58 @@ class MessageReader:
 
     def __init__(self, mini: bool, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.mini = mini
-        self.max_size = max_size
-        self.serial = 0  # serial of the last message handed out
-        self.adopt_serial = False  # take the next full-header serial as given (a migrated channel)
+        self._max_size = max_size
+        self._serial = 0  # serial of the last message handed out
+        self._adopt_serial = False  # take the next full-header serial as given (a migrated channel)
         self._header_size = MINI_HEADER.size if mini else FULL_HEADER.size
         self._buf = bytearray()
         self._offset = 0  # start of unconsumed data in _buf
         self._consumed = 0  # stream position of _buf[0], for error reports
         self._bulk: tuple[int, int, int, np.ndarray] | None = None  # serial, type, sub_list, body
         self._bulk_filled = 0
-        # Where bulk bodies go: a receiver that knows a big one is coming can hand out memory it
-        # prepared (faulted in) ahead, instead of paying for fresh pages while the bytes arrive.
-        self.bulk_allocator: Callable[[int], np.ndarray] = _new_buffer
+        # One message announced by the owner (expect_large): its type, a larger limit and, for a
+        # bulk body, memory prepared (faulted in) ahead. They apply to the next message of that
+        # type only, so no later message can land in memory meant for another.
+        self._large: tuple[int, int, Callable[[int], np.ndarray] | None] | None = None
+
+    @property
+    def max_size(self) -> int:
+        """The largest body accepted for a message of no announced type."""
+        return self._max_size
+
+    def _limit(self, msg_type: int) -> int:
+        large = self._large
+        return large[1] if large is not None and large[0] == msg_type else self._max_size
+
+    @property
+    def serial(self) -> int:
+        """Serial of the last message handed out (or skipped)."""
+        return self._serial
+
+    @property
+    def header_size(self) -> int:
+        return self._header_size
+
+    def expect_large(self, msg_type: int, limit: int, into: Callable[[int], np.ndarray] | None = None) -> None:
+        """The next message of ``msg_type`` may be up to ``limit`` bytes, and a bulk body of it goes
+        into ``into(size)`` (a 1-D uint8 array of at least ``size`` bytes). That one message only:
+        every other message keeps the reader's own limit and allocation."""
+        if self._bulk is not None:
+            raise LocalProtocolError("a message body is half read")
+        self._large = (msg_type, limit, into)
+
+    def adopt_next_serial(self) -> None:
+        """Take the next full-header serial as given: the peer numbered its messages on another
+        connection meanwhile (a migrated or rolled-back channel)."""
+        self._adopt_serial = not self.mini
+
+    def continue_serials(self, serial: int) -> None:
+        """Number on from ``serial`` (a channel rebound onto a new connection keeps its count)."""
+        self._serial = serial
+
+    def skip_message(self) -> None:
+        """The owner consumed one whole message outside the reader (passed through unparsed)."""
+        self._accept(self._serial + 1)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._bulk is not None:
@@ -156,17 +196,18 @@ class MessageReader:
             return None
         if self.mini:
             msg_type, size = header
-            serial, sub_list = self.serial + 1, 0
+            serial, sub_list = self._serial + 1, 0
         else:
             serial, msg_type, size, sub_list = header
-            if serial != self.serial + 1 and not self.adopt_serial:
-                raise RemoteProtocolError(f"message serial {serial} where {self.serial + 1} was expected")
-        if size > self.max_size:
-            raise MessageTooLarge(size, self.max_size, self._consumed + start)
+            if serial != self._serial + 1 and not self._adopt_serial:
+                raise RemoteProtocolError(f"message serial {serial} where {self._serial + 1} was expected")
+        limit = self._limit(msg_type)
+        if size > limit:
+            raise MessageTooLarge(size, limit, self._consumed + start)
         body_start = start + self._header_size
         end = body_start + size
         if size >= self.BULK_BODY:
-            body = self.bulk_allocator(size)
+            body = self._bulk_body(msg_type, size)
             have = min(size, len(buf) - body_start)
             body[:have] = np.frombuffer(buf, dtype=np.uint8, count=have, offset=body_start)
             self._bulk, self._bulk_filled = (serial, msg_type, sub_list, body), have
@@ -178,7 +219,7 @@ class MessageReader:
         # would see its bytes change once the buffer is compacted and refilled.
         with memoryview(buf) as view:
             body = view[body_start:end].tobytes()
-        self._accept(serial)
+        self._accept(serial, msg_type)
         self._advance(end)
         return RawMessage(serial, msg_type, body, sub_list)
 
@@ -187,12 +228,28 @@ class MessageReader:
         if self._bulk_filled < len(body):
             return None
         self._bulk = None
-        self._accept(serial)
+        self._accept(serial, msg_type)
         return RawMessage(serial, msg_type, memoryview(body), sub_list)
 
-    def _accept(self, serial: int) -> None:
-        self.serial = serial
-        self.adopt_serial = False
+    def _bulk_body(self, msg_type: int, size: int) -> np.ndarray:
+        large = self._large
+        into = large[2] if large is not None and large[0] == msg_type else None
+        if into is None:
+            return _new_buffer(size)
+        body = into(size)
+        # Bytes are copied and received into it by count: anything but a flat uint8 array of the
+        # right size would take the right number of bytes and hold the wrong ones.
+        if not isinstance(body, np.ndarray) or body.dtype != np.uint8 or body.ndim != 1 or len(body) < size:
+            raise LocalProtocolError(f"a bulk body of {size} bytes needs a 1-D uint8 array of that size, got {body!r:.80}")
+        if not body.flags.c_contiguous or not body.flags.writeable:
+            raise LocalProtocolError("a bulk body buffer must be contiguous and writable")
+        return body[:size]
+
+    def _accept(self, serial: int, msg_type: int | None = None) -> None:
+        self._serial = serial
+        self._adopt_serial = False
+        if self._large is not None and self._large[0] == msg_type:
+            self._large = None
 
     def __iter__(self) -> Iterator[RawMessage]:
         while (msg := self.next_message()) is not None:
@@ -218,11 +275,19 @@ class MessageWriter:
 
     def __init__(self, mini: bool) -> None:
         self.mini = mini
-        self.serial = 0  # serial of the last message framed (implicit with mini headers)
+        self._serial = 0  # serial of the last message framed (implicit with mini headers)
+
+    @property
+    def serial(self) -> int:
+        return self._serial
+
+    def continue_serials(self, serial: int) -> None:
+        """Number on from ``serial``: never backwards, so a serial the peer has seen is not reused."""
+        self._serial = max(self._serial, serial)
 
     def header(self, msg_type: int, size: int, sub_list: int = 0) -> bytes:
         """Only the header of a ``size``-byte message whose body the caller sends itself."""
-        serial = self.serial + 1
+        serial = self._serial + 1
         try:
             if self.mini:
                 header = MINI_HEADER.pack(msg_type, size)
@@ -230,7 +295,7 @@ class MessageWriter:
                 header = FULL_HEADER.pack(serial, msg_type, size, sub_list)
         except struct.error as exc:
             raise CodecError(f"cannot frame message type {msg_type} of {size} bytes: {exc}") from None
-        self.serial = serial
+        self._serial = serial
         return header
 
     def frame(self, msg_type: int, body: bytes | bytearray | memoryview = b"", sub_list: int = 0) -> bytes:

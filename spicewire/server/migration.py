@@ -34,7 +34,7 @@ from spicewire.errors import ProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType, Msg
-from spicewire.server.session import PORT_MAX_MESSAGE, PortConnection, PortState, Session, multi_media_time
+from spicewire.server.session import PortConnection, PortState, Session, multi_media_time
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +141,7 @@ class SessionSource:
         connections = [self.session.main, *(p.connection for p in self.session.ports.values())]
         for conn in connections:
             if conn is not None:
-                # The client numbered what it wrote to s2 meanwhile (full headers only).
-                conn.channel.reader.adopt_serial = not conn.channel.reader.mini
+                conn.channel.adopt_peer_serials()
         self.detach()
         self.resume_devices()
         log.warning("session %08x: migration rolled back: %s", self.session.id, reason)
@@ -234,8 +233,8 @@ class SessionSource:
             return
         ch = conn.channel
         state = mig.PortMigrateData(
-            ack_generation=ch.ack_generation, ack_window=ch.ack_window, serial=ch.writer.serial + 1,
-            client_serial=ch.reader.serial, pending=list(port.to_device), to_client=list(port.to_client),
+            ack_generation=ch.ack_generation, ack_window=ch.ack_window, serial=ch.serial_out + 1,
+            client_serial=ch.serial_in, pending=list(port.to_device), to_client=list(port.to_client),
         )
         with collector_paused():
             writer = mig.PortMigrateDataWriter(state)
@@ -245,8 +244,7 @@ class SessionSource:
             self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
             return
         self.machine.send(channel, m.MsgMigrateData(b""))  # the transition; the body is streamed
-        header = ch.writer.header(Msg.MIGRATE_DATA, writer.size)
-        ch.bytes_out += len(header) + writer.size
+        header = ch.send_streamed(Msg.MIGRATE_DATA, writer.size)  # with what was queued before it
         segments = pipelined_segments(writer, self.pack_buffers)
         conn.transport.send_stream(header, segments, len(header) + writer.size)
 
@@ -360,11 +358,9 @@ class SessionTarget:
         if wait_for_data:
             # Read, but only MIGRATE_DATA may come, and it may be as large as the port's backlog.
             handler.waiting_for_migrate_data = True
-            handler.channel.reader.max_size = MAX_MIGRATE_DATA
             ann = self.manager.announcements.get(self.session.id)
-            if ann is not None:
-                handler.channel.reader.bulk_allocator = partial(ann.take_buffer, handler.port.channel_id)
-            handler.channel.reader.adopt_serial = True
+            into = partial(ann.take_buffer, handler.port.channel_id) if ann is not None else None
+            handler.channel.expect_migrate_data(MAX_MIGRATE_DATA, into)
         else:
             handler.start()
         handler.transport.resume_reading()
@@ -372,12 +368,9 @@ class SessionTarget:
     def _restore_port(self, handler: PortConnection, data: mig.PortMigrateData) -> None:
         port, ch = handler.port, handler.channel
         handler.waiting_for_migrate_data = False
-        ch.reader.max_size = PORT_MAX_MESSAGE
-        ch.reader.bulk_allocator = np.empty
         pending, to_client = data.pending_size, data.to_client_size
         port.restore(data.pending, data.to_client, pending, to_client)
-        ch.writer.serial = max(ch.writer.serial, data.serial)
-        ch.ack_generation = data.ack_generation
+        ch.restore_migrated(serial_out=data.serial, ack_generation=data.ack_generation)
         self.restored += pending + to_client
         # No PORT_INIT: after a seamless switch the client keeps the port's name and state (spice-gtk
         # logs a critical for a second one, 5.9 item 8).

@@ -249,8 +249,8 @@ class Connection:
                 self._read_gate.wait(1.0)
             if self.closed:
                 break
-            self.sock.settimeout(stall if self.channel.reader.buffered else None)
-            bulk = self.channel.reader.bulk_view()
+            self.sock.settimeout(stall if self.channel.buffered else None)
+            bulk = self.channel.receive_buffer()
             try:
                 n = self.sock.recv_into(buf if bulk is None else bulk)
             except socket.timeout:
@@ -260,10 +260,9 @@ class Connection:
                 break
             if bulk is None:
                 self._received(view[:n])
-            else:  # straight into a large body (MIGRATE_DATA): no copy, no per-chunk parsing
-                self.channel.bytes_in += n
-                self.channel.reader.bulk_received(n)
-                self._received(b"")
+            else:  # straight into a large body (MIGRATE_DATA, big DATA): no copy, no per-chunk parsing
+                self.handler.handle(self.channel.received_into(n))
+                self.flush()
 
     def _received(self, data) -> None:
         self.handler.handle(self.channel.receive_data(data))
