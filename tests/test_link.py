@@ -631,3 +631,19 @@ def test_random_bytes_to_client_only_reach_defined_error_paths(data):
         drain(client)
     except (RemoteProtocolError, LinkError):
         assert client.state is LinkState.CLOSED
+
+
+def test_client_link_deadline_is_kept_by_the_machine():
+    client = ClientLink(0, ChannelType.MAIN, 0, now=50.0, timeout=5.0)
+    assert client.get_timer() == 55.0
+    client.handle_timer(54.9)
+    assert client.state is not LinkState.CLOSED
+    with pytest.raises(RemoteProtocolError):
+        client.handle_timer(55.0)
+    assert client.state is LinkState.CLOSED and client.get_timer() is None
+
+
+def test_client_link_without_a_deadline_never_times_out():
+    client = ClientLink(0, ChannelType.MAIN, 0)
+    assert client.get_timer() is None
+    client.handle_timer(1e12)

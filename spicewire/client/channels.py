@@ -38,8 +38,8 @@ def link_channel(
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         link = ClientLink(connection_id, channel_type, channel_id, password=password,
-                          common_caps=common_caps, channel_caps=tuple(channel_caps))
-        deadline = time.monotonic() + timeout
+                          common_caps=common_caps, channel_caps=tuple(channel_caps),
+                          now=time.monotonic(), timeout=timeout)
         while True:
             out = link.data_to_send()
             if out:
@@ -51,8 +51,14 @@ def link_channel(
             if isinstance(event, LinkEstablished):
                 sock.settimeout(None)
                 return sock, event
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data = sock.recv(65536)
+            link.handle_timer(time.monotonic())
+            deadline = link.get_timer()
+            sock.settimeout(None if deadline is None else max(0.001, deadline - time.monotonic()))
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                link.handle_timer(time.monotonic())  # raises once the deadline has passed
+                continue
             if not data:
                 raise ConnectionError(f"server closed the {ChannelType(channel_type).name} link")
             link.receive_data(data)

@@ -238,12 +238,24 @@ class _LinkMachine:
 
     _HANDLERS: dict[LinkState, Callable[..., None]] = {}
 
-    def __init__(self, state: LinkState, need: int) -> None:
+    def __init__(self, state: LinkState, need: int, deadline: float | None = None) -> None:
         self._state = state
         self._need = need
         self._inbox = bytearray()
         self._outbox = bytearray()
         self._events: deque[Event] = deque()
+        self._deadline = deadline
+
+    def get_timer(self) -> float | None:
+        """When handle_timer must run next, or None once the handshake is over (or has no deadline)."""
+        return None if self._state in (LinkState.ESTABLISHED, LinkState.CLOSED) else self._deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Fail the link, without a reply, if the handshake is not over by the deadline."""
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            self._close()
+            raise RemoteProtocolError("link handshake timed out")
 
     @property
     def state(self) -> LinkState:
@@ -306,11 +318,10 @@ class ServerLink(_LinkMachine):
         key_factory: KeyFactory = new_link_key,
         timeout: float = 10.0,
     ) -> None:
-        super().__init__(LinkState.MAGIC, len(_MAGIC_BYTES))
+        super().__init__(LinkState.MAGIC, len(_MAGIC_BYTES), now + timeout)
         self._password = None if password is None else _c_string(password)
         self._password_expiry = password_expiry
         self._key_factory = key_factory
-        self._deadline = now + timeout
         self._now = now
         self._mess: SpiceLinkMess  # set once read; the states guarantee the order
         self._key: rsa.RSAPrivateKey
@@ -318,16 +329,6 @@ class ServerLink(_LinkMachine):
     def receive_data(self, data: bytes, now: float) -> None:
         self._now = now
         self._receive(data)
-
-    def get_timer(self) -> float | None:
-        """When handle_timer must run next, or None once the handshake is over."""
-        return None if self._state in (LinkState.ESTABLISHED, LinkState.CLOSED) else self._deadline
-
-    def handle_timer(self, now: float) -> None:
-        """Fail the link, without a reply, if the handshake is not over by the deadline."""
-        if self.get_timer() is not None and now >= self._deadline:
-            self._close()
-            raise RemoteProtocolError("link handshake timed out")
 
     def accept(self, channel_caps: Caps = ()) -> None:
         """Send the LinkReply: a fresh key, SERVER_COMMON_CAPS and the channel instance's caps."""
@@ -452,8 +453,12 @@ class ClientLink(_LinkMachine):
         password: str | bytes | None = None,
         common_caps: Caps = CLIENT_COMMON_CAPS,
         channel_caps: Caps = (),
+        now: float | None = None,
+        timeout: float | None = None,
     ) -> None:
-        super().__init__(LinkState.HEADER, LINK_HEADER_SIZE)
+        """With ``now`` and ``timeout`` the handshake has a deadline (``get_timer``)."""
+        deadline = now + timeout if now is not None and timeout is not None else None
+        super().__init__(LinkState.HEADER, LINK_HEADER_SIZE, deadline)
         secret = password.encode() if isinstance(password, str) else bytes(password or b"")
         if b"\0" in secret:
             raise LocalProtocolError("a SPICE password cannot contain NUL")

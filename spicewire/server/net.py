@@ -175,8 +175,6 @@ class Connection:
 
     def _link(self) -> LinkEstablished | None:
         cfg = self.server.config
-        start = time.monotonic()
-        deadline = start + cfg.link_timeout
         link = ServerLink(
             time.time(), password=cfg.password, password_expiry=cfg.password_expiry,
             key_factory=self.server.keys.pop, timeout=cfg.link_timeout,
@@ -205,20 +203,33 @@ class Connection:
             elif isinstance(event, LinkEstablished):
                 return event
             else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
-                    return None
-                self.sock.settimeout(remaining)
-                try:
-                    data = self.sock.recv(65536)
-                except socket.timeout:
-                    log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
-                    return None
+                # The machine keeps the deadline (in the clock it was given); this only waits for it.
+                deadline = link.get_timer()
+                if deadline is None:
+                    return None  # closed without a reply: nothing more comes of this link
+                data = self._recv_until(deadline)
+                if data is None:
+                    try:
+                        link.handle_timer(time.time())
+                    except ProtocolError:
+                        log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
+                        return None
+                    continue
                 if not data:
                     log.info("[%s] client closed during the link", self.label)
                     return None
                 link.receive_data(data, time.time())
+
+    def _recv_until(self, deadline: float) -> bytes | None:
+        """Bytes from the client, or None if the deadline (time.time() clock) came first."""
+        remaining = deadline - time.time()
+        if remaining <= 0:
+            return None
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv(65536)
+        except socket.timeout:
+            return None
 
     def _send_now(self, data: bytes) -> None:
         if data:
