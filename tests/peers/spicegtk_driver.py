@@ -6,7 +6,8 @@ cannot import ``gi``.  No GTK, no display: only a GLib main loop.
 
     /usr/bin/python3 tests/peers/spicegtk_driver.py --host 127.0.0.1 --port P \
         [--password PW] [--port-name NAME] [--send-bytes N] [--expect-echo] [--timeout S] [--hold S]
-        [--stream-seconds S [--stream-rate B] [--max-inflight B] [--resync]] [--trace-spice]
+        [--stream-seconds S [--stream-rate B] [--max-inflight B] [--resync] [--write-sizes N,...]]
+        [--trace-spice]
 
 Flow: create a SpiceSession, connect it (that links MAIN), connect every non-main channel from the
 ``channel-new`` handler (spice-gtk leaves that to the application), find the SpicePortChannel whose
@@ -22,6 +23,8 @@ checking every echoed byte as it arrives; then stop writing and wait (``--drain-
 rest of the echo.  Every 8-byte word of the stream says which stream (epoch) and which word it is,
 so a loss, a repeat or a reorder is caught at the first byte and the report says what came instead
 (``stream.mismatch``).  By default the echo must be byte-exact end to end (seamless migration).
+``--write-sizes`` makes every write exactly the next of the given sizes in turn (1 MiB, 4 MiB, ...),
+each waiting until it fits the window, so the server sees messages of those sizes.
 
 ``--resync`` (semi-seamless migration, which loses in-flight data by design): when the port is
 initialised again (a second PORT_INIT: the channel was reset and now runs on s2) the driver closes
@@ -183,6 +186,9 @@ def parse_args(argv=None):
                    help="streaming mode: seconds to wait for the rest of the echo after writing stopped")
     p.add_argument("--resync", action="store_true",
                    help="streaming mode: a port re-initialisation starts a new epoch (semi-seamless)")
+    p.add_argument("--write-sizes", type=lambda v: tuple(int(n) for n in v.split(",")), default=(),
+                   help="streaming mode: each write_async exactly the next of these sizes (comma "
+                        "separated), in turn; needs --max-inflight >= the largest, no --stream-rate")
     p.add_argument("--trace-spice", action="store_true",
                    help="record spice-gtk's migration debug lines in the events, timestamped")
     args = p.parse_args(argv)
@@ -191,6 +197,9 @@ def parse_args(argv=None):
             p.error("--stream-seconds needs --expect-echo and no --send-bytes")
         if args.max_inflight < 1:
             p.error("--max-inflight must be positive")
+        if args.write_sizes and (min(args.write_sizes) < 1 or max(args.write_sizes) > args.max_inflight
+                                 or args.stream_rate):
+            p.error("--write-sizes must be positive, at most --max-inflight, without --stream-rate")
     elif args.expect_echo and args.send_bytes <= 0:
         p.error("--expect-echo needs --send-bytes > 0 (or --stream-seconds)")
     if args.main_only:
@@ -204,8 +213,13 @@ class EchoStream:
     """The streaming echo check, without GLib (see the module docstring): what to write next, and
     whether what came back is right.  ``mismatch`` is set (and stays) at the first wrong byte."""
 
-    def __init__(self, chunk: int, max_inflight: int, rate: float, resync: bool) -> None:
+    def __init__(self, chunk: int, max_inflight: int, rate: float, resync: bool,
+                 write_sizes: tuple[int, ...] = ()) -> None:
         self.chunk, self.max_inflight, self.rate, self.resync = chunk, max_inflight, rate, resync
+        # Each write exactly the next of these sizes in turn, issued once it fits the window: a
+        # large write must reach the server as one message of that size, never cut by the window.
+        self.write_sizes = write_sizes
+        self.writes = 0
         self.epochs: list[dict] = []
         self.pending: bytearray | None = None  # bytes received while looking for the new epoch
         self.mismatch: dict | None = None
@@ -233,6 +247,11 @@ class EchoStream:
         if room <= 0:
             return None
         n = min(self.chunk, room)
+        if self.write_sizes:
+            n = self.write_sizes[self.writes % len(self.write_sizes)]
+            if n > room:
+                return None  # the echo of earlier writes makes room
+            self.writes += 1
         if self.rate > 0:
             allowed = int(self.rate * (now - self.started)) + self.chunk // 4 - self.issued_total
             if allowed <= 0:
@@ -334,6 +353,7 @@ class EchoStream:
             "bytes_echoed": echoed,
             "bytes_stale": sum(e["stale"] for e in epochs),
             "bytes_lost": sum(e["lost"] for e in epochs),
+            "writes_of_sizes": self.writes,  # writes made with --write-sizes
             "byte_exact": self.mismatch is None and len(epochs) == 1 and echoed == written,
             "mismatch": self.mismatch,
             "seconds": round(seconds, 4),
@@ -369,7 +389,8 @@ class Driver:
         self.extra_after_echo = 0
         self.chan_by_key = {}  # (type, id) -> SpiceChannel
         self.port_inits = 0  # PORT_INITs seen on the chosen port (2+: it was re-initialised)
-        self.stream = (EchoStream(args.chunk_size, args.max_inflight, args.stream_rate, args.resync)
+        self.stream = (EchoStream(args.chunk_size, args.max_inflight, args.stream_rate, args.resync,
+                                  args.write_sizes)
                        if args.stream_seconds > 0 else None)
         self.stream_writing = False
         self.write_busy = False
