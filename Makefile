@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.spicewire-installed
 
-.PHONY: test bench demo build wheel clean
+.PHONY: test lint bench demo build wheel clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,13 +12,20 @@ $(PY):
 
 # Editable install without build isolation: rebuilding after a .pyx edit then takes seconds.
 $(STAMP): $(PY) pyproject.toml setup.py spicewire/_codec.pyx $(wildcard spicewire/*.h)
-	$(PY) -m pip install -q --no-build-isolation -e '.[test]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,lint]'
 	touch $(STAMP)
 
 build: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Both checkers run even when the first one fails, so one run shows every finding.
+lint: $(STAMP)
+	status=0; \
+	$(PY) -m ruff check spicewire tests benchmarks || status=1; \
+	$(PY) -m mypy spicewire || status=1; \
+	exit $$status
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-json=bench-report.json \

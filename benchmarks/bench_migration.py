@@ -297,7 +297,7 @@ def bench_many_sessions(sessions: int) -> dict:
         ids = client.hello["ready"]
         for sid in ids:
             s1.control.post_json(f"/sessions/{sid}/ports/{SINK}/pause", {})
-        digests = dict(zip(ids, client.ask("write")["written"]))
+        digests = dict(zip(ids, client.ask("write")["written"], strict=True))
         wait_until(lambda: all(p["to_device_bytes"] == 1 << 20 for p in s1.sinks().values()), 300)
         start = time.perf_counter()
         report = s1.migrate_to(s2)
@@ -341,8 +341,11 @@ def main() -> int:
     if args.role == "client":
         role_client(args.port, args.mib, args.sessions)
         return 0
-    runs = {"big_session": lambda: bench_big_session(args.mib), "idle_downtime": lambda: bench_idle_downtime(args.rounds),
-            "many_sessions": lambda: bench_many_sessions(args.sessions)}
+    runs = {
+        "big_session": lambda: bench_big_session(args.mib),
+        "idle_downtime": lambda: bench_idle_downtime(args.rounds),
+        "many_sessions": lambda: bench_many_sessions(args.sessions),
+    }
     wanted = {"big": "big_session", "idle": "idle_downtime", "many": "many_sessions"}.get(args.only)
     results = {"machine": f"{os.cpu_count()} cores", **{k: run() for k, run in runs.items() if wanted in (None, k)}}
     text = json.dumps(results, indent=1)
@@ -360,9 +363,11 @@ def main() -> int:
          f"{big['migration_bytes_per_s'] / 1e9:.2f}", "", ""),
         ("plain socket relay s1 -> client -> s2: GB/s", f"{big['relay_bytes_per_s'] / 1e9:.2f}", "", ""),
         ("migration vs relay", f"{big['throughput_vs_relay']:.2f}x", ">= 0.9x", big["throughput_vs_relay"] >= 0.9),
-        ("the same relay from and into whole-size regions: GB/s", f"{big['whole_relay_bytes_per_s'] / 1e9:.2f}", "", ""),
+        ("the same relay from and into whole-size regions: GB/s", f"{big['whole_relay_bytes_per_s'] / 1e9:.2f}",
+         "", ""),
         ("migration vs that relay", f"{big['throughput_vs_whole_relay']:.2f}x", "", ""),
-        ("that relay vs the issue's relay (a ceiling for moving real memory)", f"{big['whole_relay_vs_relay']:.2f}x", "", ""),
+        ("that relay vs the issue's relay (a ceiling for moving real memory)", f"{big['whole_relay_vs_relay']:.2f}x",
+         "", ""),
         ("client peak beyond idle: MiB", f"{big['client_peak_beyond_idle'] / 2**20:.1f}", "<= 64",
          big["client_peak_beyond_idle"] <= 64 << 20),
         ("server peak RSS vs in-flight state (s1 and s2)", f"{big['server_peak_vs_in_flight']:.2f}x", "<= 1.25x",

@@ -33,6 +33,7 @@ MULTI_MEDIA_TIME once it has restored the session, as spice-server does, so s1 i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -43,11 +44,11 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from tests import peers  # noqa: E402
-from tests.peers import echo_bios  # noqa: E402
-from tests.peers.qemu import QemuSpice, SpicePort, free_port  # noqa: E402
-from tests.peers.spicegtk import start_driver  # noqa: E402
-from tests.served import TOKEN, Served  # noqa: E402
+from tests import peers
+from tests.peers import echo_bios
+from tests.peers.qemu import QemuSpice, SpicePort, free_port
+from tests.peers.spicegtk import start_driver
+from tests.served import TOKEN, Served
 
 PORT_NAME = "org.spicewire.echo"
 LINGER = 12.0  # s1's 10 s wait for the client to leave, plus a margin
@@ -106,6 +107,21 @@ def sessions(served) -> list:
     return served.get("/sessions")["sessions"]
 
 
+def all_ports_connected(served) -> bool:
+    found = sessions(served)
+    return bool(found) and all(p["connected"] for p in found[0]["ports"])
+
+
+def holds_no_session(served) -> bool:
+    return not sessions(served)
+
+
+def qemu_migration_over(vm: QemuSpice, status: dict) -> bool:
+    """Polls query-migrate into ``status``; true once the migration has ended either way."""
+    status.update(vm.qmp_command("query-migrate"))
+    return status.get("status") in ("completed", "failed", "cancelled")
+
+
 def bench_spicewire(rounds: int, nservers: int, tmp: pathlib.Path) -> dict:
     args = ("--disable-ticketing", "--port-channel", f"{PORT_NAME}=echo")
     dirs = [tmp / f"s{i}" for i in range(nservers)]
@@ -116,14 +132,14 @@ def bench_spicewire(rounds: int, nservers: int, tmp: pathlib.Path) -> dict:
     try:
         driver = start_driver(servers[0].address[1], no_port=True, hold=600, timeout=20, trace_spice=True)
         with driver:
-            if not wait_for(lambda: sessions(servers[0]) and all(p["connected"] for p in sessions(servers[0])[0]["ports"]), 20):
+            if not wait_for(lambda: all_ports_connected(servers[0]), 20):
                 raise RuntimeError("spice-gtk did not link to s1")
             time.sleep(0.5)
             for n in range(rounds):
                 src, dst = servers[n % nservers], servers[(n + 1) % nservers]
-                if not wait_for(lambda: not sessions(dst), LINGER):
+                if not wait_for(functools.partial(holds_no_session, dst), LINGER):
                     raise RuntimeError("the destination still holds the session")
-                body = {"to": "127.0.0.1:%d" % dst.address[1], "to_control": "127.0.0.1:%d" % dst.control[1],
+                body = {"to": f"127.0.0.1:{dst.address[1]}", "to_control": f"127.0.0.1:{dst.control[1]}",
                         "mode": "seamless", "timeout": 10, "to_token": TOKEN}
                 sent = time.time()
                 report = src.request("POST", "/migrate", body, timeout=40)
@@ -148,7 +164,7 @@ def bench_spicewire(rounds: int, nservers: int, tmp: pathlib.Path) -> dict:
         "report_total_s": median(e["total_s"] for e in entries),
         "client_switch_s": median(c.get("client_switch_s") for c in client),
         "post_connect_to_switched_s": median(c["switched"] - c["connected"] for c in client),
-        "post_to_switched_s": median(c["switched"] - r["posted_wall"] for c, r in zip(client, reports)),
+        "post_to_switched_s": median(c["switched"] - r["posted_wall"] for c, r in zip(client, reports, strict=True)),
         "report_downtime_s_all": [e["downtime_s"] for e in entries],
     }
 
@@ -174,12 +190,7 @@ def bench_qemu(rounds: int) -> dict:
             migrate_wall = time.time()
             current.qmp_command("migrate", uri=f"tcp:127.0.0.1:{incoming}")
             status: dict = {}
-
-            def done():
-                status.update(current.qmp_command("query-migrate"))
-                return status.get("status") in ("completed", "failed", "cancelled")
-
-            wait_for(done, 30)
+            wait_for(functools.partial(qemu_migration_over, current, status), 30)
             if status.get("status") != "completed":
                 raise RuntimeError(f"QEMU migration {n}: {status}")
             # The first two rounds wait for SPICE_MIGRATE_COMPLETED (up to spice-server's 10 s).
@@ -207,7 +218,9 @@ def bench_qemu(rounds: int) -> dict:
     return {
         "rounds": rounds,
         "client_switch_s": median(c.get("client_switch_s") for c in client),
-        "post_connect_to_switched_s": median(c["switched"] - f["migrate_wall"] for c, f in zip(client, figures)),
+        "post_connect_to_switched_s": median(
+            c["switched"] - f["migrate_wall"] for c, f in zip(client, figures, strict=True)
+        ),
         "vm_downtime_s": median(f["vm_downtime_s"] for f in figures),
         "completed_event_after_s_first_rounds": [f["completed_event_after_s"] for f in figures[:2]],
         "client_switch_s_all": [round(c.get("client_switch_s", -1), 6) for c in client],

@@ -1,16 +1,26 @@
+"""The compiled codec's API (_codec.pyx); the pure twin _codec_py.py has the same one."""
+
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Literal, TypeAlias, overload
 
 import numpy as np
 import numpy.typing as npt
+import typing_extensions
 
 from spicewire._codec_layout import DEFAULT_MAX_SIZE as DEFAULT_MAX_SIZE
 
-Buffer = Any  # anything exporting a C-contiguous buffer: bytes, bytearray, memoryview, numpy arrays
+# Anything exporting a C-contiguous buffer. numpy declares ndarray.__buffer__ only for Python 3.12
+# and later, so arrays are named apart from the buffer protocol.
+Buffer: TypeAlias = typing_extensions.Buffer | npt.NDArray[Any]
 
-def parse_header(
-    buf: Buffer, offset: int = 0, mini: bool = True
-) -> tuple[int, int] | tuple[int, int, int, int] | None: ...
+@overload
+def parse_header(buf: Buffer, offset: int = 0, mini: Literal[True] = True) -> tuple[int, int] | None: ...
+@overload
+def parse_header(buf: Buffer, offset: int, mini: Literal[False]) -> tuple[int, int, int, int] | None: ...
+@overload
+def parse_header(buf: Buffer, *, mini: Literal[False]) -> tuple[int, int, int, int] | None: ...
+@overload
+def parse_header(buf: Buffer, offset: int = 0, mini: bool = True) -> tuple[int, ...] | None: ...
 def scan(
     buf: Buffer, mini: bool = True, max_size: int = ...
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint16], npt.NDArray[np.uint32], int]: ...

@@ -14,9 +14,18 @@ Bulk chunk container (``pack_chunks``), all integers little-endian::
     ..  chunk bytes, back to back, in index order
 """
 
+from __future__ import annotations
+
 import struct
+from typing import TYPE_CHECKING
 
 from spicewire.protocol.enums import FULL_HEADER_SIZE, MINI_HEADER_SIZE
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    from spicewire._codec import Buffer
 
 CHUNK_MAGIC = 0x4B435753  # b"SWCK" as a little-endian u32
 CHUNK_VERSION = 1
@@ -33,8 +42,8 @@ FULL_HEADER = struct.Struct("<QHII")  # SpiceDataHeader: serial, type, size, sub
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 
 __all__ = [
-    "CHUNK_MAGIC", "CHUNK_VERSION", "CHUNK_HEADER_SIZE", "CHUNK_INDEX_ENTRY_SIZE", "CHUNK_DATA_ALIGN",
-    "DEFAULT_MAX_SIZE", "MINI_HEADER_SIZE", "FULL_HEADER_SIZE", "MINI_HEADER", "FULL_HEADER",
+    "CHUNK_DATA_ALIGN", "CHUNK_HEADER_SIZE", "CHUNK_INDEX_ENTRY_SIZE", "CHUNK_MAGIC", "CHUNK_VERSION",
+    "DEFAULT_MAX_SIZE", "FULL_HEADER", "FULL_HEADER_SIZE", "MINI_HEADER", "MINI_HEADER_SIZE",
 ]
 
 
@@ -44,7 +53,7 @@ def data_start(count: int) -> int:
     return -(-index_end // CHUNK_DATA_ALIGN) * CHUNK_DATA_ALIGN
 
 
-def output_buffer(out, total: int):
+def output_buffer(out: object, total: int) -> npt.NDArray[np.uint8]:
     """The buffer pack_chunks writes into: ``out`` when it is usable and large enough, else a new one."""
     import numpy as np
 
@@ -63,9 +72,9 @@ def output_buffer(out, total: int):
     return out
 
 
-def byte_view(buf) -> memoryview:
+def byte_view(buf: Buffer) -> memoryview:
     """A flat unsigned-byte memoryview of any C-contiguous buffer, for slicing out zero-copy views."""
-    view = memoryview(buf)
+    view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ from Python 3.12 on
     if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     return view

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import operator
 import struct
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, SupportsIndex
 
 import numpy as np
+import numpy.typing as npt
 
 from spicewire import _codec_layout as layout
 from spicewire.errors import CodecError, MessageTooLarge
+
+if TYPE_CHECKING:
+    from spicewire._codec import Buffer
 
 DEFAULT_MAX_SIZE = layout.DEFAULT_MAX_SIZE
 _SSIZE_MAX = 2**63 - 1
@@ -23,22 +29,22 @@ _CHUNK_HEADER = struct.Struct("<IHHIIQQ")
 _CHUNK_ENTRY = struct.Struct("<QQ")
 
 
-def _ssize(value) -> int:
+def _ssize(value: SupportsIndex) -> int:
     value = operator.index(value)
     if not -_SSIZE_MAX - 1 <= value <= _SSIZE_MAX:
         raise OverflowError("Python int too large to convert to C ssize_t")
     return value
 
 
-def _flat(buf) -> memoryview:
+def _flat(buf: Buffer) -> memoryview:
     """Raise what the buffer protocol raises for a compiled PyBUF_SIMPLE request."""
-    view = memoryview(buf)
+    view = memoryview(buf)  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ from Python 3.12 on
     if not view.c_contiguous:
         raise BufferError("buffer is not C-contiguous")
     return layout.byte_view(view)
 
 
-def parse_header(buf, offset=0, mini=True):
+def parse_header(buf: Buffer, offset: int = 0, mini: bool = True) -> tuple[int, ...] | None:
     offset = _ssize(offset)
     data = buf if type(buf) is bytes else _flat(buf)
     if offset < 0:
@@ -49,7 +55,9 @@ def parse_header(buf, offset=0, mini=True):
     return layout_.unpack_from(data, offset)
 
 
-def scan(buf, mini=True, max_size=DEFAULT_MAX_SIZE):
+def scan(
+    buf: Buffer, mini: bool = True, max_size: int = DEFAULT_MAX_SIZE
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint16], npt.NDArray[np.uint32], int]:
     max_size = _ssize(max_size)
     if max_size < 0:
         raise ValueError(f"max_size must be >= 0, got {max_size}")
@@ -78,17 +86,17 @@ def scan(buf, mini=True, max_size=DEFAULT_MAX_SIZE):
     )
 
 
-def _chunk_arrays(chunks) -> list:
+def _chunk_arrays(chunks: Iterable[Buffer]) -> list[npt.NDArray[np.uint8]]:
     seq = chunks if isinstance(chunks, (list, tuple)) else list(chunks)
     return [np.frombuffer(_flat(chunk), dtype=np.uint8) for chunk in seq]
 
 
-def packed_size(chunks) -> int:
+def packed_size(chunks: Iterable[Buffer]) -> int:
     arrays = _chunk_arrays(chunks)
     return layout.data_start(len(arrays)) + sum(a.size for a in arrays)
 
 
-def pack_chunks(chunks, out=None):
+def pack_chunks(chunks: Iterable[Buffer], out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
     arrays = _chunk_arrays(chunks)
     count = len(arrays)
     start = layout.data_start(count)
@@ -117,7 +125,7 @@ def pack_chunks(chunks, out=None):
     return result[:total]
 
 
-def unpack_chunks(buf):
+def unpack_chunks(buf: Buffer) -> list[memoryview]:
     flat = layout.byte_view(buf)
     length = len(flat)
     if length < layout.CHUNK_HEADER_SIZE:

@@ -16,20 +16,26 @@ twin (_codec_py.py), which gives identical results and raises identical errors.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from spicewire._codec_layout import DEFAULT_MAX_SIZE
 
-if os.environ.get("SPICEWIRE_PURE", "") not in ("", "0"):
+if TYPE_CHECKING:
+    # Both twins keep the API that _codec.pyi declares; type checkers read it there.
+    from spicewire import _codec as _impl
+
+    BACKEND: str
+elif os.environ.get("SPICEWIRE_PURE", "") not in ("", "0"):
     from spicewire import _codec_py as _impl
 
     BACKEND = "python"
 else:
     try:
-        from spicewire import _codec as _impl  # type: ignore[no-redef]
+        from spicewire import _codec as _impl
 
         BACKEND = "cython"
     except ImportError:
-        from spicewire import _codec_py as _impl  # type: ignore[no-redef]
+        from spicewire import _codec_py as _impl
 
         BACKEND = "python"
 
@@ -39,4 +45,4 @@ pack_chunks = _impl.pack_chunks
 packed_size = _impl.packed_size
 unpack_chunks = _impl.unpack_chunks
 
-__all__ = ["BACKEND", "DEFAULT_MAX_SIZE", "parse_header", "scan", "pack_chunks", "packed_size", "unpack_chunks"]
+__all__ = ["BACKEND", "DEFAULT_MAX_SIZE", "pack_chunks", "packed_size", "parse_header", "scan", "unpack_chunks"]

@@ -19,6 +19,7 @@ import socket as stdlib_socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import gevent
 
@@ -55,7 +56,7 @@ class Server:
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{name} did not start")
+                    raise SystemExit(f"{name} did not start") from None
                 gevent.sleep(0.05)
 
     def sink(self, session_id: int) -> dict:
@@ -83,7 +84,7 @@ def bar(label: str, done: float, total: float, width: int = 40) -> None:
     sys.stdout.flush()
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:

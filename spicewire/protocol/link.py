@@ -14,10 +14,10 @@ from __future__ import annotations
 import hmac
 import struct
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, auto
-from typing import NoReturn
+from typing import ClassVar, NoReturn
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -236,7 +236,8 @@ class _LinkMachine:
     """Buffers, event queue and the read loop; subclasses map each reading state to a handler
     that consumes exactly ``_need`` bytes."""
 
-    _HANDLERS: dict[LinkState, Callable[..., None]] = {}
+    # state -> handler(self, the ``_need`` bytes); each subclass lists the states it reads in.
+    _HANDLERS: ClassVar[Mapping[LinkState, Callable[..., None]]] = {}
 
     def __init__(self, state: LinkState, need: int, deadline: float | None = None) -> None:
         self._state = state
@@ -428,7 +429,7 @@ class ServerLink(_LinkMachine):
             expect_mini=has_cap(SERVER_COMMON_CAPS, CommonCap.MINI_HEADER),
         )
 
-    _HANDLERS = {
+    _HANDLERS: ClassVar[Mapping[LinkState, Callable[..., None]]] = {
         LinkState.MAGIC: _on_magic,
         LinkState.HEADER: _on_header,
         LinkState.MESS: _on_mess,
@@ -522,7 +523,7 @@ class ClientLink(_LinkMachine):
             expect_mini=has_cap(self._mess.common_caps, CommonCap.MINI_HEADER),
         )
 
-    _HANDLERS = {
+    _HANDLERS: ClassVar[Mapping[LinkState, Callable[..., None]]] = {
         LinkState.HEADER: _on_header,
         LinkState.REPLY: _on_reply,
         LinkState.RESULT: _on_result,

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable, Sequence
 from enum import Enum, IntEnum
 from types import MappingProxyType
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Self, TypeVar
 
 from spicewire.errors import CodecError
 from spicewire.protocol import framing
@@ -118,7 +118,7 @@ class Rest:
 class Padding:
     """Filler to the end of the body, kept as its length: only its size matters (PING)."""
 
-    def encode(self, value: int, out: bytearray, deferred: list, owner: Any) -> None:
+    def encode(self, value: object, out: bytearray, deferred: list, owner: Any) -> None:
         if not isinstance(value, int) or value < 0:
             raise CodecError(f"padding length {value!r} is not a byte count")
         out += bytes(value)
@@ -185,17 +185,19 @@ class Pointer:
 class Array:
     """``count; Item items[count] @end`` where Item is a wire struct of scalars."""
 
-    def __init__(self, count: Scalar, item: type) -> None:
+    def __init__(self, count: Scalar, item: type["WireStruct"]) -> None:
         self.count = struct.Struct("<" + count.code)
         self.item = item
-        self.item_struct = item._layout.fixed
-        if self.item_struct is None:
+        self.item_layout = item._layout
+        fixed = self.item_layout.fixed
+        if fixed is None:
             raise TypeError(f"array items must be structs of scalars, {item.__name__} is not")
+        self.item_struct = fixed
 
     def encode(self, value: Sequence, out: bytearray, deferred: list, owner: Any) -> None:
         out += self.count.pack(len(value))
         for item in value:
-            self.item._layout.encode_into(item, out, deferred)
+            self.item_layout.encode_into(item, out, deferred)
 
     def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[tuple, int]:
         _need(body, pos, self.count.size, "array count")
@@ -204,7 +206,8 @@ class Array:
         item = self.item_struct
         end = pos + count * item.size
         _need(body, pos, count * item.size, f"array of {count} {self.item.__name__}")
-        return tuple(self.item(*fields) for fields in item.iter_unpack(body[pos:end])), end
+        make = self.item_layout.cls
+        return tuple(make(*fields) for fields in item.iter_unpack(body[pos:end])), end
 
 
 class When:
@@ -241,7 +244,7 @@ class SubMessages:
 class Nested:
     """A wire struct inside another; its pointers still count from the message body start."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: type["WireStruct"]) -> None:
         self.cls = cls
 
     def __repr__(self) -> str:
@@ -274,7 +277,7 @@ class _Scalars:
 
     def decode(self, body: Buffer, pos: int, decoded: dict) -> int:
         _need(body, pos, self.struct.size, "fields " + ", ".join(self.names))
-        decoded.update(zip(self.names, self.struct.unpack_from(body, pos)))
+        decoded.update(zip(self.names, self.struct.unpack_from(body, pos), strict=True))
         return pos + self.struct.size
 
 
@@ -292,8 +295,10 @@ class _Field:
 
 
 class _Layout:
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
+    def __init__(self, cls: type["WireStruct"]) -> None:
+        # Typed loosely on purpose: the layout builds instances from decoded fields, a call the
+        # field-less base class cannot describe.
+        self.cls: type[Any] = cls
         hints = typing.get_type_hints(cls, include_extras=True)
         fields = []
         self.ops: list[_Scalars | _Field] = []
@@ -301,9 +306,11 @@ class _Layout:
             kind = _kind_of(cls, field.name, hints[field.name])
             fields.append((field.name, kind))
             if isinstance(kind, Scalar):
-                if not (self.ops and isinstance(self.ops[-1], _Scalars)):
-                    self.ops.append(_Scalars())
-                self.ops[-1].add(field.name, kind)
+                run = self.ops[-1] if self.ops else None
+                if not isinstance(run, _Scalars):
+                    run = _Scalars()
+                    self.ops.append(run)
+                run.add(field.name, kind)
             else:
                 self.ops.append(_Field(field.name, kind))
         self.fields = tuple(fields)
@@ -347,12 +354,27 @@ class _Layout:
 def _kind_of(cls: type, name: str, hint: Any) -> Any:
     if typing.get_origin(hint) is Annotated:
         return hint.__metadata__[0]
-    if isinstance(hint, type) and hasattr(hint, "_layout"):
+    if isinstance(hint, type) and issubclass(hint, WireStruct):
         return Nested(hint)
     raise TypeError(f"{cls.__name__}.{name}: annotation {hint!r} does not say how it is encoded")
 
 
-def wire_struct(cls: type) -> type:
+class WireStruct:
+    """Base of every class ``wire_struct`` compiles: the layout it compiled, for the codec."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # each subclass is a dataclass
+    LAYOUT: ClassVar[tuple[tuple[str, Any], ...]]
+    _layout: ClassVar[_Layout]
+
+
+_W = TypeVar("_W", bound=WireStruct)
+
+
+# dataclass_transform tells type checkers what the decorator does at run time: every user of these
+# classes gets their real constructors and read-only fields.
+@typing.dataclass_transform(frozen_default=True)
+def wire_struct(cls: type[_W]) -> type[_W]:
     """Make ``cls`` a frozen dataclass whose annotations are its wire layout."""
     cls = dataclasses.dataclass(frozen=True, slots=True)(cls)
     cls._layout = _Layout(cls)
@@ -377,7 +399,7 @@ class Family(Enum):
     PORT = "port"  # port and webdav on top of spicevmc
 
 
-_CHANNEL_FAMILIES = {
+_CHANNEL_FAMILIES: dict[int, tuple[Family, ...]] = {
     ChannelType.MAIN: (Family.COMMON, Family.MAIN),
     ChannelType.USBREDIR: (Family.COMMON, Family.SPICEVMC),
     ChannelType.PORT: (Family.COMMON, Family.SPICEVMC, Family.PORT),
@@ -389,15 +411,13 @@ REGISTRY = MappingProxyType(_REGISTRY)
 """(family, direction, type number) -> message class."""
 
 
-class Message:
+class Message(WireStruct):
     """Base of every message class; the class attributes say where it travels."""
 
     __slots__ = ()
     FAMILY: ClassVar[Family]
     DIRECTION: ClassVar[Direction]
     TYPE: ClassVar[int]
-    LAYOUT: ClassVar[tuple]
-    _layout: ClassVar[_Layout]
 
     def encode(self) -> bytes:
         return self._layout.encode(self)
@@ -416,14 +436,19 @@ class Message:
         return self.encode()
 
     @classmethod
-    def decode(cls, body: Buffer) -> "Message":
-        if cls._layout.opaque_field:  # a data message: the body is its payload, passed on uncopied
-            return cls(body)
-        return cls._layout.decode_from(body, 0)[0]
+    def decode(cls, body: Buffer) -> Self:
+        layout = cls._layout
+        if layout.opaque_field:  # a data message: the body is its payload, passed on uncopied
+            return layout.cls(body)
+        return layout.decode_from(body, 0)[0]
 
 
-def message(family: Family, direction: Direction, msg_type: int) -> Callable[[type], type]:
-    def register(cls: type) -> type:
+_M = TypeVar("_M", bound=Message)
+
+
+@typing.dataclass_transform(frozen_default=True)
+def message(family: Family, direction: Direction, msg_type: int) -> Callable[[type[_M]], type[_M]]:
+    def register(cls: type[_M]) -> type[_M]:
         cls = wire_struct(cls)
         cls.FAMILY, cls.DIRECTION, cls.TYPE = family, direction, msg_type
         key = (family, direction, int(msg_type))
@@ -468,20 +493,20 @@ Data = Annotated[Buffer, Rest()]
 
 
 @wire_struct
-class ChannelWait:
+class ChannelWait(WireStruct):
     channel_type: U8
     channel_id: U8
     message_serial: U64
 
 
 @wire_struct
-class ChannelId:
+class ChannelId(WireStruct):
     type: U8
     id: U8
 
 
 @wire_struct
-class MigrationDstInfo:
+class MigrationDstInfo(WireStruct):
     """SpiceMigrationDstInfo: where the client should connect to reach the destination."""
 
     port: U16  # plain TCP port, 0 = none
