@@ -19,8 +19,6 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING
 
-from spicewire.protocol.enums import FULL_HEADER_SIZE, MINI_HEADER_SIZE
-
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
@@ -36,6 +34,8 @@ CHUNK_DATA_ALIGN = 64
 # Message headers (PROTOCOL.md section 2), for the pure twin and the framing layer alike.
 MINI_HEADER = struct.Struct("<HI")  # SpiceMiniDataHeader: type, size
 FULL_HEADER = struct.Struct("<QHII")  # SpiceDataHeader: serial, type, size, sub_list
+MINI_HEADER_SIZE = MINI_HEADER.size  # 6
+FULL_HEADER_SIZE = FULL_HEADER.size  # 18
 
 # Sizes of one message body that scan() and the framing accept unless told otherwise. SPICE allows a
 # u32; real servers cap far lower per channel (PROTOCOL.md section 2).

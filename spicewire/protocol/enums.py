@@ -1,6 +1,7 @@
 """Every number of PROTOCOL.md sections 1-3, defined once.
 
 Server->client message types are ``Msg*``, client->server ``Msgc*``: the two spaces are independent.
+The message header layouts and sizes live with the codec that parses them, in _codec_layout.py.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ ENCRYPTED_TICKET_SIZE = 128
 MAX_PASSWORD_LENGTH = 60
 MAX_LINK_SIZE = 4096
 MAX_CAPS_WORDS = 1024
-MINI_HEADER_SIZE = 6
-FULL_HEADER_SIZE = 18
 MIGRATION_PROTOCOL_VERSION = 1
 
 
