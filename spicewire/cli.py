@@ -12,22 +12,62 @@ import argparse
 import functools
 import ipaddress
 import logging
+import math
 import sys
 import time
 
 from spicewire import __version__
+from spicewire.addresses import Address, parse_address
 
 log = logging.getLogger("spicewire")
 
+Subparsers = argparse._SubParsersAction  # what add_subparsers returns; argparse names it no other way
 
-def host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, with an IPv6 host in brackets (``[::1]:5900``); port 0 picks a free one."""
-    host, sep, port = text.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT (port 0-65535), got {text!r}")
-    return host, int(port)
+
+def listen_address(text: str) -> Address:
+    """``HOST:PORT`` to listen on; port 0 picks a free one."""
+    try:
+        return parse_address(text, allow_port_zero=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def peer_address(text: str) -> Address:
+    """``HOST:PORT`` of a server to reach: port 1-65535."""
+    try:
+        return parse_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def positive_number(text: str) -> float:
+    """A finite number above 0 (a buffer size, a timeout): 0 or less would stall or never wait."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
+    return value
+
+
+def buffer_mib(text: str) -> float:
+    """A port buffer in MiB: at least one byte, or no client byte could ever be read."""
+    value = positive_number(text)
+    if int(value * (1 << 20)) < 1:
+        raise argparse.ArgumentTypeError(f"expected at least one byte (about 1e-6 MiB), got {text!r}")
+    return value
+
+
+def size_mib(text: str) -> float:
+    """A finite number of MiB, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of MiB, 0 or more, got {text!r}")
+    return value
 
 
 def port_channel(text: str) -> tuple[str, str]:
@@ -56,29 +96,29 @@ def _is_loopback(host: str) -> bool:
 # --- serve ------------------------------------------------------------------------------------
 
 
-def _add_serve(commands) -> None:
+def _add_serve(commands: Subparsers) -> None:
     p = commands.add_parser(
         "serve",
         help="run a SPICE server",
         description="Serve SPICE sessions (a main channel and the configured port channels each) "
         "until SIGTERM or SIGINT.",
     )
-    p.add_argument("--listen", required=True, type=host_port, metavar="HOST:PORT", help="SPICE address")
+    p.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT", help="SPICE address")
     auth = p.add_mutually_exclusive_group(required=True)
     auth.add_argument("--password", metavar="PW", help="the ticket clients must present")
     auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
-    p.add_argument("--ticket-lifetime", type=float, metavar="S",
+    p.add_argument("--ticket-lifetime", type=positive_number, metavar="S",
                    help="refuse the password S seconds after the server starts (QEMU's set_password expiry)")
     p.add_argument(
         "--port-channel", dest="port_channels", action="append", default=[], type=port_channel,
         metavar="NAME=DEVICE", help="add a port channel to every session (repeatable); devices: echo, sink, source",
     )
     p.add_argument(
-        "--port-buffer-mib", type=float, default=8.0, metavar="N",
+        "--port-buffer-mib", type=buffer_mib, default=8.0, metavar="N",
         help="client bytes a port buffers for a device that does not take them, before the server "
         "stops reading that client (default 8)",
     )
-    p.add_argument("--control", type=host_port, metavar="HOST:PORT", help="serve the HTTP/JSON control API here")
+    p.add_argument("--control", type=listen_address, metavar="HOST:PORT", help="serve the HTTP/JSON control API here")
     p.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API")
     p.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -131,7 +171,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.start()
         if args.control is not None:
-            control = ControlServer(server, *args.control, token=args.control_token)
+            control_host, control_port = args.control
+            control = ControlServer(server, control_host, control_port, token=args.control_token)
             control.start()
     except OSError as err:
         log.error("cannot listen: %s", err)
@@ -142,7 +183,7 @@ def serve(args: argparse.Namespace) -> int:
         ", ".join(f"{name}={kind}" for name, kind in args.port_channels) or "none",
     )
 
-    stop = gevent.event.AsyncResult()
+    stop: gevent.event.AsyncResult = gevent.event.AsyncResult()
     watchers = [gevent.signal_handler(sig, stop.set, sig) for sig in (signal.SIGTERM, signal.SIGINT)]
     try:
         received = stop.get()
@@ -160,19 +201,20 @@ def serve(args: argparse.Namespace) -> int:
 # --- connect ----------------------------------------------------------------------------------
 
 
-def _add_connect(commands) -> None:
+def _add_connect(commands: Subparsers) -> None:
     p = commands.add_parser(
         "connect",
         help="link to a SPICE server, stream through a port channel, print a JSON report",
         description="Link a session, open one port channel, optionally send data (and check its "
         "echo), then print a JSON report: bytes sent and received, sha256 of each, timings.",
     )
-    p.add_argument("address", type=host_port, metavar="HOST:PORT")
+    p.add_argument("address", type=peer_address, metavar="HOST:PORT")
     p.add_argument("--password", metavar="PW")
     p.add_argument("--port-channel", required=True, metavar="NAME", help="the port channel to open, by name")
-    p.add_argument("--send-mib", type=float, default=0.0, metavar="N", help="send N MiB of random data")
+    p.add_argument("--send-mib", type=size_mib, default=0.0, metavar="N", help="send N MiB of random data")
     p.add_argument("--expect-echo", action="store_true", help="read back what was sent and compare it")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S", help="give up after S seconds (default 60)")
+    p.add_argument("--timeout", type=positive_number, default=60.0, metavar="S",
+                   help="give up after S seconds (default 60)")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(run=connect)
 
@@ -188,10 +230,11 @@ def connect(args: argparse.Namespace) -> int:
     from spicewire.errors import SpiceError
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    report: dict = {"server": "%s:%d" % args.address, "port_channel": args.port_channel, "ok": False}
+    report: dict = {"server": str(args.address), "port_channel": args.port_channel, "ok": False}
     started = time.perf_counter()
     timings = report["timings"] = {}
-    session = ClientSession(*args.address, password=args.password, timeout=min(args.timeout, 10.0))
+    host, port = args.address
+    session = ClientSession(host, port, password=args.password, timeout=min(args.timeout, 10.0))
     try:
         with gevent.Timeout(args.timeout, TimeoutError(f"not done after {args.timeout:g} s")):
             session.connect()
@@ -225,7 +268,7 @@ def connect(args: argparse.Namespace) -> int:
 # --- migrate ----------------------------------------------------------------------------------
 
 
-def _add_migrate(commands) -> None:
+def _add_migrate(commands: Subparsers) -> None:
     p = commands.add_parser(
         "migrate",
         help="move every session of one server to another, print a JSON report",
@@ -233,11 +276,14 @@ def _add_migrate(commands) -> None:
         "destination: announce them there, pre-migrate every client, wait for every answer, move "
         "device state, then switch. Prints the report; exit 0 when every session arrived.",
     )
-    p.add_argument("--control", required=True, type=host_port, metavar="S1_CONTROL", help="source control API")
-    p.add_argument("--to", required=True, type=host_port, metavar="S2_HOST:S2_PORT", help="destination SPICE address")
-    p.add_argument("--to-control", required=True, type=host_port, metavar="S2_CONTROL", help="destination control API")
+    p.add_argument("--control", required=True, type=peer_address, metavar="S1_CONTROL", help="source control API")
+    p.add_argument("--to", required=True, type=peer_address, metavar="S2_HOST:S2_PORT",
+                   help="destination SPICE address")
+    p.add_argument("--to-control", required=True, type=peer_address, metavar="S2_CONTROL",
+                   help="destination control API")
     p.add_argument("--mode", choices=["seamless", "semi-seamless"], default="seamless")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="for each phase (default 30)")
+    p.add_argument("--timeout", type=positive_number, default=30.0, metavar="SECONDS",
+                   help="for each phase (default 30)")
     p.add_argument("--token", metavar="T", help="bearer token of the source control API")
     p.add_argument("--to-token", metavar="T", help="bearer token of the destination control API")
     p.set_defaults(run=migrate)
@@ -248,9 +294,10 @@ def migrate(args: argparse.Namespace) -> int:
 
     from spicewire.server.migration import ControlClient, MigrationError
 
-    source = ControlClient(*args.control, token=args.token, timeout=3 * args.timeout + 30)
+    host, port = args.control
+    source = ControlClient(host, port, token=args.token, timeout=3 * args.timeout + 30)
     request = {
-        "to": "%s:%d" % args.to, "to_control": "%s:%d" % args.to_control, "mode": args.mode,
+        "to": str(args.to), "to_control": str(args.to_control), "mode": args.mode,
         "timeout": args.timeout, "to_token": args.to_token,
     }
     try:

@@ -111,7 +111,7 @@ def test_status_describes_the_server(spice, control):
 
 def test_status_never_shows_the_password(control, spice):
     spice.config.password = "hunter2"
-    status, _, body = call(control, "GET", "/status")
+    _, _, body = call(control, "GET", "/status")
     assert body["config"]["ticketing"] is True
     assert "hunter2" not in json.dumps(body)
 
@@ -319,3 +319,214 @@ def test_router_refuses_a_route_twice():
 )
 def test_session_id_spellings(text, value):
     assert parse_session_id(text) == value
+
+
+# --- bad input is a 4xx that says what is wrong, never a 500 ---------------------------------------
+
+
+def raw_call(control, head: str, body: bytes = b"") -> tuple[int, dict | None]:
+    """One request written by hand, for headers http.client would not send; the request ends
+    with a half close, so a server waiting for more body sees that none comes."""
+    sock = gevent.socket.create_connection(control.address, timeout=5)
+    try:
+        sock.sendall(head.encode() + b"\r\n\r\n" + body)
+        sock.shutdown(gevent.socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    status_line, _, rest = data.partition(b"\r\n")
+    payload = rest.partition(b"\r\n\r\n")[2]
+    return int(status_line.split()[1]), json.loads(payload) if payload else None
+
+
+MIGRATION_POSTS = ["/migrate", "/migration/announce", "/migration/device-state", "/migration/abort"]
+
+
+def post_head(path: str, length: str) -> str:
+    return f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {length}"
+
+
+@pytest.mark.parametrize("path", MIGRATION_POSTS)
+@pytest.mark.parametrize("length", ["abc", "-5", "1e3"])
+def test_a_content_length_that_is_no_number_is_a_400(control, path, length):
+    # gevent's WSGI server refuses these itself, before any handler runs.
+    assert raw_call(control, post_head(path, length))[0] == 400
+
+
+@pytest.mark.parametrize("path", MIGRATION_POSTS)
+@pytest.mark.parametrize(
+    "length, body, status, message",
+    [
+        ("+5", b"{}", 400, "bad Content-Length '+5'"),
+        ("1_0", b"{}", 400, "bad Content-Length '1_0'"),  # a number to int(), not to HTTP
+        ("100", b"{}", 400, "the body ended before its Content-Length of 100 bytes"),
+        (str(1 << 40), b"", 413, "body of 1099511627776 bytes is over the limit"),
+    ],
+)
+def test_a_content_length_that_does_not_fit_is_a_4xx_that_says_so(control, path, length, body, status, message):
+    got, answer = raw_call(control, post_head(path, length), body)
+    assert got == status and answer["status"] == status and message in answer["error"], answer
+
+
+def post_json(control, path, value) -> tuple[int, dict]:
+    status, _, body = call(control, "POST", path, body=json.dumps(value))
+    return status, body
+
+
+@pytest.mark.parametrize(
+    "request_body, message",
+    [
+        ([1, 2], "the body must be a JSON object, not list"),
+        ("127.0.0.1:5901", "the body must be a JSON object, not str"),
+        ({"to_control": "127.0.0.1:5801"}, "to (HOST:PORT) is missing"),
+        ({"to": "127.0.0.1:70000", "to_control": "127.0.0.1:5801"}, "to: expected HOST:PORT"),
+        ({"to": "127.0.0.1:5901", "to_control": 5801}, "to_control: expected HOST:PORT as a string"),
+        ({"to": "127.0.0.1:5901", "to_control": "127.0.0.1:5801", "mode": "fast"}, "mode must be one of"),
+        ({"to": "127.0.0.1:5901", "to_control": "127.0.0.1:5801", "timeout": -1}, "timeout must be a finite"),
+        ({"to": "127.0.0.1:5901", "to_control": "127.0.0.1:5801", "timeout": "10"}, "timeout must be a finite"),
+        ({"to": "127.0.0.1:5901", "to_control": "127.0.0.1:5801", "timeout": True}, "timeout must be a finite"),
+        ({"to": "127.0.0.1:5901", "to_control": "127.0.0.1:5801", "to_token": 7}, "to_token must be a string"),
+    ],
+)
+def test_a_bad_migrate_request_is_a_400_naming_the_field(spice, control, request_body, message):
+    status, body = post_json(control, "/migrate", request_body)
+    assert status == 400 and body["error"].startswith("bad migrate request: ") and message in body["error"], body
+    assert "\n" not in body["error"]
+
+
+# --- the server-to-server endpoints ----------------------------------------------------------------
+
+
+def announcement(session_id=0x1234, ports=None, **extra) -> dict:
+    ports = [[0, SINK, "sink", 0], [1, ECHO, "echo", 0]] if ports is None else ports
+    return {"ttl": 30, "sessions": [{"session_id": session_id, "ports": ports}], **extra}
+
+
+def test_announce_makes_the_server_expect_the_session(spice, control):
+    status, body = post_json(control, "/migration/announce", announcement())
+    assert status == 200 and body == {"announced": 1}
+    assert spice.migration.expects(0x1234)
+    assert spice.migration.announcements[0x1234].ports == [(0, SINK, "sink"), (1, ECHO, "echo")]
+    assert get(control, "/migration/completed?ids=00001234") == {}  # expected, not arrived
+
+
+@pytest.mark.parametrize(
+    "request_body, message",
+    [
+        ([], "the body must be a JSON object"),
+        ({"ttl": 30}, "sessions must be a list"),
+        ({"sessions": {"session_id": 1}}, "sessions must be a list"),
+        ({"sessions": ["00001234"]}, "needs a session_id"),
+        (announcement(session_id=0), "needs a session_id"),
+        (announcement(session_id=1 << 32), "needs a session_id"),
+        (announcement(session_id="1234"), "needs a session_id"),
+        (announcement(ports={"0": "sink"}), "needs ports as"),
+        (announcement(ports=[[0, SINK]]), "needs ports as"),
+        (announcement(ports=[["0", SINK, "sink", 0]]), "needs ports as"),
+        (announcement(ports=[[0, SINK, "sink", -1]]), "needs ports as"),
+        (announcement(ports=[[0, SINK, "tape", 0]]), "unknown device kind 'tape'"),
+        (announcement(ttl=0), "ttl must be a finite number"),
+        (announcement(ttl="soon"), "ttl must be a finite number"),
+    ],
+)
+def test_a_bad_announcement_is_a_400_and_announces_nothing(spice, control, request_body, message):
+    status, body = post_json(control, "/migration/announce", request_body)
+    assert status == 400 and body["error"].startswith("bad announcement") and message in body["error"], body
+    assert not spice.migration.announcements
+
+
+def test_announcing_a_session_that_lives_here_is_a_409(spice, control):
+    main, session_id = open_session(spice.address)
+    status, body = post_json(control, "/migration/announce", announcement(session_id))
+    assert status == 409 and "in use" in body["error"]
+    main.close()
+
+
+def test_device_state_restores_into_the_announced_session(spice, control):
+    from spicewire.devices import SinkDevice
+    from spicewire.server.migration import pack_device_states
+
+    post_json(control, "/migration/announce", announcement())
+    sink = SinkDevice()
+    sink.bytes_in = 42
+    fake = type("Saved", (), {"id": 0x1234, "ports": {0: type("P", (), {"device": sink})()}})()
+    conn = _GeventHTTP(*control.address, timeout=5)
+    conn.request("POST", "/migration/device-state", body=pack_device_states([fake]))
+    response = conn.getresponse()
+    assert response.status == 200 and json.loads(response.read()) == {"restored": 1}
+    conn.close()
+    assert json.loads(spice.migration.announcements[0x1234].device_state[0][0])["bytes_in"] == 42
+
+
+def post_bytes(control, path, data: bytes) -> tuple[int, dict]:
+    conn = _GeventHTTP(*control.address, timeout=5)
+    try:
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/octet-stream"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def _container(*chunks) -> bytes:
+    from spicewire import codec
+
+    return codec.pack_chunks(list(chunks)).tobytes()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"not a container",
+        _container(b"not json"),
+        _container(b'{"not": "a list"}'),
+        _container(b'["an entry that is not an object"]'),
+        _container(b'[{"session_id": 4660, "port": 0}]'),
+        _container(b'[{"session_id": 1, "port": 0, "chunks": 0}]'),  # not announced
+    ],
+)
+def test_bad_device_state_is_a_400(spice, control, data):
+    post_json(control, "/migration/announce", announcement())
+    status, body = post_bytes(control, "/migration/device-state", data)
+    assert status == 400 and body["error"].startswith("bad device state"), body
+
+
+def test_completed_answers_only_for_sessions_it_knows(spice, control):
+    spice.migration.completed[0x1234] = {"mode": "seamless"}
+    spice.migration.failed[0x5678] = "the client left"
+    answer = get(control, "/migration/completed?ids=00001234,00005678,00009999")
+    assert answer == {"00001234": {"mode": "seamless"}, "00005678": {"failed": "the client left"}}
+    assert get(control, "/migration/completed") == {}
+    status, _, body = call(control, "GET", "/migration/completed?ids=00001234,nope")
+    assert status == 400 and "session id" in body["error"]
+
+
+def test_abort_forgets_the_announcement(spice, control):
+    post_json(control, "/migration/announce", announcement())
+    status, body = post_json(control, "/migration/abort", {"sessions": ["00001234"]})
+    assert status == 200 and body == {"aborted": 0}  # nothing had linked yet
+    assert not spice.migration.expects(0x1234)
+
+
+@pytest.mark.parametrize(
+    "request_body, message",
+    [
+        ({}, "sessions must be a list"),
+        ({"sessions": "00001234"}, "sessions must be a list"),
+        ({"sessions": [4660]}, "sessions must be a list of session ids"),
+        ({"sessions": ["nope"]}, "bad session id"),
+        ([], "the body must be a JSON object"),
+    ],
+)
+def test_a_bad_abort_is_a_400(control, request_body, message):
+    status, body = post_json(control, "/migration/abort", request_body)
+    assert status == 400 and message in body["error"], body
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/migrate"), ("GET", "/migration/announce"),
+                                          ("POST", "/migration/completed")])
+def test_migration_endpoints_answer_405_to_the_wrong_method(control, method, path):
+    assert call(control, method, path)[0] == 405

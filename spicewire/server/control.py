@@ -15,16 +15,18 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from spicewire import __version__
+from spicewire.addresses import Address, parse_address
 from spicewire.errors import SpiceError
 from spicewire.protocol.migration import MigrationMode
 from spicewire.server.migration import MigrationError
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 MAX_DEVICE_STATE = 256 << 20
+MAX_IN_FLIGHT = 1 << 40  # an announced port backlog beyond this is a mistake, not a plan
 _HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
 
 
@@ -55,15 +58,26 @@ class Request:
     environ: dict
     params: dict[str, str] = field(default_factory=dict)
 
+    def content_length(self, limit: int) -> int:
+        """The declared body size: 400 unless a decimal number, 413 above ``limit``."""
+        text = (self.environ.get("CONTENT_LENGTH") or "0").strip()
+        if not (text.isascii() and text.isdigit()):  # no sign, no spaces inside, no "1e3"
+            raise HttpError(400, f"bad Content-Length {text[:40]!r}: expected a number of bytes")
+        length = int(text)
+        if length > limit:
+            raise HttpError(413, f"body of {length} bytes is over the limit of {limit}")
+        return length
+
+    def body(self, limit: int) -> bytes:
+        length = self.content_length(limit)
+        try:
+            return self.environ["wsgi.input"].read(length) if length else b""
+        except OSError:  # the client closed before sending what it declared
+            raise HttpError(400, f"the body ended before its Content-Length of {length} bytes") from None
+
     def json(self) -> Any:
         """The body as JSON (None when empty); 400 when it is not JSON."""
-        try:
-            length = int(self.environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise HttpError(400, "bad Content-Length") from None
-        if length > MAX_BODY:
-            raise HttpError(413, f"body over {MAX_BODY} bytes")
-        body = self.environ["wsgi.input"].read(length) if length > 0 else b""
+        body = self.body(MAX_BODY)
         if not body.strip():
             return None
         try:
@@ -123,7 +137,7 @@ def _match(segments: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] 
     if len(segments) != len(parts):
         return None
     params = {}
-    for segment, part in zip(segments, parts):
+    for segment, part in zip(segments, parts, strict=True):
         if segment.startswith("{") and segment.endswith("}"):
             if not part:
                 return None
@@ -168,7 +182,7 @@ class ControlServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        return self._wsgi.address[:2]
+        return cast(tuple[str, int], self._wsgi.address[:2])  # a TCP server's (host, port)
 
     def start(self) -> None:
         self._wsgi.start()
@@ -262,6 +276,8 @@ class ControlServer:
 
     def _lever(self, request: Request, action: str) -> dict:
         session, port = self.port(request)
+        if port.failed is not None:
+            raise HttpError(409, f"session {session.id:08x} port {port.name}: {port.failed}")
         try:
             getattr(port.device, action)()
         except NotImplementedError as err:
@@ -280,38 +296,41 @@ class ControlServer:
         """Move every session to another server: ``{"to": "HOST:PORT", "to_control": "HOST:PORT",
         "mode": "seamless"|"semi-seamless", "timeout": s, "to_token": T}``; answers with the report
         once the migration is over (this request waits; the SPICE traffic does not)."""
-        body = request.json() or {}
+        body = _object(request.json(), "migrate request")
+        to = _address(body, "to")
+        to_control = _address(body, "to_control")
+        modes = {mode.label: mode for mode in (MigrationMode.SEAMLESS, MigrationMode.SEMI_SEAMLESS)}
+        mode_name = body.get("mode", MigrationMode.SEAMLESS.label)
+        if mode_name not in modes:
+            raise HttpError(400, f"bad migrate request: mode must be one of {', '.join(modes)}, not {mode_name!r}")
+        timeout = _seconds(body, "timeout", 30.0, "migrate request")
+        token = body.get("to_token")
+        if token is not None and not isinstance(token, str):
+            raise HttpError(400, "bad migrate request: to_token must be a string")
         try:
-            to = _host_port(body["to"])
-            to_control = _host_port(body["to_control"])
-            mode = {"seamless": MigrationMode.SEAMLESS, "semi-seamless": MigrationMode.SEMI_SEAMLESS}[
-                body.get("mode", "seamless")]
-            timeout = float(body.get("timeout", 30.0))
-        except (KeyError, ValueError, TypeError) as err:
-            raise HttpError(400, f"bad migrate request: {err!r}") from None
-        try:
-            return self.spice.migration.migrate(to, to_control, mode, timeout, body.get("to_token"))
+            return self.spice.migration.migrate(to, to_control, modes[mode_name], timeout, token)
         except MigrationError as err:
             raise HttpError(502, str(err)) from None
 
     def announce(self, request: Request) -> dict:
-        body = request.json() or {}
+        body = _object(request.json(), "announcement")
+        sessions = _announced_sessions(body.get("sessions"))
+        ttl = _seconds(body, "ttl", 90.0, "announcement")
         try:
-            count = self.spice.migration.announce(body["sessions"], float(body.get("ttl", 90)))
-        except (KeyError, ValueError, TypeError) as err:
+            count = self.spice.migration.announce(sessions, ttl)
+        except ValueError as err:  # an unknown device kind
             raise HttpError(400, f"bad announcement: {err}") from None
         except MigrationError as err:
             raise HttpError(409, str(err)) from None
         return {"announced": count}
 
     def device_state(self, request: Request) -> dict:
-        length = int(request.environ.get("CONTENT_LENGTH") or 0)
-        if length > MAX_DEVICE_STATE:
-            raise HttpError(413, f"device state over {MAX_DEVICE_STATE} bytes")
-        body = request.environ["wsgi.input"].read(length)
+        body = request.body(MAX_DEVICE_STATE)
         try:
             return {"restored": self.spice.migration.receive_device_states(body)}
-        except (SpiceError, ValueError, KeyError) as err:
+        # The container and its JSON index are the peer's bytes all the way down: any shape
+        # they do not have (a missing chunk, an index entry that is not an object) is its fault.
+        except (SpiceError, ValueError, KeyError, TypeError, IndexError) as err:
             raise HttpError(400, f"bad device state: {err}") from None
 
     def completed(self, request: Request) -> dict:
@@ -330,19 +349,63 @@ class ControlServer:
 
     def abort(self, request: Request) -> dict:
         """s1 took these sessions back: drop whatever arrived of them here."""
-        body = request.json() or {}
-        try:
-            ids = [parse_session_id(str(text)) for text in body["sessions"]]
-        except (KeyError, ValueError, TypeError) as err:
-            raise HttpError(400, f"bad abort: {err}") from None
-        return {"aborted": self.spice.migration.abort(ids)}
+        body = _object(request.json(), "abort")
+        texts = body.get("sessions")
+        if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
+            raise HttpError(400, "bad abort: sessions must be a list of session ids (8 hex digits)")
+        return {"aborted": self.spice.migration.abort([parse_session_id(text) for text in texts])}
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, _, port = str(text).rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
+# --- request bodies: each field checked, so bad input is a 400 that names it, never a 500 ---------
+
+
+def _object(body: Any, what: str) -> dict:
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise HttpError(400, f"bad {what}: the body must be a JSON object, not {type(body).__name__}")
+    return body
+
+
+def _address(body: dict, key: str) -> Address:
+    if key not in body:
+        raise HttpError(400, f"bad migrate request: {key} (HOST:PORT) is missing")
+    try:
+        return parse_address(body[key])
+    except ValueError as err:
+        raise HttpError(400, f"bad migrate request: {key}: {err}") from None
+
+
+def _seconds(body: dict, key: str, default: float, what: str) -> float:
+    value = body.get(key, default)
+    # bool is an int to Python, not a duration to anyone; NaN fails the comparison
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise HttpError(400, f"bad {what}: {key} must be a finite number of seconds above 0, not {value!r}")
+    return float(value)
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _announced_sessions(sessions: Any) -> list[dict]:
+    """``[{"session_id": u32, "ports": [[channel id, name, kind, in-flight bytes], ...]}]``."""
+    if not isinstance(sessions, list):
+        raise HttpError(400, "bad announcement: sessions must be a list")
+    for entry in sessions:
+        if not isinstance(entry, dict) or not _whole(entry.get("session_id"), 1, 0xFFFFFFFF):
+            raise HttpError(400, f"bad announcement: {entry!r:.80} needs a session_id from 1 to 2**32-1")
+        ports = entry.get("ports")
+        if not isinstance(ports, list) or not all(_announced_port(port) for port in ports):
+            raise HttpError(400, f"bad announcement: session {entry['session_id']:08x} needs ports as "
+                            "[[channel id, name, device kind, in-flight bytes], ...]")
+    return sessions
+
+
+def _announced_port(port: Any) -> bool:
+    return (isinstance(port, list) and len(port) in (3, 4) and _whole(port[0], 0, 255)
+            and isinstance(port[1], str) and isinstance(port[2], str)
+            and (len(port) == 3 or _whole(port[3], 0, MAX_IN_FLIGHT)))
 
 
 def session_view(session: Session) -> dict:
@@ -351,7 +414,7 @@ def session_view(session: Session) -> dict:
     view["id"] = f"{session.id:08x}"
     if session.main is not None:
         view["main"]["pending_write"] = session.main.transport.pending_write
-    for port, port_view in zip(session.ports.values(), view["ports"]):
+    for port, port_view in zip(session.ports.values(), view["ports"], strict=True):
         if port.connection is not None:
             port_view["channel"]["pending_write"] = port.connection.transport.pending_write
     return view

@@ -12,7 +12,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +53,16 @@ class Limits:
     to_client: int = 4 << 20  # device bytes queued for a client before the device is told no room
     ack_window: int = 20  # SET_ACK window on port channels (0: no ACK flow control)
 
+    def __post_init__(self) -> None:
+        # A zero buffer would stop reading every client at once, and a zero queue would never let a
+        # device send: both stall every port, so they are refused where they are made.
+        for name in ("to_device", "to_client"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:  # bool is an int to Python, not a size
+                raise ValueError(f"Limits.{name} must be a whole number of bytes, at least 1, not {value!r}")
+        if type(self.ack_window) is not int or self.ack_window < 0:
+            raise ValueError(f"Limits.ack_window must be a whole number of messages, not {self.ack_window!r}")
+
 
 class PortState:
     """One port of a session: its device and the bytes buffered in each direction."""
@@ -64,13 +74,15 @@ class PortState:
         self.limits = limits
         self.to_device: deque[memoryview] = deque()
         self.to_device_bytes = 0
-        self.to_client: deque[bytes] = deque()
+        self.to_client: deque[bytes | memoryview] = deque()
         self.to_client_bytes = 0
         self.connection: PortConnection | None = None
         # Migration: a stopped device takes and makes nothing (the VM is paused); a frozen port
         # sends nothing (SPICE_MSG_MIGRATE went out, only MIGRATE_DATA may follow).
         self.device_stopped = False
         self.frozen = False
+        self.label = f"port {channel_id} ({name})"  # the session adds its id
+        self.failed: str | None = None  # why the device was taken off this port, if it broke
         device.attach(self)
 
     # --- the Port interface devices see ------------------------------------------------------
@@ -87,22 +99,55 @@ class PortState:
 
     def pump(self) -> None:
         """Offer buffered client bytes to the device until it stops taking them."""
-        if self.device_stopped:
+        if self.device_stopped or not self.attached:
             return
         was_blocked = not self.reading_allowed
         queue = self.to_device
-        while queue:
-            head = queue[0]
-            taken = self.device.write(head)
-            if taken <= 0:
-                break
-            self.to_device_bytes -= taken
-            if taken >= len(head):
-                queue.popleft()
-            else:
-                queue[0] = head[taken:]
+        try:
+            while queue:
+                head = queue[0]
+                taken = self.device.write(head)
+                if taken <= 0:
+                    break
+                self.to_device_bytes -= taken
+                if taken >= len(head):
+                    queue.popleft()
+                else:
+                    queue[0] = head[taken:]
+        except Exception as err:
+            self.device_failed("write", err)
+            return
         if was_blocked and self.reading_allowed and self.connection:
             self.connection.transport.resume_reading()
+
+    # --- the device's life --------------------------------------------------------------------
+
+    @property
+    def attached(self) -> bool:
+        """Whether the device is still this port's: once a session ended or the device broke, it is
+        let go of, and nothing may reach it any more (a connection can still be delivering bytes
+        it read before it was closed)."""
+        return self.device.port is self
+
+    def tick(self, now: float) -> None:
+        if not self.attached:
+            return
+        try:
+            self.device.tick(now)
+        except Exception as err:
+            self.device_failed("tick", err)
+
+    def device_failed(self, call: str, err: Exception) -> None:
+        """The device raised ``err`` from ``call``: this port ends, the rest of the session goes on."""
+        self.failed = f"the {self.device.kind} device failed in {call}"
+        log.error("%s: %s; closing the port", self.label, self.failed, exc_info=err)
+        self.device.detach()
+        self.to_device.clear()
+        self.to_device_bytes = 0
+        self.to_client.clear()
+        self.to_client_bytes = 0
+        if self.connection is not None:
+            self.connection.transport.close(self.failed)
 
     # --- the connection side ------------------------------------------------------------------
 
@@ -111,7 +156,9 @@ class PortState:
         # A stopped device still needs the socket read: the FLUSH_MARK is behind the client's data.
         return self.device_stopped or self.to_device_bytes < self.limits.to_device
 
-    def from_client(self, data: bytes | memoryview) -> None:
+    def from_client(self, data: bytes | bytearray | memoryview) -> None:
+        if not self.attached:
+            return  # nobody to take it: the session ended or the device failed
         if len(data):
             self.to_device.append(memoryview(data))
             self.to_device_bytes += len(data)
@@ -142,15 +189,19 @@ class PortState:
     def on_drained(self) -> None:
         """The socket writer caught up: the device may have room again."""
         self.flush_to_client()
-        if self.room and not self.device_stopped:
-            self.device.on_room()
+        if self.room and not self.device_stopped and self.attached:
+            try:
+                self.device.on_room()
+            except Exception as err:
+                self.device_failed("on_room", err)
 
     @property
     def in_flight(self) -> int:
         """Bytes buffered here in either direction: what a migration moves or drops."""
         return self.to_device_bytes + self.to_client_bytes
 
-    def restore(self, pending, to_client, pending_bytes: int, to_client_bytes: int) -> None:
+    def restore(self, pending: Iterable[memoryview], to_client: Iterable[bytes | memoryview], pending_bytes: int,
+                to_client_bytes: int) -> None:
         """Take over the buffers a migration brought (views into its MIGRATE_DATA, no copy)."""
         self.to_device.extend(pending)
         self.to_device_bytes += pending_bytes
@@ -165,6 +216,7 @@ class PortState:
             "to_device_bytes": self.to_device_bytes,
             "to_client_bytes": self.to_client_bytes,
             "device_stopped": self.device_stopped,
+            "failed": self.failed,
             "device": self.device.status(),
             "channel": self.connection.channel.state() if self.connection else None,
         }
@@ -186,6 +238,9 @@ class PortConnection:
 
     def start(self, announce: bool = True) -> None:
         if self.parked or self.waiting_for_migrate_data:
+            return
+        if not self.port.attached:
+            self.transport.close(self.port.failed or "the session ended")
             return
         self.port.connection = self
         if announce:
@@ -308,6 +363,10 @@ class Session:
     on_end: Callable[[Session], None] | None = None
     migration: object | None = None  # the SessionSource (s1) or SessionTarget (s2) under way
     migrations: list[dict] = field(default_factory=list)  # reports of the finished ones
+
+    def __post_init__(self) -> None:
+        for port in self.ports.values():
+            port.label = f"session {self.id:08x} {port.label}"  # as the connection logs name it
 
     def main_closed(self, conn: MainConnection) -> None:
         if self.main is conn:
