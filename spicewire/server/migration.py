@@ -30,6 +30,7 @@ import numpy as np
 from gevent import socket
 
 from spicewire import codec, devices
+from spicewire.addresses import Address
 from spicewire.errors import ProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
@@ -512,22 +513,73 @@ class MigrationManager:
         self, to: tuple[str, int], to_control: tuple[str, int], mode: mig.MigrationMode, timeout: float = 30.0,
         to_token: str | None = None,
     ) -> dict:
-        """Migrate every session to ``to``; returns the report ``spicewire migrate`` prints."""
+        """Migrate every session to ``to``; returns the report ``spicewire migrate`` prints.
+
+        Phases, in order: announce to s2, pre-migration (BEGIN, every client's answer), the device
+        state, the switch, the landing. Whatever fails in any of them, and however, no session is
+        left half migrated here (``_undo``): a later migration finds every session as it was."""
         started = time.time()
         sessions = [s for s in self.server.sessions.values() if s.main is not None and s.migration is None]
-        report: dict = {"to": "%s:%d" % to, "mode_requested": _mode(mode), "sessions": []}
         peer = ControlClient(*to_control, token=to_token)
-        peer.post_json("/migration/announce", {
-            "ttl": timeout + 60,
-            "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind, p.in_flight]
-                                                        for cid, p in s.ports.items()]}
-                         for s in sessions],
-        })
+        sources: list[SessionSource] = []  # filled as they are made, so a failure finds them all
+        announced = False
+        try:
+            self._announce(peer, sessions, timeout)
+            announced = True
+            ready, switch_host, deadline = self._pre_migrate(sessions, sources, to, mode, timeout)
+            pre_migration = time.time() - started
+            ready, moved_devices = self._move_device_states(peer, ready)
+            for source in ready:
+                source.finish()
+            for source in switch_host:
+                source.finish(switch_host=True)
+            landed = self._land(peer, ready, deadline, timeout)
+        except BaseException as err:
+            reason = f"the migration failed: {type(err).__name__}: {err}"
+            for source in sources:
+                self._undo(source, reason)
+            if announced and sessions and isinstance(err, Exception):
+                self._forget_announced(peer, sessions)
+            raise
+        report: dict = {"to": str(Address(*to)), "mode_requested": _mode(mode), "sessions": []}
+        if ready and len(landed) < len(ready):
+            report["error"] = f"{len(ready) - len(landed)} sessions did not arrive on the destination in time"
+        for source in sources:
+            report["sessions"].append(self._session_report(source, landed.get(f"{source.session.id:08x}")))
+        report.update(
+            pre_migration_s=round(pre_migration, 6),
+            total_s=round(time.time() - started, 6),
+            device_state_bytes=moved_devices,
+            migrated=sum(1 for s in report["sessions"] if s["migrated"]),
+            switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
+            lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
+            rolled_back=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("rolled back")),
+            stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"
+                       and not (s["error"] or "").startswith("lost")),
+        )
+        return report
+
+    @staticmethod
+    def _announce(peer: ControlClient, sessions: list[Session], timeout: float) -> None:
+        try:
+            peer.post_json("/migration/announce", {
+                "ttl": timeout + 60,
+                "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind, p.in_flight]
+                                                            for cid, p in s.ports.items()]}
+                             for s in sessions],
+            })
+        except OSError as err:
+            raise MigrationError(f"cannot reach the destination's control API at {peer.address}: {err}") from None
+
+    def _pre_migrate(
+        self, sessions: list[Session], sources: list[SessionSource], to: tuple[str, int], mode: mig.MigrationMode,
+        timeout: float,
+    ) -> tuple[list[SessionSource], list[SessionSource], float]:
+        """BEGIN every session and wait for every client's answer; returns the sessions whose client
+        reached s2, those that can only switch host at the end, and the migration's deadline."""
         dst = m.MigrationDstInfo(port=to[1], sport=0, host=to[0], cert_subject=None)
-        big = sum(1 for s in sessions for p in s.ports.values()
-                  if p.in_flight >= PackBuffers.SIZE)
+        big = sum(1 for s in sessions for p in s.ports.values() if p.in_flight >= PackBuffers.SIZE)
         pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
-        sources = []
         for session in sessions:
             source = SessionSource(self, session, timeout)
             source.pack_buffers = pack_buffers
@@ -547,23 +599,28 @@ class MigrationManager:
                 # Never a lossy fallback for a client that tried: it stays here, working.
                 source.error = source.error or "the client could not connect to the destination"
                 source.cancel(source.error)
-        pre_migration = time.time() - started
-        moved_devices = 0
-        if ready:
+        return ready, switch_host, deadline
+
+    @staticmethod
+    def _move_device_states(peer: ControlClient, ready: list[SessionSource]) -> tuple[list[SessionSource], int]:
+        """Stop the devices (the VM pauses) and send their state to s2; a session whose state did
+        not get there stays here. Returns the sessions that go on, and the bytes sent."""
+        if not ready:
+            return ready, 0
+        for source in ready:
+            source.stop_devices()
+        state = pack_device_states(s.session for s in ready)
+        try:
+            peer.post_bytes("/migration/device-state", state)
+        except (MigrationError, OSError) as err:
             for source in ready:
-                source.stop_devices()
-            state = pack_device_states(s.session for s in ready)
-            try:
-                peer.post_bytes("/migration/device-state", state)
-                moved_devices = len(state)
-            except (MigrationError, OSError) as err:
-                for source in ready:
-                    source.cancel(f"device state could not reach the destination: {err}")
-                ready = []
-            for source in ready:
-                source.finish()
-        for source in switch_host:
-            source.finish(switch_host=True)
+                source.cancel(f"device state could not reach the destination: {err}")
+            return [], 0
+        return ready, len(state)
+
+    def _land(self, peer: ControlClient, ready: list[SessionSource], deadline: float, timeout: float) -> dict:
+        """Wait until s2 has every session; roll back those it did not take. Returns s2's reports
+        of the sessions that landed, by hex id."""
         # Decide before the machines' own post-migration timers would disconnect the clients: a
         # session that did not land can still be taken back then.
         timers = [t for t in (s.machine.get_timer() for s in ready) if t is not None]
@@ -574,7 +631,8 @@ class MigrationManager:
         for source in ready:
             sid = f"{source.session.id:08x}"
             if sid not in landed and source.can_roll_back:
-                source.roll_back(answers.get(sid, {}).get("failed") or "the destination did not take the session in time")
+                why = answers.get(sid, {}).get("failed") or "the destination did not take the session in time"
+                source.roll_back(why)
                 rolled_back.append(sid)
         if rolled_back:
             try:
@@ -588,22 +646,37 @@ class MigrationManager:
                 main.transport.close("the session migrated away")
         for source in ready:  # their final counts (what a semi-seamless switch dropped) come at the end
             source.finished.wait(max(0.0, min(1.0, deadline + timeout - time.monotonic())))
-        if ready and len(landed) < len(ready):
-            report["error"] = f"{len(ready) - len(landed)} sessions did not arrive on the destination in time"
-        for source in sources:
-            report["sessions"].append(self._session_report(source, landed.get(f"{source.session.id:08x}")))
-        report.update(
-            pre_migration_s=round(pre_migration, 6),
-            total_s=round(time.time() - started, 6),
-            device_state_bytes=moved_devices,
-            migrated=sum(1 for s in report["sessions"] if s["migrated"]),
-            switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
-            lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
-            rolled_back=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("rolled back")),
-            stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"
-                       and not (s["error"] or "").startswith("lost")),
-        )
-        return report
+        return landed
+
+    @staticmethod
+    def _undo(source: SessionSource, reason: str) -> None:
+        """Give a session back to s1 after a failure anywhere in the migration: cancelled before
+        post-migration, rolled back after it where a seamless switch still can be. A session whose
+        client was already sent away (END, or MIGRATE_DATA it can no longer take back) is left to
+        its machine, whose timer disconnects a client that does not leave."""
+        if source.session.migration is not source:
+            return  # already over: cancelled, rolled back, or its client left
+        try:
+            if source.can_roll_back:
+                source.roll_back(reason)
+                return
+            if "migrate_sent" not in source.times:
+                source.cancel(reason)
+                return
+        except Exception:
+            log.exception("session %08x: the migration could not be undone cleanly; detaching it", source.session.id)
+            source.error = source.error or reason
+            source.detach()
+            source.resume_devices()
+
+    @staticmethod
+    def _forget_announced(peer: ControlClient, sessions: list[Session]) -> None:
+        """s2 may hold announcements (and half sessions) of a migration that failed here."""
+        ids = [f"{s.id:08x}" for s in sessions]
+        try:
+            peer.post_json("/migration/abort", {"sessions": ids}, timeout=STATUS_TIMEOUT)
+        except (MigrationError, OSError) as err:
+            log.info("could not tell the destination to drop %d announced sessions: %s", len(ids), err)
 
     @staticmethod
     def _wait_landed(peer: ControlClient, sources: list[SessionSource], deadline: float) -> dict:
@@ -729,6 +802,10 @@ class ControlClient:
     def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
 
+    @property
+    def address(self) -> str:
+        return str(Address(self.host, self.port))
+
     def get_json(self, path: str, timeout: float | None = None):
         return self._request("GET", path, b"", "application/json", timeout)
 
@@ -739,7 +816,7 @@ class ControlClient:
         return self._request("POST", path, body, "application/octet-stream")
 
     def _request(self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None):
-        head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}", "Connection: close",
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.address}", "Connection: close",
                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if self.token:
             head.append(f"Authorization: Bearer {self.token}")
@@ -754,8 +831,8 @@ class ControlClient:
             status = int(status_line.split()[1])
             answer = json.loads(payload) if payload.strip() else None
         except (IndexError, ValueError) as err:
-            raise MigrationError(f"{method} {path}: unreadable answer from {self.host}:{self.port}: {err}") from None
+            raise MigrationError(f"{method} {path}: unreadable answer from {self.address}: {err}") from None
         if status != 200:
             message = answer.get("error") if isinstance(answer, dict) else payload[:200]
-            raise MigrationError(f"{method} {path} on {self.host}:{self.port}: {status} {message}")
+            raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
         return answer

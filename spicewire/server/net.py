@@ -18,7 +18,7 @@ import gevent.pool
 from gevent.server import StreamServer
 
 from spicewire import devices
-from spicewire.errors import CodecError, LinkError, ProtocolError, SpiceError
+from spicewire.errors import CodecError, LinkError, ProtocolError
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
@@ -45,6 +45,17 @@ class ServerConfig:
     link_timeout: float = 10.0
     stall_timeout: float = 30.0  # a client silent this long in the middle of a message is dropped
     tick_interval: float = 0.01
+
+    def __post_init__(self) -> None:
+        # Refused here, where the value is given, not as a stall or a crash once clients come.
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"ServerConfig.port must be 0-65535, not {self.port!r}")
+        if not isinstance(self.limits, Limits):
+            raise ValueError(f"ServerConfig.limits must be a Limits, not {type(self.limits).__name__}")
+        for name in ("link_timeout", "stall_timeout", "tick_interval"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):  # NaN fails this too
+                raise ValueError(f"ServerConfig.{name} must be a finite number of seconds above 0, not {value!r}")
 
 
 TRIM_AFTER = 64 << 20
@@ -433,8 +444,5 @@ class SpiceServer:
             for session in list(self.sessions.values()):
                 for port in session.ports.values():
                     if port.device.wants_ticks and port.connection is not None and not port.device_stopped:
-                        try:
-                            port.device.tick(now)
-                        except SpiceError:
-                            log.exception("device %s failed", port.name)
+                        port.tick(now)  # a device that raises closes its own port, not this loop
 
