@@ -486,12 +486,17 @@ def _container(*chunks) -> bytes:
         _container(b'["an entry that is not an object"]'),
         _container(b'[{"session_id": 4660, "port": 0}]'),
         _container(b'[{"session_id": 1, "port": 0, "chunks": 0}]'),  # not announced
+        _container(b'[{"session_id": 4660, "port": 0, "chunks": 2}]', b"{}"),  # promises a missing chunk
+        _container(b'[{"session_id": 4660, "port": 0, "chunks": -1}]'),
+        _container(b'[{"session_id": 4660, "port": 0, "chunks": 0}]', b"{}"),  # a chunk nobody claims
+        _container(b'[{"session_id": 4660, "port": 7, "chunks": 0}]'),  # no such port announced
     ],
 )
 def test_bad_device_state_is_a_400(spice, control, data):
     post_json(control, "/migration/announce", announcement())
     status, body = post_bytes(control, "/migration/device-state", data)
     assert status == 400 and body["error"].startswith("bad device state"), body
+    assert spice.migration.announcements[0x1234].device_state == {}  # nothing of a bad batch is kept
 
 
 def test_completed_answers_only_for_sessions_it_knows(spice, control):

@@ -467,19 +467,27 @@ class MigrationManager:
         """The saved devices of announced sessions (``pack_device_states``)."""
         chunks = codec.unpack_chunks(body)
         index = json.loads(bytes(chunks[0]))
-        pos, restored = 1, 0
+        # Every entry is checked before any is used: a batch is taken whole or not at all, and a
+        # device never restores from chunks its index only promised.
+        plan, pos = [], 1
         for entry in index:
             sid, cid, count = int(entry["session_id"]), int(entry["port"]), int(entry["chunks"])
-            saved = [bytes(c) for c in chunks[pos : pos + count]]
-            pos += count
             ann = self.announcements.get(sid)
             if ann is None:
                 raise MigrationError(f"device state for session {sid:08x}, which was not announced")
+            if cid not in {port[0] for port in ann.ports}:
+                raise MigrationError(f"device state for port {cid} of session {sid:08x}, which has no such port")
+            if count < 0 or pos + count > len(chunks):
+                raise MigrationError(f"device state index promises {count} chunks at {pos}; the body holds {len(chunks)}")
+            plan.append((ann, cid, [bytes(c) for c in chunks[pos : pos + count]]))
+            pos += count
+        if pos != len(chunks):
+            raise MigrationError(f"device state body holds {len(chunks) - pos} chunks no index entry names")
+        for ann, cid, saved in plan:
             ann.device_state[cid] = saved
             if ann.session is not None:
                 ann.session.ports[cid].device.restore(saved)
-            restored += 1
-        return restored
+        return len(plan)
 
     def session_ended(self, session: Session) -> None:
         if isinstance(session.migration, SessionSource):
