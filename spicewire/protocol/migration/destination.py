@@ -1,0 +1,178 @@
+"""s2: DestinationMigration (PROTOCOL.md 5.2-5.4, 5.7)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from enum import Enum, auto
+from typing import Any, ClassVar
+
+from spicewire.errors import CodecError, LocalProtocolError, RemoteProtocolError
+from spicewire.protocol.caps import has_cap
+from spicewire.protocol.enums import MIGRATION_PROTOCOL_VERSION, MainCap, MigrateFlags, MouseMode
+from spicewire.protocol.messages import (
+    Message,
+    MsgcMainMigrateDstDoSeamless,
+    MsgcMainMigrateEnd,
+    MsgcMigrateData,
+    MsgMainInit,
+    MsgMainMigrateDstSeamlessAck,
+    MsgMainMigrateDstSeamlessNack,
+)
+from spicewire.protocol.migrate_data import parse_migrate_data
+from spicewire.protocol.migration.events import AttachChannel, MigrationCompleted, RestoreMigrateData, Send
+from spicewire.protocol.migration.rules import MAIN, Channel, MigrationMode, default_migrate_flags
+from spicewire.protocol.migration.table import _Role
+
+
+class DestinationState(Enum):
+    TARGET = auto()  # MAIN linked with connection_id != 0; no MAIN_INIT
+    TARGET_SEMI = auto()  # DST_DO_SEAMLESS was refused
+    SEAMLESS = auto()  # ACK sent; waiting for every channel's MIGRATE_DATA
+    MIGRATED = auto()
+
+
+class DestinationChannelState(Enum):
+    PARKED = auto()  # link answered OK, socket not read
+    ATTACHED = auto()
+    WAIT_MIGRATE_DATA = auto()
+
+
+_D, _DC = DestinationState, DestinationChannelState
+_DO_SEAMLESS_REFUSED = "DST_DO_SEAMLESS refused"
+_END_WITHOUT_CAP = "MIGRATE_END from a client without SEMI_SEAMLESS_MIGRATE"
+
+DEFAULT_MAIN_INIT = MsgMainInit(
+    session_id=0, display_channels_hint=0, supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
+    current_mouse_mode=MouseMode.SERVER, agent_connected=0, agent_tokens=10, multi_media_time=0, ram_hint=0,
+)
+
+
+class DestinationMigration(_Role):
+    """s2 for one migrating client; create it when a MAIN link with connection_id != 0 that s1
+    announced arrives (checking the announcement is the owner's job)."""
+
+    TABLE: ClassVar[Mapping[tuple, tuple]] = {
+        # 5.2: s2 on DST_DO_SEAMLESS
+        (_D.TARGET, MsgcMainMigrateDstDoSeamless): (_D.SEAMLESS, "_ack"),
+        (_D.TARGET, _DO_SEAMLESS_REFUSED): (_D.TARGET_SEMI, "_nack"),
+        # 5.3: semi-seamless
+        (_D.TARGET, MsgcMainMigrateEnd): (_D.MIGRATED, "_send_main_init"),
+        (_D.TARGET_SEMI, MsgcMainMigrateEnd): (_D.MIGRATED, "_send_main_init"),
+        (_D.TARGET, _END_WITHOUT_CAP): (_D.TARGET, None),  # spice-server warns and ignores it
+        (_D.TARGET_SEMI, _END_WITHOUT_CAP): (_D.TARGET_SEMI, None),
+        # 5.4: seamless
+        (_D.SEAMLESS, "all restored"): (_D.MIGRATED, "_seamless_done"),
+    }
+
+    CHANNEL_TABLE: ClassVar[Mapping[tuple, tuple]] = {
+        (_DC.PARKED, "attach"): (_DC.ATTACHED, "_attach"),
+        (_DC.PARKED, "attach waiting"): (_DC.WAIT_MIGRATE_DATA, "_attach"),
+        (_DC.ATTACHED, "wait for migrate data"): (_DC.WAIT_MIGRATE_DATA, None),
+        (_DC.WAIT_MIGRATE_DATA, MsgcMigrateData): (_DC.ATTACHED, "_restore"),
+    }
+
+    def __init__(
+        self,
+        connection_id: int,
+        client_main_caps: Sequence[int],
+        *,
+        seamless_enabled: bool = True,
+        main_init: MsgMainInit = DEFAULT_MAIN_INIT,
+        channel_flags: Mapping[Channel, int] | None = None,
+    ) -> None:
+        if connection_id == 0:
+            raise LocalProtocolError("a MAIN link with connection_id 0 starts a new session, not a migration")
+        super().__init__(_D.TARGET, {MAIN: _DC.ATTACHED})
+        self.connection_id = connection_id
+        self.client_main_caps = tuple(client_main_caps)
+        self.seamless_enabled = seamless_enabled
+        self.main_init = dataclasses.replace(main_init, session_id=connection_id)  # same session id
+        self._channel_flags = dict(channel_flags or {})
+        self.mode: MigrationMode | None = None
+
+    def flags(self, channel: Channel) -> MigrateFlags:
+        return MigrateFlags(self._channel_flags.get(channel, default_migrate_flags(channel[0])))
+
+    def channel_linked(self, channel: Channel) -> list:
+        """A non-main link with this connection_id; the owner has answered it OK."""
+        out = self._begin_call()
+        if channel in self.channels:
+            raise LocalProtocolError(f"channel {channel} is already linked")
+        self.channels[channel] = _DC.PARKED
+        if self.state is _D.SEAMLESS:
+            self._attach_parked(channel)
+        elif self.state is _D.MIGRATED:
+            self._fire_channel(channel, "attach")
+        return out
+
+    def receive(self, channel: Channel, message: Message) -> list:
+        """Every client message on an attached channel of this session."""
+        out = self._begin_call()
+        kind = type(message)
+        state = self._channel_state(channel)
+        if state is _DC.PARKED:
+            raise LocalProtocolError(f"channel {channel} is parked: its socket must not be read yet")
+        if kind is MsgcMigrateData:
+            if not self.flags(channel) & MigrateFlags.NEED_DATA_TRANSFER:
+                return out  # 5.4: ignored on channels without data transfer
+            data = None
+            if state is _DC.WAIT_MIGRATE_DATA:
+                try:
+                    data = parse_migrate_data(channel[0], message.data)
+                except CodecError as exc:
+                    raise RemoteProtocolError(f"MIGRATE_DATA on channel {channel}: {exc}") from exc
+            self._fire_channel(channel, kind, data)
+            if self.state is _D.SEAMLESS and _DC.WAIT_MIGRATE_DATA not in self.channels.values():
+                self._fire("all restored")
+        elif state is _DC.WAIT_MIGRATE_DATA:
+            # 5.7: data before the restore would break its empty-queue precondition
+            raise RemoteProtocolError(f"{kind.__name__} on channel {channel} before its MIGRATE_DATA")
+        elif channel == MAIN and self.state in (_D.TARGET, _D.TARGET_SEMI):
+            self._fire(self._main_input(message), message, error=RemoteProtocolError)
+        elif kind in (MsgcMainMigrateDstDoSeamless, MsgcMainMigrateEnd):
+            self._fire(kind, message)
+        return out
+
+    def _main_input(self, message: Message) -> Any:
+        # There is no down-conversion: a newer source gets semi-seamless (6).
+        if type(message) is MsgcMainMigrateDstDoSeamless and (
+            message.src_version > MIGRATION_PROTOCOL_VERSION or not self.seamless_enabled
+        ):
+            return _DO_SEAMLESS_REFUSED
+        if type(message) is MsgcMainMigrateEnd and not has_cap(self.client_main_caps, MainCap.SEMI_SEAMLESS_MIGRATE):
+            return _END_WITHOUT_CAP
+        return type(message)
+
+    def _attach_parked(self, channel: Channel) -> None:
+        waits = bool(self.flags(channel) & MigrateFlags.NEED_DATA_TRANSFER)
+        self._fire_channel(channel, "attach waiting" if waits else "attach")
+
+    def _ack(self, message: Message) -> None:
+        self.mode = MigrationMode.SEAMLESS
+        for channel, state in list(self.channels.items()):
+            if state is _DC.PARKED:
+                self._attach_parked(channel)
+            elif self.flags(channel) & MigrateFlags.NEED_DATA_TRANSFER:
+                self._fire_channel(channel, "wait for migrate data")
+        self._out.append(Send(MAIN, MsgMainMigrateDstSeamlessAck()))
+
+    def _nack(self, message: Message) -> None:
+        self._out.append(Send(MAIN, MsgMainMigrateDstSeamlessNack()))
+
+    def _send_main_init(self, message: Message) -> None:
+        self.mode = MigrationMode.SEMI_SEAMLESS
+        self._out.append(Send(MAIN, self.main_init))
+        for channel, state in list(self.channels.items()):
+            if state is _DC.PARKED:
+                self._fire_channel(channel, "attach")
+        self._out.append(MigrationCompleted(MigrationMode.SEMI_SEAMLESS))
+
+    def _attach(self, channel: Channel) -> None:
+        self._out.append(AttachChannel(channel, self.channels[channel] is _DC.WAIT_MIGRATE_DATA))
+
+    def _restore(self, channel: Channel, data: Any) -> None:
+        self._out.append(RestoreMigrateData(channel, data))
+
+    def _seamless_done(self) -> None:
+        self._out.append(MigrationCompleted(MigrationMode.SEAMLESS))
