@@ -61,6 +61,7 @@ __all__ = [
     "link_mess_bytes",
     "port_state",
     "raw_connect",
+    "read_exactly",
     "read_until_closed",
     "running_server",
     "sha256",
@@ -416,6 +417,17 @@ def wait_until(predicate, timeout: float = TIMEOUT, interval: float = 0.005, wha
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         gevent.sleep(interval)
+
+
+def read_exactly(port, n: int, timeout: float = TIMEOUT) -> bytes:
+    """Exactly ``n`` bytes from a ``spicewire.client`` port, or a failure that says how many came.
+
+    ``port.read(n, timeout)`` hands back what it has when the timeout passes; comparing that short
+    read with the expected bytes would report wrong bytes where the truth is missing ones."""
+    got = port.read(n, timeout=timeout)
+    if len(got) != n:
+        raise AssertionError(f"{len(got)} of {n} bytes arrived within {timeout} s; they start {got[:48]!r}")
+    return got
 
 
 class Bystander:

@@ -28,6 +28,7 @@ from spicewire.protocol.migration import build_main_migrate_data
 from . import peers
 from .peers import echo_bios
 from .peers.qemu import QemuSpice, SpicePort, free_port
+from .serverkit import read_exactly
 
 SESSION_ID = 0x5EED1234
 PORT_NAME = "org.test.echo"
@@ -78,6 +79,10 @@ class FakeServer:
         self.conns: dict[tuple, FakeConn] = {}
         self.linked = gevent.event.Event()
         self.events = gevent.queue.Queue()
+        # A script that stops at a point of interest (s1 before its MIGRATE_DATA, s2 before its
+        # MAIN_INIT) waits here; a test clears it to make writes inside that window, then sets it.
+        self.gate = gevent.event.Event()
+        self.gate.set()
         self.listener = gevent.server.StreamServer(("127.0.0.1", 0), self._serve)
         self.listener.start()
         self.port = self.listener.server_port
@@ -138,6 +143,11 @@ def s1_main(server: FakeServer, conn: FakeConn) -> None:
             conn.send(m.MsgMigrateData(build_main_migrate_data()))
 
 
+def pass_gate(server: FakeServer) -> None:
+    if not server.gate.wait(30):
+        raise RuntimeError("the test never opened the script's gate")
+
+
 def s1_port(server: FakeServer, conn: FakeConn) -> None:
     conn.send(m.MsgPortInit(PORT_NAME, 1))
     server.linked.set()
@@ -148,7 +158,7 @@ def s1_port(server: FakeServer, conn: FakeConn) -> None:
                 conn.send(m.MsgSpicevmcData(bytes(msg.data)))  # the "device" echoes
         elif isinstance(msg, m.MsgcMigrateFlushMark):
             server.events.put(("s1", "port", "MsgcMigrateFlushMark"))
-            gevent.sleep(0.2)  # writes made meanwhile wait in the client for s2
+            pass_gate(server)  # writes made meanwhile wait in the client for s2
             digest = hashlib.sha256()
             conn.sock.sendall(conn.channel.send_streamed(Msg.MIGRATE_DATA, server.big_size))
             for piece in pattern_chunks(server.big_size, server.block):
@@ -164,7 +174,7 @@ def s2_main(server: FakeServer, conn: FakeConn) -> None:
         if isinstance(msg, m.MsgcMainMigrateDstDoSeamless):
             conn.send(m.MsgMainMigrateDstSeamlessAck())
         elif isinstance(msg, m.MsgcMainMigrateEnd):  # semi-seamless (5.3)
-            gevent.sleep(0.2)  # writes made meanwhile wait in the client
+            pass_gate(server)  # writes made meanwhile wait in the client
             conn.send(m.MsgMainInit(SESSION_ID, 0, 1, 1, 0, 10, 0, 0))
             server.conns[ChannelType.PORT, 0].send(m.MsgPortInit(PORT_NAME, 1))
 
@@ -195,6 +205,7 @@ def s2_port(server: FakeServer, conn: FakeConn) -> None:
         digest.update(memoryview(buf)[:n])
         left -= n
     server.received = (msg_type, size, digest.hexdigest())
+    server.events.put(("s2", "port", "MIGRATE_DATA received"))
     # Every channel is restored: a real s2 says so on main (spice-server and ours: MULTI_MEDIA_TIME).
     if not getattr(server, "silent_main", False):
         server.conns[ChannelType.MAIN, 0].send(m.MsgMainMultiMediaTime(1))
@@ -257,7 +268,7 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
     with ClientSession("127.0.0.1", s1.port) as session:
         port = session.open_port(PORT_NAME)
         port.write(b"before")
-        assert port.read(6, timeout=5) == b"before"
+        assert read_exactly(port, 6) == b"before"
         s1.port_data.clear()
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateBeginSeamless(dst_info(s2.port), 1))
         assert session.migration_connected_event.wait(5)
@@ -265,14 +276,22 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
 
         tracemalloc.start()
         tracemalloc.reset_peak()
-        writes = [b"%d;" % i for i in range(40)]
-        writer = gevent.spawn(lambda: [port.write(w) or gevent.sleep(0.01) for w in writes])
-        gevent.sleep(0.05)
+        # Writes in three windows: s1 takes the first, the client holds the second while s1 keeps
+        # its MIGRATE_DATA back (after the port's flush mark), s2 takes the third after the switch.
+        to_s1, held, after = ([b"%d;" % i for i in r] for r in (range(10), range(10, 30), range(30, 40)))
+        for w in to_s1:
+            port.write(w)
+        assert wait_for(lambda: len(s1.port_data) == len(to_s1), 10), s1.port_data  # one message each
         s1.migrating = True
+        s1.gate.clear()
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMigrate(3))
         s1.conns[ChannelType.PORT, 0].send(m.MsgMigrate(3))
+        assert seen(s1.events, ("s1", "port", "MsgcMigrateFlushMark"))
+        gevent.spawn(lambda: [port.write(w) for w in held]).get(timeout=10)
+        s1.gate.set()
         report = session.wait_migrated(timeout=60)
-        writer.get(timeout=10)
+        for w in after:
+            port.write(w)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
 
@@ -281,17 +300,17 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
         assert report["relayed"] == {"main:0": 65, "port:0": BIG}
         assert report["peak_relay_buffer"] <= 2 << 20  # one relay chunk, never the whole message
         assert peak < 8 << 20, f"client peak {peak} bytes while relaying {BIG}"
-        with gevent.Timeout(10):
-            while sum(map(len, s1.port_data + s2.port_data)) < len(b"".join(writes)):
-                gevent.sleep(0.01)
-        # each write reached exactly one server, in order: s1 (before its flush mark) then s2
-        assert b"".join(s1.port_data + s2.port_data) == b"".join(writes)
-        assert s2.port_data, "no write was retained for s2"
+        assert wait_for(lambda: len(s2.port_data) == len(held + after), 10), s2.port_data
+        # each write reached exactly one server, in order: s1 up to its flush mark, then s2
+        assert b"".join(s1.port_data) == b"".join(to_s1)
+        assert b"".join(s2.port_data) == b"".join(held + after)
         assert session.connected_to == ("127.0.0.1", s2.port)
         assert port.sock.getpeername()[1] == s2.port
-        port.read(timeout=1)
+        # s1 echoed what it took before MIGRATE, s2 echoes everything it took, prefixed
+        echoes = b"".join(to_s1) + b"".join(b"s2:" + w for w in held + after)
+        assert read_exactly(port, len(echoes)) == echoes
         port.write(b"after")
-        assert port.read(8, timeout=5) == b"s2:after"
+        assert read_exactly(port, 8) == b"s2:after"
 
 
 def test_seamless_completes_after_the_grace_when_s2_never_speaks(fake_pair, monkeypatch):
@@ -299,7 +318,9 @@ def test_seamless_completes_after_the_grace_when_s2_never_speaks(fake_pair, monk
     taken as done after CONFIRM_GRACE, and only then are s1's sockets closed."""
     from spicewire.client import migration as client_migration
 
-    monkeypatch.setattr(client_migration, "CONFIRM_GRACE", 0.5)
+    # Long enough that the checks right after the relay always fall inside it; nothing but the
+    # grace can end this migration, since s2 stays silent and s1 keeps its sockets open.
+    monkeypatch.setattr(client_migration, "CONFIRM_GRACE", 3.0)
     s1, s2 = fake_pair
     s1.big_size, s2.silent_main = 1 << 20, True
     with ClientSession("127.0.0.1", s1.port) as session:
@@ -309,14 +330,12 @@ def test_seamless_completes_after_the_grace_when_s2_never_speaks(fake_pair, monk
         s1.migrating = True
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMigrate(3))
         s1.conns[ChannelType.PORT, 0].send(m.MsgMigrate(3))
-        with gevent.Timeout(5):
-            while getattr(s2, "received", None) is None:
-                gevent.sleep(0.01)
-        relayed = time.monotonic()
-        assert session.wait_migrated(timeout=0.2) is None  # still waiting for s2 to speak
-        report = session.wait_migrated(timeout=5)
+        assert seen(s2.events, ("s2", "port", "MIGRATE_DATA received"))
+        assert session.migrating and not session.migrations  # still waiting for s2 to speak
+        assert all(event[0] != "closed" for event in list(s1.events.queue)), "s1 let go before the grace"
+        report = session.wait_migrated(timeout=30)
         assert report is not None and report["result"] == "completed"
-        assert time.monotonic() - relayed >= 0.4
+        wait_links_closed(s1)
         assert port.sock.getpeername()[1] == s2.port
 
 
@@ -350,11 +369,11 @@ def test_anything_but_migrate_data_after_migrate_keeps_the_channel_on_s1(fake_pa
         s1_port_conn.send(m.MsgMigrate(2))  # NEED_DATA_TRANSFER only: no flush mark, no data
         s1_port_conn.send(m.MsgSpicevmcData(b"not migrate data"))
         s1_port_conn.send(m.MsgSpicevmcData(b"next"))
-        assert port.read(4, timeout=5) == b"next"  # the offending message is dropped (5.4 step 2)
+        assert read_exactly(port, 4) == b"next"  # the offending message is dropped (5.4 step 2)
         assert any("MIGRATE_DATA must follow MIGRATE" in e for e in session._migration.report.errors)
         assert port.peer.value == "s1" and port.sock.getpeername()[1] == s1.port
         port.write(b"still s1")
-        assert port.read(8, timeout=5) == b"still s1"
+        assert read_exactly(port, 8) == b"still s1"
 
 
 def test_link_failure_answers_connect_error_and_the_session_stays(fake_pair):
@@ -369,7 +388,7 @@ def test_link_failure_answers_connect_error_and_the_session_stays(fake_pair):
         assert session.migrations[-1]["result"] == "connect-error"
         assert seen(s1.events, ("s1", "main", "MsgcMainMigrateConnectError"))
         port.write(b"ping")
-        assert port.read(4, timeout=5) == b"ping"
+        assert read_exactly(port, 4) == b"ping"
 
 
 # --- against QEMU ----------------------------------------------------------------------------
@@ -506,7 +525,7 @@ def test_migrate_cancel_drops_the_s2_connections(fake_pair):
         wait_links_closed(s2)
         assert session.migrations[-1]["result"] == "cancelled" and not session.migrating
         port.write(b"on s1")
-        assert port.read(5, timeout=5) == b"on s1"
+        assert read_exactly(port, 5) == b"on s1"
 
 
 def test_semi_seamless_resets_channels_and_sends_frozen_writes_to_s2():
@@ -526,13 +545,15 @@ def test_semi_seamless_resets_channels_and_sends_frozen_writes_to_s2():
             s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateBeginSeamless(dst_info(s2.port), 1))
             assert session.migration_connected_event.wait(5)  # s2 lacks SEAMLESS_MIGRATE: CONNECTED
             assert seen(s1.events, ("s1", "main", "MsgcMainMigrateConnected"))
+            s2.gate.clear()  # s2 holds its MAIN_INIT until the write below is made
             s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateEnd())
             assert seen(s2.events, ("s2", "main", "MsgcMainMigrateEnd"))
             port.write(b"while frozen")
+            s2.gate.set()
             report = session.wait_migrated(timeout=10)
             assert report["mode"] == "semi-seamless" and report["kept_unread"] == {"port:0": 12}
-            assert port.read(12, timeout=5) == b"unread on s1"
-            assert port.read(15, timeout=5) == b"s2:while frozen"
+            assert read_exactly(port, 12) == b"unread on s1"
+            assert read_exactly(port, 15) == b"s2:while frozen"
             assert (port.name, port.opened) == (PORT_NAME, True)  # PORT_INIT again, from s2
             assert seen(s1.events, ("closed", "port"))
             assert session.connected_to == ("127.0.0.1", s2.port)
@@ -589,8 +610,8 @@ def test_relay_moves_exactly_count_bytes_and_leaves_the_rest(monkeypatch, use_sp
     received = bytearray()
 
     def drain():
-        while len(received) < count:
-            received.extend(s2_far.recv(1 << 20))
+        while len(received) < count and (data := s2_far.recv(1 << 20)):
+            received.extend(data)
 
     reader = gevent.spawn(drain)
     held = client_migration.relay(s1_near, s2_near, count, "port:1")
