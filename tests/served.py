@@ -3,7 +3,9 @@ driven with blocking subprocess calls, CLI behaviour, migration between two serv
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -11,16 +13,43 @@ import time
 import urllib.error
 import urllib.request
 
+import gevent
 import pytest
 
 TOKEN = "cli-token"
 ECHO = ("--port-channel", "org.test.echo=echo")
+# What serve logs (INFO, its default level) once each listener is bound: with port 0 asked for,
+# the only place to learn the port the kernel gave it.
+SPICE_LISTENING = re.compile(r"serving SPICE on ([\d.]+):(\d+)")
+CONTROL_LISTENING = re.compile(r"control API on http://([\d.]+):(\d+)")
+_logs = itertools.count()
 
 
 def free_port() -> int:
+    """A port nothing listened on a moment ago, which another process may take at any time: a
+    server a test starts listens on port 0 instead, and a "nobody listens there" address is best
+    ``serverkit.refused_port()``."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def bound_addresses(proc: subprocess.Popen, log, timeout: float = 15.0) -> tuple[tuple[str, int], tuple[str, int]]:
+    """The SPICE and control addresses a ``serve --listen H:0 --control H:0`` logged, once both
+    are bound; fails with the log if serve exits or says nothing within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace")
+        spice, control = SPICE_LISTENING.search(text), CONTROL_LISTENING.search(text)
+        if spice and control:
+            return (spice[1], int(spice[2])), (control[1], int(control[2]))
+        if proc.poll() is not None:
+            pytest.fail(f"serve exited with {proc.returncode}:\n{text}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=5)
+            pytest.fail(f"serve did not log both listening addresses within {timeout} s:\n{text}")
+        gevent.sleep(0.05)  # in a gevent test, in-process servers keep running meanwhile
 
 
 class Served:
@@ -28,16 +57,15 @@ class Served:
 
     def __init__(self, tmp_path, *extra: str) -> None:
         """``extra`` arguments go to serve; without a --port-channel among them, org.test.echo=echo."""
-        self.address = ("127.0.0.1", free_port())
-        self.control = ("127.0.0.1", free_port())
-        self.log = tmp_path / f"serve-{self.address[1]}.log"  # one each: a test may start several
+        self.log = tmp_path / f"serve-{next(_logs)}.log"  # one each: a test may start several
         argv = [
-            sys.executable, "-m", "spicewire", "serve", "--listen", "%s:%d" % self.address,
-            "--control", "%s:%d" % self.control, "--control-token", TOKEN,
+            sys.executable, "-m", "spicewire", "serve", "--listen", "127.0.0.1:0",
+            "--control", "127.0.0.1:0", "--control-token", TOKEN,
             *(extra if any(a == "--port-channel" for a in extra) else (*ECHO, *extra)),
         ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        self.address, self.control = bound_addresses(self.proc, self.log)
         self._wait_until_up()
 
     def get(self, path: str) -> dict:
@@ -45,7 +73,7 @@ class Served:
 
     def request(self, method: str, path: str, body: dict | None = None, timeout: float = 5) -> dict:
         request = urllib.request.Request(
-            "http://%s:%d%s" % (*self.control, path), method=method,
+            "http://{}:{}{}".format(*self.control, path), method=method,
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
         )

@@ -63,6 +63,7 @@ __all__ = [
     "raw_connect",
     "read_exactly",
     "read_until_closed",
+    "refused_port",
     "running_server",
     "sha256",
     "wait_until",
@@ -121,6 +122,15 @@ def raw_connect(address, timeout: float = TIMEOUT, bufsize: int | None = None) -
         sock.close()
         raise
     return sock
+
+
+@contextmanager
+def refused_port() -> Iterator[int]:
+    """A 127.0.0.1 port that refuses every connection while the block runs: bound, so nothing else
+    can take it (as it could a port merely found free), and not listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
 
 
 def read_until_closed(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:

@@ -14,6 +14,7 @@ from spicewire.server import ServerConfig, SpiceServer
 from . import peers
 from .peers import echo_bios
 from .peers.qemu import QemuSpice, SpicePort
+from .serverkit import read_exactly
 
 PORTS = [("org.spicewire.echo", "echo"), ("org.spicewire.sink", "sink")]
 
@@ -53,7 +54,7 @@ def test_client_echo_round_trip_is_byte_exact(server):
     with ClientSession(*server.address) as session:
         port = session.open_port("org.spicewire.echo")
         writer = gevent.spawn(port.write, data)
-        assert port.read(len(data), timeout=20) == data
+        assert read_exactly(port, len(data), timeout=20) == data
         writer.get(timeout=5)
 
 
@@ -99,4 +100,4 @@ def test_client_links_main_and_port_to_qemu_spice_server():
             assert port.opened
             payload = b"spicewire through QEMU\n" * 40
             port.write(payload)
-            assert port.read(len(payload), timeout=30) == payload
+            assert read_exactly(port, len(payload), timeout=30) == payload

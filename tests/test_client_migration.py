@@ -28,7 +28,7 @@ from spicewire.protocol.migration import build_main_migrate_data
 from . import peers
 from .peers import echo_bios
 from .peers.qemu import QemuSpice, SpicePort, free_port
-from .serverkit import read_exactly
+from .serverkit import read_exactly, refused_port
 
 SESSION_ID = 0x5EED1234
 PORT_NAME = "org.test.echo"
@@ -378,8 +378,7 @@ def test_anything_but_migrate_data_after_migrate_keeps_the_channel_on_s1(fake_pa
 
 def test_link_failure_answers_connect_error_and_the_session_stays(fake_pair):
     s1, _ = fake_pair
-    closed = free_port()
-    with ClientSession("127.0.0.1", s1.port) as session:
+    with refused_port() as closed, ClientSession("127.0.0.1", s1.port) as session:
         port = session.open_port(PORT_NAME)
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateBegin(dst_info(closed)))
         with gevent.Timeout(5):
@@ -473,10 +472,9 @@ def test_client_follows_a_semi_seamless_qemu_migration():
 @pytest.mark.peer
 def test_qemu_connect_error_keeps_the_session_on_s1():
     peers.require("qemu")
-    closed = free_port()
     s1 = QemuSpice(ports=[SpicePort(PORT_NAME, "isa")], bios=echo_bios.build(),
                    spice_opts="seamless-migration=on", lifetime=60)
-    with s1, ClientSession("127.0.0.1", s1.spice_port) as session:
+    with refused_port() as closed, s1, ClientSession("127.0.0.1", s1.spice_port) as session:
         port = session.open_port(PORT_NAME)
         assert echo(port, b"before\n")
         s1.qmp_command("client_migrate_info", protocol="spice", hostname="127.0.0.1", port=closed)

@@ -32,20 +32,6 @@ HEADER = 6  # mini header
 CLIENT_SOCKET_BUFFER = 64 << 10
 
 
-def wait_stable(read, settle: float = 0.3, timeout: float = 10.0):
-    """Wait until ``read()`` returns the same value for ``settle`` seconds; that value."""
-    deadline = gevent.get_hub().loop.now() + timeout
-    value = read()
-    while True:
-        gevent.sleep(settle)
-        again = read()
-        if again == value:
-            return value
-        if gevent.get_hub().loop.now() > deadline:
-            raise AssertionError(f"still changing after {timeout} s: {again}")
-        value = again
-
-
 class Sender:
     """Sends ``data`` as DATA messages from a greenlet, counting what got past sendall."""
 
@@ -78,18 +64,20 @@ def test_paused_sink_stops_reading_then_delivers_everything():
         data = os.urandom(total)
         sender = Sender(sink, data)
         try:
-            # The server reads until to_device reaches the limit, then stops reading the socket.
-            held = wait_stable(lambda: (port.to_device_bytes, port.connection.channel.bytes_in))
+            # The server reads until to_device reaches the limit, then stops reading the socket;
+            # the paused sink takes nothing, so nothing reopens it.
+            wait_until(lambda: not conn.handler.reading_allowed, what="the server to stop reading")
+            held = (port.to_device_bytes, port.connection.channel.bytes_in)
             to_device, bytes_in = held
             assert limit <= to_device
             # One recv (RECV_BUFFER) past the limit at most, plus the part of a message that
             # recv completed (its earlier bytes had been read, but were not to_device yet).
             assert to_device <= limit + RECV_BUFFER + CHUNK + HEADER, to_device
-            assert not conn.handler.reading_allowed
             # The client is blocked in sendall: what it got past sendall fills the kernel buffers.
             assert not sender.greenlet.ready()
             assert sender.sent < total
             assert sender.sent >= bytes_in - HEADER * (bytes_in // CHUNK + 1)
+            # A read that should not happen has no event to wait for: give it time to show.
             gevent.sleep(0.5)
             assert (port.to_device_bytes, port.connection.channel.bytes_in) == held, "server read while paused"
             assert port.device.bytes_in == 0
@@ -119,13 +107,15 @@ def test_echo_to_a_client_that_does_not_read_stays_bounded(ack_window):
             def state():
                 return port.to_device_bytes, port.to_client_bytes, conn.pending_write, port.device.bytes_in
 
-            to_device, to_client, pending, echoed = wait_stable(state)
+            # Reading stops once to_device is full, which needs to_client full first: the bounds
+            # below hold at every moment, this is the one where they are tight.
+            wait_until(lambda: not conn.handler.reading_allowed, what="the server to stop reading")
+            to_device, to_client, pending, echoed = state()
             # Device->client: queued + being written stays within the limit (plus the headers of
             # the messages it was cut into, at most 64 KiB each in practice here).
             assert to_client + pending <= limit + HEADER * (limit // 1024 + 64), (to_client, pending)
             # Client->device: the echo refused more, so reading stopped near the limit.
             assert to_device <= limit + RECV_BUFFER + CHUNK + HEADER, to_device
-            assert not conn.handler.reading_allowed
             assert not sender.greenlet.ready() and sender.sent < total
             assert echoed < total
 
@@ -152,33 +142,35 @@ def test_ack_window_holds_data_until_acked():
         for p in payloads:  # one DATA message each way per payload
             echo.send_data(p)
 
-        def data_messages(timeout=0.3):
-            got = echo.read_available(timeout)
-            assert len(got) % 100 == 0
+        def data_messages(k: int) -> list[bytes]:
+            got = echo.read_data(100 * k)  # exactly k messages, however slowly they come
             return [got[i : i + 100] for i in range(0, len(got), 100)]
 
-        received = data_messages()
+        def nothing_more() -> None:
+            # Absence has no event to wait for: a short look, which can only miss a fault, never
+            # invent one.
+            assert echo.read_available(0.3) == b"", "the server sent past its ACK window"
+
+        received = data_messages(2 * window)
         # The server stops at 2 x window unacknowledged messages...
-        assert len(received) == 2 * window
         assert channel.unacked == 2 * window and not channel.window_open
-        assert data_messages(0.5) == []  # ...and stays stopped
+        nothing_more()  # ...and stays stopped
         # One ACK releases one window.
         echo.send(m.MsgcAck())
-        received += data_messages()
-        assert len(received) == 3 * window
+        received += data_messages(window)
+        nothing_more()
         assert channel.unacked == 2 * window
         # An ACK in advance counts for nothing (unacked does not go below 0): two ACKs now free
         # only the 2 x window outstanding, and the window refills at once.
         echo.send(m.MsgcAck())
         echo.send(m.MsgcAck())
-        received += data_messages()
-        assert len(received) == 5 * window
+        received += data_messages(2 * window)
+        nothing_more()
         # The rest, one window per ACK.
         while len(received) < count:
             echo.send(m.MsgcAck())
-            more = data_messages()
-            assert 0 < len(more) <= window
-            received += more
+            received += data_messages(min(window, count - len(received)))
+        nothing_more()
         assert received == payloads
         session.close()
 
@@ -194,8 +186,9 @@ def test_ack_before_ack_sync_is_ignored():
         channel.client_generation = 0xFFFFFFFF  # as if the ACK_SYNC had not arrived yet
         for i in range(3 * window):
             echo.send_data(bytes([i]) * 10)
-        assert len(echo.read_available(0.3)) == 2 * window * 10
+        assert len(echo.read_data(2 * window * 10)) == 2 * window * 10
         echo.send(m.MsgcAck())
+        # Absence has no event: a short look can only miss a counted ACK, never invent one.
         assert echo.read_available(0.3) == b""
         assert channel.unacked == 2 * window
         session.close()
