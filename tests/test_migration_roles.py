@@ -58,33 +58,45 @@ from spicewire.protocol.migration import (
     AwaitConfirmation,
     AwaitRollback,
     CharDeviceMigrateData,
+    ClientChannelInput,
+    ClientInput,
     ClientMigration,
+    ClientOutput,
     ClientState,
     CloseSource,
     ConnectComplete,
+    DestinationInput,
     DestinationMigration,
+    DestinationOutput,
     DestinationState,
     DisconnectClient,
     DropDestination,
     DropMigrateData,
     LinkDestination,
     MainMigrateData,
+    Migrate,
     MigrateDataMagic,
     MigrateDataRequested,
     MigrationCompleted,
     MigrationMode,
+    Origin,
     Peer,
     PortMigrateData,
+    PortMigrateDataWriter,
+    Received,
     ResetChannels,
     RestoreMigrateData,
     RolledBack,
     Send,
+    Sent,
+    SessionLost,
+    SourceInput,
     SourceMigration,
+    SourceOutput,
     SourceState,
     SwitchChannel,
     SwitchHost,
     build_main_migrate_data,
-    PortMigrateDataWriter,
     build_port_migrate_data,
     build_spicevmc_migrate_data,
     parse_main_migrate_data,
@@ -92,6 +104,7 @@ from spicewire.protocol.migration import (
     parse_port_migrate_data,
     parse_spicevmc_migrate_data,
 )
+from spicewire.protocol.migration.client import CONFIRM_GRACE, HANDSHAKE_TIMEOUT, ROLLBACK_TIMEOUT
 
 PORT = (ChannelType.PORT, 0)
 CURSOR = (ChannelType.CURSOR, 0)
@@ -209,14 +222,14 @@ def test_source_client_data_between_migrate_and_flush_mark_is_accepted():
     assert src.receive(PORT, MsgcSpicevmcData(b"late")) == []
 
 
-def test_source_refuses_to_send_anything_but_migrate_data_after_migrate():
+@pytest.mark.parametrize("flushed", [False, True])
+def test_source_refuses_to_send_anything_but_migrate_data_after_migrate(flushed):
     src = connected_source()
     src.finish(now=1.0)
+    if flushed:  # MIGRATE_DATA is due
+        src.receive(PORT, MsgcMigrateFlushMark())
     with pytest.raises(LocalProtocolError):
-        src.send(PORT, MsgSpicevmcData(b"x"))  # before the flush mark
-    src.receive(PORT, MsgcMigrateFlushMark())
-    with pytest.raises(LocalProtocolError):
-        src.send(PORT, MsgSpicevmcData(b"x"))  # MIGRATE_DATA is due
+        src.send(PORT, MsgSpicevmcData(b"x"))
 
 
 def test_source_refuses_migrate_data_before_the_flush_mark():
@@ -238,8 +251,10 @@ def test_source_refuses_to_send_anything_after_migrate_data():
 def test_source_seamless_rolls_back_to_normal_with_migrate_cancel():
     src = connected_source()
     src.finish(now=1.0)
-    src.receive(PORT, MsgcMigrateFlushMark())
-    src.send(PORT, MsgMigrateData(SVMD))
+    for channel, body in ((MAIN, MNMD), (PORT, SVMD)):
+        src.receive(channel, MsgcMigrateFlushMark())
+        src.send(channel, MsgMigrateData(body))
+    assert src.can_roll_back
     assert src.roll_back() == [Send(MAIN, MsgMainMigrateCancel())]
     assert src.state is SourceState.IDLE and src.get_timer() is None
     assert src.receive(PORT, MsgcSpicevmcData(b"again")) == []  # no longer "after FLUSH_MARK"
@@ -249,6 +264,18 @@ def test_source_seamless_rolls_back_to_normal_with_migrate_cancel():
 def test_source_semi_seamless_cannot_roll_back():
     src = connected_source(seamless=False)
     src.finish(now=1.0)
+    assert not src.can_roll_back
+    with pytest.raises(LocalProtocolError):
+        src.roll_back()
+
+
+def test_source_rolls_back_only_once_every_migrate_data_went_out():
+    """Before that, a FLUSH_MARK could still arrive after the CANCEL."""
+    src = connected_source()
+    src.finish(now=1.0)
+    src.receive(PORT, MsgcMigrateFlushMark())
+    src.send(PORT, MsgMigrateData(SVMD))
+    assert src.state is SourceState.MIGRATING and not src.can_roll_back
     with pytest.raises(LocalProtocolError):
         src.roll_back()
 
@@ -516,7 +543,7 @@ def linked_client(seamless=True, s2_caps=SERVER_CAPS, answer=MsgMainMigrateDstSe
     cli = client()
     begin = MsgMainMigrateBeginSeamless(DST, 1) if seamless else MsgMainMigrateBegin(DST)
     cli.receive(Peer.S1, MAIN, begin)
-    cli.s2_linked(MAIN, s2_caps)
+    cli.s2_linked(MAIN, s2_caps, now=0.0)
     if cli.state is ClientState.HANDSHAKE:
         cli.receive(Peer.S2, MAIN, answer())
     cli.s2_linked(PORT)
@@ -531,7 +558,7 @@ def test_client_begin_links_main_to_s2_with_the_session_id(begin):
 def test_client_seamless_main_link_to_s2_with_seamless_cap_sends_do_seamless_then_links_the_rest():
     cli = client()
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
-    assert cli.s2_linked(MAIN, SERVER_CAPS) == [
+    assert cli.s2_linked(MAIN, SERVER_CAPS, now=0.0) == [
         Send(MAIN, MsgcMainMigrateDstDoSeamless(1), Peer.S2),
         LinkDestination(DST, SESSION_ID, (PORT,)),
     ]
@@ -547,13 +574,13 @@ def test_client_without_s2_seamless_cap_goes_semi_seamless_without_asking():
 def test_client_semi_seamless_begin_never_sends_do_seamless():
     cli = client()
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBegin(DST))
-    assert sends(cli.s2_linked(MAIN, SERVER_CAPS), Peer.S2) == []
+    assert sends(cli.s2_linked(MAIN, SERVER_CAPS, now=0.0), Peer.S2) == []
 
 
 def test_client_ack_and_all_links_send_connected_seamless():
     cli = client()
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
-    cli.s2_linked(MAIN, SERVER_CAPS)
+    cli.s2_linked(MAIN, SERVER_CAPS, now=0.0)
     assert cli.receive(Peer.S2, MAIN, MsgMainMigrateDstSeamlessAck()) == []
     assert cli.s2_linked(PORT) == [Send(MAIN, MsgcMainMigrateConnectedSeamless(), Peer.S1)]
 
@@ -561,7 +588,7 @@ def test_client_ack_and_all_links_send_connected_seamless():
 def test_client_waits_for_the_handshake_answer_even_when_every_link_is_done():
     cli = client()
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
-    cli.s2_linked(MAIN, SERVER_CAPS)
+    cli.s2_linked(MAIN, SERVER_CAPS, now=0.0)
     assert cli.s2_linked(PORT) == []
     assert cli.receive(Peer.S2, MAIN, MsgMainMigrateDstSeamlessAck()) == [
         Send(MAIN, MsgcMainMigrateConnectedSeamless(), Peer.S1)
@@ -576,7 +603,7 @@ def test_client_nack_sends_connected():
 def test_client_handshake_accepts_only_ack_or_nack_from_s2():
     cli = client()
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
-    cli.s2_linked(MAIN, SERVER_CAPS)
+    cli.s2_linked(MAIN, SERVER_CAPS, now=0.0)
     with pytest.raises(RemoteProtocolError):
         cli.receive(Peer.S2, MAIN, MsgMainMultiMediaTime(1))
 
@@ -586,14 +613,14 @@ def test_client_any_link_failure_sends_connect_error_and_drops_s2(failing):
     cli = client()
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
     if failing == PORT:
-        cli.s2_linked(MAIN, SERVER_CAPS)
+        cli.s2_linked(MAIN, SERVER_CAPS, now=0.0)
     assert cli.s2_link_failed(failing) == [Send(MAIN, MsgcMainMigrateConnectError(), Peer.S1), DropDestination()]
     assert cli.state is ClientState.IDLE
 
 
 def test_client_migrate_cancel_aborts_and_drops_s2():
     cli = linked_client()
-    assert cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel()) == [DropDestination()]
+    assert cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel(), now=0.0) == [DropDestination()]
     assert cli.state is ClientState.IDLE
 
 
@@ -635,15 +662,15 @@ def test_client_ignores_main_migrate_end_from_a_server_without_semi_cap():
 
 def test_client_migrate_with_need_flush_sends_flush_mark_at_once():
     cli = linked_client()
-    assert cli.receive(Peer.S1, PORT, MsgMigrate(3)) == [Send(PORT, MsgcMigrateFlushMark(), Peer.S1)]
+    assert cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0) == [Send(PORT, MsgcMigrateFlushMark(), Peer.S1)]
 
 
 def test_client_migrate_data_goes_first_on_s2_byte_for_byte_then_retained_messages():
     cli = linked_client()
-    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     assert cli.send(PORT, MsgcSpicevmcData(b"queued")) == []
     body = memoryview(SVMD_ABC)
-    assert cli.receive(Peer.S1, PORT, MsgMigrateData(body)) == [
+    assert cli.receive(Peer.S1, PORT, MsgMigrateData(body), now=0.0) == [
         SwitchChannel(PORT, Peer.S2),
         Send(PORT, MsgcMigrateData(body), Peer.S2),
         Send(PORT, MsgcSpicevmcData(b"queued"), Peer.S2),
@@ -653,40 +680,52 @@ def test_client_migrate_data_goes_first_on_s2_byte_for_byte_then_retained_messag
 def test_client_migrate_without_data_transfer_switches_at_once():
     cli = ClientMigration(SESSION_ID, [PORT, CURSOR], SERVER_CAPS)
     cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
-    cli.s2_linked(MAIN, SERVER_CAPS)
+    cli.s2_linked(MAIN, SERVER_CAPS, now=0.0)
     cli.receive(Peer.S2, MAIN, MsgMainMigrateDstSeamlessAck())
     cli.s2_linked(PORT), cli.s2_linked(CURSOR)
-    assert cli.receive(Peer.S1, CURSOR, MsgMigrate(0)) == [SwitchChannel(CURSOR, Peer.S2)]
+    assert cli.receive(Peer.S1, CURSOR, MsgMigrate(0), now=0.0) == [SwitchChannel(CURSOR, Peer.S2)]
 
 
 def test_client_message_other_than_migrate_data_after_migrate_aborts_that_channel_switch():
     cli = linked_client()
-    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     cli.send(PORT, MsgcSpicevmcData(b"queued"))
-    with pytest.raises(RemoteProtocolError):
-        cli.receive(Peer.S1, PORT, MsgSpicevmcData(b"x"))
+    assert cli.not_migrate_data(PORT) == []
     # the channel stays on s1, with what it held
     assert cli.send(PORT, MsgcSpicevmcData(b"next")) == [
         Send(PORT, MsgcSpicevmcData(b"queued"), Peer.S1), Send(PORT, MsgcSpicevmcData(b"next"), Peer.S1),
     ]
 
 
+def test_client_not_migrate_data_on_a_channel_not_waiting_for_it_is_a_local_error():
+    cli = linked_client()
+    with pytest.raises(LocalProtocolError):
+        cli.not_migrate_data(PORT)
+
+
+def test_client_decoded_message_where_migrate_data_must_follow_is_a_remote_error():
+    cli = linked_client()
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
+    with pytest.raises(RemoteProtocolError):
+        cli.receive(Peer.S1, PORT, MsgSpicevmcData(b"x"))
+
+
 def test_client_migrate_without_connected_seamless_is_a_remote_error():
     cli = linked_client(seamless=False)
     with pytest.raises(RemoteProtocolError):
-        cli.receive(Peer.S1, PORT, MsgMigrate(3))
+        cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
 
 
 def test_client_migrate_data_without_migrate_is_a_remote_error():
     with pytest.raises(RemoteProtocolError):
-        linked_client().receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+        linked_client().receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
 
 
 def switched_client():
     cli = linked_client()
     for channel, body in ((MAIN, MNMD), (PORT, SVMD)):
-        cli.receive(Peer.S1, channel, MsgMigrate(3))
-        out = cli.receive(Peer.S1, channel, MsgMigrateData(body))
+        cli.receive(Peer.S1, channel, MsgMigrate(3), now=0.0)
+        out = cli.receive(Peer.S1, channel, MsgMigrateData(body), now=0.0)
     return cli, out
 
 
@@ -699,18 +738,75 @@ def test_client_last_channel_switched_keeps_s1_until_s2_main_speaks():
 
 def test_client_s2_that_spoke_before_the_last_switch_completes_it_at_once():
     cli = linked_client()
-    cli.receive(Peer.S1, MAIN, MsgMigrate(3))
-    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD))
+    cli.receive(Peer.S1, MAIN, MsgMigrate(3), now=0.0)
+    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD), now=0.0)
     assert cli.s2_spoke() == []
-    cli.receive(Peer.S1, PORT, MsgMigrate(3))
-    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
+    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
     assert events(out)[-2:] == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
 
 
 def test_client_silent_s2_completes_when_the_grace_is_over():
     cli, _ = switched_client()
-    assert cli.confirmation_due() == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
-    assert cli.confirmation_due() == [] and cli.s2_spoke() == []  # late inputs change nothing
+    assert cli.get_timer() == CONFIRM_GRACE
+    assert cli.handle_timer(CONFIRM_GRACE - 0.001) == []
+    assert cli.handle_timer(CONFIRM_GRACE) == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
+    assert cli.get_timer() is None
+    assert cli.s1_let_go() == [] and cli.s2_spoke() == []  # late inputs change nothing
+
+
+def test_client_s1_letting_go_of_main_completes_before_the_grace_is_over():
+    cli, _ = switched_client()
+    assert cli.s1_let_go() == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
+    assert cli.get_timer() is None and cli.handle_timer(CONFIRM_GRACE) == []
+
+
+def test_client_s2_that_speaks_in_the_grace_stops_its_timer():
+    cli, _ = switched_client()
+    cli.s2_spoke()
+    assert cli.get_timer() is None
+
+
+def test_client_handshake_without_answer_in_time_is_a_connect_error():
+    cli = client()
+    cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
+    cli.s2_linked(MAIN, SERVER_CAPS, now=5.0)
+    assert cli.get_timer() == 5.0 + HANDSHAKE_TIMEOUT
+    assert cli.handle_timer(5.0 + HANDSHAKE_TIMEOUT) == [
+        Send(MAIN, MsgcMainMigrateConnectError(), Peer.S1), DropDestination(),
+    ]
+    assert cli.state is ClientState.IDLE and cli.get_timer() is None
+
+
+def test_client_handshake_answer_stops_its_timer():
+    cli = client()
+    cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
+    cli.s2_linked(MAIN, SERVER_CAPS, now=5.0)
+    cli.receive(Peer.S2, MAIN, MsgMainMigrateDstSeamlessAck())
+    assert cli.get_timer() is None
+
+
+def test_client_a_timer_needs_now_from_the_call_that_starts_it():
+    cli = client()
+    cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
+    with pytest.raises(LocalProtocolError):
+        cli.s2_linked(MAIN, SERVER_CAPS)
+
+
+def test_client_rollback_without_cancel_from_s1_in_time_loses_the_session():
+    cli, _ = switched_client()
+    cli.s2_failed(now=100.0)
+    assert cli.get_timer() == 100.0 + ROLLBACK_TIMEOUT
+    assert cli.handle_timer(100.0 + ROLLBACK_TIMEOUT - 1) == []
+    [lost] = cli.handle_timer(100.0 + ROLLBACK_TIMEOUT)
+    assert isinstance(lost, SessionLost) and cli.state is ClientState.LOST
+
+
+def test_client_cancel_from_s1_in_time_stops_the_rollback_timer():
+    cli, _ = switched_client()
+    cli.s2_failed(now=100.0)
+    cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel(), now=101.0)
+    assert cli.state is ClientState.IDLE and cli.get_timer() is None
 
 
 @pytest.mark.parametrize("when", ["port waiting for MIGRATE_DATA", "all switched"])
@@ -718,20 +814,20 @@ def test_client_s2_failure_returns_to_s1_and_resends_after_its_cancel(when):
     """Written to s2 before it confirmed, retained meanwhile: both go to s1 after its CANCEL, in
     that order, ahead of anything newer."""
     cli = linked_client()
-    cli.receive(Peer.S1, MAIN, MsgMigrate(3))
-    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD))
-    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    cli.receive(Peer.S1, MAIN, MsgMigrate(3), now=0.0)
+    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD), now=0.0)
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     if when == "all switched":
-        cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+        cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
         assert cli.send(PORT, MsgcSpicevmcData(b"to s2")) == [Send(PORT, MsgcSpicevmcData(b"to s2"), Peer.S2)]
-    out = cli.s2_failed()
+    out = cli.s2_failed(now=0.0)
     assert cli.state is ClientState.ROLLING_BACK
     switched_back = [SwitchChannel(MAIN, Peer.S1)] + ([SwitchChannel(PORT, Peer.S1)] if when == "all switched" else [])
     assert out == [*switched_back, AwaitRollback()]
     assert cli.send(PORT, MsgcSpicevmcData(b"held")) == []
     if when != "all switched":  # s1 still sends the port's MIGRATE_DATA: it is read and dropped
-        assert cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD)) == [DropMigrateData(PORT, SVMD)]
-    out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel())
+        assert cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0) == [DropMigrateData(PORT, SVMD)]
+    out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel(), now=0.0)
     resent = [MsgcSpicevmcData(b"to s2")] if when == "all switched" else []
     assert [ev for ev in out if isinstance(ev, Send)] == [
         Send(PORT, msg, Peer.S1) for msg in (*resent, MsgcSpicevmcData(b"held"))
@@ -745,16 +841,16 @@ def test_client_cancel_before_a_migrate_data_arrived_waits_to_drain_it():
     """s1's CANCEL can overtake the MIGRATE_DATA of another channel (another socket): the rollback
     ends only once that channel has read and dropped it; the channel's messages wait until then."""
     cli = linked_client()
-    cli.receive(Peer.S1, MAIN, MsgMigrate(3))
-    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD))
-    cli.receive(Peer.S1, PORT, MsgMigrate(3))
+    cli.receive(Peer.S1, MAIN, MsgMigrate(3), now=0.0)
+    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD), now=0.0)
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     cli.send(PORT, MsgcSpicevmcData(b"held"))
-    assert cli.s2_failed() == [SwitchChannel(MAIN, Peer.S1), AwaitRollback()]
-    out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel())
+    assert cli.s2_failed(now=0.0) == [SwitchChannel(MAIN, Peer.S1), AwaitRollback()]
+    out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel(), now=0.0)
     assert RolledBack() not in out
     assert cli.state is ClientState.ROLLING_BACK
     assert cli.send(PORT, MsgcSpicevmcData(b"more")) == []
-    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD))
+    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
     assert out[0] == DropMigrateData(PORT, SVMD)
     assert [ev for ev in out if isinstance(ev, Send)] == [
         Send(PORT, MsgcSpicevmcData(b"held"), Peer.S1), Send(PORT, MsgcSpicevmcData(b"more"), Peer.S1),
@@ -766,7 +862,7 @@ def test_client_s2_failure_after_it_confirmed_is_not_a_rollback():
     cli, _ = switched_client()
     cli.s2_spoke()
     with pytest.raises(LocalProtocolError):
-        cli.s2_failed()
+        cli.s2_failed(now=0.0)
 
 
 def test_client_refuses_owner_sent_migration_messages():
@@ -800,7 +896,7 @@ def test_svmd_with_three_pending_bytes_is_the_36_byte_vector():
 
 
 def test_svmd_with_nothing_pending_is_33_bytes_with_null_pointer():
-    assert SVMD == SVMD_ABC[:21] + bytes(12)
+    assert SVMD_ABC[:21] + bytes(12) == SVMD
 
 
 def test_svmd_parses_the_vector_pointing_into_the_body():
@@ -827,7 +923,7 @@ def test_svmd_invalid_bodies_are_codec_errors(body):
 
 
 def test_mnmd_without_agent_is_the_65_byte_empty_form():
-    assert MNMD == b"MNMD" + struct.pack("<II", 1, 1) + bytes(53)
+    assert b"MNMD" + struct.pack("<II", 1, 1) + bytes(53) == MNMD
 
 
 def test_mnmd_round_trips_agent_write_data_then_partial_header():
@@ -993,7 +1089,7 @@ class Simulation:
                     self.unread[channel].append(message)
                     continue
                 self.client_received.append((peer, channel, message))
-                self.client_outputs(self.client.receive(peer, channel, message))
+                self.client_outputs(self.client.receive(peer, channel, message, now=0.0))
                 if peer is Peer.S2 and channel == MAIN:  # as the client session does
                     self.client_outputs(self.client.s2_spoke())
 
@@ -1048,7 +1144,7 @@ class Simulation:
                         self.s2 = DestinationMigration(
                             item.connection_id, self.client_caps, seamless_enabled=self.s2_seamless
                         )
-                        self.client_outputs(self.client.s2_linked(MAIN, SERVER_CAPS))
+                        self.client_outputs(self.client.s2_linked(MAIN, SERVER_CAPS, now=0.0))
                     else:
                         self.s2_outputs(self.s2.channel_linked(channel))
                         self.client_outputs(self.client.s2_linked(channel))
@@ -1126,16 +1222,43 @@ ROLES = {
 }
 
 
+ROLE_INPUTS = {
+    ("source", "TABLE"): SourceInput,
+    ("source", "CHANNEL_TABLE"): [Sent(migrate) for migrate in Migrate],
+    ("destination", "TABLE"): [i for i in DestinationInput if "ATTACH" not in i.name and "WAIT" not in i.name],
+    ("destination", "CHANNEL_TABLE"): [i for i in DestinationInput if "ATTACH" in i.name or "WAIT" in i.name],
+    ("client", "TABLE"): ClientInput,
+    ("client", "CHANNEL_TABLE"): [*ClientChannelInput, *(Received(migrate) for migrate in Migrate)],
+}
+
+
+def test_table_inputs_carry_their_origin():
+    assert Received(MsgcMigrateFlushMark).origin is Origin.REMOTE
+    assert Sent(Migrate.NEED_FLUSH).origin is Origin.LOCAL
+    assert ClientInput.CONFIRMATION_DUE.origin is Origin.TIMER
+    assert Origin.TIMER.error is LocalProtocolError and Origin.REMOTE.error is RemoteProtocolError
+
+
+@pytest.mark.parametrize("flags", [4, 0x80000000])
+def test_migrate_flags_beyond_the_known_ones_are_the_senders_fault(flags):
+    with pytest.raises(RemoteProtocolError):
+        Migrate.of(flags, Origin.REMOTE)
+    with pytest.raises(LocalProtocolError):
+        Migrate.of(flags, Origin.LOCAL)
+
+
 @pytest.mark.parametrize("role", ROLES)
 def test_every_pair_missing_from_a_table_is_the_right_protocol_error(role):
+    """The input's origin decides: the peer's fault for what it sent, ours for the rest."""
     for table_name in ("TABLE", "CHANNEL_TABLE"):
         table = getattr(type(ROLES[role]()), table_name)
         states = next(iter(table))[0].__class__
-        for state, inp in itertools.product(states, {inp for _, inp in table}):
+        inputs = {inp for _, inp in table} | set(ROLE_INPUTS[role, table_name])
+        for state, inp in itertools.product(states, inputs):
             if (state, inp) in table:
                 continue
             machine = ROLES[role]()
-            expected = RemoteProtocolError if isinstance(inp, type) else LocalProtocolError
+            expected = inp.origin.error
             with pytest.raises(expected):
                 if table_name == "TABLE":
                     machine.state = state
@@ -1171,13 +1294,20 @@ DESTINATION_CALLS = st.one_of(
     st.tuples(st.just("channel_linked"), st.just(PORT)),
     st.tuples(st.just("receive"), channel_st, st.sampled_from(CLIENT_TO_SERVER)),
 )
+NOW = {"now": 0.0}  # the calls that may start a client timer
 CLIENT_CALLS = st.one_of(
-    st.tuples(st.just("receive"), st.just(Peer.S1), channel_st, st.sampled_from(S1_TO_CLIENT)),
-    st.tuples(st.just("receive"), st.just(Peer.S2), channel_st, st.sampled_from(S2_TO_CLIENT)),
-    st.tuples(st.just("s2_linked"), channel_st, st.sampled_from([(), SERVER_CAPS])),
+    st.tuples(st.just("receive"), st.just(Peer.S1), channel_st, st.sampled_from(S1_TO_CLIENT), st.just(NOW)),
+    st.tuples(st.just("receive"), st.just(Peer.S2), channel_st, st.sampled_from(S2_TO_CLIENT), st.just(NOW)),
+    st.tuples(st.just("s2_linked"), channel_st, st.sampled_from([(), SERVER_CAPS]), st.just(NOW)),
     st.tuples(st.just("s2_link_failed"), channel_st),
+    st.tuples(st.just("s2_failed"), st.just(NOW)),
+    st.tuples(st.just("s2_spoke")),
+    st.tuples(st.just("s1_let_go")),
+    st.tuples(st.just("not_migrate_data"), channel_st),
+    st.tuples(st.just("handle_timer"), now_st),
     st.tuples(st.just("send"), channel_st, st.sampled_from([MsgcSpicevmcData(b"x"), MsgcMigrateFlushMark()])),
 )
+OUTPUTS = {"source": SourceOutput, "destination": DestinationOutput, "client": ClientOutput}
 
 
 @settings(max_examples=400, deadline=None)
@@ -1189,11 +1319,94 @@ CLIENT_CALLS = st.one_of(
     )
 )
 def test_any_sequence_of_inputs_yields_outputs_or_a_protocol_error_never_a_crash(role_calls):
+    """Outputs of the role's own union until a call raises; after that every call is refused."""
     role, calls = role_calls
     machine = ROLES[role]()
+    failed = False
     for name, *args in calls:
+        kwargs = args.pop() if args and isinstance(args[-1], dict) else {}
         try:
-            out = getattr(machine, name)(*args)
-        except ProtocolError:
-            continue  # the owner closes that connection; the machine stays consistent for the rest
-        assert all(dataclasses.is_dataclass(item) for item in out)
+            out = getattr(machine, name)(*args, **kwargs)
+        except ProtocolError as err:
+            assert not failed or (isinstance(err, LocalProtocolError) and "already failed" in str(err))
+            failed = True
+            assert machine.failed and getattr(machine, "get_timer", lambda: None)() is None
+            continue
+        assert not failed
+        assert all(isinstance(item, OUTPUTS[role]) for item in out)
+
+
+# --- a role that raised has failed for good (as h11's ERROR state) --------------------------------
+
+
+def test_source_that_raised_refuses_every_later_input():
+    src = connected_source()
+    src.finish(now=1.0)
+    with pytest.raises(RemoteProtocolError):
+        src.receive(MAIN, MsgcMigrateFlushMark())  # MAIN flushes, but twice is too many
+        src.receive(MAIN, MsgcMigrateFlushMark())
+    assert src.failed and isinstance(src.error, RemoteProtocolError)
+    assert src.get_timer() is None and not src.can_roll_back and not src.allows(SourceInput.CANCEL)
+    for call in (lambda: src.handle_timer(100.0), src.client_disconnected, src.cancel,
+                 lambda: src.receive(PORT, MsgcSpicevmcData(b"x"))):
+        with pytest.raises(LocalProtocolError, match="already failed"):
+            call()
+
+
+def test_destination_that_raised_refuses_every_later_input():
+    dst = seamless_destination()
+    with pytest.raises(RemoteProtocolError):
+        dst.receive(PORT, MsgcMigrateData(b"junk"))
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        dst.receive(PORT, MsgcMigrateData(SVMD))
+
+
+def test_client_that_raised_refuses_every_later_input_and_stops_its_timers():
+    cli, _ = switched_client()
+    assert cli.get_timer() is not None
+    with pytest.raises(RemoteProtocolError):
+        cli.receive(Peer.S2, MAIN, DEFAULT_MAIN_INIT)  # s2 has no MAIN_INIT to send after a seamless switch
+    assert cli.failed and cli.get_timer() is None
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        cli.send(PORT, MsgcSpicevmcData(b"x"))
+
+
+def test_a_local_error_fails_the_role_too():
+    cli = client()
+    with pytest.raises(LocalProtocolError):
+        cli.send(PORT, MsgcMigrateFlushMark())
+    with pytest.raises(LocalProtocolError, match="already failed"):
+        cli.send(PORT, MsgcSpicevmcData(b"x"))
+
+
+def test_source_flags_beyond_the_known_ones_are_refused():
+    with pytest.raises(LocalProtocolError):
+        SourceMigration([PORT], SEAMLESS_CLIENT, channel_flags={PORT: 4})
+
+
+def test_source_migrate_data_streamed_by_the_owner_is_the_same_step_as_sending_it():
+    src = connected_source()
+    src.finish(now=1.0)
+    for channel, body in ((MAIN, MNMD), (PORT, None)):
+        src.receive(channel, MsgcMigrateFlushMark())
+        if body is None:
+            assert src.migrate_data_streamed(channel) == []
+        else:
+            src.send(channel, MsgMigrateData(body))
+    assert src.state is SourceState.WAIT_DISCONNECT
+    with pytest.raises(LocalProtocolError):
+        src.migrate_data_streamed(PORT)  # once only
+
+
+def test_source_migrate_data_streamed_before_it_is_due_is_a_local_error():
+    src = connected_source()
+    src.finish(now=1.0)
+    with pytest.raises(LocalProtocolError):
+        src.migrate_data_streamed(PORT)
+
+
+def test_source_client_may_leave_in_any_state():
+    for state in SourceState:
+        src = source()
+        src.state = state
+        assert src.client_disconnected() == [] and src.state is SourceState.DONE and src.get_timer() is None

@@ -42,7 +42,10 @@ from spicewire.protocol.framing import (
 )
 from spicewire.protocol.link import LinkEstablished
 from spicewire.protocol.migration import (
+    CONFIRM_GRACE,
+    HANDSHAKE_TIMEOUT,
     MAIN,
+    ROLLBACK_TIMEOUT,
     AwaitConfirmation,
     AwaitRollback,
     ClientMigration,
@@ -57,6 +60,7 @@ from spicewire.protocol.migration import (
     ResetChannels,
     RolledBack,
     Send,
+    SessionLost,
     SwitchChannel,
     SwitchHost,
 )
@@ -64,13 +68,6 @@ from spicewire.protocol.migration import (
 log = logging.getLogger(__name__)
 
 RELAY_CHUNK = 1 << 20
-HANDSHAKE_TIMEOUT = 10.0  # spice-gtk has none; s1 gives up after its own 10 s anyway (7.6)
-# After the last switch, s1's sockets are kept until s2's main speaks (ours and spice-server both send
-# MULTI_MEDIA_TIME once every channel is restored), s1 lets go of main, or this long.
-CONFIRM_GRACE = 10.0
-# s2 failed mid-migration: how long to wait on s1's sockets for its MIGRATE_CANCEL. Our s1 rolls
-# back as soon as it learns s2 failed, at the latest at its own migration timeout.
-ROLLBACK_TIMEOUT = 60.0
 _FINAL = (ClientState.IDLE, ClientState.MIGRATED, ClientState.HOST_SWITCHED)
 _CAN_ROLL_BACK = (ClientState.CONNECTED_SEAMLESS, ClientState.CONFIRMING, ClientState.ROLLING_BACK)
 
@@ -136,7 +133,11 @@ class MigrationDriver:
 
     def __init__(self, session, channels, server_main_caps) -> None:
         self.session = session
-        self.machine = ClientMigration(session.session_id, channels, server_main_caps)
+        # The deadlines are the machine's; they are read here at each start so that tests can shorten them.
+        self.machine = ClientMigration(
+            session.session_id, channels, server_main_caps, handshake_timeout=HANDSHAKE_TIMEOUT,
+            confirm_grace=CONFIRM_GRACE, rollback_timeout=ROLLBACK_TIMEOUT,
+        )
         self.report = _Report()
         self.finished = False
         self._t0 = time.monotonic()
@@ -148,7 +149,7 @@ class MigrationDriver:
         self._migrate_at: dict[tuple, float] = {}
         self._result = "cancelled"
         self._s2_broken: str | None = None  # a relay into s2 failed; the machine hears of it next
-        self._timer: gevent.Greenlet | None = None  # confirmation grace or rollback wait
+        self._timer: gevent.Greenlet | None = None  # armed from machine.get_timer() after every run
         self._watcher: gevent.Greenlet | None = None  # reads s1's main once main is on s2
         self._back_on_s1 = gevent.event.Event()  # s2 failed and every channel reads s1 again
         self._handlers = {
@@ -156,7 +157,7 @@ class MigrationDriver:
             ResetChannels: self._reset, SwitchChannel: self._switch, CloseSource: self._close_source,
             MigrationCompleted: self._completed, SwitchHost: self._switch_host,
             AwaitConfirmation: self._await_confirmation, AwaitRollback: self._await_rollback,
-            DropMigrateData: self._drop_migrate_data, RolledBack: self._rolled_back,
+            DropMigrateData: self._drop_migrate_data, RolledBack: self._rolled_back, SessionLost: self._lost,
         }
 
     @property
@@ -170,7 +171,7 @@ class MigrationDriver:
             self._migrate_at[key] = time.monotonic()
         elif isinstance(msg, m.MsgMainMigrateEnd):  # semi-seamless: every channel moves from here
             self._migrate_at.update(dict.fromkeys(self.machine.channels, time.monotonic()))
-        self._run(self.machine.receive, peer, key, msg)
+        self._run(self.machine.receive, peer, key, msg, now=time.monotonic())
 
     def send(self, ch, msg: m.Message) -> None:
         """An application (or channel) message; the caller holds ``ch.write_lock``."""
@@ -198,7 +199,8 @@ class MigrationDriver:
         self._relays[ch.key] = done = gevent.event.Event()
         try:
             with ch.write_lock:  # app writes routed to s2 from now on wait for the relay
-                self._run(self.machine.receive, Peer.S1, ch.key, m.MsgMigrateData(StreamedBody(size, first, s1)))
+                body = StreamedBody(size, first, s1)
+                self._run(self.machine.receive, Peer.S1, ch.key, m.MsgMigrateData(body), now=time.monotonic())
         except OSError as err:  # s1 went away mid-relay: the session cannot go on
             self.report.errors.append(f"{channel_name(ch.key)}: MIGRATE_DATA relay: {err}")
             self.finish("failed")
@@ -214,30 +216,26 @@ class MigrationDriver:
             raise RemoteProtocolError(f"{size}-byte message type {msg_type} where MIGRATE_DATA must follow MIGRATE")
         end = header_size + size
         _recv_until(ch.sock, pending, end, f"s1 closed {channel_name(ch.key)} inside a message")
-        cls = m.lookup(ch.key[0], m.S2C, msg_type)
-        try:
-            offender = cls.decode(bytes(pending[header_size:end])) if cls else None
-        except SpiceError:
-            offender = None
-        try:
-            # The machine only needs to see that it is not MIGRATE_DATA; MIGRATE stands in for
-            # a message that does not decode.
-            self.machine.receive(Peer.S1, ch.key, offender or m.MsgMigrate(0))
-        except ProtocolError as err:
-            log.error("%s: message type %d: %s", channel_name(ch.key), msg_type, err)
-            self.report.errors.append(f"{channel_name(ch.key)}: message type {msg_type}: {err}")
+        what = f"{channel_name(ch.key)}: message type {msg_type} where MIGRATE_DATA must follow MIGRATE (dropped)"
+        log.error("%s", what)
+        self.report.errors.append(what)
+        self._run(self.machine.not_migrate_data, ch.key)
         conn.passed_through()
         for msg in conn.resume(pending[end:]):
             self.session.on_message(ch, msg)
 
     # --- running the machine -------------------------------------------------------------------
 
-    def _run(self, fn, *args) -> None:
+    def _run(self, fn, *args, **kwargs) -> None:
         try:
-            events = fn(*args)
+            events = fn(*args, **kwargs)
         except ProtocolError as err:
-            log.error("migration: %s", err)
+            # The machine has failed for good: the migration ends here, where each channel stands.
+            whose = "the servers broke" if isinstance(err, RemoteProtocolError) else "we broke"
+            log.error("migration failed, %s the protocol: %s", whose, err)
             self.report.errors.append(str(err))
+            self.close()
+            self.finish("failed")
             return
         self.execute(events)
 
@@ -250,6 +248,21 @@ class MigrationDriver:
         if not self.finished and self.machine.state is ClientState.IDLE:
             # Asked of the machine, not of the events: a nested run may get here first.
             self.finish("rolled-back" if self.machine.rolled_back else self._result)
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        _kill(self._timer)
+        self._timer = None
+        deadline = self.machine.get_timer()
+        if deadline is not None and not self.finished:
+            self._timer = gevent.spawn_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now, deadline = time.monotonic(), self.machine.get_timer()
+        if self.machine.state is ClientState.HANDSHAKE and deadline is not None and now >= deadline:
+            self.report.errors.append(f"seamless handshake: s2 main did not answer within {HANDSHAKE_TIMEOUT:g} s")
+        self._run(self.machine.handle_timer, now)
 
     def s2_spoke(self) -> None:
         """s2's main channel said something after main switched to it."""
@@ -264,7 +277,7 @@ class MigrationDriver:
             log.warning("migration: s2 failed (%s); back to s1", reason)
             self.report.errors.append(f"s2 failed: {reason}")
             try:
-                self._run(self.machine.s2_failed)
+                self._run(self.machine.s2_failed, now=time.monotonic())
             finally:
                 self._back_on_s1.set()
         return True
@@ -341,18 +354,18 @@ class MigrationDriver:
             return
         self._parked[key] = _Parked(sock, est, MessageWriter(est.send_mini_header))
         if key == MAIN:
-            self._run(self.machine.s2_linked, MAIN, est.channel_caps)
+            self._run(self.machine.s2_linked, MAIN, est.channel_caps, now=time.monotonic())
             if self.machine.state is ClientState.HANDSHAKE:
                 self._greenlets.spawn(self._handshake, attempt)
         else:
             self._run(self.machine.s2_linked, key)
 
     def _handshake(self, attempt: int) -> None:
-        """5.2 step 4: s2 main answers DST_DO_SEAMLESS; anything else is logged and dropped."""
+        """5.2 step 4: s2 main answers DST_DO_SEAMLESS; anything else is logged and dropped. The
+        machine's handshake timer ends the wait (DropDestination kills this greenlet)."""
         parked = self._parked[MAIN]
         reader = MessageReader(parked.established.expect_mini_header)
         reader.feed(parked.established.trailing)
-        parked.sock.settimeout(HANDSHAKE_TIMEOUT)
         try:
             for raw in _messages(parked.sock, reader):
                 cls = m.lookup(ChannelType.MAIN, m.S2C, raw.type)
@@ -366,8 +379,6 @@ class MigrationDriver:
                 self.report.errors.append(f"seamless handshake: {err}")
                 self._run(self.machine.s2_link_failed, MAIN)
             return
-        finally:
-            parked.sock.settimeout(None)
         parked.established = dataclasses.replace(parked.established, trailing=reader.take_buffered())
         if attempt == self._attempt:
             self._run(self.machine.receive, Peer.S2, MAIN, cls())
@@ -434,10 +445,10 @@ class MigrationDriver:
                         self._run(self.machine.receive, Peer.S1, MAIN, m.MsgMainMigrateCancel())
                     return
                 log.warning("dropping message type %d from s1 main after main switched", raw.type)
-        except (OSError, SpiceError):
-            pass
+        except (OSError, SpiceError) as err:  # a broken or garbled s1 main is s1 letting go too
+            log.info("s1 main after main switched: %s", err)
         self._watcher = None
-        self._run(self.machine.confirmation_due)  # s1 let go: nothing to go back to
+        self._run(self.machine.s1_let_go)  # nothing to go back to
 
     def _stop_watching(self) -> None:
         watcher, self._watcher = self._watcher, None
@@ -468,21 +479,15 @@ class MigrationDriver:
             self._relays[ch.key].set()  # before any CloseSource later in this run waits for it
 
     def _await_confirmation(self, ev: AwaitConfirmation) -> None:
-        self._start_timer(CONFIRM_GRACE, self.machine.confirmation_due)
+        log.debug("every channel is on s2; s1's sockets stay until s2 speaks or the grace is over")
 
     def _await_rollback(self, ev: AwaitRollback) -> None:
-        self._start_timer(ROLLBACK_TIMEOUT, self._rollback_timed_out)
+        log.debug("back on s1's sockets, waiting for its MIGRATE_CANCEL")
 
-    def _start_timer(self, seconds: float, fn) -> None:
-        _kill(self._timer)
-        self._timer = gevent.spawn_later(seconds, self._run, fn)
-
-    def _rollback_timed_out(self) -> list:
-        if self.machine.state is ClientState.ROLLING_BACK:
-            self.report.errors.append(f"s1 did not take the session back within {ROLLBACK_TIMEOUT:g} s")
-            self.finish("failed")
-            gevent.spawn(self.session.close)
-        return []
+    def _lost(self, ev: SessionLost) -> None:
+        self.report.errors.append(ev.reason)
+        self.finish("failed")
+        gevent.spawn(self.session.close)
 
     def _drop_migrate_data(self, ev: DropMigrateData) -> None:
         body = ev.data

@@ -118,19 +118,17 @@ class SessionSource:
 
     def cancel(self, reason: str) -> None:
         self.error = reason
-        try:
+        # Nothing to cancel once post-migration has begun (that is a rollback) or the machine failed.
+        if self.machine.allows(mig.SourceInput.CANCEL):
             self._apply(self.machine.cancel())
-        except ProtocolError:
-            pass  # nothing to cancel in this state
         self.detach()
         self.resume_devices()
 
     @property
     def can_roll_back(self) -> bool:
-        """Every MIGRATE_DATA has gone out (so no FLUSH_MARK can come after a CANCEL) and the client
-        still holds its connections here."""
-        return (self.machine.mode is mig.MigrationMode.SEAMLESS and not self.finished.is_set()
-                and self.machine.state is mig.SourceState.WAIT_DISCONNECT and self.session.main is not None)
+        """The protocol allows it (SourceMigration.can_roll_back) and the client still holds its
+        connections here."""
+        return self.machine.can_roll_back and not self.finished.is_set() and self.session.main is not None
 
     def roll_back(self, reason: str) -> None:
         """s2 failed before it had the session: resume it here as it was at SPICE_MSG_MIGRATE (the
@@ -168,11 +166,10 @@ class SessionSource:
         if self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS and "migrate_sent" in self.times:
             # Whatever the client still wrote until it left is dropped as well.
             self.dropped = max(self.dropped, self.session.in_flight)
-        try:
+        if self.error is None and not self.connected.ready():
+            self.error = "the client disconnected before answering"
+        if not self.machine.failed:
             self._apply(self.machine.client_disconnected())
-        except ProtocolError:
-            if self.error is None and not self.connected.ready():
-                self.error = "the client disconnected before answering"
         self.detach()
 
     @property
@@ -188,7 +185,12 @@ class SessionSource:
     # --- the machine's outputs ---------------------------------------------------------------
 
     def _intercept(self, channel: mig.Channel, msg: m.Message) -> bool:
-        self._apply(self.machine.receive(channel, msg))  # raises for anything after FLUSH_MARK
+        try:
+            outputs = self.machine.receive(channel, msg)  # raises for anything after FLUSH_MARK
+        except ProtocolError:
+            self._arm_timer()  # the machine failed: it has no deadline left
+            raise
+        self._apply(outputs)
         return isinstance(msg, _SOURCE_MESSAGES)
 
     def _apply(self, outputs: list) -> None:
@@ -244,10 +246,11 @@ class SessionSource:
             body = b"".join(piece.tobytes() for piece in writer.segments())
             self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
             return
-        self.machine.send(channel, m.MsgMigrateData(b""))  # the transition; the body is streamed
+        outputs = self.machine.migrate_data_streamed(channel)
         header = ch.send_streamed(Msg.MIGRATE_DATA, writer.size)  # with what was queued before it
         segments = pipelined_segments(writer, self.pack_buffers)
         conn.transport.send_stream(header, segments, len(header) + writer.size)
+        self._apply(outputs)
 
     def _arm_timer(self) -> None:
         deadline = self.machine.get_timer()

@@ -3,13 +3,13 @@ and the rollback spicewire adds."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from enum import Enum, auto
 from typing import ClassVar
 
 from spicewire.errors import LocalProtocolError, RemoteProtocolError
 from spicewire.protocol.caps import has_cap
-from spicewire.protocol.enums import MIGRATE_FLAGS_MASK, MainCap
+from spicewire.protocol.enums import MainCap
 from spicewire.protocol.messages import (
     Message,
     MigrationDstInfo,
@@ -34,20 +34,27 @@ from spicewire.protocol.messages import (
 from spicewire.protocol.migration.events import (
     AwaitConfirmation,
     AwaitRollback,
+    ClientChannelInput,
+    ClientInput,
+    ClientOutput,
     CloseSource,
     DropDestination,
     DropMigrateData,
     LinkDestination,
+    Migrate,
     MigrationCompleted,
+    Origin,
     Peer,
+    Received,
     ResetChannels,
     RolledBack,
     Send,
+    SessionLost,
     SwitchChannel,
     SwitchHost,
 )
 from spicewire.protocol.migration.rules import MAIN, Channel, MigrationMode
-from spicewire.protocol.migration.table import _migrate_input, _Role
+from spicewire.protocol.migration.table import Table, _Role, entry
 
 
 class ClientState(Enum):
@@ -63,6 +70,7 @@ class ClientState(Enum):
     CONFIRMING = auto()  # seamless: every channel on s2; s1's sockets are kept until s2's main speaks
     ROLLING_BACK = auto()  # s2 failed before it confirmed: back on s1's sockets, waiting for its CANCEL
     MIGRATED = auto()  # final: a next migration needs a new machine, with s2 as its s1
+    LOST = auto()  # final: rolling back, s1 never took the session back
     HOST_SWITCHED = auto()  # final: a new session on the new host
 
 
@@ -76,8 +84,21 @@ class ClientChannelState(Enum):
 
 _C, _CC = ClientState, ClientChannelState
 _PRE_MIGRATION = (_C.LINKING_MAIN, _C.LINKING_MAIN_SEAMLESS, _C.HANDSHAKE, _C.LINKING, _C.LINKING_SEAMLESS)
-_S2_MAIN_WITH_CAP = "s2 main linked (SEAMLESS_MIGRATE)"
-_END_FROM_OLD_SERVER = "MAIN_MIGRATE_END from a server without SEMI_SEAMLESS_MIGRATE"
+_I, _CI = ClientInput, ClientChannelInput
+(_BEGIN, _BEGIN_SEAMLESS, _CANCEL, _END, _SWITCH_HOST, _ACK, _NACK, _MAIN_INIT, _MIGRATE_DATA) = (
+    Received(kind) for kind in (
+        MsgMainMigrateBegin, MsgMainMigrateBeginSeamless, MsgMainMigrateCancel, MsgMainMigrateEnd,
+        MsgMainMigrateSwitchHost, MsgMainMigrateDstSeamlessAck, MsgMainMigrateDstSeamlessNack, MsgMainInit,
+        MsgMigrateData,
+    )
+)
+HANDSHAKE_TIMEOUT = 10.0  # spice-gtk has none; s1 gives up after its own 10 s anyway (7.6)
+CONFIRM_GRACE = 10.0
+"""After the last switch, s1's sockets are kept until s2's main speaks (ours and spice-server both
+send MULTI_MEDIA_TIME once every channel is restored), s1 lets go of main, or this long."""
+ROLLBACK_TIMEOUT = 60.0
+"""s2 failed mid-migration: how long to wait on s1's sockets for its MIGRATE_CANCEL. Our s1 rolls
+back as soon as it learns s2 failed, at the latest at its own migration timeout."""
 # Messages only the machine writes, so their order cannot be broken from outside.
 _CLIENT_MACHINE_ONLY = (
     MsgcMigrateFlushMark, MsgcMigrateData, MsgcMainMigrateConnected, MsgcMainMigrateConnectedSeamless,
@@ -92,81 +113,101 @@ _S1_SESSION_INPUTS = (
 class ClientMigration(_Role):
     """The client (spice-gtk's behaviour, 5.2-5.6) for one session."""
 
-    TABLE: ClassVar[Mapping[tuple, tuple]] = {
+    TABLE: ClassVar[Table] = {
         # 5.2: pre-migration
-        (_C.IDLE, MsgMainMigrateBegin): (_C.LINKING_MAIN, "_link_main"),
-        (_C.IDLE, MsgMainMigrateBeginSeamless): (_C.LINKING_MAIN_SEAMLESS, "_link_main"),
-        (_C.LINKING_MAIN, "s2 main linked"): (_C.LINKING, "_link_others"),
-        (_C.LINKING_MAIN, _S2_MAIN_WITH_CAP): (_C.LINKING, "_link_others"),
-        (_C.LINKING_MAIN_SEAMLESS, "s2 main linked"): (_C.LINKING, "_link_others"),  # not seamless, unasked
-        (_C.LINKING_MAIN_SEAMLESS, _S2_MAIN_WITH_CAP): (_C.HANDSHAKE, "_do_seamless"),
-        (_C.HANDSHAKE, "s2 linked"): (_C.HANDSHAKE, None),
-        (_C.HANDSHAKE, MsgMainMigrateDstSeamlessAck): (_C.LINKING_SEAMLESS, "_check_all_linked"),
-        (_C.HANDSHAKE, MsgMainMigrateDstSeamlessNack): (_C.LINKING, "_check_all_linked"),
-        (_C.LINKING, "s2 linked"): (_C.LINKING, None),
-        (_C.LINKING_SEAMLESS, "s2 linked"): (_C.LINKING_SEAMLESS, None),
-        (_C.LINKING, "all linked"): (_C.CONNECTED, "_send_connected"),
-        (_C.LINKING_SEAMLESS, "all linked"): (_C.CONNECTED_SEAMLESS, "_send_connected"),
-        **{(state, "s2 link failed"): (_C.IDLE, "_connect_error") for state in _PRE_MIGRATION},
-        **{(state, MsgMainMigrateCancel): (_C.IDLE, "_abort")
+        (_C.IDLE, _BEGIN): (_C.LINKING_MAIN, "_link_main"),
+        (_C.IDLE, _BEGIN_SEAMLESS): (_C.LINKING_MAIN_SEAMLESS, "_link_main"),
+        (_C.LINKING_MAIN, _I.S2_MAIN_LINKED): (_C.LINKING, "_link_others"),
+        (_C.LINKING_MAIN, _I.S2_MAIN_LINKED_SEAMLESS): (_C.LINKING, "_link_others"),
+        (_C.LINKING_MAIN_SEAMLESS, _I.S2_MAIN_LINKED): (_C.LINKING, "_link_others"),  # not seamless, unasked
+        (_C.LINKING_MAIN_SEAMLESS, _I.S2_MAIN_LINKED_SEAMLESS): (_C.HANDSHAKE, "_do_seamless"),
+        (_C.HANDSHAKE, _I.S2_LINKED): (_C.HANDSHAKE, None),
+        (_C.HANDSHAKE, _ACK): (_C.LINKING_SEAMLESS, "_check_all_linked"),
+        (_C.HANDSHAKE, _NACK): (_C.LINKING, "_check_all_linked"),
+        (_C.LINKING, _I.S2_LINKED): (_C.LINKING, None),
+        (_C.LINKING_SEAMLESS, _I.S2_LINKED): (_C.LINKING_SEAMLESS, None),
+        (_C.LINKING, _I.ALL_LINKED): (_C.CONNECTED, "_send_connected"),
+        (_C.LINKING_SEAMLESS, _I.ALL_LINKED): (_C.CONNECTED_SEAMLESS, "_send_connected"),
+        **{(state, _I.S2_LINK_FAILED): (_C.IDLE, "_connect_error") for state in _PRE_MIGRATION},
+        **{(state, _CANCEL): (_C.IDLE, "_abort")
            for state in (*_PRE_MIGRATION, _C.CONNECTED, _C.CONNECTED_SEAMLESS)},
         # 5.3: semi-seamless
-        (_C.CONNECTED, MsgMainMigrateEnd): (_C.WAIT_MAIN_INIT, "_switch_main"),
-        (_C.CONNECTED, _END_FROM_OLD_SERVER): (_C.CONNECTED, None),  # spice-gtk ignores it
-        (_C.WAIT_MAIN_INIT, MsgMainInit): (_C.MIGRATED, "_switch_others"),
+        (_C.CONNECTED, _END): (_C.WAIT_MAIN_INIT, "_switch_main"),
+        (_C.CONNECTED, _I.END_FROM_OLD_SERVER): (_C.CONNECTED, None),  # spice-gtk ignores it
+        (_C.WAIT_MAIN_INIT, _MAIN_INIT): (_C.MIGRATED, "_switch_others"),
         # 5.4: seamless, the channel table does the work
-        (_C.CONNECTED_SEAMLESS, MsgMigrate): (_C.CONNECTED_SEAMLESS, "_channel_input"),
-        (_C.CONNECTED_SEAMLESS, MsgMigrateData): (_C.CONNECTED_SEAMLESS, "_channel_input"),
-        (_C.CONNECTED_SEAMLESS, "all switched"): (_C.CONFIRMING, "_await_confirmation"),
-        (_C.CONNECTED_SEAMLESS, "s2 spoke"): (_C.CONNECTED_SEAMLESS, "_note_s2_spoke"),
-        (_C.CONFIRMING, "s2 spoke"): (_C.MIGRATED, "_seamless_done"),
-        (_C.CONFIRMING, "confirmation due"): (_C.MIGRATED, "_seamless_done"),
+        **{(_C.CONNECTED_SEAMLESS, Received(migrate)): (_C.CONNECTED_SEAMLESS, "_channel_input")
+           for migrate in Migrate},
+        (_C.CONNECTED_SEAMLESS, _MIGRATE_DATA): (_C.CONNECTED_SEAMLESS, "_channel_input"),
+        (_C.CONNECTED_SEAMLESS, _I.ALL_SWITCHED): (_C.CONFIRMING, "_await_confirmation"),
+        (_C.CONNECTED_SEAMLESS, _I.S2_SPOKE): (_C.CONNECTED_SEAMLESS, "_note_s2_spoke"),
+        (_C.CONFIRMING, _I.S2_SPOKE): (_C.MIGRATED, "_seamless_done"),
+        (_C.CONFIRMING, _I.CONFIRMATION_DUE): (_C.MIGRATED, "_seamless_done"),
+        (_C.CONFIRMING, _I.S1_LET_GO): (_C.MIGRATED, "_seamless_done"),
         # Not in spice-gtk: s2 fails before it confirmed. While s1 still holds the session (our s1
         # keeps it until s2 reports it restored) the client goes back to s1's sockets; s1 answers
         # with MIGRATE_CANCEL once it has resumed the session, and what was retained or written to
         # s2 meanwhile goes to s1 (at least once). Without that CANCEL the session ends.
-        (_C.CONNECTED_SEAMLESS, "s2 failed"): (_C.ROLLING_BACK, "_return_to_s1"),
-        (_C.CONFIRMING, "s2 failed"): (_C.ROLLING_BACK, "_return_to_s1"),
-        (_C.ROLLING_BACK, "s2 failed"): (_C.ROLLING_BACK, None),
-        (_C.ROLLING_BACK, MsgMainMigrateCancel): (_C.ROLLING_BACK, "_s1_took_back"),
-        (_C.ROLLING_BACK, "all back"): (_C.IDLE, "_rolled_back"),
-        (_C.ROLLING_BACK, MsgMigrateData): (_C.ROLLING_BACK, "_channel_input"),
+        (_C.CONNECTED_SEAMLESS, _I.S2_FAILED): (_C.ROLLING_BACK, "_return_to_s1"),
+        (_C.CONFIRMING, _I.S2_FAILED): (_C.ROLLING_BACK, "_return_to_s1"),
+        (_C.ROLLING_BACK, _I.S2_FAILED): (_C.ROLLING_BACK, None),
+        (_C.ROLLING_BACK, _CANCEL): (_C.ROLLING_BACK, "_s1_took_back"),
+        (_C.ROLLING_BACK, _I.ALL_BACK): (_C.IDLE, "_rolled_back"),
+        (_C.ROLLING_BACK, _MIGRATE_DATA): (_C.ROLLING_BACK, "_channel_input"),
+        (_C.ROLLING_BACK, _I.ROLLBACK_TIMEOUT): (_C.LOST, "_lost"),
+        # s2 main said neither ACK nor NACK in time: as a failed link
+        (_C.HANDSHAKE, _I.HANDSHAKE_TIMEOUT): (_C.IDLE, "_connect_error"),
         # 5.6: switch host, whenever s1 gives up on s2
-        **{(state, MsgMainMigrateSwitchHost): (_C.HOST_SWITCHED, "_switch_host")
+        **{(state, _SWITCH_HOST): (_C.HOST_SWITCHED, "_switch_host")
            for state in (_C.IDLE, *_PRE_MIGRATION, _C.CONNECTED)},
     }
 
-    CHANNEL_TABLE: ClassVar[Mapping[tuple, tuple]] = {
+    CHANNEL_TABLE: ClassVar[Table] = {
         # 5.4: per channel, SPICE_MSG_MIGRATE from s1
-        (_CC.ON_S1, "MIGRATE"): (_CC.ON_S2, "_switch"),
-        (_CC.ON_S1, "MIGRATE(NEED_FLUSH)"): (_CC.ON_S2, "_flush_and_switch"),
-        (_CC.ON_S1, "MIGRATE(NEED_DATA_TRANSFER)"): (_CC.WAIT_MIGRATE_DATA, None),
-        (_CC.ON_S1, "MIGRATE(NEED_FLUSH|NEED_DATA_TRANSFER)"): (_CC.WAIT_MIGRATE_DATA, "_flush_mark"),
-        (_CC.WAIT_MIGRATE_DATA, MsgMigrateData): (_CC.ON_S2, "_switch_with_data"),
+        (_CC.ON_S1, Received(Migrate.PLAIN)): (_CC.ON_S2, "_switch"),
+        (_CC.ON_S1, Received(Migrate.NEED_FLUSH)): (_CC.ON_S2, "_flush_and_switch"),
+        (_CC.ON_S1, Received(Migrate.NEED_DATA_TRANSFER)): (_CC.WAIT_MIGRATE_DATA, None),
+        (_CC.ON_S1, Received(Migrate.NEED_FLUSH_AND_DATA_TRANSFER)): (_CC.WAIT_MIGRATE_DATA, "_flush_mark"),
+        (_CC.WAIT_MIGRATE_DATA, _MIGRATE_DATA): (_CC.ON_S2, "_switch_with_data"),
+        # 5.4 step 2: anything else is dropped and the switch of that channel is aborted; what it
+        # retained meanwhile goes to s1 with its next send()
+        (_CC.WAIT_MIGRATE_DATA, _CI.NOT_MIGRATE_DATA): (_CC.ON_S1, None),
         # rolling back
-        (_CC.ON_S1, "return"): (_CC.HELD, None),
-        (_CC.ON_S2, "return"): (_CC.HELD, "_switch_back"),
-        (_CC.WAIT_MIGRATE_DATA, "return"): (_CC.WAIT_MIGRATE_DATA, None),
-        (_CC.HELD, "return"): (_CC.HELD, None),
-        (_CC.WAIT_MIGRATE_DATA, "MIGRATE_DATA for nobody"): (_CC.HELD, "_drop_migrate_data"),
-        (_CC.HELD, "resume"): (_CC.ON_S1, "_release"),
-        (_CC.WAIT_MIGRATE_DATA, "resume"): (_CC.WAIT_MIGRATE_DATA, None),
+        (_CC.ON_S1, _CI.RETURN): (_CC.HELD, None),
+        (_CC.ON_S2, _CI.RETURN): (_CC.HELD, "_switch_back"),
+        (_CC.WAIT_MIGRATE_DATA, _CI.RETURN): (_CC.WAIT_MIGRATE_DATA, None),
+        (_CC.HELD, _CI.RETURN): (_CC.HELD, None),
+        (_CC.WAIT_MIGRATE_DATA, _CI.MIGRATE_DATA_FOR_NOBODY): (_CC.HELD, "_drop_migrate_data"),
+        (_CC.HELD, _CI.RESUME): (_CC.ON_S1, "_release"),
+        (_CC.WAIT_MIGRATE_DATA, _CI.RESUME): (_CC.WAIT_MIGRATE_DATA, None),
         # 5.3: semi-seamless, main at MAIN_MIGRATE_END, the others at MAIN_INIT
-        (_CC.ON_S1, "switch"): (_CC.ON_S2, "_switch"),
-        (_CC.ON_S1, "freeze"): (_CC.FROZEN, None),
-        (_CC.FROZEN, "switch"): (_CC.ON_S2, "_switch"),
+        (_CC.ON_S1, _CI.SWITCH): (_CC.ON_S2, "_switch"),
+        (_CC.ON_S1, _CI.FREEZE): (_CC.FROZEN, None),
+        (_CC.FROZEN, _CI.SWITCH): (_CC.ON_S2, "_switch"),
         # 5.5: MIGRATE_CANCEL switches back whatever had switched
-        (_CC.ON_S1, "switch back"): (_CC.ON_S1, None),
-        (_CC.WAIT_MIGRATE_DATA, "switch back"): (_CC.ON_S1, "_release"),
-        (_CC.ON_S2, "switch back"): (_CC.ON_S1, "_switch_back"),
+        (_CC.ON_S1, _CI.SWITCH_BACK): (_CC.ON_S1, None),
+        (_CC.WAIT_MIGRATE_DATA, _CI.SWITCH_BACK): (_CC.ON_S1, "_release"),
+        (_CC.ON_S2, _CI.SWITCH_BACK): (_CC.ON_S1, "_switch_back"),
     }
 
-    def __init__(self, session_id: int, channels: Iterable[Channel], server_main_caps: Sequence[int]) -> None:
+    def __init__(
+        self,
+        session_id: int,
+        channels: Iterable[Channel],
+        server_main_caps: Sequence[int],
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        confirm_grace: float = CONFIRM_GRACE,
+        rollback_timeout: float = ROLLBACK_TIMEOUT,
+    ) -> None:
         """``channels``: every channel object of the session (5.9.7), main included or not."""
         ordered = [MAIN, *(channel for channel in channels if channel != MAIN)]
         super().__init__(_C.IDLE, dict.fromkeys(ordered, _CC.ON_S1))
         self.session_id = session_id
         self.server_main_caps = tuple(server_main_caps)
+        self.handshake_timeout = handshake_timeout
+        self.confirm_grace = confirm_grace
+        self.rollback_timeout = rollback_timeout
         self.mode: MigrationMode | None = None
         self.dst_info: MigrationDstInfo | None = None
         self._src_version = 0
@@ -180,88 +221,145 @@ class ClientMigration(_Role):
         self._cancelled = False  # rolling back: s1's CANCEL came; channels resume as they drain
         self.rolled_back = False  # this attempt ended back on s1 after s1's CANCEL
         self.last_resent: dict[Channel, int] = {}  # after a rollback: messages written to s2 and resent
+        # One deadline at a time, each tied to the state that set it: leaving that state disarms it.
+        self._timer: tuple[float, ClientState, ClientInput] | None = None
+        self._now: float | None = None
+
+    # time
+
+    def get_timer(self) -> float | None:
+        """When ``handle_timer`` must be called next, if ever."""
+        if self.failed or self._timer is None or self._timer[1] is not self.state:
+            return None
+        return self._timer[0]
+
+    @entry
+    def handle_timer(self, now: float) -> list[ClientOutput]:
+        out = self._out
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            assert self._timer is not None
+            inp, self._timer = self._timer[2], None
+            self._now = now
+            self._fire(inp)
+        return out
+
+    def _arm(self, seconds: float, inp: ClientInput) -> None:
+        if self._now is None:
+            raise LocalProtocolError(f"{self.state.name} starts a timer: the call that led here needs now")
+        self._timer = (self._now + seconds, self.state, inp)
 
     # inputs
 
-    def receive(self, peer: Peer, channel: Channel, message: Message) -> list:
+    @entry
+    def receive(
+        self, peer: Peer, channel: Channel, message: Message, *, now: float | None = None
+    ) -> list[ClientOutput]:
         """A message read from ``peer`` on ``channel``. The owner still handles ordinary messages
-        (MAIN_INIT included) itself; the migration messages are consumed here."""
-        out = self._begin_call()
+        (MAIN_INIT included) itself; the migration messages are consumed here. ``now`` is needed
+        where a message starts a timer (the last channel switching, s1's CANCEL)."""
+        out = self._out
+        self._now = now
         kind = type(message)
         state = self._channel_state(channel)
         if peer is Peer.S1:
             if state is _CC.WAIT_MIGRATE_DATA and kind is not MsgMigrateData:
-                # 5.4 step 2: the switch is aborted and the channel stays on s1; messages retained
-                # meanwhile go to s1 with the next send().
-                self.channels[channel] = _CC.ON_S1
-                raise RemoteProtocolError(f"{kind.__name__} on channel {channel} where MIGRATE_DATA must follow MIGRATE")
+                # The owner reports this case with not_migrate_data (5.4 step 2) before decoding.
+                raise RemoteProtocolError(f"{kind.__name__} on channel {channel} where MIGRATE_DATA must follow")
             if state not in (_CC.ON_S1, _CC.WAIT_MIGRATE_DATA, _CC.HELD):
                 raise LocalProtocolError(f"channel {channel} has left s1: its s1 connection is not read")
-            if kind in (MsgMigrate, MsgMigrateData):
-                self._fire(kind, channel, message)
+            if kind is MsgMigrate:
+                self._fire(Received(Migrate.of(message.flags, Origin.REMOTE)), channel, message)
+            elif kind is MsgMigrateData:
+                self._fire(_MIGRATE_DATA, channel, message)
             elif kind in _S1_SESSION_INPUTS:
                 if channel != MAIN:
                     raise RemoteProtocolError(f"{kind.__name__} on channel {channel}")
                 if kind is MsgMainMigrateCancel and self.state is _C.CONNECTED_SEAMLESS and self._post_migration:
                     # Post-migration: s1 took the session back, whether or not we saw s2 fail.
                     # MIGRATE_DATA may still be on its way on other channels: they drain it first.
-                    self._fire("s2 failed")
+                    self._fire(_I.S2_FAILED)
                 end_ignored = kind is MsgMainMigrateEnd and not has_cap(
                     self.server_main_caps, MainCap.SEMI_SEAMLESS_MIGRATE
                 )
-                self._fire(_END_FROM_OLD_SERVER if end_ignored else kind, message, error=RemoteProtocolError)
+                self._fire(_I.END_FROM_OLD_SERVER if end_ignored else Received(kind), message)
         elif channel == MAIN and kind in (MsgMainMigrateDstSeamlessAck, MsgMainMigrateDstSeamlessNack, MsgMainInit):
-            self._fire(kind, message)
+            self._fire(Received(kind), message)
         elif channel == MAIN and self.state in (_C.HANDSHAKE, _C.WAIT_MAIN_INIT):
             raise RemoteProtocolError(f"{kind.__name__} from s2 main in state {self.state.name}")
         elif state is not _CC.ON_S2:
             raise LocalProtocolError(f"channel {channel} is frozen on s2: its connection is not read yet")
         return out
 
-    def s2_linked(self, channel: Channel, main_caps: Sequence[int] = ()) -> list:
-        """The link of ``channel`` to s2 succeeded; for main, ``main_caps`` are s2's main caps."""
-        out = self._begin_call()
+    @entry
+    def not_migrate_data(self, channel: Channel) -> list[ClientOutput]:
+        """s1 sent something other than MIGRATE_DATA after MIGRATE(NEED_DATA_TRANSFER) on
+        ``channel`` (the owner drops it unread, 5.4 step 2): that channel's switch is aborted and
+        it stays on s1; what it retained meanwhile goes to s1 with its next send()."""
+        out = self._out
+        if self._channel_state(channel) is not _CC.WAIT_MIGRATE_DATA:
+            raise LocalProtocolError(f"channel {channel} does not wait for MIGRATE_DATA")
+        self._fire_channel(channel, _CI.NOT_MIGRATE_DATA)
+        return out
+
+    @entry
+    def s2_linked(
+        self, channel: Channel, main_caps: Sequence[int] = (), *, now: float | None = None
+    ) -> list[ClientOutput]:
+        """The link of ``channel`` to s2 succeeded; for main, ``main_caps`` are s2's main caps
+        (with SEAMLESS_MIGRATE, the handshake and its timer start: pass ``now``)."""
+        out = self._out
+        self._now = now
         if channel == MAIN:
-            self._fire(_S2_MAIN_WITH_CAP if has_cap(main_caps, MainCap.SEAMLESS_MIGRATE) else "s2 main linked")
+            seamless = has_cap(main_caps, MainCap.SEAMLESS_MIGRATE)
+            self._fire(_I.S2_MAIN_LINKED_SEAMLESS if seamless else _I.S2_MAIN_LINKED)
         else:
             if channel not in self._pending_links:
                 raise LocalProtocolError(f"no link of channel {channel} to s2 is pending")
             self._pending_links.discard(channel)
-            self._fire("s2 linked")
+            self._fire(_I.S2_LINKED)
         self._check_all_linked()
         return out
 
-    def s2_spoke(self) -> list:
+    @entry
+    def s2_spoke(self) -> list[ClientOutput]:
         """s2's main channel sent something after main switched: it has the session (s2 speaks
         once every channel is restored; spice-gtk too lets go of s1 only then)."""
-        out = self._begin_call()
+        out = self._out
         if self.state in (_C.CONNECTED_SEAMLESS, _C.CONFIRMING):
-            self._fire("s2 spoke")
+            self._fire(_I.S2_SPOKE)
         return out
 
-    def confirmation_due(self) -> list:
-        """s2 said nothing within the grace the owner allows after the last switch: done anyway."""
-        out = self._begin_call()
+    @entry
+    def s1_let_go(self) -> list[ClientOutput]:
+        """s1 closed its main connection after main switched: s2 has the session, there is nothing
+        to go back to."""
+        out = self._out
         if self.state is _C.CONFIRMING:
-            self._fire("confirmation due")
+            self._fire(_I.S1_LET_GO)
         return out
 
-    def s2_failed(self) -> list:
-        """A connection to s2 broke during seamless post-migration, before s2 confirmed."""
-        out = self._begin_call()
-        self._fire("s2 failed")
+    @entry
+    def s2_failed(self, *, now: float | None = None) -> list[ClientOutput]:
+        """A connection to s2 broke during seamless post-migration, before s2 confirmed (the wait
+        for s1's CANCEL starts: pass ``now``)."""
+        out = self._out
+        self._now = now
+        self._fire(_I.S2_FAILED)
         return out
 
-    def s2_link_failed(self, channel: Channel) -> list:
+    @entry
+    def s2_link_failed(self, channel: Channel) -> list[ClientOutput]:
         """TCP error, 10 s connect timeout or a non-OK link result on the way to s2."""
-        out = self._begin_call()
-        self._fire("s2 link failed")
+        out = self._out
+        self._fire(_I.S2_LINK_FAILED)
         return out
 
-    def send(self, channel: Channel, message: Message) -> list:
+    @entry
+    def send(self, channel: Channel, message: Message) -> list[ClientOutput]:
         """Every message the owner writes on a channel: routed to the server the channel is on, or
         retained while the channel is between servers."""
-        out = self._begin_call()
+        out = self._out
         if isinstance(message, _CLIENT_MACHINE_ONLY):
             raise LocalProtocolError(f"{type(message).__name__} is sent by the migration machine, not the owner")
         state = self._channel_state(channel)
@@ -289,11 +387,12 @@ class ClientMigration(_Role):
 
     def _do_seamless(self) -> None:
         self._out.append(Send(MAIN, MsgcMainMigrateDstDoSeamless(self._src_version), Peer.S2))
+        self._arm(self.handshake_timeout, _I.HANDSHAKE_TIMEOUT)
         self._link_others()
 
     def _check_all_linked(self, answer: Message | None = None) -> None:
         if self.state in (_C.LINKING, _C.LINKING_SEAMLESS) and not self._pending_links:
-            self._fire("all linked")
+            self._fire(_I.ALL_LINKED)
 
     def _send_connected(self) -> None:
         seamless = self.state is _C.CONNECTED_SEAMLESS
@@ -307,7 +406,7 @@ class ClientMigration(_Role):
 
     def _abort(self, message: Message) -> None:
         for channel in self.channels:
-            self._fire_channel(channel, "switch back")
+            self._fire_channel(channel, _CI.SWITCH_BACK)
         self._reset_attempt()
 
     def _reset_attempt(self) -> None:
@@ -318,40 +417,39 @@ class ClientMigration(_Role):
     def _switch_main(self, message: Message) -> None:
         self._out.append(ResetChannels())
         self._retained = {channel: [] for channel in self.channels}  # 5.3 step 1: unsent queues go
-        self._fire_channel(MAIN, "switch")
+        self._fire_channel(MAIN, _CI.SWITCH)
         for channel in self.channels:
             if channel != MAIN:
-                self._fire_channel(channel, "freeze")
+                self._fire_channel(channel, _CI.FREEZE)
         self._out.append(Send(MAIN, MsgcMainMigrateEnd(), Peer.S2))
 
     def _switch_others(self, message: Message) -> None:
         self.session_id = message.session_id
         for channel in self.channels:
             if channel != MAIN:
-                self._fire_channel(channel, "switch")
+                self._fire_channel(channel, _CI.SWITCH)
         self._out.append(MigrationCompleted(MigrationMode.SEMI_SEAMLESS))
 
     def _channel_input(self, channel: Channel, message: Message) -> None:
         if self.state is _C.ROLLING_BACK:  # MIGRATE_DATA of a channel that had not switched yet
-            self._fire_channel(channel, "MIGRATE_DATA for nobody", message)
+            self._fire_channel(channel, _CI.MIGRATE_DATA_FOR_NOBODY, message)
             if self._cancelled:
                 self._resume(channel)
                 self._check_all_back()
             return
         self._post_migration = True
         if type(message) is MsgMigrate:
-            if message.flags & ~MIGRATE_FLAGS_MASK:
-                raise RemoteProtocolError(f"MIGRATE flags {message.flags:#x} on channel {channel}")
-            self._fire_channel(channel, _migrate_input(message.flags), error=RemoteProtocolError)
+            self._fire_channel(channel, Received(Migrate.of(message.flags, Origin.REMOTE)))
         else:
-            self._fire_channel(channel, MsgMigrateData, message)
+            self._fire_channel(channel, _MIGRATE_DATA, message)
         if all(state is _CC.ON_S2 for state in self.channels.values()):
-            self._fire("all switched")
+            self._fire(_I.ALL_SWITCHED)
 
     def _await_confirmation(self) -> None:
         if self._s2_spoke:
-            self._fire("s2 spoke")
+            self._fire(_I.S2_SPOKE)
         else:
+            self._arm(self.confirm_grace, _I.CONFIRMATION_DUE)
             self._out.append(AwaitConfirmation())
 
     def _note_s2_spoke(self) -> None:
@@ -364,7 +462,8 @@ class ClientMigration(_Role):
 
     def _return_to_s1(self) -> None:
         for channel in self.channels:
-            self._fire_channel(channel, "return")
+            self._fire_channel(channel, _CI.RETURN)
+        self._arm(self.rollback_timeout, _I.ROLLBACK_TIMEOUT)
         self._out.append(AwaitRollback())
 
     def _s1_took_back(self, message: Message) -> None:
@@ -380,17 +479,20 @@ class ClientMigration(_Role):
         if self.channels[channel] is _CC.HELD:
             self._retained[channel][:0] = self._unconfirmed[channel]
             self._unconfirmed[channel] = []
-            self._fire_channel(channel, "resume")
+            self._fire_channel(channel, _CI.RESUME)
 
     def _check_all_back(self) -> None:
         if self._cancelled and all(state is _CC.ON_S1 for state in self.channels.values()):
-            self._fire("all back")
+            self._fire(_I.ALL_BACK)
 
     def _rolled_back(self) -> None:
         self._cancelled = False
         self.rolled_back = True
         self._reset_attempt()
         self._out.append(RolledBack())
+
+    def _lost(self) -> None:
+        self._out.append(SessionLost(f"s1 did not take the session back within {self.rollback_timeout:g} s"))
 
     def _switch_host(self, message: Message) -> None:
         if self._destination_open:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from spicewire.errors import CodecError, LocalProtocolError, RemoteProtocolError
 from spicewire.protocol.caps import has_cap
-from spicewire.protocol.enums import MIGRATION_PROTOCOL_VERSION, MainCap, MigrateFlags, MouseMode
+from spicewire.protocol.enums import MIGRATION_PROTOCOL_VERSION, MainCap, MigrateFlags
 from spicewire.protocol.messages import (
     Message,
     MsgcMainMigrateDstDoSeamless,
@@ -20,9 +20,17 @@ from spicewire.protocol.messages import (
     MsgMainMigrateDstSeamlessNack,
 )
 from spicewire.protocol.migrate_data import parse_migrate_data
-from spicewire.protocol.migration.events import AttachChannel, MigrationCompleted, RestoreMigrateData, Send
-from spicewire.protocol.migration.rules import MAIN, Channel, MigrationMode, default_migrate_flags
-from spicewire.protocol.migration.table import _Role
+from spicewire.protocol.migration.events import (
+    AttachChannel,
+    DestinationInput,
+    DestinationOutput,
+    MigrationCompleted,
+    Received,
+    RestoreMigrateData,
+    Send,
+)
+from spicewire.protocol.migration.rules import MAIN, Channel, MigrationMode, default_migrate_flags, main_init
+from spicewire.protocol.migration.table import Table, _Role, entry
 
 
 class DestinationState(Enum):
@@ -39,37 +47,36 @@ class DestinationChannelState(Enum):
 
 
 _D, _DC = DestinationState, DestinationChannelState
-_DO_SEAMLESS_REFUSED = "DST_DO_SEAMLESS refused"
-_END_WITHOUT_CAP = "MIGRATE_END from a client without SEMI_SEAMLESS_MIGRATE"
-
-DEFAULT_MAIN_INIT = MsgMainInit(
-    session_id=0, display_channels_hint=0, supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
-    current_mouse_mode=MouseMode.SERVER, agent_connected=0, agent_tokens=10, multi_media_time=0, ram_hint=0,
+_I = DestinationInput
+_DO_SEAMLESS, _END, _MIGRATE_DATA = (
+    Received(kind) for kind in (MsgcMainMigrateDstDoSeamless, MsgcMainMigrateEnd, MsgcMigrateData)
 )
+
+DEFAULT_MAIN_INIT = main_init(0)
 
 
 class DestinationMigration(_Role):
     """s2 for one migrating client; create it when a MAIN link with connection_id != 0 that s1
     announced arrives (checking the announcement is the owner's job)."""
 
-    TABLE: ClassVar[Mapping[tuple, tuple]] = {
+    TABLE: ClassVar[Table] = {
         # 5.2: s2 on DST_DO_SEAMLESS
-        (_D.TARGET, MsgcMainMigrateDstDoSeamless): (_D.SEAMLESS, "_ack"),
-        (_D.TARGET, _DO_SEAMLESS_REFUSED): (_D.TARGET_SEMI, "_nack"),
+        (_D.TARGET, _DO_SEAMLESS): (_D.SEAMLESS, "_ack"),
+        (_D.TARGET, _I.DO_SEAMLESS_REFUSED): (_D.TARGET_SEMI, "_nack"),
         # 5.3: semi-seamless
-        (_D.TARGET, MsgcMainMigrateEnd): (_D.MIGRATED, "_send_main_init"),
-        (_D.TARGET_SEMI, MsgcMainMigrateEnd): (_D.MIGRATED, "_send_main_init"),
-        (_D.TARGET, _END_WITHOUT_CAP): (_D.TARGET, None),  # spice-server warns and ignores it
-        (_D.TARGET_SEMI, _END_WITHOUT_CAP): (_D.TARGET_SEMI, None),
+        (_D.TARGET, _END): (_D.MIGRATED, "_send_main_init"),
+        (_D.TARGET_SEMI, _END): (_D.MIGRATED, "_send_main_init"),
+        (_D.TARGET, _I.END_WITHOUT_CAP): (_D.TARGET, None),  # spice-server warns and ignores it
+        (_D.TARGET_SEMI, _I.END_WITHOUT_CAP): (_D.TARGET_SEMI, None),
         # 5.4: seamless
-        (_D.SEAMLESS, "all restored"): (_D.MIGRATED, "_seamless_done"),
+        (_D.SEAMLESS, _I.ALL_RESTORED): (_D.MIGRATED, "_seamless_done"),
     }
 
-    CHANNEL_TABLE: ClassVar[Mapping[tuple, tuple]] = {
-        (_DC.PARKED, "attach"): (_DC.ATTACHED, "_attach"),
-        (_DC.PARKED, "attach waiting"): (_DC.WAIT_MIGRATE_DATA, "_attach"),
-        (_DC.ATTACHED, "wait for migrate data"): (_DC.WAIT_MIGRATE_DATA, None),
-        (_DC.WAIT_MIGRATE_DATA, MsgcMigrateData): (_DC.ATTACHED, "_restore"),
+    CHANNEL_TABLE: ClassVar[Table] = {
+        (_DC.PARKED, _I.ATTACH): (_DC.ATTACHED, "_attach"),
+        (_DC.PARKED, _I.ATTACH_WAITING): (_DC.WAIT_MIGRATE_DATA, "_attach"),
+        (_DC.ATTACHED, _I.WAIT_FOR_MIGRATE_DATA): (_DC.WAIT_MIGRATE_DATA, None),
+        (_DC.WAIT_MIGRATE_DATA, _MIGRATE_DATA): (_DC.ATTACHED, "_restore"),
     }
 
     def __init__(
@@ -94,21 +101,23 @@ class DestinationMigration(_Role):
     def flags(self, channel: Channel) -> MigrateFlags:
         return MigrateFlags(self._channel_flags.get(channel, default_migrate_flags(channel[0])))
 
-    def channel_linked(self, channel: Channel) -> list:
+    @entry
+    def channel_linked(self, channel: Channel) -> list[DestinationOutput]:
         """A non-main link with this connection_id; the owner has answered it OK."""
-        out = self._begin_call()
+        out = self._out
         if channel in self.channels:
             raise LocalProtocolError(f"channel {channel} is already linked")
         self.channels[channel] = _DC.PARKED
         if self.state is _D.SEAMLESS:
             self._attach_parked(channel)
         elif self.state is _D.MIGRATED:
-            self._fire_channel(channel, "attach")
+            self._fire_channel(channel, _I.ATTACH)
         return out
 
-    def receive(self, channel: Channel, message: Message) -> list:
+    @entry
+    def receive(self, channel: Channel, message: Message) -> list[DestinationOutput]:
         """Every client message on an attached channel of this session."""
-        out = self._begin_call()
+        out = self._out
         kind = type(message)
         state = self._channel_state(channel)
         if state is _DC.PARKED:
@@ -122,31 +131,31 @@ class DestinationMigration(_Role):
                     data = parse_migrate_data(channel[0], message.data)
                 except CodecError as exc:
                     raise RemoteProtocolError(f"MIGRATE_DATA on channel {channel}: {exc}") from exc
-            self._fire_channel(channel, kind, data)
+            self._fire_channel(channel, _MIGRATE_DATA, data)
             if self.state is _D.SEAMLESS and _DC.WAIT_MIGRATE_DATA not in self.channels.values():
-                self._fire("all restored")
+                self._fire(_I.ALL_RESTORED)
         elif state is _DC.WAIT_MIGRATE_DATA:
             # 5.7: data before the restore would break its empty-queue precondition
             raise RemoteProtocolError(f"{kind.__name__} on channel {channel} before its MIGRATE_DATA")
         elif channel == MAIN and self.state in (_D.TARGET, _D.TARGET_SEMI):
-            self._fire(self._main_input(message), message, error=RemoteProtocolError)
+            self._fire(self._main_input(message), message)
         elif kind in (MsgcMainMigrateDstDoSeamless, MsgcMainMigrateEnd):
-            self._fire(kind, message)
+            self._fire(Received(kind), message)
         return out
 
-    def _main_input(self, message: Message) -> Any:
+    def _main_input(self, message: Message) -> Received | DestinationInput:
         # There is no down-conversion: a newer source gets semi-seamless (6).
         if type(message) is MsgcMainMigrateDstDoSeamless and (
             message.src_version > MIGRATION_PROTOCOL_VERSION or not self.seamless_enabled
         ):
-            return _DO_SEAMLESS_REFUSED
+            return _I.DO_SEAMLESS_REFUSED
         if type(message) is MsgcMainMigrateEnd and not has_cap(self.client_main_caps, MainCap.SEMI_SEAMLESS_MIGRATE):
-            return _END_WITHOUT_CAP
-        return type(message)
+            return _I.END_WITHOUT_CAP
+        return Received(type(message))
 
     def _attach_parked(self, channel: Channel) -> None:
         waits = bool(self.flags(channel) & MigrateFlags.NEED_DATA_TRANSFER)
-        self._fire_channel(channel, "attach waiting" if waits else "attach")
+        self._fire_channel(channel, _I.ATTACH_WAITING if waits else _I.ATTACH)
 
     def _ack(self, message: Message) -> None:
         self.mode = MigrationMode.SEAMLESS
@@ -154,7 +163,7 @@ class DestinationMigration(_Role):
             if state is _DC.PARKED:
                 self._attach_parked(channel)
             elif self.flags(channel) & MigrateFlags.NEED_DATA_TRANSFER:
-                self._fire_channel(channel, "wait for migrate data")
+                self._fire_channel(channel, _I.WAIT_FOR_MIGRATE_DATA)
         self._out.append(Send(MAIN, MsgMainMigrateDstSeamlessAck()))
 
     def _nack(self, message: Message) -> None:
@@ -165,7 +174,7 @@ class DestinationMigration(_Role):
         self._out.append(Send(MAIN, self.main_init))
         for channel, state in list(self.channels.items()):
             if state is _DC.PARKED:
-                self._fire_channel(channel, "attach")
+                self._fire_channel(channel, _I.ATTACH)
         self._out.append(MigrationCompleted(MigrationMode.SEMI_SEAMLESS))
 
     def _attach(self, channel: Channel) -> None:

@@ -1,5 +1,5 @@
 """What every migration role decides the same way as spice-server: the mode a client gets (5.1),
-each channel's MIGRATE flags (5.4) and the 10 s timeout (7.6)."""
+each channel's MIGRATE flags (5.4), the 10 s timeout (7.6) and what MAIN_INIT says."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from enum import IntEnum
 
 from spicewire.protocol.caps import has_cap
-from spicewire.protocol.enums import MIGRATE_FLAGS_MASK, ChannelType, MainCap, MigrateFlags
+from spicewire.protocol.enums import MIGRATE_FLAGS_MASK, ChannelType, MainCap, MigrateFlags, MouseMode
+from spicewire.protocol.messages import MsgMainInit
 from spicewire.protocol.migrate_data import SPICEVMC_CHANNELS
 
 Channel = tuple[int, int]
@@ -51,3 +52,13 @@ def choose_mode(client_main_caps: Sequence[int], allowed: MigrationMode) -> Migr
     if allowed >= MigrationMode.SEMI_SEAMLESS and has_cap(client_main_caps, MainCap.SEMI_SEAMLESS_MIGRATE):
         return MigrationMode.SEMI_SEAMLESS
     return MigrationMode.SWITCH_HOST
+
+
+def main_init(session_id: int, mouse_mode: int = MouseMode.SERVER, multi_media_time: int = 0) -> MsgMainInit:
+    """MAIN_INIT as a server without display, agent or guest RAM hint sends it: a new session's first
+    message, and s2's answer to a semi-seamless MIGRATE_END (5.3), with the migrated session's id."""
+    return MsgMainInit(
+        session_id=session_id, display_channels_hint=0, supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
+        current_mouse_mode=mouse_mode, agent_connected=0, agent_tokens=10, multi_media_time=multi_media_time,
+        ram_hint=0,
+    )

@@ -24,7 +24,18 @@ from spicewire.protocol.messages import (
     MsgMigrate,
     MsgMigrateData,
 )
-from spicewire.protocol.migration.events import ConnectComplete, DisconnectClient, MigrateDataRequested, Send
+from spicewire.protocol.migration.events import (
+    ConnectComplete,
+    DisconnectClient,
+    Migrate,
+    MigrateDataRequested,
+    Origin,
+    Received,
+    Send,
+    Sent,
+    SourceInput,
+    SourceOutput,
+)
 from spicewire.protocol.migration.rules import (
     MAIN,
     MIGRATE_TIMEOUT,
@@ -33,7 +44,7 @@ from spicewire.protocol.migration.rules import (
     choose_mode,
     default_migrate_flags,
 )
-from spicewire.protocol.migration.table import _migrate_input, _Role
+from spicewire.protocol.migration.table import Table, _Role, entry
 
 
 class SourceState(Enum):
@@ -57,31 +68,33 @@ class SourceChannelState(Enum):
 
 
 _S, _SC = SourceState, SourceChannelState
+_I = SourceInput
 _BEGIN_INPUTS = {
-    MigrationMode.SEAMLESS: "begin seamless",
-    MigrationMode.SEMI_SEAMLESS: "begin semi-seamless",
-    MigrationMode.SWITCH_HOST: "begin switch-host",
+    MigrationMode.SEAMLESS: _I.BEGIN_SEAMLESS,
+    MigrationMode.SEMI_SEAMLESS: _I.BEGIN_SEMI_SEAMLESS,
+    MigrationMode.SWITCH_HOST: _I.BEGIN_SWITCH_HOST,
 }
-_CONNECTED, _CONNECTED_SEAMLESS, _CONNECT_ERROR = (
-    MsgcMainMigrateConnected, MsgcMainMigrateConnectedSeamless, MsgcMainMigrateConnectError,
-)
+_ANSWERS = (MsgcMainMigrateConnected, MsgcMainMigrateConnectedSeamless, MsgcMainMigrateConnectError)
+_CONNECTED, _CONNECTED_SEAMLESS, _CONNECT_ERROR = (Received(kind) for kind in _ANSWERS)
+_FLUSH_MARK = Received(MsgcMigrateFlushMark)
+_MIGRATE_DATA = Sent(MsgMigrateData)
 
 
 class SourceMigration(_Role):
     """s1 for one client session."""
 
-    TABLE: ClassVar[Mapping[tuple, tuple]] = {
+    TABLE: ClassVar[Table] = {
         # 5.2: BEGIN in the best mode the client allows; without SEMI_SEAMLESS_MIGRATE nothing is sent
-        (_S.IDLE, "begin seamless"): (_S.WAIT_CONNECT_SEAMLESS, "_send_begin"),
-        (_S.IDLE, "begin semi-seamless"): (_S.WAIT_CONNECT, "_send_begin"),
-        (_S.IDLE, "begin switch-host"): (_S.NOT_CONNECTED, "_connect_failed"),
+        (_S.IDLE, _I.BEGIN_SEAMLESS): (_S.WAIT_CONNECT_SEAMLESS, "_send_begin"),
+        (_S.IDLE, _I.BEGIN_SEMI_SEAMLESS): (_S.WAIT_CONNECT, "_send_begin"),
+        (_S.IDLE, _I.BEGIN_SWITCH_HOST): (_S.NOT_CONNECTED, "_connect_failed"),
         (_S.WAIT_CONNECT_SEAMLESS, _CONNECTED_SEAMLESS): (_S.CONNECTED_SEAMLESS, "_connect_succeeded"),
         (_S.WAIT_CONNECT_SEAMLESS, _CONNECTED): (_S.CONNECTED, "_connect_succeeded"),  # s2 NACKed
         (_S.WAIT_CONNECT_SEAMLESS, _CONNECT_ERROR): (_S.NOT_CONNECTED, "_connect_failed"),
-        (_S.WAIT_CONNECT_SEAMLESS, "timeout"): (_S.NOT_CONNECTED, "_connect_failed"),
+        (_S.WAIT_CONNECT_SEAMLESS, _I.DEADLINE): (_S.NOT_CONNECTED, "_connect_failed"),
         (_S.WAIT_CONNECT, _CONNECTED): (_S.CONNECTED, "_connect_succeeded"),
         (_S.WAIT_CONNECT, _CONNECT_ERROR): (_S.NOT_CONNECTED, "_connect_failed"),
-        (_S.WAIT_CONNECT, "timeout"): (_S.NOT_CONNECTED, "_connect_failed"),
+        (_S.WAIT_CONNECT, _I.DEADLINE): (_S.NOT_CONNECTED, "_connect_failed"),
         # an answer nobody waits for: a success is cancelled, an error ignored (as spice-server)
         (_S.IDLE, _CONNECTED): (_S.IDLE, "_send_cancel"),
         (_S.IDLE, _CONNECTED_SEAMLESS): (_S.IDLE, "_send_cancel"),
@@ -90,39 +103,39 @@ class SourceMigration(_Role):
         (_S.NOT_CONNECTED, _CONNECTED_SEAMLESS): (_S.NOT_CONNECTED, "_send_cancel"),
         (_S.NOT_CONNECTED, _CONNECT_ERROR): (_S.NOT_CONNECTED, None),
         # migrate_end(completed=0), or a second begin before the end
-        (_S.WAIT_CONNECT, "cancel"): (_S.IDLE, "_send_cancel"),
-        (_S.WAIT_CONNECT_SEAMLESS, "cancel"): (_S.IDLE, "_send_cancel"),
-        (_S.CONNECTED, "cancel"): (_S.IDLE, "_send_cancel"),
-        (_S.CONNECTED_SEAMLESS, "cancel"): (_S.IDLE, "_send_cancel"),
-        (_S.NOT_CONNECTED, "cancel"): (_S.IDLE, None),
+        (_S.WAIT_CONNECT, _I.CANCEL): (_S.IDLE, "_send_cancel"),
+        (_S.WAIT_CONNECT_SEAMLESS, _I.CANCEL): (_S.IDLE, "_send_cancel"),
+        (_S.CONNECTED, _I.CANCEL): (_S.IDLE, "_send_cancel"),
+        (_S.CONNECTED_SEAMLESS, _I.CANCEL): (_S.IDLE, "_send_cancel"),
+        (_S.NOT_CONNECTED, _I.CANCEL): (_S.IDLE, None),
         # migrate_end(completed=1)
-        (_S.CONNECTED, "finish"): (_S.WAIT_DISCONNECT, "_send_migrate_end"),  # 5.3
-        (_S.CONNECTED_SEAMLESS, "finish"): (_S.MIGRATING, "_send_migrate"),  # 5.4
-        (_S.CONNECTED, "finish switch-host"): (_S.WAIT_DISCONNECT, "_send_switch_host"),  # no SEMI cap
-        (_S.CONNECTED, "finish stay"): (_S.IDLE, "_send_cancel"),
-        (_S.NOT_CONNECTED, "finish switch-host"): (_S.WAIT_DISCONNECT, "_send_switch_host"),  # 5.6
-        (_S.NOT_CONNECTED, "finish stay"): (_S.IDLE, None),
-        (_S.MIGRATING, "all channels switched"): (_S.WAIT_DISCONNECT, None),
-        (_S.MIGRATING, "timeout"): (_S.DONE, "_disconnect"),
-        (_S.WAIT_DISCONNECT, "timeout"): (_S.DONE, "_disconnect"),
+        (_S.CONNECTED, _I.FINISH): (_S.WAIT_DISCONNECT, "_send_migrate_end"),  # 5.3
+        (_S.CONNECTED_SEAMLESS, _I.FINISH): (_S.MIGRATING, "_send_migrate"),  # 5.4
+        (_S.CONNECTED, _I.FINISH_SWITCH_HOST): (_S.WAIT_DISCONNECT, "_send_switch_host"),  # no SEMI cap
+        (_S.CONNECTED, _I.FINISH_STAY): (_S.IDLE, "_send_cancel"),
+        (_S.NOT_CONNECTED, _I.FINISH_SWITCH_HOST): (_S.WAIT_DISCONNECT, "_send_switch_host"),  # 5.6
+        (_S.NOT_CONNECTED, _I.FINISH_STAY): (_S.IDLE, None),
+        (_S.MIGRATING, _I.ALL_CHANNELS_SWITCHED): (_S.WAIT_DISCONNECT, None),
+        (_S.MIGRATING, _I.DEADLINE): (_S.DONE, "_disconnect"),
+        (_S.WAIT_DISCONNECT, _I.DEADLINE): (_S.DONE, "_disconnect"),
         # Ours, not spice-server's: s2 failed before it had the session, and the client is still
-        # here (seamless only: semi-seamless reset the client's channels at END).
-        (_S.MIGRATING, "roll back"): (_S.IDLE, "_roll_back"),
-        (_S.WAIT_DISCONNECT, "roll back"): (_S.IDLE, "_roll_back"),
-        (_S.MIGRATING, "client disconnected"): (_S.DONE, "_stop_timer"),
-        (_S.WAIT_DISCONNECT, "client disconnected"): (_S.DONE, "_stop_timer"),
+        # here (seamless only: semi-seamless reset the client's channels at END). Only once every
+        # MIGRATE_DATA went out, so that no FLUSH_MARK can follow the CANCEL.
+        (_S.WAIT_DISCONNECT, _I.ROLL_BACK): (_S.IDLE, "_roll_back"),
+        # The client may leave at any time; whatever was under way is over.
+        **{(state, _I.CLIENT_DISCONNECTED): (_S.DONE, "_stop_timer") for state in _S},
     }
 
-    CHANNEL_TABLE: ClassVar[Mapping[tuple, tuple]] = {
+    CHANNEL_TABLE: ClassVar[Table] = {
         # 5.4: SPICE_MSG_MIGRATE with the channel's flags
-        (_SC.NORMAL, "MIGRATE"): (_SC.SWITCHED, None),
-        (_SC.NORMAL, "MIGRATE(NEED_FLUSH)"): (_SC.WAIT_FLUSH_MARK, None),
-        (_SC.NORMAL, "MIGRATE(NEED_DATA_TRANSFER)"): (_SC.MIGRATE_DATA_DUE, "_request_migrate_data"),
-        (_SC.NORMAL, "MIGRATE(NEED_FLUSH|NEED_DATA_TRANSFER)"): (_SC.WAIT_FLUSH_MARK_THEN_DATA, None),
-        (_SC.WAIT_FLUSH_MARK, MsgcMigrateFlushMark): (_SC.SWITCHED, None),
-        (_SC.WAIT_FLUSH_MARK_THEN_DATA, MsgcMigrateFlushMark): (_SC.MIGRATE_DATA_DUE, "_request_migrate_data"),
+        (_SC.NORMAL, Sent(Migrate.PLAIN)): (_SC.SWITCHED, None),
+        (_SC.NORMAL, Sent(Migrate.NEED_FLUSH)): (_SC.WAIT_FLUSH_MARK, None),
+        (_SC.NORMAL, Sent(Migrate.NEED_DATA_TRANSFER)): (_SC.MIGRATE_DATA_DUE, "_request_migrate_data"),
+        (_SC.NORMAL, Sent(Migrate.NEED_FLUSH_AND_DATA_TRANSFER)): (_SC.WAIT_FLUSH_MARK_THEN_DATA, None),
+        (_SC.WAIT_FLUSH_MARK, _FLUSH_MARK): (_SC.SWITCHED, None),
+        (_SC.WAIT_FLUSH_MARK_THEN_DATA, _FLUSH_MARK): (_SC.MIGRATE_DATA_DUE, "_request_migrate_data"),
         # sent by the owner through send()
-        (_SC.MIGRATE_DATA_DUE, MsgMigrateData): (_SC.SWITCHED, None),
+        (_SC.MIGRATE_DATA_DUE, _MIGRATE_DATA): (_SC.SWITCHED, None),
     }
 
     def __init__(
@@ -138,7 +151,7 @@ class SourceMigration(_Role):
         super().__init__(_S.IDLE, dict.fromkeys(ordered, _SC.NORMAL))
         flags = dict(channel_flags or {})
         self.flags = {ch: MigrateFlags(flags.get(ch, default_migrate_flags(ch[0]))) for ch in ordered}
-        if any(value & ~MIGRATE_FLAGS_MASK for value in self.flags.values()):
+        if any(int(value) & ~int(MIGRATE_FLAGS_MASK) for value in self.flags.values()):
             raise LocalProtocolError(f"migrate flags beyond {MIGRATE_FLAGS_MASK!r}: {self.flags}")
         self.client_main_caps = tuple(client_main_caps)
         self.timeout = timeout
@@ -150,71 +163,85 @@ class SourceMigration(_Role):
 
     # commands
 
-    def begin(self, dst_info: MigrationDstInfo, mode: MigrationMode, now: float) -> list:
+    @entry
+    def begin(self, dst_info: MigrationDstInfo, mode: MigrationMode, now: float) -> list[SourceOutput]:
         """spice_server_migrate_connect; ``mode`` is the best the owner allows (QEMU
         seamless-migration=on -> SEAMLESS), the client's caps may lower it (``self.mode``)."""
-        out = self._begin_call()
+        out = self._out
         if self.state in (_S.WAIT_CONNECT, _S.WAIT_CONNECT_SEAMLESS, _S.CONNECTED, _S.CONNECTED_SEAMLESS,
                           _S.NOT_CONNECTED):
-            self._fire("cancel")  # 5.2 step 2: the previous attempt is cancelled first
+            self._fire(_I.CANCEL)  # 5.2 step 2: the previous attempt is cancelled first
         self.dst_info, self._now = dst_info, now
         self.mode = choose_mode(self.client_main_caps, mode)
         self._fire(_BEGIN_INPUTS[self.mode])
         return out
 
-    def cancel(self) -> list:
+    @entry
+    def cancel(self) -> list[SourceOutput]:
         """migrate_end(completed=0): the VM stays here."""
-        out = self._begin_call()
-        self._fire("cancel")
+        out = self._out
+        self._fire(_I.CANCEL)
         return out
 
-    def finish(self, now: float, switch_host: bool = True) -> list:
+    @entry
+    def finish(self, now: float, switch_host: bool = True) -> list[SourceOutput]:
         """migrate_end(completed=1). Without a working s2 connection the client is sent
         MIGRATE_SWITCH_HOST, or with ``switch_host=False`` stays on this server. Before a seamless
         finish the owner sends any partially read guest-agent chunk as AGENT_DATA (5.4)."""
-        out = self._begin_call()
+        out = self._out
         self._now = now
         fallback = self.state is _S.NOT_CONNECTED or (
             # 5.3: END only reaches a client with SEMI_SEAMLESS_MIGRATE (a seamless client without it
             # that got a NACK)
             self.state is _S.CONNECTED and not has_cap(self.client_main_caps, MainCap.SEMI_SEAMLESS_MIGRATE)
         )
-        self._fire(("finish switch-host" if switch_host else "finish stay") if fallback else "finish")
+        self._fire((_I.FINISH_SWITCH_HOST if switch_host else _I.FINISH_STAY) if fallback else _I.FINISH)
         return out
 
-    def client_disconnected(self) -> list:
-        out = self._begin_call()
-        self._fire("client disconnected")
+    @entry
+    def client_disconnected(self) -> list[SourceOutput]:
+        """The client's main connection closed, whenever that happens: the migration is over."""
+        out = self._out
+        self._fire(_I.CLIENT_DISCONNECTED)
         return out
 
-    def roll_back(self) -> list:
+    @property
+    def can_roll_back(self) -> bool:
+        """Seamless, and every MIGRATE_DATA has gone out, so no FLUSH_MARK can come after the
+        CANCEL (the owner adds whether the client is still connected)."""
+        return self.mode is MigrationMode.SEAMLESS and self.allows(_I.ROLL_BACK)
+
+    @entry
+    def roll_back(self) -> list[SourceOutput]:
         """Seamless post-migration failed on s2's side: the session resumes here. Every channel is
         back to normal and the client is sent MIGRATE_CANCEL, which takes it back to our sockets."""
-        out = self._begin_call()
+        out = self._out
         if self.mode is not MigrationMode.SEAMLESS:
             raise LocalProtocolError(f"a {self.mode.label if self.mode else 'no'} migration cannot roll back")
-        self._fire("roll back")
+        self._fire(_I.ROLL_BACK)
         return out
 
     def get_timer(self) -> float | None:
-        return self._deadline
+        return None if self.failed else self._deadline
 
-    def handle_timer(self, now: float) -> list:
-        out = self._begin_call()
+    @entry
+    def handle_timer(self, now: float) -> list[SourceOutput]:
+        out = self._out
         if self._deadline is not None and now >= self._deadline:
             self._deadline = None
-            self._fire("timeout")
+            self._fire(_I.DEADLINE)
         return out
 
-    def receive(self, channel: Channel, message: Message) -> list:
+    @entry
+    def receive(self, channel: Channel, message: Message) -> list[SourceOutput]:
         """Every client message on a session channel; those migration does not care about pass."""
-        out = self._begin_call()
+        out = self._out
         kind = type(message)
         self._channel_state(channel)
-        if kind in (_CONNECTED, _CONNECTED_SEAMLESS, _CONNECT_ERROR):
-            self._fire(kind, message)
+        if kind in _ANSWERS:
+            self._fire(Received(kind), message)
         elif kind is MsgcMigrateFlushMark:
-            self._fire_channel(channel, kind)
+            self._fire_channel(channel, _FLUSH_MARK)
             self._flushed.add(channel)
             self._check_all_switched()
         elif channel in self._flushed:
@@ -222,9 +249,10 @@ class SourceMigration(_Role):
             raise RemoteProtocolError(f"{kind.__name__} on channel {channel} after MIGRATE_FLUSH_MARK")
         return out
 
-    def send(self, channel: Channel, message: Message) -> list:
+    @entry
+    def send(self, channel: Channel, message: Message) -> list[SourceOutput]:
         """Every message the owner writes on a session channel goes through here (5.9.4)."""
-        out = self._begin_call()
+        out = self._out
         kind = type(message)
         state = self._channel_state(channel)
         if kind is MsgMigrate or (state is _SC.NORMAL and kind is MsgMigrateData):
@@ -236,8 +264,17 @@ class SourceMigration(_Role):
             raise LocalProtocolError(
                 f"{kind.__name__} on channel {channel} in state {state.name}: only MIGRATE_DATA may follow MIGRATE"
             )
-        self._fire_channel(channel, kind, error=LocalProtocolError)
+        self._fire_channel(channel, _MIGRATE_DATA)
         out.append(Send(channel, message))
+        self._check_all_switched()
+        return out
+
+    @entry
+    def migrate_data_streamed(self, channel: Channel) -> list[SourceOutput]:
+        """The owner wrote this channel's MIGRATE_DATA itself, its body streamed as it was packed:
+        the same step as ``send`` with the message, without handing the body over."""
+        out = self._out
+        self._fire_channel(channel, _MIGRATE_DATA)
         self._check_all_switched()
         return out
 
@@ -253,7 +290,7 @@ class SourceMigration(_Role):
 
     def _connect_succeeded(self, message: Message) -> None:
         self._deadline = None
-        seamless = type(message) is _CONNECTED_SEAMLESS
+        seamless = type(message) is MsgcMainMigrateConnectedSeamless
         self.mode = MigrationMode.SEAMLESS if seamless else MigrationMode.SEMI_SEAMLESS
         self._out.append(ConnectComplete(True, seamless))
 
@@ -285,7 +322,7 @@ class SourceMigration(_Role):
         self._deadline = self._now + self.timeout
         for channel in self.channels:  # main first
             self._out.append(Send(channel, MsgMigrate(self.flags[channel])))
-            self._fire_channel(channel, _migrate_input(self.flags[channel]))
+            self._fire_channel(channel, Sent(Migrate.of(self.flags[channel], Origin.LOCAL)))
         self._check_all_switched()
 
     def _request_migrate_data(self, channel: Channel) -> None:
@@ -293,7 +330,7 @@ class SourceMigration(_Role):
 
     def _check_all_switched(self) -> None:
         if self.state is _S.MIGRATING and all(s is _SC.SWITCHED for s in self.channels.values()):
-            self._fire("all channels switched")
+            self._fire(_I.ALL_CHANNELS_SWITCHED)
 
     def _disconnect(self) -> None:
         self._out.append(DisconnectClient())
