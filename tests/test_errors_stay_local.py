@@ -21,7 +21,7 @@ from spicewire.server.migration import ControlClient, MigrationError
 from spicewire.server.net import ServerConfig, SpiceServer
 from spicewire.server.session import Limits
 
-from .serverkit import MainSession, read_until_closed, running_server, wait_until
+from .serverkit import MainSession, read_until_closed, refused_port, running_server, wait_until
 
 ECHO, SINK, SOURCE, BROKEN = "org.test.echo", "org.test.sink", "org.test.source", "org.test.broken"
 
@@ -30,12 +30,6 @@ ECHO, SINK, SOURCE, BROKEN = "org.test.echo", "org.test.sink", "org.test.source"
 def deadline(request):
     with gevent.Timeout(30, AssertionError(f"{request.node.name} took longer than 30 s")):
         yield
-
-
-def free_port() -> int:
-    with gevent.socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Node:
@@ -126,9 +120,10 @@ def test_a_destination_port_past_65535_given_to_the_manager_is_undone(nodes):
 def test_an_unreachable_destination_control_api_is_a_502_and_the_session_stays(nodes):
     s1, s2 = nodes(2)
     session = ClientSession(*s1.spice.address, timeout=10).connect()
-    nobody = f"127.0.0.1:{free_port()}"
-    with pytest.raises(MigrationError, match=rf": 502 cannot reach the destination's control API at {nobody}"):
-        s1.migrate_to(s2, to_control=nobody)
+    with refused_port() as port, pytest.raises(
+        MigrationError, match=rf": 502 cannot reach the destination's control API at 127.0.0.1:{port}"
+    ):
+        s1.migrate_to(s2, to_control=f"127.0.0.1:{port}")
     assert_back_to_normal(s1, session)
     echo_ok(session)
     migrated_once(s1, s2, session)
