@@ -215,12 +215,26 @@ class QemuSpice:
                 raise ValueError(f"unknown frontend {p.frontend!r}")
         return argv + list(self.extra_args)
 
-    def start(self) -> "QemuSpice":
+    def start(self) -> QemuSpice:
         if shutil.which(self.binary) is None:
             raise QemuStartError(f"{self.binary} not found")
-        self.tmpdir = tempfile.mkdtemp(prefix="sw-qemu-")
-        if self.spice_port is None:
+        if self.spice_port is not None:
+            return self._start()
+        # spice-server cannot listen on port 0 and say where; a port found free can be taken by
+        # another process before QEMU binds it, so a lost race picks another one.
+        tries = 3
+        while True:
             self.spice_port = free_port(self.host)
+            try:
+                return self._start()
+            except QemuStartError as exc:
+                tries -= 1
+                if tries == 0 or f"binding socket to {self.host}:{self.spice_port} failed" not in str(exc):
+                    raise
+                self.cleanup()
+
+    def _start(self) -> QemuSpice:
+        self.tmpdir = tempfile.mkdtemp(prefix="sw-qemu-")
         self.argv = self.build_argv()
         cmd = ["timeout", "--signal=KILL", str(int(self.lifetime))] + self.argv
         t0 = time.monotonic()
