@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+from spicewire.errors import LinkError
+
 LINK_MAGIC = 0x51444552  # b"REDQ" read as a little-endian u32
 VERSION_MAJOR = 2
 VERSION_MINOR = 2
@@ -33,6 +35,9 @@ class LinkErr(IntEnum):
     PERMISSION_DENIED = 7
     BAD_CONNECTION_ID = 8
     CHANNEL_NOT_AVAILABLE = 9
+
+
+LinkError.names.update((err.value, err.name) for err in LinkErr)  # errors.py cannot import from here
 
 
 class CommonCap(IntEnum):

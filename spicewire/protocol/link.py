@@ -23,7 +23,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from spicewire.errors import LinkError, LocalProtocolError, RemoteProtocolError
+from spicewire.errors import LinkError, LinkTimeout, LocalProtocolError, RemoteProtocolError
 from spicewire.protocol.caps import caps_to_words, has_cap
 from spicewire.protocol.enums import (
     ENCRYPTED_TICKET_SIZE,
@@ -256,7 +256,7 @@ class _LinkMachine:
         deadline = self.get_timer()
         if deadline is not None and now >= deadline:
             self._close()
-            raise RemoteProtocolError("link handshake timed out")
+            raise LinkTimeout("link handshake timed out")
 
     @property
     def state(self) -> LinkState:
