@@ -436,7 +436,7 @@ def test_destination_do_seamless_acks_and_attaches_parked_channels_waiting_for_d
 def test_destination_do_seamless_with_newer_version_is_nacked():
     dst = destination()
     assert dst.receive(MAIN, MsgcMainMigrateDstDoSeamless(2)) == [Send(MAIN, MsgMainMigrateDstSeamlessNack())]
-    assert dst.state is DestinationState.TARGET_SEMI
+    assert dst.state is DestinationState.SEMI_SEAMLESS
 
 
 def test_destination_do_seamless_with_seamless_disabled_is_nacked():
@@ -519,10 +519,10 @@ def test_destination_main_migrate_end_after_ack_is_a_remote_error():
 def test_destination_main_migrate_end_from_a_client_without_semi_cap_is_ignored():
     dst = destination(caps=())
     assert dst.receive(MAIN, MsgcMainMigrateEnd()) == []
-    assert dst.state is DestinationState.TARGET
+    assert dst.state is DestinationState.PRE_MIGRATION
 
 
-def test_destination_other_main_message_while_target_is_a_remote_error():
+def test_destination_other_main_message_before_the_switch_is_a_remote_error():
     with pytest.raises(RemoteProtocolError):
         destination().receive(MAIN, MsgcPong(1, 2))
 

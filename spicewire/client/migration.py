@@ -22,6 +22,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import assert_never
 
 import gevent
 import gevent.event
@@ -49,6 +50,7 @@ from spicewire.protocol.migration import (
     AwaitConfirmation,
     AwaitRollback,
     ClientMigration,
+    ClientOutput,
     ClientState,
     CloseSource,
     DropDestination,
@@ -152,14 +154,6 @@ class MigrationDriver:
         self._timer: gevent.Greenlet | None = None  # armed from machine.get_timer() after every run
         self._watcher: gevent.Greenlet | None = None  # reads s1's main once main is on s2
         self._back_on_s1 = gevent.event.Event()  # s2 failed and every channel reads s1 again
-        self._handlers = {
-            Send: self._send, LinkDestination: self._link_destination, DropDestination: self._drop,
-            ResetChannels: self._reset, SwitchChannel: self._switch, CloseSource: self._close_source,
-            MigrationCompleted: self._completed, SwitchHost: self._switch_host,
-            AwaitConfirmation: self._await_confirmation, AwaitRollback: self._await_rollback,
-            DropMigrateData: self._drop_migrate_data, RolledBack: self._rolled_back, SessionLost: self._lost,
-        }
-
     @property
     def waiting_main_init(self) -> bool:
         return self.machine.state is ClientState.WAIT_MAIN_INIT
@@ -239,9 +233,37 @@ class MigrationDriver:
             return
         self.execute(events)
 
-    def execute(self, events: list) -> None:
+    def execute(self, events: list[ClientOutput]) -> None:
         for ev in events:
-            self._handlers[type(ev)](ev)
+            match ev:
+                case Send():
+                    self._send(ev)
+                case LinkDestination():
+                    self._link_destination(ev)
+                case DropDestination():
+                    self._drop(ev)
+                case ResetChannels():
+                    self._reset(ev)
+                case SwitchChannel():
+                    self._switch(ev)
+                case CloseSource():
+                    self._close_source(ev)
+                case MigrationCompleted():
+                    self._completed(ev)
+                case SwitchHost():
+                    self._switch_host(ev)
+                case AwaitConfirmation():
+                    self._await_confirmation(ev)
+                case AwaitRollback():
+                    self._await_rollback(ev)
+                case DropMigrateData():
+                    self._drop_migrate_data(ev)
+                case RolledBack():
+                    self._rolled_back(ev)
+                case SessionLost():
+                    self._lost(ev)
+                case _:
+                    assert_never(ev)
         if self._s2_broken is not None:
             reason, self._s2_broken = self._s2_broken, None
             self.s2_failed(reason)

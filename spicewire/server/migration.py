@@ -23,6 +23,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import assert_never
 
 import gevent
 import gevent.event
@@ -193,19 +194,22 @@ class SessionSource:
         self._apply(outputs)
         return isinstance(msg, _SOURCE_MESSAGES)
 
-    def _apply(self, outputs: list) -> None:
+    def _apply(self, outputs: list[mig.SourceOutput]) -> None:
         for item in outputs:
-            if isinstance(item, mig.Send):
-                self._send(item.channel, item.message)
-            elif isinstance(item, mig.ConnectComplete):
-                self.times["connected"] = time.time()
-                if not self.connected.ready():
-                    self.connected.set(item)
-            elif isinstance(item, mig.MigrateDataRequested):
-                self._send_migrate_data(item.channel)
-            elif isinstance(item, mig.DisconnectClient):
-                if self.session.main is not None:
-                    self.session.main.transport.close("the client did not leave after the migration")
+            match item:
+                case mig.Send():
+                    self._send(item.channel, item.message)
+                case mig.ConnectComplete():
+                    self.times["connected"] = time.time()
+                    if not self.connected.ready():
+                        self.connected.set(item)
+                case mig.MigrateDataRequested():
+                    self._send_migrate_data(item.channel)
+                case mig.DisconnectClient():
+                    if self.session.main is not None:
+                        self.session.main.transport.close("the client did not leave after the migration")
+                case _:
+                    assert_never(item)
         self._arm_timer()
 
     def _send(self, channel: mig.Channel, msg: m.Message) -> None:
@@ -344,18 +348,21 @@ class SessionTarget:
         self._apply(self.machine.receive(channel, msg))  # raises for data before MIGRATE_DATA
         return False
 
-    def _apply(self, outputs: list) -> None:
+    def _apply(self, outputs: list[mig.DestinationOutput]) -> None:
         for item in outputs:
-            if isinstance(item, mig.Send):
-                self.session.main.channel.send(item.message)  # s2 only ever writes on main
-                self.session.main.transport.flush()
-            elif isinstance(item, mig.AttachChannel):
-                self._attach(self.links[item.channel], item.wait_for_migrate_data)
-            elif isinstance(item, mig.RestoreMigrateData):
-                if item.channel != MAIN:
-                    self._restore_port(self.links[item.channel], item.data)
-            elif isinstance(item, mig.MigrationCompleted):
-                self._completed(item.mode)
+            match item:
+                case mig.Send():
+                    self.session.main.channel.send(item.message)  # s2 only ever writes on main
+                    self.session.main.transport.flush()
+                case mig.AttachChannel():
+                    self._attach(self.links[item.channel], item.wait_for_migrate_data)
+                case mig.RestoreMigrateData():
+                    if item.channel != MAIN:  # no guest agent: main's state is the empty MNMD
+                        self._restore_port(self.links[item.channel], item.data)
+                case mig.MigrationCompleted():
+                    self._completed(item.mode)
+                case _:
+                    assert_never(item)
 
     def _attach(self, handler: PortConnection, wait_for_data: bool) -> None:
         handler.parked = False

@@ -34,8 +34,8 @@ from spicewire.protocol.migration.table import Table, _Role, entry
 
 
 class DestinationState(Enum):
-    TARGET = auto()  # MAIN linked with connection_id != 0; no MAIN_INIT
-    TARGET_SEMI = auto()  # DST_DO_SEAMLESS was refused
+    PRE_MIGRATION = auto()  # MAIN linked with connection_id != 0; no MAIN_INIT
+    SEMI_SEAMLESS = auto()  # DST_DO_SEAMLESS was refused: MIGRATE_END comes next
     SEAMLESS = auto()  # ACK sent; waiting for every channel's MIGRATE_DATA
     MIGRATED = auto()
 
@@ -61,13 +61,13 @@ class DestinationMigration(_Role):
 
     TABLE: ClassVar[Table] = {
         # 5.2: s2 on DST_DO_SEAMLESS
-        (_D.TARGET, _DO_SEAMLESS): (_D.SEAMLESS, "_ack"),
-        (_D.TARGET, _I.DO_SEAMLESS_REFUSED): (_D.TARGET_SEMI, "_nack"),
+        (_D.PRE_MIGRATION, _DO_SEAMLESS): (_D.SEAMLESS, "_ack"),
+        (_D.PRE_MIGRATION, _I.DO_SEAMLESS_REFUSED): (_D.SEMI_SEAMLESS, "_nack"),
         # 5.3: semi-seamless
-        (_D.TARGET, _END): (_D.MIGRATED, "_send_main_init"),
-        (_D.TARGET_SEMI, _END): (_D.MIGRATED, "_send_main_init"),
-        (_D.TARGET, _I.END_WITHOUT_CAP): (_D.TARGET, None),  # spice-server warns and ignores it
-        (_D.TARGET_SEMI, _I.END_WITHOUT_CAP): (_D.TARGET_SEMI, None),
+        (_D.PRE_MIGRATION, _END): (_D.MIGRATED, "_send_main_init"),
+        (_D.SEMI_SEAMLESS, _END): (_D.MIGRATED, "_send_main_init"),
+        (_D.PRE_MIGRATION, _I.END_WITHOUT_CAP): (_D.PRE_MIGRATION, None),  # spice-server warns and ignores it
+        (_D.SEMI_SEAMLESS, _I.END_WITHOUT_CAP): (_D.SEMI_SEAMLESS, None),
         # 5.4: seamless
         (_D.SEAMLESS, _I.ALL_RESTORED): (_D.MIGRATED, "_seamless_done"),
     }
@@ -90,7 +90,7 @@ class DestinationMigration(_Role):
     ) -> None:
         if connection_id == 0:
             raise LocalProtocolError("a MAIN link with connection_id 0 starts a new session, not a migration")
-        super().__init__(_D.TARGET, {MAIN: _DC.ATTACHED})
+        super().__init__(_D.PRE_MIGRATION, {MAIN: _DC.ATTACHED})
         self.connection_id = connection_id
         self.client_main_caps = tuple(client_main_caps)
         self.seamless_enabled = seamless_enabled
@@ -137,7 +137,7 @@ class DestinationMigration(_Role):
         elif state is _DC.WAIT_MIGRATE_DATA:
             # 5.7: data before the restore would break its empty-queue precondition
             raise RemoteProtocolError(f"{kind.__name__} on channel {channel} before its MIGRATE_DATA")
-        elif channel == MAIN and self.state in (_D.TARGET, _D.TARGET_SEMI):
+        elif channel == MAIN and self.state in (_D.PRE_MIGRATION, _D.SEMI_SEAMLESS):
             self._fire(self._main_input(message), message)
         elif kind in (MsgcMainMigrateDstDoSeamless, MsgcMainMigrateEnd):
             self._fire(Received(kind), message)
