@@ -355,7 +355,7 @@ def parse_port_migrate_data(body: Buffer) -> PortMigrateData:
     )
 
 
-_OTHER_MAGICS = {
+_OTHER_MAGICS: dict[int, MigrateDataMagic] = {
     ChannelType.INPUTS: MigrateDataMagic.INPUTS,
     ChannelType.DISPLAY: MigrateDataMagic.DISPLAY,
     ChannelType.SMARTCARD: MigrateDataMagic.SMARTCARD,

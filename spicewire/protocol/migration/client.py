@@ -222,7 +222,7 @@ class ClientMigration(_Role):
         self.rolled_back = False  # this attempt ended back on s1 after s1's CANCEL
         self.last_resent: dict[Channel, int] = {}  # after a rollback: messages written to s2 and resent
         # One deadline at a time, each tied to the state that set it: leaving that state disarms it.
-        self._timer: tuple[float, ClientState, ClientInput] | None = None
+        self._timer: tuple[float, Enum, ClientInput] | None = None
         self._now: float | None = None
 
     # time
@@ -268,7 +268,7 @@ class ClientMigration(_Role):
                 raise RemoteProtocolError(f"{kind.__name__} on channel {channel} where MIGRATE_DATA must follow")
             if state not in (_CC.ON_S1, _CC.WAIT_MIGRATE_DATA, _CC.HELD):
                 raise LocalProtocolError(f"channel {channel} has left s1: its s1 connection is not read")
-            if kind is MsgMigrate:
+            if isinstance(message, MsgMigrate):
                 self._fire(Received(Migrate.of(message.flags, Origin.REMOTE)), channel, message)
             elif kind is MsgMigrateData:
                 self._fire(_MIGRATE_DATA, channel, message)
@@ -374,15 +374,17 @@ class ClientMigration(_Role):
 
     # session actions
 
-    def _link_main(self, message: Message) -> None:
+    def _link_main(self, message: MsgMainMigrateBegin | MsgMainMigrateBeginSeamless) -> None:
         self.dst_info, self._destination_open = message.dst_info, True
         self._src_version = getattr(message, "src_mig_version", 0)
-        self._out.append(LinkDestination(self.dst_info, self.session_id, (MAIN,)))
+        self._out.append(LinkDestination(message.dst_info, self.session_id, (MAIN,)))
 
     def _link_others(self) -> None:
         others = tuple(channel for channel in self.channels if channel != MAIN)
         self._pending_links = set(others)
         if others:
+            if self.dst_info is None:
+                raise LocalProtocolError("no s2 to link to: MIGRATE_BEGIN never came")
             self._out.append(LinkDestination(self.dst_info, self.session_id, others))
 
     def _do_seamless(self) -> None:
@@ -423,7 +425,7 @@ class ClientMigration(_Role):
                 self._fire_channel(channel, _CI.FREEZE)
         self._out.append(Send(MAIN, MsgcMainMigrateEnd(), Peer.S2))
 
-    def _switch_others(self, message: Message) -> None:
+    def _switch_others(self, message: MsgMainInit) -> None:
         self.session_id = message.session_id
         for channel in self.channels:
             if channel != MAIN:
@@ -494,7 +496,7 @@ class ClientMigration(_Role):
     def _lost(self) -> None:
         self._out.append(SessionLost(f"s1 did not take the session back within {self.rollback_timeout:g} s"))
 
-    def _switch_host(self, message: Message) -> None:
+    def _switch_host(self, message: MsgMainMigrateSwitchHost) -> None:
         if self._destination_open:
             self._reset_attempt()
         self.session_id = 0

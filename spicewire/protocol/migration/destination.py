@@ -122,7 +122,7 @@ class DestinationMigration(_Role):
         state = self._channel_state(channel)
         if state is _DC.PARKED:
             raise LocalProtocolError(f"channel {channel} is parked: its socket must not be read yet")
-        if kind is MsgcMigrateData:
+        if isinstance(message, MsgcMigrateData):
             if not self.flags(channel) & MigrateFlags.NEED_DATA_TRANSFER:
                 return out  # 5.4: ignored on channels without data transfer
             data = None

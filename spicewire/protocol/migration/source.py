@@ -280,11 +280,18 @@ class SourceMigration(_Role):
 
     # actions
 
+    @property
+    def _s2(self) -> MigrationDstInfo:
+        if self.dst_info is None:
+            raise LocalProtocolError("no s2 to migrate to: begin() was never called")
+        return self.dst_info
+
     def _send_begin(self) -> None:
+        begin: Message
         if self.state is _S.WAIT_CONNECT_SEAMLESS:
-            begin = MsgMainMigrateBeginSeamless(self.dst_info, MIGRATION_PROTOCOL_VERSION)
+            begin = MsgMainMigrateBeginSeamless(self._s2, MIGRATION_PROTOCOL_VERSION)
         else:
-            begin = MsgMainMigrateBegin(self.dst_info)
+            begin = MsgMainMigrateBegin(self._s2)
         self._out.append(Send(MAIN, begin))
         self._deadline = self._now + self.timeout
 
@@ -309,7 +316,7 @@ class SourceMigration(_Role):
 
     def _send_switch_host(self) -> None:
         self.mode = MigrationMode.SWITCH_HOST
-        self._out.append(Send(MAIN, MsgMainMigrateSwitchHost(self.dst_info)))
+        self._out.append(Send(MAIN, MsgMainMigrateSwitchHost(self._s2)))
         self._deadline = self._now + self.timeout
 
     def _roll_back(self) -> None:
