@@ -19,7 +19,8 @@ import pytest
 
 from . import peers
 from .peers.spicegtk import start_driver
-from .served import TOKEN, free_port
+from .served import TOKEN
+from .serverkit import refused_port
 
 pytestmark = pytest.mark.peer
 
@@ -49,13 +50,18 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.05)
 
 
-def wait_streaming(served, driver) -> None:
-    """Until the echo device on ``served`` has seen data (the driver is streaming)."""
-    def echoing():
-        if driver.proc.poll() is not None:
-            pytest.fail(f"driver ended early: {driver.report()}")
-        return any(p["name"] == ECHO and p["device"]["bytes_in"] > 0 for s in sessions(served) for p in s["ports"])
-    wait_for(echoing, 20, "the driver to stream")
+def echoed_bytes(served, driver) -> int:
+    """What the echo device(s) on ``served`` have taken so far; fails if the driver ended."""
+    if driver.proc.poll() is not None:
+        pytest.fail(f"driver ended early: {driver.report()}")
+    return sum(p["device"]["bytes_in"] for s in sessions(served) for p in s["ports"] if p["name"] == ECHO)
+
+
+def wait_streaming(served, driver, more: int = 1) -> None:
+    """Until the echo device on ``served`` has taken ``more`` bytes beyond what it had (the driver
+    is streaming there)."""
+    before = echoed_bytes(served, driver)
+    wait_for(lambda: echoed_bytes(served, driver) >= before + more, 20, f"{more} more bytes of the stream")
 
 
 def connections_to(driver, served) -> int:
@@ -66,7 +72,7 @@ def assert_landed(report: dict, mode: str) -> dict:
     assert report["migrated"] == 1 and report["stayed"] == 0, report
     (entry,) = report["sessions"]
     assert entry["migrated"] and entry["mode"] == mode and entry["error"] is None, report
-    assert 0 <= entry["downtime_s"] < 2 and entry["pre_migration_s"] > 0, report
+    assert entry["downtime_s"] >= 0 and entry["pre_migration_s"] > 0, report  # durations: see make bench
     return entry
 
 
@@ -102,7 +108,7 @@ def test_seamless_migrations_back_and_forth_keep_the_echo_stream_byte_exact(serv
             assert connections_to(driver, src) <= 1
             wait_for(lambda: not sessions(src), 5, "the source to drop the session")
             assert connections_to(driver, src) == 0
-        time.sleep(0.5)  # stream a little on the last server too
+        wait_streaming(servers[1], driver, more=1 << 20)  # stream on the last server too
         driver.stop_stream()
         rep = driver.report()
     last = servers[1]
@@ -129,12 +135,14 @@ def test_seamless_source_lets_go_of_the_session_once_it_landed(serve):
     with driver:
         wait_streaming(s1, driver)
         assert_landed(migrate(s1, s2), "seamless")
-        time.sleep(1.0)
-        left_on_s1 = sessions(s1)
+        wait_for(lambda: not sessions(s1), 20, "s1 to drop the session")
+        wait_streaming(s2, driver, more=1 << 20)
         driver.stop_stream()
         rep = driver.report()
     assert rep["ok"], rep
-    assert left_on_s1 == []
+    # s1 let go because the session landed (it closed, or spice-gtk left), not because its
+    # post-migration timer ran out while spice-gtk held its s1 main connection
+    assert "did not leave after the migration" not in s1.output(), s1.output()
 
 
 def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve):
@@ -154,8 +162,7 @@ def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve
             wait_for(lambda: not sessions(src), 5, "the source to drop the session")
             wait_for(lambda: connections_to(driver, dst) == CHANNELS and connections_to(driver, src) == 0, 5,
                      "every channel on the destination")
-            wait_streaming(dst, driver)  # the echo works on the destination
-            time.sleep(0.5)
+            wait_streaming(dst, driver, more=2 << 20)  # the echo works on the destination
         driver.stop_stream()
         rep = driver.report()
     assert rep["ok"], rep
@@ -177,9 +184,8 @@ def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve
 def test_spicegtk_stays_on_s1_when_the_destination_is_unreachable(serve):
     peers.require("spicegtk")
     s1, s2 = serve(*PORTS), serve(*PORTS)
-    closed = free_port()  # nothing listens here: spice-gtk's link to "s2" fails
     driver = start_driver(s1.address[1], port_name=ECHO, expect_echo=True, stream_seconds=30, timeout=20)
-    with driver:
+    with driver, refused_port() as closed:  # spice-gtk's link to "s2" fails there
         wait_streaming(s1, driver)
         session_id = sessions(s1)[0]["id"]
         report = migrate(s1, s2, to_port=closed)
@@ -190,13 +196,11 @@ def test_spicegtk_stays_on_s1_when_the_destination_is_unreachable(serve):
         assert_whole_session_on(s1, session_id)
         assert connections_to(driver, s1) == CHANNELS
         # the echo goes on, on s1
-        before = sessions(s1)[0]["ports"][0]["device"]["bytes_in"]
-        wait_for(lambda: sessions(s1)[0]["ports"][0]["device"]["bytes_in"] > before + (1 << 20), 10,
-                 "the echo on s1 to go on")
+        wait_streaming(s1, driver, more=1 << 20)
         # and the session can still migrate for real afterwards
         assert_landed(migrate(s1, s2), "seamless")
         assert_whole_session_on(s2, session_id)
-        time.sleep(0.3)
+        wait_streaming(s2, driver, more=1 << 20)
         driver.stop_stream()
         rep = driver.report()
     assert rep["ok"], rep
