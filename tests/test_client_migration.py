@@ -83,6 +83,7 @@ class FakeServer:
         # MAIN_INIT) waits here; a test clears it to make writes inside that window, then sets it.
         self.gate = gevent.event.Event()
         self.gate.set()
+        self.failures: list[str] = []  # scripts that broke; a test fails on any (``check``)
         self.listener = gevent.server.StreamServer(("127.0.0.1", 0), self._serve)
         self.listener.start()
         self.port = self.listener.server_port
@@ -105,18 +106,25 @@ class FakeServer:
                 link.receive_data(data, time.time())
         conn = FakeConn(sock, req, event)
         self.conns[conn.key] = conn
+        name = ChannelType(req.channel_type).name.lower()
         try:
             self.handlers[req.channel_type](self, conn)
-        except (OSError, ConnectionError):
-            pass
+        except OSError as err:  # the client hung up, or stop() closed the socket: how scripts end
+            self.events.put(("hung up", name, str(err)))
+        except Exception as err:  # an assertion in a script runs in its own greenlet: say so
+            self.failures.append(f"{name}: {err!r}")
+            raise
         finally:
             sock.close()
-            self.events.put(("closed", ChannelType(req.channel_type).name.lower()))
+            self.events.put(("closed", name))
 
     def stop(self) -> None:
         self.listener.stop()
         for conn in self.conns.values():
             conn.sock.close()
+
+    def check(self) -> None:
+        assert not self.failures, self.failures
 
 
 def pattern_chunks(total: int, block: memoryview):
@@ -226,6 +234,8 @@ def fake_pair():
     yield s1, s2
     s1.stop()
     s2.stop()
+    s1.check()
+    s2.check()
 
 
 def seen(queue, event, timeout: float = 5.0) -> bool:
@@ -558,6 +568,8 @@ def test_semi_seamless_resets_channels_and_sends_frozen_writes_to_s2():
     finally:
         s1.stop()
         s2.stop()
+    s1.check()
+    s2.check()
 
 
 @pytest.mark.peer
