@@ -151,7 +151,7 @@ def serve(args: argparse.Namespace) -> int:
     import gevent
     import gevent.event
 
-    from spicewire.server.control import ControlServer
+    from spicewire.control.server import ControlServer
     from spicewire.server.net import ServerConfig, SpiceServer
 
     logging.basicConfig(
@@ -292,7 +292,8 @@ def _add_migrate(commands: Subparsers) -> None:
 def migrate(args: argparse.Namespace) -> int:
     import json
 
-    from spicewire.server.migration import ControlClient, MigrationError
+    from spicewire.control.client import ControlClient
+    from spicewire.errors import MigrationError
 
     host, port = args.control
     source = ControlClient(host, port, token=args.token, timeout=3 * args.timeout + 30)

@@ -24,7 +24,8 @@ from collections.abc import Callable
 import gevent
 
 from spicewire.client import ClientSession
-from spicewire.server.migration import ControlClient, MigrationError
+from spicewire.control.client import ControlClient
+from spicewire.errors import MigrationError
 
 SINK = "org.spicewire.sink"
 CHUNK = 1 << 20

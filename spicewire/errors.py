@@ -68,3 +68,7 @@ class LinkError(SpiceError):
         name = self.names.get(int(code), f"unknown({int(code)})")
         super().__init__(f"link failed: {name}" + (f": {message}" if message else ""))
         self.code = code
+
+
+class MigrationError(SpiceError):
+    """A migration could not start, or its servers could not talk to each other."""

@@ -63,6 +63,7 @@ __all__ = [
     "raw_connect",
     "read_exactly",
     "read_until_closed",
+    "recv_exactly",
     "refused_port",
     "running_server",
     "sha256",
@@ -131,6 +132,22 @@ def refused_port() -> Iterator[int]:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         yield sock.getsockname()[1]
+
+
+def recv_exactly(sock: socket.socket, n: int, timeout: float = TIMEOUT) -> bytes:
+    """Exactly ``n`` bytes from ``sock``, however the stream cuts them; otherwise an AssertionError
+    that says how many came."""
+    data = bytearray()
+    try:
+        with gevent.Timeout(timeout):
+            while len(data) < n:
+                chunk = sock.recv(n - len(data))
+                if not chunk:
+                    raise AssertionError(f"the peer closed after {len(data)} of {n} bytes: {bytes(data)!r}")
+                data += chunk
+    except gevent.Timeout:
+        raise AssertionError(f"{len(data)} of {n} bytes arrived within {timeout} s: {bytes(data)!r}") from None
+    return bytes(data)
 
 
 def read_until_closed(sock: socket.socket, timeout: float = TIMEOUT) -> bytes:

@@ -39,12 +39,14 @@ from spicewire.client import ClientSession
 from spicewire.client.channels import DATA_CHUNK
 from spicewire.client.channels import RECV_BUFFER as CLIENT_RECV_BUFFER
 from spicewire.client.migration import RELAY_CHUNK
+from spicewire.control.client import ControlClient
+from spicewire.control.server import ControlServer
 from spicewire.devices import source_pattern
 from spicewire.protocol import messages as m
 from spicewire.protocol.framing import MessageReader
 from spicewire.protocol.migration import SWPD_SEGMENT
-from spicewire.server.control import ControlServer
-from spicewire.server.migration import PREFAULT_MIN, STREAM_MIGRATE_DATA, ControlClient
+from spicewire.server.migration.destination import PREFAULT_MIN
+from spicewire.server.migration.source import STREAM_MIGRATE_DATA
 from spicewire.server.net import RECV_BUFFER as SERVER_RECV_BUFFER
 from spicewire.server.net import WRITE_BATCH, ServerConfig, SpiceServer
 from spicewire.server.session import MAX_DATA_MESSAGE, Limits

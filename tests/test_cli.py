@@ -129,7 +129,7 @@ def test_listen_addresses_take_port_0_and_peer_addresses_do_not():
 
 def test_importing_spicewire_does_not_monkey_patch():
     code = (
-        "import spicewire.cli, spicewire.server.control, gevent.monkey; "
+        "import spicewire.cli, spicewire.control.server, gevent.monkey; "
         "assert not gevent.monkey.is_module_patched('socket')"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=15)

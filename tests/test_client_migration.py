@@ -28,7 +28,7 @@ from spicewire.protocol.migration import build_main_migrate_data
 from . import peers
 from .peers import echo_bios
 from .peers.qemu import QemuSpice, SpicePort, free_port
-from .serverkit import read_exactly, refused_port
+from .serverkit import read_exactly, recv_exactly, refused_port
 
 SESSION_ID = 0x5EED1234
 PORT_NAME = "org.test.echo"
@@ -628,7 +628,7 @@ def test_relay_moves_exactly_count_bytes_and_leaves_the_rest(monkeypatch, use_sp
     writer.get(timeout=10)
     reader.get(timeout=10)
     assert bytes(received) == payload
-    assert s1_near.recv(100) == after
+    assert recv_exactly(s1_near, len(after)) == after
     assert held == (0 if use_splice else min(count, client_migration.RELAY_CHUNK))
     for sock in (s1_far, s1_near, s2_near, s2_far):
         sock.close()

@@ -11,9 +11,9 @@ import gevent
 import gevent.socket
 import pytest
 
+from spicewire.control.server import ControlServer, HttpError, Router, parse_session_id
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType
-from spicewire.server.control import ControlServer, HttpError, Router, parse_session_id
 from spicewire.server.net import ServerConfig, SpiceServer
 from tests.rawclient import RawChannel, open_session
 

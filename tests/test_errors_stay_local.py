@@ -12,12 +12,12 @@ import pytest
 
 from spicewire import devices
 from spicewire.client import ClientSession
-from spicewire.errors import CodecError
+from spicewire.control.client import ControlClient
+from spicewire.control.server import ControlServer
+from spicewire.errors import CodecError, MigrationError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
-from spicewire.server import migration as server_migration
-from spicewire.server.control import ControlServer
-from spicewire.server.migration import ControlClient, MigrationError
+from spicewire.server.migration import orchestrator
 from spicewire.server.net import ServerConfig, SpiceServer
 from spicewire.server.session import Limits
 
@@ -137,7 +137,7 @@ def test_an_exception_in_the_middle_of_a_migration_gives_every_session_back(node
     def broken(_sessions):  # every client answered BEGIN and the devices are stopped by now
         raise RuntimeError("packing broke")
 
-    monkeypatch.setattr(server_migration, "pack_device_states", broken)
+    monkeypatch.setattr(orchestrator, "pack_device_states", broken)
     with pytest.raises(MigrationError, match=": 500 internal error"):
         s1.migrate_to(s2)
     assert "RuntimeError: packing broke" in caplog.text  # logged with its traceback on s1

@@ -25,12 +25,12 @@ from gevent import socket
 from gevent.server import StreamServer
 
 from spicewire.client import ClientSession
+from spicewire.control.client import ControlClient
+from spicewire.control.server import ControlServer
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType, Msgc, MsgcSpicevmc
-from spicewire.server import migration as server_migration
-from spicewire.server.control import ControlServer
-from spicewire.server.migration import ControlClient
+from spicewire.server.migration import SessionDestination, SessionSource, orchestrator
 from spicewire.server.net import ServerConfig, SpiceServer
 from spicewire.server.session import Limits
 
@@ -456,7 +456,7 @@ def test_fault_client_disconnects_mid_migration_is_cleaned_up_on_both_servers(no
     try:
         migration = gevent.spawn(s1.migrate_to, s2, to=gate.address, timeout=5)
         wait_until(lambda: sid in s2.spice.sessions, what="the client's main link to s2")
-        assert isinstance(s2.spice.sessions[sid].migration, server_migration.SessionTarget)
+        assert isinstance(s2.spice.sessions[sid].migration, SessionDestination)
         assert session.migrating and not session.migration_connected_event.is_set()
         session.close()
         entry = only_entry(migration.get(timeout=10))
@@ -496,14 +496,14 @@ def test_fault_s2_dies_after_the_clients_ack_cancels_and_the_session_stays(nodes
     (s1,) = nodes(1)
     s2 = procs("s2")
     session, digest = session_with_held_sink(s1)
-    pack = server_migration.pack_device_states
+    pack = orchestrator.pack_device_states
 
     def s2_dies_first(sessions):  # the clients answered CONNECTED_SEAMLESS; s2 goes before the POST
         assert session.migration_connected_event.is_set()
         s2.kill()
         return pack(sessions)
 
-    monkeypatch.setattr(server_migration, "pack_device_states", s2_dies_first)
+    monkeypatch.setattr(orchestrator, "pack_device_states", s2_dies_first)
     report = s1.migrate_to(s2)
     entry = only_entry(report)
     assert report["stayed"] == 1 and not entry["migrated"]
@@ -537,7 +537,7 @@ def test_fault_s2_fails_after_migrate_data_was_sent_rolls_back_to_s1_with_nothin
     held, digest = 32 << 20, hashlib.sha256()
     fill_paused_sink(s1, session, held, digest=digest)
     sink = session.open_port(SINK)  # the same port: written to again while the session is between servers
-    send_migrate_data = server_migration.SessionSource._send_migrate_data
+    send_migrate_data = SessionSource._send_migrate_data
     failed = []
 
     def then_s2_fails(self, channel):
@@ -546,7 +546,7 @@ def test_fault_s2_fails_after_migrate_data_was_sent_rolls_back_to_s1_with_nothin
             s2.proc.send_signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
             failed.append(channel)
 
-    monkeypatch.setattr(server_migration.SessionSource, "_send_migrate_data", then_s2_fails)
+    monkeypatch.setattr(SessionSource, "_send_migrate_data", then_s2_fails)
     deadline = 30 if fault == "killed" else 3  # killed: found out long before any deadline
     try:
         migration = gevent.spawn(s1.migrate_to, s2, timeout=deadline)

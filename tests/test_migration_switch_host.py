@@ -2,9 +2,9 @@
 
 import gevent
 
+from spicewire.control.client import ControlClient
+from spicewire.control.server import ControlServer
 from spicewire.protocol import messages as m
-from spicewire.server.control import ControlServer
-from spicewire.server.migration import ControlClient
 
 from .serverkit import MainSession, running_server
 

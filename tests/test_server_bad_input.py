@@ -33,6 +33,7 @@ from tests.serverkit import (
     link_mess_bytes,
     raw_connect,
     read_until_closed,
+    recv_exactly,
     running_server,
     wait_until,
 )
@@ -181,8 +182,7 @@ def test_replayed_ticket(server, bystander, logs):
     recorded = link.data_to_send()  # auth mechanism word + 128-byte ticket for A's key
     assert len(recorded) == 4 + 128
     first.sendall(recorded)
-    with gevent.Timeout(5):
-        assert first.recv(4) == struct.pack("<I", LinkErr.OK)
+    assert recv_exactly(first, 4) == struct.pack("<I", LinkErr.OK)
     first.close()
     # Link B replays it: B's fresh key cannot decrypt it.
     second, _, _ = link_to_reply(server.address, link_mess_bytes(0, ChannelType.MAIN))

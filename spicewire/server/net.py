@@ -390,7 +390,7 @@ class SpiceServer:
         if established.channel_type == ChannelType.MAIN:
             migrating = established.connection_id != 0
             if migrating:
-                session = self.migration.target_session(established.connection_id)
+                session = self.migration.arriving_session(established.connection_id)
                 if session is None:
                     log.warning("[%s] the announcement went away during the link", conn.label)
                     return None
@@ -407,8 +407,8 @@ class SpiceServer:
             session.main = MainConnection(session, conn.channel, conn, established.channel_caps)
             session.on_end = self._session_ended
             if migrating:
-                self.migration.target_main_linked(session)
-                log.info("[%s] migration target linked", conn.label)
+                self.migration.arriving_main_linked(session)
+                log.info("[%s] migrating session arrived", conn.label)
             else:
                 log.info("[%s] new session", conn.label)
             return session.main

@@ -286,10 +286,10 @@ class MainConnection:
         self.channel = channel
         self.transport = transport
         self.client_caps = client_caps
-        # Migration hooks: a migration target gets no MAIN_INIT until the migration says so;
+        # Migration hooks: an arriving session gets no MAIN_INIT until the migration says so;
         # ``intercept`` sees every client message first; after SPICE_MSG_MIGRATE (frozen) only
         # the migration writes on this channel.
-        self.target = False
+        self.arriving = False  # s2: the main link of a session still migrating here
         self.frozen = False
         self.intercept: Callable[[m.Message], bool] | None = None
 
@@ -313,7 +313,7 @@ class MainConnection:
             self.channel.send(msg)
 
     def start(self) -> None:
-        if self.target:
+        if self.arriving:
             return
         s = self.session
         self.channel.send(self.main_init())

@@ -27,9 +27,8 @@ from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from spicewire import __version__
 from spicewire.addresses import Address, parse_address
-from spicewire.errors import SpiceError
+from spicewire.errors import MigrationError, SpiceError
 from spicewire.protocol.migration import MigrationMode
-from spicewire.server.migration import MigrationError
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
 

@@ -1,0 +1,56 @@
+"""A minimal HTTP/1.1 client for another server's control API (s1 asking s2, and the CLI)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from gevent import socket
+
+from spicewire.addresses import Address
+from spicewire.errors import MigrationError
+
+log = logging.getLogger(__name__)
+
+
+class ControlClient:
+    """A minimal HTTP/1.1 client for another server's control API, on gevent sockets (so two
+    servers in one process can talk without monkey-patching)."""
+
+    def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0) -> None:
+        self.host, self.port, self.token, self.timeout = host, port, token, timeout
+
+    @property
+    def address(self) -> str:
+        return str(Address(self.host, self.port))
+
+    def get_json(self, path: str, timeout: float | None = None):
+        return self._request("GET", path, b"", "application/json", timeout)
+
+    def post_json(self, path: str, body, timeout: float | None = None) -> dict:
+        return self._request("POST", path, json.dumps(body).encode(), "application/json", timeout)
+
+    def post_bytes(self, path: str, body: bytes):
+        return self._request("POST", path, body, "application/octet-stream")
+
+    def _request(self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None):
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self.address}", "Connection: close",
+                f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        if self.token:
+            head.append(f"Authorization: Bearer {self.token}")
+        with socket.create_connection((self.host, self.port), timeout=timeout or self.timeout) as sock:
+            sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            data = bytearray()
+            while chunk := sock.recv(65536):
+                data += chunk
+        status_line, _, rest = bytes(data).partition(b"\r\n")
+        _, _, payload = rest.partition(b"\r\n\r\n")
+        try:
+            status = int(status_line.split()[1])
+            answer = json.loads(payload) if payload.strip() else None
+        except (IndexError, ValueError) as err:
+            raise MigrationError(f"{method} {path}: unreadable answer from {self.address}: {err}") from None
+        if status != 200:
+            message = answer.get("error") if isinstance(answer, dict) else payload[:200]
+            raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
+        return answer

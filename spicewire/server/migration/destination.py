@@ -1,0 +1,150 @@
+"""s2's side of one migrating session, from its MAIN link to MigrationCompleted: parked links,
+DO_SEAMLESS, MIGRATE_DATA restored into the port buffers, MAIN_INIT after a semi-seamless END."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, assert_never
+
+import gevent
+import gevent.event
+import numpy as np
+
+from spicewire.protocol import messages as m
+from spicewire.protocol import migration as mig
+from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
+from spicewire.server.session import PortConnection, Session, multi_media_time
+
+if TYPE_CHECKING:
+    from spicewire.server.migration.orchestrator import MigrationManager
+
+log = logging.getLogger(__name__)
+
+MAX_MIGRATE_DATA = 0xFFFFFFFF
+PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
+_DESTINATION_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateEnd, m.MsgcMigrateData)
+
+
+@dataclass
+class Announcement:
+    """A session s1 said will migrate here: its id and the ports (and devices) it has."""
+
+    session_id: int
+    ports: list[tuple[int, str, str]]  # channel id, name, device kind
+    expires: float  # time.monotonic()
+    device_state: dict[int, list] = field(default_factory=dict)  # channel id -> saved chunks
+    session: Session | None = None
+    # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
+    # more to touch than the bytes cost to receive, and the downtime should pay for neither.
+    buffers: dict[int, gevent.event.AsyncResult] = field(default_factory=dict)
+
+    def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
+        ready = self.buffers.pop(channel_id, None)
+        if ready is not None and ready.ready() and ready.successful() and len(ready.value) >= size:
+            return ready.value[:size]
+        return np.empty(size, dtype=np.uint8)
+
+
+class SessionDestination:
+    """s2's side of one migrating session, from its MAIN link to MigrationCompleted."""
+
+    def __init__(self, manager: MigrationManager, session: Session) -> None:
+        self.manager = manager
+        self.session = session
+        self.machine: mig.DestinationMigration | None = None
+        self.links: dict[mig.Channel, PortConnection] = {}
+        self.times: dict[str, float] = {"linked": time.time()}
+        self.restored = 0  # bytes restored from MIGRATE_DATA
+
+    def main_linked(self) -> None:
+        main = self.session.main
+        main.arriving = True
+        main.intercept = self._intercept_main
+        self.machine = mig.DestinationMigration(
+            self.session.id, main.client_caps, seamless_enabled=self.manager.seamless_enabled,
+            main_init=main.main_init(),
+        )
+
+    def port_linked(self, handler: PortConnection) -> None:
+        channel = port_channel(handler.port.channel_id)
+        handler.parked = True
+        handler.intercept = partial(self._intercept_port, channel)
+        self.links[channel] = handler
+        self._apply(self.machine.channel_linked(channel))
+
+    def status(self) -> dict:
+        return {"role": "destination", "state": self.machine.state.name if self.machine else "LINKING",
+                "restored": self.restored, "times": self.times}
+
+    def _intercept_main(self, msg: m.Message) -> bool:
+        self._apply(self.machine.receive(MAIN, msg))
+        return isinstance(msg, _DESTINATION_MAIN_MESSAGES)
+
+    def _intercept_port(self, channel: mig.Channel, msg: m.Message) -> bool:
+        if isinstance(msg, m.MsgcMigrateData):
+            with collector_paused():
+                self._apply(self.machine.receive(channel, msg))
+            return True
+        self._apply(self.machine.receive(channel, msg))  # raises for data before MIGRATE_DATA
+        return False
+
+    def _apply(self, outputs: list[mig.DestinationOutput]) -> None:
+        for item in outputs:
+            match item:
+                case mig.Send():
+                    self.session.main.channel.send(item.message)  # s2 only ever writes on main
+                    self.session.main.transport.flush()
+                case mig.AttachChannel():
+                    self._attach(self.links[item.channel], item.wait_for_migrate_data)
+                case mig.RestoreMigrateData():
+                    if item.channel != MAIN:  # no guest agent: main's state is the empty MNMD
+                        self._restore_port(self.links[item.channel], item.data)
+                case mig.MigrationCompleted():
+                    self._completed(item.mode)
+                case _:
+                    assert_never(item)
+
+    def _attach(self, handler: PortConnection, wait_for_data: bool) -> None:
+        handler.parked = False
+        if wait_for_data:
+            # Read, but only MIGRATE_DATA may come, and it may be as large as the port's backlog.
+            handler.waiting_for_migrate_data = True
+            ann = self.manager.announcements.get(self.session.id)
+            into = partial(ann.take_buffer, handler.port.channel_id) if ann is not None else None
+            handler.channel.expect_migrate_data(MAX_MIGRATE_DATA, into)
+        else:
+            handler.start()
+        handler.transport.resume_reading()
+
+    def _restore_port(self, handler: PortConnection, data: mig.PortMigrateData) -> None:
+        port, ch = handler.port, handler.channel
+        handler.waiting_for_migrate_data = False
+        pending, to_client = data.pending_size, data.to_client_size
+        port.restore(data.pending, data.to_client, pending, to_client)
+        ch.restore_migrated(serial_out=data.serial, ack_generation=data.ack_generation)
+        self.restored += pending + to_client
+        # No PORT_INIT: after a seamless switch the client keeps the port's name and state (spice-gtk
+        # logs a critical for a second one, 5.9 item 8).
+        handler.start(announce=False)
+        port.pump()
+
+    def _completed(self, mode: mig.MigrationMode) -> None:
+        self.times["completed"] = time.time()
+        session = self.session
+        if mode is mig.MigrationMode.SEAMLESS:
+            # As spice-server's s2 does (5.4); spice-gtk also lets go of its s1 main connection
+            # only once s2's main channel has said something.
+            session.main.channel.send(m.MsgMainMultiMediaTime(multi_media_time()))
+            session.main.transport.flush()
+        session.main.arriving = False
+        session.main.intercept = None
+        for handler in self.links.values():
+            handler.intercept = None
+        session.migration = None
+        session.migrations.append({"role": "destination", "mode": mode_label(mode), "restored": self.restored,
+                                   "times": self.times})
+        self.manager.completed[session.id] = session.migrations[-1]
+        log.info("session %08x migrated here (%s), %d bytes restored", session.id, mode_label(mode), self.restored)

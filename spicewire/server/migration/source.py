@@ -1,0 +1,285 @@
+"""s1's side of one session's migration: BEGIN, the connect answer, SPICE_MSG_MIGRATE or
+MIGRATE_END, and MIGRATE_DATA streamed out of the session's buffers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import partial
+from typing import assert_never
+
+import gevent
+import gevent.event
+import numpy as np
+
+from spicewire import codec
+from spicewire.errors import ProtocolError
+from spicewire.protocol import messages as m
+from spicewire.protocol import migration as mig
+from spicewire.protocol.enums import Msg
+from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel, prefaulted
+from spicewire.server.session import Session
+
+log = logging.getLogger(__name__)
+
+STREAM_MIGRATE_DATA = 1 << 20  # port MIGRATE_DATA at least this large is streamed segment by segment
+_SOURCE_MESSAGES = (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless,
+                    m.MsgcMainMigrateConnectError, m.MsgcMigrateFlushMark)
+
+
+class SessionSource:
+    """s1's side of one session's migration."""
+
+    def __init__(self, session: Session, timeout: float) -> None:
+        self.session = session
+        self.ports = {cid: port for cid, port in session.ports.items() if port.connection is not None}
+        channels = [MAIN, *(port_channel(cid) for cid in self.ports)]
+        self.machine = mig.SourceMigration(channels, session.main.client_caps, timeout=timeout)
+        self.connected = gevent.event.AsyncResult()  # the ConnectComplete
+        self.finished = gevent.event.Event()  # the client left s1 (or the attempt ended)
+        self.times: dict[str, float] = {"begin": time.time()}
+        self.moved = 0  # MIGRATE_DATA body bytes sent
+        self.dropped = 0  # in-flight bytes a semi-seamless migration throws away
+        self.error: str | None = None
+        self.rolled_back = False
+        self._timer: gevent.Greenlet | None = None
+        self.pack_buffers: PackBuffers | None = None  # the migration's, for a big MIGRATE_DATA
+        session.main.intercept = partial(self._intercept, MAIN)
+        for cid, port in self.ports.items():
+            port.connection.intercept = partial(self._intercept, port_channel(cid))
+
+    def begin(self, dst_info: m.MigrationDstInfo, mode: mig.MigrationMode) -> None:
+        self._apply(self.machine.begin(dst_info, mode, time.monotonic()))
+
+    def stop_devices(self) -> None:
+        """The VM pauses: devices neither take nor make data; the sockets are still read."""
+        for port in self.session.ports.values():
+            port.device_stopped = True
+
+    def resume_devices(self) -> None:
+        for port in self.session.ports.values():
+            port.device_stopped = False
+            port.pump()
+            port.flush_to_client()
+
+    def finish(self, switch_host: bool = False) -> None:
+        """Post-migration. ``switch_host`` (5.6): the client drops everything and links to s2 as a
+        new session."""
+        self.times["migrate_sent"] = time.time()
+        if switch_host or self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS:
+            # 5.3: every channel is reset on the client; what sits in our buffers is lost.
+            self.dropped = self.session.in_flight
+        self._apply(self.machine.finish(time.monotonic(), switch_host=switch_host))
+
+    def cancel(self, reason: str) -> None:
+        self.error = reason
+        # Nothing to cancel once post-migration has begun (that is a rollback) or the machine failed.
+        if self.machine.allows(mig.SourceInput.CANCEL):
+            self._apply(self.machine.cancel())
+        self.detach()
+        self.resume_devices()
+
+    @property
+    def can_roll_back(self) -> bool:
+        """The protocol allows it (SourceMigration.can_roll_back) and the client still holds its
+        connections here."""
+        return self.machine.can_roll_back and not self.finished.is_set() and self.session.main is not None
+
+    def roll_back(self, reason: str) -> None:
+        """s2 failed before it had the session: resume it here as it was at SPICE_MSG_MIGRATE (the
+        port buffers MIGRATE_DATA was built from are still ours) and send the client MIGRATE_CANCEL,
+        which brings it back to its connections here."""
+        self.error = f"rolled back: {reason}"
+        self.rolled_back = True
+        self._apply(self.machine.roll_back())
+        connections = [self.session.main, *(p.connection for p in self.session.ports.values())]
+        for conn in connections:
+            if conn is not None:
+                conn.channel.adopt_peer_serials()
+        self.detach()
+        self.resume_devices()
+        log.warning("session %08x: migration rolled back: %s", self.session.id, reason)
+
+    def detach(self) -> None:
+        if self.session.main is not None:
+            self.session.main.intercept = None
+            self.session.main.frozen = False
+        for port in self.session.ports.values():
+            port.frozen = False
+            if port.connection is not None:
+                port.connection.intercept = None
+        if self.session.migration is self:
+            self.session.migration = None
+        if self._timer is not None:
+            self._timer.kill(block=False)
+        self.finished.set()
+        if not self.connected.ready():
+            self.connected.set(mig.ConnectComplete(False, False))
+
+    def client_gone(self) -> None:
+        self.times["client_left"] = time.time()
+        if self.machine.mode is mig.MigrationMode.SEMI_SEAMLESS and "migrate_sent" in self.times:
+            # Whatever the client still wrote until it left is dropped as well.
+            self.dropped = max(self.dropped, self.session.in_flight)
+        if self.error is None and not self.connected.ready():
+            self.error = "the client disconnected before answering"
+        if not self.machine.failed:
+            self._apply(self.machine.client_disconnected())
+        self.detach()
+
+    @property
+    def switched(self) -> bool:
+        """Post-migration is done on this side: END or every MIGRATE_DATA went out (or it ended)."""
+        return self.finished.is_set() or self.machine.state in (
+            mig.SourceState.WAIT_DISCONNECT, mig.SourceState.DONE, mig.SourceState.IDLE)
+
+    def status(self) -> dict:
+        return {"role": "source", "state": self.machine.state.name, "mode": mode_label(self.machine.mode),
+                "moved": self.moved, "dropped": self.dropped, "times": self.times, "error": self.error}
+
+    # --- the machine's outputs ---------------------------------------------------------------
+
+    def _intercept(self, channel: mig.Channel, msg: m.Message) -> bool:
+        try:
+            outputs = self.machine.receive(channel, msg)  # raises for anything after FLUSH_MARK
+        except ProtocolError:
+            self._arm_timer()  # the machine failed: it has no deadline left
+            raise
+        self._apply(outputs)
+        return isinstance(msg, _SOURCE_MESSAGES)
+
+    def _apply(self, outputs: list[mig.SourceOutput]) -> None:
+        for item in outputs:
+            match item:
+                case mig.Send():
+                    self._send(item.channel, item.message)
+                case mig.ConnectComplete():
+                    self.times["connected"] = time.time()
+                    if not self.connected.ready():
+                        self.connected.set(item)
+                case mig.MigrateDataRequested():
+                    self._send_migrate_data(item.channel)
+                case mig.DisconnectClient():
+                    if self.session.main is not None:
+                        self.session.main.transport.close("the client did not leave after the migration")
+                case _:
+                    assert_never(item)
+        self._arm_timer()
+
+    def _send(self, channel: mig.Channel, msg: m.Message) -> None:
+        if channel == MAIN:
+            main = self.session.main
+            if main is None:
+                return
+            main.channel.send(msg)
+            main.frozen = main.frozen or isinstance(msg, m.MsgMigrate)
+            main.transport.flush()
+            return
+        port = self.ports[channel[1]]
+        if isinstance(msg, m.MsgMigrate):
+            port.frozen = True  # device data queued from now on travels in MIGRATE_DATA
+        if port.connection is not None:
+            port.connection.channel.send(msg)
+            port.connection.transport.flush()
+
+    def _send_migrate_data(self, channel: mig.Channel) -> None:
+        if channel == MAIN:
+            body = mig.build_main_migrate_data()  # no guest agent: the empty MNMD of 6.2
+            self.moved += len(body)
+            self._apply(self.machine.send(MAIN, m.MsgMigrateData(body)))
+            return
+        port = self.ports[channel[1]]
+        conn = port.connection
+        if conn is None:
+            return
+        ch = conn.channel
+        state = mig.PortMigrateData(
+            ack_generation=ch.ack_generation, ack_window=ch.ack_window, serial=ch.serial_out + 1,
+            client_serial=ch.serial_in, pending=list(port.to_device), to_client=list(port.to_client),
+        )
+        with collector_paused():
+            writer = mig.PortMigrateDataWriter(state)
+        self.moved += writer.size
+        if writer.size < STREAM_MIGRATE_DATA:  # small: one frame, one write, the least latency
+            body = b"".join(piece.tobytes() for piece in writer.segments())
+            self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
+            return
+        outputs = self.machine.migrate_data_streamed(channel)
+        header = ch.send_streamed(Msg.MIGRATE_DATA, writer.size)  # with what was queued before it
+        segments = pipelined_segments(writer, self.pack_buffers)
+        conn.transport.send_stream(header, segments, len(header) + writer.size)
+        self._apply(outputs)
+
+    def _arm_timer(self) -> None:
+        deadline = self.machine.get_timer()
+        if self._timer is not None:
+            self._timer.kill(block=False)
+            self._timer = None
+        if deadline is not None:
+            self._timer = gevent.spawn_later(max(0.0, deadline - time.monotonic()), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._apply(self.machine.handle_timer(time.monotonic()))
+
+
+class PackBuffers:
+    """Segment buffers for pipelined_segments, faulted in by worker threads during pre-migration:
+    fresh pages cost this machine about as much to touch as to fill (some 2 ms per MiB), and the
+    downtime should pay for neither. One migration's; buffers go back here after each stream."""
+
+    SIZE = mig.SWPD_SEGMENT  # a container is at most this large unless one chunk is larger
+
+    def __init__(self, count: int = 0) -> None:
+        pool = gevent.get_hub().threadpool
+        self._free = [pool.spawn(prefaulted, self.SIZE) for _ in range(count)]
+
+    def take(self, size: int) -> np.ndarray:
+        while self._free:
+            job = self._free.pop()
+            if job.ready() and job.successful() and len(job.value) >= size:
+                return job.value
+        return np.empty(size, dtype=np.uint8)
+
+    def give_back(self, buffer: np.ndarray) -> None:
+        if len(buffer) == self.SIZE:
+            done = gevent.event.AsyncResult()
+            done.set(buffer)
+            self._free.append(done)
+
+
+def pipelined_segments(writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None):
+    """The writer's segments, each packed in a worker thread into one of two buffers while the one
+    before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
+    instead of taking turns. A segment is asked for only once the previous one is sent, so the
+    buffer being packed is never the one on the wire."""
+    yield np.frombuffer(writer.header, dtype=np.uint8)
+    pool = gevent.get_hub().threadpool
+    spare = spare or PackBuffers()
+    buffers = [spare.take(writer.largest_container) for _ in range(2)]
+    try:
+        groups = writer.chunk_groups()
+        job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
+        turn = 0
+        for group in groups:
+            packed = job.get()
+            turn ^= 1
+            job = pool.spawn(codec.pack_chunks, group, buffers[turn])
+            yield packed
+        yield job.get()
+    finally:
+        for buffer in buffers:
+            spare.give_back(buffer)
+
+
+def pack_device_states(sessions) -> bytes:
+    """Every port device of ``sessions``, saved, in one codec container: chunk 0 is a JSON index
+    ``[{"session_id", "port", "chunks"}]``, the saved chunks follow in index order."""
+    index, chunks = [], []
+    for session in sessions:
+        for cid, port in session.ports.items():
+            saved = port.device.save()
+            index.append({"session_id": session.id, "port": cid, "chunks": len(saved)})
+            chunks.extend(saved)
+    return codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()
