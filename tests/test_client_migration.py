@@ -403,13 +403,13 @@ def test_link_failure_answers_connect_error_and_the_session_stays(fake_pair):
 # --- against QEMU ----------------------------------------------------------------------------
 
 
-def qemu_pair(seamless: bool, incoming_port: int, lifetime: float = 120.0):
+def qemu_pair(seamless: bool, lifetime: float = 120.0):
+    """s1 and s2 (waiting for the VM on ``s2.incoming_port``), not started yet."""
     opts = f"seamless-migration={'on' if seamless else 'off'}"
     port = [SpicePort(PORT_NAME, "isa")]
     bios = echo_bios.build()
     s1 = QemuSpice(ports=port, bios=bios, spice_opts=opts, lifetime=lifetime)
-    s2 = QemuSpice(ports=port, bios=bios, spice_opts=opts, lifetime=lifetime,
-                   extra_args=["-incoming", f"tcp:127.0.0.1:{incoming_port}"])
+    s2 = QemuSpice(ports=port, bios=bios, spice_opts=opts, lifetime=lifetime, incoming=True)
     return s1, s2
 
 
@@ -428,8 +428,8 @@ def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
     return predicate()
 
 
-def migrate_vm(s1: QemuSpice, incoming_port: int, timeout: float = 30.0) -> str:
-    s1.qmp_command("migrate", uri=f"tcp:127.0.0.1:{incoming_port}")
+def migrate_vm(s1: QemuSpice, s2: QemuSpice, timeout: float = 30.0) -> str:
+    s1.qmp_command("migrate", uri=f"tcp:127.0.0.1:{s2.incoming_port}")
     status = {}
 
     def done():
@@ -442,8 +442,7 @@ def migrate_vm(s1: QemuSpice, incoming_port: int, timeout: float = 30.0) -> str:
 
 def run_qemu_migration(seamless: bool):
     peers.require("qemu")
-    incoming = free_port()
-    s1, s2 = qemu_pair(seamless, incoming)
+    s1, s2 = qemu_pair(seamless)
     with s1, s2, ClientSession("127.0.0.1", s1.spice_port) as session:
         port = session.open_port(PORT_NAME)
         assert echo(port, b"hello s1\n" * 10)
@@ -451,7 +450,7 @@ def run_qemu_migration(seamless: bool):
         s1.qmp_command("client_migrate_info", protocol="spice", hostname="127.0.0.1", port=s2.spice_port)
         assert wait_for(session.migration_connected_event.is_set, 15), session.migrations
         connected = time.monotonic() - t0
-        assert migrate_vm(s1, incoming) == "completed"
+        assert migrate_vm(s1, s2) == "completed"
         report = session.wait_migrated(timeout=20)
         assert report is not None, (session.migrations, s1.log(), s2.log())
         after = b"hello s2 after migration\n" * 10
@@ -501,8 +500,8 @@ def test_client_follows_switch_host_after_a_connect_error():
     """5.5/5.6: the client could not reach s2 when asked, so at the end s1 sends SWITCH_HOST and the
     client starts a new session there (connection id 0) and re-opens its port by name."""
     peers.require("qemu")
-    incoming, s2_spice = free_port(), free_port()
-    s1, s2 = qemu_pair(True, incoming, lifetime=60)
+    s2_spice = free_port()  # fixed before s2 starts: s1 names it to the client first
+    s1, s2 = qemu_pair(True, lifetime=60)
     s2.spice_port = s2_spice
     with s1, ClientSession("127.0.0.1", s1.spice_port) as session:
         port = session.open_port(PORT_NAME)
@@ -512,7 +511,7 @@ def test_client_follows_switch_host_after_a_connect_error():
         assert wait_for(lambda: session.migrations, 15)
         assert session.migrations[-1]["result"] == "connect-error"
         with s2:  # s2 listens only now
-            assert migrate_vm(s1, incoming) == "completed"
+            assert migrate_vm(s1, s2) == "completed"
             report = session.wait_migrated(timeout=20)
             assert report is not None, (session.migrations, s1.log())
             assert report["mode"] == "switch-host" and report["result"] == "completed"
@@ -577,8 +576,7 @@ def test_echo_stream_survives_a_seamless_qemu_migration_without_loss_or_duplicat
     """Writes go on during the whole migration: what s1 had not yet given the guest travels in the
     port's MIGRATE_DATA, later writes wait for s2; the guest echo comes back complete and in order."""
     peers.require("qemu")
-    incoming = free_port()
-    s1, s2 = qemu_pair(True, incoming)
+    s1, s2 = qemu_pair(True)
     lines = [b"line %05d\n" % i for i in range(400)]
     with s1, s2, ClientSession("127.0.0.1", s1.spice_port) as session:
         port = session.open_port(PORT_NAME)
@@ -592,7 +590,7 @@ def test_echo_stream_survives_a_seamless_qemu_migration_without_loss_or_duplicat
         writer = gevent.spawn(write_all)
         s1.qmp_command("client_migrate_info", protocol="spice", hostname="127.0.0.1", port=s2.spice_port)
         assert wait_for(session.migration_connected_event.is_set, 15)
-        assert migrate_vm(s1, incoming) == "completed"
+        assert migrate_vm(s1, s2) == "completed"
         report = session.wait_migrated(timeout=20)
         writer.get(timeout=20)
         expected = b"".join(lines)

@@ -156,6 +156,7 @@ class QemuSpice:
     lifetime: float = 300.0  # QEMU is SIGKILLed by `timeout` after this many seconds
     start_timeout: float = 20.0
     paused: bool = False  # -S: no CPU; the spice-server still answers
+    incoming: bool = False  # wait for a migration, on a TCP port of its own (``incoming_port``)
     binary: str = QEMU_BINARY
     host: str = "127.0.0.1"
 
@@ -164,6 +165,7 @@ class QemuSpice:
     qmp: QMPClient | None = field(default=None, init=False)
     argv: list[str] = field(default_factory=list, init=False)
     startup_seconds: float = field(default=0.0, init=False)
+    incoming_port: int | None = field(default=None, init=False)
 
     @property
     def qmp_path(self) -> str:
@@ -198,6 +200,8 @@ class QemuSpice:
                 with open(path, "wb") as f:
                     f.write(self.bios)
             argv += ["-bios", path]
+        if self.incoming:
+            argv += ["-incoming", f"tcp:{self.host}:{self.incoming_port}"]
         if any(p.frontend == "virtio" for p in self.ports):
             argv += ["-device", "virtio-serial-pci,id=vser0"]
         isa_index = 0
@@ -218,18 +222,23 @@ class QemuSpice:
     def start(self) -> QemuSpice:
         if shutil.which(self.binary) is None:
             raise QemuStartError(f"{self.binary} not found")
-        if self.spice_port is not None:
-            return self._start()
-        # spice-server cannot listen on port 0 and say where; a port found free can be taken by
-        # another process before QEMU binds it, so a lost race picks another one.
+        # Neither spice-server nor -incoming can listen on port 0 and say where; a port found free
+        # can be taken by another process before QEMU binds it, so a lost race picks again.
+        pick_spice = self.spice_port is None
         tries = 3
         while True:
-            self.spice_port = free_port(self.host)
+            if pick_spice:
+                self.spice_port = free_port(self.host)
+            if self.incoming:
+                self.incoming_port = free_port(self.host)
             try:
                 return self._start()
             except QemuStartError as exc:
+                lost = (pick_spice and f"binding socket to {self.host}:{self.spice_port} failed" in str(exc)) or (
+                    self.incoming and f"tcp:{self.host}:{self.incoming_port}: Failed to find an available port"
+                    in str(exc))
                 tries -= 1
-                if tries == 0 or f"binding socket to {self.host}:{self.spice_port} failed" not in str(exc):
+                if tries == 0 or not lost:
                     raise
                 self.cleanup()
 
