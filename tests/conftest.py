@@ -1,8 +1,14 @@
 import os
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from spicewire import _codec_py
+
+# Hypothesis fails an example that takes longer than 200 ms, and a test whose data comes too slowly:
+# wall-clock checks that a loaded machine trips. Durations belong in benchmarks.
+settings.register_profile("spicewire", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("spicewire")
 
 try:
     from spicewire import _codec as _codec_compiled

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from spicewire import _codec_py
 
-QUICK = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+QUICK = settings(max_examples=300, deadline=None,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
 def outcome(fn, *args, **kwargs):
