@@ -149,7 +149,7 @@ def serve(args: argparse.Namespace) -> int:
     import signal
 
     import gevent
-    import gevent.event
+    import gevent.queue
 
     from spicewire.control.server import ControlServer
     from spicewire.server.net import ServerConfig, SpiceServer
@@ -183,11 +183,11 @@ def serve(args: argparse.Namespace) -> int:
         ", ".join(f"{name}={kind}" for name, kind in args.port_channels) or "none",
     )
 
-    stop: gevent.event.AsyncResult = gevent.event.AsyncResult()
-    watchers = [gevent.signal_handler(sig, stop.set, sig) for sig in (signal.SIGTERM, signal.SIGINT)]
+    stop: gevent.queue.Queue[signal.Signals] = gevent.queue.Queue()  # the signals, in the order they came
+    watchers = [gevent.signal_handler(sig, stop.put, sig) for sig in (signal.SIGTERM, signal.SIGINT)]
     try:
         received = stop.get()
-        log.info("%s: stopping (%d sessions open)", signal.Signals(received).name, len(server.sessions))
+        log.info("%s: stopping (%d sessions open)", received.name, len(server.sessions))
     finally:
         if control is not None:
             control.stop()

@@ -119,15 +119,19 @@ class EchoDevice(Device):
     """Sends back everything it receives, as far as the client-bound queue has room."""
 
     def write(self, data: memoryview) -> int:
-        n = min(len(data), self.port.room)
+        port = self.port
+        if port is None:  # the port checks first, so this is our bug, and it must not pass for push-back
+            raise RuntimeError("an echo device was offered bytes after it was detached")
+        n = min(len(data), port.room)
         if n:
-            self.port.send(bytes(data[:n]))
+            port.send(bytes(data[:n]))
             self.bytes_in += n
             self.bytes_out += n
         return n
 
     def on_room(self) -> None:
-        self.port.pump()
+        if self.port is not None:  # detached: nothing is buffered for it any more
+            self.port.pump()
 
 
 @register("sink")

@@ -8,7 +8,7 @@ from spicewire._codec_layout import FULL_HEADER
 from spicewire.errors import LocalProtocolError, MessageTooLarge
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
-from spicewire.protocol.enums import ChannelType, Msg, MigrateFlags, Msgc
+from spicewire.protocol.enums import ChannelType, MigrateFlags, Msg, Msgc
 from spicewire.protocol.framing import MessageReader, MessageWriter
 
 BULK = MessageReader.BULK_BODY

@@ -119,7 +119,7 @@ def failure(machine, exc_type=RemoteProtocolError):
 
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = sorted({c % (len(data) + 1) for c in cuts})
-    return [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)])]
+    return [data[a:b] for a, b in zip([0, *bounds], [*bounds, len(data)], strict=True)]
 
 
 # --- structures ---------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
 
 import gevent
 import gevent.event
@@ -19,7 +21,7 @@ from spicewire.errors import SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, PortEvent
-from spicewire.protocol.link import CLIENT_COMMON_CAPS, ClientLink, LinkEstablished
+from spicewire.protocol.link import CLIENT_COMMON_CAPS, Caps, ClientLink, LinkEstablished
 from spicewire.protocol.migration import Peer
 
 log = logging.getLogger(__name__)
@@ -29,9 +31,25 @@ DATA_CHUNK = 64 << 10
 PARK_WRITE_WAIT = 2.0  # a frozen s1 that no longer reads must not hold a write forever
 
 
+class ChannelOwner(Protocol):
+    """What a channel asks of the session it belongs to (ClientSession)."""
+
+    def route(self, ch: ChannelClient, msg: m.Message) -> None: ...
+
+    def on_message(self, ch: ChannelClient, msg: m.Message) -> None: ...
+
+    def destination_failed(self, ch: ChannelClient, sock: socket.socket, reason: str) -> bool:
+        """``sock`` failed: whether the channel is back on s1 (True) or the error stands."""
+
+    def pass_through_migrate_data(self, ch: ChannelClient) -> None: ...
+
+    def note_dropped(self, ch: ChannelClient, **counts: int) -> None: ...
+
+
 def link_channel(
     host: str, port: int, connection_id: int, channel_type: int, channel_id: int, *,
-    password: str | None = None, channel_caps=(), common_caps=CLIENT_COMMON_CAPS, timeout: float = 10.0,
+    password: str | None = None, channel_caps: Iterable[int] = (), common_caps: Caps = CLIENT_COMMON_CAPS,
+    timeout: float = 10.0,
 ) -> tuple[socket.socket, LinkEstablished]:
     """Open a TCP connection and run the link handshake on it (LinkError when refused)."""
     sock = socket.create_connection((host, port), timeout=timeout)
@@ -70,8 +88,8 @@ def link_channel(
 def close_socket(sock: socket.socket) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
+    except OSError as err:  # the peer reset it first: it is down either way
+        log.debug("shutdown: %s", err)
     sock.close()
 
 
@@ -79,7 +97,12 @@ class ChannelClient:
     """One channel of a session. ``session`` routes every outgoing message (``send``) and sees
     every incoming one (``session.on_message``); the channel only moves bytes."""
 
-    def __init__(self, session, sock: socket.socket, established: LinkEstablished) -> None:
+    # Set by attach(), which every connection goes through, the first one included.
+    sock: socket.socket
+    established: LinkEstablished
+    channel: ChannelConnection
+
+    def __init__(self, session: ChannelOwner, sock: socket.socket, established: LinkEstablished) -> None:
         self.session = session
         self.key = (established.channel_type, established.channel_id)
         self.write_lock = gevent.lock.RLock()
@@ -91,7 +114,7 @@ class ChannelClient:
         self._parked = gevent.event.Event()  # the reader saw the end of the old connection
         self._resumed = gevent.event.Event()
         self._resumed.set()
-        self._reader = None
+        self._reader: gevent.Greenlet[[], None] | None = None
         self.attach(sock, established)
 
     @property
@@ -193,7 +216,7 @@ class ChannelClient:
             self.closed.set()
             self._on_closed()
 
-    def _receive(self, data) -> None:
+    def _receive(self, data: bytes | bytearray | memoryview) -> None:
         conn = self.channel
         for msg in conn.receive_data(data):
             if self.channel is not conn:
@@ -224,8 +247,8 @@ class ChannelClient:
         self._resumed.clear()
         try:
             self.sock.shutdown(socket.SHUT_RD)  # the reader gets what is queued, then EOF
-        except OSError:
-            pass  # already gone: the reader sees an error, which a frozen channel takes as EOF
+        except OSError as err:  # already gone: the reader sees an error, which a frozen channel takes as EOF
+            log.debug("%s channel: shutdown: %s", self.channel_type.name, err)
 
     def resume(self, sock: socket.socket, established: LinkEstablished, timeout: float = 10.0) -> None:
         """Attach the next connection (fresh state) after ``freeze``."""
@@ -256,7 +279,7 @@ class ChannelClient:
 
 
 class MainChannel(ChannelClient):
-    def __init__(self, session, sock, established) -> None:
+    def __init__(self, session: ChannelOwner, sock: socket.socket, established: LinkEstablished) -> None:
         self.init: m.MsgMainInit | None = None
         self.channels: list[tuple[int, int]] | None = None
         self.name: str | None = None
@@ -295,7 +318,7 @@ class PortChannel(ChannelClient):
     """A port channel: write() sends DATA, read() returns what the device sent, in order, across
     migrations."""
 
-    def __init__(self, session, sock, established) -> None:
+    def __init__(self, session: ChannelOwner, sock: socket.socket, established: LinkEstablished) -> None:
         self.name: str | None = None
         self.opened = False
         self.initialised = gevent.event.Event()
@@ -338,7 +361,7 @@ class PortChannel(ChannelClient):
     def _on_closed(self) -> None:
         self._arrived.set()
 
-    def write(self, data) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         for start in range(0, len(view), DATA_CHUNK):
             self.send(m.MsgcSpicevmcData(view[start : start + DATA_CHUNK]))

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
+from wsgiref.types import StartResponse, WSGIEnvironment
 
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
@@ -192,7 +193,7 @@ class ControlServer:
 
     # --- WSGI ---------------------------------------------------------------------------------
 
-    def __call__(self, environ: dict, start_response) -> list[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
         # PATH_INFO is the percent-decoded path as latin-1 (PEP 3333); names are UTF-8.
         path = environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", "replace")
         request = Request(environ["REQUEST_METHOD"], path, environ)

@@ -41,7 +41,7 @@ class SubMessage:
     body: bytes | memoryview  # memoryview over a numpy buffer for bulk bodies
 
 
-def parse_sub_message_list(body: bytes | memoryview, offset: int = 0) -> tuple[SubMessage, ...]:
+def parse_sub_message_list(body: bytes | bytearray | memoryview, offset: int = 0) -> tuple[SubMessage, ...]:
     """Parse the SpiceSubMessageList at ``offset`` of ``body`` (offset 0 for a LIST message)."""
     size = len(body)
     if offset < 0 or offset + _U16.size > size:
@@ -166,7 +166,7 @@ class MessageReader:
             return None
         body = self._bulk[3]
         end = min(len(body), self._bulk_filled + limit)
-        return memoryview(body)[self._bulk_filled : end]
+        return body[self._bulk_filled : end].data
 
     def bulk_received(self, n: int) -> None:
         self._bulk_filled += n
@@ -218,29 +218,33 @@ class MessageReader:
         # Copy out exactly the body: a view into _buf would pin it (BufferError on resize) and
         # would see its bytes change once the buffer is compacted and refilled.
         with memoryview(buf) as view:
-            body = view[body_start:end].tobytes()
+            small = view[body_start:end].tobytes()
         self._accept(serial, msg_type)
         self._advance(end)
-        return RawMessage(serial, msg_type, body, sub_list)
+        return RawMessage(serial, msg_type, small, sub_list)
 
     def _finish_bulk(self) -> RawMessage | None:
+        if self._bulk is None:
+            raise LocalProtocolError("no message body is being gathered")
         serial, msg_type, sub_list, body = self._bulk
         if self._bulk_filled < len(body):
             return None
         self._bulk = None
         self._accept(serial, msg_type)
-        return RawMessage(serial, msg_type, memoryview(body), sub_list)
+        return RawMessage(serial, msg_type, body.data, sub_list)
 
     def _bulk_body(self, msg_type: int, size: int) -> np.ndarray:
         large = self._large
         into = large[2] if large is not None and large[0] == msg_type else None
         if into is None:
             return _new_buffer(size)
-        body = into(size)
+        body: object = into(size)
         # Bytes are copied and received into it by count: anything but a flat uint8 array of the
         # right size would take the right number of bytes and hold the wrong ones.
         if not isinstance(body, np.ndarray) or body.dtype != np.uint8 or body.ndim != 1 or len(body) < size:
-            raise LocalProtocolError(f"a bulk body of {size} bytes needs a 1-D uint8 array of that size, got {body!r:.80}")
+            raise LocalProtocolError(
+                f"a bulk body of {size} bytes needs a 1-D uint8 array of that size, got {body!r:.80}"
+            )
         if not body.flags.c_contiguous or not body.flags.writeable:
             raise LocalProtocolError("a bulk body buffer must be contiguous and writable")
         return body[:size]

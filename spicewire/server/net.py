@@ -10,11 +10,15 @@ import logging
 import socket
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import gevent
 import gevent.event
 import gevent.pool
+from cryptography.hazmat.primitives.asymmetric import rsa
+from gevent.event import AsyncResult
 from gevent.server import StreamServer
 
 from spicewire import devices
@@ -25,7 +29,15 @@ from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, Mai
 from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
 from spicewire.server.migration import MigrationManager
 from spicewire.server.session import (
-    MAIN_MAX_MESSAGE, PORT_MAX_MESSAGE, Limits, MainConnection, PortConnection, PortState, Session, new_session_id,
+    MAIN_MAX_MESSAGE,
+    PORT_MAX_MESSAGE,
+    Limits,
+    MainConnection,
+    PortConnection,
+    PortState,
+    Segment,
+    Session,
+    new_session_id,
 )
 
 log = logging.getLogger(__name__)
@@ -48,8 +60,9 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         # Refused here, where the value is given, not as a stall or a crash once clients come.
-        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
-            raise ValueError(f"ServerConfig.port must be 0-65535, not {self.port!r}")
+        port: object = self.port  # checked as given: a caller need not have kept to the annotation
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ValueError(f"ServerConfig.port must be 0-65535, not {port!r}")
         if not isinstance(self.limits, Limits):
             raise ValueError(f"ServerConfig.limits must be a Limits, not {type(self.limits).__name__}")
         for name in ("link_timeout", "stall_timeout", "tick_interval"):
@@ -59,7 +72,7 @@ class ServerConfig:
 
 
 TRIM_AFTER = 64 << 20
-_libc = None
+_libc: ctypes.CDLL | None = None
 
 
 def release_free_memory() -> None:
@@ -71,8 +84,8 @@ def release_free_memory() -> None:
         if _libc is None:
             _libc = ctypes.CDLL("libc.so.6")
         _libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to do
+    except (OSError, AttributeError) as err:
+        log.debug("not glibc, freed heap stays with the process: %s", err)
 
 
 class KeyPool:
@@ -87,11 +100,11 @@ class KeyPool:
 
     def __init__(self, size: int = 8) -> None:
         self.size = size
-        self._keys: deque = deque()
+        self._keys: deque[rsa.RSAPrivateKey] = deque()
         self._pending = 0
-        self._scheduled = None
+        self._scheduled: gevent.Greenlet[[], None] | None = None
 
-    def pop(self):
+    def pop(self) -> rsa.RSAPrivateKey:
         key = self._keys.popleft() if self._keys else new_link_key()
         if self._scheduled is None:
             self._scheduled = gevent.spawn_later(self.REFILL_DELAY, self._refill)
@@ -104,33 +117,37 @@ class KeyPool:
             self._pending += 1
             hub.threadpool.spawn(new_link_key).rawlink(self._arrived)
 
-    def _arrived(self, result) -> None:
+    def _arrived(self, result: AsyncResult[rsa.RSAPrivateKey]) -> None:
         self._pending -= 1
-        if result.successful():
-            self._keys.append(result.value)
+        key = result.value if result.successful() else None  # a failed one is made again on demand
+        if key is not None:
+            self._keys.append(key)
 
 
 class Connection:
     """One TCP connection: its link, then its channel. Also the session layer's Transport."""
 
-    def __init__(self, server: SpiceServer, sock: socket.socket, address) -> None:
+    def __init__(self, server: SpiceServer, sock: socket.socket, address: tuple[Any, ...]) -> None:
         self.server = server
         self.sock = sock
         self.peer = f"{address[0]}:{address[1]}"
         self.label = self.peer
         self.pending_write = 0
         self.closed = False
-        self.handler = None
+        self.handler: MainConnection | PortConnection | None = None
         self.channel: ChannelConnection | None = None
-        self._outq: deque[bytes] = deque()
+        # Frames, and the piece iterators of streamed bodies (send_stream) in their place in line.
+        self._outq: deque[bytes | Iterable[Segment]] = deque()
         self._write_ready = gevent.event.Event()
         self._read_gate = gevent.event.Event()
         self._read_gate.set()
-        self._writer = None
+        self._writer: gevent.Greenlet[[MainConnection | PortConnection], None] | None = None
 
     # --- Transport ---------------------------------------------------------------------------
 
     def flush(self) -> None:
+        if self.channel is None:
+            return  # still linking: no channel, so nothing framed to move
         frames = self.channel.data_to_send()
         if frames and not self.closed:
             self._outq.extend(frames)
@@ -140,7 +157,7 @@ class Connection:
     def resume_reading(self) -> None:
         self._read_gate.set()
 
-    def send_stream(self, header: bytes, pieces, size: int) -> None:
+    def send_stream(self, header: bytes, pieces: Iterable[Segment], size: int) -> None:
         """Queue a message whose body is produced piece by piece (MIGRATE_DATA of a large
         session): each piece is written before the next is asked for, so a producer may reuse
         one buffer. ``size`` is header plus body, for the pending-bytes accounting."""
@@ -161,8 +178,8 @@ class Connection:
         self._write_ready.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        except OSError as err:  # the peer reset it first: it is down either way
+            log.debug("[%s] shutdown: %s", self.label, err)
 
     # --- the connection's life ---------------------------------------------------------------
 
@@ -239,7 +256,7 @@ class Connection:
         self.sock.settimeout(remaining)
         try:
             return self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return None
 
     def _send_now(self, data: bytes) -> None:
@@ -249,67 +266,69 @@ class Connection:
 
     def _serve(self, established: LinkEstablished) -> None:
         max_size = MAIN_MAX_MESSAGE if established.channel_type == ChannelType.MAIN else PORT_MAX_MESSAGE
-        self.channel = ChannelConnection(
+        channel = self.channel = ChannelConnection(
             Side.SERVER, established.channel_type, established.channel_id,
             send_mini=established.send_mini_header, expect_mini=established.expect_mini_header,
             max_size=max_size,
         )
-        self.handler = self.server.attach(established, self)
-        if self.handler is None:
+        handler = self.handler = self.server.attach(established, self, channel)
+        if handler is None:
             return
         self.sock.settimeout(None)
-        self._writer = gevent.spawn(self._write_loop)
-        self.handler.start()
+        self._writer = gevent.spawn(self._write_loop, handler)
+        handler.start()
         if established.trailing:
-            self._received(established.trailing)
+            handler.handle(channel.receive_data(established.trailing))
+            self.flush()
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
         stall = self.server.config.stall_timeout
         while not self.closed:
-            while not self.handler.reading_allowed and not self.closed:
+            while not handler.reading_allowed and not self.closed:
                 self._read_gate.clear()
                 self._read_gate.wait(1.0)
             if self.closed:
                 break
-            self.sock.settimeout(stall if self.channel.buffered else None)
-            bulk = self.channel.receive_buffer()
+            self.sock.settimeout(stall if channel.buffered else None)
+            bulk = channel.receive_buffer()
             try:
                 n = self.sock.recv_into(buf if bulk is None else bulk)
-            except socket.timeout:
+            except TimeoutError:
                 raise ProtocolError(f"client stalled {stall:g} s in the middle of a message") from None
             if n == 0:
                 log.info("[%s] client closed the connection", self.label)
                 break
             if bulk is None:
-                self._received(view[:n])
+                handler.handle(channel.receive_data(view[:n]))
             else:  # straight into a large body (MIGRATE_DATA, big DATA): no copy, no per-chunk parsing
-                self.handler.handle(self.channel.received_into(n))
-                self.flush()
+                handler.handle(channel.received_into(n))
+            self.flush()
 
-    def _received(self, data) -> None:
-        self.handler.handle(self.channel.receive_data(data))
-        self.flush()
-
-    def _write_loop(self) -> None:
+    def _write_loop(self, handler: MainConnection | PortConnection) -> None:
         try:
             while not self.closed:
                 self._write_ready.wait()
                 self._write_ready.clear()
                 while self._outq and not self.closed:
-                    if not isinstance(self._outq[0], bytes):
-                        for piece in self._outq.popleft():  # a streamed body (send_stream)
-                            self.sock.sendall(piece)
+                    head = self._outq.popleft()
+                    if not isinstance(head, bytes):
+                        for piece in head:  # a streamed body (send_stream)
+                            # numpy's stubs give ndarray its __buffer__ only from Python 3.12 on.
+                            self.sock.sendall(piece)  # type: ignore[arg-type]
                             self.pending_write -= len(piece)
                         continue
-                    batch, size = [], 0
-                    while self._outq and size < WRITE_BATCH and isinstance(self._outq[0], bytes):
-                        frame = self._outq.popleft()
+                    batch, size = [head], len(head)
+                    while self._outq and size < WRITE_BATCH:
+                        frame = self._outq[0]
+                        if not isinstance(frame, bytes):
+                            break
+                        self._outq.popleft()
                         batch.append(frame)
                         size += len(frame)
                     self.sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
                     self.pending_write -= size
                     if not self._outq:
-                        self.handler.on_drained()
+                        handler.on_drained()
         except OSError as err:
             self.close(f"write failed: {err}")
 
@@ -325,15 +344,20 @@ class SpiceServer:
         self._connections: set[Connection] = set()
         self._pool = gevent.pool.Pool()
         self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
-        self._ticker = None
+        self._ticker: gevent.Greenlet[[], None] | None = None
+        self._stopped = gevent.event.Event()  # what serve_forever waits for
         self.migration = MigrationManager(self)
         self.started: float | None = None  # time.monotonic() at start(), for the control API's uptime
 
     @property
     def address(self) -> tuple[str, int]:
-        return self._server.address[:2]
+        address = self._server.address
+        if isinstance(address, str):
+            raise TypeError(f"a SPICE server listens on TCP, not on {address!r}")
+        return address[:2]
 
     def start(self) -> None:
+        self._stopped.clear()
         self._server.start()
         self.started = time.monotonic()
         self._ticker = gevent.spawn(self._tick_loop)
@@ -341,6 +365,7 @@ class SpiceServer:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._server.stop(timeout=0)
+        self._stopped.set()
         if self._ticker is not None:
             self._ticker.kill()
         for conn in list(self._connections):
@@ -350,9 +375,9 @@ class SpiceServer:
 
     def serve_forever(self) -> None:
         self.start()
-        self._server._stop_event.wait()
+        self._stopped.wait()
 
-    def _handle(self, sock, address) -> None:
+    def _handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         conn = Connection(self, sock, address)
         self._connections.add(conn)
         try:
@@ -386,7 +411,9 @@ class SpiceServer:
         # Both migration modes are honoured as source and as destination (5.9 items 1-2).
         return tuple(caps_to_words((MainCap.SEMI_SEAMLESS_MIGRATE, MainCap.SEAMLESS_MIGRATE)))
 
-    def attach(self, established: LinkEstablished, conn: Connection):
+    def attach(
+        self, established: LinkEstablished, conn: Connection, channel: ChannelConnection,
+    ) -> MainConnection | PortConnection | None:
         if established.channel_type == ChannelType.MAIN:
             migrating = established.connection_id != 0
             if migrating:
@@ -404,7 +431,7 @@ class SpiceServer:
                 )
             self.sessions[session.id] = session
             conn.label = f"{conn.peer} session {session.id:08x} main"
-            session.main = MainConnection(session, conn.channel, conn, established.channel_caps)
+            session.main = MainConnection(session, channel, conn, established.channel_caps)
             session.on_end = self._session_ended
             if migrating:
                 self.migration.arriving_main_linked(session)
@@ -413,13 +440,13 @@ class SpiceServer:
                 log.info("[%s] new session", conn.label)
             return session.main
         session = self.sessions.get(established.connection_id)
-        port = session.ports.get(established.channel_id) if session else None
-        if port is None or port.connection is not None:
+        port = session.ports.get(established.channel_id) if session is not None else None
+        if session is None or port is None or port.connection is not None:
             log.warning("[%s] session or port went away during the link", conn.label)
             return None
         conn.label = f"{conn.peer} session {session.id:08x} port {port.channel_id} ({port.name})"
         log.info("[%s] port channel linked", conn.label)
-        handler = PortConnection(port, conn.channel, conn)
+        handler = PortConnection(port, channel, conn)
         if session.migration is not None:
             self.migration.port_linked(session, handler)
         return handler

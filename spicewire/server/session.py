@@ -12,9 +12,11 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeAlias
+
+import numpy as np
 
 from spicewire.devices import Device
 from spicewire.errors import RemoteProtocolError
@@ -33,6 +35,10 @@ MAIN_MAX_MESSAGE = 26624
 PORT_MAX_MESSAGE = 64 << 20
 
 
+# One piece of a body the caller streams (Transport.send_stream): anything the socket can send.
+Segment: TypeAlias = bytes | memoryview | np.ndarray
+
+
 class Transport(Protocol):
     """What the network layer offers one channel connection."""
 
@@ -41,10 +47,20 @@ class Transport(Protocol):
     def flush(self) -> None:
         """Move the channel's framed output to the socket writer."""
 
+    def send_stream(self, header: bytes, pieces: Iterable[Segment], size: int) -> None:
+        """Write ``header`` (from ChannelConnection.send_streamed), then each piece in turn, asking
+        for the next only once the one before is written; ``size`` is header plus body."""
+
     def resume_reading(self) -> None:
         """Reading had stopped for backpressure; it may go on."""
 
     def close(self, reason: str) -> None: ...
+
+
+class SessionMigration(Protocol):
+    """What a session sees of the migration under way (s1's source or s2's destination side)."""
+
+    def status(self) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -74,7 +90,7 @@ class PortState:
         self.limits = limits
         self.to_device: deque[memoryview] = deque()
         self.to_device_bytes = 0
-        self.to_client: deque[bytes | memoryview] = deque()
+        self.to_client: deque[bytes | bytearray | memoryview] = deque()
         self.to_client_bytes = 0
         self.connection: PortConnection | None = None
         # Migration: a stopped device takes and makes nothing (the VM is paused); a frozen port
@@ -200,10 +216,12 @@ class PortState:
         """Bytes buffered here in either direction: what a migration moves or drops."""
         return self.to_device_bytes + self.to_client_bytes
 
-    def restore(self, pending: Iterable[memoryview], to_client: Iterable[bytes | memoryview], pending_bytes: int,
-                to_client_bytes: int) -> None:
+    def restore(
+        self, pending: Iterable[bytes | bytearray | memoryview], to_client: Iterable[bytes | bytearray | memoryview],
+        pending_bytes: int, to_client_bytes: int,
+    ) -> None:
         """Take over the buffers a migration brought (views into its MIGRATE_DATA, no copy)."""
-        self.to_device.extend(pending)
+        self.to_device.extend(memoryview(chunk) for chunk in pending)  # devices are offered views
         self.to_device_bytes += pending_bytes
         self.to_client.extend(to_client)
         self.to_client_bytes += to_client_bytes
@@ -281,7 +299,9 @@ class PortConnection:
 class MainConnection:
     """The session's main channel connection."""
 
-    def __init__(self, session: Session, channel: ChannelConnection, transport: Transport, client_caps) -> None:
+    def __init__(
+        self, session: Session, channel: ChannelConnection, transport: Transport, client_caps: tuple[int, ...],
+    ) -> None:
         self.session = session
         self.channel = channel
         self.transport = transport
@@ -361,7 +381,7 @@ class Session:
     main: MainConnection | None = None
     created: float = field(default_factory=time.time)
     on_end: Callable[[Session], None] | None = None
-    migration: object | None = None  # the SessionSource (s1) or SessionTarget (s2) under way
+    migration: SessionMigration | None = None  # the migration of this session under way, on s1 or s2
     migrations: list[dict] = field(default_factory=list)  # reports of the finished ones
 
     def __post_init__(self) -> None:
@@ -399,7 +419,7 @@ def multi_media_time() -> int:
     return int(time.monotonic() * 1000 - 400) & 0xFFFFFFFF
 
 
-def new_session_id(taken) -> int:
+def new_session_id(taken: Collection[int]) -> int:
     """A random non-zero u32 not in use (spice-gtk takes 0 to mean 'new session')."""
     while True:
         candidate = secrets.randbits(32)
