@@ -291,13 +291,13 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
         to_s1, held, after = ([b"%d;" % i for i in r] for r in (range(10), range(10, 30), range(30, 40)))
         for w in to_s1:
             port.write(w)
-        assert wait_for(lambda: len(s1.port_data) == len(to_s1), 10), s1.port_data  # one message each
+        assert wait_for(lambda: sum(map(len, s1.port_data)) == len(b"".join(to_s1)), 10), s1.port_data
         s1.migrating = True
         s1.gate.clear()
         s1.conns[ChannelType.MAIN, 0].send(m.MsgMigrate(3))
         s1.conns[ChannelType.PORT, 0].send(m.MsgMigrate(3))
         assert seen(s1.events, ("s1", "port", "MsgcMigrateFlushMark"))
-        gevent.spawn(lambda: [port.write(w) for w in held]).get(timeout=10)
+        gevent.spawn(lambda: [port.write(w) for w in held]).get(timeout=10)  # bounded: none may block
         s1.gate.set()
         report = session.wait_migrated(timeout=60)
         for w in after:
@@ -310,7 +310,7 @@ def test_seamless_migrate_data_is_streamed_byte_exact_with_little_buffered(fake_
         assert report["relayed"] == {"main:0": 65, "port:0": BIG}
         assert report["peak_relay_buffer"] <= 2 << 20  # one relay chunk, never the whole message
         assert peak < 8 << 20, f"client peak {peak} bytes while relaying {BIG}"
-        assert wait_for(lambda: len(s2.port_data) == len(held + after), 10), s2.port_data
+        assert wait_for(lambda: sum(map(len, s2.port_data)) == len(b"".join(held + after)), 10), s2.port_data
         # each write reached exactly one server, in order: s1 up to its flush mark, then s2
         assert b"".join(s1.port_data) == b"".join(to_s1)
         assert b"".join(s2.port_data) == b"".join(held + after)
