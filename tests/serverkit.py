@@ -373,12 +373,9 @@ class PortChannel(RawChannel):
 
     def read_available(self, timeout: float = 0.2) -> bytes:
         """Whatever DATA arrives within ``timeout`` (possibly nothing)."""
-        try:
-            with gevent.Timeout(timeout):
-                while self.pump(None):
-                    pass
-        except gevent.Timeout:
-            pass
+        with gevent.Timeout(timeout, False):  # False: the time running out ends the look quietly
+            while self.pump(None):
+                pass
         self._take_data()
         out = bytes(self._data)
         self._data.clear()
