@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 from gevent import socket
 
@@ -24,16 +25,19 @@ class ControlClient:
     def address(self) -> str:
         return str(Address(self.host, self.port))
 
-    def get_json(self, path: str, timeout: float | None = None):
+    def get_json(self, path: str, timeout: float | None = None) -> Any:
         return self._request("GET", path, b"", "application/json", timeout)
 
-    def post_json(self, path: str, body, timeout: float | None = None) -> dict:
+    def post_json(self, path: str, body: object, timeout: float | None = None) -> Any:
         return self._request("POST", path, json.dumps(body).encode(), "application/json", timeout)
 
-    def post_bytes(self, path: str, body: bytes):
+    def post_bytes(self, path: str, body: bytes) -> Any:
         return self._request("POST", path, body, "application/octet-stream")
 
-    def _request(self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None):
+    def _request(
+        self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None
+    ) -> Any:
+        """The answer's JSON (None for an empty body); MigrationError for any status but 200."""
         head = [f"{method} {path} HTTP/1.1", f"Host: {self.address}", "Connection: close",
                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if self.token:
@@ -51,6 +55,6 @@ class ControlClient:
         except (IndexError, ValueError) as err:
             raise MigrationError(f"{method} {path}: unreadable answer from {self.address}: {err}") from None
         if status != 200:
-            message = answer.get("error") if isinstance(answer, dict) else payload[:200]
+            message = answer.get("error") if isinstance(answer, dict) else payload[:200].decode(errors="replace")
             raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
         return answer

@@ -7,16 +7,17 @@ import logging
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, assert_never
+from typing import TYPE_CHECKING, Any, assert_never
 
 import gevent
 import gevent.event
 import numpy as np
 
+from spicewire.errors import LocalProtocolError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
-from spicewire.server.session import PortConnection, Session, multi_media_time
+from spicewire.server.session import MainConnection, PortConnection, Session, multi_media_time
 
 if TYPE_CHECKING:
     from spicewire.server.migration.orchestrator import MigrationManager
@@ -39,12 +40,13 @@ class Announcement:
     session: Session | None = None
     # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
     # more to touch than the bytes cost to receive, and the downtime should pay for neither.
-    buffers: dict[int, gevent.event.AsyncResult] = field(default_factory=dict)
+    buffers: dict[int, gevent.event.AsyncResult[np.ndarray]] = field(default_factory=dict)
 
     def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
-        ready = self.buffers.pop(channel_id, None)
-        if ready is not None and ready.ready() and ready.successful() and len(ready.value) >= size:
-            return ready.value[:size]
+        job = self.buffers.pop(channel_id, None)
+        buffer = job.get() if job is not None and job.ready() and job.successful() else None
+        if buffer is not None and len(buffer) >= size:
+            return buffer[:size]
         return np.empty(size, dtype=np.uint8)
 
 
@@ -54,16 +56,28 @@ class SessionDestination:
     def __init__(self, manager: MigrationManager, session: Session) -> None:
         self.manager = manager
         self.session = session
-        self.machine: mig.DestinationMigration | None = None
+        self._machine: mig.DestinationMigration | None = None  # once main has linked
         self.links: dict[mig.Channel, PortConnection] = {}
         self.times: dict[str, float] = {"linked": time.time()}
         self.restored = 0  # bytes restored from MIGRATE_DATA
 
+    @property
+    def machine(self) -> mig.DestinationMigration:
+        if self._machine is None:
+            raise LocalProtocolError(f"session {self.session.id:08x}: no main link yet, so no migration")
+        return self._machine
+
+    @property
+    def main(self) -> MainConnection:
+        if self.session.main is None:
+            raise LocalProtocolError(f"session {self.session.id:08x} has no main connection")
+        return self.session.main
+
     def main_linked(self) -> None:
-        main = self.session.main
+        main = self.main
         main.arriving = True
         main.intercept = self._intercept_main
-        self.machine = mig.DestinationMigration(
+        self._machine = mig.DestinationMigration(
             self.session.id, main.client_caps, seamless_enabled=self.manager.seamless_enabled,
             main_init=main.main_init(),
         )
@@ -75,8 +89,8 @@ class SessionDestination:
         self.links[channel] = handler
         self._apply(self.machine.channel_linked(channel))
 
-    def status(self) -> dict:
-        return {"role": "destination", "state": self.machine.state.name if self.machine else "LINKING",
+    def status(self) -> dict[str, Any]:
+        return {"role": "destination", "state": self._machine.state.name if self._machine else "LINKING",
                 "restored": self.restored, "times": self.times}
 
     def _intercept_main(self, msg: m.Message) -> bool:
@@ -95,8 +109,8 @@ class SessionDestination:
         for item in outputs:
             match item:
                 case mig.Send():
-                    self.session.main.channel.send(item.message)  # s2 only ever writes on main
-                    self.session.main.transport.flush()
+                    self.main.channel.send(item.message)  # s2 only ever writes on main
+                    self.main.transport.flush()
                 case mig.AttachChannel():
                     self._attach(self.links[item.channel], item.wait_for_migrate_data)
                 case mig.RestoreMigrateData():
@@ -137,10 +151,10 @@ class SessionDestination:
         if mode is mig.MigrationMode.SEAMLESS:
             # As spice-server's s2 does (5.4); spice-gtk also lets go of its s1 main connection
             # only once s2's main channel has said something.
-            session.main.channel.send(m.MsgMainMultiMediaTime(multi_media_time()))
-            session.main.transport.flush()
-        session.main.arriving = False
-        session.main.intercept = None
+            self.main.channel.send(m.MsgMainMultiMediaTime(multi_media_time()))
+            self.main.transport.flush()
+        self.main.arriving = False
+        self.main.intercept = None
         for handler in self.links.values():
             handler.intercept = None
         session.migration = None

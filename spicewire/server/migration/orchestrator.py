@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
@@ -19,13 +20,16 @@ import gevent.event
 from spicewire import codec, devices
 from spicewire.addresses import Address
 from spicewire.control.client import ControlClient
-from spicewire.errors import MigrationError
+from spicewire.errors import LocalProtocolError, MigrationError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server.migration.common import mode_label, prefaulted
 from spicewire.server.migration.destination import PREFAULT_MIN, Announcement, SessionDestination
 from spicewire.server.migration.source import PackBuffers, SessionSource, pack_device_states
 from spicewire.server.session import PortConnection, PortState, Session
+
+if TYPE_CHECKING:
+    from spicewire.server.net import SpiceServer
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRAT
 class MigrationManager:
     """One server's migrations, as source and as destination."""
 
-    def __init__(self, server) -> None:
+    def __init__(self, server: SpiceServer) -> None:
         self.server = server
         self.seamless_enabled = True
         self.announcements: dict[int, Announcement] = {}
@@ -92,13 +96,15 @@ class MigrationManager:
         return session
 
     def arriving_main_linked(self, session: Session) -> None:
+        if not isinstance(session.migration, SessionDestination):
+            raise LocalProtocolError(f"session {session.id:08x} is not arriving here")
         session.migration.main_linked()
 
     def port_linked(self, session: Session, handler: PortConnection) -> None:
         if isinstance(session.migration, SessionDestination):
             session.migration.port_linked(handler)
 
-    def receive_device_states(self, body) -> int:
+    def receive_device_states(self, body: bytes | bytearray | memoryview) -> int:
         """The saved devices of announced sessions (``pack_device_states``)."""
         chunks = codec.unpack_chunks(body)
         index = json.loads(bytes(chunks[0]))
@@ -113,7 +119,7 @@ class MigrationManager:
             if cid not in {port[0] for port in ann.ports}:
                 raise MigrationError(f"device state for port {cid} of session {sid:08x}, which has no such port")
             if count < 0 or pos + count > len(chunks):
-                raise MigrationError(f"device state index promises {count} chunks at {pos}; the body holds {len(chunks)}")
+                raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
             plan.append((ann, cid, [bytes(c) for c in chunks[pos : pos + count]]))
             pos += count
         if pos != len(chunks):
@@ -236,7 +242,7 @@ class MigrationManager:
         for source in sources:  # the machine answers ConnectComplete(False) at its own timeout
             if source not in switch_host:
                 source.connected.wait(max(0.0, deadline - time.monotonic()) + 1.0)
-        ready = [s for s in sources if s.connected.ready() and s.connected.value.success]
+        ready = [s for s in sources if s.connected.ready() and s.connect_succeeded]
         for source in sources:
             if source not in ready and source not in switch_host:
                 # Never a lossy fallback for a client that tried: it stays here, working.

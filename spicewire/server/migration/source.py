@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 from functools import partial
 from typing import assert_never
 
@@ -14,7 +15,7 @@ import gevent.event
 import numpy as np
 
 from spicewire import codec
-from spicewire.errors import ProtocolError
+from spicewire.errors import MigrationError, ProtocolError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import Msg
@@ -32,11 +33,14 @@ class SessionSource:
     """s1's side of one session's migration."""
 
     def __init__(self, session: Session, timeout: float) -> None:
+        main = session.main
+        if main is None:
+            raise MigrationError(f"session {session.id:08x} has no main channel to migrate")
         self.session = session
         self.ports = {cid: port for cid, port in session.ports.items() if port.connection is not None}
         channels = [MAIN, *(port_channel(cid) for cid in self.ports)]
-        self.machine = mig.SourceMigration(channels, session.main.client_caps, timeout=timeout)
-        self.connected = gevent.event.AsyncResult()  # the ConnectComplete
+        self.machine = mig.SourceMigration(channels, main.client_caps, timeout=timeout)
+        self.connected: gevent.event.AsyncResult[mig.ConnectComplete] = gevent.event.AsyncResult()
         self.finished = gevent.event.Event()  # the client left s1 (or the attempt ended)
         self.times: dict[str, float] = {"begin": time.time()}
         self.moved = 0  # MIGRATE_DATA body bytes sent
@@ -45,9 +49,16 @@ class SessionSource:
         self.rolled_back = False
         self._timer: gevent.Greenlet | None = None
         self.pack_buffers: PackBuffers | None = None  # the migration's, for a big MIGRATE_DATA
-        session.main.intercept = partial(self._intercept, MAIN)
+        main.intercept = partial(self._intercept, MAIN)
         for cid, port in self.ports.items():
-            port.connection.intercept = partial(self._intercept, port_channel(cid))
+            if port.connection is not None:  # all of them: self.ports holds only connected ports
+                port.connection.intercept = partial(self._intercept, port_channel(cid))
+
+    @property
+    def connect_succeeded(self) -> bool:
+        """The client answered BEGIN with CONNECTED (or CONNECTED_SEAMLESS)."""
+        complete = self.connected.get(block=False) if self.connected.ready() else None
+        return complete is not None and complete.success
 
     def begin(self, dst_info: m.MigrationDstInfo, mode: mig.MigrationMode) -> None:
         self._apply(self.machine.begin(dst_info, mode, time.monotonic()))
@@ -238,18 +249,28 @@ class PackBuffers:
     def take(self, size: int) -> np.ndarray:
         while self._free:
             job = self._free.pop()
-            if job.ready() and job.successful() and len(job.value) >= size:
-                return job.value
+            buffer = job.get() if job.ready() and job.successful() else None
+            if buffer is not None and len(buffer) >= size:
+                return buffer
         return np.empty(size, dtype=np.uint8)
 
     def give_back(self, buffer: np.ndarray) -> None:
         if len(buffer) == self.SIZE:
-            done = gevent.event.AsyncResult()
+            done: gevent.event.AsyncResult[np.ndarray] = gevent.event.AsyncResult()
             done.set(buffer)
             self._free.append(done)
 
 
-def pipelined_segments(writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None):
+def _packed(job: gevent.event.AsyncResult[np.ndarray]) -> np.ndarray:
+    packed = job.get()  # re-raises what pack_chunks raised
+    if packed is None:
+        raise RuntimeError("pack_chunks returned nothing")
+    return packed
+
+
+def pipelined_segments(
+    writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None
+) -> Iterator[np.ndarray]:
     """The writer's segments, each packed in a worker thread into one of two buffers while the one
     before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
     instead of taking turns. A segment is asked for only once the previous one is sent, so the
@@ -263,17 +284,17 @@ def pipelined_segments(writer: mig.PortMigrateDataWriter, spare: PackBuffers | N
         job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
         turn = 0
         for group in groups:
-            packed = job.get()
+            packed = _packed(job)
             turn ^= 1
             job = pool.spawn(codec.pack_chunks, group, buffers[turn])
             yield packed
-        yield job.get()
+        yield _packed(job)
     finally:
         for buffer in buffers:
             spare.give_back(buffer)
 
 
-def pack_device_states(sessions) -> bytes:
+def pack_device_states(sessions: Iterable[Session]) -> bytes:
     """Every port device of ``sessions``, saved, in one codec container: chunk 0 is a JSON index
     ``[{"session_id", "port", "chunks"}]``, the saved chunks follow in index order."""
     index, chunks = [], []
