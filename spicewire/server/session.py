@@ -24,6 +24,7 @@ from spicewire.protocol import messages as m
 from spicewire.protocol.caps import has_cap
 from spicewire.protocol.channel import ChannelConnection
 from spicewire.protocol.enums import ChannelType, MainCap, MouseMode, MsgSpicevmc
+from spicewire.protocol.migration.rules import main_init
 
 log = logging.getLogger(__name__)
 
@@ -316,17 +317,7 @@ class MainConnection:
     reading_allowed = True
 
     def main_init(self) -> m.MsgMainInit:
-        s = self.session
-        return m.MsgMainInit(
-            session_id=s.id,
-            display_channels_hint=0,
-            supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
-            current_mouse_mode=s.mouse_mode,
-            agent_connected=0,
-            agent_tokens=10,
-            multi_media_time=multi_media_time(),
-            ram_hint=0,
-        )
+        return main_init(self.session.id, self.session.mouse_mode, multi_media_time())
 
     def send(self, msg: m.Message) -> None:
         if not self.frozen:
