@@ -72,3 +72,7 @@ class LinkError(SpiceError):
 
 class MigrationError(SpiceError):
     """A migration could not start, or its servers could not talk to each other."""
+
+
+class PeerStalled(SpiceTimeout, PeerFault):
+    """The peer went silent in the middle of a message for longer than allowed."""

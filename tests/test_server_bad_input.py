@@ -354,3 +354,24 @@ def test_server_still_serves_new_sessions(server):
     for session in sessions:
         session.close()
     wait_until(lambda: not server.sessions, what="every session to end")
+
+
+def test_our_own_protocol_bug_is_not_blamed_on_the_client(server, bystander, logs, monkeypatch):
+    """A LocalProtocolError is a bug here: logged as internal, never as the client's protocol
+    error; it ends that connection only."""
+    from spicewire.errors import LocalProtocolError
+    from spicewire.protocol import messages as m
+    from spicewire.server.session import MainConnection
+
+    handle = MainConnection.handle
+
+    def buggy(self, msgs):
+        if any(isinstance(msg, m.MsgcMainAttachChannels) for msg in msgs):
+            raise LocalProtocolError("a bug planted by the test")
+        return handle(self, msgs)
+
+    monkeypatch.setattr(MainConnection, "handle", buggy)
+    _, peer = _bad_main(server, struct.pack("<HI", MsgcMain.ATTACH_CHANNELS, 0))
+    line = wait_for_log(logs, peer, "internal error", "a bug planted by the test")
+    assert "protocol error" not in line
+    assert not any(f"[{peer}" in r.getMessage() and "protocol error" in r.getMessage() for r in logs.records)

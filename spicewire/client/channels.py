@@ -17,7 +17,7 @@ import gevent.event
 import gevent.lock
 from gevent import socket
 
-from spicewire.errors import SpiceError
+from spicewire.errors import PeerFault, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, PortEvent
@@ -208,10 +208,14 @@ class ChannelClient:
                         raise error
                     break
                 self._receive(view[:n])
-        except (OSError, SpiceError) as err:
+        except PeerFault as err:
             self.error = err
-            if not isinstance(err, OSError):
-                log.warning("%s channel: %s", self.channel_type.name, err)
+            log.warning("%s channel: the server broke the protocol: %s", self.channel_type.name, err)
+        except SpiceError as err:  # ours, not the server's doing
+            self.error = err
+            log.exception("%s channel: internal error: %s", self.channel_type.name, err)
+        except OSError as err:
+            self.error = err
         finally:
             self.closed.set()
             self._on_closed()

@@ -22,7 +22,7 @@ from gevent.event import AsyncResult
 from gevent.server import StreamServer
 
 from spicewire import devices
-from spicewire.errors import CodecError, LinkError, ProtocolError
+from spicewire.errors import LinkError, PeerFault, PeerStalled, ProtocolError, SpiceError
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
@@ -189,9 +189,11 @@ class Connection:
             established = self._link()
             if established is not None and not self.closed:
                 self._serve(established)
-        except (ProtocolError, CodecError) as err:  # CodecError: MessageTooLarge from the reader
+        except PeerFault as err:  # what the client sent (or did not send in time)
             log.warning("[%s] protocol error, disconnecting: %s", self.label, err)
-        except OSError as err:  # socket.timeout included
+        except SpiceError as err:  # ours: a bug, never blamed on the client, and only this connection ends
+            log.exception("[%s] internal error, disconnecting: %s", self.label, err)
+        except OSError as err:
             log.info("[%s] connection lost: %s", self.label, err)
         finally:
             self.close("done")
@@ -294,7 +296,7 @@ class Connection:
             try:
                 n = self.sock.recv_into(buf if bulk is None else bulk)
             except TimeoutError:
-                raise ProtocolError(f"client stalled {stall:g} s in the middle of a message") from None
+                raise PeerStalled(f"client stalled {stall:g} s in the middle of a message") from None
             if n == 0:
                 log.info("[%s] client closed the connection", self.label)
                 break
