@@ -22,7 +22,7 @@ from gevent.event import AsyncResult
 from gevent.server import StreamServer
 
 from spicewire import devices
-from spicewire.errors import LinkError, PeerFault, PeerStalled, ProtocolError, SpiceError
+from spicewire.errors import LinkError, LinkTimeout, PeerFault, PeerStalled, SpiceError
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
@@ -212,7 +212,7 @@ class Connection:
         while True:
             try:
                 event = link.next_event()
-            except (ProtocolError, LinkError) as err:
+            except (PeerFault, LinkError) as err:  # anything else is our bug: run() reports it
                 self._send_now(link.data_to_send())
                 log.warning("[%s] link refused: %s", self.label, err)
                 return None
@@ -241,7 +241,7 @@ class Connection:
                 if data is None:
                     try:
                         link.handle_timer(time.time())
-                    except ProtocolError:
+                    except LinkTimeout:
                         log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
                         return None
                     continue
