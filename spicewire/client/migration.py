@@ -20,9 +20,9 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import assert_never
+from typing import Any, ParamSpec, Protocol, assert_never
 
 import gevent
 import gevent.event
@@ -31,15 +31,14 @@ from gevent import socket
 from gevent.socket import wait_read, wait_write
 
 from spicewire import codec
-from spicewire.client.channels import link_channel
-from spicewire.errors import ProtocolError, RemoteProtocolError, SpiceError
+from spicewire.client.channels import ChannelClient, PortChannel, link_channel
+from spicewire.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, Msg, Msgc, MsgMain
 from spicewire.protocol.framing import (
-    FULL_HEADER,
-    MINI_HEADER,
     MessageReader,
     MessageWriter,
+    RawMessage,
 )
 from spicewire.protocol.link import LinkEstablished
 from spicewire.protocol.migration import (
@@ -49,6 +48,7 @@ from spicewire.protocol.migration import (
     ROLLBACK_TIMEOUT,
     AwaitConfirmation,
     AwaitRollback,
+    Channel,
     ClientMigration,
     ClientOutput,
     ClientState,
@@ -57,6 +57,7 @@ from spicewire.protocol.migration import (
     DropMigrateData,
     LinkDestination,
     MigrationCompleted,
+    MigrationDstInfo,
     MigrationMode,
     Peer,
     ResetChannels,
@@ -68,13 +69,14 @@ from spicewire.protocol.migration import (
 )
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
 
 RELAY_CHUNK = 1 << 20
 _FINAL = (ClientState.IDLE, ClientState.MIGRATED, ClientState.HOST_SWITCHED)
 _CAN_ROLL_BACK = (ClientState.CONNECTED_SEAMLESS, ClientState.CONFIRMING, ClientState.ROLLING_BACK)
 
 
-def channel_name(key: tuple[int, int]) -> str:
+def channel_name(key: Channel) -> str:
     return f"{ChannelType(key[0]).name.lower()}:{key[1]}"
 
 
@@ -96,6 +98,33 @@ class StreamedBody:
         return self.size - len(self.first)
 
 
+class MigrationOwner(Protocol):
+    """What the driver asks of the session it migrates (ClientSession, which imports this module)."""
+
+    @property
+    def session_id(self) -> int: ...
+
+    @property
+    def password(self) -> str | None: ...
+
+    @property
+    def timeout(self) -> float: ...
+
+    def channel(self, key: Channel) -> ChannelClient: ...
+
+    def channel_caps(self, channel_type: int) -> list[int]: ...
+
+    def on_message(self, ch: ChannelClient, msg: m.Message) -> None: ...
+
+    def migration_connected(self, driver: MigrationDriver) -> None: ...
+
+    def migration_finished(self, driver: MigrationDriver) -> None: ...
+
+    def switch_host(self, dst: MigrationDstInfo, driver: MigrationDriver) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Parked:
     """A link to s2, frozen until its channel switches."""
@@ -110,17 +139,17 @@ class _Report:
     destination: str | None = None
     mode: str | None = None
     result: str = "in progress"
-    relayed: dict = field(default_factory=dict)
-    dropped: dict = field(default_factory=dict)
-    kept_unread: dict = field(default_factory=dict)
+    relayed: dict[str, int] = field(default_factory=dict)
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)
+    kept_unread: dict[str, int] = field(default_factory=dict)
     begin_to_connected: float | None = None
-    migrate_to_switched: dict = field(default_factory=dict)
+    migrate_to_switched: dict[str, float] = field(default_factory=dict)
     total: float | None = None
     peak_relay_buffer: int = 0
-    resent_to_s1: dict = field(default_factory=dict)  # rolled back: messages s2 may have had too
-    errors: list = field(default_factory=list)
+    resent_to_s1: dict[str, int] = field(default_factory=dict)  # rolled back: messages s2 may have had too
+    errors: list[str] = field(default_factory=list)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["timings"] = {
             "begin_to_connected": out.pop("begin_to_connected"),
@@ -133,7 +162,7 @@ class _Report:
 class MigrationDriver:
     """One migration attempt of a ClientSession, from MIGRATE_BEGIN (or SWITCH_HOST) to its end."""
 
-    def __init__(self, session, channels, server_main_caps) -> None:
+    def __init__(self, session: MigrationOwner, channels: Iterable[Channel], server_main_caps: Sequence[int]) -> None:
         self.session = session
         # The deadlines are the machine's; they are read here at each start so that tests can shorten them.
         self.machine = ClientMigration(
@@ -144,34 +173,35 @@ class MigrationDriver:
         self.finished = False
         self._t0 = time.monotonic()
         self._attempt = 0  # bumped by DropDestination: late link results are stale
-        self._parked: dict[tuple, _Parked] = {}
-        self._s1: dict[tuple, tuple[socket.socket, LinkEstablished]] = {}
+        self._parked: dict[Channel, _Parked] = {}
+        self._s1: dict[Channel, tuple[socket.socket, LinkEstablished]] = {}
         self._greenlets = gevent.pool.Group()
-        self._relays: dict[tuple, gevent.event.Event] = {}
-        self._migrate_at: dict[tuple, float] = {}
+        self._relays: dict[Channel, gevent.event.Event] = {}
+        self._migrate_at: dict[Channel, float] = {}
         self._result = "cancelled"
         self._s2_broken: str | None = None  # a relay into s2 failed; the machine hears of it next
         self._timer: gevent.Greenlet | None = None  # armed from machine.get_timer() after every run
         self._watcher: gevent.Greenlet | None = None  # reads s1's main once main is on s2
         self._back_on_s1 = gevent.event.Event()  # s2 failed and every channel reads s1 again
+
     @property
     def waiting_main_init(self) -> bool:
         return self.machine.state is ClientState.WAIT_MAIN_INIT
 
     # --- inputs from the session ---------------------------------------------------------------
 
-    def receive(self, peer: Peer, key: tuple, msg: m.Message) -> None:
+    def receive(self, peer: Peer, key: Channel, msg: m.Message) -> None:
         if isinstance(msg, m.MsgMigrate):
             self._migrate_at[key] = time.monotonic()
         elif isinstance(msg, m.MsgMainMigrateEnd):  # semi-seamless: every channel moves from here
             self._migrate_at.update(dict.fromkeys(self.machine.channels, time.monotonic()))
         self._run(self.machine.receive, peer, key, msg, now=time.monotonic())
 
-    def send(self, ch, msg: m.Message) -> None:
+    def send(self, ch: ChannelClient, msg: m.Message) -> None:
         """An application (or channel) message; the caller holds ``ch.write_lock``."""
         self.execute(self.machine.send(ch.key, msg))
 
-    def pass_through(self, ch) -> None:
+    def pass_through(self, ch: ChannelClient) -> None:
         """``ch`` paused after MIGRATE(NEED_DATA_TRANSFER): the next message from s1 must be
         MIGRATE_DATA; relay it to s2 unparsed, or hand anything else back to the parser."""
         conn, s1 = ch.channel, ch.sock
@@ -179,6 +209,8 @@ class MigrationDriver:
         pending = bytearray(conn.take_unparsed())
         _recv_until(s1, pending, header_size, f"s1 closed {channel_name(ch.key)} before its MIGRATE_DATA")
         header = codec.parse_header(pending, 0, mini)
+        if header is None:  # _recv_until returned: header_size bytes are there, a whole header
+            raise LocalProtocolError(f"{channel_name(ch.key)}: {header_size} bytes hold no header of this mode")
         msg_type, size = header if mini else header[1:3]
         if msg_type != Msg.MIGRATE_DATA:
             self._not_migrate_data(ch, header_size, msg_type, size, pending)
@@ -202,7 +234,9 @@ class MigrationDriver:
         finally:
             done.set()
 
-    def _not_migrate_data(self, ch, header_size: int, msg_type: int, size: int, pending: bytearray) -> None:
+    def _not_migrate_data(
+        self, ch: ChannelClient, header_size: int, msg_type: int, size: int, pending: bytearray
+    ) -> None:
         """5.4 step 2: anything else is logged and dropped - even a PING goes unanswered - and the
         switch of this channel is aborted: it stays on s1 and parsing resumes after the message."""
         conn = ch.channel
@@ -220,7 +254,7 @@ class MigrationDriver:
 
     # --- running the machine -------------------------------------------------------------------
 
-    def _run(self, fn, *args, **kwargs) -> None:
+    def _run(self, fn: Callable[_P, list[ClientOutput]], *args: _P.args, **kwargs: _P.kwargs) -> None:
         try:
             events = fn(*args, **kwargs)
         except ProtocolError as err:
@@ -347,7 +381,10 @@ class MigrationDriver:
             ch.write_now(msg)
         if isinstance(msg, (m.MsgcMainMigrateConnected, m.MsgcMainMigrateConnectedSeamless)):
             self.report.begin_to_connected = time.monotonic() - self._t0
-            self.report.mode = self.machine.mode.label
+            mode = self.machine.mode
+            if mode is None:
+                raise LocalProtocolError(f"{type(msg).__name__} went out while the machine had decided no mode")
+            self.report.mode = mode.label
             self.session.migration_connected(self)
         elif isinstance(msg, m.MsgcMainMigrateConnectError):
             self._result = "connect-error"
@@ -358,7 +395,7 @@ class MigrationDriver:
         for key in ev.channels:
             self._greenlets.spawn(self._link, key, dst, ev.connection_id, self._attempt)
 
-    def _link(self, key, dst, connection_id: int, attempt: int) -> None:
+    def _link(self, key: Channel, dst: MigrationDstInfo, connection_id: int, attempt: int) -> None:
         try:
             if not dst.port:
                 raise ConnectionError("s2 offers no plain port (TLS is not supported here)")
@@ -419,7 +456,7 @@ class MigrationDriver:
         """Semi-seamless 5.3 step 1: s1 goes. Main's socket is closed here (its reader is the caller
         and switches next); the others are frozen and park once they have read what s1 sent. (Nothing
         is held back yet: before END every channel writes to s1 straight away.)"""
-        main = self.session.main
+        main = self.session.channel(MAIN)
         self.note_dropped(MAIN, partial_in_bytes=main.channel.buffered)
         main.sock.close()
         for key in self.machine.channels:
@@ -449,7 +486,7 @@ class MigrationDriver:
             ch.reset_state()
         else:
             ch.resume(parked.sock, est)
-            self.report.kept_unread[channel_name(ev.channel)] = getattr(ch, "unread", 0)
+            self.report.kept_unread[channel_name(ev.channel)] = ch.unread if isinstance(ch, PortChannel) else 0
         ch.peer = Peer.S2
         self._switched(ev.channel)
 
@@ -476,11 +513,11 @@ class MigrationDriver:
         watcher, self._watcher = self._watcher, None
         _kill(watcher, block=True)
 
-    def _switched(self, key) -> None:
+    def _switched(self, key: Channel) -> None:
         start = self._migrate_at.get(key, self._t0)
         self.report.migrate_to_switched[channel_name(key)] = time.monotonic() - start
 
-    def _stream(self, ch, body: StreamedBody) -> None:
+    def _stream(self, ch: ChannelClient, body: StreamedBody) -> None:
         """Header for s2 (its header mode, the channel's serial), then the body as it arrives."""
         out, what = ch.sock, channel_name(ch.key)
         try:
@@ -540,7 +577,7 @@ class MigrationDriver:
         self.report.destination = f"{ev.dst_info.host}:{ev.dst_info.port}"
         self.session.switch_host(ev.dst_info, self)
 
-    def note_dropped(self, key, **counts) -> None:
+    def note_dropped(self, key: Channel, **counts: int) -> None:
         for name, value in counts.items():
             if value:
                 entry = self.report.dropped.setdefault(channel_name(key), {})
@@ -556,7 +593,7 @@ def _kill(greenlet: gevent.Greenlet | None, block: bool = False) -> None:
         greenlet.kill(block=block)
 
 
-def _messages(sock: socket.socket, reader: MessageReader) -> Iterator:
+def _messages(sock: socket.socket, reader: MessageReader) -> Iterator[RawMessage]:
     """Whole messages from ``sock``, through ``reader``, until the peer closes."""
     while True:
         raw = reader.next_message()
@@ -665,7 +702,7 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
 RELAY_POLL = 0.2  # how often a relay waiting on a raw fd checks that its socket is still open
 
 
-def _wait_ready(sock: socket.socket, fd: int, wait) -> None:
+def _wait_ready(sock: socket.socket, fd: int, wait: Callable[[int, float], None]) -> None:
     """Wait until ``fd`` is ready. A raw-fd wait is not woken when another greenlet closes the
     socket (a rollback closes s2's sockets under a stalled relay), so it looks now and then; and the
     number is never used once the socket let go of it, as it may belong to a new socket by then."""
@@ -673,7 +710,7 @@ def _wait_ready(sock: socket.socket, fd: int, wait) -> None:
         if sock.fileno() != fd:
             raise OSError(errno.EBADF, "the socket was closed during the relay")
         try:
-            wait(fd, timeout=RELAY_POLL)
+            wait(fd, RELAY_POLL)
             return
         except socket.timeout:
             continue

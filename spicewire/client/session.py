@@ -13,9 +13,12 @@ protocol.channel.ChannelConnection, and follows migrations (client.migration).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import gevent.event
+from gevent import socket
 
 from spicewire.client.channels import (
     ChannelClient,
@@ -25,11 +28,11 @@ from spicewire.client.channels import (
     link_channel,
 )
 from spicewire.client.migration import MigrationDriver, channel_name
-from spicewire.errors import ProtocolError, SpiceError
+from spicewire.errors import LocalProtocolError, ProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.enums import ChannelType, MainCap
-from spicewire.protocol.migration import MAIN, MigrationDstInfo, Peer
+from spicewire.protocol.migration import MAIN, Channel, MigrationDstInfo, Peer
 
 log = logging.getLogger(__name__)
 SWITCH_BACK_WAIT = 5.0  # s2 failed: how long a channel waits for the rollback to give it back its s1 socket
@@ -64,7 +67,7 @@ class ClientSession:
         self.timeout = timeout
         self.main: MainChannel | None = None
         self.ports: dict[int, PortChannel] = {}
-        self.migrations: list[dict] = []
+        self.migrations: list[dict[str, Any]] = []
         self.migrated = gevent.event.Event()  # a migration completed; cleared by the next BEGIN
         self.migration_connected_event = gevent.event.Event()  # CONNECTED(_SEAMLESS) went to s1
         self._migration: MigrationDriver | None = None
@@ -72,8 +75,18 @@ class ClientSession:
         self._idle.set()
 
     @property
+    def _main_channel(self) -> MainChannel:
+        """The main channel; using the session before ``connect`` is the caller's bug."""
+        if self.main is None:
+            raise LocalProtocolError("the session is not connected: call connect() first")
+        return self.main
+
+    @property
     def session_id(self) -> int:
-        return self.main.init.session_id
+        init = self._main_channel.init
+        if init is None:  # connect() waits for CHANNELS_LIST, the answer to ATTACH_CHANNELS sent on MAIN_INIT
+            raise LocalProtocolError("no session id: the server has sent no MAIN_INIT")
+        return init.session_id
 
     @property
     def migrating(self) -> bool:
@@ -82,7 +95,7 @@ class ClientSession:
     @property
     def connected_to(self) -> tuple[str, int]:
         """(host, port) of the server every channel's socket is connected to."""
-        return self.main.sock.getpeername()[:2]
+        return self._main_channel.sock.getpeername()[:2]
 
     def connect(self) -> ClientSession:
         sock, est = link_channel(self.host, self.port, 0, ChannelType.MAIN, 0, password=self.password,
@@ -100,13 +113,13 @@ class ClientSession:
 
     @property
     def channels(self) -> list[tuple[int, int]]:
-        return list(self.main.channels or [])
+        return list(self._main_channel.channels or [])
 
-    def channel(self, key: tuple[int, int]) -> ChannelClient:
-        return self.main if key == MAIN else self.ports[key[1]]
+    def channel(self, key: Channel) -> ChannelClient:
+        return self._main_channel if key == MAIN else self.ports[key[1]]
 
-    def all_channels(self):
-        yield MAIN, self.main
+    def all_channels(self) -> Iterator[tuple[Channel, ChannelClient]]:
+        yield MAIN, self._main_channel
         for cid, port in self.ports.items():
             yield (ChannelType.PORT, cid), port
 
@@ -169,7 +182,7 @@ class ClientSession:
             else:
                 ch.send(m.MsgcMainAttachChannels())
 
-    def destination_failed(self, ch: ChannelClient, sock, reason: str) -> bool:
+    def destination_failed(self, ch: ChannelClient, sock: socket.socket, reason: str) -> bool:
         """``ch`` lost ``sock``. True when that was s2 in the middle of a seamless migration that
         now goes back to s1, and ``ch`` reads its s1 connection again."""
         if self._migration is None or ch.peer is not Peer.S2:
@@ -186,7 +199,7 @@ class ClientSession:
             raise ProtocolError(f"MIGRATE outside a migration on {channel_name(ch.key)}")
         self._migration.pass_through(ch)
 
-    def note_dropped(self, ch: ChannelClient, **counts) -> None:
+    def note_dropped(self, ch: ChannelClient, **counts: int) -> None:
         if self._migration is not None:
             self._migration.note_dropped(ch.key, **counts)
 
@@ -194,7 +207,7 @@ class ClientSession:
 
     def _start_migration(self) -> None:
         keys = [MAIN, *((ChannelType.PORT, cid) for cid in self.ports)]
-        self._migration = MigrationDriver(self, keys, self.main.established.channel_caps)
+        self._migration = MigrationDriver(self, keys, self._main_channel.established.channel_caps)
         self._idle.clear()
         self.migrated.clear()
         self.migration_connected_event.clear()
@@ -215,7 +228,7 @@ class ClientSession:
             self.migrated.set()
         self._idle.set()
 
-    def wait_migrated(self, timeout: float | None = None) -> dict | None:
+    def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The report of the migration that completed, or None if none did within ``timeout``."""
         if not self.migrated.wait(timeout):
             return None
@@ -228,7 +241,8 @@ class ClientSession:
         for port in self.ports.values():
             port.freeze()
         self._migration = None  # writes now wait for their port to come back
-        old = self.main.sock
+        main = self._main_channel
+        old = main.sock
         try:
             sock, est = link_channel(dst.host, dst.port, 0, ChannelType.MAIN, 0, password=self.password,
                                      channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
@@ -237,15 +251,15 @@ class ClientSession:
             driver.finish("failed")
             raise
         self.host, self.port = dst.host, dst.port
-        self.main.listed.clear()
-        self.main.attach(sock, est)
-        self.main.reset_state()
+        main.listed.clear()
+        main.attach(sock, est)
+        main.reset_state()
         close_socket(old)
         gevent.spawn(self._reopen_ports, names, driver)
 
     def _reopen_ports(self, names: dict[int, str | None], driver: MigrationDriver) -> None:
         try:
-            if not self.main.listed.wait(self.timeout):
+            if not self._main_channel.listed.wait(self.timeout):
                 raise ProtocolError("no CHANNELS_LIST from the new host")
             for old_cid, name in names.items():
                 port = self.ports.pop(old_cid)
@@ -280,5 +294,5 @@ class ClientSession:
     def __enter__(self) -> ClientSession:
         return self.connect()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
