@@ -9,7 +9,7 @@ from tests import serverkit
 TIMEOUT = 5.0
 
 
-def RawChannel(address, connection_id: int, channel_type: int, channel_id: int = 0,  # noqa: N802
+def RawChannel(address, connection_id: int, channel_type: int, channel_id: int = 0,
                password=None) -> serverkit.RawChannel:
     """One linked channel; its socket gives up after TIMEOUT so a test fails rather than hangs."""
     raw = serverkit.RawChannel.link(address, connection_id, channel_type, channel_id, password=password)

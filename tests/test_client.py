@@ -82,9 +82,8 @@ def test_client_with_a_wrong_password_is_refused(password_server):
 
 
 def test_client_asking_for_a_missing_port_name_says_which_exist(server):
-    with ClientSession(*server.address) as session:
-        with pytest.raises(LookupError, match="org.spicewire.echo"):
-            session.open_port("org.nothing")
+    with ClientSession(*server.address) as session, pytest.raises(LookupError, match=r"org\.spicewire\.echo"):
+        session.open_port("org.nothing")
 
 
 @pytest.mark.peer
@@ -92,12 +91,12 @@ def test_client_links_main_and_port_to_qemu_spice_server():
     """Our side of the protocol against the reference server: links, PORT_INIT, and an echo
     through a guest (a BIOS that echoes COM1)."""
     peers.require("qemu")
-    with QemuSpice(ports=[SpicePort("org.test.echo", "isa")], bios=echo_bios.build(), lifetime=120) as q:
-        with ClientSession("127.0.0.1", q.spice_port) as session:
-            assert session.session_id != 0
-            assert (ChannelType.PORT, 0) in session.channels
-            port = session.open_port("org.test.echo")
-            assert port.opened
-            payload = b"spicewire through QEMU\n" * 40
-            port.write(payload)
-            assert read_exactly(port, len(payload), timeout=30) == payload
+    with (QemuSpice(ports=[SpicePort("org.test.echo", "isa")], bios=echo_bios.build(), lifetime=120) as q,
+          ClientSession("127.0.0.1", q.spice_port) as session):
+        assert session.session_id != 0
+        assert (ChannelType.PORT, 0) in session.channels
+        port = session.open_port("org.test.echo")
+        assert port.opened
+        payload = b"spicewire through QEMU\n" * 40
+        port.write(payload)
+        assert read_exactly(port, len(payload), timeout=30) == payload

@@ -42,7 +42,10 @@ def valid_stream(mini: bool):
         for _ in range(rng.randrange(0, 6)):
             body = rng.randbytes(rng.randrange(0, 24))
             t = rng.randrange(0x10000)
-            out += struct.pack("<HI", t, len(body)) if mini else struct.pack("<QHII", rng.randrange(2**64), t, len(body), 0)
+            if mini:
+                out += struct.pack("<HI", t, len(body))
+            else:
+                out += struct.pack("<QHII", rng.randrange(2**64), t, len(body), 0)
             out += body
         return out
 
@@ -85,8 +88,8 @@ def test_scan_never_leaves_its_buffer(both_codecs, arena, mini):
     for i, data in enumerate(random_inputs(3 + mini, valid_stream(mini))):
         placed = arena.at_end(data) if i % 2 else arena.at_start(data)
         got, want = same(
-            lambda: [a.tolist() if hasattr(a, "tolist") else a for a in fast.scan(placed, mini, 1 << 20)],
-            lambda: [a.tolist() if hasattr(a, "tolist") else a for a in _codec_py.scan(data, mini, 1 << 20)],
+            lambda placed=placed: [a.tolist() if hasattr(a, "tolist") else a for a in fast.scan(placed, mini, 1 << 20)],
+            lambda data=data: [a.tolist() if hasattr(a, "tolist") else a for a in _codec_py.scan(data, mini, 1 << 20)],
         )
         assert got == want
 
@@ -96,8 +99,8 @@ def test_unpack_chunks_never_leaves_its_buffer(both_codecs, arena):
     for i, data in enumerate(random_inputs(5, valid_container)):
         placed = arena.at_end(data) if i % 2 else arena.at_start(data)
         got, want = same(
-            lambda: [v.tobytes() for v in fast.unpack_chunks(placed)],
-            lambda: [v.tobytes() for v in _codec_py.unpack_chunks(data)],
+            lambda placed=placed: [v.tobytes() for v in fast.unpack_chunks(placed)],
+            lambda data=data: [v.tobytes() for v in _codec_py.unpack_chunks(data)],
         )
         assert got == want
 

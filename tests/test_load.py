@@ -81,7 +81,7 @@ def test_200_clients_echo_1mib_each(server_process, capsys):
 
     started = time.monotonic()
     with gevent.Timeout(TEST_TIMEOUT):
-        greenlets = [gevent.spawn(_one_client, address, p, e) for p, e in zip(payloads, expected)]
+        greenlets = [gevent.spawn(_one_client, address, p, e) for p, e in zip(payloads, expected, strict=True)]
         gevent.joinall(greenlets, raise_error=False)
     elapsed = time.monotonic() - started
 

@@ -1,5 +1,6 @@
 """Payload layouts, PROTOCOL.md section 4; the vectors are those of 4.5."""
 
+import contextlib
 import struct
 
 import pytest
@@ -28,8 +29,8 @@ VECTORS = {
     ),
     "MAIN_MIGRATE_BEGIN_SEAMLESS": (
         m.MsgMainMigrateBeginSeamless(m.MigrationDstInfo(5901, 0, "dst", "CN=x"), src_mig_version=1),
-        "0d 17 00 00 04 00 00 00 18 00 00 00 05 00 00 00 1c 00 00 00 01 00 00 00"
-        " 64 73 74 00 43 4e 3d 78 00",
+        ("0d 17 00 00 04 00 00 00 18 00 00 00 05 00 00 00 1c 00 00 00 01 00 00 00"
+         " 64 73 74 00 43 4e 3d 78 00"),
     ),
     "PORT_INIT": (m.MsgPortInit(name="org.test", opened=1), "09 00 00 00 09 00 00 00 01 6f 72 67 2e 74 65 73 74 00"),
     "MAIN_INIT": (
@@ -356,20 +357,18 @@ def test_every_message_round_trips(msg):
 def test_any_prefix_of_a_body_decodes_or_raises_codec_error(msg, data):
     body = msg.encode()
     cut = data.draw(st.integers(0, len(body)))
-    try:
+    # Decoding or refusing with CodecError are both right; any other exception fails the test.
+    with contextlib.suppress(CodecError):
         type(msg).decode(body[:cut])
-    except CodecError:
-        pass
 
 
 @given(
     st.sampled_from(list(ChannelType)),
     st.sampled_from(list(m.Direction)),
-    st.sampled_from(sorted({key[2] for key in m.REGISTRY}) + [0, 99, 300]),
+    st.sampled_from([*sorted({key[2] for key in m.REGISTRY}), 0, 99, 300]),
     st.binary(max_size=64),
 )
 def test_garbage_raises_nothing_but_codec_error(channel, direction, msg_type, body):
-    try:
+    # Decoding or refusing with CodecError are both right; any other exception fails the test.
+    with contextlib.suppress(CodecError):
         m.decode(channel, direction, msg_type, body)
-    except CodecError:
-        pass

@@ -9,6 +9,7 @@ control API. Every test is bounded by a gevent.Timeout.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -206,31 +207,29 @@ class ChoppyProxy:
         view = memoryview(buf)
         done = 0
         try:
-            while n := src.recv_into(buf):
-                pos = 0
-                while pos < n:
-                    if done + pos < self.fine or rng.random() < self.p_small:
-                        k = rng.randint(1, self.small)
-                        self.small_pieces += 1
-                    else:
-                        k = rng.randint(self.small + 1, 1 << 20)
-                    k = min(k, n - pos)
-                    dst.sendall(view[pos : pos + k])
-                    pos += k
-                    self.pieces += 1
-                    if rng.random() < self.p_sleep:
-                        gevent.sleep(0.001)
-                done += n
-                self.bytes += n
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
+            # a side that goes away ends the copy; the finally makes the other follow
+            with contextlib.suppress(OSError):
+                while n := src.recv_into(buf):
+                    pos = 0
+                    while pos < n:
+                        if done + pos < self.fine or rng.random() < self.p_small:
+                            k = rng.randint(1, self.small)
+                            self.small_pieces += 1
+                        else:
+                            k = rng.randint(self.small + 1, 1 << 20)
+                        k = min(k, n - pos)
+                        dst.sendall(view[pos : pos + k])
+                        pos += k
+                        self.pieces += 1
+                        if rng.random() < self.p_sleep:
+                            gevent.sleep(0.001)
+                    done += n
+                    self.bytes += n
+                dst.shutdown(socket.SHUT_WR)
         finally:  # one side went away: so does the other (as a dying peer would look)
             for sock in (src, dst):
-                try:
+                with contextlib.suppress(OSError):  # it may be shut down or reset already
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def stop(self) -> None:
         self._server.stop(timeout=0)
@@ -519,7 +518,8 @@ def test_fault_s2_dies_after_the_clients_ack_cancels_and_the_session_stays(nodes
 
 
 @pytest.mark.parametrize("fault", ["killed", "frozen"])
-def test_fault_s2_fails_after_migrate_data_was_sent_rolls_back_to_s1_with_nothing_lost(nodes, procs, monkeypatch, fault):
+def test_fault_s2_fails_after_migrate_data_was_sent_rolls_back_to_s1_with_nothing_lost(
+        nodes, procs, monkeypatch, fault):
     """s2 fails right after s1 sent the sink's MIGRATE_DATA (32 MiB of the sink's buffers).
 
     killed: its connections break at once. The client's relay into s2 fails, it reads the rest of
@@ -596,22 +596,20 @@ class CutProxy(ChoppyProxy):
 
     def _pump(self, src, dst, seed: int) -> None:
         if src not in self._socks:  # target -> client: as it comes
-            return super()._pump(src, dst, seed)
+            super()._pump(src, dst, seed)
+            return
         self._socks.append(dst)
-        try:
+        # a side that goes away ends the copy, as in ChoppyProxy
+        with contextlib.suppress(OSError):
             while not self.cut.is_set() and (data := src.recv(1 << 16)):
                 self.toward_target += len(data)
                 if self.toward_target > self.cut_after:
                     self.cut.set()
                     for sock in self._socks:
-                        try:
+                        with contextlib.suppress(OSError):  # it may be shut down or reset already
                             sock.shutdown(socket.SHUT_RDWR)
-                        except OSError:
-                            pass
                     return
                 dst.sendall(data)
-        except OSError:
-            pass
 
 
 def test_fault_client_loses_s2_mid_relay_rolls_back_through_s2s_report(nodes):

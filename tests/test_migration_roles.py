@@ -970,7 +970,8 @@ chunks = st.lists(st.binary(max_size=300), max_size=12)
 )
 def test_swpd_round_trips(pending, device_state, numbers):
     generation, window, client_tokens, send_tokens, serial, client_serial = numbers
-    state = PortMigrateData(generation, window, serial, client_serial, client_tokens, send_tokens, device_state, pending)
+    state = PortMigrateData(generation, window, serial, client_serial, client_tokens, send_tokens,
+                            device_state, pending)
     body = build_port_migrate_data(state)
     assert bytes(body[:8]) == b"SWPD\1\0\0\0"
     parsed = parse_port_migrate_data(bytes(body))
@@ -1173,8 +1174,8 @@ def test_simulation_seamless_moves_in_flight_port_data_and_queued_messages_to_s2
     sim.client_send(PORT, MsgcSpicevmcData(b"after"))
     sim.run()
 
-    assert [("client", MigrationCompleted(MigrationMode.SEAMLESS)), ("s2", MigrationCompleted(MigrationMode.SEAMLESS))] \
-        == sorted(sim.completed[1:])
+    done = MigrationCompleted(MigrationMode.SEAMLESS)
+    assert sorted(sim.completed[1:]) == [("client", done), ("s2", done)]
     port = sim.s2_restored[PORT]
     pending = port.write_data if port_format == "svmd" else b"".join(bytes(c) for c in port.pending)
     assert bytes(pending) == b"in-flight"

@@ -18,7 +18,7 @@ def test_a_client_without_the_semi_seamless_cap_is_sent_switch_host():
             old = MainSession(s1.address, channel_caps=())  # advertises no migration cap at all
             old.attach_channels()
             asked = gevent.spawn(ControlClient(*control1.address).post_json, "/migrate", {
-                "to": "%s:%d" % s2.address, "to_control": "%s:%d" % control2.address, "timeout": 5,
+                "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*control2.address), "timeout": 5,
             })
             switch = old.main.expect(m.MsgMainMigrateSwitchHost, 10)
             assert (switch.dst_info.host, switch.dst_info.port) == s2.address

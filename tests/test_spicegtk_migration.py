@@ -30,7 +30,7 @@ CHANNELS = 3  # main + two ports
 
 
 def migrate(src, dst, mode="seamless", to_port=None, timeout=10.0) -> dict:
-    body = {"to": "127.0.0.1:%d" % (to_port or dst.address[1]), "to_control": "127.0.0.1:%d" % dst.control[1],
+    body = {"to": f"127.0.0.1:{to_port or dst.address[1]}", "to_control": f"127.0.0.1:{dst.control[1]}",
             "mode": mode, "timeout": timeout, "to_token": TOKEN}
     return src.request("POST", "/migrate", body, timeout=timeout + 30)
 
@@ -99,14 +99,14 @@ def test_seamless_migrations_back_and_forth_keep_the_echo_stream_byte_exact(serv
         entries = []
         for n in range(5):
             src, dst = servers[n % 2], servers[(n + 1) % 2]
-            wait_for(lambda: not sessions(dst), 5, "the old server to drop the session")
+            wait_for(lambda dst=dst: not sessions(dst), 5, "the old server to drop the session")
             entries.append(assert_landed(migrate(src, dst), "seamless"))
             assert entries[-1]["bytes_dropped"] == 0
             assert_whole_session_on(dst, session_id)
-            wait_for(lambda: connections_to(driver, dst) == CHANNELS, 5, "every channel on the destination")
+            wait_for(lambda dst=dst: connections_to(driver, dst) == CHANNELS, 5, "every channel on the destination")
             # at most the abandoned main connection is left on the source, and it goes
             assert connections_to(driver, src) <= 1
-            wait_for(lambda: not sessions(src), 5, "the source to drop the session")
+            wait_for(lambda src=src: not sessions(src), 5, "the source to drop the session")
             assert connections_to(driver, src) == 0
         wait_streaming(servers[1], driver, more=1 << 20)  # stream on the last server too
         driver.stop_stream()
@@ -159,9 +159,12 @@ def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve
             entry = assert_landed(migrate(src, dst, "semi-seamless"), "semi-seamless")
             reports.append(entry)
             assert_whole_session_on(dst, session_id)
-            wait_for(lambda: not sessions(src), 5, "the source to drop the session")
-            wait_for(lambda: connections_to(driver, dst) == CHANNELS and connections_to(driver, src) == 0, 5,
-                     "every channel on the destination")
+            wait_for(lambda src=src: not sessions(src), 5, "the source to drop the session")
+
+            def moved(src=src, dst=dst) -> bool:
+                return connections_to(driver, dst) == CHANNELS and connections_to(driver, src) == 0
+
+            wait_for(moved, 5, "every channel on the destination")
             wait_streaming(dst, driver, more=2 << 20)  # the echo works on the destination
         driver.stop_stream()
         rep = driver.report()
@@ -172,7 +175,8 @@ def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve
     assert len(epochs) == 3 and rep["port_inits"] == 3, stream  # PORT_INIT again on each s2 (5.3)
     # In flight when the migration happened: lost by design.  What s1 reports dropped (its own
     # buffers) is part of it; the rest was in socket buffers and spice-gtk's queue.
-    for entry, epoch in zip(reports, epochs):
+    # epoch i ended with migration i; the last epoch ended with the test
+    for entry, epoch in zip(reports, epochs[:-1], strict=True):
         assert entry["in_flight_bytes_moved"] == 0
         assert epoch["lost"] > 0 and 0 <= entry["bytes_dropped"] <= epoch["lost"], (entry, epoch)
         assert all(r["exact"] for r in epoch.get("stale_ranges", [])), epoch

@@ -41,7 +41,7 @@ def _run(argv: list[str], timeout: float = 20.0) -> subprocess.CompletedProcess 
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def why_missing(peer: str) -> str:
     """Empty string if ``peer`` is usable here, else a human-readable reason."""
     if peer == "spicegtk":

@@ -126,8 +126,9 @@ class QMPClient:
                 if not chunk:
                     break
                 self._buf += chunk
-        except (TimeoutError, socket.timeout, BlockingIOError):
-            pass
+        except (TimeoutError, BlockingIOError):
+            # The socket ran dry: every event QEMU has sent so far is in self.events.
+            return self.events
         finally:
             self._sock.settimeout(self.timeout)
         return self.events
@@ -190,7 +191,7 @@ class QemuSpice:
             spice += "," + self.spice_opts.lstrip(",")
         argv = [self.binary, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-no-user-config",
                 "-display", "none", "-vga", "none", "-m", "16", "-spice", spice,
-                "-qmp", f"unix:{self.qmp_path},server=on,wait=off"] + pre
+                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", *pre]
         if self.paused:
             argv.append("-S")
         if self.bios is not None:
@@ -245,9 +246,9 @@ class QemuSpice:
     def _start(self) -> QemuSpice:
         self.tmpdir = tempfile.mkdtemp(prefix="sw-qemu-")
         self.argv = self.build_argv()
-        cmd = ["timeout", "--signal=KILL", str(int(self.lifetime))] + self.argv
+        cmd = ["timeout", "--signal=KILL", str(int(self.lifetime)), *self.argv]
         t0 = time.monotonic()
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  QEMU writes it until stop() closes it
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -259,11 +260,11 @@ class QemuSpice:
                 if self.proc.poll() is not None:
                     raise QemuStartError(f"QEMU exited with {self.proc.returncode}")
                 if os.path.exists(self.qmp_path):
-                    try:
+                    # QEMU creates the socket file before it listens: refused means "not yet", so
+                    # try again until the deadline.
+                    with contextlib.suppress(ConnectionError, FileNotFoundError):
                         self.qmp = QMPClient(self.qmp_path)
                         break
-                    except (ConnectionError, FileNotFoundError, ConnectionRefusedError):
-                        pass
                 if time.monotonic() > deadline:
                     raise QemuStartError("QMP socket did not come up")
                 time.sleep(0.02)
@@ -316,7 +317,7 @@ class QemuSpice:
         if self.tmpdir and os.path.isdir(self.tmpdir):
             shutil.rmtree(self.tmpdir, ignore_errors=True)
 
-    def __enter__(self) -> "QemuSpice":
+    def __enter__(self) -> QemuSpice:
         return self.start()
 
     def __exit__(self, *exc) -> None:

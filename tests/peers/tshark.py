@@ -81,13 +81,13 @@ class Capture:
         self.proc: subprocess.Popen | None = None
         self.stderr_path = path + ".stderr"
 
-    def start(self) -> "Capture":
+    def start(self) -> Capture:
         if shutil.which(TSHARK) is None:
             raise CaptureError("tshark not found")
         argv = ["timeout", "--signal=INT", "--kill-after=5", str(int(self.lifetime) + 5),
                 TSHARK, "-i", self.iface, "-f", self.bpf, "-w", self.path,
                 "-a", f"duration:{int(self.lifetime)}"]
-        self._err = open(self.stderr_path, "wb")
+        self._err = open(self.stderr_path, "wb")  # noqa: SIM115  tshark writes it until stop() closes it
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=self._err, start_new_session=True)
         # tshark announces "Capturing on 'Loopback: lo'" once the capture is live
@@ -134,7 +134,7 @@ class Capture:
         if self._own_dir:
             shutil.rmtree(self._own_dir, ignore_errors=True)
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -162,7 +162,7 @@ def decode_fields(path: str, port: int, fields: list[str], display_filter: str |
     for line in _read(path, port, *args).splitlines():
         cols = line.split("\t")
         cols += [""] * (len(fields) - len(cols))
-        rows.append({f: (c.split("\x1f") if c else []) for f, c in zip(fields, cols)})
+        rows.append({f: (c.split("\x1f") if c else []) for f, c in zip(fields, cols, strict=True)})
     return rows
 
 
