@@ -752,29 +752,37 @@ def s2_target(s2, session_id: int):
 
 
 def test_s2_data_before_migrate_data_and_corrupt_migrate_data_are_protocol_errors(nodes, caplog):
+    """Either fault is the client's: logged as its protocol error, and the arriving session ends as a
+    whole (its migration is broken for good; s1 learns it failed). Nothing else on s2 notices."""
     caplog.set_level(logging.INFO, logger="spicewire")
     (s2,) = nodes(1)
     bystander = Bystander(s2.spice)
-    sid = 0x51DE0001
-    main = s2_target(s2, sid)
     # DATA where MIGRATE_DATA must come first.
-    echo = PortChannel.link(s2.address, sid, ChannelType.PORT, ECHO_ID)
+    early = 0x51DE0001
+    main = s2_target(s2, early)
+    echo = PortChannel.link(s2.address, early, ChannelType.PORT, ECHO_ID)
     echo.send_raw(MsgcSpicevmc.DATA, b"too early")
     read_until_closed(echo.sock)
     protocol_error_logged(caplog, echo.sock, "before its MIGRATE_DATA")
+    read_until_closed(main.sock)
+    assert "before its MIGRATE_DATA" in s2.spice.migration.failed[early]
     # A MIGRATE_DATA that does not validate: a real SWPD with one byte of its magic changed.
+    corrupt = 0x51DE0002
+    main = s2_target(s2, corrupt)
     state = mig.PortMigrateData(ack_generation=1, ack_window=20, serial=1, pending=[b"held bytes"])
     body = bytearray(b"".join(piece.tobytes() for piece in mig.PortMigrateDataWriter(state).segments()))
     mig.parse_migrate_data(ChannelType.PORT, bytes(body))  # valid as built
     body[0] ^= 0xFF
-    sink = PortChannel.link(s2.address, sid, ChannelType.PORT, SINK_ID)
+    sink = PortChannel.link(s2.address, corrupt, ChannelType.PORT, SINK_ID)
     sink.send_raw(Msgc.MIGRATE_DATA, bytes(body))
     read_until_closed(sink.sock)
     protocol_error_logged(caplog, sink.sock, "MIGRATE_DATA")
+    read_until_closed(main.sock)
+    assert "MIGRATE_DATA" in s2.spice.migration.failed[corrupt]
+    assert not any("internal error" in r.getMessage() for r in caplog.records)
     # s2 goes on: its other session, and new ones.
     bystander.check()
     bystander.close()
-    main.close()
     echo_ok(connect(s2))
 
 

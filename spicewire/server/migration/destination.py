@@ -13,7 +13,7 @@ import gevent
 import gevent.event
 import numpy as np
 
-from spicewire.errors import LocalProtocolError
+from spicewire.errors import LocalProtocolError, PeerFault
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
@@ -83,6 +83,9 @@ class SessionDestination:
         )
 
     def port_linked(self, handler: PortConnection) -> None:
+        if self.machine.failed:
+            handler.transport.close("this session's migration here has already failed")
+            return
         channel = port_channel(handler.port.channel_id)
         handler.parked = True
         handler.intercept = partial(self._intercept_port, channel)
@@ -94,16 +97,29 @@ class SessionDestination:
                 "restored": self.restored, "times": self.times}
 
     def _intercept_main(self, msg: m.Message) -> bool:
-        self._apply(self.machine.receive(MAIN, msg))
+        self._apply(self._receive(MAIN, msg))
         return isinstance(msg, _DESTINATION_MAIN_MESSAGES)
 
     def _intercept_port(self, channel: mig.Channel, msg: m.Message) -> bool:
         if isinstance(msg, m.MsgcMigrateData):
             with collector_paused():
-                self._apply(self.machine.receive(channel, msg))
+                self._apply(self._receive(channel, msg))
             return True
-        self._apply(self.machine.receive(channel, msg))  # raises for data before MIGRATE_DATA
+        self._apply(self._receive(channel, msg))  # raises for data before MIGRATE_DATA
         return False
+
+    def _receive(self, channel: mig.Channel, msg: m.Message) -> list[mig.DestinationOutput]:
+        try:
+            return self.machine.receive(channel, msg)
+        except PeerFault as err:
+            # The client broke the migration: the session cannot be restored here. All of it ends
+            # (the connection that broke it reports the fault), and s1 learns it failed.
+            reason = f"the client broke the migration: {err}"
+            self.manager.failed[self.session.id] = reason
+            log.warning("session %08x: %s", self.session.id, reason)
+            self.session.close_ports(reason)
+            self.main.transport.close(reason)
+            raise
 
     def _apply(self, outputs: list[mig.DestinationOutput]) -> None:
         for item in outputs:

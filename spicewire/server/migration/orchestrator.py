@@ -135,7 +135,7 @@ class MigrationManager:
             session.migration.client_gone()
         elif isinstance(session.migration, SessionDestination):
             log.warning("session %08x: the client left before its migration here completed", session.id)
-            self.failed[session.id] = "the client left the destination before the migration completed"
+            self.failed.setdefault(session.id, "the client left the destination before the migration completed")
             session.migration = None
         ann = self.announcements.get(session.id)
         if ann is not None and ann.session is session:
