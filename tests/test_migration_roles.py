@@ -84,6 +84,7 @@ from spicewire.protocol.migration import (
     PortMigrateData,
     PortMigrateDataWriter,
     Received,
+    RelayMigrateData,
     ResetChannels,
     RestoreMigrateData,
     RolledBack,
@@ -670,9 +671,9 @@ def test_client_migrate_data_goes_first_on_s2_byte_for_byte_then_retained_messag
     cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     assert cli.send(PORT, MsgcSpicevmcData(b"queued")) == []
     body = memoryview(SVMD_ABC)
-    assert cli.receive(Peer.S1, PORT, MsgMigrateData(body), now=0.0) == [
+    assert cli.migrate_data(PORT, body, now=0.0) == [
         SwitchChannel(PORT, Peer.S2),
-        Send(PORT, MsgcMigrateData(body), Peer.S2),
+        RelayMigrateData(PORT, body),
         Send(PORT, MsgcSpicevmcData(b"queued"), Peer.S2),
     ]
 
@@ -718,14 +719,22 @@ def test_client_migrate_without_connected_seamless_is_a_remote_error():
 
 def test_client_migrate_data_without_migrate_is_a_remote_error():
     with pytest.raises(RemoteProtocolError):
-        linked_client().receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
+        linked_client().migrate_data(PORT, SVMD, now=0.0)
+
+
+def test_client_migrate_data_through_receive_is_a_local_error():
+    """The body is passed on unread (6): MIGRATE_DATA comes in through migrate_data only."""
+    cli = linked_client()
+    cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
+    with pytest.raises(LocalProtocolError):
+        cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
 
 
 def switched_client():
     cli = linked_client()
     for channel, body in ((MAIN, MNMD), (PORT, SVMD)):
         cli.receive(Peer.S1, channel, MsgMigrate(3), now=0.0)
-        out = cli.receive(Peer.S1, channel, MsgMigrateData(body), now=0.0)
+        out = cli.migrate_data(channel, body, now=0.0)
     return cli, out
 
 
@@ -739,10 +748,10 @@ def test_client_last_channel_switched_keeps_s1_until_s2_main_speaks():
 def test_client_s2_that_spoke_before_the_last_switch_completes_it_at_once():
     cli = linked_client()
     cli.receive(Peer.S1, MAIN, MsgMigrate(3), now=0.0)
-    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD), now=0.0)
+    cli.migrate_data(MAIN, MNMD, now=0.0)
     assert cli.s2_spoke() == []
     cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
-    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
+    out = cli.migrate_data(PORT, SVMD, now=0.0)
     assert events(out)[-2:] == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
 
 
@@ -815,10 +824,10 @@ def test_client_s2_failure_returns_to_s1_and_resends_after_its_cancel(when):
     that order, ahead of anything newer."""
     cli = linked_client()
     cli.receive(Peer.S1, MAIN, MsgMigrate(3), now=0.0)
-    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD), now=0.0)
+    cli.migrate_data(MAIN, MNMD, now=0.0)
     cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     if when == "all switched":
-        cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
+        cli.migrate_data(PORT, SVMD, now=0.0)
         assert cli.send(PORT, MsgcSpicevmcData(b"to s2")) == [Send(PORT, MsgcSpicevmcData(b"to s2"), Peer.S2)]
     out = cli.s2_failed(now=0.0)
     assert cli.state is ClientState.ROLLING_BACK
@@ -826,7 +835,7 @@ def test_client_s2_failure_returns_to_s1_and_resends_after_its_cancel(when):
     assert out == [*switched_back, AwaitRollback()]
     assert cli.send(PORT, MsgcSpicevmcData(b"held")) == []
     if when != "all switched":  # s1 still sends the port's MIGRATE_DATA: it is read and dropped
-        assert cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0) == [DropMigrateData(PORT, SVMD)]
+        assert cli.migrate_data(PORT, SVMD, now=0.0) == [DropMigrateData(PORT, SVMD)]
     out = cli.receive(Peer.S1, MAIN, MsgMainMigrateCancel(), now=0.0)
     resent = [MsgcSpicevmcData(b"to s2")] if when == "all switched" else []
     assert [ev for ev in out if isinstance(ev, Send)] == [
@@ -842,7 +851,7 @@ def test_client_cancel_before_a_migrate_data_arrived_waits_to_drain_it():
     ends only once that channel has read and dropped it; the channel's messages wait until then."""
     cli = linked_client()
     cli.receive(Peer.S1, MAIN, MsgMigrate(3), now=0.0)
-    cli.receive(Peer.S1, MAIN, MsgMigrateData(MNMD), now=0.0)
+    cli.migrate_data(MAIN, MNMD, now=0.0)
     cli.receive(Peer.S1, PORT, MsgMigrate(3), now=0.0)
     cli.send(PORT, MsgcSpicevmcData(b"held"))
     assert cli.s2_failed(now=0.0) == [SwitchChannel(MAIN, Peer.S1), AwaitRollback()]
@@ -850,7 +859,7 @@ def test_client_cancel_before_a_migrate_data_arrived_waits_to_drain_it():
     assert RolledBack() not in out
     assert cli.state is ClientState.ROLLING_BACK
     assert cli.send(PORT, MsgcSpicevmcData(b"more")) == []
-    out = cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
+    out = cli.migrate_data(PORT, SVMD, now=0.0)
     assert out[0] == DropMigrateData(PORT, SVMD)
     assert [ev for ev in out if isinstance(ev, Send)] == [
         Send(PORT, MsgcSpicevmcData(b"held"), Peer.S1), Send(PORT, MsgcSpicevmcData(b"more"), Peer.S1),
@@ -1090,7 +1099,10 @@ class Simulation:
                     self.unread[channel].append(message)
                     continue
                 self.client_received.append((peer, channel, message))
-                self.client_outputs(self.client.receive(peer, channel, message, now=0.0))
+                if isinstance(message, MsgMigrateData):  # as the client session does: body unread
+                    self.client_outputs(self.client.migrate_data(channel, message.data, now=0.0))
+                else:
+                    self.client_outputs(self.client.receive(peer, channel, message, now=0.0))
                 if peer is Peer.S2 and channel == MAIN:  # as the client session does
                     self.client_outputs(self.client.s2_spoke())
 
@@ -1134,7 +1146,9 @@ class Simulation:
 
     def client_outputs(self, out):
         for item in out:
-            if isinstance(item, Send):
+            if isinstance(item, RelayMigrateData):
+                self.post("s2", item.channel, MsgcMigrateData(item.body))
+            elif isinstance(item, Send):
                 if item.peer is Peer.S1:
                     self.post("s1", item.channel, item.message)
                 else:
@@ -1271,7 +1285,7 @@ def test_every_pair_missing_from_a_table_is_the_right_protocol_error(role):
 
 S1_TO_CLIENT = [
     MsgMainMigrateBegin(DST), MsgMainMigrateBeginSeamless(DST, 1), MsgMainMigrateCancel(), MsgMainMigrateEnd(),
-    MsgMainMigrateSwitchHost(DST), MsgMigrate(0), MsgMigrate(1), MsgMigrate(3), MsgMigrateData(SVMD), MsgPing(1, 2),
+    MsgMainMigrateSwitchHost(DST), MsgMigrate(0), MsgMigrate(1), MsgMigrate(3), MsgPing(1, 2),
 ]
 S2_TO_CLIENT = [MsgMainMigrateDstSeamlessAck(), MsgMainMigrateDstSeamlessNack(), DEFAULT_MAIN_INIT, MsgPing(1, 2)]
 CLIENT_TO_SERVER = [
@@ -1304,6 +1318,7 @@ CLIENT_CALLS = st.one_of(
     st.tuples(st.just("s2_failed"), st.just(NOW)),
     st.tuples(st.just("s2_spoke")),
     st.tuples(st.just("s1_let_go")),
+    st.tuples(st.just("migrate_data"), channel_st, st.just(SVMD), st.just(NOW)),
     st.tuples(st.just("not_migrate_data"), channel_st),
     st.tuples(st.just("handle_timer"), now_st),
     st.tuples(st.just("send"), channel_st, st.sampled_from([MsgcSpicevmcData(b"x"), MsgcMigrateFlushMark()])),

@@ -4,8 +4,8 @@ pass-through - and writes the migration report.
 
 The MIGRATE_DATA body is never held: its header is read from s1, a header of the same size is
 written to s2, and the body follows in chunks of at most RELAY_CHUNK bytes as they arrive. The
-machine sees a ``StreamedBody`` in place of the bytes; the ``Send`` it answers with is the moment to
-stream.
+machine is handed a ``StreamedBody`` (it asks a body for its size only); the ``RelayMigrateData``
+it answers with is the moment to stream.
 
 Writes of a channel are serialised by its RLock, and routing happens under that lock, so a message
 the machine sent to s1 is on the wire before a MIGRATE_FLUSH_MARK, and one routed to s2 follows the
@@ -60,6 +60,7 @@ from spicewire.protocol.migration import (
     MigrationDstInfo,
     MigrationMode,
     Peer,
+    RelayMigrateData,
     ResetChannels,
     RolledBack,
     Send,
@@ -225,8 +226,7 @@ class MigrationDriver:
         self._relays[ch.key] = done = gevent.event.Event()
         try:
             with ch.write_lock:  # app writes routed to s2 from now on wait for the relay
-                body = StreamedBody(size, first, s1)
-                self._run(self.machine.receive, Peer.S1, ch.key, m.MsgMigrateData(body), now=time.monotonic())
+                self._run(self.machine.migrate_data, ch.key, StreamedBody(size, first, s1), now=time.monotonic())
         except OSError as err:  # s1 went away mid-relay: the session cannot go on
             self.report.errors.append(f"{channel_name(ch.key)}: MIGRATE_DATA relay: {err}")
             self.finish("failed")
@@ -272,6 +272,8 @@ class MigrationDriver:
             match ev:
                 case Send():
                     self._send(ev)
+                case RelayMigrateData():
+                    self._relay(ev)
                 case LinkDestination():
                     self._link_destination(ev)
                 case DropDestination():
@@ -366,9 +368,7 @@ class MigrationDriver:
     def _send(self, ev: Send) -> None:
         ch = self.session.channel(ev.channel)
         msg = ev.message
-        if isinstance(msg, m.MsgcMigrateData) and isinstance(msg.data, StreamedBody):
-            self._stream(ch, msg.data)
-        elif ev.peer is Peer.S2 and ev.channel in self._parked:  # DST_DO_SEAMLESS, before main switches
+        if ev.peer is Peer.S2 and ev.channel in self._parked:  # DST_DO_SEAMLESS, before main switches
             parked = self._parked[ev.channel]
             parked.sock.sendall(parked.writer.frame(msg.TYPE, msg.wire_body()))
         elif ev.peer is Peer.S2 and self._s2_broken is not None:
@@ -517,8 +517,11 @@ class MigrationDriver:
         start = self._migrate_at.get(key, self._t0)
         self.report.migrate_to_switched[channel_name(key)] = time.monotonic() - start
 
-    def _stream(self, ch: ChannelClient, body: StreamedBody) -> None:
+    def _relay(self, ev: RelayMigrateData) -> None:
         """Header for s2 (its header mode, the channel's serial), then the body as it arrives."""
+        body, ch = ev.body, self.session.channel(ev.channel)
+        if not isinstance(body, StreamedBody):
+            raise LocalProtocolError(f"{type(body).__name__} as MIGRATE_DATA body: pass_through hands on StreamedBody")
         out, what = ch.sock, channel_name(ch.key)
         try:
             try:
@@ -549,7 +552,7 @@ class MigrationDriver:
         gevent.spawn(self.session.close)
 
     def _drop_migrate_data(self, ev: DropMigrateData) -> None:
-        body = ev.data
+        body = ev.body
         if isinstance(body, StreamedBody) and body.rest:
             _discard(body.source, body.rest, channel_name(ev.channel))
         self.note_dropped(ev.channel, migrate_data_bytes=len(body))

@@ -42,10 +42,12 @@ from spicewire.protocol.migration.events import (
     DropMigrateData,
     LinkDestination,
     Migrate,
+    MigrateDataBody,
     MigrationCompleted,
     Origin,
     Peer,
     Received,
+    RelayMigrateData,
     ResetChannels,
     RolledBack,
     Send,
@@ -263,15 +265,14 @@ class ClientMigration(_Role):
         kind = type(message)
         state = self._channel_state(channel)
         if peer is Peer.S1:
-            if state is _CC.WAIT_MIGRATE_DATA and kind is not MsgMigrateData:
+            if kind is MsgMigrateData:
+                raise LocalProtocolError("MIGRATE_DATA goes to migrate_data(): its body is passed on unread")
+            if state is _CC.WAIT_MIGRATE_DATA:
                 # The owner reports this case with not_migrate_data (5.4 step 2) before decoding.
                 raise RemoteProtocolError(f"{kind.__name__} on channel {channel} where MIGRATE_DATA must follow")
-            if state not in (_CC.ON_S1, _CC.WAIT_MIGRATE_DATA, _CC.HELD):
-                raise LocalProtocolError(f"channel {channel} has left s1: its s1 connection is not read")
+            self._check_reads_s1(channel)
             if isinstance(message, MsgMigrate):
                 self._fire(Received(Migrate.of(message.flags, Origin.REMOTE)), channel, message)
-            elif kind is MsgMigrateData:
-                self._fire(_MIGRATE_DATA, channel, message)
             elif kind in _S1_SESSION_INPUTS:
                 if channel != MAIN:
                     raise RemoteProtocolError(f"{kind.__name__} on channel {channel}")
@@ -290,6 +291,20 @@ class ClientMigration(_Role):
         elif state is not _CC.ON_S2:
             raise LocalProtocolError(f"channel {channel} is frozen on s2: its connection is not read yet")
         return out
+
+    @entry
+    def migrate_data(self, channel: Channel, body: MigrateDataBody, *, now: float | None = None) -> list[ClientOutput]:
+        """s1's MIGRATE_DATA on ``channel``. The client never reads the body (6): ``body`` is whatever
+        the owner will write to s2 (RelayMigrateData) or drop (DropMigrateData); ``now`` as for receive."""
+        out = self._out
+        self._now = now
+        self._check_reads_s1(channel)
+        self._fire(_MIGRATE_DATA, channel, body)
+        return out
+
+    def _check_reads_s1(self, channel: Channel) -> None:
+        if self._channel_state(channel) not in (_CC.ON_S1, _CC.WAIT_MIGRATE_DATA, _CC.HELD):
+            raise LocalProtocolError(f"channel {channel} has left s1: its s1 connection is not read")
 
     @entry
     def not_migrate_data(self, channel: Channel) -> list[ClientOutput]:
@@ -432,7 +447,8 @@ class ClientMigration(_Role):
                 self._fire_channel(channel, _CI.SWITCH)
         self._out.append(MigrationCompleted(MigrationMode.SEMI_SEAMLESS))
 
-    def _channel_input(self, channel: Channel, message: Message) -> None:
+    def _channel_input(self, channel: Channel, message: MsgMigrate | MigrateDataBody) -> None:
+        """``message``: s1's MIGRATE, or the body of its MIGRATE_DATA (see migrate_data)."""
         if self.state is _C.ROLLING_BACK:  # MIGRATE_DATA of a channel that had not switched yet
             self._fire_channel(channel, _CI.MIGRATE_DATA_FOR_NOBODY, message)
             if self._cancelled:
@@ -440,7 +456,7 @@ class ClientMigration(_Role):
                 self._check_all_back()
             return
         self._post_migration = True
-        if type(message) is MsgMigrate:
+        if isinstance(message, MsgMigrate):
             self._fire_channel(channel, Received(Migrate.of(message.flags, Origin.REMOTE)))
         else:
             self._fire_channel(channel, _MIGRATE_DATA, message)
@@ -516,17 +532,17 @@ class ClientMigration(_Role):
         self._flush_mark(channel)
         self._switch(channel)
 
-    def _switch_with_data(self, channel: Channel, message: MsgMigrateData) -> None:
+    def _switch_with_data(self, channel: Channel, body: MigrateDataBody) -> None:
         self._out.append(SwitchChannel(channel, Peer.S2))
         # The body goes back byte for byte: it is opaque to the client (6).
-        self._out.append(Send(channel, MsgcMigrateData(message.data), Peer.S2))
+        self._out.append(RelayMigrateData(channel, body))
         self._release(channel)
 
     def _switch_back(self, channel: Channel) -> None:
         self._out.append(SwitchChannel(channel, Peer.S1))
 
-    def _drop_migrate_data(self, channel: Channel, message: MsgMigrateData) -> None:
-        self._out.append(DropMigrateData(channel, message.data))
+    def _drop_migrate_data(self, channel: Channel, body: MigrateDataBody) -> None:
+        self._out.append(DropMigrateData(channel, body))
 
     def _release(self, channel: Channel) -> None:
         state = self.channels[channel]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from spicewire.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from spicewire.protocol.enums import MIGRATE_FLAGS_MASK, MigrateFlags
@@ -149,6 +149,13 @@ class Peer(Enum):
     S2 = "s2"
 
 
+class MigrateDataBody(Protocol):
+    """A MIGRATE_DATA body as the client machine holds it: opaque (6), so only its size is asked.
+    bytes qualify; an owner that streams the body passes its own handle."""
+
+    def __len__(self) -> int: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Send:
     """Write ``message`` on ``channel`` (for the client: on its connection to ``peer``)."""
@@ -250,11 +257,20 @@ class AwaitRollback:
 
 
 @dataclass(frozen=True, slots=True)
+class RelayMigrateData:
+    """Client: write ``body`` to s2 as ``channel``'s MIGRATE_DATA, byte for byte; it follows the
+    channel's SwitchChannel and precedes what the channel retained meanwhile."""
+
+    channel: Channel
+    body: MigrateDataBody
+
+
+@dataclass(frozen=True, slots=True)
 class DropMigrateData:
     """Client, rolling back: this MIGRATE_DATA from s1 has nowhere to go; read it and drop it."""
 
     channel: Channel
-    data: Any
+    body: MigrateDataBody
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,5 +298,6 @@ SourceOutput: TypeAlias = Send | ConnectComplete | MigrateDataRequested | Discon
 DestinationOutput: TypeAlias = Send | AttachChannel | RestoreMigrateData | MigrationCompleted
 ClientOutput: TypeAlias = (
     Send | LinkDestination | DropDestination | ResetChannels | SwitchChannel | CloseSource | MigrationCompleted
-    | SwitchHost | AwaitConfirmation | AwaitRollback | DropMigrateData | RolledBack | SessionLost
+    | SwitchHost | AwaitConfirmation | AwaitRollback | RelayMigrateData | DropMigrateData | RolledBack
+    | SessionLost
 )
