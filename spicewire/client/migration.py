@@ -631,8 +631,8 @@ def relay(source: socket.socket, out: socket.socket, count: int, what: str) -> i
         try:
             _splice_relay(source, out, count, what)
             return 0
-        except _SpliceRefused:
-            pass
+        except _SpliceRefused as err:  # before any byte moved: copying does the same job
+            log.debug("%s: splice refused (%s); copying instead", what, err)
     return _copy_relay(source, out, count, what)
 
 
@@ -684,7 +684,7 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
                 continue
             except OSError as err:
                 if left == count and err.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                    raise _SpliceRefused() from err
+                    raise _SpliceRefused(err.strerror) from err
                 raise
             if n == 0:
                 raise ConnectionError(f"s1 closed {what} {left} bytes before the end of MIGRATE_DATA")
