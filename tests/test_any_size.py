@@ -39,8 +39,6 @@ from spicewire.client import ClientSession
 from spicewire.client.channels import DATA_CHUNK
 from spicewire.client.channels import RECV_BUFFER as CLIENT_RECV_BUFFER
 from spicewire.client.migration import RELAY_CHUNK
-from spicewire.control.client import ControlClient
-from spicewire.control.server import ControlServer
 from spicewire.devices import source_pattern
 from spicewire.protocol import messages as m
 from spicewire.protocol.framing import MessageReader
@@ -48,10 +46,11 @@ from spicewire.protocol.migration import SWPD_SEGMENT
 from spicewire.server.migration.destination import PREFAULT_MIN
 from spicewire.server.migration.source import STREAM_MIGRATE_DATA
 from spicewire.server.net import RECV_BUFFER as SERVER_RECV_BUFFER
-from spicewire.server.net import WRITE_BATCH, ServerConfig, SpiceServer
+from spicewire.server.net import WRITE_BATCH
 from spicewire.server.session import MAX_DATA_MESSAGE, Limits
 
 from .serverkit import wait_until
+from .test_migration import Node
 
 ECHO, SINK, SOURCE = "org.spicewire.echo", "org.spicewire.sink", "org.spicewire.source"
 PORTS = [(ECHO, "echo"), (SINK, "sink"), (SOURCE, "source")]
@@ -144,33 +143,6 @@ plans = st.lists(rounds(), min_size=1, max_size=3)  # s1 -> s2 -> s1 -> s2 at mo
 # --- servers and the client's streams ------------------------------------------------------------------
 
 
-class Node:
-    """An in-process server with its control API, both on 127.0.0.1."""
-
-    def __init__(self) -> None:
-        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(PORTS), limits=LIMITS))
-        self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
-        self.control.start()
-        self.api = ControlClient(*self.control.address, timeout=30)
-
-    def migrate_to(self, other: Node, mode: str) -> dict:
-        return self.api.post_json("/migrate", {
-            "to": "{}:{}".format(*other.spice.address), "to_control": "{}:{}".format(*other.control.address),
-            "mode": mode, "timeout": 10.0,
-        })
-
-    def port(self, session_id: int, name: str) -> dict:
-        return next(p for p in self.api.get_json(f"/sessions/{session_id:08x}")["ports"] if p["name"] == name)
-
-    def lever(self, session_id: int, name: str, action: str) -> None:
-        self.api.post_json(f"/sessions/{session_id:08x}/ports/{name}/{action}", {})
-
-    def stop(self) -> None:
-        self.control.stop()
-        self.spice.stop()
-
-
 class Checked:
     """A port's incoming stream, read by a greenlet of its own and compared as it comes with
     ``expected(offset, n)``; the first difference is kept and fails the test."""
@@ -245,7 +217,7 @@ def source_read_up(node: Node, session_id: int, sourced: Checked) -> bool:
 
 
 def run_plan(plan: list[Round]) -> None:
-    nodes = [Node(), Node()]
+    nodes = [Node(LIMITS, PORTS), Node(LIMITS, PORTS)]
     session = None
     checked: list[Checked] = []
     try:

@@ -67,8 +67,8 @@ def deadline(request):
 class Node:
     """An in-process server: SPICE and control API on 127.0.0.1, ports chosen by the kernel."""
 
-    def __init__(self, limits: Limits | None = None) -> None:
-        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(PORTS),
+    def __init__(self, limits: Limits | None = None, ports: list[tuple[str, str]] = PORTS) -> None:
+        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(ports),
                                               limits=limits or Limits()))
         self.spice.start()
         self.control = ControlServer(self.spice, "127.0.0.1", 0)
