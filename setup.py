@@ -11,6 +11,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
+try:
+    from Cython.Build import cythonize
+except ImportError:  # OptionalBuildExt says so, once, when it would have built the extension
+    cythonize = None
+
 
 def warn(why: str) -> None:
     print(f"WARNING: spicewire: {why}; installing the pure-Python codec instead (slower)", file=sys.stderr)
@@ -19,7 +24,19 @@ def warn(why: str) -> None:
 class OptionalBuildExt(build_ext):
     """Builds the codec when it can; any failure to compile or link leaves the pure twin in charge."""
 
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        for ext in self.extensions:
+            # So an editable install does not go looking for a module that was not built. Set here
+            # because cythonize() hands back new Extension objects without the flag.
+            ext.optional = True
+
     def build_extension(self, ext: Extension) -> None:
+        if cythonize is None:
+            # Said here, not where setup.py checks: pip runs setup.py once for the metadata and once
+            # for the build, and only the build runs this.
+            warn("Cython is not installed, so the compiled codec cannot be built")
+            return
         try:
             super().build_extension(ext)
         except (CCompilerError, ExecError, PlatformError, OSError) as err:  # no compiler, a broken one, no headers
@@ -28,11 +45,6 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions() -> list[Extension]:
-    try:
-        from Cython.Build import cythonize
-    except ImportError:
-        warn("Cython is not installed, so the compiled codec cannot be built")
-        return []
     codec = Extension(
         "spicewire._codec",
         sources=["spicewire/_codec.pyx"],
@@ -42,6 +54,8 @@ def extensions() -> list[Extension]:
         extra_compile_args=["-O3", "-g0"],
         extra_link_args=["-s"],
     )
+    if cythonize is None:
+        return [codec]
     return cythonize(
         [codec],
         language_level=3,
