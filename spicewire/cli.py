@@ -310,9 +310,56 @@ def migrate(args: argparse.Namespace) -> int:
     return 0 if report.get("migrated") == len(report.get("sessions", ())) and not report.get("error") else 1
 
 
+# --- demo -------------------------------------------------------------------------------------
+
+DEMO_MODES = ("seamless", "semi-seamless")
+
+
+def demo_modes(text: str) -> str:
+    """A comma-separated list of migration modes, run in that order."""
+    modes = text.split(",")
+    unknown = [mode for mode in modes if mode not in DEMO_MODES]
+    if unknown:
+        known = ", ".join(DEMO_MODES)
+        raise argparse.ArgumentTypeError(f"unknown mode {', '.join(map(repr, unknown))}; known: {known}")
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
+    return value
+
+
+def _add_demo(commands: Subparsers) -> None:
+    p = commands.add_parser(
+        "demo",
+        help="migrate a live session with a large in-flight state between two local servers",
+        description="Start two servers on loopback (free ports), pile up MIB MiB in a paused sink on "
+        "the first, migrate the session to the second in each mode, and check what arrived (byte "
+        "count and SHA-256). Prints a JSON summary; exit 0 when every seamless run kept every byte.",
+    )
+    p.add_argument("--mib", type=positive_int, default=256, metavar="MIB",
+                   help="in-flight state to pile up, in MiB (default 256)")
+    p.add_argument("--modes", type=demo_modes, default=",".join(DEMO_MODES), metavar="MODE[,MODE]",
+                   help=f"migrations to run, in order (default {','.join(DEMO_MODES)})")
+    p.set_defaults(run=demo)
+
+
+def demo(args: argparse.Namespace) -> int:
+    # The same run as `make demo` (python -m spicewire.demo), for an installed package without the repository.
+    from spicewire import demo as demo_run
+
+    return demo_run.main(["--mib", str(args.mib), "--modes", args.modes])
+
+
 # --- the command line -------------------------------------------------------------------------
 
-COMMANDS = (_add_serve, _add_connect, _add_migrate)
+COMMANDS = (_add_serve, _add_connect, _add_migrate, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
