@@ -164,7 +164,7 @@ class Served(Server):
         })
 
     def sinks(self) -> dict[str, dict]:
-        return {s["id"]: next(p for p in s["ports"] if p["name"] == SINK)
+        return {s["session_id"]: next(p for p in s["ports"] if p["name"] == SINK)
                 for s in self.control.get_json("/sessions")["sessions"]}
 
 

@@ -122,8 +122,10 @@ def _add_serve(commands: Subparsers) -> None:
     p.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API")
     p.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="default INFO",
+        help="default INFO; DEBUG adds a line per message received and sent, per channel",
     )
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one object per line (ts, level, logger, message, session, channel) for log shippers")
     p.set_defaults(run=serve, check=functools.partial(_check_serve, p))
 
 
@@ -152,12 +154,10 @@ def serve(args: argparse.Namespace) -> int:
     import gevent.queue
 
     from spicewire.control.server import ControlServer
+    from spicewire.logs import configure
     from spicewire.server.net import ServerConfig, SpiceServer
 
-    logging.basicConfig(
-        level=args.log_level, stream=sys.stderr,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
+    configure(args.log_level, args.log_format, sys.stderr)
     host, port = args.listen
     from spicewire.server.session import Limits
 
@@ -235,6 +235,7 @@ def connect(args: argparse.Namespace) -> int:
     timings = report["timings"] = {}
     host, port = args.address
     session = ClientSession(host, port, password=args.password, timeout=min(args.timeout, 10.0))
+    writer: gevent.Greenlet | None = None
     try:
         with gevent.Timeout(args.timeout, TimeoutError(f"not done after {args.timeout:g} s")):
             session.connect()
@@ -260,6 +261,10 @@ def connect(args: argparse.Namespace) -> int:
     except (SpiceError, OSError, LookupError, TimeoutError) as err:
         report["error"] = f"{type(err).__name__}: {err}"
     finally:
+        if writer is not None:
+            # Before the sockets close under it: a writer still sending would fail there, and
+            # gevent prints an uncaught greenlet error as a traceback after the report.
+            writer.kill()
         session.close()
     print(json.dumps(report))
     return 0 if report["ok"] else 1
@@ -308,6 +313,45 @@ def migrate(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(report, indent=1))
     return 0 if report.get("migrated") == len(report.get("sessions", ())) and not report.get("error") else 1
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+def _add_events(commands: Subparsers) -> None:
+    p = commands.add_parser(
+        "events",
+        help="follow a server's events, one JSON line each",
+        description="Follow the control API's event stream (GET /events): channels connected, "
+        "initialized and disconnected, migrations started, completed, rolled back or failed. "
+        "Prints each event as one JSON line until the server stops or SIGINT.",
+    )
+    p.add_argument("--control", required=True, type=peer_address, metavar="HOST:PORT", help="the control API")
+    p.add_argument("--token", metavar="T", help="its bearer token")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N events")
+    p.set_defaults(run=events)
+
+
+def events(args: argparse.Namespace) -> int:
+    import json
+
+    from spicewire.control.events import follow
+    from spicewire.errors import MigrationError
+
+    host, port = args.control
+    seen = 0
+    try:
+        for event in follow(host, port, token=args.token):
+            print(json.dumps(event), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                return 0
+    except (MigrationError, OSError) as err:
+        print(json.dumps({"error": f"{args.control}: {err}" if isinstance(err, OSError) else str(err)}), flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 # --- demo -------------------------------------------------------------------------------------
@@ -359,7 +403,7 @@ def demo(args: argparse.Namespace) -> int:
 
 # --- the command line -------------------------------------------------------------------------
 
-COMMANDS = (_add_serve, _add_connect, _add_migrate, _add_demo)
+COMMANDS = (_add_serve, _add_connect, _add_migrate, _add_events, _add_demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

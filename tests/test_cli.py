@@ -32,7 +32,7 @@ def test_serve_serves_sessions_and_stops_cleanly_on_a_signal(serve, signum):
     assert port.expect(m.MsgPortInit).name == "org.test.echo"
     port.send(m.MsgcSpicevmcData(b"hello"))
     assert port.expect(m.MsgSpicevmcData).data == b"hello"
-    assert {s["session_id"] for s in served.get("/sessions")["sessions"]} == {session_id, other_id}
+    assert {s["session_id"] for s in served.get("/sessions")["sessions"]} == {f"{session_id:08x}", f"{other_id:08x}"}
 
     served.proc.send_signal(signum)
     assert served.proc.wait(timeout=5) == 0
@@ -242,7 +242,7 @@ def test_migrate_to_an_unreachable_destination_exits_1_and_the_session_stays(ser
     assert code == 1
     assert f"502 cannot reach the destination's control API at {nobody}" in report["error"], report
     (view,) = s1.get("/sessions")["sessions"]
-    assert view["session_id"] == session.session_id and view["migration"] is None
+    assert view["session_id"] == f"{session.session_id:08x}" and view["migration"] is None
     session.close()
 
 

@@ -84,7 +84,7 @@ class Node:
         })
 
     def sessions(self) -> dict[int, dict]:
-        return {s["session_id"]: s for s in self.api.get_json("/sessions")["sessions"]}
+        return {int(s["session_id"], 16): s for s in self.api.get_json("/sessions")["sessions"]}
 
     def port(self, session_id: int, name: str) -> dict:
         return next(p for p in self.api.get_json(f"/sessions/{session_id:08x}")["ports"] if p["name"] == name)
@@ -743,7 +743,7 @@ def s2_target(s2, session_id: int):
     """A raw client linking to s2 as a seamless migration target would: the announcement s1 would
     have made, main with connection_id = the session id, DO_SEAMLESS and its ACK."""
     s2.api.post_json("/migration/announce", {"ttl": 30, "sessions": [
-        {"session_id": session_id, "ports": [[ECHO_ID, ECHO, "echo"], [SINK_ID, SINK, "sink"]]}]})
+        {"session_id": f"{session_id:08x}", "ports": [[ECHO_ID, ECHO, "echo"], [SINK_ID, SINK, "sink"]]}]})
     main = PortChannel.link(s2.address, session_id, ChannelType.MAIN, 0,
                             channel_caps=ClientSession.channel_caps(ChannelType.MAIN))
     main.send(m.MsgcMainMigrateDstDoSeamless(mig.MIGRATION_PROTOCOL_VERSION))

@@ -57,7 +57,7 @@ def test_large_writes_echo_byte_exact_through_seamless_migrations_back_and_forth
                           max_inflight=window, timeout=20, extra=extra)
     with driver:
         wait_streaming(servers[0], driver)
-        session_id = sessions(servers[0])[0]["id"]
+        session_id = sessions(servers[0])[0]["session_id"]
         for n in range(MIGRATIONS):
             src, dst = servers[n % 2], servers[(n + 1) % 2]
             wait_for(lambda dst=dst: not sessions(dst), 5, "the old server to drop the session")

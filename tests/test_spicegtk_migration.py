@@ -78,7 +78,7 @@ def assert_landed(report: dict, mode: str) -> dict:
 
 def assert_whole_session_on(served, session_id: str) -> None:
     (session,) = sessions(served)
-    assert session["id"] == session_id and session["migration"] is None, session
+    assert session["session_id"] == session_id and session["migration"] is None, session
     assert session["main"] is not None
     assert [p["connected"] for p in session["ports"]] == [True, True], session
 
@@ -95,7 +95,7 @@ def test_seamless_migrations_back_and_forth_keep_the_echo_stream_byte_exact(serv
     driver = start_driver(servers[0].address[1], port_name=ECHO, expect_echo=True, stream_seconds=90, timeout=20)
     with driver:
         wait_streaming(servers[0], driver)
-        session_id = sessions(servers[0])[0]["id"]
+        session_id = sessions(servers[0])[0]["session_id"]
         entries = []
         for n in range(5):
             src, dst = servers[n % 2], servers[(n + 1) % 2]
@@ -152,7 +152,7 @@ def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve
                           timeout=20)
     with driver:
         wait_streaming(s1, driver)
-        session_id = sessions(s1)[0]["id"]
+        session_id = sessions(s1)[0]["session_id"]
         reports = []
         for src, dst in ((s1, s2), (s2, s1)):
             # semi-seamless: spice-gtk closes every s1 connection, the session goes at once
@@ -191,7 +191,7 @@ def test_spicegtk_stays_on_s1_when_the_destination_is_unreachable(serve):
     driver = start_driver(s1.address[1], port_name=ECHO, expect_echo=True, stream_seconds=30, timeout=20)
     with driver, refused_port() as closed:  # spice-gtk's link to "s2" fails there
         wait_streaming(s1, driver)
-        session_id = sessions(s1)[0]["id"]
+        session_id = sessions(s1)[0]["session_id"]
         report = migrate(s1, s2, to_port=closed)
         assert report["migrated"] == 0 and report["stayed"] == 1, report
         (entry,) = report["sessions"]

@@ -18,18 +18,21 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from http import HTTPStatus
 from typing import Any, cast
 from wsgiref.types import StartResponse, WSGIEnvironment
 
+import gevent.event
 from gevent.pywsgi import LoggingLogAdapter, WSGIServer
 
 from spicewire import __version__
 from spicewire.addresses import Address, parse_address
 from spicewire.errors import MigrationError, SpiceError
+from spicewire.logs import session_label
 from spicewire.protocol.migration import MigrationMode
+from spicewire.server.events import Subscription
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
 
@@ -39,6 +42,7 @@ MAX_BODY = 1 << 20
 MAX_DEVICE_STATE = 256 << 20
 MAX_IN_FLIGHT = 1 << 40  # an announced port backlog beyond this is a mistake, not a plan
 _HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
+KEEPALIVE = 15.0  # s between SSE comments on a quiet stream: how a follower that left is noticed
 
 
 class HttpError(SpiceError):
@@ -84,6 +88,14 @@ class Request:
             return json.loads(body)
         except (UnicodeDecodeError, ValueError) as err:
             raise HttpError(400, f"body is not JSON: {err}") from None
+
+
+@dataclass
+class Raw:
+    """An answer that is not JSON: ``body`` is bytes, or an iterator of them that is streamed."""
+
+    body: bytes | Iterable[bytes]
+    content_type: str
 
 
 Handler = Callable[[Request], Any]
@@ -147,16 +159,11 @@ def _match(segments: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] 
     return params
 
 
-def parse_session_id(text: str) -> int:
-    """Eight hex digits (as the logs print it) or a decimal number. Eight digits read as hex, so a
-    decimal id of eight digits needs a leading zero."""
-    if _HEX_ID.fullmatch(text):
+def parse_session_id(text: Any) -> int:
+    """Eight hex digits, the one spelling of a session id in logs, answers and reports."""
+    if isinstance(text, str) and _HEX_ID.fullmatch(text):
         return int(text, 16)
-    if text.isascii() and text.isdigit():
-        value = int(text)
-        if value < 1 << 32:
-            return value
-    raise HttpError(400, f"bad session id {text!r}: 8 hex digits or a decimal u32")
+    raise HttpError(400, f"bad session id {text!r:.40}: expected 8 hex digits, as in \"aadce55b\"")
 
 
 class ControlServer:
@@ -167,6 +174,8 @@ class ControlServer:
         self.token = token
         self.router = Router()
         self.router.add("GET", "/status", self.get_status)
+        self.router.add("GET", "/metrics", self.get_metrics)
+        self.router.add("GET", "/events", self.get_events)
         self.router.add("GET", "/sessions", self.get_sessions)
         self.router.add("GET", "/sessions/{session}", self.get_session)
         self.router.add("POST", "/sessions/{session}/ports/{port}/pause", self.pause_port)
@@ -179,6 +188,8 @@ class ControlServer:
         self.router.add("POST", "/migration/abort", self.abort)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
         self._wsgi = WSGIServer((host, port), self, log=access, error_log=log)
+        self._streams: set[Subscription] = set()
+        self._stopping = gevent.event.Event()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -189,11 +200,14 @@ class ControlServer:
         log.info("control API on http://%s:%d%s", *self.address, " (bearer token required)" if self.token else "")
 
     def stop(self, timeout: float = 1.0) -> None:
+        self._stopping.set()
+        for sub in list(self._streams):
+            sub.end()  # an event stream would otherwise hold its request open until killed
         self._wsgi.stop(timeout=timeout)
 
     # --- WSGI ---------------------------------------------------------------------------------
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> list[bytes]:
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # PATH_INFO is the percent-decoded path as latin-1 (PEP 3333); names are UTF-8.
         path = environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", "replace")
         request = Request(environ["REQUEST_METHOD"], path, environ)
@@ -208,11 +222,16 @@ class ControlServer:
         except Exception:
             log.exception("control request %s %s failed", request.method, path)
             status, body = 500, {"error": "internal error (see the server log)", "status": 500}
+        phrase = f"{status} {HTTPStatus(status).phrase}"
+        if isinstance(body, Raw):
+            if isinstance(body.body, bytes):
+                start_response(phrase, [("Content-Type", body.content_type),
+                                        ("Content-Length", str(len(body.body))), *headers])
+                return [body.body]
+            start_response(phrase, [("Content-Type", body.content_type), ("Cache-Control", "no-cache"), *headers])
+            return body.body
         data = json.dumps(body, indent=1).encode() + b"\n"
-        start_response(
-            f"{status} {HTTPStatus(status).phrase}",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers],
-        )
+        start_response(phrase, [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
         return [data]
 
     def _authorize(self, environ: dict) -> None:
@@ -251,6 +270,7 @@ class ControlServer:
             "listen": {"host": host, "port": port},
             "uptime": None if started is None else round(time.monotonic() - started, 3),
             "sessions": len(self.spice.sessions),
+            "event_subscribers": self.spice.events.subscribers,
             "config": {
                 "ticketing": cfg.password is not None,
                 "password_expiry": cfg.password_expiry,
@@ -261,6 +281,29 @@ class ControlServer:
             },
             "endpoints": self.router.endpoints(),
         }
+
+    def get_metrics(self, request: Request) -> Raw:
+        return Raw(self.spice.metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def get_events(self, request: Request) -> Raw:
+        """Server-Sent Events: one ``event:``/``data:`` pair per event, the data a JSON object.
+        Subscribed before the answer starts, so nothing that happens after the request is missed."""
+        sub = self.spice.events.subscribe()
+        self._streams.add(sub)
+        return Raw(self._event_stream(sub), "text/event-stream")
+
+    def _event_stream(self, sub: Subscription) -> Iterator[bytes]:
+        try:
+            yield b": spicewire events\n\n"  # the headers and this go out at once: the follower is subscribed
+            while not sub.ended:
+                batch = sub.get(timeout=KEEPALIVE)
+                if not batch:
+                    yield b": keep-alive\n\n"
+                    continue
+                yield b"".join(f"event: {e['event']}\ndata: {json.dumps(e)}\n\n".encode() for e in batch)
+        finally:  # the follower left (the write failed) or the server stops
+            sub.close()
+            self._streams.discard(sub)
 
     def get_sessions(self, request: Request) -> dict:
         return {"sessions": [session_view(s) for s in list(self.spice.sessions.values())]}
@@ -283,11 +326,11 @@ class ControlServer:
         except NotImplementedError as err:
             raise HttpError(409, str(err)) from None
         log.info("session %08x port %s: device %sd over the control API", session.id, port.name, action)
-        return {"session_id": session.id, "port": port.name, "device": port.device.status()}
+        return {"session_id": session_label(session.id), "port": port.name, "device": port.device.status()}
 
     def port_digest(self, request: Request) -> dict:
         session, port = self.port(request)
-        return {"session_id": session.id, "port": port.name, "device": port.device.status()}
+        return {"session_id": session_label(session.id), "port": port.name, "device": port.device.status()}
 
 
     # --- migration ----------------------------------------------------------------------------
@@ -389,17 +432,21 @@ def _whole(value: Any, low: int, high: int) -> bool:
 
 
 def _announced_sessions(sessions: Any) -> list[dict]:
-    """``[{"session_id": u32, "ports": [[channel id, name, kind, in-flight bytes], ...]}]``."""
+    """``[{"session_id": "8 hex digits", "ports": [[channel id, name, kind, in-flight bytes], ...]}]``;
+    answers them with each session_id as its number."""
     if not isinstance(sessions, list):
         raise HttpError(400, "bad announcement: sessions must be a list")
+    checked = []
     for entry in sessions:
-        if not isinstance(entry, dict) or not _whole(entry.get("session_id"), 1, 0xFFFFFFFF):
-            raise HttpError(400, f"bad announcement: {entry!r:.80} needs a session_id from 1 to 2**32-1")
+        sid = entry.get("session_id") if isinstance(entry, dict) else None
+        if not isinstance(sid, str) or not _HEX_ID.fullmatch(sid) or int(sid, 16) == 0:
+            raise HttpError(400, f"bad announcement: {entry!r:.80} needs a session_id of 8 hex digits, not 00000000")
         ports = entry.get("ports")
         if not isinstance(ports, list) or not all(_announced_port(port) for port in ports):
-            raise HttpError(400, f"bad announcement: session {entry['session_id']:08x} needs ports as "
+            raise HttpError(400, f"bad announcement: session {sid} needs ports as "
                             "[[channel id, name, device kind, in-flight bytes], ...]")
-    return sessions
+        checked.append({**entry, "session_id": int(sid, 16)})
+    return checked
 
 
 def _announced_port(port: Any) -> bool:
@@ -409,9 +456,8 @@ def _announced_port(port: Any) -> bool:
 
 
 def session_view(session: Session) -> dict:
-    """Session.status() plus the hex id the logs use and each socket's unsent bytes."""
+    """Session.status() plus each socket's unsent bytes."""
     view = session.status()
-    view["id"] = f"{session.id:08x}"
     if session.main is not None:
         view["main"]["pending_write"] = session.main.transport.pending_write
     for port, port_view in zip(session.ports.values(), view["ports"], strict=True):

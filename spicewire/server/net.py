@@ -23,10 +23,16 @@ from gevent.server import StreamServer
 
 from spicewire import devices
 from spicewire.errors import LinkError, LinkTimeout, PeerFault, PeerStalled, SpiceError
+from spicewire.logs import context
+from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
+from spicewire.protocol.framing import FULL_HEADER, MINI_HEADER
 from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
+from spicewire.server import events
+from spicewire.server.events import EventBus
+from spicewire.server.metrics import ServerMetrics
 from spicewire.server.migration import MigrationManager
 from spicewire.server.session import (
     MAIN_MAX_MESSAGE,
@@ -88,6 +94,13 @@ def release_free_memory() -> None:
         log.debug("not glibc, freed heap stays with the process: %s", err)
 
 
+def _link_error_name(code: int) -> str:
+    try:
+        return LinkErr(code).name.lower()
+    except ValueError:  # a code the enum does not know: still one label per code
+        return f"link_error_{int(code)}"
+
+
 class KeyPool:
     """Fresh RSA-1024 keys, generated ahead in a thread: a key costs ~8 ms, too long to make a
     client wait for on every link. Each key is handed out once.
@@ -132,6 +145,10 @@ class Connection:
         self.sock = sock
         self.peer = f"{address[0]}:{address[1]}"
         self.label = self.peer
+        # Session and channel join these once known; the JSON log format gives each its own field.
+        self.log_fields: dict[str, str] = {"peer": self.peer}
+        self.log = logging.LoggerAdapter(log, self.log_fields)
+        self.event_fields: dict[str, Any] = {}  # what every event about this connection carries
         self.pending_write = 0
         self.closed = False
         self.handler: MainConnection | PortConnection | None = None
@@ -142,6 +159,7 @@ class Connection:
         self._read_gate = gevent.event.Event()
         self._read_gate.set()
         self._writer: gevent.Greenlet[[MainConnection | PortConnection], None] | None = None
+        self.link_failure: str | None = None  # why the link did not become a channel (a metric label)
 
     # --- Transport ---------------------------------------------------------------------------
 
@@ -149,6 +167,8 @@ class Connection:
         if self.channel is None:
             return  # still linking: no channel, so nothing framed to move
         frames = self.channel.data_to_send()
+        if frames and log.isEnabledFor(logging.DEBUG):
+            self._trace_out(frames)
         if frames and not self.closed:
             self._outq.extend(frames)
             self.pending_write += sum(len(f) for f in frames)
@@ -173,13 +193,13 @@ class Connection:
         if self.closed:
             return
         self.closed = True
-        log.info("[%s] closing: %s", self.label, reason)
+        self.log.info("[%s] closing: %s", self.label, reason)
         self._read_gate.set()
         self._write_ready.set()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError as err:  # the peer reset it first: it is down either way
-            log.debug("[%s] shutdown: %s", self.label, err)
+            self.log.debug("[%s] shutdown: %s", self.label, err)
 
     # --- the connection's life ---------------------------------------------------------------
 
@@ -190,17 +210,22 @@ class Connection:
             if established is not None and not self.closed:
                 self._serve(established)
         except PeerFault as err:  # what the client sent (or did not send in time)
-            log.warning("[%s] protocol error, disconnecting: %s", self.label, err)
+            self.log.warning("[%s] protocol error, disconnecting: %s", self.label, err)
         except SpiceError as err:  # ours: a bug, never blamed on the client, and only this connection ends
-            log.exception("[%s] internal error, disconnecting: %s", self.label, err)
+            self.log.exception("[%s] internal error, disconnecting: %s", self.label, err)
         except OSError as err:
-            log.info("[%s] connection lost: %s", self.label, err)
+            self.log.info("[%s] connection lost: %s", self.label, err)
         finally:
             self.close("done")
             if self._writer is not None:
                 self._writer.kill(block=False)
             if self.handler is not None:
                 self.handler.closed()
+                self.server.events.emit(events.DISCONNECTED, **self.event_fields)
+            elif self.channel is None and self.link_failure is None:
+                self.link_failure = "connection_lost"
+            if self.link_failure is not None:
+                self.server.metrics.link_failed(self.link_failure)
             self.sock.close()
 
     def _link(self) -> LinkEstablished | None:
@@ -214,7 +239,8 @@ class Connection:
                 event = link.next_event()
             except (PeerFault, LinkError) as err:  # anything else is our bug: run() reports it
                 self._send_now(link.data_to_send())
-                log.warning("[%s] link refused: %s", self.label, err)
+                self.link_failure = _link_error_name(err.code) if isinstance(err, LinkError) else "protocol_error"
+                self.log.warning("[%s] link refused: %s", self.label, err)
                 return None
             self._send_now(link.data_to_send())
             if isinstance(event, LinkRequested):
@@ -225,7 +251,8 @@ class Connection:
                     reply = link.data_to_send()
                     self._send_now(reply)
                     code = LinkErr(SpiceLinkReply.decode(reply[LINK_HEADER_SIZE:]).error).name if reply else "no reply"
-                    log.warning(
+                    self.link_failure = code.lower().replace(" ", "_")
+                    self.log.warning(
                         "[%s] link refused: %s for channel type %d id %d, connection id %08x", self.label,
                         code, event.channel_type, event.channel_id, event.connection_id,
                     )
@@ -242,11 +269,13 @@ class Connection:
                     try:
                         link.handle_timer(time.time())
                     except LinkTimeout:
-                        log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
+                        self.link_failure = "timeout"
+                        self.log.warning("[%s] link timed out after %.1f s", self.label, cfg.link_timeout)
                         return None
                     continue
                 if not data:
-                    log.info("[%s] client closed during the link", self.label)
+                    self.link_failure = "closed"
+                    self.log.info("[%s] client closed during the link", self.label)
                     return None
                 link.receive_data(data, time.time())
 
@@ -275,12 +304,15 @@ class Connection:
         )
         handler = self.handler = self.server.attach(established, self, channel)
         if handler is None:
+            self.link_failure = "gone_during_link"
             return
+        self.server.events.emit(events.CONNECTED, **self.event_fields)
         self.sock.settimeout(None)
         self._writer = gevent.spawn(self._write_loop, handler)
         handler.start()
+        self.server.events.emit(events.INITIALIZED, **self.event_fields)
         if established.trailing:
-            handler.handle(channel.receive_data(established.trailing))
+            self._deliver(handler, channel.receive_data(established.trailing))
             self.flush()
         buf = bytearray(RECV_BUFFER)
         view = memoryview(buf)
@@ -298,13 +330,34 @@ class Connection:
             except TimeoutError:
                 raise PeerStalled(f"client stalled {stall:g} s in the middle of a message") from None
             if n == 0:
-                log.info("[%s] client closed the connection", self.label)
+                self.log.info("[%s] client closed the connection", self.label)
                 break
+            self.server.metrics.bytes_in += n
             if bulk is None:
-                handler.handle(channel.receive_data(view[:n]))
+                self._deliver(handler, channel.receive_data(view[:n]))
             else:  # straight into a large body (MIGRATE_DATA, big DATA): no copy, no per-chunk parsing
-                handler.handle(channel.received_into(n))
+                self._deliver(handler, channel.received_into(n))
             self.flush()
+
+    def _deliver(self, handler: MainConnection | PortConnection, msgs: list[m.Message]) -> None:
+        if msgs and log.isEnabledFor(logging.DEBUG):
+            for msg in msgs:
+                self.log.debug("[%s] <- %s (%d bytes)", self.label, type(msg).__name__, len(msg.wire_body()))
+        handler.handle(msgs)
+
+    def _trace_out(self, frames: list[bytes]) -> None:
+        """DEBUG: each framed message going out, by name (frames are whole messages, header first)."""
+        channel = self.channel
+        if channel is None:
+            return
+        mini = channel.writer.mini
+        for frame in frames:
+            if mini:
+                msg_type, size = MINI_HEADER.unpack_from(frame)
+            else:
+                _, msg_type, size, _ = FULL_HEADER.unpack_from(frame)
+            cls = m.lookup(channel.channel_type, m.Direction.SERVER_TO_CLIENT, msg_type)
+            self.log.debug("[%s] -> %s (%d bytes)", self.label, cls.__name__ if cls else f"type {msg_type}", size)
 
     def _write_loop(self, handler: MainConnection | PortConnection) -> None:
         try:
@@ -318,6 +371,7 @@ class Connection:
                             # numpy's stubs give ndarray its __buffer__ only from Python 3.12 on.
                             self.sock.sendall(piece)  # type: ignore[arg-type]
                             self.pending_write -= len(piece)
+                            self.server.metrics.bytes_out += len(piece)
                         continue
                     batch, size = [head], len(head)
                     while self._outq and size < WRITE_BATCH:
@@ -329,6 +383,7 @@ class Connection:
                         size += len(frame)
                     self.sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
                     self.pending_write -= size
+                    self.server.metrics.bytes_out += size
                     if not self._outq:
                         handler.on_drained()
         except OSError as err:
@@ -349,6 +404,8 @@ class SpiceServer:
         self._ticker: gevent.Greenlet[[], None] | None = None
         self._stopped = gevent.event.Event()  # what serve_forever waits for
         self.migration = MigrationManager(self)
+        self.metrics = ServerMetrics(self)
+        self.events = EventBus()
         self.started: float | None = None  # time.monotonic() at start(), for the control API's uptime
 
     @property
@@ -378,6 +435,10 @@ class SpiceServer:
     def serve_forever(self) -> None:
         self.start()
         self._stopped.wait()
+
+    @property
+    def connections(self) -> frozenset[Connection]:
+        return frozenset(self._connections)
 
     def _handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         conn = Connection(self, sock, address)
@@ -432,7 +493,10 @@ class SpiceServer:
                     },
                 )
             self.sessions[session.id] = session
+            session.client = conn.peer
             conn.label = f"{conn.peer} session {session.id:08x} main"
+            conn.log_fields.update(context(session.id, "main"))
+            conn.event_fields.update(session_id=f"{session.id:08x}", channel="main", client=conn.peer)
             session.main = MainConnection(session, channel, conn, established.channel_caps)
             session.on_end = self._session_ended
             if migrating:
@@ -447,6 +511,9 @@ class SpiceServer:
             log.warning("[%s] session or port went away during the link", conn.label)
             return None
         conn.label = f"{conn.peer} session {session.id:08x} port {port.channel_id} ({port.name})"
+        channel_name = f"port {port.channel_id} ({port.name})"
+        conn.log_fields.update(context(session.id, channel_name))
+        conn.event_fields.update(session_id=f"{session.id:08x}", channel=channel_name, client=conn.peer)
         log.info("[%s] port channel linked", conn.label)
         handler = PortConnection(port, channel, conn)
         if session.migration is not None:
@@ -462,7 +529,7 @@ class SpiceServer:
             port.device.detach()
             port.to_device.clear()
             port.to_client.clear()
-        log.info("session %08x ended", session.id)
+        log.info("session %08x ended", session.id, extra=context(session.id))
         if buffered >= TRIM_AFTER:
             gevent.spawn_later(0, release_free_memory)
 

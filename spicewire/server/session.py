@@ -20,6 +20,7 @@ import numpy as np
 
 from spicewire.devices import Device
 from spicewire.errors import RemoteProtocolError
+from spicewire.logs import iso_utc, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import has_cap
 from spicewire.protocol.channel import ChannelConnection
@@ -370,6 +371,7 @@ class Session:
     server_uuid: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     mouse_mode: int = MouseMode.SERVER
     main: MainConnection | None = None
+    client: str | None = None  # the main channel's peer, HOST:PORT
     created: float = field(default_factory=time.time)
     on_end: Callable[[Session], None] | None = None
     migration: SessionMigration | None = None  # the migration of this session under way, on s1 or s2
@@ -396,8 +398,9 @@ class Session:
 
     def status(self) -> dict:
         return {
-            "session_id": self.id,
-            "created": self.created,
+            "session_id": session_label(self.id),
+            "client": self.client,
+            "created": iso_utc(self.created),
             "main": self.main.channel.state() if self.main else None,
             "ports": [p.status() for p in self.ports.values()],
             "migration": self.migration.status() if self.migration is not None else None,

@@ -14,8 +14,10 @@ import gevent.event
 import numpy as np
 
 from spicewire.errors import LocalProtocolError, PeerFault
+from spicewire.logs import context, iso_times, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
+from spicewire.server import events
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
 from spicewire.server.session import MainConnection, PortConnection, Session, multi_media_time
 
@@ -94,7 +96,7 @@ class SessionDestination:
 
     def status(self) -> dict[str, Any]:
         return {"role": "destination", "state": self._machine.state.name if self._machine else "LINKING",
-                "restored": self.restored, "times": self.times}
+                "restored": self.restored, "times": iso_times(self.times)}
 
     def _intercept_main(self, msg: m.Message) -> bool:
         self._apply(self._receive(MAIN, msg))
@@ -116,7 +118,8 @@ class SessionDestination:
             # (the connection that broke it reports the fault), and s1 learns it failed.
             reason = f"the client broke the migration: {err}"
             self.manager.failed[self.session.id] = reason
-            log.warning("session %08x: %s", self.session.id, reason)
+            log.warning("session %08x: %s", self.session.id, reason, extra=context(self.session.id))
+            self.manager.server.metrics.migration("destination", None, "failed")
             self.session.close_ports(reason)
             self.main.transport.close(reason)
             raise
@@ -175,6 +178,13 @@ class SessionDestination:
             handler.intercept = None
         session.migration = None
         session.migrations.append({"role": "destination", "mode": mode_label(mode), "restored": self.restored,
-                                   "times": self.times})
+                                   "times": iso_times(self.times)})
         self.manager.completed[session.id] = session.migrations[-1]
-        log.info("session %08x migrated here (%s), %d bytes restored", session.id, mode_label(mode), self.restored)
+        server = self.manager.server
+        server.metrics.migration("destination", mode_label(mode), "migrated")
+        server.events.emit(events.MIGRATION_COMPLETED, session_id=session_label(session.id), role="destination",
+                           mode=mode_label(mode), client=session.client, restored_bytes=self.restored)
+        # s2 cannot see the downtime (it starts at s1's SPICE_MSG_MIGRATE): s1's line gives it.
+        log.info("session %08x migrated here from %s: %s, %d bytes restored, %.3f ms after its main linked",
+                 session.id, session.client, mode_label(mode), self.restored,
+                 (self.times["completed"] - self.times["linked"]) * 1000, extra=context(session.id))

@@ -21,8 +21,10 @@ from spicewire import codec, devices
 from spicewire.addresses import Address
 from spicewire.control.client import ControlClient
 from spicewire.errors import LocalProtocolError, MigrationError
+from spicewire.logs import context, epoch_of, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
+from spicewire.server import events
 from spicewire.server.migration.common import mode_label, prefaulted
 from spicewire.server.migration.destination import PREFAULT_MIN, Announcement, SessionDestination
 from spicewire.server.migration.source import PackBuffers, SessionSource, pack_device_states
@@ -112,7 +114,7 @@ class MigrationManager:
         # device never restores from chunks its index only promised.
         plan, pos = [], 1
         for entry in index:
-            sid, cid, count = int(entry["session_id"]), int(entry["port"]), int(entry["chunks"])
+            sid, cid, count = int(entry["session_id"], 16), int(entry["port"]), int(entry["chunks"])
             ann = self.announcements.get(sid)
             if ann is None:
                 raise MigrationError(f"device state for session {sid:08x}, which was not announced")
@@ -134,7 +136,9 @@ class MigrationManager:
         if isinstance(session.migration, SessionSource):
             session.migration.client_gone()
         elif isinstance(session.migration, SessionDestination):
-            log.warning("session %08x: the client left before its migration here completed", session.id)
+            log.warning("session %08x: the client left before its migration here completed", session.id,
+                        extra=context(session.id))
+            self.server.metrics.migration("destination", None, "failed")
             self.failed.setdefault(session.id, "the client left the destination before the migration completed")
             session.migration = None
         ann = self.announcements.get(session.id)
@@ -150,6 +154,8 @@ class MigrationManager:
             if session is None or not isinstance(session.migration, SessionDestination):
                 continue
             self.failed[sid] = "aborted by the source"
+            log.info("session %08x: the source took the session back; dropping it here", sid, extra=context(sid))
+            self.server.metrics.migration("destination", None, "aborted")
             session.close_ports("the source took the session back")
             if session.main is not None:
                 session.main.transport.close("the source took the session back")
@@ -170,6 +176,11 @@ class MigrationManager:
         started = time.time()
         sessions = [s for s in self.server.sessions.values() if s.main is not None and s.migration is None]
         peer = ControlClient(*to_control, token=to_token)
+        target = f"{Address(*to)} (control {peer.address})"
+        log.info("migrating %d sessions to %s, %s", len(sessions), target, mode_label(mode))
+        for session in sessions:
+            self.server.events.emit(events.MIGRATION_STARTED, session_id=session_label(session.id),
+                                    mode=mode_label(mode), to=str(Address(*to)))
         sources: list[SessionSource] = []  # filled as they are made, so a failure finds them all
         announced = False
         try:
@@ -189,6 +200,12 @@ class MigrationManager:
                 self._undo(source, reason)
             if announced and sessions and isinstance(err, Exception):
                 self._forget_announced(peer, sessions)
+            if isinstance(err, Exception):
+                log.error("migration to %s failed, every session stays here: %s", target, err)
+                for session in sessions:
+                    self.server.metrics.migration("source", mode_label(mode), "failed")
+                    self.server.events.emit(events.MIGRATION_FAILED, session_id=session_label(session.id),
+                                            mode=mode_label(mode), to=str(Address(*to)), error=str(err))
             raise
         report: dict = {"to": str(Address(*to)), "mode_requested": mode_label(mode), "sessions": []}
         if ready and len(landed) < len(ready):
@@ -206,14 +223,45 @@ class MigrationManager:
             stayed=sum(1 for s in report["sessions"] if not s["migrated"] and s["mode"] != "switch-host"
                        and not (s["error"] or "").startswith("lost")),
         )
+        for entry in report["sessions"]:
+            self._record(entry, mode, to)
+        log.info(
+            "migration to %s done in %.3f s: %d migrated, %d stayed (%d rolled back), %d switched host, %d lost; "
+            "%d bytes of device state%s", target, report["total_s"], report["migrated"], report["stayed"],
+            report["rolled_back"], report["switched_host"], report["lost"], moved_devices,
+            f"; {report['error']}" if "error" in report else "",
+        )
         return report
+
+    def _record(self, entry: dict, mode: mig.MigrationMode, to: tuple[str, int]) -> None:
+        """One session's outcome on s1: its log line, its metrics, its event."""
+        sid, error = entry["session_id"], entry["error"] or ""
+        result = ("migrated" if entry["migrated"] else "switched-host" if entry["mode"] == "switch-host"
+                  else "rolled-back" if error.startswith("rolled back") else "lost" if error.startswith("lost")
+                  else "stayed")
+        mode_name = entry["mode"] or mode_label(mode)
+        downtime = entry.get("downtime_s")
+        fields = {"session_id": sid, "mode": mode_name, "result": result, "to": str(Address(*to)),
+                  "downtime_s": downtime, "in_flight_bytes_moved": entry["in_flight_bytes_moved"],
+                  "bytes_dropped": entry["bytes_dropped"], "error": entry["error"]}
+        self.server.metrics.migration("source", mode_name, result, downtime)
+        kind = {"migrated": events.MIGRATION_COMPLETED, "switched-host": events.MIGRATION_COMPLETED,
+                "rolled-back": events.MIGRATION_ROLLED_BACK}.get(result, events.MIGRATION_FAILED)
+        self.server.events.emit(kind, **fields)
+        level = logging.INFO if result in ("migrated", "switched-host") else logging.WARNING
+        log.log(
+            level, "session %s migration to %s: %s, %s, downtime %s, %d bytes moved, %d dropped%s", sid,
+            Address(*to), result, mode_name, "n/a" if downtime is None else f"{downtime * 1000:.3f} ms",
+            entry["in_flight_bytes_moved"], entry["bytes_dropped"], f": {error}" if error else "",
+            extra={"session": sid},
+        )
 
     @staticmethod
     def _announce(peer: ControlClient, sessions: list[Session], timeout: float) -> None:
         try:
             peer.post_json("/migration/announce", {
                 "ttl": timeout + 60,
-                "sessions": [{"session_id": s.id, "ports": [[cid, p.name, p.device.kind, p.in_flight]
+                "sessions": [{"session_id": session_label(s.id), "ports": [[cid, p.name, p.device.kind, p.in_flight]
                                                             for cid, p in s.ports.items()]}
                              for s in sessions],
             })
@@ -374,6 +422,7 @@ class MigrationManager:
         if not landed and "migrate_sent" in times and "client_left" in times and not switched_host:
             entry["error"] = entry["error"] or "lost: the client left the source but never arrived on the destination"
         if landed and "migrate_sent" in times:
-            entry["downtime_s"] = round(landed["times"]["completed"] - times["migrate_sent"], 6)
-            entry["total_s"] = round(landed["times"]["completed"] - times["begin"], 6)
+            completed = epoch_of(landed["times"]["completed"])  # s2's clock: one host, or synchronised ones
+            entry["downtime_s"] = round(completed - times["migrate_sent"], 6)
+            entry["total_s"] = round(completed - times["begin"], 6)
         return entry

@@ -16,6 +16,7 @@ import numpy as np
 
 from spicewire import codec
 from spicewire.errors import MigrationError, ProtocolError
+from spicewire.logs import context, iso_times, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import Msg
@@ -110,7 +111,7 @@ class SessionSource:
                 conn.channel.adopt_peer_serials()
         self.detach()
         self.resume_devices()
-        log.warning("session %08x: migration rolled back: %s", self.session.id, reason)
+        log.warning("session %08x: migration rolled back: %s", self.session.id, reason, extra=context(self.session.id))
 
     def detach(self) -> None:
         if self.session.main is not None:
@@ -147,7 +148,7 @@ class SessionSource:
 
     def status(self) -> dict:
         return {"role": "source", "state": self.machine.state.name, "mode": mode_label(self.machine.mode),
-                "moved": self.moved, "dropped": self.dropped, "times": self.times, "error": self.error}
+                "moved": self.moved, "dropped": self.dropped, "times": iso_times(self.times), "error": self.error}
 
     # --- the machine's outputs ---------------------------------------------------------------
 
@@ -301,6 +302,6 @@ def pack_device_states(sessions: Iterable[Session]) -> bytes:
     for session in sessions:
         for cid, port in session.ports.items():
             saved = port.device.save()
-            index.append({"session_id": session.id, "port": cid, "chunks": len(saved)})
+            index.append({"session_id": session_label(session.id), "port": cid, "chunks": len(saved)})
             chunks.extend(saved)
     return codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()

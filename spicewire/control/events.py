@@ -1,0 +1,54 @@
+"""Following a server's event stream (``GET /events``, Server-Sent Events) from another program:
+``spicewire events`` and tests."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from gevent import socket
+
+from spicewire.addresses import Address
+from spicewire.errors import MigrationError
+
+# The server sends a comment every 15 s on a quiet stream (control.server.KEEPALIVE): three missed
+# in a row mean the server or the path to it is gone, not that nothing happens.
+SILENCE = 45.0
+
+
+def follow(host: str, port: int, token: str | None = None, connect_timeout: float = 10.0) -> Iterator[dict[str, Any]]:
+    """Each event as the JSON object the server sent, as it comes; ends when the server closes the
+    stream (it stops). OSError when it cannot be reached or falls silent, MigrationError for an
+    answer other than 200 (a wrong token, say), each naming the address."""
+    address = str(Address(host, port))
+    # HTTP/1.0: the answer comes unchunked and ends when the connection does.
+    head = ["GET /events HTTP/1.0", f"Host: {address}", "Accept: text/event-stream"]
+    if token:
+        head.append(f"Authorization: Bearer {token}")
+    sock = socket.create_connection((host, port), timeout=connect_timeout)
+    with sock, sock.makefile("rb") as stream:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        sock.settimeout(SILENCE)
+        status_line = stream.readline()
+        headers = []
+        while (line := stream.readline()) not in (b"\r\n", b"\n", b""):
+            headers.append(line)
+        parts = status_line.split()
+        if len(parts) < 2 or not parts[1].isdigit():
+            raise MigrationError(f"GET /events: unreadable answer from {address}: {status_line[:80]!r}")
+        if int(parts[1]) != 200:
+            body = stream.read(64 << 10)
+            try:
+                message = json.loads(body).get("error")
+            except (ValueError, AttributeError):
+                message = body[:200].decode(errors="replace")
+            raise MigrationError(f"GET /events on {address}: {int(parts[1])} {message}")
+        data: list[bytes] = []
+        for line in stream:
+            line = line.rstrip(b"\r\n")
+            if line.startswith(b"data:"):
+                data.append(line[5:].strip())
+            elif not line and data:  # a blank line ends an event
+                yield json.loads(b"\n".join(data))
+                data = []

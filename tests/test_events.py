@@ -1,0 +1,152 @@
+"""The event stream (``GET /events``): what QMP's SPICE events say, per channel and per migration,
+with a bounded queue per follower."""
+
+from __future__ import annotations
+
+import gevent
+import pytest
+
+from spicewire.client import ClientSession
+from spicewire.control.events import follow
+from spicewire.control.server import ControlServer
+from spicewire.errors import MigrationError
+from spicewire.server import events
+from spicewire.server.events import EventBus
+from tests.serverkit import wait_until
+from tests.test_migration import ECHO, Node
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    with gevent.Timeout(30, AssertionError("the test took longer than 30 s")):
+        yield
+
+
+@pytest.fixture
+def nodes():
+    made: list[Node] = []
+    yield lambda: made.append(Node()) or made[-1]
+    for node in made:
+        node.stop()
+
+
+class Follower:
+    """``follow`` in a greenlet of its own, collecting what arrives."""
+
+    def __init__(self, node: Node, token: str | None = None) -> None:
+        self.events: list[dict] = []
+        self.node = node
+        before = node.spice.events.subscribers
+        self.greenlet = gevent.spawn(self._run, token)
+        wait_until(lambda: node.spice.events.subscribers > before or self.greenlet.dead, what="the subscription")
+
+    def _run(self, token: str | None) -> None:
+        for event in follow(*self.node.control_address, token=token):
+            self.events.append(event)
+
+    def kinds(self, **match) -> list[str]:
+        return [e["event"] for e in self.events if all(e.get(k) == v for k, v in match.items())]
+
+    def wait_for(self, kind: str, **match) -> dict:
+        wait_until(lambda: kind in self.kinds(**match), what=f"a {kind} event matching {match}")
+        return next(e for e in self.events if e["event"] == kind and all(e.get(k) == v for k, v in match.items()))
+
+
+def test_channels_report_connected_initialized_and_disconnected_like_qmp(nodes):
+    s1 = nodes()
+    follower = Follower(s1)
+    session = ClientSession(*s1.address, timeout=10).connect()
+    session.open_port(ECHO)
+    sid = f"{session.session_id:08x}"
+    connected = follower.wait_for(events.CONNECTED, channel="main")
+    assert connected["session_id"] == sid and connected["client"].startswith("127.0.0.1:")
+    assert connected["ts"].endswith("Z")
+    follower.wait_for(events.INITIALIZED, channel="main")
+    follower.wait_for(events.INITIALIZED, channel=f"port 0 ({ECHO})")
+    session.close()
+    follower.wait_for(events.DISCONNECTED, channel="main", session_id=sid)
+    seqs = [e["seq"] for e in follower.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # Per channel, in the order QMP gives them.
+    main = follower.kinds(channel="main")
+    assert main == [events.CONNECTED, events.INITIALIZED, events.DISCONNECTED]
+    follower.greenlet.kill()
+
+
+def test_a_migration_is_started_and_completed_on_s1_and_completed_on_s2(nodes):
+    s1, s2 = nodes(), nodes()
+    on_s1, on_s2 = Follower(s1), Follower(s2)
+    session = ClientSession(*s1.address, timeout=10).connect()
+    echo = session.open_port(ECHO)
+    echo.write(b"ping")
+    assert echo.read(4, timeout=10) == b"ping"
+    sid = f"{session.session_id:08x}"
+    report = s1.migrate_to(s2)
+    assert report["migrated"] == 1, report
+    started = on_s1.wait_for(events.MIGRATION_STARTED, session_id=sid)
+    assert started["mode"] == "seamless" and started["to"] == "{}:{}".format(*s2.address)
+    done = on_s1.wait_for(events.MIGRATION_COMPLETED, session_id=sid)
+    assert done["result"] == "migrated" and done["mode"] == "seamless" and done["downtime_s"] > 0
+    arrived = on_s2.wait_for(events.MIGRATION_COMPLETED, session_id=sid)
+    assert arrived["role"] == "destination" and arrived["mode"] == "seamless"
+    on_s2.wait_for(events.CONNECTED, session_id=sid, channel="main")
+    session.close()
+    for follower in (on_s1, on_s2):
+        follower.greenlet.kill()
+
+
+def test_a_failed_migration_is_an_event_naming_the_unreachable_destination(nodes):
+    s1 = nodes()
+    follower = Follower(s1)
+    session = ClientSession(*s1.address, timeout=10).connect()
+    gone = nodes()
+    gone.stop()  # its control address now refuses
+    with pytest.raises(MigrationError):
+        s1.migrate_to(gone)
+    failed = follower.wait_for(events.MIGRATION_FAILED, session_id=f"{session.session_id:08x}")
+    assert "{}:{}".format(*gone.control_address) in failed["error"]
+    session.close()
+    follower.greenlet.kill()
+
+
+def test_a_slow_follower_loses_the_oldest_events_and_is_told_how_many():
+    bus = EventBus(limit=3)
+    sub = bus.subscribe()
+    for n in range(5):
+        bus.emit("tick", n=n)
+    got = sub.get(timeout=0)
+    assert got[0]["event"] == events.EVENTS_LOST and got[0]["count"] == 2
+    assert [e["n"] for e in got[1:]] == [2, 3, 4]  # the newest ones, in order
+    bus.emit("tick", n=5)
+    assert [e["event"] for e in sub.get(timeout=0)] == ["tick"]  # told once, not again
+
+
+def test_a_follower_never_holds_more_than_its_bound():
+    bus = EventBus(limit=10)
+    sub = bus.subscribe()
+    for n in range(10_000):
+        bus.emit("tick", n=n)
+    got = sub.get(timeout=0)
+    assert len(got) == 11 and got[0]["count"] == 9_990
+
+
+def test_a_closed_subscription_gets_nothing_and_emitting_to_nobody_costs_nothing():
+    bus = EventBus()
+    sub = bus.subscribe()
+    sub.close()
+    bus.emit("tick")
+    assert bus.subscribers == 0 and sub.get(timeout=0) == []
+
+
+def test_the_stream_needs_the_token_and_ends_when_the_server_stops(nodes):
+    s1 = nodes()
+    guarded = ControlServer(s1.spice, "127.0.0.1", 0, token="t0k")
+    guarded.start()
+    with pytest.raises(MigrationError, match="401"):
+        next(follow(*guarded.address, token="wrong"))
+    stream = follow(*guarded.address, token="t0k")
+    reader = gevent.spawn(list, stream)
+    wait_until(lambda: s1.spice.events.subscribers == 1, what="the subscription")
+    guarded.stop()
+    assert reader.get(timeout=5) == []  # ended, without an error
+    assert s1.spice.events.subscribers == 0
