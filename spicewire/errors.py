@@ -76,3 +76,17 @@ class MigrationError(SpiceError):
 
 class PeerStalled(SpiceTimeout, PeerFault):
     """The peer went silent in the middle of a message for longer than allowed."""
+
+
+class ReadTimeout(SpiceTimeout):
+    """A read's timeout passed before the bytes it asked for arrived. Nothing was consumed: what
+    had arrived stays buffered for the next read (``available`` says how much)."""
+
+    def __init__(self, message: str, available: int = 0) -> None:
+        super().__init__(message)
+        self.available = available
+
+
+class SessionClosed(SpiceError, ConnectionError):
+    """The session or channel is closed: by ``close()``, or by the server. Raised by a call that
+    needs it open; a read at the end of the stream returns what is left instead, then ``b""``."""

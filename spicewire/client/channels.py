@@ -17,7 +17,7 @@ import gevent.event
 import gevent.lock
 from gevent import socket
 
-from spicewire.errors import PeerFault, SpiceError
+from spicewire.errors import PeerFault, ReadTimeout, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, PortEvent
@@ -374,16 +374,39 @@ class PortChannel(ChannelClient):
     def read(self, n: int | None = None, timeout: float | None = None) -> bytes:
         """Up to ``n`` bytes (everything buffered if None) once at least one byte arrived; with
         ``n`` given, waits until exactly ``n`` arrived or the timeout passes, then returns what
-        there is."""
+        there is. Lenient: a timeout and the end of the stream both return what there is, ``b""``
+        included; ``receive`` tells them apart."""
+        self._wait_for(1 if n is None else n, timeout)
+        return self._take(self._inbox_bytes if n is None else min(n, self._inbox_bytes))
+
+    def receive(self, n: int | None = None, timeout: float | None = None) -> bytes:
+        """Exactly ``n`` bytes (with None: everything buffered, once at least one byte arrived).
+        Fewer, down to ``b""``, only at the end of the stream (the channel closed). If ``timeout``
+        passes first it raises ReadTimeout and consumes nothing."""
+        if not self._wait_for(1 if n is None else n, timeout):
+            raise ReadTimeout(
+                f"{self.name or self.channel_type.name}: {'a byte' if n is None else f'{n} bytes'} did not arrive "
+                f"within {timeout:g} s ({self._inbox_bytes} buffered)", available=self._inbox_bytes,
+            )
+        return self._take(self._inbox_bytes if n is None else min(n, self._inbox_bytes))
+
+    def _wait_for(self, want: int, timeout: float | None) -> bool:
+        """Until ``want`` bytes are buffered or the channel closed (True), or ``timeout`` passed (False)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        want = 1 if n is None else n
         while self._inbox_bytes < want and not self.closed.is_set():
             self._arrived.clear()
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                break
+                return False
             self._arrived.wait(left)
-        return self._take(self._inbox_bytes if n is None else min(n, self._inbox_bytes))
+        return True
+
+    def put_back(self, data: bytes) -> None:
+        """Put ``data`` back in front of what is buffered: a reader that gave up after taking it."""
+        if data:
+            self._inbox.appendleft(data)
+            self._inbox_bytes += len(data)
+            self._arrived.set()
 
     def _take(self, n: int) -> bytes:
         parts, got = [], 0

@@ -1,6 +1,10 @@
 """gevent client: links channels with protocol.link.ClientLink, runs each channel's messages through
 protocol.channel.ChannelConnection, and follows migrations (client.migration).
 
+A ClientSession runs in the hub of the thread that made it and follows migrations only while that
+hub runs: for gevent programs. Any other program uses spicewire.client.connect (client.threaded),
+which runs a ClientSession in an I/O thread of its own, or spicewire.aio.
+
     session = ClientSession("127.0.0.1", 5900, password=None)
     session.connect()
     port = session.open_port("org.spicewire.echo")
