@@ -15,9 +15,14 @@ import logging
 import math
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from spicewire import __version__
 from spicewire.addresses import Address, parse_address
+
+if TYPE_CHECKING:
+    from spicewire.client import ClientSession
+    from spicewire.client.channels import PortChannel
 
 log = logging.getLogger("spicewire")
 
@@ -213,6 +218,9 @@ def _add_connect(commands: Subparsers) -> None:
     p.add_argument("--port-channel", required=True, metavar="NAME", help="the port channel to open, by name")
     p.add_argument("--send-mib", type=size_mib, default=0.0, metavar="N", help="send N MiB of random data")
     p.add_argument("--expect-echo", action="store_true", help="read back what was sent and compare it")
+    p.add_argument("--wait-migration", type=positive_number, metavar="S",
+                   help="then stay connected up to S seconds until the session is migrated, and send "
+                   "(and check) as much again through the new server")
     p.add_argument("--timeout", type=positive_number, default=60.0, metavar="S",
                    help="give up after S seconds (default 60)")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -237,7 +245,8 @@ def connect(args: argparse.Namespace) -> int:
     session = ClientSession(host, port, password=args.password, timeout=min(args.timeout, 10.0))
     writer: gevent.Greenlet | None = None
     try:
-        with gevent.Timeout(args.timeout, TimeoutError(f"not done after {args.timeout:g} s")):
+        budget = args.timeout + (args.wait_migration or 0)
+        with gevent.Timeout(budget, TimeoutError(f"not done after {budget:g} s")):
             session.connect()
             timings["linked"] = round(time.perf_counter() - started, 6)
             report["session_id"] = f"{session.session_id:08x}"
@@ -258,6 +267,8 @@ def connect(args: argparse.Namespace) -> int:
             span = timings["done"] - timings["port_open"]
             if data and span > 0:
                 report["throughput_mib_s"] = round(len(data) / span / (1 << 20), 1)
+            if args.wait_migration is not None and report["ok"]:
+                _after_migration(session, port, args, report)
     except (SpiceError, OSError, LookupError, TimeoutError) as err:
         report["error"] = f"{type(err).__name__}: {err}"
     finally:
@@ -268,6 +279,34 @@ def connect(args: argparse.Namespace) -> int:
         session.close()
     print(json.dumps(report))
     return 0 if report["ok"] else 1
+
+
+def _after_migration(session: ClientSession, port: PortChannel, args: argparse.Namespace, report: dict) -> None:
+    """--wait-migration: once the session has moved, the port must carry data through the new server."""
+    import hashlib
+    import os
+
+    import gevent
+
+    migration = session.wait_migrated(timeout=args.wait_migration)
+    if migration is None:
+        report.update(ok=False, error=f"no migration within {args.wait_migration:g} s")
+        return
+    report["migration"] = migration
+    data = os.urandom(int(args.send_mib * (1 << 20)))
+    writer = gevent.spawn(port.write, data)
+    try:
+        received = port.read(len(data), timeout=args.timeout) if args.expect_echo else b""
+        writer.get()
+    finally:
+        writer.kill()  # a no-op once it is done; else before the sockets close under it
+    host, number = session.connected_to
+    report["after_migration"] = {
+        "server": f"{host}:{number}", "bytes_sent": len(data), "sha256_sent": hashlib.sha256(data).hexdigest(),
+        "bytes_received": len(received), "sha256_received": hashlib.sha256(received).hexdigest(),
+    }
+    if args.expect_echo and received != data:
+        report.update(ok=False, error="echo through the new server differs from what was sent")
 
 
 # --- migrate ----------------------------------------------------------------------------------
