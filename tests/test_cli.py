@@ -257,3 +257,72 @@ def test_migrate_with_nobody_at_the_source_control_exits_1():
     code, report, _ = spicewire("migrate", "--control", f"127.0.0.1:{free_port()}", "--to", "127.0.0.1:5901",
                                 "--to-control", "127.0.0.1:5801", "--timeout", "5")
     assert code == 1 and "refused" in report["error"].lower(), report
+
+
+# --- the operator's view ----------------------------------------------------------------------
+
+
+def test_connect_that_times_out_mid_write_prints_its_json_and_no_traceback(serve):
+    # The echo cannot be read back in time: the writer is still sending when the timeout ends it.
+    served = serve("--disable-ticketing")
+    code, report, err = spicewire("connect", address(served.address), "--port-channel", "org.test.echo",
+                                  "--send-mib", "256", "--expect-echo", "--timeout", "0.5")
+    assert code == 1 and report["error"].startswith("TimeoutError"), report
+    assert "Traceback" not in err and "failed with" not in err, err
+
+
+def test_migrate_to_an_unreachable_destination_logs_its_address_without_a_traceback(serve):
+    s1 = serve("--disable-ticketing")
+    session = ClientSession(*s1.address, timeout=10).connect()
+    nobody = f"127.0.0.1:{free_port()}"
+    code, _, _ = spicewire("migrate", "--control", address(s1.control), "--token", TOKEN,
+                           "--to", address(s1.address), "--to-control", nobody, "--timeout", "5")
+    assert code == 1
+    out = s1.output()
+    assert f"failed, every session stays here: cannot reach the destination's control API at {nobody}" in out
+    assert "Traceback" not in out
+    session.close()
+
+
+def test_serve_logs_json_lines_with_session_and_channel(serve):
+    served = serve("--disable-ticketing", "--log-format", "json")
+    main, session_id = open_session(served.address)
+    port = RawChannel(served.address, session_id, ChannelType.PORT, 0)
+    port.expect(m.MsgPortInit)
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(timeout=5) == 0
+    lines = [json.loads(line) for line in served.output().splitlines()]  # every line is one object
+    assert all(line["ts"].endswith("Z") and line["level"] and line["logger"] for line in lines)
+    assert any(line.get("session") == f"{session_id:08x}" and line.get("channel") == "port 0 (org.test.echo)"
+               for line in lines)
+    main.close()
+    port.close()
+
+
+def test_events_follows_the_stream_one_json_line_per_event(serve):
+    served = serve("--disable-ticketing")
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "spicewire", "events", "--control", address(served.control), "--token", TOKEN,
+         "--count", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_until(lambda: served.get("/status")["event_subscribers"] == 1, what="the follower subscribed")
+        main, session_id = open_session(served.address)
+        out, err = follower.communicate(timeout=COMMAND_TIMEOUT)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert follower.returncode == 0, err
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [(e["event"], e["channel"], e["session_id"]) for e in events] == [
+        ("connected", "main", f"{session_id:08x}"), ("initialized", "main", f"{session_id:08x}")]
+    main.close()
+
+
+def test_events_with_a_wrong_token_exits_1_with_the_401(serve):
+    served = serve("--disable-ticketing")
+    result = subprocess.run([sys.executable, "-m", "spicewire", "events", "--control", address(served.control),
+                             "--token", "wrong"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+    assert result.returncode == 1 and "401" in json.loads(result.stdout)["error"], result
+    assert "Traceback" not in result.stderr

@@ -311,7 +311,7 @@ class MigrationManager:
             peer.post_bytes("/migration/device-state", state)
         except (MigrationError, OSError) as err:
             for source in ready:
-                source.cancel(f"device state could not reach the destination: {err}")
+                source.cancel(f"device state could not reach the destination at {peer.address}: {err}")
             return [], 0
         return ready, len(state)
 
@@ -335,7 +335,8 @@ class MigrationManager:
             try:
                 peer.post_json("/migration/abort", {"sessions": rolled_back}, timeout=STATUS_TIMEOUT)
             except (MigrationError, OSError) as err:
-                log.info("could not tell the destination to drop %d sessions: %s", len(rolled_back), err)
+                log.info("could not tell the destination at %s to drop %d sessions: %s", peer.address,
+                         len(rolled_back), err)
         for source in ready:
             main = source.session.main
             if f"{source.session.id:08x}" in landed and main is not None:
@@ -373,7 +374,8 @@ class MigrationManager:
         try:
             peer.post_json("/migration/abort", {"sessions": ids}, timeout=STATUS_TIMEOUT)
         except (MigrationError, OSError) as err:
-            log.info("could not tell the destination to drop %d announced sessions: %s", len(ids), err)
+            log.info("could not tell the destination at %s to drop %d announced sessions: %s", peer.address,
+                     len(ids), err)
 
     @staticmethod
     def _wait_landed(peer: ControlClient, sources: list[SessionSource], deadline: float) -> dict:
@@ -390,13 +392,13 @@ class MigrationManager:
                 wait = min(STATUS_TIMEOUT, max(0.2, deadline - time.monotonic()))
                 landed = peer.get_json(f"/migration/completed?ids={ids}", timeout=wait)
                 unreachable = 0
-            except MigrationError as err:
+            except MigrationError as err:  # names the address itself
                 log.warning("cannot ask the destination how the migration went: %s", err)
             except OSError as err:
                 unreachable += 1
-                log.warning("cannot ask the destination how the migration went: %s", err)
+                log.warning("cannot ask the destination at %s how the migration went: %s", peer.address, err)
                 if unreachable >= UNREACHABLE_TRIES:  # gone: what has not landed never will
-                    return {sid: {"failed": f"the destination is unreachable: {err}"}
+                    return {sid: {"failed": f"the destination is unreachable at {peer.address}: {err}"}
                             for sid in (f"{s.session.id:08x}" for s in sources) if sid not in landed} | landed
             if len(landed) == len(sources) or time.monotonic() > deadline:
                 return landed
