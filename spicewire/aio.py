@@ -24,7 +24,7 @@ import asyncio
 from collections.abc import AsyncIterator, Generator
 from typing import Any, TypeVar
 
-from spicewire.client.threaded import Call, IOThread, ThreadedPort, ThreadedSession, start
+from spicewire.client.threaded import Call, ThreadedPort, ThreadedSession, start
 
 __all__ = ["AsyncPort", "AsyncSession", "connect"]
 
@@ -82,7 +82,6 @@ class AsyncSession:
 
     def __init__(self, session: ThreadedSession) -> None:
         self._session = session
-        self._io: IOThread = session._io
         self._ports: dict[int, AsyncPort] = {}
 
     @property
@@ -98,31 +97,30 @@ class AsyncSession:
         return self._session.closed
 
     async def connected_to(self) -> tuple[str, int]:
-        return await _wait(self._io.submit(lambda: self._session.gevent_session.connected_to))
+        """(host, port) of the server the session's channels are connected to."""
+        return await _wait(self._session.submit_connected_to())
 
     async def open_port(self, name: str | None = None, channel_id: int | None = None) -> AsyncPort:
-        self._session._check_open()
-        port = await _wait(self._io.submit(self._session._open_port, name, channel_id))
-        wrapped = self._session._wrap(port)
-        if wrapped.channel_id not in self._ports or self._ports[wrapped.channel_id]._port is not wrapped:
-            self._ports[wrapped.channel_id] = AsyncPort(wrapped)
-        return self._ports[wrapped.channel_id]
+        """The port channel named ``name`` (or with ``channel_id``), linked on first use."""
+        port = await _wait(self._session.submit_open_port(name, channel_id))
+        known = self._ports.get(port.channel_id)
+        if known is None or known._port is not port:
+            known = self._ports[port.channel_id] = AsyncPort(port)
+        return known
 
     async def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The report of the migration that completed, or None if none did within ``timeout``."""
-        self._session._check_open()
         call = self._session.submit_wait_migrated(timeout)
         try:
             return await _wait(call)
         except asyncio.CancelledError:
-            self._io.submit(self._io.abandon, call)
+            self._session.abandon(call)
             raise
 
     async def close(self) -> None:
         """Close the session and end its I/O thread, without blocking the event loop on it."""
-        self._session._closed = True
-        await asyncio.wrap_future(self._io.stop(self._session.gevent_session.close))
-        self._io.thread.join()  # the thread has finished its work: this returns at once
+        await asyncio.wrap_future(self._session.submit_close())
+        self._session.join_thread()  # the thread has finished its work: this returns at once
 
     async def __aenter__(self) -> AsyncSession:
         return self

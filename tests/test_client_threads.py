@@ -15,9 +15,10 @@ import sys
 import threading
 import time
 
+import gevent
 import pytest
 
-from spicewire.client import ThreadedSession, connect
+from spicewire.client import PortChannel, ThreadedSession, connect
 from spicewire.errors import ReadTimeout, SessionClosed, SpiceTimeout
 
 from .served import TOKEN, Served
@@ -162,6 +163,28 @@ def test_a_read_in_one_thread_gets_what_another_thread_wrote(session):
     port.write(data)
     reader.join(BOUND)
     assert got == [data]
+
+
+def test_writes_from_several_threads_arrive_whole_each(session, monkeypatch):
+    session, _ = session
+    port = session.open_port(ECHO)
+    send = PortChannel.send
+
+    def send_after_a_yield(self, msg):
+        gevent.sleep(0)  # in the I/O thread: as a send that blocks on a full socket would
+        send(self, msg)
+
+    monkeypatch.setattr(PortChannel, "send", send_after_a_yield)
+    size = 1 << 20  # 16 of the client's 64 KiB DATA messages each
+    blocks = [bytes([i]) * size for i in range(4)]
+    writers = [threading.Thread(target=port.write, args=(block,)) for block in blocks]
+    for t in writers:
+        t.start()
+    got = port.read(4 * size, timeout=BOUND)
+    for t in writers:
+        t.join(BOUND)
+    pieces = [got[i : i + size] for i in range(0, len(got), size)]
+    assert sorted(pieces) == blocks  # each write in one piece, in whatever order the threads came
 
 
 def test_ports_opened_from_several_threads_are_the_same_object(session):

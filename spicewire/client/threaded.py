@@ -281,7 +281,11 @@ class ThreadedSession:
 
     @property
     def connected_to(self) -> tuple[str, int]:
-        return self._io.call(lambda: self._session.connected_to)
+        """(host, port) of the server the session's channels are connected to."""
+        return self.submit_connected_to().result()
+
+    def submit_connected_to(self) -> Call[tuple[str, int]]:
+        return self._io.submit(lambda: self._session.connected_to)
 
     @property
     def closed(self) -> bool:
@@ -294,21 +298,22 @@ class ThreadedSession:
 
     def open_port(self, name: str | None = None, channel_id: int | None = None) -> ThreadedPort:
         """The port channel named ``name`` (or with ``channel_id``), linked on first use."""
-        self._check_open()
-        return self._wrap(self._io.call(self._open_port, name, channel_id))
+        return self.submit_open_port(name, channel_id).result()
 
-    def _wrap(self, port: PortChannel) -> ThreadedPort:
-        """One ThreadedPort per PortChannel, whichever thread opened it."""
+    def submit_open_port(self, name: str | None = None, channel_id: int | None = None) -> Call[ThreadedPort]:
+        self._check_open()
+        return self._io.submit(self._open_port, name, channel_id)
+
+    def _open_port(self, name: str | None, channel_id: int | None) -> ThreadedPort:
+        if self._open_lock is None:
+            self._open_lock = gevent.lock.Semaphore()
+        with self._open_lock:  # two threads opening one port must not link it twice
+            port = self._session.open_port(name, channel_id)
+        # One ThreadedPort per PortChannel, whichever thread opened it (made here, in one thread).
         known = self._ports.get(port.key[1])
         if known is None or known._port is not port:
             known = self._ports[port.key[1]] = ThreadedPort(self._io, port)
         return known
-
-    def _open_port(self, name: str | None, channel_id: int | None) -> PortChannel:
-        if self._open_lock is None:
-            self._open_lock = gevent.lock.Semaphore()
-        with self._open_lock:  # two threads opening one port must not link it twice
-            return self._session.open_port(name, channel_id)
 
     def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The report of the migration that completed, or None if none did within ``timeout``."""
@@ -316,13 +321,28 @@ class ThreadedSession:
         return self.submit_wait_migrated(timeout).result()
 
     def submit_wait_migrated(self, timeout: float | None) -> Call[dict[str, Any] | None]:
+        self._check_open()
         return self._io.submit(self._session.wait_migrated, timeout)
+
+    def abandon(self, call: Call[Any]) -> None:
+        """The caller stopped waiting for ``call`` (not a read: see ThreadedPort.give_back)."""
+        if not call.cancel():
+            self._io.submit(self._io.abandon, call)
 
     def close(self) -> None:
         """Close the session and end its I/O thread; calls waiting in other threads raise
         SessionClosed. Idempotent, from any thread."""
         self._closed = True
         self._io.join(self._session.close)
+
+    def submit_close(self) -> Future[None]:
+        """close() without waiting: done once the I/O thread has finished (then ``join_thread``)."""
+        self._closed = True
+        return self._io.stop(self._session.close)
+
+    def join_thread(self) -> None:
+        """Wait for the I/O thread to end after ``submit_close`` has completed."""
+        self._io.thread.join()
 
     def _check_open(self) -> None:
         if self._closed:
