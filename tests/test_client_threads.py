@@ -28,10 +28,10 @@ ECHO = "org.test.echo"
 BOUND = 30.0  # every wait in this file ends by then
 
 
-def migrate(s1: Served, s2: Served) -> dict:
+def migrate(s1: Served, s2: Served, mode: str = "seamless") -> dict:
     return s1.request("POST", "/migrate", {
         "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*s2.control),
-        "mode": "seamless", "timeout": 10, "to_token": TOKEN,
+        "mode": mode, "timeout": 10, "to_token": TOKEN,
     }, timeout=BOUND)
 
 
@@ -151,6 +151,21 @@ def test_a_program_sleeping_in_time_sleep_follows_seamless_migrations_back_and_f
         assert all(r["mode"] == "seamless" and not r["errors"] for r in session.migrations)
         assert session.connected_to == s1.address
         assert stream.totals["checked"] > 1 << 20
+
+
+def test_a_sleeping_program_follows_a_semi_seamless_migration_too(serve, no_thread_left):
+    s1, s2 = serve("--disable-ticketing"), serve("--disable-ticketing")
+    with connect(*s1.address) as session:
+        port = session.open_port(ECHO)
+        result: dict = {}
+        migrator = threading.Thread(target=lambda: result.update(migrate(s1, s2, "semi-seamless")))
+        migrator.start()
+        wait_for(lambda: not migrator.is_alive(), "the migration")
+        assert result["migrated"] == 1, result
+        assert session.wait_migrated(BOUND)["mode"] == "semi-seamless"
+        assert session.connected_to == s2.address
+        port.write(b"on s2")  # the same port object, re-linked on s2
+        assert port.read(5, timeout=BOUND) == b"on s2"
 
 
 def test_a_read_in_one_thread_gets_what_another_thread_wrote(session):
