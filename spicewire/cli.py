@@ -347,8 +347,11 @@ def migrate(args: argparse.Namespace) -> int:
     }
     try:
         report = source.post_json("/migrate", request)
-    except (MigrationError, OSError) as err:
+    except MigrationError as err:  # s1 answered: its message names what failed
         print(json.dumps({"error": str(err)}))
+        return 1
+    except OSError as err:
+        print(json.dumps({"error": f"cannot reach the source's control API at {args.control}: {err}"}))
         return 1
     print(json.dumps(report, indent=1))
     return 0 if report.get("migrated") == len(report.get("sessions", ())) and not report.get("error") else 1

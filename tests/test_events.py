@@ -150,3 +150,31 @@ def test_the_stream_needs_the_token_and_ends_when_the_server_stops(nodes):
     guarded.stop()
     assert reader.get(timeout=5) == []  # ended, without an error
     assert s1.spice.events.subscribers == 0
+
+
+@pytest.mark.parametrize(
+    "entry, kind, result",
+    [
+        ({"migrated": True, "mode": "seamless", "error": None, "downtime_s": 0.002}, events.MIGRATION_COMPLETED,
+         "migrated"),
+        ({"migrated": False, "mode": "switch-host", "error": None}, events.MIGRATION_COMPLETED, "switched-host"),
+        ({"migrated": False, "mode": None, "error": "rolled back: the destination is unreachable at h:1"},
+         events.MIGRATION_ROLLED_BACK, "rolled-back"),
+        ({"migrated": False, "mode": None, "error": "lost: the client left the source but never arrived"},
+         events.MIGRATION_FAILED, "lost"),
+        ({"migrated": False, "mode": None, "error": "the client could not connect to the destination"},
+         events.MIGRATION_FAILED, "stayed"),
+    ],
+)
+def test_each_session_outcome_on_s1_is_one_event_and_one_count(nodes, entry, kind, result):
+    from spicewire.protocol.migration import MigrationMode
+
+    s1 = nodes()
+    sub = s1.spice.events.subscribe()
+    full = {"session_id": "aadce55b", "in_flight_bytes_moved": 10, "bytes_dropped": 0, **entry}
+    s1.spice.migration._record(full, MigrationMode.SEAMLESS, ("127.0.0.1", 5901))
+    (event,) = sub.get(timeout=0)
+    assert event["event"] == kind and event["result"] == result and event["session_id"] == "aadce55b"
+    mode = entry["mode"] or "seamless"
+    labels = {"role": "source", "mode": mode, "result": result}
+    assert s1.spice.metrics.registry.get_sample_value("spicewire_migrations_total", labels) == 1

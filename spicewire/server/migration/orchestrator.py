@@ -156,6 +156,8 @@ class MigrationManager:
             self.failed[sid] = "aborted by the source"
             log.info("session %08x: the source took the session back; dropping it here", sid, extra=context(sid))
             self.server.metrics.migration("destination", None, "aborted")
+            self.server.events.emit(events.MIGRATION_ROLLED_BACK, session_id=session_label(sid), role="destination",
+                                    client=session.client)
             session.close_ports("the source took the session back")
             if session.main is not None:
                 session.main.transport.close("the source took the session back")
