@@ -159,10 +159,11 @@ def serve(args: argparse.Namespace) -> int:
     import gevent.queue
 
     from spicewire.control.server import ControlServer
-    from spicewire.logs import configure
+    from spicewire.logs import configure, log_greenlet_errors
     from spicewire.server.net import ServerConfig, SpiceServer
 
     configure(args.log_level, args.log_format, sys.stderr)
+    log_greenlet_errors()
     host, port = args.listen
     from spicewire.server.session import Limits
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 
@@ -59,6 +60,27 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return json.dumps(entry)
+
+
+def log_greenlet_errors() -> None:
+    """A greenlet's uncaught error goes through logging (as one JSON line in that format) instead
+    of gevent's own print to stderr."""
+    import gevent
+
+    errors = logging.getLogger("spicewire.greenlet")
+
+    def report(
+        where: object | None, kind: type[BaseException] | None, value: BaseException | str | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if kind is None or not isinstance(value, BaseException):
+            errors.error("uncaught error in %s: %s", where, value)
+        else:
+            errors.error("uncaught error in %s", where, exc_info=(kind, value, tb))
+
+    # Hub.print_exception is where gevent reports them; replaced on the one hub serve runs on (the
+    # stubs see a method, not a hook an instance may replace).
+    gevent.get_hub().print_exception = report  # type: ignore[method-assign,assignment]
 
 
 def configure(level: str, fmt: str = "text", stream: Any = None) -> None:

@@ -127,3 +127,16 @@ def test_debug_shows_each_message_of_a_channel_in_both_directions(nodes, caplog)
     assert any("main] -> MsgMainInit (" in line for line in lines), lines
     assert any(f"port 0 ({ECHO})] <- MsgcSpicevmcData (5 bytes)" in line for line in lines), lines
     assert any(f"port 0 ({ECHO})] -> MsgSpicevmcData (5 bytes)" in line for line in lines), lines
+
+
+def test_an_uncaught_greenlet_error_is_a_log_record_not_a_print(caplog):
+    caplog.set_level(logging.ERROR, logger="spicewire.greenlet")
+    hub = gevent.get_hub()
+    logs.log_greenlet_errors()
+    try:
+        failing = gevent.spawn(lambda: 1 / 0)
+        failing.join()
+    finally:
+        del hub.print_exception  # back to gevent's own, for the tests that follow
+    (record,) = [r for r in caplog.records if r.name == "spicewire.greenlet"]
+    assert record.exc_info is not None and record.exc_info[0] is ZeroDivisionError
