@@ -18,8 +18,8 @@ import time
 import gevent
 import pytest
 
-from spicewire.client import PortChannel, ThreadedSession, connect
-from spicewire.errors import ReadTimeout, SessionClosed, SpiceTimeout
+from spicewire.client import ClientSession, PortChannel, ThreadedSession, connect
+from spicewire.errors import LocalProtocolError, ReadTimeout, SessionClosed, SpiceTimeout
 
 from .served import TOKEN, Served
 from .serverkit import refused_port
@@ -267,6 +267,28 @@ def test_close_from_another_thread_ends_a_waiting_read_and_every_later_call(serv
         with pytest.raises(SessionClosed):
             call()
     session.close()  # twice is fine
+
+
+def test_the_gevent_native_session_refuses_other_threads_with_a_clear_error(serve):
+    s1 = serve("--disable-ticketing")
+    with ClientSession(*s1.address) as native:
+        port = native.open_port(ECHO)
+        errors: list[BaseException] = []
+
+        def elsewhere() -> None:
+            for call in (lambda: port.read(1, timeout=1), lambda: port.write(b"x"), lambda: native.open_port(ECHO),
+                         lambda: native.wait_migrated(1)):
+                try:
+                    call()
+                except LocalProtocolError as err:
+                    errors.append(err)
+
+        other = threading.Thread(target=elsewhere)
+        other.start()
+        other.join(BOUND)
+        assert len(errors) == 4 and all("spicewire.client.connect" in str(e) for e in errors)
+        port.write(b"here")  # its own thread goes on using it
+        assert port.receive(4, timeout=BOUND) == b"here"
 
 
 def test_a_refused_connect_raises_and_leaves_no_thread(no_thread_left):

@@ -15,9 +15,10 @@ from typing import Protocol
 import gevent
 import gevent.event
 import gevent.lock
+import gevent.monkey
 from gevent import socket
 
-from spicewire.errors import PeerFault, ReadTimeout, SpiceError
+from spicewire.errors import LocalProtocolError, PeerFault, ReadTimeout, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, PortEvent
@@ -29,6 +30,18 @@ log = logging.getLogger(__name__)
 RECV_BUFFER = 256 << 10
 DATA_CHUNK = 64 << 10
 PARK_WRITE_WAIT = 2.0  # a frozen s1 that no longer reads must not hold a write forever
+# The OS thread, also under monkey-patching (where threading's ident is the greenlet's).
+thread_ident = gevent.monkey.get_original("_thread", "get_ident")
+
+
+def check_thread(owner: int) -> None:
+    """Refuse a call from another thread than ``owner``, the one whose hub runs the session:
+    there it would wait on a hub that is not running, or hit gevent's InvalidThreadUseError."""
+    if thread_ident() != owner:
+        raise LocalProtocolError(
+            "a ClientSession is used only in the thread that made it (it runs on that thread's "
+            "gevent hub); from other threads, use spicewire.client.connect"
+        )
 
 
 class ChannelOwner(Protocol):
@@ -104,6 +117,7 @@ class ChannelClient:
 
     def __init__(self, session: ChannelOwner, sock: socket.socket, established: LinkEstablished) -> None:
         self.session = session
+        self.owner_thread = thread_ident()  # whose hub runs this channel
         self.key = (established.channel_type, established.channel_id)
         self.write_lock = gevent.lock.RLock()
         self.closed = gevent.event.Event()
@@ -366,6 +380,7 @@ class PortChannel(ChannelClient):
         self._arrived.set()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        check_thread(self.owner_thread)
         view = memoryview(data).cast("B")
         for start in range(0, len(view), DATA_CHUNK):
             self.send(m.MsgcSpicevmcData(view[start : start + DATA_CHUNK]))
@@ -392,6 +407,7 @@ class PortChannel(ChannelClient):
 
     def _wait_for(self, want: int, timeout: float | None) -> bool:
         """Until ``want`` bytes are buffered or the channel closed (True), or ``timeout`` passed (False)."""
+        check_thread(self.owner_thread)
         deadline = None if timeout is None else time.monotonic() + timeout
         while self._inbox_bytes < want and not self.closed.is_set():
             self._arrived.clear()

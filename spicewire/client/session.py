@@ -28,8 +28,10 @@ from spicewire.client.channels import (
     ChannelClient,
     MainChannel,
     PortChannel,
+    check_thread,
     close_socket,
     link_channel,
+    thread_ident,
 )
 from spicewire.client.migration import MigrationDriver, channel_name
 from spicewire.errors import LocalProtocolError, ProtocolError, SpiceError
@@ -77,6 +79,7 @@ class ClientSession:
         self._migration: MigrationDriver | None = None
         self._idle = gevent.event.Event()  # no migration running
         self._idle.set()
+        self._thread = thread_ident()  # whose hub runs the session
 
     @property
     def _main_channel(self) -> MainChannel:
@@ -130,6 +133,7 @@ class ClientSession:
     def open_port(self, name: str | None = None, channel_id: int | None = None) -> PortChannel:
         """Link the port channel with ``channel_id``, or find the one named ``name`` (as spice-gtk
         does: link each port and read its PORT_INIT). Waits while a migration runs."""
+        check_thread(self._thread)
         if not self._idle.wait(self.timeout):
             raise ProtocolError("a migration is still running")
         candidates = [cid for ctype, cid in self.channels if ctype == ChannelType.PORT]
@@ -234,6 +238,7 @@ class ClientSession:
 
     def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The report of the migration that completed, or None if none did within ``timeout``."""
+        check_thread(self._thread)
         if not self.migrated.wait(timeout):
             return None
         return self.migrations[-1]
