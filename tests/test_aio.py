@@ -149,6 +149,23 @@ def test_read_timeout_end_of_stream_and_use_after_close(s1):
     run(main())
 
 
+def test_close_ends_a_pending_read_with_session_closed(s1):
+    async def main():
+        session = await aio.connect(*s1.address)
+        port = await session.open_port(ECHO)
+        pending = asyncio.create_task(port.read(1))
+        waiting = asyncio.create_task(session.wait_migrated())
+        await asyncio.sleep(0)  # both tasks submit their calls
+        await session.connected_to()  # submitted after them: once it is back, both calls are waiting
+        assert not pending.done() and not waiting.done()
+        await session.close()
+        for task in (pending, waiting):
+            with pytest.raises(SessionClosed):
+                await task
+
+    run(main())
+
+
 def test_a_refused_connect_raises(no_thread_left):
     async def main(port: int):
         with pytest.raises(ConnectionRefusedError):

@@ -246,16 +246,21 @@ def test_close_from_another_thread_ends_a_waiting_read_and_every_later_call(serv
     session = connect(*s1.address)
     port = session.open_port(ECHO)
     outcome: list[BaseException] = []
+    submitted = threading.Event()
 
     def wait_forever() -> None:
+        call = port.submit_read(1, None)
+        submitted.set()
         try:
-            port.read(1)
+            call.result()
         except SessionClosed as err:
             outcome.append(err)
 
     reader = threading.Thread(target=wait_forever)
     reader.start()
-    wait_for(lambda: session.gevent_session.ports[port.channel_id] is not None, "the port")
+    assert submitted.wait(BOUND)
+    assert session.connected_to == s1.address  # queued after the read: the read is waiting now
+    assert reader.is_alive()
     closer = threading.Thread(target=session.close)
     closer.start()
     closer.join(BOUND)

@@ -50,7 +50,7 @@ class IOThread:
 
     def __init__(self, name: str) -> None:
         self._calls: collections.deque[tuple[Call[Any], Callable[..., Any], tuple[Any, ...]]] = collections.deque()
-        self._lock = threading.Lock()  # submit against stop: no call is queued after the hub went away
+        self._lock = threading.RLock()  # submit against stop: no call is queued after the hub went away
         self._open = False
         self._running: gevent.pool.Group | None = None
         self._started: set[Call[Any]] = set()  # handed to a greenlet and not settled yet
@@ -103,6 +103,11 @@ class IOThread:
             self._calls.append((call, fn, args))
             self._wake.send()
         return call
+
+    def try_submit(self, fn: Callable[..., _T], *args: Any) -> Call[_T] | None:
+        """submit, or None once the thread is stopping (for clean-ups that closing makes moot)."""
+        with self._lock:
+            return self.submit(fn, *args) if self._open else None
 
     def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         """``fn(*args)`` in the I/O thread, waited for. Every call it is given is bounded by the
@@ -229,7 +234,7 @@ class ThreadedPort:
         """The caller stopped waiting for ``call``: a read still waiting ends without taking
         anything, and bytes it took already go back in front of the buffer."""
         if not call.cancel():
-            self._io.submit(self._give_back, call)
+            self._io.try_submit(self._give_back, call)  # once closing, every read ends anyway
 
     def _give_back(self, call: Call[bytes]) -> None:
         if call.done():
@@ -257,7 +262,7 @@ class ThreadedPort:
 class ThreadedSession:
     """A ClientSession in an I/O thread of its own; made by ``connect``. Every method may be
     called from any thread; the session follows migrations whatever the calling threads do.
-    ``migrations``, ``session_id`` and ``connected_to`` are snapshots read without a call."""
+    ``migrations``, ``session_id`` and ``migrating`` are snapshots read without a call."""
 
     def __init__(self, io: IOThread, session: ClientSession) -> None:
         self._io = io
@@ -327,7 +332,7 @@ class ThreadedSession:
     def abandon(self, call: Call[Any]) -> None:
         """The caller stopped waiting for ``call`` (not a read: see ThreadedPort.give_back)."""
         if not call.cancel():
-            self._io.submit(self._io.abandon, call)
+            self._io.try_submit(self._io.abandon, call)  # once closing, every call ends anyway
 
     def close(self) -> None:
         """Close the session and end its I/O thread; calls waiting in other threads raise
