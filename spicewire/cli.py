@@ -289,6 +289,9 @@ def _after_migration(session: ClientSession, port: PortChannel, args: argparse.N
 
     import gevent
 
+    # The JSON report comes at the end, on stdout; this tells whoever runs `migrate` that now is the time.
+    print(f"connect: first transfer done; waiting up to {args.wait_migration:g} s for the session to be migrated",
+          file=sys.stderr, flush=True)
     migration = session.wait_migrated(timeout=args.wait_migration)
     if migration is None:
         report.update(ok=False, error=f"no migration within {args.wait_migration:g} s")
