@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import random
@@ -784,6 +785,32 @@ def test_s2_data_before_migrate_data_and_corrupt_migrate_data_are_protocol_error
     bystander.check()
     bystander.close()
     echo_ok(connect(s2))
+
+
+def test_seamless_migration_in_the_middle_of_a_large_echo_stream(procs):
+    """`spicewire connect --send-mib 128 --expect-echo` (one greenlet writes, the program reads the
+    echo) while the session migrates as soon as it exists: the switch lands mid-stream. What the
+    client wrote during the switch is released after the relay; s2 restored more than its port
+    limit, so it reads the client only once the echo drains. The client's reader must go on reading
+    meanwhile and never block writing that backlog itself: it did, and then both sides waited on
+    each other for ever (the echo stalled and connect timed out)."""
+    s1, s2 = procs("s1"), procs("s2")
+    host, port = s1.address
+    connect_cmd = [sys.executable, "-m", "spicewire", "connect", f"{host}:{port}", "--port-channel", ECHO,
+                   "--send-mib", "128", "--expect-echo", "--timeout", "60"]
+    client = subprocess.Popen(connect_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: s1.sessions(), what="the session to exist on s1")
+        entry = only_entry(s1.migrate_to(s2))
+        out, _ = client.communicate(timeout=90)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    report = json.loads(out)
+    assert entry["migrated"] and entry["mode"] == "seamless", entry
+    assert report["ok"], report
+    assert report["sha256_received"] == report["sha256_sent"]
 
 
 # --- 6. back and forth, and many at once -------------------------------------------------------------

@@ -129,6 +129,7 @@ class ChannelClient:
         self._resumed = gevent.event.Event()
         self._resumed.set()
         self._reader: gevent.Greenlet[[], None] | None = None
+        self._flusher: gevent.Greenlet[[], None] | None = None
         self.attach(sock, established)
 
     @property
@@ -190,9 +191,26 @@ class ChannelClient:
         if gevent.getcurrent() is not self._reader:
             self.write_now(msg)
             return
-        with self.write_lock:
-            self.channel.send(msg)
-        gevent.spawn(self.flush)
+        # Not under the write lock: an application write may hold it, blocked until the server
+        # reads, and the server may read only once we read what it sends. Framing does not yield,
+        # so the message takes its place in the order here; the lock's holder or the background
+        # flush writes it.
+        self.channel.send(msg)
+        self._flush_in_background()
+
+    def _flush_in_background(self) -> None:
+        """Have what is queued written by a greenlet of its own, never by the reader: the queue may
+        hold megabytes of application data released after a migration, and a server whose device
+        is over its limit reads them only once we read what it sends (ACKs and echoes), so a
+        reader blocked in that write would wait on the server forever, and it on us."""
+        if self._flusher is None or self._flusher.dead:
+            self._flusher = gevent.spawn(self._background_flush)
+
+    def _background_flush(self) -> None:
+        try:
+            self.flush()
+        except OSError as err:  # the reader finds the broken connection on its next receive
+            log.debug("%s channel: background write failed: %s", self.channel_type.name, err)
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -241,7 +259,7 @@ class ChannelClient:
                 break  # the channel moved to another server while handling this batch
             self.session.on_message(self, msg)
         if self.channel is conn:
-            self.flush()
+            self._flush_in_background()
             if conn.paused:
                 self.session.pass_through_migrate_data(self)
 
