@@ -1,5 +1,6 @@
 import os
 
+import gevent
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -40,3 +41,27 @@ def both_codecs():
 
 
 pytest_plugins = ["tests.served"]  # the `serve` fixture: `spicewire serve` in a subprocess
+
+
+@pytest.fixture
+def within_30_s():
+    """A bound for a test that waits on servers: a hang fails it instead of the whole run."""
+    with gevent.Timeout(30, AssertionError("the test took longer than 30 s")):
+        yield
+
+
+@pytest.fixture
+def new_node():
+    """new_node() -> one more in-process server with its control API (tests/test_migration.Node),
+    each stopped at the end of the test."""
+    from tests.test_migration import Node
+
+    made: list[Node] = []
+
+    def make() -> Node:
+        made.append(Node())
+        return made[-1]
+
+    yield make
+    for node in made:
+        node.stop()

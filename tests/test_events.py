@@ -15,19 +15,7 @@ from spicewire.server.events import EventBus
 from tests.serverkit import wait_until
 from tests.test_migration import ECHO, Node
 
-
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(30, AssertionError("the test took longer than 30 s")):
-        yield
-
-
-@pytest.fixture
-def nodes():
-    made: list[Node] = []
-    yield lambda: made.append(Node()) or made[-1]
-    for node in made:
-        node.stop()
+pytestmark = pytest.mark.usefixtures("within_30_s")
 
 
 class Follower:
@@ -52,8 +40,8 @@ class Follower:
         return next(e for e in self.events if e["event"] == kind and all(e.get(k) == v for k, v in match.items()))
 
 
-def test_channels_report_connected_initialized_and_disconnected_like_qmp(nodes):
-    s1 = nodes()
+def test_channels_report_connected_initialized_and_disconnected_like_qmp(new_node):
+    s1 = new_node()
     follower = Follower(s1)
     session = ClientSession(*s1.address, timeout=10).connect()
     session.open_port(ECHO)
@@ -73,8 +61,8 @@ def test_channels_report_connected_initialized_and_disconnected_like_qmp(nodes):
     follower.greenlet.kill()
 
 
-def test_a_migration_is_started_and_completed_on_s1_and_completed_on_s2(nodes):
-    s1, s2 = nodes(), nodes()
+def test_a_migration_is_started_and_completed_on_s1_and_completed_on_s2(new_node):
+    s1, s2 = new_node(), new_node()
     on_s1, on_s2 = Follower(s1), Follower(s2)
     session = ClientSession(*s1.address, timeout=10).connect()
     echo = session.open_port(ECHO)
@@ -95,11 +83,11 @@ def test_a_migration_is_started_and_completed_on_s1_and_completed_on_s2(nodes):
         follower.greenlet.kill()
 
 
-def test_a_failed_migration_is_an_event_naming_the_unreachable_destination(nodes):
-    s1 = nodes()
+def test_a_failed_migration_is_an_event_naming_the_unreachable_destination(new_node):
+    s1 = new_node()
     follower = Follower(s1)
     session = ClientSession(*s1.address, timeout=10).connect()
-    gone = nodes()
+    gone = new_node()
     gone.stop()  # its control address now refuses
     with pytest.raises(MigrationError):
         s1.migrate_to(gone)
@@ -138,8 +126,8 @@ def test_a_closed_subscription_gets_nothing_and_emitting_to_nobody_costs_nothing
     assert bus.subscribers == 0 and sub.get(timeout=0) == []
 
 
-def test_the_stream_needs_the_token_and_ends_when_the_server_stops(nodes):
-    s1 = nodes()
+def test_the_stream_needs_the_token_and_ends_when_the_server_stops(new_node):
+    s1 = new_node()
     guarded = ControlServer(s1.spice, "127.0.0.1", 0, token="t0k")
     guarded.start()
     with pytest.raises(MigrationError, match="401"):
@@ -166,10 +154,10 @@ def test_the_stream_needs_the_token_and_ends_when_the_server_stops(nodes):
          events.MIGRATION_FAILED, "stayed"),
     ],
 )
-def test_each_session_outcome_on_s1_is_one_event_and_one_count(nodes, entry, kind, result):
+def test_each_session_outcome_on_s1_is_one_event_and_one_count(new_node, entry, kind, result):
     from spicewire.protocol.migration import MigrationMode
 
-    s1 = nodes()
+    s1 = new_node()
     sub = s1.spice.events.subscribe()
     full = {"session_id": "aadce55b", "in_flight_bytes_moved": 10, "bytes_dropped": 0, **entry}
     s1.spice.migration._record(full, MigrationMode.SEAMLESS, ("127.0.0.1", 5901))

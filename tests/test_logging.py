@@ -16,30 +16,18 @@ from spicewire import logs
 from spicewire.client import ClientSession
 from spicewire.errors import MigrationError
 from tests.serverkit import wait_until
-from tests.test_migration import ECHO, Node
+from tests.test_migration import ECHO
 
-
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(30, AssertionError("the test took longer than 30 s")):
-        yield
-
-
-@pytest.fixture
-def nodes():
-    made: list[Node] = []
-    yield lambda: made.append(Node()) or made[-1]
-    for node in made:
-        node.stop()
+pytestmark = pytest.mark.usefixtures("within_30_s")
 
 
 def messages(caplog, logger: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == logger]
 
 
-def test_a_migration_is_one_line_per_session_on_each_side_and_a_summary_on_s1(nodes, caplog):
+def test_a_migration_is_one_line_per_session_on_each_side_and_a_summary_on_s1(new_node, caplog):
     caplog.set_level(logging.INFO, logger="spicewire")
-    s1, s2 = nodes(), nodes()
+    s1, s2 = new_node(), new_node()
     session = ClientSession(*s1.address, timeout=10).connect()
     echo = session.open_port(ECHO)
     echo.write(b"ping")
@@ -58,10 +46,10 @@ def test_a_migration_is_one_line_per_session_on_each_side_and_a_summary_on_s1(no
     session.close()
 
 
-def test_an_unreachable_destination_is_named_and_logs_no_traceback(nodes, caplog):
+def test_an_unreachable_destination_is_named_and_logs_no_traceback(new_node, caplog):
     caplog.set_level(logging.INFO, logger="spicewire")
-    s1 = nodes()
-    gone = nodes()
+    s1 = new_node()
+    gone = new_node()
     gone.stop()
     session = ClientSession(*s1.address, timeout=10).connect()
     with pytest.raises(MigrationError, match="502"):
@@ -73,7 +61,7 @@ def test_an_unreachable_destination_is_named_and_logs_no_traceback(nodes, caplog
     session.close()
 
 
-def test_json_lines_carry_the_session_and_channel_of_a_connection(nodes):
+def test_json_lines_carry_the_session_and_channel_of_a_connection(new_node):
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
@@ -81,7 +69,7 @@ def test_json_lines_carry_the_session_and_channel_of_a_connection(nodes):
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        s1 = nodes()
+        s1 = new_node()
         session = ClientSession(*s1.address, timeout=10).connect()
         session.open_port(ECHO)
         sid = f"{session.session_id:08x}"
@@ -115,9 +103,9 @@ def test_iso_times_round_trip_in_utc():
     assert logs.epoch_of(logs.iso_utc(1_800_000_000.123456)) == pytest.approx(1_800_000_000.123456, abs=1e-6)
 
 
-def test_debug_shows_each_message_of_a_channel_in_both_directions(nodes, caplog):
+def test_debug_shows_each_message_of_a_channel_in_both_directions(new_node, caplog):
     caplog.set_level(logging.DEBUG, logger="spicewire.server.net")
-    s1 = nodes()
+    s1 = new_node()
     session = ClientSession(*s1.address, timeout=10).connect()
     echo = session.open_port(ECHO)
     echo.write(b"hello")

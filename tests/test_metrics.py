@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gevent
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -14,19 +13,7 @@ from tests.rawclient import RawChannel, open_session
 from tests.serverkit import wait_until
 from tests.test_migration import ECHO, SINK, Node
 
-
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(30, AssertionError("the test took longer than 30 s")):
-        yield
-
-
-@pytest.fixture
-def nodes():
-    made: list[Node] = []
-    yield lambda: made.append(Node()) or made[-1]
-    for node in made:
-        node.stop()
+pytestmark = pytest.mark.usefixtures("within_30_s")
 
 
 def scrape(node: Node) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -56,8 +43,8 @@ def value(samples: dict, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-def test_metrics_are_prometheus_text_that_its_parser_reads(nodes):
-    s1 = nodes()
+def test_metrics_are_prometheus_text_that_its_parser_reads(new_node):
+    s1 = new_node()
     content_type, text = raw_metrics(s1)
     assert content_type.startswith("text/plain; version=0.0.4")
     names = {family.name for family in text_string_to_metric_families(text)}
@@ -66,8 +53,8 @@ def test_metrics_are_prometheus_text_that_its_parser_reads(nodes):
             "spicewire_link_failures"} <= names
 
 
-def test_sessions_channels_bytes_and_buffers_follow_the_server(nodes):
-    s1 = nodes()
+def test_sessions_channels_bytes_and_buffers_follow_the_server(new_node):
+    s1 = new_node()
     session = ClientSession(*s1.address, timeout=10).connect()
     echo = session.open_port(ECHO)
     sink = session.open_port(SINK)
@@ -87,8 +74,8 @@ def test_sessions_channels_bytes_and_buffers_follow_the_server(nodes):
     wait_until(lambda: value(scrape(s1), "spicewire_sessions") == 0, what="the session to end")
 
 
-def test_a_refused_link_is_counted_by_its_reason(nodes):
-    s1 = nodes()
+def test_a_refused_link_is_counted_by_its_reason(new_node):
+    s1 = new_node()
     with pytest.raises(LinkError) as err:
         RawChannel(s1.address, 0x12345678, ChannelType.PORT, 0)  # no such session
     assert err.value.code == LinkErr.BAD_CONNECTION_ID
@@ -97,8 +84,8 @@ def test_a_refused_link_is_counted_by_its_reason(nodes):
     assert value(scrape(s1), "spicewire_link_failures_total", reason="bad_connection_id") == 1
 
 
-def test_a_migration_counts_on_both_servers_and_each_has_its_own_numbers(nodes):
-    s1, s2 = nodes(), nodes()
+def test_a_migration_counts_on_both_servers_and_each_has_its_own_numbers(new_node):
+    s1, s2 = new_node(), new_node()
     session = ClientSession(*s1.address, timeout=10).connect()
     echo = session.open_port(ECHO)
     echo.write(b"ping")
@@ -116,11 +103,11 @@ def test_a_migration_counts_on_both_servers_and_each_has_its_own_numbers(nodes):
     session.close()
 
 
-def test_metrics_need_the_token_when_the_api_has_one(nodes):
+def test_metrics_need_the_token_when_the_api_has_one(new_node):
     from spicewire.control.server import ControlServer
     from spicewire.errors import MigrationError
 
-    s1 = nodes()
+    s1 = new_node()
     guarded = ControlServer(s1.spice, "127.0.0.1", 0, token="t0k")
     guarded.start()
     try:
@@ -130,8 +117,8 @@ def test_metrics_need_the_token_when_the_api_has_one(nodes):
         guarded.stop()
 
 
-def test_two_open_sessions_from_raw_links_are_two_sessions(nodes):
-    s1 = nodes()
+def test_two_open_sessions_from_raw_links_are_two_sessions(new_node):
+    s1 = new_node()
     first, _ = open_session(s1.address)
     second, _ = open_session(s1.address)
     assert value(scrape(s1), "spicewire_sessions") == 2
