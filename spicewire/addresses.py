@@ -1,4 +1,5 @@
-"""``HOST:PORT`` as operators type it, parsed once for the command line and the control API.
+"""``HOST:PORT`` as operators type it, parsed once for the command line and the control API (and
+``unix:PATH``, where a control API may listen).
 
 The host is an IPv4 address, a DNS name, or an IPv6 address in brackets (``[::1]:5900``): without
 brackets the last colon of an IPv6 address would read as the port separator. Errors are one line
@@ -58,3 +59,22 @@ def _is_host_name(host: str) -> bool:
         return True
     name = host[:-1] if host.endswith(".") else host
     return 0 < len(name) <= 253 and name.isascii() and all(_LABEL.fullmatch(label) for label in name.split("."))
+
+
+class UnixAddress(NamedTuple):
+    """A Unix socket's path, as ``unix:PATH`` on the command line: the control API's owner-only door."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
+
+
+def parse_control_address(text: object, *, allow_port_zero: bool = False) -> Address | UnixAddress:
+    """``unix:PATH`` or ``HOST:PORT`` (as ``parse_address``)."""
+    if isinstance(text, str) and text.startswith("unix:"):
+        path = text[len("unix:"):]
+        if not path or "\0" in path:
+            raise ValueError(f"expected unix:PATH with a path, got {text!r}")
+        return UnixAddress(path)
+    return parse_address(text, allow_port_zero=allow_port_zero)

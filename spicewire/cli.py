@@ -13,12 +13,13 @@ import functools
 import ipaddress
 import logging
 import math
+import os
 import sys
 import time
 from typing import TYPE_CHECKING
 
 from spicewire import __version__
-from spicewire.addresses import Address, parse_address
+from spicewire.addresses import Address, UnixAddress, parse_address, parse_control_address
 
 if TYPE_CHECKING:
     from spicewire.client import ClientSession
@@ -43,6 +44,42 @@ def peer_address(text: str) -> Address:
         return parse_address(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def control_listen_address(text: str) -> Address | UnixAddress:
+    """``unix:PATH`` or ``HOST:PORT`` (port 0 picks a free one) for the control API to listen on."""
+    try:
+        return parse_control_address(text, allow_port_zero=True)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or unix:PATH)") from None
+
+
+def control_address(text: str) -> Address | UnixAddress:
+    """``unix:PATH`` or ``HOST:PORT`` of a control API to reach."""
+    try:
+        return parse_control_address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or unix:PATH)") from None
+
+
+TOKEN_ENV = "SPICEWIRE_CONTROL_TOKEN"
+
+
+def control_token(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str) -> str | None:
+    """The bearer token from argv, else the file ``path`` (its first line), else $SPICEWIRE_CONTROL_TOKEN:
+    argv shows in ``ps`` to every local user, a file and the environment do not."""
+    if given is not None:
+        return given
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as file:
+                token = file.readline().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            parser.error(f"{option}: cannot read {path}: {err}")
+        if not token:
+            parser.error(f"{option}: {path} has no token on its first line")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
 
 
 def positive_number(text: str) -> float:
@@ -123,8 +160,12 @@ def _add_serve(commands: Subparsers) -> None:
         help="client bytes a port buffers for a device that does not take them, before the server "
         "stops reading that client (default 8)",
     )
-    p.add_argument("--control", type=listen_address, metavar="HOST:PORT", help="serve the HTTP/JSON control API here")
-    p.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API")
+    p.add_argument("--control", type=control_listen_address, metavar="HOST:PORT|unix:PATH",
+                   help="serve the HTTP/JSON control API here; unix:PATH is a socket only its owner can use")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API "
+                       f"(visible in ps: prefer --control-token-file or ${TOKEN_ENV})")
+    token.add_argument("--control-token-file", metavar="FILE", help="the control token is the first line of FILE")
     p.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default INFO; DEBUG adds a line per message received and sent, per channel",
@@ -141,10 +182,13 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         parser.error(f"--port-channel: duplicate name {', '.join(duplicates)}")
-    if args.control_token is not None and args.control is None:
+    if (args.control_token is not None or args.control_token_file is not None) and args.control is None:
         parser.error("--control-token needs --control")
-    if args.control is not None and args.control_token is None and not _is_loopback(args.control[0]):
-        parser.error("--control on a non-loopback address needs --control-token")
+    args.control_token = control_token(parser, args.control_token, args.control_token_file, "--control-token-file")
+    remote = isinstance(args.control, Address) and not _is_loopback(args.control.host)
+    if remote and args.control_token is None:
+        parser.error(f"--control on a non-loopback address needs --control-token, --control-token-file or ${TOKEN_ENV}"
+                     " (or listen on unix:PATH)")
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -158,7 +202,7 @@ def serve(args: argparse.Namespace) -> int:
     import gevent
     import gevent.queue
 
-    from spicewire.control.server import ControlServer
+    from spicewire.control.server import ControlLimits, ControlServer
     from spicewire.logs import configure, log_greenlet_errors
     from spicewire.server.net import ServerConfig, SpiceServer
 
@@ -174,11 +218,20 @@ def serve(args: argparse.Namespace) -> int:
     )
     server = SpiceServer(config)
     control = None
+    descriptors = _raise_descriptor_limit()
     try:
         server.start()
         if args.control is not None:
-            control_host, control_port = args.control
-            control = ControlServer(server, control_host, control_port, token=args.control_token)
+            # At most an eighth of the descriptors for control clients: the rest stay for SPICE links.
+            limits = ControlLimits(max_connections=max(1, min(ControlLimits.max_connections, descriptors // 8)))
+            if isinstance(args.control, UnixAddress):
+                control = ControlServer(server, token=args.control_token, unix=args.control.path, limits=limits)
+            else:
+                host, port = args.control.host, args.control.port
+                control = ControlServer(server, host, port, token=args.control_token, limits=limits)
+                if args.control_token is None:
+                    log.warning("the control API on %s has no token: any local user can move or pause every "
+                                "session (use unix:PATH or a token to prevent it)", control.where)
             control.start()
     except OSError as err:
         log.error("cannot listen: %s", err)
@@ -202,6 +255,21 @@ def serve(args: argparse.Namespace) -> int:
             watcher.cancel()
     log.info("stopped")
     return 0
+
+
+def _raise_descriptor_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one (the kernel's default soft 1,024 is what a flood
+    of control connections once exhausted); answers the soft limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as err:  # a hard limit of "unlimited" some kernels will not take as soft
+            log.warning("open files stay limited to %d (cannot raise to %d: %s)", soft, hard, err)
+    return sys.maxsize if soft == resource.RLIM_INFINITY else soft
 
 
 # --- connect ----------------------------------------------------------------------------------
@@ -324,7 +392,8 @@ def _add_migrate(commands: Subparsers) -> None:
         "destination: announce them there, pre-migrate every client, wait for every answer, move "
         "device state, then switch. Prints the report; exit 0 when every session arrived.",
     )
-    p.add_argument("--control", required=True, type=peer_address, metavar="S1_CONTROL", help="source control API")
+    p.add_argument("--control", required=True, type=control_address, metavar="S1_CONTROL",
+                   help="source control API: HOST:PORT or unix:PATH")
     p.add_argument("--to", required=True, type=peer_address, metavar="S2_HOST:S2_PORT",
                    help="destination SPICE address")
     p.add_argument("--to-control", required=True, type=peer_address, metavar="S2_CONTROL",
@@ -332,9 +401,15 @@ def _add_migrate(commands: Subparsers) -> None:
     p.add_argument("--mode", choices=["seamless", "semi-seamless"], default="seamless")
     p.add_argument("--timeout", type=positive_number, default=30.0, metavar="SECONDS",
                    help="for each phase (default 30)")
-    p.add_argument("--token", metavar="T", help="bearer token of the source control API")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="T", help=f"bearer token of the source control API (default ${TOKEN_ENV})")
+    token.add_argument("--token-file", metavar="FILE", help="the source's token is the first line of FILE")
     p.add_argument("--to-token", metavar="T", help="bearer token of the destination control API")
-    p.set_defaults(run=migrate)
+    p.set_defaults(run=migrate, check=functools.partial(_check_token, p))
+
+
+def _check_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    args.token = control_token(parser, args.token, args.token_file, "--token-file")
 
 
 def migrate(args: argparse.Namespace) -> int:
@@ -343,8 +418,11 @@ def migrate(args: argparse.Namespace) -> int:
     from spicewire.control.client import ControlClient
     from spicewire.errors import MigrationError
 
-    host, port = args.control
-    source = ControlClient(host, port, token=args.token, timeout=3 * args.timeout + 30)
+    wait = 3 * args.timeout + 30
+    if isinstance(args.control, UnixAddress):
+        source = ControlClient("", 0, token=args.token, timeout=wait, unix=args.control.path)
+    else:
+        source = ControlClient(args.control.host, args.control.port, token=args.token, timeout=wait)
     request = {
         "to": str(args.to), "to_control": str(args.to_control), "mode": args.mode,
         "timeout": args.timeout, "to_token": args.to_token,
@@ -372,10 +450,13 @@ def _add_events(commands: Subparsers) -> None:
         "initialized and disconnected, migrations started, completed, rolled back or failed. "
         "Prints each event as one JSON line until the server stops or SIGINT.",
     )
-    p.add_argument("--control", required=True, type=peer_address, metavar="HOST:PORT", help="the control API")
-    p.add_argument("--token", metavar="T", help="its bearer token")
+    p.add_argument("--control", required=True, type=control_address, metavar="HOST:PORT|unix:PATH",
+                   help="the control API")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", metavar="T", help=f"its bearer token (default ${TOKEN_ENV})")
+    token.add_argument("--token-file", metavar="FILE", help="the token is the first line of FILE")
     p.add_argument("--count", type=int, metavar="N", help="stop after N events")
-    p.set_defaults(run=events)
+    p.set_defaults(run=events, check=functools.partial(_check_token, p))
 
 
 def events(args: argparse.Namespace) -> int:
@@ -384,10 +465,13 @@ def events(args: argparse.Namespace) -> int:
     from spicewire.control.events import follow
     from spicewire.errors import MigrationError
 
-    host, port = args.control
+    if isinstance(args.control, UnixAddress):
+        stream = follow("", 0, token=args.token, unix=args.control.path)
+    else:
+        stream = follow(args.control.host, args.control.port, token=args.token)
     seen = 0
     try:
-        for event in follow(host, port, token=args.token):
+        for event in stream:
             print(json.dumps(event), flush=True)
             seen += 1
             if args.count is not None and seen >= args.count:

@@ -14,6 +14,7 @@ import gevent
 import pytest
 
 from spicewire import cli
+from spicewire.addresses import UnixAddress
 from spicewire.client import ClientSession
 from spicewire.errors import LinkError
 from spicewire.protocol import messages as m
@@ -93,6 +94,11 @@ SERVE = ["serve", "--listen", "127.0.0.1:0", "--disable-ticketing"]
         ([*SERVE, "--port-channel", "p=echo", "--port-channel", "p=sink"], "duplicate name p"),
         ([*SERVE, "--control-token", "t"], "--control-token needs --control"),
         ([*SERVE, "--control", "0.0.0.0:0"], "needs --control-token"),
+        ([*SERVE, "--control", "unix:"], "expected unix:PATH with a path"),
+        ([*SERVE, "--control", "127.0.0.1:0", "--control-token", "t", "--control-token-file", "f"],
+         "not allowed with argument"),
+        (["migrate", "--control", "unix:", "--to", "127.0.0.1:5901", "--to-control", "127.0.0.1:5801"],
+         "argument --control: expected unix:PATH with a path"),
         ([*SERVE, "--log-level", "loud"], "--log-level"),
         ([*SERVE, "--port-buffer-mib", "0"], "--port-buffer-mib: expected a finite number above 0, got '0'"),
         ([*SERVE, "--port-buffer-mib", "-1"], "--port-buffer-mib: expected a finite number above 0, got '-1'"),
@@ -125,6 +131,14 @@ def test_listen_addresses_take_port_0_and_peer_addresses_do_not():
     assert cli.peer_address("127.0.0.1:5900") == ("127.0.0.1", 5900)
     with pytest.raises(argparse.ArgumentTypeError, match="port 1-65535"):
         cli.peer_address("127.0.0.1:0")
+
+
+def test_control_addresses_are_host_port_or_a_unix_socket():
+    assert cli.control_listen_address("unix:/run/s1.sock") == UnixAddress("/run/s1.sock")
+    assert str(cli.control_address("unix:/run/s1.sock")) == "unix:/run/s1.sock"
+    assert cli.control_listen_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"port 1-65535.*\(or unix:PATH\)"):
+        cli.control_address("127.0.0.1:0")
 
 
 def test_importing_spicewire_does_not_monkey_patch():

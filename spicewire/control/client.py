@@ -18,12 +18,14 @@ class ControlClient:
     """A minimal HTTP/1.1 client for another server's control API, on gevent sockets (so two
     servers in one process can talk without monkey-patching)."""
 
-    def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0,
+                 *, unix: str | None = None) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
+        self.unix = unix  # a Unix socket's path: then host and port are unused
 
     @property
     def address(self) -> str:
-        return str(Address(self.host, self.port))
+        return f"unix:{self.unix}" if self.unix is not None else str(Address(self.host, self.port))
 
     def get_json(self, path: str, timeout: float | None = None) -> Any:
         return self._request("GET", path, b"", "application/json", timeout)
@@ -38,11 +40,11 @@ class ControlClient:
         self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None
     ) -> Any:
         """The answer's JSON (None for an empty body); MigrationError for any status but 200."""
-        head = [f"{method} {path} HTTP/1.1", f"Host: {self.address}", "Connection: close",
+        head = [f"{method} {path} HTTP/1.1", f"Host: {'localhost' if self.unix else self.address}", "Connection: close",
                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if self.token:
             head.append(f"Authorization: Bearer {self.token}")
-        with socket.create_connection((self.host, self.port), timeout=timeout or self.timeout) as sock:
+        with connect_control(self.host, self.port, self.unix, timeout or self.timeout) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             data = bytearray()
             while chunk := sock.recv(65536):
@@ -58,3 +60,17 @@ class ControlClient:
             message = answer.get("error") if isinstance(answer, dict) else payload[:200].decode(errors="replace")
             raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
         return answer
+
+
+def connect_control(host: str, port: int, unix: str | None, timeout: float) -> socket.socket:
+    """A connected socket to a control API: the Unix socket at ``unix``, else ``(host, port)``."""
+    if unix is None:
+        return socket.create_connection((host, port), timeout=timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(unix)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -7,9 +7,8 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from gevent import socket
-
 from spicewire.addresses import Address
+from spicewire.control.client import connect_control
 from spicewire.errors import MigrationError
 
 # The server sends a comment every 15 s on a quiet stream (control.server.KEEPALIVE): three missed
@@ -17,16 +16,18 @@ from spicewire.errors import MigrationError
 SILENCE = 45.0
 
 
-def follow(host: str, port: int, token: str | None = None, connect_timeout: float = 10.0) -> Iterator[dict[str, Any]]:
+def follow(host: str, port: int, token: str | None = None, connect_timeout: float = 10.0,
+           *, unix: str | None = None) -> Iterator[dict[str, Any]]:
     """Each event as the JSON object the server sent, as it comes; ends when the server closes the
     stream (it stops). OSError when it cannot be reached or falls silent, MigrationError for an
     answer other than 200 (a wrong token, say), each naming the address."""
-    address = str(Address(host, port))
+    address = f"unix:{unix}" if unix is not None else str(Address(host, port))
     # HTTP/1.0: the answer comes unchunked and ends when the connection does.
-    head = ["GET /events HTTP/1.0", f"Host: {address}", "Accept: text/event-stream"]
+    # A Unix socket has no host name; "localhost" is what HTTP clients send there.
+    head = ["GET /events HTTP/1.0", f"Host: {'localhost' if unix else address}", "Accept: text/event-stream"]
     if token:
         head.append(f"Authorization: Bearer {token}")
-    sock = socket.create_connection((host, port), timeout=connect_timeout)
+    sock = connect_control(host, port, unix, connect_timeout)
     with sock, sock.makefile("rb") as stream:
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         sock.settimeout(SILENCE)

@@ -12,11 +12,14 @@ raises ``HttpError`` for anything else. More endpoints (migration's ``POST /migr
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import logging
 import math
+import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,8 +27,10 @@ from http import HTTPStatus
 from typing import Any, cast
 from wsgiref.types import StartResponse, WSGIEnvironment
 
+import gevent
 import gevent.event
-from gevent.pywsgi import LoggingLogAdapter, WSGIServer
+from gevent import socket
+from gevent.pywsgi import Input, LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from spicewire import __version__
 from spicewire.addresses import Address, parse_address
@@ -45,6 +50,18 @@ _HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
 KEEPALIVE = 15.0  # s between SSE comments on a quiet stream: how a follower that left is noticed
 
 
+@dataclass(frozen=True)
+class ControlLimits:
+    """What one client may take of the control server. The SPICE listener shares the process's
+    descriptors and memory, so an idle, slow or greedy control client must run out first."""
+
+    max_connections: int = 64  # more are answered 503 and closed at once
+    header_timeout: float = 10.0  # s from a request's first byte awaited to its last header; also keep-alive idling
+    body_timeout: float = 10.0  # s for any body, plus its size at body_rate
+    body_rate: float = float(1 << 20)  # bytes/s: a slower sender is cut off (408)
+    body_budget: int = 2 * MAX_DEVICE_STATE  # bytes of request bodies held at once, all connections together
+
+
 class HttpError(SpiceError):
     """A control request that gets an error status instead of its answer."""
 
@@ -61,6 +78,10 @@ class Request:
     path: str
     environ: dict
     params: dict[str, str] = field(default_factory=dict)
+    limits: ControlLimits = field(default_factory=ControlLimits)
+    budget: _BodyBudget | None = None
+    held: int = 0  # bytes of the budget this request holds until its answer is made
+    consumed: bool = True  # False while a declared body is left unread
 
     def content_length(self, limit: int) -> int:
         """The declared body size: 400 unless a decimal number, 413 above ``limit``."""
@@ -72,12 +93,37 @@ class Request:
             raise HttpError(413, f"body of {length} bytes is over the limit of {limit}")
         return length
 
-    def body(self, limit: int) -> bytes:
+    def body(self, limit: int) -> bytes | bytearray:
+        """The whole body, read into one buffer of its declared size (never a list of chunks that
+        is joined: twice the memory) within ``limits``' deadline for that size."""
         length = self.content_length(limit)
+        if not length:
+            return b""
+        if self.budget is not None:
+            self.budget.take(length)
+            self.held = length
+        buffer = bytearray(length)
+        view = memoryview(buffer)
+        stream = self.environ["wsgi.input"]
+        seconds = self.limits.body_timeout + length / self.limits.body_rate
+        got = 0
         try:
-            return self.environ["wsgi.input"].read(length) if length else b""
-        except OSError:  # the client closed before sending what it declared
-            raise HttpError(400, f"the body ended before its Content-Length of {length} bytes") from None
+            late = HttpError(408, f"the body of {length} bytes did not arrive within {seconds:g} s")
+            with gevent.Timeout(seconds, late):
+                while got < length:
+                    chunk = stream.read(min(length - got, 1 << 20))
+                    if not chunk:
+                        break
+                    view[got:got + len(chunk)] = chunk
+                    got += len(chunk)
+        except OSError:  # the client closed or reset before sending what it declared
+            got = -1
+        finally:
+            view.release()
+        if got != length:
+            raise HttpError(400, f"the body ended before its Content-Length of {length} bytes")
+        self.consumed = True
+        return buffer
 
     def json(self) -> Any:
         """The body as JSON (None when empty); 400 when it is not JSON."""
@@ -88,6 +134,102 @@ class Request:
             return json.loads(body)
         except (UnicodeDecodeError, ValueError) as err:
             raise HttpError(400, f"body is not JSON: {err}") from None
+        except RecursionError:  # nesting deeper than the parser's stack
+            raise HttpError(400, "body is not JSON this server takes: nested too deeply") from None
+
+
+class _BodyBudget:
+    """Bytes of request bodies in memory at once, over all connections: 503 past ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise HttpError(503, f"{self.held} bytes of request bodies are in memory already; "
+                            f"{size} more would pass the limit of {self.limit}: retry later")
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+class _UndrainedInput(Input):
+    """A body the application left unread is not drained after its answer (gevent's default
+    reads it to the end, with no deadline): the answer closes the connection instead."""
+
+    __slots__ = ()
+
+    def _discard(self) -> None:
+        if self.position >= (self.content_length or 0) and not self.chunked_input:
+            super()._discard()  # type: ignore[misc]  # private to gevent, absent from its stubs
+
+
+class _Handler(WSGIHandler):
+    """gevent's handler with a deadline on reading a request's line and headers (and on idling
+    between requests): a connection that sends them slowly, or nothing, is closed."""
+
+    _deadline: gevent.Timeout | None = None
+
+    def read_requestline(self) -> Any:
+        limit = cast(_ControlWSGIServer, self.server).limits.header_timeout
+        self._deadline = gevent.Timeout.start_new(limit, socket.timeout(f"no complete request head within {limit:g} s"))
+        return super().read_requestline()
+
+    def handle_one_request(self) -> Any:
+        try:
+            return super().handle_one_request()
+        finally:
+            self._end_deadline()
+
+    def get_environ(self) -> Any:
+        self._end_deadline()  # the head is in; the body has its own deadline (Request.body)
+        environ = super().get_environ()
+        self.wsgi_input.__class__ = _UndrainedInput  # same slots: only _discard differs
+        return environ
+
+    def _end_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.close()
+            self._deadline = None
+
+    def _handle_client_error(self, ex: BaseException) -> Any:
+        if isinstance(ex, OSError):  # the deadline or the peer ended the head: nothing to answer
+            return None
+        return super()._handle_client_error(ex)  # type: ignore[misc]  # as _discard
+
+
+_BUSY_BODY = b'{"error": "too many control connections: retry later", "status": 503}\n'
+_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+
+
+class _ControlWSGIServer(WSGIServer):
+    """Counts its connections: past ``limits.max_connections`` a new one gets a 503 and is closed
+    at once, so control clients never hold the descriptors SPICE links need."""
+
+    handler_class = _Handler
+
+    def __init__(self, listener: Any, application: Any, limits: ControlLimits, **kwargs: Any) -> None:
+        super().__init__(listener, application, **kwargs)
+        self.limits = limits
+        self.connections = 0
+
+    def handle(self, sock: Any, address: Any) -> None:
+        if self.connections >= self.limits.max_connections:
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(_BUSY)
+            except OSError:
+                log.debug("a control connection over the cap left before its 503")
+            finally:
+                sock.close()
+            return
+        self.connections += 1
+        try:
+            super().handle(sock, address)
+        finally:
+            self.connections -= 1
 
 
 @dataclass
@@ -166,12 +308,51 @@ def parse_session_id(text: Any) -> int:
     raise HttpError(400, f"bad session id {text!r:.40}: expected 8 hex digits, as in \"aadce55b\"")
 
 
-class ControlServer:
-    """The control API of one SpiceServer, on ``(host, port)``; ``token`` demands a bearer token."""
+def unix_listener(path: str) -> socket.socket:
+    """A listening Unix socket at ``path`` that only its owner can connect to (mode 0600). An
+    existing file there is replaced only when it is a socket nobody listens on (a stale one);
+    anything else is an OSError that names it."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)  # stale: left by a server that did not stop cleanly
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path}: another server is listening there")
+        finally:
+            probe.close()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The umask makes the file 0600 from its creation: a chmod after bind would leave a window.
+    umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    except OSError:
+        listener.close()
+        raise
+    finally:
+        os.umask(umask)
+    listener.listen(128)
+    return listener
 
-    def __init__(self, spice: SpiceServer, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> None:
+
+class ControlServer:
+    """The control API of one SpiceServer, on ``(host, port)`` or on the Unix socket ``unix``
+    (then host and port are unused); ``token`` demands a bearer token."""
+
+    def __init__(self, spice: SpiceServer, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
+                 *, unix: str | None = None, limits: ControlLimits | None = None) -> None:
         self.spice = spice
         self.token = token
+        self.unix = unix
+        self.limits = limits or ControlLimits()
+        self._budget = _BodyBudget(self.limits.body_budget)
         self.router = Router()
         self.router.add("GET", "/status", self.get_status)
         self.router.add("GET", "/metrics", self.get_metrics)
@@ -187,7 +368,8 @@ class ControlServer:
         self.router.add("GET", "/migration/completed", self.completed)
         self.router.add("POST", "/migration/abort", self.abort)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
-        self._wsgi = WSGIServer((host, port), self, log=access, error_log=log)
+        listener: Any = (host, port) if unix is None else unix_listener(unix)
+        self._wsgi = _ControlWSGIServer(listener, self, self.limits, log=access, error_log=log)
         self._streams: set[Subscription] = set()
         self._stopping = gevent.event.Event()
 
@@ -195,22 +377,32 @@ class ControlServer:
     def address(self) -> tuple[str, int]:
         return cast(tuple[str, int], self._wsgi.address[:2])  # a TCP server's (host, port)
 
+    @property
+    def where(self) -> str:
+        """What an operator types to reach it: ``unix:PATH`` or ``HOST:PORT``."""
+        return f"unix:{self.unix}" if self.unix is not None else str(Address(*self.address))
+
     def start(self) -> None:
         self._wsgi.start()
-        log.info("control API on http://%s:%d%s", *self.address, " (bearer token required)" if self.token else "")
+        where = self.where if self.unix is not None else f"http://{self.where}"
+        log.info("control API on %s%s", where, " (bearer token required)" if self.token else "")
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stopping.set()
         for sub in list(self._streams):
             sub.end()  # an event stream would otherwise hold its request open until killed
         self._wsgi.stop(timeout=timeout)
+        if self.unix is not None and os.path.exists(self.unix):
+            os.unlink(self.unix)
 
     # --- WSGI ---------------------------------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         # PATH_INFO is the percent-decoded path as latin-1 (PEP 3333); names are UTF-8.
         path = environ.get("PATH_INFO", "/").encode("latin-1").decode("utf-8", "replace")
-        request = Request(environ["REQUEST_METHOD"], path, environ)
+        request = Request(environ["REQUEST_METHOD"], path, environ, limits=self.limits, budget=self._budget)
+        declared = (environ.get("CONTENT_LENGTH") or "0").strip()
+        request.consumed = declared in ("", "0") and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "")
         headers: tuple[tuple[str, str], ...] = ()
         try:
             self._authorize(environ)
@@ -222,6 +414,11 @@ class ControlServer:
         except Exception:
             log.exception("control request %s %s failed", request.method, path)
             status, body = 500, {"error": "internal error (see the server log)", "status": 500}
+        finally:
+            if request.held:  # the handler is done with the body; the answer holds no reference to it
+                self._budget.give(request.held)
+        if not request.consumed:  # its unread rest would read as the next request: end the connection
+            headers = (*headers, ("Connection", "close"))
         phrase = f"{status} {HTTPStatus(status).phrase}"
         if isinstance(body, Raw):
             if isinstance(body.body, bytes):
