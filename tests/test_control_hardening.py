@@ -380,3 +380,35 @@ def test_loopback_without_a_token_warns_once(tmp_path):
         assert ControlClient(host, port, timeout=10).get_json("/status")["sessions"] == 0
         text = log.read_text()
     assert text.count("WARNING") == 1 and "any local user can move or pause every session" in text, text
+
+
+def test_a_server_with_few_descriptors_keeps_linking_spice_clients_under_a_control_flood(tmp_path):
+    """What once failed: idle control connections took every descriptor and SPICE links timed out.
+    serve at 256 open files caps control connections at 32 and keeps the rest for SPICE."""
+    import resource
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "spicewire", *SERVE, "--port-channel", f"{ECHO}=echo",
+                                 "--control", "127.0.0.1:0"], stdout=out, stderr=subprocess.STDOUT,
+                                preexec_fn=few_files, env={**os.environ, "SPICEWIRE_CONTROL_TOKEN": ""})
+    try:
+        spice_address, control_address = bound_addresses(proc, log)
+        with connections(control_address, 300) as flood:
+            turned = set()
+            wait_until(lambda: len(turned.update(s for s in flood if s not in turned and turned_away(s))
+                                   or turned) >= 300 - 32, what="the control connections past 32 refused")
+            for _ in range(3):
+                main, session_id = open_session(spice_address)
+                port = RawChannel(spice_address, session_id, ChannelType.PORT, 0)
+                assert port.expect(m.MsgPortInit).name == ECHO
+                port.send(m.MsgcSpicevmcData(b"still here"))
+                assert port.expect(m.MsgSpicevmcData).data == b"still here"
+                port.close()
+                main.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
