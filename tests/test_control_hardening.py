@@ -412,3 +412,21 @@ def test_a_server_with_few_descriptors_keeps_linking_spice_clients_under_a_contr
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "head, status, reason",
+    [
+        (b"GET /status HTTP/1.1\r\n" + b"X-A: b\r\n" * 200 + b"\r\n", 400, "more than 100 headers"),
+        (b"GET /status HTTP/1.1\r\nX-A: " + b"b" * 70_000 + b"\r\n\r\n", 400, "Line too long"),
+        (b"POST /migrate HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400, "Invalid Content-Length"),
+        (b"\x00\xff garbage\r\n\r\n", 400, "bad request"),
+        (b"POST /migrate HTTP/1.1\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+         411, "needs a Content-Length"),
+    ],
+)
+def test_a_head_gevent_cannot_parse_is_a_4xx_with_its_reason_and_no_traceback(spice, capfd, head, status, reason):
+    with control_on(spice) as control:
+        answered, answer = exchange(control.address, head)
+    assert answered == status and reason in answer["error"] and "\n" not in answer["error"], answer
+    assert "Traceback" not in capfd.readouterr().err

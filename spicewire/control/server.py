@@ -84,7 +84,10 @@ class Request:
     consumed: bool = True  # False while a declared body is left unread
 
     def content_length(self, limit: int) -> int:
-        """The declared body size: 400 unless a decimal number, 413 above ``limit``."""
+        """The declared body size: 400 unless a decimal number, 413 above ``limit``, 411 for a
+        chunked body (its size is known only at its end, past any budget)."""
+        if "chunked" in self.environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            raise HttpError(411, "a body needs a Content-Length; chunked bodies are not taken")
         text = (self.environ.get("CONTENT_LENGTH") or "0").strip()
         if not (text.isascii() and text.isdigit()):  # no sign, no spaces inside, no "1e3"
             raise HttpError(400, f"bad Content-Length {text[:40]!r}: expected a number of bytes")
@@ -194,14 +197,25 @@ class _Handler(WSGIHandler):
             self._deadline = None
 
     def _handle_client_error(self, ex: BaseException) -> Any:
+        """A head gevent could not parse (too many headers, a bad Content-Length, not HTTP): a 400
+        that says why, and one log line, instead of gevent's empty 400 and a traceback on stderr."""
         if isinstance(ex, OSError):  # the deadline or the peer ended the head: nothing to answer
             return None
-        return super()._handle_client_error(ex)  # type: ignore[misc]  # as _discard
+        text = getattr(ex, "formatted_message", None) or str(ex) or type(ex).__name__
+        reason = " ".join(str(text).split())[:200]  # one line, however the peer spelled it
+        log.info("control request from %s refused: %s", self.client_address or "a Unix socket peer", reason)
+        return "400", _closing_answer(400, f"bad request: {reason}")
 
 
-_BUSY_BODY = b'{"error": "too many control connections: retry later", "status": 503}\n'
-_BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
-         b"Content-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+def _closing_answer(status: int, message: str) -> bytes:
+    """A whole HTTP answer, head and JSON body, for a connection that closes after it."""
+    body = json.dumps({"error": message, "status": status}).encode() + b"\n"
+    head = (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+_BUSY = _closing_answer(503, "too many control connections: retry later")
 
 
 class _ControlWSGIServer(WSGIServer):
