@@ -341,7 +341,8 @@ def raw_call(control, head: str, body: bytes = b"") -> tuple[int, dict | None]:
     return int(status_line.split()[1]), json.loads(payload) if payload else None
 
 
-MIGRATION_POSTS = ["/migrate", "/migration/announce", "/migration/device-state", "/migration/abort"]
+MIGRATION_POSTS = ["/migrate", "/migration/announce", "/migration/device-state?migration=0123456789abcdef",
+                   "/migration/abort"]
 
 
 def post_head(path: str, length: str) -> str:
@@ -399,9 +400,12 @@ def test_a_bad_migrate_request_is_a_400_naming_the_field(spice, control, request
 # --- the server-to-server endpoints ----------------------------------------------------------------
 
 
+MIGRATION = "0123456789abcdef"  # the id s1 would have chosen for its migration
+
+
 def announcement(session_id="00001234", ports=None, **extra) -> dict:
     ports = [[0, SINK, "sink", 0], [1, ECHO, "echo", 0]] if ports is None else ports
-    return {"ttl": 30, "sessions": [{"session_id": session_id, "ports": ports}], **extra}
+    return {"migration": MIGRATION, "ttl": 30, "sessions": [{"session_id": session_id, "ports": ports}], **extra}
 
 
 def test_announce_makes_the_server_expect_the_session(spice, control):
@@ -430,6 +434,11 @@ def test_announce_makes_the_server_expect_the_session(spice, control):
         (announcement(ports=[[0, SINK, "tape", 0]]), "unknown device kind 'tape'"),
         (announcement(ttl=0), "ttl must be a finite number"),
         (announcement(ttl="soon"), "ttl must be a finite number"),
+        (announcement(ttl=float("inf")), "ttl must be a finite number"),
+        (announcement(ttl=float("nan")), "ttl must be a finite number"),
+        (announcement(migration=None), "migration must be the migration's id"),
+        (announcement(migration="0123"), "migration must be the migration's id"),
+        ({**announcement(), "sessions": announcement()["sessions"] * 2}, "announced twice"),
     ],
 )
 def test_a_bad_announcement_is_a_400_and_announces_nothing(spice, control, request_body, message):
@@ -452,11 +461,11 @@ def test_device_state_restores_into_the_announced_session(spice, control):
     post_json(control, "/migration/announce", announcement())
     sink = SinkDevice()
     sink.bytes_in = 42
-    fake = type("Saved", (), {"id": 0x1234, "ports": {0: type("P", (), {"device": sink})()}})()
+    fake = type("Saved", (), {"id": 0x1234, "ports": {0: type("P", (), {"device": sink, "in_flight": 0})()}})()
     conn = _GeventHTTP(*control.address, timeout=5)
-    conn.request("POST", "/migration/device-state", body=pack_device_states([fake]))
+    conn.request("POST", f"/migration/device-state?migration={MIGRATION}", body=pack_device_states([fake]))
     response = conn.getresponse()
-    assert response.status == 200 and json.loads(response.read()) == {"restored": 1}
+    assert response.status == 200 and json.loads(response.read()) == {"restored": 1, "skipped": []}
     conn.close()
     assert json.loads(spice.migration.announcements[0x1234].device_state[0][0])["bytes_in"] == 42
 
@@ -486,17 +495,17 @@ def _container(*chunks) -> bytes:
         _container(b'{"not": "a list"}'),
         _container(b'["an entry that is not an object"]'),
         _container(b'[{"session_id": "00001234", "port": 0}]'),
-        _container(b'[{"session_id": "00000001", "port": 0, "chunks": 0}]'),  # not announced
         _container(b'[{"session_id": 4660, "port": 0, "chunks": 0}]'),  # a number, not 8 hex digits
         _container(b'[{"session_id": "00001234", "port": 0, "chunks": 2}]', b"{}"),  # promises a missing chunk
         _container(b'[{"session_id": "00001234", "port": 0, "chunks": -1}]'),
         _container(b'[{"session_id": "00001234", "port": 0, "chunks": 0}]', b"{}"),  # a chunk nobody claims
-        _container(b'[{"session_id": "00001234", "port": 7, "chunks": 0}]'),  # no such port announced
+        _container(b'[{"session_id": "00001234", "port": "0", "chunks": 0}]'),
+        _container(b'[{"session_id": "00000001", "port": 0, "chunks": 1}]'),  # skippable, but promises a chunk
     ],
 )
 def test_bad_device_state_is_a_400(spice, control, data):
     post_json(control, "/migration/announce", announcement())
-    status, body = post_bytes(control, "/migration/device-state", data)
+    status, body = post_bytes(control, f"/migration/device-state?migration={MIGRATION}", data)
     assert status == 400 and body["error"].startswith("bad device state"), body
     assert spice.migration.announcements[0x1234].device_state == {}  # nothing of a bad batch is kept
 
@@ -511,9 +520,20 @@ def test_completed_answers_only_for_sessions_it_knows(spice, control):
     assert status == 400 and "session id" in body["error"]
 
 
+def test_device_state_skips_entries_outside_the_migration_and_says_so(spice, control):
+    post_json(control, "/migration/announce", announcement())
+    data = _container(b'[{"session_id": "00000001", "port": 0, "chunks": 1},'
+                      b' {"session_id": "00001234", "port": 7, "chunks": 0},'
+                      b' {"session_id": "00001234", "port": 0, "chunks": 1}]', b'{"a": 1}', b'{"b": 2}')
+    status, body = post_bytes(control, f"/migration/device-state?migration={MIGRATION}", data)
+    assert status == 200 and body["restored"] == 1, body
+    assert [(e["session_id"], e["port"]) for e in body["skipped"]] == [("00000001", 0), ("00001234", 7)]
+    assert spice.migration.announcements[0x1234].device_state == {0: [b'{"b": 2}']}
+
+
 def test_abort_forgets_the_announcement(spice, control):
     post_json(control, "/migration/announce", announcement())
-    status, body = post_json(control, "/migration/abort", {"sessions": ["00001234"]})
+    status, body = post_json(control, "/migration/abort", {"migration": MIGRATION, "sessions": ["00001234"]})
     assert status == 200 and body == {"aborted": 0}  # nothing had linked yet
     assert not spice.migration.expects(0x1234)
 
@@ -521,10 +541,11 @@ def test_abort_forgets_the_announcement(spice, control):
 @pytest.mark.parametrize(
     "request_body, message",
     [
-        ({}, "sessions must be a list"),
-        ({"sessions": "00001234"}, "sessions must be a list"),
-        ({"sessions": [4660]}, "sessions must be a list of session ids"),
-        ({"sessions": ["nope"]}, "bad session id"),
+        ({}, "migration must be the migration's id"),
+        ({"migration": MIGRATION}, "sessions must be a list"),
+        ({"migration": MIGRATION, "sessions": "00001234"}, "sessions must be a list"),
+        ({"migration": MIGRATION, "sessions": [4660]}, "sessions must be a list of session ids"),
+        ({"migration": MIGRATION, "sessions": ["nope"]}, "bad session id"),
         ([], "the body must be a JSON object"),
     ],
 )

@@ -743,7 +743,7 @@ def test_s1_flush_mark_without_migrate_is_a_protocol_error_for_that_connection_o
 def s2_target(s2, session_id: int):
     """A raw client linking to s2 as a seamless migration target would: the announcement s1 would
     have made, main with connection_id = the session id, DO_SEAMLESS and its ACK."""
-    s2.api.post_json("/migration/announce", {"ttl": 30, "sessions": [
+    s2.api.post_json("/migration/announce", {"migration": f"{session_id:016x}", "ttl": 30, "sessions": [
         {"session_id": f"{session_id:08x}", "ports": [[ECHO_ID, ECHO, "echo"], [SINK_ID, SINK, "sink"]]}]})
     main = PortChannel.link(s2.address, session_id, ChannelType.MAIN, 0,
                             channel_caps=ClientSession.channel_caps(ChannelType.MAIN))

@@ -6,6 +6,7 @@ import json
 import logging
 from typing import Any
 
+import gevent
 from gevent import socket
 
 from spicewire.addresses import Address
@@ -33,18 +34,22 @@ class ControlClient:
     def post_json(self, path: str, body: object, timeout: float | None = None) -> Any:
         return self._request("POST", path, json.dumps(body).encode(), "application/json", timeout)
 
-    def post_bytes(self, path: str, body: bytes) -> Any:
-        return self._request("POST", path, body, "application/octet-stream")
+    def post_bytes(self, path: str, body: bytes, timeout: float | None = None) -> Any:
+        return self._request("POST", path, body, "application/octet-stream", timeout)
 
     def _request(
         self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None
     ) -> Any:
-        """The answer's JSON (None for an empty body); MigrationError for any status but 200."""
+        """The answer's JSON (None for an empty body); MigrationError for any status but 200.
+        ``timeout`` bounds the whole request, connecting to the last byte, not each socket call:
+        a peer that trickles its answer cannot stretch it. Running out is a TimeoutError (an OSError)."""
         head = [f"{method} {path} HTTP/1.1", f"Host: {'localhost' if self.unix else self.address}", "Connection: close",
                 f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         if self.token:
             head.append(f"Authorization: Bearer {self.token}")
-        with connect_control(self.host, self.port, self.unix, timeout or self.timeout) as sock:
+        limit = timeout or self.timeout
+        late = TimeoutError(f"{method} {path}: no answer from {self.address} within {limit:.3g} s")
+        with gevent.Timeout(limit, late), connect_control(self.host, self.port, self.unix, limit) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             data = bytearray()
             while chunk := sock.recv(65536):

@@ -38,6 +38,7 @@ from spicewire.errors import MigrationError, SpiceError
 from spicewire.logs import session_label
 from spicewire.protocol.migration import MigrationMode
 from spicewire.server.events import Subscription
+from spicewire.server.migration.orchestrator import UnknownMigration
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
 
@@ -47,6 +48,7 @@ MAX_BODY = 1 << 20
 MAX_DEVICE_STATE = 256 << 20
 MAX_IN_FLIGHT = 1 << 40  # an announced port backlog beyond this is a mistake, not a plan
 _HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
+_MIGRATION_ID = re.compile(r"[0-9a-f]{16}")
 KEEPALIVE = 15.0  # s between SSE comments on a quiet stream: how a follower that left is noticed
 
 
@@ -567,11 +569,13 @@ class ControlServer:
             raise HttpError(502, str(err)) from None
 
     def announce(self, request: Request) -> dict:
+        """s1 says which sessions its migration ``migration`` (16 hex digits it chose) will bring."""
         body = _object(request.json(), "announcement")
         sessions = _announced_sessions(body.get("sessions"))
         ttl = _seconds(body, "ttl", 90.0, "announcement")
+        migration = _migration_id(body.get("migration"), "announcement")
         try:
-            count = self.spice.migration.announce(sessions, ttl)
+            count = self.spice.migration.announce(migration, sessions, ttl)
         except ValueError as err:  # an unknown device kind
             raise HttpError(400, f"bad announcement: {err}") from None
         except MigrationError as err:
@@ -579,22 +583,33 @@ class ControlServer:
         return {"announced": count}
 
     def device_state(self, request: Request) -> dict:
+        """``?migration=ID``: the devices of sessions that migration announced; the answer names
+        the entries it skipped."""
+        request.content_length(MAX_DEVICE_STATE)  # a bad header is refused before anything else
+        migration = _migration_id(_query(request).get("migration"), "device state")
         body = request.body(MAX_DEVICE_STATE)
         try:
-            return {"restored": self.spice.migration.receive_device_states(body)}
+            return self.spice.migration.receive_device_states(migration, body)
+        except UnknownMigration as err:
+            raise HttpError(404, str(err)) from None
         # The container and its JSON index are the peer's bytes all the way down: any shape
         # they do not have (a missing chunk, an index entry that is not an object) is its fault.
         except (SpiceError, ValueError, KeyError, TypeError, IndexError) as err:
             raise HttpError(400, f"bad device state: {err}") from None
 
     def completed(self, request: Request) -> dict:
+        """``?ids=A,B``, and ``&migration=ID`` to hear only of the sessions that migration announced."""
         query = request.environ.get("QUERY_STRING", "")
         ids = [part for key, _, value in (p.partition("=") for p in query.split("&")) if key == "ids"
                for part in value.split(",") if part]
+        given = _query(request).get("migration")
+        migration = None if given is None else _migration_id(given, "completed query")
         manager = self.spice.migration
         answer = {}
         for text in ids:
             sid = parse_session_id(text)
+            if migration is not None and manager.migration_of.get(sid) != migration:
+                continue
             if sid in manager.completed:
                 answer[text] = manager.completed[sid]
             elif sid in manager.failed:
@@ -602,15 +617,32 @@ class ControlServer:
         return answer
 
     def abort(self, request: Request) -> dict:
-        """s1 took these sessions back: drop whatever arrived of them here."""
+        """s1 took these sessions of its migration back: drop whatever arrived of them here."""
         body = _object(request.json(), "abort")
+        migration = _migration_id(body.get("migration"), "abort")
         texts = body.get("sessions")
         if not isinstance(texts, list) or not all(isinstance(text, str) for text in texts):
             raise HttpError(400, "bad abort: sessions must be a list of session ids (8 hex digits)")
-        return {"aborted": self.spice.migration.abort([parse_session_id(text) for text in texts])}
+        try:
+            return {"aborted": self.spice.migration.abort(migration, [parse_session_id(text) for text in texts])}
+        except UnknownMigration as err:
+            raise HttpError(404, str(err)) from None
 
 
 # --- request bodies: each field checked, so bad input is a 400 that names it, never a 500 ---------
+
+
+def _migration_id(value: Any, what: str) -> str:
+    """16 hex digits that the source chose at random for one migration: the proof, on every call
+    between servers, that the caller is the source that announced it."""
+    if isinstance(value, str) and _MIGRATION_ID.fullmatch(value):
+        return value
+    raise HttpError(400, f"bad {what}: migration must be the migration's id, 16 hex digits, not {value!r:.40}")
+
+
+def _query(request: Request) -> dict[str, str]:
+    query = request.environ.get("QUERY_STRING", "")
+    return {key: value for key, _, value in (part.partition("=") for part in query.split("&")) if key}
 
 
 def _object(body: Any, what: str) -> dict:

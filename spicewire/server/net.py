@@ -227,6 +227,11 @@ class Connection:
             if self.link_failure is not None:
                 self.server.metrics.link_failed(self.link_failure)
             self.sock.close()
+            # The handler and the channel point back here (as their transport): let go of them,
+            # so a closed connection's buffers (a half-read MIGRATE_DATA) go now, not whenever
+            # the cyclic collector runs.
+            self.handler = None
+            self.channel = None
 
     def _link(self) -> LinkEstablished | None:
         cfg = self.server.config

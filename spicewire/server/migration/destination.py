@@ -19,25 +19,47 @@ from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server import events
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
-from spicewire.server.session import MainConnection, PortConnection, Session, multi_media_time
+from spicewire.server.session import Limits, MainConnection, PortConnection, Session, multi_media_time
 
 if TYPE_CHECKING:
     from spicewire.server.migration.orchestrator import MigrationManager
 
 log = logging.getLogger(__name__)
 
-MAX_MIGRATE_DATA = 0xFFFFFFFF
 PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
 _DESTINATION_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateEnd, m.MsgcMigrateData)
 
 
+PIPE_MARGIN = 32 << 20
+"""What a client can have on its way to s1 when its FLUSH_MARK follows: the TCP buffers of both
+ends (Linux's largest defaults are 6 MiB to receive, 4 MiB to send), with room to spare."""
+
+
+def migrate_data_limit(in_flight: int, limits: Limits) -> int:
+    """The largest MIGRATE_DATA s2 takes for a port s1 said holds ``in_flight`` bytes (in its
+    announcement, and again in the device state, once the device stopped).
+
+    The payload is that plus what can join it before the client's FLUSH_MARK: a full buffer each
+    way (the port's limits; s1 and s2 are assumed to run with the same ones) and what is on its
+    way (s1 reads a stopped port's client without a limit, so that its FLUSH_MARK comes through).
+    The SWPD framing around it is its 8-byte header, the 64-byte state record, one 32-byte
+    container header per segment and a 16-byte index entry per chunk; chunks are the client's
+    messages and the device's writes, counted as averaging at least 128 bytes (an eighth more),
+    and 1 MiB covers the fixed parts. Anything larger is not this port's state."""
+    payload = in_flight + limits.to_device + limits.to_client + PIPE_MARGIN
+    return payload + payload // 8 + (1 << 20)
+
+
 @dataclass
 class Announcement:
-    """A session s1 said will migrate here: its id and the ports (and devices) it has."""
+    """A session s1 said will migrate here, in its migration ``migration_id``: its id and the
+    ports (and devices) it has."""
 
     session_id: int
     ports: list[tuple[int, str, str]]  # channel id, name, device kind
     expires: float  # time.monotonic()
+    migration_id: str
+    in_flight: dict[int, int] = field(default_factory=dict)  # channel id -> bytes s1 had buffered
     device_state: dict[int, list] = field(default_factory=dict)  # channel id -> saved chunks
     session: Session | None = None
     # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
@@ -50,6 +72,12 @@ class Announcement:
         if buffer is not None and len(buffer) >= size:
             return buffer[:size]
         return np.empty(size, dtype=np.uint8)
+
+    def release(self) -> None:
+        """The migration is over for this session: its prefaulted memory and saved state go."""
+        self.buffers.clear()
+        self.device_state.clear()
+        self.session = None
 
 
 class SessionDestination:
@@ -94,6 +122,26 @@ class SessionDestination:
         self.links[channel] = handler
         self._apply(self.machine.channel_linked(channel))
 
+    def release(self) -> None:
+        """Unhook this migration from the session's connections. The hooks and the links form
+        cycles (connection -> intercept -> this -> links -> connection); left in place, a closed
+        connection's buffers, a half-received MIGRATE_DATA above all, would wait for the cyclic
+        collector instead of going with it."""
+        for handler in self.links.values():
+            handler.intercept = None
+        self.links.clear()
+        if self.session.main is not None:
+            self.session.main.intercept = None
+        if self.session.migration is self:
+            self.session.migration = None
+
+    def in_flight_reported(self, channel_id: int) -> None:
+        """s1 said (with the device state) how much the port holds now: a port already waiting
+        for its MIGRATE_DATA waits for one up to the new bound."""
+        handler = self.links.get(port_channel(channel_id))
+        if handler is not None and handler.waiting_for_migrate_data:
+            self._expect_migrate_data(handler)
+
     def status(self) -> dict[str, Any]:
         return {"role": "destination", "state": self._machine.state.name if self._machine else "LINKING",
                 "restored": self.restored, "times": iso_times(self.times)}
@@ -118,10 +166,13 @@ class SessionDestination:
             # (the connection that broke it reports the fault), and s1 learns it failed.
             reason = f"the client broke the migration: {err}"
             self.manager.failed[self.session.id] = reason
+            self.manager.end_announcement(self.session.id)
             log.warning("session %08x: %s", self.session.id, reason, extra=context(self.session.id))
             self.manager.server.metrics.migration("destination", None, "failed")
+            main = self.main
             self.session.close_ports(reason)
-            self.main.transport.close(reason)
+            main.transport.close(reason)
+            self.release()
             raise
 
     def _apply(self, outputs: list[mig.DestinationOutput]) -> None:
@@ -145,12 +196,19 @@ class SessionDestination:
         if wait_for_data:
             # Read, but only MIGRATE_DATA may come, and it may be as large as the port's backlog.
             handler.waiting_for_migrate_data = True
-            ann = self.manager.announcements.get(self.session.id)
-            into = partial(ann.take_buffer, handler.port.channel_id) if ann is not None else None
-            handler.channel.expect_migrate_data(MAX_MIGRATE_DATA, into)
+            self._expect_migrate_data(handler)
         else:
             handler.start()
         handler.transport.resume_reading()
+
+    def _expect_migrate_data(self, handler: PortConnection) -> None:
+        cid = handler.port.channel_id
+        ann = self.manager.announcements.get(self.session.id)
+        into = partial(ann.take_buffer, cid) if ann is not None else None
+        in_flight = ann.in_flight.get(cid, 0) if ann is not None else 0
+        # More than s1 said is a MessageTooLarge: the client's fault, and the end of this port's
+        # link, never a buffer of whatever size it names.
+        handler.channel.expect_migrate_data(migrate_data_limit(in_flight, handler.port.limits), into)
 
     def _restore_port(self, handler: PortConnection, data: mig.PortMigrateData) -> None:
         port, ch = handler.port, handler.channel
@@ -173,13 +231,11 @@ class SessionDestination:
             self.main.channel.send(m.MsgMainMultiMediaTime(multi_media_time()))
             self.main.transport.flush()
         self.main.arriving = False
-        self.main.intercept = None
-        for handler in self.links.values():
-            handler.intercept = None
-        session.migration = None
+        self.release()
         session.migrations.append({"role": "destination", "mode": mode_label(mode), "restored": self.restored,
                                    "times": iso_times(self.times)})
         self.manager.completed[session.id] = session.migrations[-1]
+        self.manager.end_announcement(session.id)  # live now: nothing of its migration may reach it
         server = self.manager.server
         server.metrics.migration("destination", mode_label(mode), "migrated")
         server.events.emit(events.MIGRATION_COMPLETED, session_id=session_label(session.id), role="destination",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 import time
 from typing import TYPE_CHECKING
 
@@ -26,7 +28,11 @@ from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server import events
 from spicewire.server.migration.common import mode_label, prefaulted
-from spicewire.server.migration.destination import PREFAULT_MIN, Announcement, SessionDestination
+from spicewire.server.migration.destination import (
+    PREFAULT_MIN,
+    Announcement,
+    SessionDestination,
+)
 from spicewire.server.migration.source import PackBuffers, SessionSource, pack_device_states
 from spicewire.server.session import PortConnection, PortState, Session
 
@@ -35,10 +41,35 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
+
 LANDING_MARGIN = 0.5  # s
 STATUS_TIMEOUT = 2.0  # for one "have they landed?" request to s2
 UNREACHABLE_TRIES = 3  # consecutive refused status requests after which s2 counts as gone
 MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
+
+
+class UnknownMigration(MigrationError):
+    """A server-to-server call names a migration that has no announced sessions here (a caller
+    that does not know the id is not the source that announced it)."""
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+class Peer:
+    """s2 as one migration sees it: its control API, the migration's id, and when time is up."""
+
+    def __init__(self, client: ControlClient, migration_id: str, end: float) -> None:
+        self.client, self.id, self.end = client, migration_id, end
+
+    def left(self) -> float:
+        """What is left of the migration's time, for the next call; none left is a failure."""
+        left = self.end - time.monotonic()
+        if left <= 0:
+            raise MigrationError(f"the migration's time ran out before a call to {self.client.address}")
+        return left
 
 
 class MigrationManager:
@@ -50,28 +81,73 @@ class MigrationManager:
         self.announcements: dict[int, Announcement] = {}
         self.completed: dict[int, dict] = {}  # session id -> its last destination report
         self.failed: dict[int, str] = {}  # session id -> why its migration here broke off
+        self.migration_of: dict[int, str] = {}  # session id -> the migration that last announced it
+        self._sweeper: gevent.Greenlet | None = None
 
     # --- destination -------------------------------------------------------------------------
 
-    def announce(self, sessions: list[dict], ttl: float) -> int:
-        expires = time.monotonic() + ttl
+    def announce(self, migration_id: str, sessions: list[dict], ttl: float) -> int:
+        """Expect ``sessions`` (``session_id`` as a number) in the migration ``migration_id``, for
+        ``ttl`` seconds at most. Every entry is checked before any is registered: a refused
+        announcement leaves nothing behind."""
+        self.sweep()
+        seen: set[int] = set()
         for entry in sessions:
             sid = int(entry["session_id"])
             if sid == 0 or sid in self.server.sessions:
                 raise MigrationError(f"session {sid:08x} cannot migrate here: it is in use")
+            other = self.announcements.get(sid)
+            if other is not None and other.migration_id != migration_id:
+                raise MigrationError(f"session {sid:08x} cannot migrate here: another migration announced it")
+            if sid in seen:
+                raise ValueError(f"session {sid:08x} is announced twice")
+            seen.add(sid)
+            for port in entry["ports"]:
+                devices.factory(str(port[2]))  # unknown kinds fail the announcement, not the migration
+        expires = time.monotonic() + ttl
+        for entry in sessions:
+            sid = int(entry["session_id"])
+            self.end_announcement(sid)  # the same migration announcing again starts it afresh
             ports = [(int(p[0]), str(p[1]), str(p[2])) for p in entry["ports"]]
-            for _, _, kind in ports:
-                devices.factory(kind)  # unknown kinds fail the announcement, not the migration
-            ann = self.announcements[sid] = Announcement(sid, ports, expires)
+            in_flight = {int(p[0]): int(p[3]) if len(p) > 3 else 0 for p in entry["ports"]}
+            ann = self.announcements[sid] = Announcement(sid, ports, expires, migration_id, in_flight)
+            self.migration_of[sid] = migration_id
             self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
             self.failed.pop(sid, None)
-            for port in entry["ports"]:
-                in_flight = int(port[3]) if len(port) > 3 else 0
-                if in_flight >= PREFAULT_MIN:
+            for cid, size in in_flight.items():
+                if size >= PREFAULT_MIN:
                     # Room for the SWPD framing around the bytes, and for what arrives until FLUSH_MARK.
-                    size = int(in_flight * 1.02) + (4 << 20)
-                    ann.buffers[int(port[0])] = gevent.get_hub().threadpool.spawn(prefaulted, size)
+                    ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, int(size * 1.02) + (4 << 20))
+        if self._sweeper is None:
+            self._sweeper = gevent.spawn(self._sweep_until_empty)
         return len(sessions)
+
+    def end_announcement(self, session_id: int) -> None:
+        """The session's migration here is over (it completed, failed, or was aborted)."""
+        ann = self.announcements.pop(session_id, None)
+        if ann is not None:
+            ann.release()
+
+    def sweep(self) -> None:
+        """End the announcements whose time is up, with whatever arrived of their sessions."""
+        now = time.monotonic()
+        for sid in [sid for sid, ann in self.announcements.items() if now > ann.expires]:
+            log.info("session %08x: its announcement expired", sid, extra=context(sid))
+            self._drop(sid, "the announcement expired before the migration completed")
+
+    def _sweep_until_empty(self) -> None:
+        try:
+            while self.announcements:
+                soonest = min(ann.expires for ann in self.announcements.values())
+                gevent.sleep(max(0.0, soonest - time.monotonic()) + 0.01)
+                self.sweep()
+        finally:
+            self._sweeper = None
+
+    def in_progress(self, migration_id: str) -> bool:
+        """Whether a migration of that id has announced sessions here that have not ended yet."""
+        self.sweep()
+        return any(ann.migration_id == migration_id for ann in self.announcements.values())
 
     def expects(self, session_id: int) -> bool:
         ann = self.announcements.get(session_id)
@@ -106,31 +182,50 @@ class MigrationManager:
         if isinstance(session.migration, SessionDestination):
             session.migration.port_linked(handler)
 
-    def receive_device_states(self, body: bytes | bytearray | memoryview) -> int:
-        """The saved devices of announced sessions (``pack_device_states``)."""
+    def receive_device_states(self, migration_id: str, body: bytes | bytearray | memoryview) -> dict:
+        """The saved devices of sessions announced in ``migration_id`` (``pack_device_states``).
+
+        A batch whose shape is wrong (an index that promises chunks the body lacks, ...) is refused
+        whole. An entry for a session this migration did not announce, or has no such port, is
+        skipped and named in the answer: nothing outside the migration is touched."""
+        if not self.in_progress(migration_id):
+            raise UnknownMigration(f"no migration {migration_id} in progress here")
         chunks = codec.unpack_chunks(body)
         index = json.loads(bytes(chunks[0]))
-        # Every entry is checked before any is used: a batch is taken whole or not at all, and a
-        # device never restores from chunks its index only promised.
-        plan, pos = [], 1
+        if not isinstance(index, list):
+            raise TypeError(f"the device state index is a {type(index).__name__}, not a list")
+        # Every entry is checked before any is used: a device never restores from chunks its
+        # index only promised.
+        plan, skipped, pos = [], [], 1
         for entry in index:
-            sid, cid, count = int(entry["session_id"], 16), int(entry["port"]), int(entry["chunks"])
-            ann = self.announcements.get(sid)
-            if ann is None:
-                raise MigrationError(f"device state for session {sid:08x}, which was not announced")
-            if cid not in {port[0] for port in ann.ports}:
-                raise MigrationError(f"device state for port {cid} of session {sid:08x}, which has no such port")
-            if count < 0 or pos + count > len(chunks):
+            text, cid, count = entry["session_id"], entry["port"], entry["chunks"]
+            if not (isinstance(text, str) and _HEX_ID.fullmatch(text)):
+                raise ValueError(f"bad session id {text!r:.40} in the device state index")
+            if not (_whole(cid) and _whole(count)):
+                raise ValueError(f"bad port {cid!r:.20} or chunk count {count!r:.20} in the device state index")
+            if pos + count > len(chunks):
                 raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
-            plan.append((ann, cid, [bytes(c) for c in chunks[pos : pos + count]]))
-            pos += count
+            in_flight = entry.get("in_flight", 0)
+            if not _whole(in_flight):
+                raise ValueError(f"bad in_flight {in_flight!r:.20} in the device state index")
+            saved, pos = chunks[pos : pos + count], pos + count
+            ann = self.announcements.get(int(text, 16))
+            if ann is None or ann.migration_id != migration_id:
+                skipped.append({"session_id": text, "port": cid, "reason": "not announced in this migration"})
+            elif cid not in {port[0] for port in ann.ports}:
+                skipped.append({"session_id": text, "port": cid, "reason": "no such port announced"})
+            else:
+                plan.append((ann, cid, [bytes(c) for c in saved], in_flight))
         if pos != len(chunks):
             raise MigrationError(f"device state body holds {len(chunks) - pos} chunks no index entry names")
-        for ann, cid, saved in plan:
-            ann.device_state[cid] = saved
+        for ann, cid, state, in_flight in plan:
+            ann.device_state[cid] = state
+            ann.in_flight[cid] = max(ann.in_flight.get(cid, 0), in_flight)
             if ann.session is not None:
-                ann.session.ports[cid].device.restore(saved)
-        return len(plan)
+                ann.session.ports[cid].device.restore(state)
+                if isinstance(ann.session.migration, SessionDestination):
+                    ann.session.migration.in_flight_reported(cid)
+        return {"restored": len(plan), "skipped": skipped}
 
     def session_ended(self, session: Session) -> None:
         if isinstance(session.migration, SessionSource):
@@ -140,29 +235,40 @@ class MigrationManager:
                         extra=context(session.id))
             self.server.metrics.migration("destination", None, "failed")
             self.failed.setdefault(session.id, "the client left the destination before the migration completed")
-            session.migration = None
+            session.migration.release()
         ann = self.announcements.get(session.id)
         if ann is not None and ann.session is session:
-            del self.announcements[session.id]
+            self.end_announcement(session.id)
 
-    def abort(self, session_ids: list[int]) -> int:
-        """s1 rolled these sessions back: end what exists of them here, forget their announcements."""
+    def abort(self, migration_id: str, session_ids: list[int]) -> int:
+        """s1 took these sessions of its migration back: end what exists of them here, forget their
+        announcements. Sessions the migration did not announce are left alone."""
+        if not self.in_progress(migration_id):
+            raise UnknownMigration(f"no migration {migration_id} in progress here")
         aborted = 0
         for sid in session_ids:
-            ann = self.announcements.pop(sid, None)
-            session = ann.session if ann is not None else None
-            if session is None or not isinstance(session.migration, SessionDestination):
-                continue
-            self.failed[sid] = "aborted by the source"
-            log.info("session %08x: the source took the session back; dropping it here", sid, extra=context(sid))
-            self.server.metrics.migration("destination", None, "aborted")
-            self.server.events.emit(events.MIGRATION_ROLLED_BACK, session_id=session_label(sid), role="destination",
-                                    client=session.client)
-            session.close_ports("the source took the session back")
-            if session.main is not None:
-                session.main.transport.close("the source took the session back")
-            aborted += 1
+            ann = self.announcements.get(sid)
+            if ann is not None and ann.migration_id == migration_id:
+                aborted += self._drop(sid, "aborted by the source")
         return aborted
+
+    def _drop(self, sid: int, reason: str) -> int:
+        """End an announcement and whatever arrived of its session; 1 if a session was ended."""
+        ann = self.announcements.get(sid)
+        session = ann.session if ann is not None else None
+        self.end_announcement(sid)
+        if session is None or not isinstance(session.migration, SessionDestination):
+            return 0
+        self.failed[sid] = reason
+        log.info("session %08x: %s; dropping it here", sid, reason, extra=context(sid))
+        self.server.metrics.migration("destination", None, "aborted")
+        self.server.events.emit(events.MIGRATION_ROLLED_BACK, session_id=session_label(sid), role="destination",
+                                client=session.client)
+        session.close_ports(reason)
+        if session.main is not None:
+            session.main.transport.close(reason)
+        session.migration.release()
+        return 1
 
     # --- source: the whole migration ---------------------------------------------------------
 
@@ -175,33 +281,35 @@ class MigrationManager:
         Phases, in order: announce to s2, pre-migration (BEGIN, every client's answer), the device
         state, the switch, the landing. Whatever fails in any of them, and however, no session is
         left half migrated here (``_undo``): a later migration finds every session as it was."""
-        started = time.time()
+        started, end = time.time(), time.monotonic() + timeout
         sessions = [s for s in self.server.sessions.values() if s.main is not None and s.migration is None]
-        peer = ControlClient(*to_control, token=to_token)
+        # Every call to s2 names the migration: s2 takes device state and aborts only with it.
+        migration = Peer(ControlClient(*to_control, token=to_token), secrets.token_hex(8), end)
+        peer = migration.client
         target = f"{Address(*to)} (control {peer.address})"
-        log.info("migrating %d sessions to %s, %s", len(sessions), target, mode_label(mode))
+        log.info("migration %s: %d sessions to %s, %s", migration.id, len(sessions), target, mode_label(mode))
         for session in sessions:
             self.server.events.emit(events.MIGRATION_STARTED, session_id=session_label(session.id),
                                     mode=mode_label(mode), to=str(Address(*to)))
         sources: list[SessionSource] = []  # filled as they are made, so a failure finds them all
         announced = False
         try:
-            self._announce(peer, sessions, timeout)
+            self._announce(migration, sessions, timeout)
             announced = True
-            ready, switch_host, deadline = self._pre_migrate(sessions, sources, to, mode, timeout)
+            ready, switch_host = self._pre_migrate(sessions, sources, to, mode, end)
             pre_migration = time.time() - started
-            ready, moved_devices = self._move_device_states(peer, ready)
+            ready, moved_devices = self._move_device_states(migration, ready)
             for source in ready:
                 source.finish()
             for source in switch_host:
                 source.finish(switch_host=True)
-            landed = self._land(peer, ready, deadline, timeout)
+            landed = self._land(migration, ready, end)
         except BaseException as err:
             reason = f"the migration failed: {type(err).__name__}: {err}"
             for source in sources:
                 self._undo(source, reason)
             if announced and sessions and isinstance(err, Exception):
-                self._forget_announced(peer, sessions)
+                self._forget_announced(migration, [f"{s.id:08x}" for s in sessions])
             if isinstance(err, Exception):
                 log.error("migration to %s failed, every session stays here: %s", target, err)
                 for session in sessions:
@@ -209,7 +317,10 @@ class MigrationManager:
                     self.server.events.emit(events.MIGRATION_FAILED, session_id=session_label(session.id),
                                             mode=mode_label(mode), to=str(Address(*to)), error=str(err))
             raise
-        report: dict = {"to": str(Address(*to)), "mode_requested": mode_label(mode), "sessions": []}
+        # Whatever did not move (stayed, rolled back, switched host) leaves no announcement on s2.
+        self._forget_announced(migration, [f"{s.id:08x}" for s in sessions if f"{s.id:08x}" not in landed])
+        report: dict = {"to": str(Address(*to)), "mode_requested": mode_label(mode), "migration_id": migration.id,
+                        "sessions": []}
         if ready and len(landed) < len(ready):
             report["error"] = f"{len(ready) - len(landed)} sessions did not arrive on the destination in time"
         for source in sources:
@@ -259,28 +370,30 @@ class MigrationManager:
         )
 
     @staticmethod
-    def _announce(peer: ControlClient, sessions: list[Session], timeout: float) -> None:
+    def _announce(migration: Peer, sessions: list[Session], timeout: float) -> None:
+        peer = migration.client
         try:
             peer.post_json("/migration/announce", {
+                "migration": migration.id,
                 "ttl": timeout + 60,
                 "sessions": [{"session_id": session_label(s.id), "ports": [[cid, p.name, p.device.kind, p.in_flight]
                                                             for cid, p in s.ports.items()]}
                              for s in sessions],
-            })
+            }, timeout=migration.left())
         except OSError as err:
             raise MigrationError(f"cannot reach the destination's control API at {peer.address}: {err}") from None
 
     def _pre_migrate(
         self, sessions: list[Session], sources: list[SessionSource], to: tuple[str, int], mode: mig.MigrationMode,
-        timeout: float,
-    ) -> tuple[list[SessionSource], list[SessionSource], float]:
-        """BEGIN every session and wait for every client's answer; returns the sessions whose client
-        reached s2, those that can only switch host at the end, and the migration's deadline."""
+        end: float,
+    ) -> tuple[list[SessionSource], list[SessionSource]]:
+        """BEGIN every session and wait for every client's answer, until ``end`` at most; returns
+        the sessions whose client reached s2, and those that can only switch host at the end."""
         dst = m.MigrationDstInfo(port=to[1], sport=0, host=to[0], cert_subject=None)
         big = sum(1 for s in sessions for p in s.ports.values() if p.in_flight >= PackBuffers.SIZE)
         pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
         for session in sessions:
-            source = SessionSource(session, timeout)
+            source = SessionSource(session, max(0.001, end - time.monotonic()))
             source.pack_buffers = pack_buffers
             session.migration = source
             sources.append(source)
@@ -288,20 +401,19 @@ class MigrationManager:
         # A client without SEMI_SEAMLESS_MIGRATE gets no BEGIN (5.1): it can only be told to
         # reconnect to s2 from scratch, at the end, losing its state (5.6).
         switch_host = [s for s in sources if s.machine.mode is mig.MigrationMode.SWITCH_HOST]
-        deadline = time.monotonic() + timeout
         for source in sources:  # the machine answers ConnectComplete(False) at its own timeout
             if source not in switch_host:
-                source.connected.wait(max(0.0, deadline - time.monotonic()) + 1.0)
+                source.connected.wait(max(0.0, end - time.monotonic()))
         ready = [s for s in sources if s.connected.ready() and s.connect_succeeded]
         for source in sources:
             if source not in ready and source not in switch_host:
                 # Never a lossy fallback for a client that tried: it stays here, working.
                 source.error = source.error or "the client could not connect to the destination"
                 source.cancel(source.error)
-        return ready, switch_host, deadline
+        return ready, switch_host
 
     @staticmethod
-    def _move_device_states(peer: ControlClient, ready: list[SessionSource]) -> tuple[list[SessionSource], int]:
+    def _move_device_states(migration: Peer, ready: list[SessionSource]) -> tuple[list[SessionSource], int]:
         """Stop the devices (the VM pauses) and send their state to s2; a session whose state did
         not get there stays here. Returns the sessions that go on, and the bytes sent."""
         if not ready:
@@ -309,43 +421,38 @@ class MigrationManager:
         for source in ready:
             source.stop_devices()
         state = pack_device_states(s.session for s in ready)
+        peer = migration.client
         try:
-            peer.post_bytes("/migration/device-state", state)
+            answer = peer.post_bytes(f"/migration/device-state?migration={migration.id}", state, migration.left())
+            if not isinstance(answer, dict) or answer.get("skipped"):
+                raise MigrationError(f"the destination skipped device state: {answer!r:.200}")
         except (MigrationError, OSError) as err:
             for source in ready:
                 source.cancel(f"device state could not reach the destination at {peer.address}: {err}")
             return [], 0
         return ready, len(state)
 
-    def _land(self, peer: ControlClient, ready: list[SessionSource], deadline: float, timeout: float) -> dict:
+    def _land(self, migration: Peer, ready: list[SessionSource], end: float) -> dict:
         """Wait until s2 has every session; roll back those it did not take. Returns s2's reports
         of the sessions that landed, by hex id."""
         # Decide before the machines' own post-migration timers would disconnect the clients: a
         # session that did not land can still be taken back then.
         timers = [t for t in (s.machine.get_timer() for s in ready) if t is not None]
-        landing = min([time.monotonic() + timeout, *(t - LANDING_MARGIN for t in timers)])
-        answers = self._wait_landed(peer, ready, landing) if ready else {}
+        landing = min([end, *(t - LANDING_MARGIN for t in timers)])
+        answers = self._wait_landed(migration, ready, landing) if ready else {}
         landed = {sid: entry for sid, entry in answers.items() if "failed" not in entry}
-        rolled_back = []
         for source in ready:
             sid = f"{source.session.id:08x}"
             if sid not in landed and source.can_roll_back:
                 why = answers.get(sid, {}).get("failed") or "the destination did not take the session in time"
                 source.roll_back(why)
-                rolled_back.append(sid)
-        if rolled_back:
-            try:
-                peer.post_json("/migration/abort", {"sessions": rolled_back}, timeout=STATUS_TIMEOUT)
-            except (MigrationError, OSError) as err:
-                log.info("could not tell the destination at %s to drop %d sessions: %s", peer.address,
-                         len(rolled_back), err)
         for source in ready:
             main = source.session.main
             if f"{source.session.id:08x}" in landed and main is not None:
                 # It lives on s2 now; a client still holding an s1 socket has no use for it.
                 main.transport.close("the session migrated away")
         for source in ready:  # their final counts (what a semi-seamless switch dropped) come at the end
-            source.finished.wait(max(0.0, min(1.0, deadline + timeout - time.monotonic())))
+            source.finished.wait(max(0.0, min(1.0, end - time.monotonic())))
         return landed
 
     @staticmethod
@@ -370,18 +477,31 @@ class MigrationManager:
             source.resume_devices()
 
     @staticmethod
-    def _forget_announced(peer: ControlClient, sessions: list[Session]) -> None:
-        """s2 may hold announcements (and half sessions) of a migration that failed here."""
-        ids = [f"{s.id:08x}" for s in sessions]
-        try:
-            peer.post_json("/migration/abort", {"sessions": ids}, timeout=STATUS_TIMEOUT)
-        except (MigrationError, OSError) as err:
-            log.info("could not tell the destination at %s to drop %d announced sessions: %s", peer.address,
-                     len(ids), err)
+    def _forget_announced(migration: Peer, ids: list[str]) -> None:
+        """Abort on s2 the sessions of this migration that did not move: their announcements (and
+        half sessions) would otherwise live until they expire. Within what is left of the
+        migration's time; once that is spent, in the background, so ``/migrate`` still answers on time."""
+        if not ids:
+            return
+        peer = migration.client
+
+        def send(timeout: float) -> None:
+            try:
+                peer.post_json("/migration/abort", {"migration": migration.id, "sessions": ids}, timeout=timeout)
+            except (MigrationError, OSError) as err:
+                log.info("could not tell the destination at %s to drop %d announced sessions: %s", peer.address,
+                         len(ids), err)
+
+        left = migration.end - time.monotonic()
+        if left > 0:
+            send(min(STATUS_TIMEOUT, left))
+        else:
+            gevent.spawn(send, STATUS_TIMEOUT)
 
     @staticmethod
-    def _wait_landed(peer: ControlClient, sources: list[SessionSource], deadline: float) -> dict:
+    def _wait_landed(migration: Peer, sources: list[SessionSource], deadline: float) -> dict:
         """Ask the destination until every session has completed there or the deadline passed."""
+        peer = migration.client
         ids = ",".join(f"{s.session.id:08x}" for s in sources)
         landed: dict = {}
         # Asking s2 costs it CPU right when it restores; ask once everything has left here.
@@ -391,8 +511,8 @@ class MigrationManager:
         while True:
             try:
                 # A short timeout: a destination that hangs must not outlast the deadline.
-                wait = min(STATUS_TIMEOUT, max(0.2, deadline - time.monotonic()))
-                landed = peer.get_json(f"/migration/completed?ids={ids}", timeout=wait)
+                wait = min(STATUS_TIMEOUT, max(0.001, deadline - time.monotonic()))
+                landed = peer.get_json(f"/migration/completed?migration={migration.id}&ids={ids}", timeout=wait)
                 unreachable = 0
             except MigrationError as err:  # names the address itself
                 log.warning("cannot ask the destination how the migration went: %s", err)

@@ -297,11 +297,14 @@ def pipelined_segments(
 
 def pack_device_states(sessions: Iterable[Session]) -> bytes:
     """Every port device of ``sessions``, saved, in one codec container: chunk 0 is a JSON index
-    ``[{"session_id", "port", "chunks"}]``, the saved chunks follow in index order."""
+    ``[{"session_id", "port", "chunks", "in_flight"}]``, the saved chunks follow in index order.
+    ``in_flight`` is what the port holds now that its device stopped: s2 bounds the port's
+    MIGRATE_DATA by it."""
     index, chunks = [], []
     for session in sessions:
         for cid, port in session.ports.items():
             saved = port.device.save()
-            index.append({"session_id": session_label(session.id), "port": cid, "chunks": len(saved)})
+            index.append({"session_id": session_label(session.id), "port": cid, "chunks": len(saved),
+                          "in_flight": port.in_flight})
             chunks.extend(saved)
     return codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()
