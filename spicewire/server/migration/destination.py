@@ -30,9 +30,11 @@ PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
 _DESTINATION_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateEnd, m.MsgcMigrateData)
 
 
-PIPE_MARGIN = 32 << 20
-"""What a client can have on its way to s1 when its FLUSH_MARK follows: the TCP buffers of both
-ends (Linux's largest defaults are 6 MiB to receive, 4 MiB to send), with room to spare."""
+STOPPED_READ_ALLOWANCE = 256 << 20
+"""What s1 may read from a port's client between reporting the port's backlog (the device state)
+and the client's FLUSH_MARK. s1 reads a stopped port without a limit (the FLUSH_MARK is behind that
+data), and a client writing flat out on loopback put 115 MB there under load; the TCP buffers alone
+would be ~10 MiB. Bounding that read on s1 would let this shrink to the pipe."""
 
 
 def migrate_data_limit(in_flight: int, limits: Limits) -> int:
@@ -40,13 +42,13 @@ def migrate_data_limit(in_flight: int, limits: Limits) -> int:
     announcement, and again in the device state, once the device stopped).
 
     The payload is that plus what can join it before the client's FLUSH_MARK: a full buffer each
-    way (the port's limits; s1 and s2 are assumed to run with the same ones) and what is on its
-    way (s1 reads a stopped port's client without a limit, so that its FLUSH_MARK comes through).
+    way (the port's limits; s1 and s2 are assumed to run with the same ones) and what s1 reads
+    from the stopped port meanwhile (``STOPPED_READ_ALLOWANCE``).
     The SWPD framing around it is its 8-byte header, the 64-byte state record, one 32-byte
     container header per segment and a 16-byte index entry per chunk; chunks are the client's
     messages and the device's writes, counted as averaging at least 128 bytes (an eighth more),
     and 1 MiB covers the fixed parts. Anything larger is not this port's state."""
-    payload = in_flight + limits.to_device + limits.to_client + PIPE_MARGIN
+    payload = in_flight + limits.to_device + limits.to_client + STOPPED_READ_ALLOWANCE
     return payload + payload // 8 + (1 << 20)
 
 
