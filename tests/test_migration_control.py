@@ -12,6 +12,7 @@ import pytest
 from gevent import socket
 
 from spicewire import _codec_layout as layout
+from spicewire import codec
 from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient
 from spicewire.errors import MigrationError
@@ -134,6 +135,27 @@ def test_another_migration_can_neither_feed_nor_abort_a_session_it_did_not_annou
     assert status == 409 and "another migration" in body["error"]
 
 
+def test_device_state_raises_the_ports_bound_to_what_s1_holds_once_stopped(nodes):
+    (s2,) = nodes(1)
+    announce(s2, 0x1234)
+    state = sink_state(1, 0x1234)
+    chunks = codec.unpack_chunks(state)
+    index = json.loads(bytes(chunks[0]))
+    index[0]["in_flight"] = 40 << 20
+    body = codec.pack_chunks([json.dumps(index).encode(), *map(bytes, chunks[1:])]).tobytes()
+    assert s2.api.post_bytes(f"/migration/device-state?migration={MIGRATION}", body)["restored"] == 1
+    assert s2.spice.migration.announcements[0x1234].in_flight[SINK_ID] == 40 << 20
+
+
+def test_completed_answers_a_migration_only_for_its_own_sessions(nodes):
+    (s2,) = nodes(1)
+    announce(s2, 0x1234)
+    s2.spice.migration.failed[0x1234] = "the client left"
+    assert s2.api.get_json(f"/migration/completed?migration={OTHER}&ids=00001234") == {}
+    answer = s2.api.get_json(f"/migration/completed?migration={MIGRATION}&ids=00001234")
+    assert answer == {"00001234": {"failed": "the client left"}}
+
+
 def test_a_bad_announce_registers_nothing(nodes):
     (s2,) = nodes(1)
     main = link_target(s2, 0x4321, migration=OTHER)  # lives on s2 now (arriving)
@@ -205,6 +227,26 @@ def test_an_unreachable_destination_control_api_is_a_502_naming_it(nodes):
         status, answer = raw_post(s1, "/migrate", json.dumps(
             {"to": "{}:{}".format(*s2.address), "to_control": f"127.0.0.1:{nobody}", "timeout": 5}))
     assert status == 502 and f"127.0.0.1:{nobody}" in answer["error"], answer
+    echo_ok(session)
+    session.close()
+
+
+def test_a_destination_that_never_answers_the_announcement_is_a_502_within_the_timeout(nodes):
+    """A listener that takes the connection and never answers: the old fixed 30 s per call (and a
+    500) became the requested timeout and a 502 naming it (the test's client gives up at 20 s)."""
+    s1, s2 = nodes(2)
+    session = connect(s1)
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)
+    try:
+        host, port = mute.getsockname()
+        status, answer = raw_post(s1, "/migrate", json.dumps(
+            {"to": "{}:{}".format(*s2.address), "to_control": f"{host}:{port}", "timeout": 1}))
+    finally:
+        mute.close()
+    assert status == 502 and f"{host}:{port}" in answer["error"] and "within" in answer["error"], answer
+    assert s1.sessions()[session.session_id]["migration"] is None
     echo_ok(session)
     session.close()
 
