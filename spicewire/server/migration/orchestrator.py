@@ -127,6 +127,10 @@ class MigrationManager:
         ann = self.announcements.pop(session_id, None)
         if ann is not None:
             ann.release()
+        sweeper = self._sweeper
+        if not self.announcements and sweeper is not None and sweeper is not gevent.getcurrent():
+            sweeper.kill(block=False)  # nothing left to expire: it would only keep this server alive
+            self._sweeper = None
 
     def sweep(self) -> None:
         """End the announcements whose time is up, with whatever arrived of their sessions."""
@@ -142,7 +146,8 @@ class MigrationManager:
                 gevent.sleep(max(0.0, soonest - time.monotonic()) + 0.01)
                 self.sweep()
         finally:
-            self._sweeper = None
+            if self._sweeper is gevent.getcurrent():  # a later one may have taken over already
+                self._sweeper = None
 
     def in_progress(self, migration_id: str) -> bool:
         """Whether a migration of that id has announced sessions here that have not ended yet."""
