@@ -255,6 +255,7 @@ class PortConnection:
         self.parked = False
         self.waiting_for_migrate_data = False
         self.intercept: Callable[[m.Message], bool] | None = None
+        self.on_closed: Callable[[PortConnection], None] | None = None  # a migration's, while it runs
 
     def start(self, announce: bool = True) -> None:
         if self.parked or self.waiting_for_migrate_data:
@@ -296,6 +297,8 @@ class PortConnection:
     def closed(self) -> None:
         if self.port.connection is self:
             self.port.connection = None
+        if self.on_closed is not None:
+            self.on_closed(self)
 
 
 class MainConnection:

@@ -121,6 +121,7 @@ class SessionDestination:
         channel = port_channel(handler.port.channel_id)
         handler.parked = True
         handler.intercept = partial(self._intercept_port, channel)
+        handler.on_closed = self._link_closed
         self.links[channel] = handler
         self._apply(self.machine.channel_linked(channel))
 
@@ -131,6 +132,7 @@ class SessionDestination:
         collector instead of going with it."""
         for handler in self.links.values():
             handler.intercept = None
+            handler.on_closed = None
         self.links.clear()
         if self.session.main is not None:
             self.session.main.intercept = None
@@ -164,18 +166,29 @@ class SessionDestination:
         try:
             return self.machine.receive(channel, msg)
         except PeerFault as err:
-            # The client broke the migration: the session cannot be restored here. All of it ends
-            # (the connection that broke it reports the fault), and s1 learns it failed.
-            reason = f"the client broke the migration: {err}"
-            self.manager.failed[self.session.id] = reason
-            self.manager.end_announcement(self.session.id)
-            log.warning("session %08x: %s", self.session.id, reason, extra=context(self.session.id))
-            self.manager.server.metrics.migration("destination", None, "failed")
-            main = self.main
-            self.session.close_ports(reason)
-            main.transport.close(reason)
-            self.release()
+            # The connection that broke the migration reports the fault itself.
+            self._fail(f"the client broke the migration: {err}")
             raise
+
+    def _link_closed(self, handler: PortConnection) -> None:
+        """A port link ended before its state was restored here (a MIGRATE_DATA over its bound, the
+        client gone, a broken socket): the session can no longer be restored whole, so it fails
+        now rather than when s1 aborts it or its announcement expires."""
+        if handler.parked or handler.waiting_for_migrate_data:
+            self._fail(f"port {handler.port.channel_id} closed before its state was restored")
+
+    def _fail(self, reason: str) -> None:
+        """The session cannot be restored here: all of it ends, and s1 learns why."""
+        if self.session.migration is not self:
+            return  # already ended
+        self.manager.failed[self.session.id] = reason
+        self.manager.end_announcement(self.session.id)
+        log.warning("session %08x: %s", self.session.id, reason, extra=context(self.session.id))
+        self.manager.server.metrics.migration("destination", None, "failed")
+        self.release()
+        self.session.close_ports(reason)
+        if self.session.main is not None:
+            self.session.main.transport.close(reason)
 
     def _apply(self, outputs: list[mig.DestinationOutput]) -> None:
         for item in outputs:
