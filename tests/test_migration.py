@@ -805,7 +805,13 @@ def test_seamless_migration_in_the_middle_of_a_large_echo_stream(procs):
                    "--send-mib", "128", "--expect-echo", "--timeout", "60"]
     client = subprocess.Popen(connect_cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     try:
-        wait_until(lambda: s1.sessions(), what="the session to exist on s1")
+        def streaming() -> bool:
+            sessions = s1.sessions()
+            return any(port["name"] == ECHO and port["connected"] and port["device"]["bytes_in"] > 0
+                       for session in sessions.values() for port in session["ports"])
+
+        # As soon as the stream runs: a session migrated before its port linked would move no stream.
+        wait_until(streaming, what="the echo stream to start on s1")
         entry = only_entry(s1.migrate_to(s2))
         out, _ = client.communicate(timeout=90)
     finally:
