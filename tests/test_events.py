@@ -109,6 +109,19 @@ def test_a_slow_follower_loses_the_oldest_events_and_is_told_how_many():
     assert [e["event"] for e in sub.get(timeout=0)] == ["tick"]  # told once, not again
 
 
+@pytest.mark.parametrize("emitted, lost", [(3, 0), (4, 1)], ids=["at-the-bound", "one-over"])
+def test_the_bound_drops_only_past_it(emitted, lost):
+    """A queue exactly full loses nothing; one event more drops the oldest, and says so."""
+    bus = EventBus(limit=3)
+    sub = bus.subscribe()
+    for n in range(emitted):
+        bus.emit("tick", n=n)
+    got = sub.get(timeout=0)
+    notices = [e["count"] for e in got if e["event"] == events.EVENTS_LOST]
+    assert notices == ([lost] if lost else [])
+    assert [e["n"] for e in got if e["event"] == "tick"] == list(range(lost, emitted))
+
+
 def test_a_follower_never_holds_more_than_its_bound():
     bus = EventBus(limit=10)
     sub = bus.subscribe()
