@@ -305,6 +305,7 @@ def connect(args: argparse.Namespace) -> int:
 
     from spicewire.client import ClientSession
     from spicewire.errors import SpiceError
+    from spicewire.logs import session_label
 
     logging.basicConfig(level=args.log_level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     report: dict = {"server": str(args.address), "port_channel": args.port_channel, "ok": False}
@@ -318,7 +319,7 @@ def connect(args: argparse.Namespace) -> int:
         with gevent.Timeout(budget, TimeoutError(f"not done after {budget:g} s")):
             session.connect()
             timings["linked"] = round(time.perf_counter() - started, 6)
-            report["session_id"] = f"{session.session_id:08x}"
+            report["session_id"] = session_label(session.session_id)
             port = session.open_port(args.port_channel)
             timings["port_open"] = round(time.perf_counter() - started, 6)
             data = os.urandom(int(args.send_mib * (1 << 20)))

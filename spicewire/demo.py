@@ -26,6 +26,7 @@ import gevent
 from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient
 from spicewire.errors import MigrationError
+from spicewire.logs import session_label
 
 SINK = "org.spicewire.sink"
 CHUNK = 1 << 20
@@ -61,7 +62,7 @@ class Server:
                 gevent.sleep(0.05)
 
     def sink(self, session_id: int) -> dict:
-        view = self.control.get_json(f"/sessions/{session_id:08x}")
+        view = self.control.get_json(f"/sessions/{session_label(session_id)}")
         return next(p for p in view["ports"] if p["name"] == SINK)
 
     def stop(self) -> None:
@@ -99,7 +100,7 @@ def run_once(mode: str, mib: int, s1: Server, s2: Server) -> dict:
     session = ClientSession("127.0.0.1", s1.port).connect()
     sid = session.session_id
     port = session.open_port(SINK)
-    s1.control.post_json(f"/sessions/{sid:08x}/ports/{SINK}/pause", {})
+    s1.control.post_json(f"/sessions/{session_label(sid)}/ports/{SINK}/pause", {})
     digest, block = hashlib.sha256(), os.urandom(CHUNK)
     t0 = time.perf_counter()
     for i in range(0, size, CHUNK):
@@ -128,7 +129,7 @@ def run_once(mode: str, mib: int, s1: Server, s2: Server) -> dict:
     bar("migrating", size, size)
     print()
     entry = report["sessions"][0]
-    s2.control.post_json(f"/sessions/{sid:08x}/ports/{SINK}/resume", {})
+    s2.control.post_json(f"/sessions/{session_label(sid)}/ports/{SINK}/resume", {})
     expected = size - entry["bytes_dropped"]
     wait_for(lambda: s2.sink(sid)["device"]["bytes_in"] >= expected, 60, "the sink on s2 to drain")
     gevent.sleep(0.2)

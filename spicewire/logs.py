@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
+_LABEL = re.compile(r"[0-9a-fA-F]{8}")
+
 
 def session_label(session_id: int) -> str:
     return f"{session_id:08x}"
+
+
+def parse_session_label(text: object) -> int:
+    """The inverse of session_label: exactly eight hex digits (either case); ValueError otherwise."""
+    if isinstance(text, str) and _LABEL.fullmatch(text):
+        return int(text, 16)
+    raise ValueError(f"bad session id {text!r:.40}: expected 8 hex digits, as in \"aadce55b\"")
 
 
 def iso_utc(epoch: float) -> str:

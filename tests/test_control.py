@@ -12,6 +12,7 @@ import gevent.socket
 import pytest
 
 from spicewire.control.server import ControlServer, HttpError, Router, parse_session_id
+from spicewire.logs import parse_session_label, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType
 from spicewire.server.net import ServerConfig, SpiceServer
@@ -319,6 +320,11 @@ def test_session_id_spellings(text, value):
 def test_session_ids_have_one_spelling(text):
     with pytest.raises(HttpError):
         parse_session_id(text)
+
+
+@pytest.mark.parametrize("value", [0, 12, 0xAADCE55B, 0xFFFFFFFF])
+def test_a_session_label_reads_back_as_its_id(value):
+    assert parse_session_label(session_label(value)) == value
 
 
 # --- bad input is a 4xx that says what is wrong, never a 500 ---------------------------------------

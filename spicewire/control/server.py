@@ -35,7 +35,7 @@ from gevent.pywsgi import Input, LoggingLogAdapter, WSGIHandler, WSGIServer
 from spicewire import __version__
 from spicewire.addresses import Address, parse_address
 from spicewire.errors import MigrationError, SpiceError
-from spicewire.logs import session_label
+from spicewire.logs import parse_session_label, session_label
 from spicewire.protocol.migration import MigrationMode
 from spicewire.server.events import Subscription
 from spicewire.server.migration.orchestrator import UnknownMigration
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 MAX_BODY = 1 << 20
 MAX_DEVICE_STATE = 256 << 20
 MAX_IN_FLIGHT = 1 << 40  # an announced port backlog beyond this is a mistake, not a plan
-_HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
 _MIGRATION_ID = re.compile(r"[0-9a-f]{16}")
 KEEPALIVE = 15.0  # s between SSE comments on a quiet stream: how a follower that left is noticed
 
@@ -318,10 +317,11 @@ def _match(segments: tuple[str, ...], parts: tuple[str, ...]) -> dict[str, str] 
 
 
 def parse_session_id(text: Any) -> int:
-    """Eight hex digits, the one spelling of a session id in logs, answers and reports."""
-    if isinstance(text, str) and _HEX_ID.fullmatch(text):
-        return int(text, 16)
-    raise HttpError(400, f"bad session id {text!r:.40}: expected 8 hex digits, as in \"aadce55b\"")
+    """Eight hex digits, the one spelling of a session id in logs, answers and reports; else 400."""
+    try:
+        return parse_session_label(text)
+    except ValueError as err:
+        raise HttpError(400, str(err)) from None
 
 
 def unix_listener(path: str) -> socket.socket:
@@ -682,13 +682,17 @@ def _announced_sessions(sessions: Any) -> list[dict]:
     checked = []
     for entry in sessions:
         sid = entry.get("session_id") if isinstance(entry, dict) else None
-        if not isinstance(sid, str) or not _HEX_ID.fullmatch(sid) or int(sid, 16) == 0:
+        try:
+            number = parse_session_label(sid)
+        except ValueError:
+            number = 0
+        if not number:
             raise HttpError(400, f"bad announcement: {entry!r:.80} needs a session_id of 8 hex digits, not 00000000")
         ports = entry.get("ports")
         if not isinstance(ports, list) or not all(_announced_port(port) for port in ports):
             raise HttpError(400, f"bad announcement: session {sid} needs ports as "
                             "[[channel id, name, device kind, in-flight bytes], ...]")
-        checked.append({**entry, "session_id": int(sid, 16)})
+        checked.append({**entry, "session_id": number})
     return checked
 
 
