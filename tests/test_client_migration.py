@@ -633,6 +633,28 @@ def test_relay_moves_exactly_count_bytes_and_leaves_the_rest(monkeypatch, use_sp
 
 
 @pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
+@pytest.mark.parametrize("offset", [-1, 0, 1], ids=["under", "at", "over"])
+def test_relay_on_either_side_of_a_small_relay_chunk(monkeypatch, use_splice, offset):
+    """RELAY_CHUNK bounds the copy buffer (and sizes the splice pipe): a body one byte under, at
+    and over it moves whole, the rest stays on s1, and the copy holds at most one chunk."""
+    from spicewire.client import migration as client_migration
+
+    chunk = 4096  # a page: the smallest pipe F_SETPIPE_SZ gives
+    monkeypatch.setattr(client_migration, "RELAY_CHUNK", chunk)
+    monkeypatch.setattr(client_migration, "_SPLICE", use_splice and client_migration._SPLICE)
+    count = chunk + offset
+    payload, after = os.urandom(count), b"next message"
+    s1_far, s1_near = socket.socketpair()
+    s2_near, s2_far = socket.socketpair()
+    s1_far.sendall(payload + after)  # fits the socket buffers: nothing waits on the relay
+    held = client_migration.relay(s1_near, s2_near, count, "port:1")
+    assert recv_exactly(s2_far, count) == payload
+    assert recv_exactly(s1_near, len(after)) == after
+    assert held == (0 if use_splice else min(count, chunk))
+    for sock in (s1_far, s1_near, s2_near, s2_far):
+        sock.close()
+
+@pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
 def test_relay_reports_s1_closing_early(monkeypatch, use_splice):
     from spicewire.client import migration as client_migration
 
