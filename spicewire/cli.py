@@ -16,7 +16,8 @@ import math
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from spicewire import __version__
 from spicewire.addresses import Address, UnixAddress, parse_address, parse_control_address
@@ -27,39 +28,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("spicewire")
 
+T = TypeVar("T")
 Subparsers = argparse._SubParsersAction  # what add_subparsers returns; argparse names it no other way
 
 
-def listen_address(text: str) -> Address:
-    """``HOST:PORT`` to listen on; port 0 picks a free one."""
-    try:
-        return parse_address(text, allow_port_zero=True)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _argument_type(parse: Callable[[str], T], hint: str = "") -> Callable[[str], T]:
+    """An argparse ``type`` from a parser that raises ValueError with a one-line reason."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"{err}{hint}") from None
+
+    return convert
 
 
-def peer_address(text: str) -> Address:
-    """``HOST:PORT`` of a server to reach: port 1-65535."""
-    try:
-        return parse_address(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def control_listen_address(text: str) -> Address | UnixAddress:
-    """``unix:PATH`` or ``HOST:PORT`` (port 0 picks a free one) for the control API to listen on."""
-    try:
-        return parse_control_address(text, allow_port_zero=True)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{err} (or unix:PATH)") from None
-
-
-def control_address(text: str) -> Address | UnixAddress:
-    """``unix:PATH`` or ``HOST:PORT`` of a control API to reach."""
-    try:
-        return parse_control_address(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"{err} (or unix:PATH)") from None
+# HOST:PORT to listen on (port 0 picks a free one) or to reach (1-65535); the control API's also unix:PATH.
+listen_address = _argument_type(functools.partial(parse_address, allow_port_zero=True))
+peer_address = _argument_type(parse_address)
+_UNIX = " (or unix:PATH)"
+control_listen_address = _argument_type(functools.partial(parse_control_address, allow_port_zero=True), _UNIX)
+control_address = _argument_type(parse_control_address, _UNIX)
 
 
 TOKEN_ENV = "SPICEWIRE_CONTROL_TOKEN"
