@@ -19,7 +19,8 @@ from spicewire.errors import MigrationError
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType, Msgc
-from spicewire.server.migration import pack_device_states
+from spicewire.protocol.migrate_data import PortMigrateData, PortMigrateDataWriter, build_port_migrate_data
+from spicewire.server.migration import destination, pack_device_states
 from spicewire.server.migration.destination import migrate_data_limit
 from spicewire.server.session import Limits
 
@@ -302,6 +303,26 @@ def test_migrate_data_beyond_the_announcement_is_refused_before_any_buffer_is_ma
     assert "closed before its state was restored" in s2.spice.migration.failed[sid]
     assert sid not in s2.spice.migration.announcements
     wait_until(lambda: not s2.spice.sessions, what="the arriving session to end")
+
+
+def test_migrate_data_exactly_at_the_bound_is_restored(nodes, monkeypatch):
+    """The other side of the bound: a MIGRATE_DATA of exactly the limit is read and restored (the
+    allowance for what s1 reads from a stopped port is made small, so the limit is a few MiB)."""
+    monkeypatch.setattr(destination, "STOPPED_READ_ALLOWANCE", 0)
+    (s2,) = nodes(1, limits=Limits(to_device=1 << 20, to_client=1 << 20))
+    sid = 0x51DE0004
+    main = link_target(s2, sid)
+    sink = PortChannel.link(s2.address, sid, ChannelType.PORT, SINK_ID)
+    limit = migrate_data_limit(0, s2.spice.config.limits)
+    framing = PortMigrateDataWriter(PortMigrateData(pending=[b""])).size
+    state = PortMigrateData(pending=[bytes(limit - framing)])
+    assert PortMigrateDataWriter(state).size == limit
+    sink.send_bytes(migrate_data_head(sink, limit) + build_port_migrate_data(state).tobytes())
+    arriving = s2.spice.sessions[sid].migration
+    wait_until(lambda: arriving.restored == limit - framing, what="the sink's state to be restored")
+    assert sid not in s2.spice.migration.failed
+    sink.close()
+    main.close()
 
 
 def rss() -> int:
