@@ -115,10 +115,6 @@ class MessageReader:
         """The largest body accepted for a message of no announced type."""
         return self._max_size
 
-    def _limit(self, msg_type: int) -> int:
-        large = self._large
-        return large[1] if large is not None and large[0] == msg_type else self._max_size
-
     @property
     def serial(self) -> int:
         """Serial of the last message handed out (or skipped)."""
@@ -201,13 +197,16 @@ class MessageReader:
             serial, msg_type, size, sub_list = header
             if serial != self._serial + 1 and not self._adopt_serial:
                 raise RemoteProtocolError(f"message serial {serial} where {self._serial + 1} was expected")
-        limit = self._limit(msg_type)
+        large = self._large
+        if large is not None and large[0] != msg_type:
+            large = None
+        limit = self._max_size if large is None else large[1]
         if size > limit:
             raise MessageTooLarge(size, limit, self._consumed + start)
         body_start = start + self._header_size
         end = body_start + size
         if size >= self.BULK_BODY:
-            body = self._bulk_body(msg_type, size)
+            body = self._bulk_body(None if large is None else large[2], size)
             have = min(size, len(buf) - body_start)
             body[:have] = np.frombuffer(buf, dtype=np.uint8, count=have, offset=body_start)
             self._bulk, self._bulk_filled = (serial, msg_type, sub_list, body), have
@@ -233,9 +232,7 @@ class MessageReader:
         self._accept(serial, msg_type)
         return RawMessage(serial, msg_type, body.data, sub_list)
 
-    def _bulk_body(self, msg_type: int, size: int) -> np.ndarray:
-        large = self._large
-        into = large[2] if large is not None and large[0] == msg_type else None
+    def _bulk_body(self, into: Callable[[int], np.ndarray] | None, size: int) -> np.ndarray:
         if into is None:
             return _new_buffer(size)
         body: object = into(size)
