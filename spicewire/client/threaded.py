@@ -192,7 +192,7 @@ class ThreadedPort:
     def __init__(self, io: IOThread, port: PortChannel) -> None:
         self._io = io
         self._port = port
-        self._write_lock: gevent.lock.Semaphore | None = None  # made in the hub, used only there
+        self._write_lock = gevent.lock.Semaphore()  # made (by _open_port) and used in the hub only
 
     @property
     def name(self) -> str | None:
@@ -248,8 +248,6 @@ class ThreadedPort:
             yield data
 
     def _write(self, data: bytes) -> None:
-        if self._write_lock is None:
-            self._write_lock = gevent.lock.Semaphore()
         with self._write_lock:  # two threads' writes must not interleave their 64 KiB pieces
             if self._port.closed.is_set():
                 raise SessionClosed(f"port {self._port.name!r} is closed: {self._port.error or 'by the server'}")
