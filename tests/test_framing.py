@@ -336,6 +336,22 @@ def test_other_messages_before_the_expected_one_keep_the_normal_limit():
         reader.next_message()
 
 
+@pytest.mark.parametrize("limit", [200, 2 * BULK])  # a body copied out, and one gathered in bulk
+def test_the_expected_message_may_be_exactly_its_limit_and_not_one_byte_more(limit):
+    writer = MessageWriter(mini=True)
+    reader = MessageReader(mini=True, max_size=100)
+    reader.expect_large(Msgc.MIGRATE_DATA, limit)
+    reader.feed(writer.frame(Msgc.MIGRATE_DATA, _pattern(limit)))
+    assert bytes(reader.next_message().body) == _pattern(limit)
+
+    reader = MessageReader(mini=True, max_size=100)
+    reader.expect_large(Msgc.MIGRATE_DATA, limit)
+    reader.feed(writer.frame(Msgc.MIGRATE_DATA, _pattern(limit + 1)))
+    with pytest.raises(MessageTooLarge) as exc:
+        reader.next_message()
+    assert (exc.value.size, exc.value.limit) == (limit + 1, limit)
+
+
 @pytest.mark.parametrize(
     "make",
     [
