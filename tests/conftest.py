@@ -51,17 +51,23 @@ def within_30_s():
 
 
 @pytest.fixture
-def new_node():
-    """new_node() -> one more in-process server with its control API (tests/test_migration.Node),
-    each stopped at the end of the test."""
+def nodes():
+    """nodes(n, **kw) -> n more in-process servers with their control APIs (tests/test_migration.Node
+    with ``kw``), each stopped at the end of the test."""
     from tests.test_migration import Node
 
     made: list[Node] = []
 
-    def make() -> Node:
-        made.append(Node())
-        return made[-1]
+    def make(n: int = 2, **kw) -> list[Node]:
+        made.extend(Node(**kw) for _ in range(n))
+        return made[-n:]
 
     yield make
     for node in made:
         node.stop()
+
+
+@pytest.fixture
+def new_node(nodes):
+    """new_node() -> one more server, as ``nodes(1)`` makes it."""
+    return lambda: nodes(1)[0]

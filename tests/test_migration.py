@@ -135,20 +135,6 @@ class Proc(Node):
 
 
 @pytest.fixture
-def nodes():
-    """nodes(n, **kw) -> n in-process servers, stopped at the end."""
-    made = []
-
-    def make(n: int = 2, **kw):
-        made.extend(Node(**kw) for _ in range(n))
-        return made[-n:]
-
-    yield make
-    for node in made:
-        node.stop()
-
-
-@pytest.fixture
 def procs(tmp_path):
     made = []
 
