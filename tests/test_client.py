@@ -6,7 +6,7 @@ import os
 import gevent
 import pytest
 
-from spicewire.client import ClientSession
+from spicewire.client import ClientSession, channels
 from spicewire.errors import LinkError
 from spicewire.protocol.enums import ChannelType, LinkErr
 from spicewire.server import ServerConfig, SpiceServer
@@ -56,6 +56,23 @@ def test_client_echo_round_trip_is_byte_exact(server):
         writer = gevent.spawn(port.write, data)
         assert read_exactly(port, len(data), timeout=20) == data
         writer.get(timeout=5)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1], ids=["under", "at", "over"])
+def test_client_write_splits_at_a_small_data_chunk_and_the_echo_is_intact(server, monkeypatch, offset):
+    """PortChannel.write sends DATA pieces of at most DATA_CHUNK bytes: one byte under and at it is
+    one message, one byte over is two; the server echoes the bytes whole either way."""
+    chunk = 8
+    monkeypatch.setattr(channels, "DATA_CHUNK", chunk)
+    data = os.urandom(chunk + offset)
+    with ClientSession(*server.address) as session:
+        port = session.open_port("org.spicewire.echo")
+        pieces = []
+        send = port.send
+        monkeypatch.setattr(port, "send", lambda msg: (pieces.append(len(msg.data)), send(msg)))
+        port.write(data)
+        assert pieces == ([chunk, 1] if offset > 0 else [len(data)])
+        assert read_exactly(port, len(data), timeout=10) == data
 
 
 def test_client_data_reaches_the_sink_intact(server):
