@@ -536,12 +536,12 @@ def test_destination_reading_a_parked_link_is_a_local_error():
 # --- client -------------------------------------------------------------------------------------
 
 
-def client(channels=(PORT,), server_caps=SERVER_CAPS):
-    return ClientMigration(SESSION_ID, channels, server_caps)
+def client(channels=(PORT,), server_caps=SERVER_CAPS, **timers):
+    return ClientMigration(SESSION_ID, channels, server_caps, **timers)
 
 
-def linked_client(seamless=True, s2_caps=SERVER_CAPS, answer=MsgMainMigrateDstSeamlessAck):
-    cli = client()
+def linked_client(seamless=True, s2_caps=SERVER_CAPS, answer=MsgMainMigrateDstSeamlessAck, **timers):
+    cli = client(**timers)
     begin = MsgMainMigrateBeginSeamless(DST, 1) if seamless else MsgMainMigrateBegin(DST)
     cli.receive(Peer.S1, MAIN, begin)
     cli.s2_linked(MAIN, s2_caps, now=0.0)
@@ -730,8 +730,8 @@ def test_client_migrate_data_through_receive_is_a_local_error():
         cli.receive(Peer.S1, PORT, MsgMigrateData(SVMD), now=0.0)
 
 
-def switched_client():
-    cli = linked_client()
+def switched_client(**timers):
+    cli = linked_client(**timers)
     for channel, body in ((MAIN, MNMD), (PORT, SVMD)):
         cli.receive(Peer.S1, channel, MsgMigrate(3), now=0.0)
         out = cli.migrate_data(channel, body, now=0.0)
@@ -808,6 +808,31 @@ def test_client_rollback_without_cancel_from_s1_in_time_loses_the_session():
     assert cli.get_timer() == 100.0 + ROLLBACK_TIMEOUT
     assert cli.handle_timer(100.0 + ROLLBACK_TIMEOUT - 1) == []
     [lost] = cli.handle_timer(100.0 + ROLLBACK_TIMEOUT)
+    assert isinstance(lost, SessionLost) and cli.state is ClientState.LOST
+
+
+# The three timers with configured values, just before and at each deadline.
+
+
+def test_client_configured_handshake_timeout_fires_at_its_deadline_not_before():
+    cli = client(handshake_timeout=0.5)
+    cli.receive(Peer.S1, MAIN, MsgMainMigrateBeginSeamless(DST, 1))
+    cli.s2_linked(MAIN, SERVER_CAPS, now=5.0)
+    assert cli.handle_timer(5.499) == [] and cli.state is ClientState.HANDSHAKE
+    assert cli.handle_timer(5.5) == [Send(MAIN, MsgcMainMigrateConnectError(), Peer.S1), DropDestination()]
+
+
+def test_client_configured_confirm_grace_fires_at_its_deadline_not_before():
+    cli, _ = switched_client(confirm_grace=0.25)
+    assert cli.handle_timer(0.249) == [] and cli.state is ClientState.CONFIRMING
+    assert cli.handle_timer(0.25) == [CloseSource(), MigrationCompleted(MigrationMode.SEAMLESS)]
+
+
+def test_client_configured_rollback_timeout_fires_at_its_deadline_not_before():
+    cli, _ = switched_client(rollback_timeout=0.75)
+    cli.s2_failed(now=100.0)
+    assert cli.handle_timer(100.749) == [] and cli.state is ClientState.ROLLING_BACK
+    [lost] = cli.handle_timer(100.75)
     assert isinstance(lost, SessionLost) and cli.state is ClientState.LOST
 
 
