@@ -78,3 +78,10 @@ def parse_control_address(text: object, *, allow_port_zero: bool = False) -> Add
             raise ValueError(f"expected unix:PATH with a path, got {text!r}")
         return UnixAddress(path)
     return parse_address(text, allow_port_zero=allow_port_zero)
+
+
+def control_target(address: Address | UnixAddress) -> tuple[str, int, str | None]:
+    """``(host, port, unix)`` as the control client and the event follower take them."""
+    if isinstance(address, UnixAddress):
+        return "", 0, address.path
+    return address.host, address.port, None

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from spicewire import __version__
-from spicewire.addresses import Address, UnixAddress, parse_address, parse_control_address
+from spicewire.addresses import Address, control_target, parse_address, parse_control_address
 
 if TYPE_CHECKING:
     from spicewire.client import ClientSession
@@ -214,14 +214,11 @@ def serve(args: argparse.Namespace) -> int:
         if args.control is not None:
             # At most an eighth of the descriptors for control clients: the rest stay for SPICE links.
             limits = ControlLimits(max_connections=max(1, min(ControlLimits.max_connections, descriptors // 8)))
-            if isinstance(args.control, UnixAddress):
-                control = ControlServer(server, token=args.control_token, unix=args.control.path, limits=limits)
-            else:
-                host, port = args.control.host, args.control.port
-                control = ControlServer(server, host, port, token=args.control_token, limits=limits)
-                if args.control_token is None:
-                    log.warning("the control API on %s has no token: any local user can move or pause every "
-                                "session (use unix:PATH or a token to prevent it)", control.where)
+            host, port, unix = control_target(args.control)
+            control = ControlServer(server, host, port, token=args.control_token, unix=unix, limits=limits)
+            if unix is None and args.control_token is None:
+                log.warning("the control API on %s has no token: any local user can move or pause every "
+                            "session (use unix:PATH or a token to prevent it)", control.where)
             control.start()
     except OSError as err:
         log.error("cannot listen: %s", err)
@@ -409,11 +406,8 @@ def migrate(args: argparse.Namespace) -> int:
     from spicewire.control.client import ControlClient
     from spicewire.errors import MigrationError
 
-    wait = 3 * args.timeout + 30
-    if isinstance(args.control, UnixAddress):
-        source = ControlClient("", 0, token=args.token, timeout=wait, unix=args.control.path)
-    else:
-        source = ControlClient(args.control.host, args.control.port, token=args.token, timeout=wait)
+    host, port, unix = control_target(args.control)
+    source = ControlClient(host, port, token=args.token, timeout=3 * args.timeout + 30, unix=unix)
     request = {
         "to": str(args.to), "to_control": str(args.to_control), "mode": args.mode,
         "timeout": args.timeout, "to_token": args.to_token,
@@ -456,10 +450,8 @@ def events(args: argparse.Namespace) -> int:
     from spicewire.control.events import follow
     from spicewire.errors import MigrationError
 
-    if isinstance(args.control, UnixAddress):
-        stream = follow("", 0, token=args.token, unix=args.control.path)
-    else:
-        stream = follow(args.control.host, args.control.port, token=args.token)
+    host, port, unix = control_target(args.control)
+    stream = follow(host, port, token=args.token, unix=unix)
     seen = 0
     try:
         for event in stream:

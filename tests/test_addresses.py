@@ -2,7 +2,7 @@
 
 import pytest
 
-from spicewire.addresses import Address, parse_address
+from spicewire.addresses import Address, UnixAddress, control_target, parse_address
 
 
 @pytest.mark.parametrize(
@@ -59,3 +59,8 @@ def test_port_0_only_where_the_kernel_picks_the_port():
 @pytest.mark.parametrize("address", [Address("127.0.0.1", 5900), Address("::1", 1), Address("example.org", 80)])
 def test_an_address_prints_as_it_parses(address):
     assert parse_address(str(address)) == address
+
+
+def test_a_control_target_is_a_host_and_port_or_a_unix_path():
+    assert control_target(Address("::1", 5800)) == ("::1", 5800, None)
+    assert control_target(UnixAddress("/run/s1.sock")) == ("", 0, "/run/s1.sock")

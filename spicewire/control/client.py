@@ -26,7 +26,7 @@ class ControlClient:
 
     @property
     def address(self) -> str:
-        return f"unix:{self.unix}" if self.unix is not None else str(Address(self.host, self.port))
+        return control_label(self.host, self.port, self.unix)
 
     def get_json(self, path: str, timeout: float | None = None) -> Any:
         return self._request("GET", path, b"", "application/json", timeout)
@@ -65,6 +65,11 @@ class ControlClient:
             message = answer.get("error") if isinstance(answer, dict) else payload[:200].decode(errors="replace")
             raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
         return answer
+
+
+def control_label(host: str, port: int, unix: str | None) -> str:
+    """How errors name a control API: ``unix:PATH`` or ``HOST:PORT``."""
+    return f"unix:{unix}" if unix is not None else str(Address(host, port))
 
 
 def connect_control(host: str, port: int, unix: str | None, timeout: float) -> socket.socket:

@@ -7,8 +7,7 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from spicewire.addresses import Address
-from spicewire.control.client import connect_control
+from spicewire.control.client import connect_control, control_label
 from spicewire.errors import MigrationError
 
 # The server sends a comment every 15 s on a quiet stream (control.server.KEEPALIVE): three missed
@@ -21,7 +20,7 @@ def follow(host: str, port: int, token: str | None = None, connect_timeout: floa
     """Each event as the JSON object the server sent, as it comes; ends when the server closes the
     stream (it stops). OSError when it cannot be reached or falls silent, MigrationError for an
     answer other than 200 (a wrong token, say), each naming the address."""
-    address = f"unix:{unix}" if unix is not None else str(Address(host, port))
+    address = control_label(host, port, unix)
     # HTTP/1.0: the answer comes unchunked and ends when the connection does.
     # A Unix socket has no host name; "localhost" is what HTTP clients send there.
     head = ["GET /events HTTP/1.0", f"Host: {'localhost' if unix else address}", "Accept: text/event-stream"]
