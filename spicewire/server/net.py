@@ -531,9 +531,7 @@ class SpiceServer:
         buffered = session.in_flight
         session.close_ports("session ended")
         for port in session.ports.values():
-            port.device.detach()
-            port.to_device.clear()
-            port.to_client.clear()
+            port.release_device()
         log.info("session %08x ended", session.id, extra=context(session.id))
         if buffered >= TRIM_AFTER:
             gevent.spawn_later(0, release_free_memory)

@@ -155,15 +155,19 @@ class PortState:
         except Exception as err:
             self.device_failed("tick", err)
 
-    def device_failed(self, call: str, err: Exception) -> None:
-        """The device raised ``err`` from ``call``: this port ends, the rest of the session goes on."""
-        self.failed = f"the {self.device.kind} device failed in {call}"
-        log.error("%s: %s; closing the port", self.label, self.failed, exc_info=err)
+    def release_device(self) -> None:
+        """Let go of the device and of what either side had buffered: nothing reaches it again."""
         self.device.detach()
         self.to_device.clear()
         self.to_device_bytes = 0
         self.to_client.clear()
         self.to_client_bytes = 0
+
+    def device_failed(self, call: str, err: Exception) -> None:
+        """The device raised ``err`` from ``call``: this port ends, the rest of the session goes on."""
+        self.failed = f"the {self.device.kind} device failed in {call}"
+        log.error("%s: %s; closing the port", self.label, self.failed, exc_info=err)
+        self.release_device()
         if self.connection is not None:
             self.connection.transport.close(self.failed)
 
