@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,15 +22,6 @@ ECHO = ("--port-channel", "org.test.echo=echo")
 SPICE_LISTENING = re.compile(r"serving SPICE on ([\d.]+):(\d+)")
 CONTROL_LISTENING = re.compile(r"control API on http://([\d.]+):(\d+)")
 _logs = itertools.count()
-
-
-def free_port() -> int:
-    """A port nothing listened on a moment ago, which another process may take at any time: a
-    server a test starts listens on port 0 instead, and a "nobody listens there" address is best
-    ``serverkit.refused_port()``."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def bound_addresses(proc: subprocess.Popen, log, timeout: float = 15.0) -> tuple[tuple[str, int], tuple[str, int]]:

@@ -16,11 +16,12 @@ import pytest
 from spicewire import cli
 from spicewire.addresses import UnixAddress
 from spicewire.client import ClientSession
+from spicewire.demo import free_port
 from spicewire.errors import LinkError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, LinkErr
 from tests.rawclient import RawChannel, open_session
-from tests.served import TOKEN, free_port
+from tests.served import TOKEN
 from tests.serverkit import wait_until
 
 

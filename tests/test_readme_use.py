@@ -20,7 +20,6 @@ import re
 import select
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from spicewire.demo import free_port
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BIN = Path(sys.executable).parent  # the venv's `spicewire` console script
@@ -52,12 +53,6 @@ def terminal_blocks(section: str) -> dict[int, list[str]]:
         commands = [line.strip() for line in rest.replace("\\\n", " ").splitlines()]
         blocks[int(heading[1])] = [c for c in commands if c and not c.startswith(("#", "remote-viewer"))]
     return blocks
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def get_json(address: str, path: str) -> dict:
