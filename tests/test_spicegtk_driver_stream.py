@@ -1,7 +1,9 @@
 """The spice-gtk driver's streaming echo check (``EchoStream``), without spice-gtk: it must catch a
 loss, a repeat and extra bytes, and resynchronise after a semi-seamless reset."""
 
-from .peers.spicegtk_driver import EchoStream, stream_bytes, stream_word
+import pytest
+
+from .peers.spicegtk_driver import EchoStream, parse_args, stream_bytes, stream_word
 
 
 def write_all(stream: EchoStream, n: int) -> bytes:
@@ -69,3 +71,22 @@ def test_a_reset_starts_a_new_epoch_after_the_stale_bytes():
     assert first["lost"] == 4 * 4096 - 5000 - 4096
     assert second["echoed"] == second["written"] == 2 * 4096 and second["lost"] == 0
     assert rep["mismatch"] is None and not rep["byte_exact"] and s.drained()
+
+
+def test_a_write_of_a_given_size_waits_until_the_window_has_room_for_all_of_it():
+    """--write-sizes: a write is issued whole once it fits the window, never cut to what fits."""
+    s = EchoStream(chunk=4096, max_inflight=10, rate=0, resync=False, write_sizes=(4,))
+    s.started = 0.0
+    first = write_all(s, 8)  # two writes of 4: 2 bytes of room are left
+    assert s.received(first[:1], 0.0, True)  # 3 bytes of room: one short of a write
+    assert s.next_write(0.0) is None
+    assert s.received(first[1:2], 0.0, True)  # room for exactly one write
+    epoch, data = s.next_write(0.0)
+    assert (epoch, len(data), s.writes) == (0, 4, 3)
+
+
+def test_write_sizes_may_fill_the_window_but_not_exceed_it():
+    stream = ["--port", "1", "--expect-echo", "--stream-seconds", "1", "--max-inflight", "4096"]
+    assert parse_args([*stream, "--write-sizes", "1024,4096"]).write_sizes == (1024, 4096)
+    with pytest.raises(SystemExit):
+        parse_args([*stream, "--write-sizes", "1024,4097"])
