@@ -146,20 +146,31 @@ NO_CHAR_DEVICE = CharDeviceMigrateData(False, 0, 0, 0, b"")
 """migrate_data_marshall_empty: no device client existed."""
 
 
-def build_spicevmc_migrate_data(device: CharDeviceMigrateData = CharDeviceMigrateData()) -> bytes:
-    """An ``SVMD`` body (usbredir/port/webdav): 33 bytes plus the pending write bytes."""
-    out = bytearray(_HEADER.pack(MigrateDataMagic.SPICEVMC, MIGRATE_DATA_VERSION))
+# SVMD and MNMD bodies both start with the header and one char device's state (main's is the agent).
+
+
+def _pack_device_body(magic: MigrateDataMagic, device: CharDeviceMigrateData) -> tuple[bytearray, list]:
+    out = bytearray(_HEADER.pack(magic, MIGRATE_DATA_VERSION))
     deferred: list = []
     device._pack(out, deferred)
-    return _patch_pointers(out, deferred)
+    return out, deferred
+
+
+def _parse_device_body(body: Buffer, magic: MigrateDataMagic, fixed_size: int, what: str) -> CharDeviceMigrateData:
+    if len(body) < fixed_size:
+        raise CodecError(f"{what} migrate data needs {fixed_size} bytes, got {len(body)}")
+    parse_migrate_data_header(body, magic)
+    return CharDeviceMigrateData._parse(body, _HEADER.size, fixed_size)
+
+
+def build_spicevmc_migrate_data(device: CharDeviceMigrateData = CharDeviceMigrateData()) -> bytes:
+    """An ``SVMD`` body (usbredir/port/webdav): 33 bytes plus the pending write bytes."""
+    return _patch_pointers(*_pack_device_body(MigrateDataMagic.SPICEVMC, device))
 
 
 def parse_spicevmc_migrate_data(body: Buffer) -> CharDeviceMigrateData:
     """Validated as spice-server does (5.8): a short body or ``connected`` = 0 is fatal there."""
-    if len(body) < SPICEVMC_MIGRATE_DATA_SIZE:
-        raise CodecError(f"spicevmc migrate data needs {SPICEVMC_MIGRATE_DATA_SIZE} bytes, got {len(body)}")
-    parse_migrate_data_header(body, MigrateDataMagic.SPICEVMC)
-    device = CharDeviceMigrateData._parse(body, _HEADER.size, SPICEVMC_MIGRATE_DATA_SIZE)
+    device = _parse_device_body(body, MigrateDataMagic.SPICEVMC, SPICEVMC_MIGRATE_DATA_SIZE, "spicevmc")
     if not device.connected:
         raise CodecError("spicevmc migrate data with connected = 0")
     return device
@@ -182,9 +193,7 @@ class MainMigrateData:
 
 
 def build_main_migrate_data(state: MainMigrateData = MainMigrateData()) -> bytes:
-    out = bytearray(_HEADER.pack(MigrateDataMagic.MAIN, MIGRATE_DATA_VERSION))
-    deferred: list = []
-    state.agent._pack(out, deferred)
+    out, deferred = _pack_device_body(MigrateDataMagic.MAIN, state.agent)
     partial = state.msg_header_partial
     out += _MAIN_TAIL.pack(
         state.client_agent_started, state.chunk_header_size, state.chunk_header, state.msg_header_done,
@@ -197,10 +206,7 @@ def build_main_migrate_data(state: MainMigrateData = MainMigrateData()) -> bytes
 
 
 def parse_main_migrate_data(body: Buffer) -> MainMigrateData:
-    if len(body) < MAIN_MIGRATE_DATA_SIZE:
-        raise CodecError(f"main migrate data needs {MAIN_MIGRATE_DATA_SIZE} bytes, got {len(body)}")
-    parse_migrate_data_header(body, MigrateDataMagic.MAIN)
-    agent = CharDeviceMigrateData._parse(body, _HEADER.size, MAIN_MIGRATE_DATA_SIZE)
+    agent = _parse_device_body(body, MigrateDataMagic.MAIN, MAIN_MIGRATE_DATA_SIZE, "main")
     (started, chunk_size, chunk_header, done, partial_len, partial_ptr, remaining, filter_result,
      client_remaining, client_filter) = _MAIN_TAIL.unpack_from(body, SPICEVMC_MIGRATE_DATA_SIZE)
     if chunk_size > len(chunk_header):
