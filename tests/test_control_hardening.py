@@ -17,7 +17,8 @@ from gevent import socket
 
 from spicewire import cli
 from spicewire.control.client import ControlClient
-from spicewire.control.server import ControlLimits, ControlServer
+from spicewire.control.events import follow
+from spicewire.control.server import MAX_BODY, MAX_DEVICE_STATE, ControlLimits, ControlServer
 from spicewire.errors import MigrationError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType
@@ -238,6 +239,105 @@ def test_a_5000_digit_session_id_in_a_path_is_a_400(spice, path):
         status, answer = exchange(control.address, b"GET %s HTTP/1.1\r\nConnection: close\r\n\r\n"
                                   % (path % (b"7" * 5000)))
     assert status == 400 and "bad session id" in answer["error"]
+
+
+# --- each threshold from just under and just over ----------------------------------------------------
+
+
+def test_a_head_that_completes_within_its_deadline_is_answered(spice):
+    limits = ControlLimits(header_timeout=2.0)
+    with control_on(spice, limits=limits) as control, connections(control.address, 1) as (sock,):
+        sock.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n")
+        gevent.sleep(0.3)  # a pause well inside the deadline (its other side: the idle test above)
+        sock.sendall(b"Connection: close\r\n\r\n")
+        assert read_all(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_slower_than_the_floor_but_within_its_size_at_the_rate_is_read(spice):
+    # Deadline 0.2 s + 100 bytes at 50 bytes/s = 2.2 s; the body pauses past the floor alone.
+    limits = ControlLimits(body_timeout=0.2, body_rate=50.0)
+    with control_on(spice, limits=limits) as control, connections(control.address, 1) as (sock,):
+        body = b"{" + b" " * 98 + b"}"
+        sock.sendall(b"POST /migrate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100\r\n\r\n"
+                     + body[:50])
+        gevent.sleep(0.6)
+        sock.sendall(body[50:])
+        head, _, answer = read_all(sock).partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), head  # read and parsed: it only lacks its fields
+        assert "to (HOST:PORT) is missing" in json.loads(answer)["error"]
+
+
+def test_a_json_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(spice):
+    with control_on(spice) as control:
+        status, answer = post(control.address, "/migrate", b"{" + b" " * (MAX_BODY - 2) + b"}")
+        assert status == 400 and "to (HOST:PORT) is missing" in answer["error"]
+        status, answer = exchange(control.address, b"POST /migrate HTTP/1.1\r\nConnection: close\r\n"
+                                  b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+        assert status == 413 and "over the limit" in answer["error"]
+
+
+def test_a_device_state_of_exactly_the_limit_is_taken_and_one_byte_more_is_413(spice):
+    path = b"/migration/device-state?migration=0123456789abcdef"
+    with control_on(spice) as control:
+        for length, status, message in [(MAX_DEVICE_STATE, 400, "the body ended before"),
+                                        (MAX_DEVICE_STATE + 1, 413, "over the limit")]:
+            with socket.create_connection(control.address, timeout=10) as sock:
+                sock.sendall(b"POST %s HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % (path, length))
+                sock.shutdown(std_socket.SHUT_WR)  # no body comes: at the limit it is awaited, over it refused
+                head, _, body = read_all(sock).partition(b"\r\n\r\n")
+            assert int(head.split()[1]) == status and message in json.loads(body)["error"], (length, head)
+        wait_until(lambda: control._budget.held == 0, what="the budget to be given back")
+
+
+def test_a_body_that_fills_the_memory_budget_exactly_is_taken(spice):
+    limits = ControlLimits(body_budget=1000, body_timeout=5)
+    with control_on(spice, limits=limits) as control, connections(control.address, 1) as (first,):
+        first.sendall(b"POST /migrate HTTP/1.1\r\nHost: x\r\nContent-Length: 800\r\n\r\n{")
+        wait_until(lambda: control._budget.held == 800, what="the first body to be taken")
+        status, answer = post(control.address, "/migrate", b"{" + b" " * 198 + b"}")  # 800 + 200 = 1000
+        assert status == 400 and "to (HOST:PORT) is missing" in answer["error"]
+
+
+def sse_after_opening(sock) -> bytes:
+    """Open GET /events on ``sock``; the first line the stream sends after its opening comment."""
+    sock.sendall(b"GET /events HTTP/1.0\r\nHost: x\r\n\r\n")
+    stream = sock.makefile("rb")
+    while stream.readline() not in (b"\r\n", b""):
+        pass
+    assert stream.readline() == b": spicewire events\n" and stream.readline() == b"\n"
+    return stream.readline()
+
+
+def test_a_quiet_event_stream_gets_a_keep_alive_after_its_interval(spice):
+    limits = ControlLimits(keepalive=0.2)
+    with control_on(spice, limits=limits) as control, connections(control.address, 1) as (sock,):
+        assert sse_after_opening(sock) == b": keep-alive\n"
+
+
+def test_an_event_within_the_keep_alive_interval_comes_without_one(spice):
+    def emit_once_subscribed() -> None:
+        wait_until(lambda: spice.events.subscribers == 1, what="the subscription")
+        spice.events.emit("probe")
+
+    limits = ControlLimits(keepalive=20.0)
+    with control_on(spice, limits=limits) as control, connections(control.address, 1) as (sock,):
+        gevent.spawn(emit_once_subscribed)
+        assert sse_after_opening(sock) == b"event: probe\n"
+
+
+def test_a_follower_outlasts_a_quiet_stream_on_its_keep_alives(spice):
+    with control_on(spice, limits=ControlLimits(keepalive=0.1)) as control:
+        first = gevent.spawn(lambda: next(follow(*control.address, silence=1.0)))
+        wait_until(lambda: spice.events.subscribers == 1, what="the follower's subscription")
+        gevent.sleep(1.5)  # quiet past the follower's silence: only keep-alives flow
+        spice.events.emit("probe")
+        assert first.get(timeout=10)["event"] == "probe"
+
+
+def test_a_follower_gives_up_on_a_stream_silent_past_its_limit(spice):
+    # Keep-alives every 15 s: far past this follower's 0.3 s.
+    with control_on(spice) as control, pytest.raises(OSError):
+        next(follow(*control.address, silence=0.3))
 
 
 # --- where it listens, how it authenticates ------------------------------------------------------

@@ -10,16 +10,17 @@ from typing import Any
 from spicewire.control.client import connect_control, control_label
 from spicewire.errors import MigrationError
 
-# The server sends a comment every 15 s on a quiet stream (control.server.KEEPALIVE): three missed
+# The server sends a comment every 15 s on a quiet stream (ControlLimits.keepalive): three missed
 # in a row mean the server or the path to it is gone, not that nothing happens.
 SILENCE = 45.0
 
 
 def follow(host: str, port: int, token: str | None = None, connect_timeout: float = 10.0,
-           *, unix: str | None = None) -> Iterator[dict[str, Any]]:
+           *, unix: str | None = None, silence: float = SILENCE) -> Iterator[dict[str, Any]]:
     """Each event as the JSON object the server sent, as it comes; ends when the server closes the
     stream (it stops). OSError when it cannot be reached or falls silent, MigrationError for an
-    answer other than 200 (a wrong token, say), each naming the address."""
+    answer other than 200 (a wrong token, say), each naming the address. ``silence``: seconds
+    without a byte, keep-alives included, after which the server counts as gone."""
     address = control_label(host, port, unix)
     # HTTP/1.0: the answer comes unchunked and ends when the connection does.
     # A Unix socket has no host name; "localhost" is what HTTP clients send there.
@@ -29,7 +30,7 @@ def follow(host: str, port: int, token: str | None = None, connect_timeout: floa
     sock = connect_control(host, port, unix, connect_timeout)
     with sock, sock.makefile("rb") as stream:
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        sock.settimeout(SILENCE)
+        sock.settimeout(silence)
         status_line = stream.readline()
         headers = []
         while (line := stream.readline()) not in (b"\r\n", b"\n", b""):

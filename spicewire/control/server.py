@@ -48,7 +48,6 @@ MAX_BODY = 1 << 20
 MAX_DEVICE_STATE = 256 << 20
 MAX_IN_FLIGHT = 1 << 40  # an announced port backlog beyond this is a mistake, not a plan
 _MIGRATION_ID = re.compile(r"[0-9a-f]{16}")
-KEEPALIVE = 15.0  # s between SSE comments on a quiet stream: how a follower that left is noticed
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,7 @@ class ControlLimits:
     body_timeout: float = 10.0  # s for any body, plus its size at body_rate
     body_rate: float = float(1 << 20)  # bytes/s: a slower sender is cut off (408)
     body_budget: int = 2 * MAX_DEVICE_STATE  # bytes of request bodies held at once, all connections together
+    keepalive: float = 15.0  # s between SSE comments on a quiet stream: how a follower that left is noticed
 
 
 class HttpError(SpiceError):
@@ -509,7 +509,7 @@ class ControlServer:
         try:
             yield b": spicewire events\n\n"  # the headers and this go out at once: the follower is subscribed
             while not sub.ended:
-                batch = sub.get(timeout=KEEPALIVE)
+                batch = sub.get(timeout=self.limits.keepalive)
                 if not batch:
                     yield b": keep-alive\n\n"
                     continue
