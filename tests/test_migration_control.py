@@ -30,7 +30,6 @@ from .test_migration import (
     ECHO_ID,
     SINK,
     SINK_ID,
-    Node,
     connect,
     drain_sink,
     echo_ok,
@@ -45,20 +44,6 @@ MIGRATION, OTHER = "00112233445566ff", "ffeeddccbbaa9900"
 def deadline(request):
     with gevent.Timeout(30, AssertionError(f"{request.node.name} took longer than 30 s")):
         yield
-
-
-@pytest.fixture
-def nodes():
-    """nodes(n, **kw) -> n in-process servers, stopped at the end."""
-    made: list[Node] = []
-
-    def make(n: int = 2, **kw) -> list[Node]:
-        made.extend(Node(**kw) for _ in range(n))
-        return made[-n:]
-
-    yield make
-    for node in made:
-        node.stop()
 
 
 def announce(node, session_id: int, migration: str = MIGRATION, in_flight: int = 0, ttl: float = 30) -> dict:
