@@ -122,3 +122,18 @@ def test_client_passes_migrate_data_through_and_parses_on_after_it():
 def test_take_unparsed_is_only_for_a_paused_channel():
     with pytest.raises(LocalProtocolError):
         client().take_unparsed()
+
+
+def test_receive_buffer_offers_at_most_its_limit_of_a_large_body_under_way():
+    ch = server(limit=4 * BULK)
+    frame = MessageWriter(mini=True).frame(Msgc.MIGRATE_DATA + 96, pattern(2 * BULK))
+    assert ch.receive_buffer() is None  # no body under way: receive into a buffer of one's own
+    ch.receive_data(frame[:100])
+    left = 2 * BULK - (100 - MessageReader(mini=True).header_size)
+    assert len(ch.receive_buffer(left - 1)) == left - 1  # just under what is left: the limit
+    assert len(ch.receive_buffer(left)) == left
+    assert len(ch.receive_buffer(left + 1)) == left  # just over: only what the body still needs
+    target = ch.receive_buffer(left + 1)
+    target[:] = frame[100:]
+    (data,) = ch.received_into(left)
+    assert bytes(data.data) == pattern(2 * BULK) and ch.receive_buffer() is None
