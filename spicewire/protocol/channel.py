@@ -101,6 +101,10 @@ class ChannelConnection:
         return self.reader.mini
 
     @property
+    def sends_mini_header(self) -> bool:
+        return self.writer.mini
+
+    @property
     def max_size(self) -> int:
         """The largest incoming body accepted (but for an expected MIGRATE_DATA)."""
         return self.reader.max_size

@@ -23,7 +23,7 @@ from gevent.server import StreamServer
 
 from spicewire import devices
 from spicewire.errors import LinkError, LinkTimeout, PeerFault, PeerStalled, SpiceError
-from spicewire.logs import context
+from spicewire.logs import context, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
@@ -355,7 +355,7 @@ class Connection:
         channel = self.channel
         if channel is None:
             return
-        mini = channel.writer.mini
+        mini = channel.sends_mini_header
         for frame in frames:
             if mini:
                 msg_type, size = MINI_HEADER.unpack_from(frame)
@@ -501,7 +501,7 @@ class SpiceServer:
             session.client = conn.peer
             conn.label = f"{conn.peer} session {session.id:08x} main"
             conn.log_fields.update(context(session.id, "main"))
-            conn.event_fields.update(session_id=f"{session.id:08x}", channel="main", client=conn.peer)
+            conn.event_fields.update(session_id=session_label(session.id), channel="main", client=conn.peer)
             session.main = MainConnection(session, channel, conn, established.channel_caps)
             session.on_end = self._session_ended
             if migrating:
@@ -518,7 +518,7 @@ class SpiceServer:
         conn.label = f"{conn.peer} session {session.id:08x} port {port.channel_id} ({port.name})"
         channel_name = f"port {port.channel_id} ({port.name})"
         conn.log_fields.update(context(session.id, channel_name))
-        conn.event_fields.update(session_id=f"{session.id:08x}", channel=channel_name, client=conn.peer)
+        conn.event_fields.update(session_id=session_label(session.id), channel=channel_name, client=conn.peer)
         log.info("[%s] port channel linked", conn.label)
         handler = PortConnection(port, channel, conn)
         if session.migration is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import secrets
 import time
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ from spicewire import codec, devices
 from spicewire.addresses import Address
 from spicewire.control.client import ControlClient
 from spicewire.errors import LocalProtocolError, MigrationError
-from spicewire.logs import context, epoch_of, session_label
+from spicewire.logs import context, epoch_of, parse_session_label, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server import events
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_HEX_ID = re.compile(r"[0-9a-fA-F]{8}")
 
 LANDING_MARGIN = 0.5  # s
 STATUS_TIMEOUT = 2.0  # for one "have they landed?" request to s2
@@ -204,8 +202,10 @@ class MigrationManager:
         plan, skipped, pos = [], [], 1
         for entry in index:
             text, cid, count = entry["session_id"], entry["port"], entry["chunks"]
-            if not (isinstance(text, str) and _HEX_ID.fullmatch(text)):
-                raise ValueError(f"bad session id {text!r:.40} in the device state index")
+            try:
+                sid = parse_session_label(text)
+            except ValueError:
+                raise ValueError(f"bad session id {text!r:.40} in the device state index") from None
             if not (_whole(cid) and _whole(count)):
                 raise ValueError(f"bad port {cid!r:.20} or chunk count {count!r:.20} in the device state index")
             if pos + count > len(chunks):
@@ -214,7 +214,7 @@ class MigrationManager:
             if not _whole(in_flight):
                 raise ValueError(f"bad in_flight {in_flight!r:.20} in the device state index")
             saved, pos = chunks[pos : pos + count], pos + count
-            ann = self.announcements.get(int(text, 16))
+            ann = self.announcements.get(sid)
             if ann is None or ann.migration_id != migration_id:
                 skipped.append({"session_id": text, "port": cid, "reason": "not announced in this migration"})
             elif cid not in {port[0] for port in ann.ports}:
@@ -314,7 +314,7 @@ class MigrationManager:
             for source in sources:
                 self._undo(source, reason)
             if announced and sessions and isinstance(err, Exception):
-                self._forget_announced(migration, [f"{s.id:08x}" for s in sessions])
+                self._forget_announced(migration, [session_label(s.id) for s in sessions])
             if isinstance(err, Exception):
                 log.error("migration to %s failed, every session stays here: %s", target, err)
                 for session in sessions:
@@ -323,13 +323,13 @@ class MigrationManager:
                                             mode=mode_label(mode), to=str(Address(*to)), error=str(err))
             raise
         # Whatever did not move (stayed, rolled back, switched host) leaves no announcement on s2.
-        self._forget_announced(migration, [f"{s.id:08x}" for s in sessions if f"{s.id:08x}" not in landed])
+        self._forget_announced(migration, [session_label(s.id) for s in sessions if session_label(s.id) not in landed])
         report: dict = {"to": str(Address(*to)), "mode_requested": mode_label(mode), "migration_id": migration.id,
                         "sessions": []}
         if ready and len(landed) < len(ready):
             report["error"] = f"{len(ready) - len(landed)} sessions did not arrive on the destination in time"
         for source in sources:
-            report["sessions"].append(self._session_report(source, landed.get(f"{source.session.id:08x}")))
+            report["sessions"].append(self._session_report(source, landed.get(session_label(source.session.id))))
         report.update(
             pre_migration_s=round(pre_migration, 6),
             total_s=round(time.time() - started, 6),
@@ -447,13 +447,13 @@ class MigrationManager:
         answers = self._wait_landed(migration, ready, landing) if ready else {}
         landed = {sid: entry for sid, entry in answers.items() if "failed" not in entry}
         for source in ready:
-            sid = f"{source.session.id:08x}"
+            sid = session_label(source.session.id)
             if sid not in landed and source.can_roll_back:
                 why = answers.get(sid, {}).get("failed") or "the destination did not take the session in time"
                 source.roll_back(why)
         for source in ready:
             main = source.session.main
-            if f"{source.session.id:08x}" in landed and main is not None:
+            if session_label(source.session.id) in landed and main is not None:
                 # It lives on s2 now; a client still holding an s1 socket has no use for it.
                 main.transport.close("the session migrated away")
         for source in ready:  # their final counts (what a semi-seamless switch dropped) come at the end
@@ -507,7 +507,7 @@ class MigrationManager:
     def _wait_landed(migration: Peer, sources: list[SessionSource], deadline: float) -> dict:
         """Ask the destination until every session has completed there or the deadline passed."""
         peer = migration.client
-        ids = ",".join(f"{s.session.id:08x}" for s in sources)
+        ids = ",".join(session_label(s.session.id) for s in sources)
         landed: dict = {}
         # Asking s2 costs it CPU right when it restores; ask once everything has left here.
         while not all(s.switched for s in sources) and time.monotonic() < deadline:
@@ -526,7 +526,7 @@ class MigrationManager:
                 log.warning("cannot ask the destination at %s how the migration went: %s", peer.address, err)
                 if unreachable >= UNREACHABLE_TRIES:  # gone: what has not landed never will
                     return {sid: {"failed": f"the destination is unreachable at {peer.address}: {err}"}
-                            for sid in (f"{s.session.id:08x}" for s in sources) if sid not in landed} | landed
+                            for sid in (session_label(s.session.id) for s in sources) if sid not in landed} | landed
             if len(landed) == len(sources) or time.monotonic() > deadline:
                 return landed
             if all(s.finished.is_set() for s in sources):
@@ -539,7 +539,7 @@ class MigrationManager:
         times = source.times
         switched_host = source.machine.mode is mig.MigrationMode.SWITCH_HOST and "migrate_sent" in times
         entry = {
-            "session_id": f"{source.session.id:08x}",
+            "session_id": session_label(source.session.id),
             "migrated": landed is not None,
             "mode": landed["mode"] if landed else ("switch-host" if switched_host else None),
             "in_flight_bytes_moved": source.moved,
