@@ -38,7 +38,7 @@ class Rect:
 @dataclass(frozen=True)
 class CursorShape:
     """A cursor image: ``pixels`` is height x width x 4 uint8 in SPICE's ALPHA layout (B, G, R, A
-    in memory, premultiplied as spice-gtk expects), ``hot_x``/``hot_y`` the pointer's tip."""
+    in memory), ``hot_x``/``hot_y`` the pointer's tip."""
 
     pixels: np.ndarray
     hot_x: int = 0
