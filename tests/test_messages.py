@@ -20,6 +20,9 @@ CHANNEL_OF = {
     m.Family.MAIN: ChannelType.MAIN,
     m.Family.SPICEVMC: ChannelType.USBREDIR,
     m.Family.PORT: ChannelType.PORT,
+    m.Family.DISPLAY: ChannelType.DISPLAY,
+    m.Family.INPUTS: ChannelType.INPUTS,
+    m.Family.CURSOR: ChannelType.CURSOR,
 }
 
 VECTORS = {
@@ -83,6 +86,11 @@ def test_type_numbers_come_from_enums():
         (m.Family.SPICEVMC, C2S): enums.MsgcSpicevmc,
         (m.Family.PORT, S2C): enums.MsgSpicevmc,
         (m.Family.PORT, C2S): enums.MsgcSpicevmc,
+        (m.Family.DISPLAY, S2C): enums.MsgDisplay,
+        (m.Family.DISPLAY, C2S): enums.MsgcDisplay,
+        (m.Family.INPUTS, S2C): enums.MsgInputs,
+        (m.Family.INPUTS, C2S): enums.MsgcInputs,
+        (m.Family.CURSOR, S2C): enums.MsgCursor,
     }
     for (family, direction, number), cls in m.REGISTRY.items():
         space = spaces[family, direction]
@@ -313,7 +321,8 @@ c_strings = st.text(st.characters(blacklist_characters="\0", blacklist_categorie
 
 def kind_strategy(kind):
     if isinstance(kind, m.Scalar):
-        return st.integers(0, (1 << 8 * kind.size) - 1)
+        bits = 8 * kind.size
+        return st.integers(-(1 << bits - 1), (1 << bits - 1) - 1) if kind.signed else st.integers(0, (1 << bits) - 1)
     if isinstance(kind, m.FixedBytes):
         return st.binary(min_size=kind.n, max_size=kind.n)
     if isinstance(kind, m.Rest):
@@ -324,7 +333,7 @@ def kind_strategy(kind):
         return c_strings
     if isinstance(kind, m.Pointer):
         return c_strings if kind.nonnull else st.none() | c_strings
-    if isinstance(kind, m.Array):
+    if isinstance(kind, m.Array | m.CountedArray):
         return st.lists(struct_strategy(kind.item), max_size=4).map(tuple)
     if isinstance(kind, m.When):
         return st.integers(0, 0xFFFFFFFF)
@@ -340,6 +349,8 @@ def struct_strategy(cls):
         for name, kind in cls.LAYOUT:
             if isinstance(kind, m.When) and not kind.predicate(fields[kind.on]):
                 fields[name] = None  # absent on the wire, so absent after decoding
+            if isinstance(kind, m.CountedArray):
+                fields[kind.on] = len(fields[name])
         return cls(**fields)
 
     return st.fixed_dictionaries({name: kind_strategy(kind) for name, kind in cls.LAYOUT}).map(build)

@@ -193,3 +193,247 @@ class MigrateFlags(IntFlag):
 
 
 MIGRATE_FLAGS_MASK = MigrateFlags.NEED_FLUSH | MigrateFlags.NEED_DATA_TRANSFER
+
+
+# --- display, inputs and cursor channels (CHANNELS.md 1.1-1.3; spice-protocol spice/enums.h) ---
+
+
+class MsgDisplay(IntEnum):
+    MODE = 101
+    MARK = 102
+    RESET = 103
+    COPY_BITS = 104
+    INVAL_LIST = 105
+    INVAL_ALL_PIXMAPS = 106
+    INVAL_PALETTE = 107
+    INVAL_ALL_PALETTES = 108
+    STREAM_CREATE = 122
+    STREAM_DATA = 123
+    STREAM_CLIP = 124
+    STREAM_DESTROY = 125
+    STREAM_DESTROY_ALL = 126
+    DRAW_FILL = 302
+    DRAW_OPAQUE = 303
+    DRAW_COPY = 304
+    DRAW_BLEND = 305
+    DRAW_BLACKNESS = 306
+    DRAW_WHITENESS = 307
+    DRAW_INVERS = 308
+    DRAW_ROP3 = 309
+    DRAW_STROKE = 310
+    DRAW_TEXT = 311
+    DRAW_TRANSPARENT = 312
+    DRAW_ALPHA_BLEND = 313
+    SURFACE_CREATE = 314
+    SURFACE_DESTROY = 315
+    STREAM_DATA_SIZED = 316
+    MONITORS_CONFIG = 317
+    DRAW_COMPOSITE = 318
+    STREAM_ACTIVATE_REPORT = 319
+    GL_SCANOUT_UNIX = 320
+    GL_DRAW = 321
+    QUALITY_INDICATOR = 322
+
+
+class MsgcDisplay(IntEnum):
+    INIT = 101
+    STREAM_REPORT = 102
+    PREFERRED_COMPRESSION = 103
+    GL_DRAW_DONE = 104
+    PREFERRED_VIDEO_CODEC_TYPE = 105
+
+
+class MsgInputs(IntEnum):
+    INIT = 101
+    KEY_MODIFIERS = 102
+    MOUSE_MOTION_ACK = 111
+
+
+class MsgcInputs(IntEnum):
+    KEY_DOWN = 101
+    KEY_UP = 102
+    KEY_MODIFIERS = 103
+    KEY_SCANCODE = 104
+    MOUSE_MOTION = 111
+    MOUSE_POSITION = 112
+    MOUSE_PRESS = 113
+    MOUSE_RELEASE = 114
+
+
+class MsgCursor(IntEnum):
+    INIT = 101
+    RESET = 102
+    SET = 103
+    MOVE = 104
+    HIDE = 105
+    TRAIL = 106
+    INVAL_ONE = 107
+    INVAL_ALL = 108
+
+
+class DisplayCap(IntEnum):
+    SIZED_STREAM = 0
+    MONITORS_CONFIG = 1
+    COMPOSITE = 2
+    A8_SURFACE = 3
+    STREAM_REPORT = 4
+    LZ4_COMPRESSION = 5
+    PREF_COMPRESSION = 6
+    GL_SCANOUT = 7
+    MULTI_CODEC = 8
+    CODEC_MJPEG = 9
+    CODEC_VP8 = 10
+    CODEC_H264 = 11
+    PREF_VIDEO_CODEC_TYPE = 12
+    CODEC_VP9 = 13
+    CODEC_H265 = 14
+
+
+class SurfaceFormat(IntEnum):
+    """SURFACE_CREATE formats: the value is the bits per pixel, plus 64 for 565 and ARGB."""
+
+    INVALID = 0
+    A1 = 1
+    A8 = 8
+    XRGB16_555 = 16
+    XRGB32 = 32
+    RGB16_565 = 80
+    ARGB32 = 96
+
+
+class SurfaceFlags(IntFlag):
+    PRIMARY = 1
+    STREAMING_MODE = 2
+
+
+class ImageType(IntEnum):
+    BITMAP = 0
+    QUIC = 1
+    RESERVED = 2
+    LZ_PLT = 100
+    LZ_RGB = 101
+    GLZ_RGB = 102
+    FROM_CACHE = 103
+    SURFACE = 104
+    JPEG = 105
+    FROM_CACHE_LOSSLESS = 106
+    ZLIB_GLZ_RGB = 107
+    JPEG_ALPHA = 108
+    LZ4 = 109
+
+
+class ImageFlags(IntFlag):
+    CACHE_ME = 1
+    HIGH_BITS_SET = 2
+    CACHE_REPLACE_ME = 4
+
+
+class ImageCompression(IntEnum):
+    """What a client asks for in PREFERRED_COMPRESSION."""
+
+    INVALID = 0
+    OFF = 1
+    AUTO_GLZ = 2
+    AUTO_LZ = 3
+    QUIC = 4
+    GLZ = 5
+    LZ = 6
+    LZ4 = 7
+
+
+class BitmapFormat(IntEnum):
+    INVALID = 0
+    BIT1_LE = 1
+    BIT1_BE = 2
+    BIT4_LE = 3
+    BIT4_BE = 4
+    BIT8 = 5  # indexed
+    BIT16 = 6  # x555
+    BIT24 = 7  # B, G, R in memory
+    BIT32 = 8  # xRGB little endian: B, G, R, x in memory
+    RGBA = 9  # ARGB little endian: B, G, R, A in memory
+    BIT8_A = 10
+
+
+class BitmapFlags(IntFlag):
+    PAL_CACHE_ME = 1
+    PAL_FROM_CACHE = 2
+    TOP_DOWN = 4
+
+
+class ClipType(IntEnum):
+    NONE = 0
+    RECTS = 1
+
+
+class Ropd(IntFlag):
+    """The raster operation of a draw; a plain copy is OP_PUT."""
+
+    INVERS_SRC = 1
+    INVERS_BRUSH = 2
+    INVERS_DEST = 4
+    OP_PUT = 8
+    OP_OR = 16
+    OP_AND = 32
+    OP_XOR = 64
+    OP_BLACKNESS = 128
+    OP_WHITENESS = 256
+    OP_INVERS = 512
+    INVERS_RES = 1024
+
+
+class ImageScaleMode(IntEnum):
+    INTERPOLATE = 0
+    NEAREST = 1
+
+
+class KeyModifier(IntFlag):
+    SCROLL_LOCK = 1
+    NUM_LOCK = 2
+    CAPS_LOCK = 4
+
+
+class MouseButton(IntEnum):
+    """The button a MOUSE_PRESS/RELEASE is about; UP and DOWN are the wheel."""
+
+    INVALID = 0
+    LEFT = 1
+    MIDDLE = 2
+    RIGHT = 3
+    UP = 4
+    DOWN = 5
+    SIDE = 6
+    EXTRA = 7
+
+
+class ButtonMask(IntFlag):
+    """The buttons held down, in every mouse message: bit ``MouseButton - 1``."""
+
+    LEFT = 1
+    MIDDLE = 2
+    RIGHT = 4
+    UP = 8
+    DOWN = 16
+    SIDE = 32
+    EXTRA = 64
+
+
+INPUT_MOTION_ACK_BUNCH = 4
+"""The server acks every this many MOUSE_MOTION/MOUSE_POSITION; spice-gtk stops sending motion at
+twice as many unacked (src/channel-inputs.c)."""
+
+
+class CursorType(IntEnum):
+    ALPHA = 0
+    MONO = 1
+    COLOR4 = 2
+    COLOR8 = 3
+    COLOR16 = 4
+    COLOR24 = 5
+    COLOR32 = 6
+
+
+class CursorFlags(IntFlag):
+    NONE = 1  # no cursor: no header and no data follow
+    CACHE_ME = 2
+    FROM_CACHE = 4

@@ -31,8 +31,13 @@ from spicewire.protocol.enums import (
     DataCompression,
     Msg,
     Msgc,
+    MsgcDisplay,
+    MsgcInputs,
     MsgcMain,
     MsgcSpicevmc,
+    MsgCursor,
+    MsgDisplay,
+    MsgInputs,
     MsgMain,
     MsgSpicevmc,
 )
@@ -72,14 +77,16 @@ def _from_c_string(raw: Buffer) -> str:
 
 
 class Scalar:
-    """An unsigned little-endian integer; runs of them are packed with one struct.Struct."""
+    """A little-endian integer, signed when its struct code is lower case; runs of them are packed
+    with one struct.Struct."""
 
     def __init__(self, code: str) -> None:
         self.code = code
         self.size = struct.calcsize(code)
+        self.signed = code.islower()
 
     def __repr__(self) -> str:
-        return f"u{self.size * 8}"
+        return f"{'i' if self.signed else 'u'}{self.size * 8}"
 
 
 u8, u16, u32, u64 = Scalar("B"), Scalar("H"), Scalar("I"), Scalar("Q")
@@ -87,6 +94,11 @@ U8 = Annotated[int, u8]
 U16 = Annotated[int, u16]
 U32 = Annotated[int, u32]
 U64 = Annotated[int, u64]
+i8, i16, i32, i64 = Scalar("b"), Scalar("h"), Scalar("i"), Scalar("q")
+I8 = Annotated[int, i8]
+I16 = Annotated[int, i16]
+I32 = Annotated[int, i32]
+I64 = Annotated[int, i64]
 
 
 class FixedBytes:
@@ -203,6 +215,36 @@ class Array:
         _need(body, pos, self.count.size, "array count")
         (count,) = self.count.unpack_from(body, pos)
         pos += self.count.size
+        item = self.item_struct
+        end = pos + count * item.size
+        _need(body, pos, count * item.size, f"array of {count} {self.item.__name__}")
+        make = self.item_layout.cls
+        return tuple(make(*fields) for fields in item.iter_unpack(body[pos:end])), end
+
+
+class CountedArray:
+    """``Item items[<field on>] @end``: an array whose count is an earlier field of its own, with
+    other fields in between (MONITORS_CONFIG's ``u16 count, u16 max_allowed, Head heads[count]``).
+    Encoding refuses a count that does not match the items."""
+
+    def __init__(self, on: str, item: type["WireStruct"]) -> None:
+        self.on = on
+        self.item = item
+        self.item_layout = item._layout
+        fixed = self.item_layout.fixed
+        if fixed is None:
+            raise TypeError(f"array items must be structs of scalars, {item.__name__} is not")
+        self.item_struct = fixed
+
+    def encode(self, value: Sequence, out: bytearray, deferred: list, owner: Any) -> None:
+        count = getattr(owner, self.on)
+        if count != len(value):
+            raise CodecError(f"{self.on} = {count} but {len(value)} {self.item.__name__} items are given")
+        for item in value:
+            self.item_layout.encode_into(item, out, deferred)
+
+    def decode(self, body: Buffer, pos: int, decoded: dict) -> tuple[tuple, int]:
+        count = decoded[self.on]
         item = self.item_struct
         end = pos + count * item.size
         _need(body, pos, count * item.size, f"array of {count} {self.item.__name__}")
@@ -397,6 +439,9 @@ class Family(Enum):
     MAIN = "main"
     SPICEVMC = "spicevmc"  # usbredir, port, webdav
     PORT = "port"  # port and webdav on top of spicevmc
+    DISPLAY = "display"
+    INPUTS = "inputs"
+    CURSOR = "cursor"
 
 
 _CHANNEL_FAMILIES: dict[int, tuple[Family, ...]] = {
@@ -404,6 +449,9 @@ _CHANNEL_FAMILIES: dict[int, tuple[Family, ...]] = {
     ChannelType.USBREDIR: (Family.COMMON, Family.SPICEVMC),
     ChannelType.PORT: (Family.COMMON, Family.SPICEVMC, Family.PORT),
     ChannelType.WEBDAV: (Family.COMMON, Family.SPICEVMC, Family.PORT),
+    ChannelType.DISPLAY: (Family.COMMON, Family.DISPLAY),
+    ChannelType.INPUTS: (Family.COMMON, Family.INPUTS),
+    ChannelType.CURSOR: (Family.COMMON, Family.CURSOR),
 }
 
 _REGISTRY: dict[tuple[Family, Direction, int], type["Message"]] = {}
@@ -804,3 +852,204 @@ class MsgcSpicevmcCompressedData(Message):
 @message(Family.PORT, C2S, MsgcSpicevmc.PORT_EVENT)
 class MsgcPortEvent(Message):
     event: U8
+
+
+# display, inputs and cursor (CHANNELS.md 1.2-1.3, checked against spice-common spice.proto). The
+# draw messages' bodies hold pointers into themselves and bulk pixels: graphics.py builds and parses
+# those, and they travel here as opaque data.
+
+
+@wire_struct
+class MonitorHead(WireStruct):
+    monitor_id: U32
+    surface_id: U32
+    width: U32
+    height: U32
+    x: U32
+    y: U32
+    flags: U32
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.MARK)
+class MsgDisplayMark(Message):
+    pass  # after SURFACE_CREATE: until it comes, spice-gtk's widget shows nothing
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.RESET)
+class MsgDisplayReset(Message):
+    pass
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.INVAL_ALL_PALETTES)
+class MsgDisplayInvalAllPalettes(Message):
+    pass
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.DRAW_COPY)
+class MsgDisplayDrawCopy(Message):
+    data: Data  # graphics.encode_draw_copy / parse_draw_copy
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.SURFACE_CREATE)
+class MsgDisplaySurfaceCreate(Message):
+    surface_id: U32
+    width: U32
+    height: U32
+    format: U32  # SurfaceFormat
+    flags: U32  # SurfaceFlags
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.SURFACE_DESTROY)
+class MsgDisplaySurfaceDestroy(Message):
+    surface_id: U32
+
+
+@message(Family.DISPLAY, S2C, MsgDisplay.MONITORS_CONFIG)
+class MsgDisplayMonitorsConfig(Message):
+    count: U16  # = len(heads); spice-gtk ignores a MONITORS_CONFIG with none
+    max_allowed: U16
+    heads: Annotated[tuple[MonitorHead, ...], CountedArray("count", MonitorHead)]
+
+
+@message(Family.DISPLAY, C2S, MsgcDisplay.INIT)
+class MsgcDisplayInit(Message):
+    pixmap_cache_id: U8
+    pixmap_cache_size: I64  # in pixels
+    glz_dictionary_id: U8
+    glz_dictionary_window_size: I32  # in pixels
+
+
+@message(Family.DISPLAY, C2S, MsgcDisplay.STREAM_REPORT)
+class MsgcDisplayStreamReport(Message):
+    data: Data  # we create no streams, so a report is never about anything of ours
+
+
+@message(Family.DISPLAY, C2S, MsgcDisplay.PREFERRED_COMPRESSION)
+class MsgcDisplayPreferredCompression(Message):
+    image_compression: U8  # ImageCompression
+
+
+@message(Family.DISPLAY, C2S, MsgcDisplay.GL_DRAW_DONE)
+class MsgcDisplayGlDrawDone(Message):
+    pass
+
+
+@message(Family.DISPLAY, C2S, MsgcDisplay.PREFERRED_VIDEO_CODEC_TYPE)
+class MsgcDisplayPreferredVideoCodecType(Message):
+    data: Data  # u8 count, u8 codecs[count]: kept opaque until we stream video
+
+
+@message(Family.INPUTS, S2C, MsgInputs.INIT)
+class MsgInputsInit(Message):
+    modifiers: U16  # KeyModifier
+
+
+@message(Family.INPUTS, S2C, MsgInputs.KEY_MODIFIERS)
+class MsgInputsKeyModifiers(Message):
+    modifiers: U16
+
+
+@message(Family.INPUTS, S2C, MsgInputs.MOUSE_MOTION_ACK)
+class MsgInputsMouseMotionAck(Message):
+    pass  # one per INPUT_MOTION_ACK_BUNCH motion or position messages
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.KEY_DOWN)
+class MsgcInputsKeyDown(Message):
+    code: U32  # PC XT set-1 scancode; an extended key 0x1xx arrives as bytes E0 xx
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.KEY_UP)
+class MsgcInputsKeyUp(Message):
+    code: U32  # the key-down code with 0x80 set on its last byte
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.KEY_MODIFIERS)
+class MsgcInputsKeyModifiers(Message):
+    modifiers: U16
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.KEY_SCANCODE)
+class MsgcInputsKeyScancode(Message):
+    data: Data  # raw scancode bytes (InputsCap.KEY_SCANCODE)
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.MOUSE_MOTION)
+class MsgcInputsMouseMotion(Message):
+    dx: I32
+    dy: I32
+    buttons: U16  # ButtonMask
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.MOUSE_POSITION)
+class MsgcInputsMousePosition(Message):
+    x: U32
+    y: U32
+    buttons: U16
+    display_id: U8
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.MOUSE_PRESS)
+class MsgcInputsMousePress(Message):
+    button: U8  # MouseButton
+    buttons: U16  # ButtonMask
+
+
+@message(Family.INPUTS, C2S, MsgcInputs.MOUSE_RELEASE)
+class MsgcInputsMouseRelease(Message):
+    button: U8
+    buttons: U16
+
+
+# A cursor position is spice.proto's Point16: signed, so a hot spot may sit left of or above the
+# surface. ``cursor`` is a SpiceCursor, built and parsed by graphics.encode_cursor / parse_cursor.
+
+
+@message(Family.CURSOR, S2C, MsgCursor.INIT)
+class MsgCursorInit(Message):
+    x: I16
+    y: I16
+    trail_length: U16
+    trail_frequency: U16
+    visible: U8
+    cursor: Data
+
+
+@message(Family.CURSOR, S2C, MsgCursor.RESET)
+class MsgCursorReset(Message):
+    pass
+
+
+@message(Family.CURSOR, S2C, MsgCursor.SET)
+class MsgCursorSet(Message):
+    x: I16
+    y: I16
+    visible: U8
+    cursor: Data
+
+
+@message(Family.CURSOR, S2C, MsgCursor.MOVE)
+class MsgCursorMove(Message):
+    x: I16
+    y: I16
+
+
+@message(Family.CURSOR, S2C, MsgCursor.HIDE)
+class MsgCursorHide(Message):
+    pass
+
+
+@message(Family.CURSOR, S2C, MsgCursor.TRAIL)
+class MsgCursorTrail(Message):
+    length: U16
+    frequency: U16
+
+
+@message(Family.CURSOR, S2C, MsgCursor.INVAL_ONE)
+class MsgCursorInvalOne(Message):
+    id: U64
+
+
+@message(Family.CURSOR, S2C, MsgCursor.INVAL_ALL)
+class MsgCursorInvalAll(Message):
+    pass
