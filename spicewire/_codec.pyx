@@ -12,7 +12,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from cpython.sequence cimport PySequence_GetSlice
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
 
 import numpy as np
 
@@ -294,3 +294,98 @@ def unpack_chunks(object buf):
     finally:
         PyBuffer_Release(&view)
     return result
+
+
+cdef int _check_frame(str name, object frame) except -1:
+    """A framebuffer as damage_tiles needs it, or ValueError; the pure twin checks the same way."""
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 4:
+        raise ValueError(f"{name} must be a (height, width, 4) uint8 array, got {frame.dtype} {frame.shape}")
+    if not frame.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return 0
+
+
+cdef inline bint _overlap(object a, object b):
+    cdef uintptr_t a_lo = a.__array_interface__["data"][0]
+    cdef uintptr_t b_lo = b.__array_interface__["data"][0]
+    cdef uintptr_t a_n = a.nbytes, b_n = b.nbytes
+    return a_n != 0 and b_n != 0 and a_lo < b_lo + b_n and b_lo < a_lo + a_n
+
+
+cdef Py_ssize_t _damage_loop(
+    const unsigned char *cur, unsigned char *shadow, unsigned char *dirty, Py_ssize_t height,
+    Py_ssize_t width, Py_ssize_t tile, bint copy,
+) noexcept nogil:
+    """Row by row through each band of tiles, so both frames are read in address order. A whole row
+    is compared first: where it matches, no tile of it needs looking at. A tile found dirty has its
+    remaining rows copied at once, which keeps the whole-row comparison valid for the rows below."""
+    cdef Py_ssize_t stride = width * 4, tiles_x = width // tile + (width % tile != 0)
+    cdef Py_ssize_t count = 0, y0, y1, y, r, tx, x0, nbytes, off
+    cdef unsigned char *marks
+    y0 = 0
+    while y0 < height:
+        y1 = y0 + tile if height - y0 > tile else height
+        marks = dirty + (y0 // tile) * tiles_x
+        memset(marks, 0, tiles_x)
+        for y in range(y0, y1):
+            if memcmp(cur + y * stride, shadow + y * stride, stride) == 0:
+                continue
+            for tx in range(tiles_x):
+                if marks[tx]:
+                    continue
+                x0 = tx * tile
+                nbytes = (tile if width - x0 > tile else width - x0) * 4
+                off = y * stride + x0 * 4
+                if memcmp(cur + off, shadow + off, nbytes) == 0:
+                    continue
+                marks[tx] = 1
+                count += 1
+                if copy:
+                    for r in range(y, y1):
+                        memcpy(shadow + r * stride + x0 * 4, cur + r * stride + x0 * 4, nbytes)
+        y0 = y1
+    return count
+
+
+def damage_tiles(object current, object shadow, Py_ssize_t tile, object dirty, bint copy=True):
+    cdef Py_buffer cur_view, shadow_view, dirty_view
+    cdef Py_ssize_t height, width, count
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    _check_frame("current", current)
+    _check_frame("shadow", shadow)
+    if shadow.shape != current.shape:
+        raise ValueError(f"shadow has shape {shadow.shape}, current {current.shape}")
+    height, width = current.shape[0], current.shape[1]
+    expected = (height // tile + (height % tile != 0), width // tile + (width % tile != 0))
+    if not isinstance(dirty, np.ndarray):
+        raise ValueError(f"dirty must be a numpy array, got {type(dirty).__name__}")
+    if dirty.dtype != np.uint8 or dirty.shape != expected:
+        raise ValueError(f"dirty must be a {expected} uint8 array for tiles of {tile}, "
+                         f"got {dirty.dtype} {dirty.shape}")
+    if not dirty.flags.c_contiguous:
+        raise ValueError("dirty must be C-contiguous")
+    if not dirty.flags.writeable:
+        raise ValueError("dirty is read-only")
+    if copy and not shadow.flags.writeable:
+        raise ValueError("shadow is read-only, and copy needs to write it")
+    if _overlap(current, shadow) or _overlap(dirty, current) or _overlap(dirty, shadow):
+        raise ValueError("current, shadow and dirty must not share memory")
+    _get_buffer(current, &cur_view, PyBUF_SIMPLE)
+    try:
+        _get_buffer(shadow, &shadow_view, PyBUF_WRITABLE if copy else PyBUF_SIMPLE)
+        try:
+            _get_buffer(dirty, &dirty_view, PyBUF_WRITABLE)
+            try:
+                with nogil:
+                    count = _damage_loop(<const unsigned char *>cur_view.buf, <unsigned char *>shadow_view.buf,
+                                         <unsigned char *>dirty_view.buf, height, width, tile, copy)
+            finally:
+                PyBuffer_Release(&dirty_view)
+        finally:
+            PyBuffer_Release(&shadow_view)
+    finally:
+        PyBuffer_Release(&cur_view)
+    return count

@@ -160,3 +160,65 @@ def unpack_chunks(buf: Buffer) -> list[memoryview]:
     if seen != payload:
         raise CodecError(f"chunk lengths add up to {seen}, the header says {payload}")
     return pieces
+
+
+def _check_frame(name: str, frame: object) -> npt.NDArray[np.uint8]:
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"{name} must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 4:
+        raise ValueError(f"{name} must be a (height, width, 4) uint8 array, got {frame.dtype} {frame.shape}")
+    if not frame.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous")
+    return frame
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    a_lo = a.__array_interface__["data"][0]
+    b_lo = b.__array_interface__["data"][0]
+    return bool(a.nbytes and b.nbytes and a_lo < b_lo + b.nbytes and b_lo < a_lo + a.nbytes)
+
+
+def damage_tiles(
+    current: npt.NDArray[np.uint8],
+    shadow: npt.NDArray[np.uint8],
+    tile: int,
+    dirty: npt.NDArray[np.uint8],
+    copy: bool = True,
+) -> int:
+    tile = _ssize(tile)
+    if tile < 1:
+        raise ValueError(f"tile must be >= 1, got {tile}")
+    current = _check_frame("current", current)
+    shadow = _check_frame("shadow", shadow)
+    if shadow.shape != current.shape:
+        raise ValueError(f"shadow has shape {shadow.shape}, current {current.shape}")
+    height, width = current.shape[0], current.shape[1]
+    expected = (height // tile + (height % tile != 0), width // tile + (width % tile != 0))
+    if not isinstance(dirty, np.ndarray):
+        raise ValueError(f"dirty must be a numpy array, got {type(dirty).__name__}")
+    if dirty.dtype != np.uint8 or dirty.shape != expected:
+        raise ValueError(
+            f"dirty must be a {expected} uint8 array for tiles of {tile}, got {dirty.dtype} {dirty.shape}"
+        )
+    if not dirty.flags.c_contiguous:
+        raise ValueError("dirty must be C-contiguous")
+    if not dirty.flags.writeable:
+        raise ValueError("dirty is read-only")
+    if copy and not shadow.flags.writeable:
+        raise ValueError("shadow is read-only, and copy needs to write it")
+    if _overlap(current, shadow) or _overlap(dirty, current) or _overlap(dirty, shadow):
+        raise ValueError("current, shadow and dirty must not share memory")
+    if not dirty.size:
+        dirty.fill(0)
+        return 0
+    differs = (current != shadow).any(axis=2)
+    # A tile differs when any of its pixels does: OR over each band of rows, then each band of columns.
+    bands = np.logical_or.reduceat(differs, np.arange(0, height, tile), axis=0)
+    tiles = np.logical_or.reduceat(bands, np.arange(0, width, tile), axis=1)
+    dirty[...] = tiles
+    if copy:
+        for ty, tx in np.argwhere(tiles):
+            rows = slice(ty * tile, (ty + 1) * tile)
+            cols = slice(tx * tile, (tx + 1) * tile)
+            shadow[rows, cols] = current[rows, cols]
+    return int(np.count_nonzero(tiles))

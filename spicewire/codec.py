@@ -11,6 +11,11 @@ twin (_codec_py.py), which gives identical results and raises identical errors.
 - ``pack_chunks(chunks, out=None)``: many buffers into ONE numpy uint8 container (layout in
   _codec_layout.py); ``out`` is reused when it is large enough. ``packed_size(chunks)`` sizes it.
 - ``unpack_chunks(buf)``: the container's chunks as zero-copy memoryviews, after validating it.
+- ``damage_tiles(current, shadow, tile, dirty, copy=True)``: compares two C-contiguous (h, w, 4) uint8
+  frames in tiles of ``tile`` pixels; sets ``dirty[ty, tx]`` (a C-contiguous uint8 array of
+  ``(ceil(h / tile), ceil(w / tile))``) to 1 where the tile differs and 0 where not, copies the
+  differing tiles from ``current`` into ``shadow`` when ``copy``, and returns how many differ. Any
+  other shape, dtype, layout, a read-only output or arrays sharing memory raise ValueError.
 """
 
 from __future__ import annotations
@@ -44,5 +49,15 @@ scan = _impl.scan
 pack_chunks = _impl.pack_chunks
 packed_size = _impl.packed_size
 unpack_chunks = _impl.unpack_chunks
+damage_tiles = _impl.damage_tiles
 
-__all__ = ["BACKEND", "DEFAULT_MAX_SIZE", "pack_chunks", "packed_size", "parse_header", "scan", "unpack_chunks"]
+__all__ = [
+    "BACKEND",
+    "DEFAULT_MAX_SIZE",
+    "damage_tiles",
+    "pack_chunks",
+    "packed_size",
+    "parse_header",
+    "scan",
+    "unpack_chunks",
+]
