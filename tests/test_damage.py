@@ -6,6 +6,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from spicewire.damage import Damage
+from spicewire.protocol.graphics import Rect
+
 from .guarded import GuardedArena
 
 
@@ -257,3 +260,111 @@ def test_compiled_damage_tiles_stays_inside_its_arrays(both_codecs):
         expected = expected_dirty(changed, base, tile)
         assert compiled.damage_tiles(current, shadow, tile, dirty) == expected.sum()
         assert np.array_equal(dirty, expected) and np.array_equal(shadow, changed)
+
+
+# --- Damage: rectangles ---------------------------------------------------------------------------
+
+
+def test_a_new_tracker_sees_nothing_on_a_black_screen():
+    damage = Damage(100, 100, tile=10)
+    assert damage.collect(np.zeros((100, 100, 4), np.uint8)) == []
+    assert damage.dirty_count == 0
+
+
+def test_one_changed_pixel_is_one_tile_rect():
+    damage = Damage(100, 100, tile=10)
+    frame = damage.shadow.copy()
+    frame[55, 23] = 7
+    assert damage.collect(frame) == [Rect(top=50, left=20, bottom=60, right=30)]
+    assert damage.dirty_count == 1
+    assert np.array_equal(damage.shadow, frame)
+
+
+def test_a_run_of_tiles_along_a_row_is_one_rect():
+    damage = Damage(100, 100, tile=10)
+    frame = damage.shadow.copy()
+    frame[5, 10:40] = 1
+    assert damage.collect(frame) == [Rect(0, 10, 10, 40)]
+    assert damage.dirty_count == 3
+
+
+def test_the_same_run_in_consecutive_tile_rows_merges_into_one_taller_rect():
+    damage = Damage(100, 100, tile=10)
+    frame = damage.shadow.copy()
+    frame[15:45, 31:59] = 1
+    assert damage.collect(frame) == [Rect(10, 30, 50, 60)]
+    assert damage.dirty_count == 12
+
+
+def test_different_runs_in_consecutive_rows_stay_apart():
+    damage = Damage(40, 40, tile=10)
+    frame = damage.shadow.copy()
+    frame[0, 0:20] = 1  # row 0: tiles 0-1
+    frame[10, 0:30] = 1  # row 1: tiles 0-2, not the same run
+    frame[20, 0:20] = 1  # row 2: tiles 0-1 again: a new rect, not joined across row 1
+    assert damage.collect(frame) == [Rect(0, 0, 10, 20), Rect(10, 0, 20, 30), Rect(20, 0, 30, 20)]
+
+
+def test_two_runs_in_a_row_are_two_rects_in_left_to_right_order():
+    damage = Damage(30, 100, tile=10)
+    frame = damage.shadow.copy()
+    frame[0:30, 80] = 1
+    frame[0:30, 5] = 1
+    frame[12, 40] = 1
+    assert damage.collect(frame) == [Rect(0, 0, 30, 10), Rect(0, 80, 30, 90), Rect(10, 40, 20, 50)]
+
+
+def test_rects_are_clipped_to_the_surface_edge():
+    damage = Damage(65, 129, tile=64)
+    frame = damage.shadow.copy()
+    frame[64, 0:129] = 3
+    assert damage.collect(frame) == [Rect(64, 0, 65, 129)]
+
+
+def test_the_rects_cover_exactly_the_dirty_tiles():
+    rng = np.random.default_rng(5)
+    damage = Damage(97, 131, tile=8)
+    for _ in range(20):
+        frame = damage.shadow.copy()
+        for _ in range(rng.integers(1, 30)):
+            frame[rng.integers(0, 97), rng.integers(0, 131)] ^= 0x11
+        rects = damage.collect(frame)
+        covered = np.zeros((97, 131), dtype=np.int64)
+        for r in rects:
+            covered[r.top : r.bottom, r.left : r.right] += 1
+        tiles = np.kron(damage.dirty, np.ones((8, 8), dtype=np.int64))[:97, :131]
+        assert np.array_equal(covered, tiles)  # every dirty pixel once, nothing else
+        assert sum(r.area for r in rects) == int(tiles.sum())
+
+
+def test_invalidate_makes_the_next_collect_the_whole_surface_once():
+    damage = Damage(50, 70, tile=16)
+    frame = np.full((50, 70, 4), 9, np.uint8)
+    damage.collect(frame)
+    damage.invalidate()
+    assert damage.collect(frame) == [Rect(0, 0, 50, 70)]
+    assert damage.dirty_count == damage.dirty.size == 4 * 5
+    assert damage.collect(frame) == []
+
+
+def test_invalidate_copies_the_framebuffer_into_the_shadow():
+    damage = Damage(20, 20)
+    frame = np.random.default_rng(1).integers(0, 256, (20, 20, 4), dtype=np.uint8)
+    damage.invalidate()
+    damage.collect(frame)
+    assert np.array_equal(damage.shadow, frame)
+
+
+def test_a_framebuffer_of_another_size_is_refused_even_after_invalidate():
+    damage = Damage(20, 20)
+    with pytest.raises(ValueError):
+        damage.collect(np.zeros((20, 21, 4), np.uint8))
+    damage.invalidate()
+    with pytest.raises(ValueError):
+        damage.collect(np.zeros((21, 20, 4), np.uint8))
+
+
+@pytest.mark.parametrize(("height", "width", "tile"), [(-1, 5, 64), (5, -1, 64), (5, 5, 0)])
+def test_a_tracker_of_impossible_geometry_is_refused(height, width, tile):
+    with pytest.raises(ValueError):
+        Damage(height, width, tile)
