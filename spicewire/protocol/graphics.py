@@ -186,6 +186,13 @@ class DrawCopy:
     clip: tuple[Rect, ...] = ()
 
 
+def _flat(body: Buffer, what: str) -> memoryview:
+    try:
+        return memoryview(body).cast("B")
+    except TypeError as exc:
+        raise CodecError(f"{what} body is not a flat buffer: {exc}") from None
+
+
 def _need(body: memoryview, pos: int, n: int, what: str) -> None:
     if n < 0 or pos + n > len(body):
         raise CodecError(f"DRAW_COPY {what} needs bytes {pos}..{pos + n} but the body has {len(body)}")
@@ -209,10 +216,7 @@ def parse_draw_copy(body: Buffer, max_pixels: int = MAX_PIXELS) -> DrawCopy:
     or an LZ4 image. Anything else, or any inconsistency, is a CodecError: every offset is checked
     against the body, and an LZ4 image may not claim more pixels than ``max_pixels`` nor than its
     compressed bytes can expand to."""
-    try:
-        view = memoryview(body).cast("B")
-    except TypeError as exc:
-        raise CodecError(f"DRAW_COPY body is not a flat buffer: {exc}") from None
+    view = _flat(body, "DRAW_COPY")
     _need(view, 0, _BASE.size, "DisplayBase")
     surface_id, *box_fields, clip_type = _BASE.unpack_from(view)
     box = Rect(*box_fields)
@@ -335,7 +339,7 @@ def encode_cursor(shape: CursorShape | None) -> bytes:
 def parse_cursor(data: Buffer) -> CursorShape | None:
     """The shape a SpiceCursor carries, None for NONE. Only ALPHA images are understood; a cursor
     FROM_CACHE is refused, as this side caches none."""
-    view = memoryview(data).cast("B")
+    view = _flat(data, "cursor")
     if len(view) < _CURSOR_FLAGS.size:
         raise CodecError(f"cursor of {len(view)} bytes has no flags")
     (flags,) = _CURSOR_FLAGS.unpack_from(view)
@@ -410,7 +414,7 @@ class DisplayMigrateData:
 
     @classmethod
     def decode(cls, body: Buffer) -> DisplayMigrateData:
-        view = memoryview(body).cast("B")
+        view = _flat(body, "display migrate data")
         if len(view) < DISPLAY_MIGRATE_FIXED_SIZE:
             raise CodecError(f"display migrate data of {len(view)} bytes, needs {DISPLAY_MIGRATE_FIXED_SIZE}")
         magic, version = _MIGRATE_HEADER.unpack_from(view)
@@ -456,7 +460,7 @@ class InputsMigrateData:
 
     @classmethod
     def decode(cls, body: Buffer) -> InputsMigrateData:
-        view = memoryview(body).cast("B")
+        view = _flat(body, "inputs migrate data")
         if len(view) < INPUTS_MIGRATE_SIZE:
             raise CodecError(f"inputs migrate data of {len(view)} bytes, needs {INPUTS_MIGRATE_SIZE}")
         magic, version = _MIGRATE_HEADER.unpack_from(view)
