@@ -167,6 +167,8 @@ def test_encode_refuses_pixels_that_do_not_fit_the_box():
         g.encode_draw_copy(0, g.Rect(0, 0, 4, 4), fb[:4, :4, :3])
     with pytest.raises(CodecError, match="empty"):
         g.encode_draw_copy_lz4(0, g.Rect(0, 0, 0, 0), fb[:0, :0])
+    with pytest.raises(CodecError, match="off the surface"):
+        g.encode_draw_copy(0, g.Rect(-1, 0, 3, 4), fb[:4, :4])
 
 
 def bitmap_body(pixels, *, top_down=True, stride=None, fmt=8, box=None, flags_extra=0, clip=()):

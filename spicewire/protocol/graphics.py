@@ -96,7 +96,6 @@ _IMAGE_AT = _BASE.size + _COPY.size  # 57, with no clip rects
 _RAW_HEAD = struct.Struct("<" + "".join(s.format.lstrip("<") for s in (_BASE, _COPY, _IMAGE, _BITMAP, _PALETTE_PTR)))
 _LZ4_HEAD = struct.Struct("<" + "".join(s.format.lstrip("<") for s in (_BASE, _COPY, _IMAGE, _BINARY_SIZE)) + "BB")
 DRAW_COPY_HEADER_SIZE = _RAW_HEAD.size  # 93
-_LZ4_DATA_AT = _LZ4_HEAD.size - 2  # 79: the BinaryData bytes, whose size counts the two header bytes
 
 MAX_PIXELS = 16384 * 16384
 """Default cap on an image's pixels in parse_draw_copy: what a decoder allocates for LZ4 at most."""
@@ -119,8 +118,8 @@ def _check_pixels(box: Rect, pixels: np.ndarray) -> tuple[int, int]:
     height, width = int(pixels.shape[0]), int(pixels.shape[1])
     if (box.height, box.width) != (height, width):
         raise CodecError(f"box {box} is {box.width}x{box.height}, the pixels {width}x{height}")
-    if not width or not height:
-        raise CodecError(f"empty draw {box}")
+    if not width or not height or box.top < 0 or box.left < 0:
+        raise CodecError(f"draw {box} is empty or off the surface")
     return height, width
 
 
