@@ -77,6 +77,19 @@ def rows(benches):
         twin = median(benches, "test_unpack_chunks_pure_twin")
         if twin:
             add("unpack_chunks vs pure-Python twin", twin / unpack, "{:.1f}x")
+    for case in ("identical", "changed"):
+        damage = median(benches, f"test_damage_{case}_compiled")
+        if not damage:
+            continue
+        label = "identical frames" if case == "identical" else "8 tiles changed"
+        add(f"damage_tiles 1920x1080, {label}, compiled: ms", damage * 1e3, "{:.2f}")
+        equal = median(benches, f"test_damage_{case}_array_equal")
+        if equal:
+            ratio = equal / damage
+            add(f"damage tracking 1920x1080 vs numpy array_equal, {label}", ratio, "{:.2f}x", ">= 0.5x", ratio >= 0.5)
+        twin = median(benches, f"test_damage_{case}_pure_twin")
+        if twin:
+            add(f"damage_tiles 1920x1080 vs pure-Python twin, {label}", twin / damage, "{:.1f}x")
     return out
 
 
