@@ -45,15 +45,13 @@ class Damage:
 
     def collect(self, framebuffer: npt.NDArray[np.uint8]) -> list[Rect]:
         """The rectangles where ``framebuffer`` differs from the shadow, which then equals it."""
+        # Compared even when invalid: it validates the framebuffer, and copies only what differs.
+        self.dirty_count = codec.damage_tiles(framebuffer, self.shadow, self.tile, self.dirty)
         if self._invalid:
-            if framebuffer.shape != self.shadow.shape:
-                raise ValueError(f"framebuffer has shape {framebuffer.shape}, the surface {self.shadow.shape}")
-            np.copyto(self.shadow, framebuffer)
             self.dirty.fill(1)
             self.dirty_count = self.dirty.size
             self._invalid = False
             return [Rect(0, 0, self.height, self.width)] if self.dirty.size else []
-        self.dirty_count = codec.damage_tiles(framebuffer, self.shadow, self.tile, self.dirty)
         return self.rects() if self.dirty_count else []
 
     def rects(self) -> list[Rect]:
