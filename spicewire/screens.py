@@ -89,6 +89,10 @@ def _arrow() -> CursorShape:
     return CursorShape(pixels=pixels, hot_x=0, hot_y=0)
 
 
+def _size_or_default(width: int | None, height: int | None) -> tuple[int, int]:
+    return (DEFAULT_WIDTH if width is None else width, DEFAULT_HEIGHT if height is None else height)
+
+
 def _check_size(width: int, height: int) -> tuple[int, int]:
     if not (0 < width <= MAX_SIDE and 0 < height <= MAX_SIDE):
         raise ValueError(f"a screen must be 1x1 to {MAX_SIDE}x{MAX_SIDE}, not {width}x{height}")
@@ -104,7 +108,7 @@ class Screen:
     background = (0, 0, 0)
 
     def __init__(self, width: int | None = None, height: int | None = None) -> None:
-        self.width, self.height = _check_size(width or DEFAULT_WIDTH, height or DEFAULT_HEIGHT)
+        self.width, self.height = _check_size(*_size_or_default(width, height))
         self.framebuffer: npt.NDArray[np.uint8] = np.empty((self.height, self.width, 4), dtype=np.uint8)
         self.framebuffer[...] = bgrx(self.background)
         self.context: ScreenContext | None = None
@@ -239,7 +243,7 @@ def factory(kind: str, width: int | None = None, height: int | None = None) -> S
         cls = _KINDS[kind]
     except KeyError:
         raise ValueError(f"unknown screen kind {kind!r}; known: {', '.join(sorted(_KINDS))}") from None
-    _check_size(width or DEFAULT_WIDTH, height or DEFAULT_HEIGHT)
+    _check_size(*_size_or_default(width, height))
     return functools.partial(cls, width, height)
 
 

@@ -47,6 +47,11 @@ def test_factory_makes_a_new_screen_of_the_default_size_per_call():
     assert first.kind == "paint"
 
 
+def test_factory_defaults_each_side_on_its_own():
+    assert screens.factory("paint", 300)().framebuffer.shape == (768, 300, 4)
+    assert screens.factory("paint", None, 200)().framebuffer.shape == (200, 1024, 4)
+
+
 def test_factory_takes_a_size():
     screen = screens.factory("clock", 320, 200)()
     assert (screen.width, screen.height) == (320, 200)
@@ -58,7 +63,8 @@ def test_factory_refuses_an_unknown_kind_naming_the_known_ones():
         screens.factory("nope")
 
 
-@pytest.mark.parametrize(("width", "height"), [(-1, 10), (10, -5), (screens.MAX_SIDE + 1, 10), (10, 99999)])
+@pytest.mark.parametrize(("width", "height"), [(-1, 10), (10, -5), (0, 10), (10, 0), (screens.MAX_SIDE + 1, 10),
+                                             (10, 99999)])
 def test_factory_refuses_an_impossible_size_at_once(width, height):
     with pytest.raises(ValueError):
         screens.factory("paint", width, height)
