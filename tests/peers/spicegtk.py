@@ -26,15 +26,23 @@ import subprocess
 from . import DRIVER, SYSTEM_PYTHON
 
 
-def driver_argv(port: int, host: str = "127.0.0.1", password: str | None = None,
+def driver_argv(port: int | None, host: str = "127.0.0.1", password: str | None = None,
                 port_name: str | None = None, send_bytes: int = 0, expect_echo: bool = False,
                 timeout: float = 20.0, hold: float = 0.0, wait_opened: bool = False,
                 no_port: bool = False, main_only: bool = False, chunk_size: int | None = None,
                 debug: bool = False, stream_seconds: float = 0.0, stream_rate: float = 0.0,
                 max_inflight: int | None = None, drain_timeout: float | None = None,
-                resync: bool = False, trace_spice: bool = False,
+                resync: bool = False, trace_spice: bool = False, tls_port: int | None = None,
+                ca_file: str | None = None, cert_subject: str | None = None, secure_channels: str | None = None,
                 extra: list[str] | None = None) -> list[str]:
-    argv = [SYSTEM_PYTHON, DRIVER, "--host", host, "--port", str(port), "--timeout", str(timeout)]
+    """``port`` None: no plain port (a TLS-only server, ``tls_port``)."""
+    argv = [SYSTEM_PYTHON, DRIVER, "--host", host, "--timeout", str(timeout)]
+    if port is not None:
+        argv += ["--port", str(port)]
+    for option, value in (("--tls-port", tls_port), ("--ca-file", ca_file), ("--cert-subject", cert_subject),
+                          ("--secure-channels", secure_channels)):
+        if value is not None:
+            argv += [option, str(value)]
     if password is not None:
         argv += ["--password", password]
     if port_name is not None:
@@ -124,7 +132,7 @@ def _wall(kw: dict) -> float:
     return kw.get("timeout", 20.0) + kw.get("hold", 0.0) + stream + 30
 
 
-def run_driver(port: int, **kw) -> dict:
+def run_driver(port: int | None, **kw) -> dict:
     """Run the driver to completion; returns its report dict (never raises on peer failure)."""
     timeout = _wall(kw)
     argv = driver_argv(port, **kw)
@@ -185,5 +193,117 @@ class DriverProcess:
         self.proc.wait(timeout=10)
 
 
-def start_driver(port: int, **kw) -> DriverProcess:
+def start_driver(port: int | None, **kw) -> DriverProcess:
     return DriverProcess(driver_argv(port, **kw), _wall(kw))
+
+
+DISPLAY_DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spicegtk_display_driver.py")
+
+
+class DisplayDriverError(AssertionError):
+    """The display driver answered a command with ``ok`` false, died, or said nothing in time."""
+
+
+class DisplayDriver:
+    """``spicegtk_display_driver.py`` (spice-gtk's display, inputs and cursor channels) in the
+    background, one JSON command at a time (the driver's docstring lists them).
+
+        with DisplayDriver(port, tmp_path) as drv:
+            drv.ready()
+            picture = drv.picture()            # (h, w, 4) uint8, B, G, R, X: spice-gtk's primary
+            drv.keys([0x1E]); drv.motion([(1, 0)] * 1000)
+            drv.state()["primary_surface_creates"]
+
+    Pipes are gevent's, so a test with in-process servers keeps them running while it waits.
+    spice-gtk's debug output goes to ``<tmp>/spicegtk-display-N.log`` (``log()``).
+    """
+
+    _count = 0
+
+    def __init__(self, port: int, tmp_path, host: str = "127.0.0.1", lifetime: float = 300.0) -> None:
+        from gevent import subprocess as gsubprocess
+
+        DisplayDriver._count += 1
+        self.tmp = tmp_path
+        self.log_path = tmp_path / f"spicegtk-display-{DisplayDriver._count}.log"
+        self.dumps = 0
+        argv = [SYSTEM_PYTHON, DISPLAY_DRIVER, "--host", host, "--port", str(port), "--timeout", str(lifetime)]
+        with open(self.log_path, "wb") as log:
+            self.proc = gsubprocess.Popen(argv, stdin=gsubprocess.PIPE, stdout=gsubprocess.PIPE, stderr=log,
+                                          env=_env(), start_new_session=True)
+
+    def command(self, cmd: str, timeout: float = 30.0, check: bool = True, **fields) -> dict:
+        import gevent
+
+        line = json.dumps({"cmd": cmd, **fields}) + "\n"
+        try:
+            self.proc.stdin.write(line.encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise DisplayDriverError(f"the driver is gone (rc={self.proc.poll()}): {self.log()[-2000:]}") from None
+        with gevent.Timeout(timeout, DisplayDriverError(f"no answer to {cmd} within {timeout} s")):
+            while True:
+                raw = self.proc.stdout.readline()
+                if not raw:
+                    raise DisplayDriverError(f"the driver ended during {cmd} (rc={self.proc.wait()}): "
+                                             f"{self.log()[-2000:]}")
+                reply = json.loads(raw)
+                if reply.get("cmd") is None and not reply.get("ok"):
+                    raise DisplayDriverError(f"the driver failed: {reply.get('error')}")
+                if reply.get("cmd") == cmd:
+                    break
+        if check and not reply.get("ok"):
+            raise DisplayDriverError(f"{cmd}: {reply.get('error')}; state {reply.get('state')}")
+        return reply
+
+    def ready(self, timeout: float = 20.0) -> dict:
+        return self.command("ready", timeout=timeout + 5, within=timeout)["state"]
+
+    def state(self) -> dict:
+        return self.command("state")["state"]
+
+    def picture(self):
+        """spice-gtk's primary surface now, as an (h, w, 4) uint8 array (rows without padding)."""
+        import numpy as np
+
+        self.dumps += 1
+        path = self.tmp / f"primary-{DisplayDriver._count}-{self.dumps % 2}.raw"
+        reply = self.command("dump", path=str(path))
+        data = np.fromfile(path, dtype=np.uint8)
+        rows = data.reshape(reply["height"], reply["stride"])
+        return rows[:, : reply["width"] * 4].reshape(reply["height"], reply["width"], 4)
+
+    def keys(self, codes) -> dict:
+        return self.command("keys", codes=[int(c) for c in codes])
+
+    def motion(self, steps, buttons: int = 0, interval_ms: int = 0, timeout: float = 60.0) -> dict:
+        return self.command("motion", timeout=timeout, steps=[[int(dx), int(dy)] for dx, dy in steps], buttons=buttons,
+                            interval_ms=interval_ms)
+
+    def position(self, points, buttons: int = 0, interval_ms: int = 0, timeout: float = 60.0) -> dict:
+        return self.command("position", timeout=timeout, points=[[int(x), int(y)] for x, y in points],
+                            buttons=buttons, interval_ms=interval_ms)
+
+    def button(self, action: str, button: int, buttons: int) -> dict:
+        return self.command("button", action=action, button=button, buttons=buttons)
+
+    def quit(self) -> dict:
+        reply = self.command("quit", check=False)
+        self.proc.wait(timeout=10)
+        return reply
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            pipe.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
