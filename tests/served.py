@@ -21,16 +21,19 @@ ECHO = ("--port-channel", "org.test.echo=echo")
 # the only place to learn the port the kernel gave it.
 SPICE_LISTENING = re.compile(r"serving SPICE on ([\d.]+):(\d+)")
 CONTROL_LISTENING = re.compile(r"control API on http://([\d.]+):(\d+)")
+TLS_LISTENING = re.compile(r"serving SPICE over TLS on ([\d.]+):(\d+)")
 _logs = itertools.count()
 
 
-def bound_addresses(proc: subprocess.Popen, log, timeout: float = 15.0) -> tuple[tuple[str, int], tuple[str, int]]:
+def bound_addresses(proc: subprocess.Popen, log, timeout: float = 15.0,
+                    listening: re.Pattern = SPICE_LISTENING) -> tuple[tuple[str, int], tuple[str, int]]:
     """The SPICE and control addresses a ``serve --listen H:0 --control H:0`` logged, once both
-    are bound; fails with the log if serve exits or says nothing within ``timeout``."""
+    are bound; fails with the log if serve exits or says nothing within ``timeout``. With
+    ``listening=TLS_LISTENING``, the TLS listener's address instead of the plain one's."""
     deadline = time.monotonic() + timeout
     while True:
         text = log.read_text(errors="replace")
-        spice, control = SPICE_LISTENING.search(text), CONTROL_LISTENING.search(text)
+        spice, control = listening.search(text), CONTROL_LISTENING.search(text)
         if spice and control:
             return (spice[1], int(spice[2])), (control[1], int(control[2]))
         if proc.poll() is not None:
@@ -45,17 +48,21 @@ def bound_addresses(proc: subprocess.Popen, log, timeout: float = 15.0) -> tuple
 class Served:
     """A ``spicewire serve`` subprocess with its SPICE and control addresses."""
 
-    def __init__(self, tmp_path, *extra: str) -> None:
-        """``extra`` arguments go to serve; without a --port-channel among them, org.test.echo=echo."""
+    def __init__(self, tmp_path, *extra: str, plain: bool = True) -> None:
+        """``extra`` arguments go to serve; without a --port-channel among them, org.test.echo=echo.
+        ``plain=False`` leaves --listen out (a TLS-only server: ``address`` is then its TLS one)."""
         self.log = tmp_path / f"serve-{next(_logs)}.log"  # one each: a test may start several
         argv = [
-            sys.executable, "-m", "spicewire", "serve", "--listen", "127.0.0.1:0",
+            sys.executable, "-m", "spicewire", "serve", *(("--listen", "127.0.0.1:0") if plain else ()),
             "--control", "127.0.0.1:0", "--control-token", TOKEN,
             *(extra if any(a == "--port-channel" for a in extra) else (*ECHO, *extra)),
         ]
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        self.address, self.control = bound_addresses(self.proc, self.log)
+        self.address, self.control = bound_addresses(self.proc, self.log,
+                                                     listening=SPICE_LISTENING if plain else TLS_LISTENING)
+        tls = TLS_LISTENING.search(self.output())  # logged before the control API's line
+        self.tls_address = (tls[1], int(tls[2])) if tls else None
         self._wait_until_up()
 
     def get(self, path: str) -> dict:
@@ -98,8 +105,8 @@ def serve(tmp_path):
     """serve(*args) starts a ``spicewire serve``; every one started is killed at the end."""
     started = []
 
-    def start(*extra: str) -> Served:
-        started.append(Served(tmp_path, *extra))
+    def start(*extra: str, plain: bool = True) -> Served:
+        started.append(Served(tmp_path, *extra, plain=plain))
         return started[-1]
 
     yield start

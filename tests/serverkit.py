@@ -19,7 +19,7 @@ import os
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import gevent
@@ -226,10 +226,14 @@ class RawChannel:
     @classmethod
     def link(cls, address, connection_id: int, channel_type: int, channel_id: int = 0, *,
              password: str | None = None, common_caps=CLIENT_COMMON_CAPS, channel_caps=(),
-             auto_ack: bool = True, timeout: float = TIMEOUT, bufsize: int | None = None) -> RawChannel:
-        """Connect and link; a refused link raises LinkError (``.code`` is the SpiceLinkErr)."""
+             auto_ack: bool = True, timeout: float = TIMEOUT, bufsize: int | None = None,
+             wrap: Callable[[socket.socket], socket.socket] | None = None) -> RawChannel:
+        """Connect and link; a refused link raises LinkError (``.code`` is the SpiceLinkErr).
+        ``wrap`` turns the connected socket into the one the link runs on (a TLS client's)."""
         sock = raw_connect(address, timeout, bufsize)
         try:
+            if wrap is not None:
+                sock = wrap(sock)
             link = ClientLink(connection_id, channel_type, channel_id, password=password,
                               common_caps=tuple(common_caps), channel_caps=tuple(channel_caps))
             with gevent.Timeout(timeout):

@@ -74,7 +74,7 @@ def test_python_dash_m_reports_bad_arguments_with_exit_2():
         capture_output=True, text=True, timeout=15,
     )
     assert result.returncode == 2
-    assert "one of the arguments --password --disable-ticketing is required" in result.stderr
+    assert "serve needs --password, --password-file, $SPICEWIRE_PASSWORD or --disable-ticketing" in result.stderr
 
 
 SERVE = ["serve", "--listen", "127.0.0.1:0", "--disable-ticketing"]
@@ -85,7 +85,7 @@ SERVE = ["serve", "--listen", "127.0.0.1:0", "--disable-ticketing"]
     [
         ([], "required: COMMAND"),
         (["serve", "--disable-ticketing"], "--listen"),
-        (["serve", "--listen", "127.0.0.1:0"], "one of the arguments --password --disable-ticketing is required"),
+        (["serve", "--listen", "127.0.0.1:0"], "serve needs --password, --password-file, $SPICEWIRE_PASSWORD or"),
         (["serve", "--listen", "127.0.0.1:0", "--password", "x", "--disable-ticketing"], "not allowed with argument"),
         (["serve", "--listen", "127.0.0.1", "--disable-ticketing"], "expected HOST:PORT"),
         (["serve", "--listen", "127.0.0.1:65536", "--disable-ticketing"], "expected HOST:PORT"),

@@ -111,7 +111,7 @@ def test_status_describes_the_server(spice, control):
 
 
 def test_status_never_shows_the_password(control, spice):
-    spice.config.password = "hunter2"
+    spice.set_password("hunter2", None)
     _, _, body = call(control, "GET", "/status")
     assert body["config"]["ticketing"] is True
     assert "hunter2" not in json.dumps(body)

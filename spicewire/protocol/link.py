@@ -323,6 +323,7 @@ class ServerLink(_LinkMachine):
         self._password = None if password is None else _c_string(password)
         self._password_expiry = password_expiry
         self._key_factory = key_factory
+        self._migration_ticket: bytes | None = None
         self._now = now
         self._mess: SpiceLinkMess  # set once read; the states guarantee the order
         self._key: rsa.RSAPrivateKey
@@ -330,6 +331,14 @@ class ServerLink(_LinkMachine):
     def receive_data(self, data: bytes, now: float) -> None:
         self._now = now
         self._receive(data)
+
+    def allow_migration_ticket(self, ticket: str | bytes) -> None:
+        """Accept ``ticket`` besides the password, regardless of the password's expiry: for a
+        client the source of a migration announced, the password it linked with there, so a
+        password that expired here meanwhile does not strand it halfway. Before accept."""
+        self._require_validating()
+        # An empty ticket would match a client that has no password at all.
+        self._migration_ticket = _c_string(ticket) or None
 
     def accept(self, channel_caps: Caps = ()) -> None:
         """Send the LinkReply: a fresh key, SERVER_COMMON_CAPS and the channel instance's caps."""
@@ -414,12 +423,14 @@ class ServerLink(_LinkMachine):
         except ValueError:
             # Also with ticketing disabled: the client must prove it holds this link's key.
             self._deny("ticket does not decrypt with this link's key")
-        if self._password is not None:
+        ticket = _c_string(plaintext)
+        migrating = self._migration_ticket is not None and hmac.compare_digest(ticket, self._migration_ticket)
+        if self._password is not None and not migrating:
             if not self._password:
                 self._deny("ticketing is enabled but no password is set")
             if self._password_expiry is not None and self._now > self._password_expiry:
                 self._deny("password expired")
-            if not hmac.compare_digest(_c_string(plaintext), self._password):
+            if not hmac.compare_digest(ticket, self._password):
                 self._deny("invalid password")
         self._outbox += _U32.pack(LinkErr.OK)
         mess = self._mess

@@ -156,7 +156,12 @@ def _emit(report: dict) -> None:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True, help="plain SPICE port")
+    p.add_argument("--port", type=int, help="plain SPICE port")
+    p.add_argument("--tls-port", type=int, help="SPICE over TLS port (the session's tls-port)")
+    p.add_argument("--ca-file", help="CA certificate(s) spice-gtk verifies the server with")
+    p.add_argument("--cert-subject", help="the server certificate's subject, spice-gtk's k=v,k=v form "
+                   "(without it spice-gtk checks the host name)")
+    p.add_argument("--secure-channels", help="comma-separated channel names or 'all': these only over TLS")
     p.add_argument("--password", default=None)
     p.add_argument("--port-name", default=None,
                    help="port channel to use (default: the first port channel that reports a name)")
@@ -192,6 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--trace-spice", action="store_true",
                    help="record spice-gtk's migration debug lines in the events, timestamped")
     args = p.parse_args(argv)
+    if args.port is None and args.tls_port is None:
+        p.error("--port, --tls-port or both")
     if args.stream_seconds > 0:
         if not args.expect_echo or args.send_bytes:
             p.error("--stream-seconds needs --expect-echo and no --send-bytes")
@@ -467,7 +474,16 @@ class Driver:
     def start(self) -> None:
         s = self.S.Session()
         s.set_property("host", self.a.host)
-        s.set_property("port", str(self.a.port))
+        if self.a.port is not None:
+            s.set_property("port", str(self.a.port))
+        if self.a.tls_port is not None:
+            s.set_property("tls-port", str(self.a.tls_port))
+        if self.a.ca_file is not None:
+            s.set_property("ca-file", self.a.ca_file)
+        if self.a.cert_subject is not None:
+            s.set_property("cert-subject", self.a.cert_subject)
+        if self.a.secure_channels is not None:
+            s.set_property("secure-channels", self.a.secure_channels.split(","))
         if self.a.password is not None:
             s.set_property("password", self.a.password)
         for prop, val in (("enable-audio", False), ("enable-usbredir", False),
