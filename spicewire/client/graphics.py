@@ -352,7 +352,7 @@ class InputsChannel(WatchedChannel):
                 and (tail.buttons, tail.display_id) == (msg.buttons, msg.display_id):
             self._queue[-1] = msg
         elif len(self._queue) >= MAX_QUEUED_INPUTS:
-            raise PeerStalled(f"the server has not acknowledged mouse motion for {len(self._queue)} input events")
+            raise PeerStalled(f"the server acknowledges no mouse motion; {len(self._queue)} input events wait")
         else:
             self._queue.append(msg)
         self._pump()
