@@ -39,7 +39,7 @@ ADDRESS = re.compile(r"127\.0\.0\.1:(\d+)")
 def use_section() -> str:
     text = README.read_text()
     start = text.index("\n## Use\n")
-    end = text.index("\n### ", start)  # its first subsection, the client library, is not shell
+    end = text.index("\n### ", start)  # its subsections (TLS, the client library...) are not the walk-through
     return text[start:end]
 
 

@@ -82,6 +82,18 @@ def test_spicegtk_refuses_a_server_certificate_with_another_subject(serve, x509,
     assert served.get("/sessions")["sessions"] == []
 
 
+def test_spicegtk_refuses_an_expired_server_certificate_and_the_server_says_why(serve, ca, ca_file, tmp_path):
+    peers.require("spicegtk")
+    served = serve_tls(serve, ca.x509_dir(tmp_path / "expired", expired=True), "--disable-ticketing")
+    rep = run_driver(None, tls_port=served.address[1], ca_file=ca_file, cert_subject=SUBJECT_TEXT,
+                     port_name=ECHO, timeout=15)
+    assert not rep["ok"] and "error-tls" in (rep.get("error") or ""), rep
+    log = served.output()
+    assert "clients will refuse it until it is replaced" in log  # at start
+    assert "(the client refused our certificate; the server certificate expired at" in log
+    assert served.get("/status")["sessions"] == 0
+
+
 def test_spicegtk_told_need_secured_on_the_plain_port_reconnects_over_tls(serve, x509, ca_file):
     peers.require("spicegtk")
     served = serve_tls(serve, x509, "--disable-ticketing", "--secure-channels", "all", plain=True)
