@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import gevent
@@ -18,6 +18,7 @@ import gevent.lock
 import gevent.monkey
 from gevent import socket
 
+from spicewire.client.tls import shutdown_read
 from spicewire.errors import LocalProtocolError, PeerFault, ReadTimeout, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
@@ -62,12 +63,15 @@ class ChannelOwner(Protocol):
 def link_channel(
     host: str, port: int, connection_id: int, channel_type: int, channel_id: int, *,
     password: str | None = None, channel_caps: Iterable[int] = (), common_caps: Caps = CLIENT_COMMON_CAPS,
-    timeout: float = 10.0,
+    timeout: float = 10.0, wrap: Callable[[socket.socket], socket.socket] | None = None,
 ) -> tuple[socket.socket, LinkEstablished]:
-    """Open a TCP connection and run the link handshake on it (LinkError when refused)."""
+    """Open a TCP connection and run the link handshake on it (LinkError when refused). ``wrap``
+    (a TLS handshake) runs first, within ``timeout``: nothing is sent before it returns."""
     sock = socket.create_connection((host, port), timeout=timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if wrap is not None:
+            sock = wrap(sock)
         link = ClientLink(connection_id, channel_type, channel_id, password=password,
                           common_caps=common_caps, channel_caps=tuple(channel_caps),
                           now=time.monotonic(), timeout=timeout)
@@ -282,7 +286,7 @@ class ChannelClient:
         self._parked.clear()
         self._resumed.clear()
         try:
-            self.sock.shutdown(socket.SHUT_RD)  # the reader gets what is queued, then EOF
+            shutdown_read(self.sock)  # the reader gets what is queued, then EOF
         except OSError as err:  # already gone: the reader sees an error, which a frozen channel takes as EOF
             log.debug("%s channel: shutdown: %s", self.channel_type.name, err)
 

@@ -31,7 +31,9 @@ from gevent import socket
 from gevent.socket import wait_read, wait_write
 
 from spicewire import codec
-from spicewire.client.channels import ChannelClient, PortChannel, link_channel
+from spicewire.client.channels import ChannelClient, PortChannel
+from spicewire.client.endpoint import Endpoint
+from spicewire.client.tls import is_tls
 from spicewire.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, Msg, Msgc, MsgMain
@@ -106,6 +108,9 @@ class MigrationOwner(Protocol):
     def session_id(self) -> int: ...
 
     @property
+    def endpoint(self) -> Endpoint: ...
+
+    @property
     def password(self) -> str | None: ...
 
     @property
@@ -171,6 +176,7 @@ class MigrationDriver:
             confirm_grace=CONFIRM_GRACE, rollback_timeout=ROLLBACK_TIMEOUT,
         )
         self.report = _Report()
+        self.endpoint: Endpoint | None = None  # s2, as BEGIN named it
         self.finished = False
         self._t0 = time.monotonic()
         self._attempt = 0  # bumped by DropDestination: late link results are stale
@@ -390,19 +396,15 @@ class MigrationDriver:
             self._result = "connect-error"
 
     def _link_destination(self, ev: LinkDestination) -> None:
-        dst = ev.dst_info
-        self.report.destination = f"{dst.host}:{dst.port}"
+        self.endpoint = s2 = self.session.endpoint.destination(ev.dst_info)
+        self.report.destination = str(s2)
         for key in ev.channels:
-            self._greenlets.spawn(self._link, key, dst, ev.connection_id, self._attempt)
+            self._greenlets.spawn(self._link, key, s2, ev.connection_id, self._attempt)
 
-    def _link(self, key: Channel, dst: MigrationDstInfo, connection_id: int, attempt: int) -> None:
+    def _link(self, key: Channel, s2: Endpoint, connection_id: int, attempt: int) -> None:
         try:
-            if not dst.port:
-                raise ConnectionError("s2 offers no plain port (TLS is not supported here)")
-            sock, est = link_channel(
-                dst.host, dst.port, connection_id, *key, password=self.session.password,
-                channel_caps=self.session.channel_caps(key[0]), timeout=self.session.timeout,
-            )
+            sock, est = s2.link(connection_id, *key, password=self.session.password,
+                                channel_caps=self.session.channel_caps(key[0]), timeout=self.session.timeout)
         except (OSError, SpiceError) as err:
             if attempt == self._attempt:
                 self.report.errors.append(f"link {channel_name(key)} to s2: {err}")
@@ -577,7 +579,7 @@ class MigrationDriver:
 
     def _switch_host(self, ev: SwitchHost) -> None:
         self.report.mode = MigrationMode.SWITCH_HOST.label
-        self.report.destination = f"{ev.dst_info.host}:{ev.dst_info.port}"
+        self.report.destination = str(self.session.endpoint.destination(ev.dst_info))
         self.session.switch_host(ev.dst_info, self)
 
     def note_dropped(self, key: Channel, **counts: int) -> None:
@@ -626,8 +628,9 @@ def relay(source: socket.socket, out: socket.socket, count: int, what: str) -> i
 
     On Linux the bytes go through a pipe with splice(2): the body never enters this process, whose
     memory stays flat however large it is (on loopback it is about as fast as copying, not faster).
-    Elsewhere, or if splice is refused, they are copied through one RELAY_CHUNK buffer."""
-    if _SPLICE:
+    Elsewhere, if splice is refused, or when either side is TLS (whose records must be decrypted
+    and encrypted again), they are copied through one RELAY_CHUNK buffer."""
+    if _SPLICE and not (is_tls(source) or is_tls(out)):
         try:
             _splice_relay(source, out, count, what)
             return 0

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 import gevent
-from gevent import socket
+from gevent import socket, ssl
 
 from spicewire.addresses import Address
 from spicewire.errors import MigrationError
 
 log = logging.getLogger(__name__)
+HTTPS = "https://"  # before a control API's HOST:PORT: reach it over TLS
 
 
 class ControlClient:
@@ -20,13 +22,15 @@ class ControlClient:
     servers in one process can talk without monkey-patching)."""
 
     def __init__(self, host: str, port: int, token: str | None = None, timeout: float = 30.0,
-                 *, unix: str | None = None) -> None:
+                 *, unix: str | None = None, tls: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.token, self.timeout = host, port, token, timeout
         self.unix = unix  # a Unix socket's path: then host and port are unused
+        self.tls = tls  # HTTPS: the server's certificate is verified with it (host name included)
 
     @property
     def address(self) -> str:
-        return control_label(self.host, self.port, self.unix)
+        label = control_label(self.host, self.port, self.unix)
+        return f"https://{label}" if self.tls is not None else label
 
     def get_json(self, path: str, timeout: float | None = None) -> Any:
         return self._request("GET", path, b"", "application/json", timeout)
@@ -49,7 +53,7 @@ class ControlClient:
             head.append(f"Authorization: Bearer {self.token}")
         limit = timeout or self.timeout
         late = TimeoutError(f"{method} {path}: no answer from {self.address} within {limit:.3g} s")
-        with gevent.Timeout(limit, late), connect_control(self.host, self.port, self.unix, limit) as sock:
+        with gevent.Timeout(limit, late), connect_control(self.host, self.port, self.unix, limit, self.tls) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
             data = bytearray()
             while chunk := sock.recv(65536):
@@ -72,10 +76,34 @@ def control_label(host: str, port: int, unix: str | None) -> str:
     return f"unix:{unix}" if unix is not None else str(Address(host, port))
 
 
-def connect_control(host: str, port: int, unix: str | None, timeout: float) -> socket.socket:
-    """A connected socket to a control API: the Unix socket at ``unix``, else ``(host, port)``."""
+def control_tls_context(x509_dir: str | None) -> ssl.SSLContext:
+    """HTTPS to another server's control API, verified as the SPICE clients verify: the chain
+    against ``x509_dir``'s ca-cert.pem (the QEMU layout both servers share), then the host name."""
+    if x509_dir is None:
+        raise MigrationError("an https control API is verified with the CA of this server's x509 directory; "
+                             "this server has none")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=os.path.join(x509_dir, "ca-cert.pem"))
+    except (OSError, ssl.SSLError) as err:
+        raise MigrationError(f"cannot load the CA for an https control API: {err}") from None
+    return context
+
+
+def connect_control(
+    host: str, port: int, unix: str | None, timeout: float, tls: ssl.SSLContext | None = None
+) -> socket.socket:
+    """A connected socket to a control API: the Unix socket at ``unix``, else ``(host, port)``,
+    through TLS with ``tls``."""
     if unix is None:
-        return socket.create_connection((host, port), timeout=timeout)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        if tls is None:
+            return sock
+        try:
+            return tls.wrap_socket(sock, server_hostname=host)
+        except OSError:
+            sock.close()
+            raise
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:

@@ -151,6 +151,9 @@ class QemuSpice:
     ports: list[SpicePort] = field(default_factory=lambda: [SpicePort()])
     spice_port: int | None = None
     password: str | None = None
+    plain: bool = True  # False: no plain port, spice-server listens on ``tls_port`` only
+    x509_dir: str | None = None  # with it, a TLS port too (ca-cert.pem, server-cert.pem, server-key.pem)
+    tls_port: int | None = None  # picked free when x509_dir is given and this is None
     bios: str | bytes | None = None  # path, or the image bytes (written to the temp dir)
     extra_args: list[str] = field(default_factory=list)
     spice_opts: str = ""  # appended to -spice
@@ -177,7 +180,9 @@ class QemuSpice:
         return os.path.join(self.tmpdir, "qemu.log")
 
     def build_argv(self) -> list[str]:
-        spice = f"port={self.spice_port},addr={self.host}"
+        spice = f"port={self.spice_port},addr={self.host}" if self.plain else f"addr={self.host}"
+        if self.x509_dir is not None:
+            spice += f",tls-port={self.tls_port},x509-dir={self.x509_dir}"
         pre: list[str] = []
         if self.password is None:
             spice += ",disable-ticketing=on"
@@ -225,17 +230,21 @@ class QemuSpice:
             raise QemuStartError(f"{self.binary} not found")
         # Neither spice-server nor -incoming can listen on port 0 and say where; a port found free
         # can be taken by another process before QEMU binds it, so a lost race picks again.
-        pick_spice = self.spice_port is None
+        pick_spice = self.spice_port is None and self.plain
+        pick_tls = self.tls_port is None and self.x509_dir is not None
         tries = 3
         while True:
             if pick_spice:
                 self.spice_port = free_port(self.host)
+            if pick_tls:
+                self.tls_port = free_port(self.host)
             if self.incoming:
                 self.incoming_port = free_port(self.host)
             try:
                 return self._start()
             except QemuStartError as exc:
                 lost = (pick_spice and f"binding socket to {self.host}:{self.spice_port} failed" in str(exc)) or (
+                    pick_tls and f"binding socket to {self.host}:{self.tls_port} failed" in str(exc)) or (
                     self.incoming and f"tcp:{self.host}:{self.incoming_port}: Failed to find an available port"
                     in str(exc))
                 tries -= 1
@@ -269,7 +278,9 @@ class QemuSpice:
                     raise QemuStartError("QMP socket did not come up")
                 time.sleep(0.02)
             info = self.qmp.command("query-spice")
-            if not info.get("enabled") or int(info.get("port", -1)) != self.spice_port:
+            listening = (int(info.get("port", -1)) == self.spice_port if self.plain else "port" not in info) and (
+                self.x509_dir is None or int(info.get("tls-port", -1)) == self.tls_port)
+            if not info.get("enabled") or not listening:
                 raise QemuStartError(f"query-spice: {info!r}")
         except Exception as exc:
             self.stop()
