@@ -162,6 +162,7 @@ def test_spicegtk_primary_equals_the_framebuffer_pixel_for_pixel(tmp_path, bound
             assert sent >= drawn, status  # raw bitmaps: every pixel byte on the wire
         final = drv.quit()["state"]
     assert final["primary_surface_creates"] == 1 and final["primary_destroys"] == 0, final
+    assert final["warnings"] == [], final["warnings"]
 
 
 def test_keys_and_mouse_through_spicegtk_reach_the_screen(tmp_path, bounded):
@@ -214,11 +215,11 @@ def test_the_mouse_keeps_moving_after_1000_motion_events(tmp_path, bounded):
 
 
 class DisplayNode:
-    """An in-process server with a paint screen and its control API."""
+    """An in-process server named ``name`` with a screen (paint by default) and its control API."""
 
-    def __init__(self, name: str) -> None:
-        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=[], display="paint",
-                                              display_size=SIZE, server_name=name))
+    def __init__(self, name: str, kind: str = "paint", size: tuple[int, int] = SIZE) -> None:
+        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=[], display=kind,
+                                              display_size=size, server_name=name))
         self.spice.start()
         self.control = ControlServer(self.spice, "127.0.0.1", 0)
         self.control.start()
@@ -293,6 +294,7 @@ def test_seamless_migrations_keep_the_canvas_while_spicegtk_paints(tmp_path, bou
         assert (final.framebuffer[:110] == top).all()  # the canvas is intact
         assert (picture[:110, :, :3] == top[:, :, :3]).all()
         state = drv.state()
+    assert state["warnings"] == [], state["warnings"]  # spice-gtk refused nothing s2 or s1 sent
     assert state["migrations"] == 2, state["events"]
     assert state["primary_surface_creates"] == 1, state["events"]  # no second SURFACE_CREATE
     assert state["primary_creates"] == 1 and state["primary_destroys"] == 0
@@ -318,6 +320,7 @@ def test_semi_seamless_migration_shows_the_same_picture_after_the_reset(tmp_path
         assert_shows(drv, landed.framebuffer, "the picture after the reset")
         state = drv.state()
         assert state["primary_surface_creates"] == 2, state["events"]  # s2 created the surface again
+        assert state["warnings"] == [], state["warnings"]
         assert state["invalidated_pixels"] - drawn >= SIZE[0] * SIZE[1]  # and sent the whole picture
         # the session works on s2: a stroke there shows
         stroke(drv, landed, [(160, 10), (160, 230)])

@@ -29,18 +29,19 @@ EOF on stdin is ``quit``.  Counters (``state``, and in every ``dump`` reply): ``
 and ``primary_destroys`` (the display-primary-create/-destroy signals), ``primary_surface_creates``
 (SURFACE_CREATE messages with the PRIMARY flag that spice-gtk handled: its "surface flags" debug
 line; a second one of the same size emits no second primary-create, spice-gtk reuses the canvas),
-``marks``, ``invalidates`` and ``invalidated_pixels`` (display-invalidate), ``cursor`` (the cursor
-channel's signals), ``motion_drops`` (spice-gtk's "over SPICE_INPUT_MOTION_ACK_BUNCH * 2, dropping"
-lines), ``migrations`` (migration-state back to none), and ``events`` (channel events, migration
+``marks``, ``invalidates`` and ``invalidated_pixels`` (display-invalidate), ``cursor_*`` (the
+cursor channel's signals), ``port_bytes`` (what every port channel received, counted only),
+``motion_drops`` (spice-gtk's "over SPICE_INPUT_MOTION_ACK_BUNCH * 2, dropping" lines),
+``migrations`` (migration-state back to none), ``warnings`` (spice-gtk's WARNING and CRITICAL
+lines: a g_return_if_fail that refused a message, say), and ``events`` (channel events, migration
 notifications, the spice-gtk debug lines about surfaces, resets and migrations).
 
-How the primary surface is read: ``spice_display_channel_get_primary`` (called through ctypes: the
-introspected SpiceDisplayPrimary gives its ``data`` pointer to Python only as an opaque value)
-fills a SpiceDisplayPrimary {format, width, height, stride, shmid, data, marked}; ``ctypes.
-string_at(data, stride * height)`` copies the bytes.  spice-gtk keeps the canvas in the main
-thread (its channels are coroutines of the main context), so a copy made in a main loop callback
-is one consistent picture.  The pointer is cross-checked against the one the display-primary-
-create signal handed over.
+How the primary surface is read: ``spice_display_channel_get_primary`` (called through ctypes, so
+the pixel pointer comes back as a plain address) fills a SpiceDisplayPrimary {format, width,
+height, stride, shmid, data, marked}; ``ctypes.string_at(data, stride * height)`` copies the
+bytes.  spice-gtk keeps the canvas in the main thread (its channels are coroutines of the main
+context), so a copy made in a main loop callback is one consistent picture.  The pointer is
+cross-checked against the one the display-primary-create signal handed over.
 
 Exit code 0 after ``quit``, 1 when the session failed (the last line then says why), 2 when
 spice-gtk cannot be loaded.
@@ -59,7 +60,7 @@ _EVENT_NAMES = {0: "none", 10: "opened", 11: "switching", 12: "closed", 20: "err
                 21: "error-tls", 22: "error-link", 23: "error-auth", 24: "error-io"}
 _EVENT_OPENED = 10
 _EVENT_ERRORS = (20, 21, 22, 23, 24)
-_TYPE_MAIN, _TYPE_DISPLAY, _TYPE_INPUTS, _TYPE_CURSOR = 1, 2, 3, 4
+_TYPE_MAIN, _TYPE_DISPLAY, _TYPE_INPUTS, _TYPE_CURSOR, _TYPE_PORT = 1, 2, 3, 4, 10
 _NEEDED = (_TYPE_DISPLAY, _TYPE_INPUTS, _TYPE_CURSOR)
 
 # spice-gtk debug lines worth keeping (channel-display.c, channel-inputs.c, channel-main.c,
@@ -135,9 +136,10 @@ class Driver:
                        "primary_reused": 0, "marks": 0, "invalidates": 0, "invalidated_pixels": 0,
                        "cursor_set": 0, "cursor_move": 0, "cursor_hide": 0, "cursor_reset": 0,
                        "motion_drops": 0, "migrations": 0, "keys_sent": 0, "motions_sent": 0,
-                       "positions_sent": 0}
+                       "positions_sent": 0, "port_bytes": 0}
         self.created: dict | None = None  # the last display-primary-create's arguments
         self.cursor: dict | None = None
+        self.warnings: list[str] = []
         self.queue: list[dict] = []
         self.busy = False
         self.inbuf = b""
@@ -180,6 +182,7 @@ class Driver:
                 "stride": primary.stride, "marked": bool(primary.marked)},
             "created": self.created,
             "cursor": self.cursor,
+            "warnings": self.warnings,
             "peers": self.peers(),
             "session_port": self.session.get_property("port"),
             "events": self.events,
@@ -212,6 +215,9 @@ class Driver:
             self.GObject.Object.connect(channel, "display-primary-destroy", self.on_primary_destroy)
             self.GObject.Object.connect(channel, "display-invalidate", self.on_invalidate)
             self.GObject.Object.connect(channel, "display-mark", self.on_mark)
+        elif kind == _TYPE_PORT:
+            # only counted, for benchmarks that set a port's rate against the display's
+            self.GObject.Object.connect(channel, "port-data", self.on_port_data)
         elif kind == _TYPE_CURSOR:
             self.GObject.Object.connect(channel, "cursor-set", self.on_cursor_set)
             for sig in ("move", "hide", "reset"):
@@ -241,6 +247,11 @@ class Driver:
             self.counts["migrations"] += 1
 
     def on_log(self, domain, level, message, data):
+        if level & (self.GLib.LogLevelFlags.LEVEL_CRITICAL | self.GLib.LogLevelFlags.LEVEL_WARNING):
+            # spice-gtk's g_return_if_fail and friends: a message it refused (e.g. a second CURSOR_INIT)
+            self.warnings.append(message)
+            self.event("spice-warning", text=message)
+            return
         if "surface flags" in message:
             self.counts["primary_surface_creates"] += 1
         elif "Reusing existing primary surface" in message:
@@ -261,6 +272,9 @@ class Driver:
     def on_primary_destroy(self, channel):
         self.counts["primary_destroys"] += 1
         self.event("primary-destroy")
+
+    def on_port_data(self, channel, data, size):
+        self.counts["port_bytes"] += size
 
     def on_invalidate(self, channel, x, y, w, h):
         self.counts["invalidates"] += 1
@@ -440,7 +454,8 @@ def main(argv=None) -> int:
         return 2
     S.util_set_debug(True)  # the surface and migration lines the counters come from
     d = Driver(args, S, GLib, GObject, clib)
-    levels = GLib.LogLevelFlags.LEVEL_DEBUG | GLib.LogLevelFlags.LEVEL_INFO | GLib.LogLevelFlags.LEVEL_MESSAGE
+    levels = (GLib.LogLevelFlags.LEVEL_DEBUG | GLib.LogLevelFlags.LEVEL_INFO | GLib.LogLevelFlags.LEVEL_MESSAGE
+              | GLib.LogLevelFlags.LEVEL_WARNING | GLib.LogLevelFlags.LEVEL_CRITICAL)
     GLib.log_set_handler("GSpice", levels, d.on_log, None)
     GLib.io_add_watch(GLib.IOChannel.unix_new(0), GLib.PRIORITY_DEFAULT,
                       GLib.IOCondition.IN | GLib.IOCondition.HUP, d.on_stdin)
