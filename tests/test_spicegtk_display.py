@@ -44,6 +44,7 @@ from spicewire.server.net import ServerConfig, SpiceServer
 
 from . import peers
 from .peers.spicegtk import DisplayDriver
+from .served import TOKEN
 from .serverkit import MainSession, RawChannel, running_server, wait_until
 
 pytestmark = pytest.mark.peer
@@ -261,7 +262,7 @@ def test_seamless_migrations_keep_the_canvas_while_spicegtk_paints(tmp_path, bou
         top = screen.framebuffer[:110].copy()  # what the user drew before: it must come through
 
         painting = gevent.event.Event()
-        strokes = [2]
+        strokes, keys = [2], [1]
 
         def painter():
             # keep the screen changing through the migrations, below the first strokes
@@ -272,6 +273,7 @@ def test_seamless_migrations_keep_the_canvas_while_spicegtk_paints(tmp_path, bou
                 stroke(drv, current, [(10 + k % 50, y), (300 - k % 50, 240 - y // 2)])
                 strokes[0] += 1
                 drv.keys([KEY_2 + k % 7])
+                keys[0] += 1
                 k += 1
 
         worker = gevent.spawn(painter)
@@ -288,8 +290,8 @@ def test_seamless_migrations_keep_the_canvas_while_spicegtk_paints(tmp_path, bou
             painting.set()
             worker.get(timeout=30)
         final = screen_of(s1.spice)
-        wait_until(lambda: final.strokes == strokes[0] and final.buttons == 0,
-                   what=f"all {strokes[0]} strokes on the final screen")
+        wait_until(lambda: final.strokes == strokes[0] and final.buttons == 0 and final.key_presses == keys[0],
+                   what=f"all {strokes[0]} strokes and {keys[0]} keys on the final screen")
         picture = assert_shows(drv, final.framebuffer, "the picture after s1 -> s2 -> s1")
         assert (final.framebuffer[:110] == top).all()  # the canvas is intact
         assert (picture[:110, :, :3] == top[:, :, :3]).all()
@@ -404,3 +406,73 @@ def test_nonsense_on_one_graphics_channel_ends_only_that_channel(bounded, victim
         assert only_session(server).display is state
         for channel in (display, inputs, main.main):
             channel.close()
+
+
+# --- `spicewire serve --display`, as a user runs it ---------------------------------------------
+
+
+def screen_png(served, session_id: str) -> np.ndarray:
+    """GET /sessions/<id>/screen.png as an (h, w, 3) RGB array."""
+    import io
+    import urllib.request
+
+    from PIL import Image
+
+    request = urllib.request.Request("http://{}:{}/sessions/{}/screen.png".format(*served.control, session_id),
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.headers["Content-Type"] == "image/png"
+        return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+
+
+def assert_shows_served(drv: DisplayDriver, served, session_id: str, what: str, timeout: float = 15.0) -> None:
+    """spice-gtk's primary equals the served screen (its screen.png), within ``timeout``."""
+    deadline = gevent.get_hub().loop.now() + timeout
+    while True:
+        picture, expected = drv.picture()[:, :, 2::-1], screen_png(served, session_id)
+        if picture.shape == expected.shape and (picture == expected).all():
+            return
+        if gevent.get_hub().loop.now() > deadline:
+            pytest.fail(f"{what}: spice-gtk shows {picture.shape} with "
+                        f"{(picture != expected).any(axis=2).sum() if picture.shape == expected.shape else '?'} "
+                        f"pixels off the server's screen.png")
+        gevent.sleep(0.1)
+
+
+def screen_status(served) -> dict:
+    (session,) = served.get("/sessions")["sessions"]
+    return session["display"]["screen"]
+
+
+def migrate_served(src, dst, mode: str) -> None:
+    body = {"to": f"127.0.0.1:{dst.address[1]}", "to_control": f"127.0.0.1:{dst.control[1]}",
+            "mode": mode, "timeout": 10, "to_token": TOKEN}
+    report = src.request("POST", "/migrate", body, timeout=40)
+    assert report["migrated"] == 1, report
+
+
+def test_spicewire_serve_display_through_seamless_and_semi_seamless_migrations(serve, tmp_path, bounded):
+    peers.require("spicegtk")
+    args = ("--disable-ticketing", "--display", "paint:{}x{}".format(*SIZE))
+    s1, s2 = serve(*args), serve(*args)
+    with DisplayDriver(s1.address[1], tmp_path) as drv:
+        state = drv.ready()
+        assert state["mouse_mode"] == MOUSE_MODE_CLIENT  # serve offers client mode; strokes are positions
+        (session,) = s1.get("/sessions")["sessions"]
+        sid = session["session_id"]
+        drv.keys([KEY_3])
+        stroke(drv, None, [(20, 20), (300, 200)])
+        wait_until(lambda: screen_status(s1)["strokes"] == 1, what="the stroke on s1")
+        assert_shows_served(drv, s1, sid, "the stroke on s1")
+        migrate_served(s1, s2, "seamless")
+        assert_shows_served(drv, s2, sid, "after the seamless migration")
+        stroke(drv, None, [(20, 200), (300, 20)])  # inputs on s2
+        wait_until(lambda: screen_status(s2)["strokes"] == 2, what="the stroke on s2")
+        assert_shows_served(drv, s2, sid, "the stroke on s2")
+        wait_until(lambda: not s1.get("/sessions")["sessions"], what="s1 to let go of the session")
+        migrate_served(s2, s1, "semi-seamless")
+        assert_shows_served(drv, s1, sid, "after the semi-seamless migration")
+        assert screen_status(s1)["strokes"] == 2 and screen_status(s1)["colour"] == 3
+        state = drv.state()
+    assert state["primary_creates"] == 1 and state["primary_surface_creates"] == 2, state["events"]
+    assert state["warnings"] == [], state["warnings"]
