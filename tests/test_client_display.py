@@ -369,8 +369,8 @@ def test_switch_host_links_display_inputs_and_cursor_again_on_the_new_host():
             assert display.wait(lambda d: d.updates == 1 and (d.primary == bgrx(PALETTE[1])).all(), BOUND)
             memory = display.primary
             s1.conns[ChannelType.MAIN, 0].send(m.MsgMainMigrateSwitchHost(m.MigrationDstInfo(s2.port, 0, "127.0.0.1")))
-            wait_until(lambda: session.migrations, BOUND, what="the switch-host report")
-            report = session.migrations[-1]
+            report = session.wait_migrated(BOUND)
+            assert report is not None, session.migrations
             assert (report["mode"], report["result"]) == ("switch-host", "completed"), report
             assert session.session_id == 0x2222
             assert display.wait(lambda d: d.updates == 2 and (d.primary == bgrx(PALETTE[3])).all(), BOUND)

@@ -579,7 +579,9 @@ class MigrationDriver:
 
     def _switch_host(self, ev: SwitchHost) -> None:
         self.report.mode = MigrationMode.SWITCH_HOST.label
-        self.report.destination = str(self.session.endpoint.destination(ev.dst_info))
+        # The session's new server once it completes (migration_finished takes it, and says so).
+        self.endpoint = self.session.endpoint.destination(ev.dst_info)
+        self.report.destination = str(self.endpoint)
         self.session.switch_host(ev.dst_info, self)
 
     def note_dropped(self, key: Channel, **counts: int) -> None:
