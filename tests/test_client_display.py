@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 
 import gevent
+import gevent.event
 import gevent.queue
 import numpy as np
 import pytest
@@ -155,6 +156,49 @@ def test_nonsense_on_the_display_ends_that_channel_only(nonsense):
             assert not session.main.closed.is_set()
     finally:
         fake.stop()
+
+
+def test_reset_clears_the_primary_and_waits_for_the_next_mark():
+    """spice-gtk's display_handle_reset: the surfaces stay, the primary is cleared, MARK comes again."""
+    reset, mark = gevent.event.Event(), gevent.event.Event()
+    red = np.empty((H, W, 4), np.uint8)
+    red[...] = bgrx(PALETTE[1])
+
+    def main(server, conn):
+        conn.send(m.MsgMainInit(SESSION_ID, 0, 1, 1, 0, 10, 0, 0))
+        for msg in conn.messages():
+            if isinstance(msg, m.MsgcMainAttachChannels):
+                conn.send(m.MsgMainChannelsList((m.ChannelId(ChannelType.DISPLAY, 0),)))
+
+    def display(server, conn):
+        conn.send(m.MsgDisplaySurfaceCreate(0, W, H, SurfaceFormat.XRGB32, SurfaceFlags.PRIMARY))
+        conn.send(m.MsgDisplayMark())
+        conn.send(m.MsgDisplayDrawCopy(encode_draw_copy(0, Rect(0, 0, H, W), red)))
+        reset.wait()
+        conn.send(m.MsgDisplayReset())
+        conn.send(m.MsgDisplayDrawCopy(encode_draw_copy(0, Rect(10, 20, 30, 60), red[:20, :40])))
+        mark.wait()
+        conn.send(m.MsgDisplayMark())
+        for _ in conn.messages():
+            pass
+
+    fake = FakeServer({ChannelType.MAIN: main, ChannelType.DISPLAY: display})
+    try:
+        with ClientSession("127.0.0.1", fake.port, display=True) as session:
+            d = session.display
+            assert d is not None
+            assert d.wait(lambda d: d.updates == 1 and d.marked, BOUND)
+            reset.set()
+            assert d.wait(lambda d: d.updates == 2, BOUND)
+            expected = np.zeros((H, W, 4), np.uint8)
+            expected[10:30, 20:60] = bgrx(PALETTE[1])
+            assert np.array_equal(d.primary, expected) and not d.marked and d.resets == 1
+            mark.set()
+            assert d.wait(lambda d: d.marked, BOUND)
+            assert d.surface_creates == 1
+    finally:
+        fake.stop()
+    fake.check()
 
 
 # --- inputs ----------------------------------------------------------------------------------

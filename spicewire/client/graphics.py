@@ -97,7 +97,8 @@ class DisplayChannel(WatchedChannel):
     """The display channel: surfaces as numpy arrays, drawn as DRAW_COPY messages arrive.
 
     ``updates`` counts the draws applied, ``surface_creates`` the SURFACE_CREATE messages received
-    (a seamless migration brings none), ``marked`` says the server sent MARK (spice-gtk shows
+    (a seamless migration brings none), ``resets`` the RESET messages and the resets for a new
+    server (semi-seamless, host switch); ``marked`` says the server sent MARK (spice-gtk shows
     nothing before it). Read them in the session's hub; ``wait``/``wait_for_update`` block there.
     """
 
@@ -148,7 +149,12 @@ class DisplayChannel(WatchedChannel):
                 return
             self.marked = True
         elif isinstance(msg, m.MsgDisplayReset):
-            self._reset()
+            # spice-gtk keeps the surfaces: it clears the primary and waits for the next MARK.
+            primary = self.primary
+            if primary is not None:
+                primary[...] = 0
+            self.marked = False
+            self.resets += 1
         else:
             super().handle(msg)
             return
@@ -176,14 +182,17 @@ class DisplayChannel(WatchedChannel):
         if sid == self.primary_id:
             self.primary_id, self.marked = None, False
 
-    def _reset(self) -> None:
-        """RESET, or a new server (semi-seamless 5.3, host switch): off-screen surfaces go, the
-        primary's memory waits for the next SURFACE_CREATE (spice-gtk clears its surfaces but for
-        the primary)."""
+    def reset_state(self) -> None:
+        """A new server (semi-seamless 5.3, host switch): off-screen surfaces go, the primary's
+        memory waits for the next SURFACE_CREATE (spice-gtk clears its surfaces but for the primary)."""
         primary = self.primary
         self.surfaces.clear()
-        self.primary_id, self._kept, self.marked = None, primary, False
+        self.primary_id, self._kept, self.marked, self.monitors = None, primary, False, ()
         self.resets += 1
+        # The new connection is introduced as spice-gtk's channel_up does it. Not from here: this
+        # runs inside the migration's switch, which routes the message once it is done.
+        gevent.spawn(self._send_init_quietly)
+        self._notify()
 
     def _draw_copy(self, msg: m.MsgDisplayDrawCopy) -> None:
         try:
@@ -201,14 +210,6 @@ class DisplayChannel(WatchedChannel):
         """Until a draw is applied after the one counted ``after`` (default: now), or ``timeout``."""
         seen = self.updates if after is None else after
         return self.wait(lambda display: display.updates > seen, timeout)
-
-    def reset_state(self) -> None:
-        self._reset()
-        self.monitors = ()
-        # The new connection is introduced as spice-gtk's channel_up does it. Not from here: this
-        # runs inside the migration's switch, which routes the message once it is done.
-        gevent.spawn(self._send_init_quietly)
-        self._notify()
 
     def _send_init_quietly(self) -> None:
         try:
