@@ -9,7 +9,10 @@ The servers run in this process; the certificates come from a CA made for each t
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 
 import gevent
 import gevent.event
@@ -19,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from gevent import socket, ssl
 from gevent.server import StreamServer
 
+from spicewire import cli
 from spicewire.client import ClientSession
 from spicewire.client.endpoint import Endpoint
 from spicewire.client.tls import (
@@ -29,12 +33,13 @@ from spicewire.client.tls import (
     format_subject,
     is_tls,
     parse_subject,
+    shutdown_read,
     split_subject,
     subject_matches,
 )
-from spicewire.control.client import ControlClient
+from spicewire.control.client import ControlClient, control_tls_context
 from spicewire.control.server import ControlServer
-from spicewire.errors import LinkError
+from spicewire.errors import LinkError, MigrationError
 from spicewire.protocol.enums import ChannelType
 from spicewire.protocol.messages import MigrationDstInfo
 from spicewire.server.net import ServerConfig, SpiceServer
@@ -42,6 +47,7 @@ from spicewire.server.net import ServerConfig, SpiceServer
 from . import peers
 from .peers import echo_bios
 from .peers.qemu import QemuSpice, SpicePort
+from .served import TOKEN
 from .test_client_migration import PORT_NAME as QEMU_PORT
 from .test_client_migration import echo as qemu_echo
 from .test_client_migration import migrate_vm
@@ -159,22 +165,27 @@ class Node:
     """An in-process server with a plain port (``plain``), a TLS port (``tls_dir``) or both."""
 
     def __init__(self, *, plain: bool = True, tls_dir: str | None = None, secure: frozenset[str] = frozenset(),
-                 password: str | None = None) -> None:
+                 password: str | None = None, control_tls: bool = False, token: str | None = None) -> None:
         self.spice = SpiceServer(ServerConfig(
             host="127.0.0.1", port=0 if plain else None, tls_port=0 if tls_dir else None, x509_dir=tls_dir,
             secure_channels=secure, password=password, port_channels=[(ECHO, "echo")],
         ))
         self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
+        self.token = token
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, token=token,
+                                     tls=self.spice.tls.context if control_tls and self.spice.tls else None)
         self.control.start()
-        self.api = ControlClient(*self.control.address, timeout=60)
+        self.control_url = f"{'https://' if control_tls else ''}127.0.0.1:{self.control.address[1]}"
+        self.api = ControlClient(*self.control.address, token=token, timeout=60,
+                                 tls=control_tls_context(tls_dir) if control_tls else None)
         self.port = self.spice.address[1] if plain else 0
         self.tls_port = self.spice.tls_address[1] if tls_dir else 0
 
-    def migrate_to(self, other: Node, subject: str | None = None, timeout: float = 20.0) -> dict:
+    def migrate_to(self, other: Node, subject: str | None = None, timeout: float = 20.0,
+                   to_token: str | None = None, mode: str = "seamless") -> dict:
         return self.api.post_json("/migrate", {
-            "to": f"127.0.0.1:{other.port}", "to_control": "{}:{}".format(*other.control.address),
-            "to_tls_port": other.tls_port, "to_cert_subject": subject, "mode": "seamless", "timeout": timeout,
+            "to": f"127.0.0.1:{other.port}", "to_control": other.control_url, "to_token": to_token or other.token,
+            "to_tls_port": other.tls_port, "to_cert_subject": subject, "mode": mode, "timeout": timeout,
         })
 
     def stop(self) -> None:
@@ -324,6 +335,95 @@ def test_the_destination_endpoint_keeps_the_ca_and_takes_s2s_subject(ca_file):
     assert plain.port == 6000 and not plain.wants_tls(ChannelType.PORT)
 
 
+
+# --- the MIGRATE_DATA relay through TLS -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_pair(ca, tmp_path_factory):
+    """tls_pair() -> (far, near): a connected pair whose bytes go through TLS (far is the server)."""
+    tls_dir = x509_dir(ca, tmp_path_factory.mktemp("pair") / "x509", S1_SUBJECT)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(*(os.path.join(tls_dir, f"server-{part}.pem") for part in ("cert", "key")))
+    client = ClientTls(os.path.join(tls_dir, "ca-cert.pem"), S1_TEXT)
+
+    def make():
+        far, near = socket.socketpair()
+        accepting = gevent.spawn(server.wrap_socket, far, server_side=True)
+        near = client.wrap(near, "127.0.0.1")  # the two handshakes run together
+        return accepting.get(timeout=10), near
+
+    return make
+
+
+def _plain_pair():
+    return socket.socketpair()
+
+
+
+def test_shutting_the_read_side_of_a_tls_socket_keeps_what_arrived_readable(tls_pair):
+    """A frozen channel's reader drains its connection to EOF: on TLS the records that arrived are
+    still decrypted (SSLSocket.shutdown would drop the record layer and hand out raw records)."""
+    far, near = tls_pair()
+    far.sendall(b"arrived before the freeze")  # a socketpair: in near's buffer once this returns
+    shutdown_read(near)
+    got = bytearray()
+    while data := near.recv(65536):
+        got += data
+    assert got == b"arrived before the freeze"
+    far.close()
+    near.close()
+
+@pytest.mark.parametrize("sides", ["s1", "s2", "both"])
+@pytest.mark.parametrize("offset", [-1, 0, 1], ids=["under", "at", "over"])
+def test_the_relay_through_tls_copies_in_bounded_pieces_either_side_of_relay_chunk(
+        monkeypatch, tls_pair, sides, offset):
+    """TLS records cannot be spliced: with TLS on either side the body is decrypted and encrypted
+    again through one RELAY_CHUNK buffer, one byte under, at and over it, and nothing past the
+    body is read from s1."""
+    from spicewire.client import migration as client_migration
+
+    chunk = 4096
+    monkeypatch.setattr(client_migration, "RELAY_CHUNK", chunk)
+    count = chunk + offset
+    s1_far, s1_near = tls_pair() if sides in ("s1", "both") else _plain_pair()
+    s2_far, s2_near = tls_pair() if sides in ("s2", "both") else _plain_pair()
+    payload, after = os.urandom(count), b"next message"
+    s1_far.sendall(payload + after)
+    held = client_migration.relay(s1_near, s2_near, count, "port:1")
+    assert held == min(count, chunk)  # the copy path: splice would move the records themselves
+    received = bytearray()
+    while len(received) < count:
+        received += s2_far.recv(65536)
+    assert bytes(received) == payload
+    assert s1_near.recv(65536) == after
+    for sock in (s1_far, s1_near, s2_near, s2_far):
+        sock.close()
+
+
+def test_a_large_body_through_tls_on_both_sides_is_exact_and_holds_one_relay_chunk(tls_pair):
+    from spicewire.client import migration as client_migration
+
+    count = (3 << 20) + 17
+    s1_far, s1_near = tls_pair()
+    s2_far, s2_near = tls_pair()
+    payload = os.urandom(count)
+    writer = gevent.spawn(s1_far.sendall, payload)
+    received = bytearray()
+
+    def drain():
+        while len(received) < count and (data := s2_far.recv(1 << 20)):
+            received.extend(data)
+
+    reader = gevent.spawn(drain)
+    held = client_migration.relay(s1_near, s2_near, count, "port:1")
+    writer.get(timeout=10)
+    reader.get(timeout=10)
+    assert hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
+    assert held == client_migration.RELAY_CHUNK
+    for sock in (s1_far, s1_near, s2_near, s2_far):
+        sock.close()
+
 # --- migrations -----------------------------------------------------------------------------------------
 
 
@@ -369,6 +469,23 @@ def test_a_seamless_migration_across_tls_and_plain_keeps_every_byte(kind, ca, ca
         assert session.migrations[-1]["relayed"], "the in-flight data went through the MIGRATE_DATA relay"
 
 
+
+def test_a_semi_seamless_migration_between_tls_only_servers_reopens_every_channel_over_tls(
+        ca, ca_file, node, tmp_path):
+    """Semi-seamless freezes the ports on their s1 TLS connections (the reader drains them and
+    parks) and resumes them on new TLS connections to s2, verified by s2's subject."""
+    s1 = node(plain=False, tls_dir=x509_dir(ca, tmp_path / "s1", S1_SUBJECT))
+    s2 = node(plain=False, tls_dir=x509_dir(ca, tmp_path / "s2", S2_SUBJECT))
+    with ClientSession("127.0.0.1", 0, tls_port=s1.tls_port, ca_file=ca_file, host_subject=S1_TEXT) as session:
+        port = session.open_port(ECHO)
+        _echo(port)
+        report = s1.migrate_to(s2, S2_TEXT, mode="semi-seamless")
+        assert report["migrated"] == 1, report
+        assert session.wait_migrated(timeout=20)["mode"] == "semi-seamless"
+        _echo(port)
+        assert {sock.getpeername()[1] for sock in _sockets(session)} == {s2.tls_port}
+        assert all(is_tls(sock) for sock in _sockets(session))
+
 def test_a_tls_destination_verified_by_host_name_when_begin_has_no_subject(ca, ca_file, node, tmp_path):
     s1 = node()
     s2 = node(plain=False, tls_dir=x509_dir(ca, tmp_path / "s2", S2_SUBJECT))
@@ -404,6 +521,34 @@ def test_a_client_without_tls_answers_connect_error_at_once_for_a_tls_only_desti
         _echo(port)
 
 
+
+# --- the s1 -> s2 control path over HTTPS -----------------------------------------------------------------
+
+
+def test_s1_reaches_s2s_control_api_over_https_verified_with_its_x509_ca(ca, ca_file, node, tmp_path):
+    s1 = node(tls_dir=x509_dir(ca, tmp_path / "s1", S1_SUBJECT))  # its ca-cert.pem verifies s2's control API
+    s2 = node(plain=False, tls_dir=x509_dir(ca, tmp_path / "s2", S2_SUBJECT), control_tls=True, token="s2-token")
+    assert s2.api.get_json("/status")["sessions"] == 0  # HTTPS, with the token
+    with ClientSession("127.0.0.1", s1.port, ca_file=ca_file) as session:
+        _migrate_with_echo(session, s1, s2, S2_TEXT)
+        assert is_tls(session.main.sock)
+
+
+def test_the_https_control_path_refuses_another_ca_and_a_wrong_token(ca, ca_file, node, tmp_path):
+    s1 = node(tls_dir=x509_dir(ca, tmp_path / "s1", S1_SUBJECT))
+    stranger = node(tls_dir=x509_dir(TestCA("another CA"), tmp_path / "x", S2_SUBJECT), control_tls=True,
+                    token="t")
+    s2 = node(tls_dir=x509_dir(ca, tmp_path / "s2", S2_SUBJECT), control_tls=True, token="s2-token")
+    with ClientSession("127.0.0.1", s1.port, ca_file=ca_file) as session:
+        port = session.open_port(ECHO)
+        with pytest.raises(MigrationError, match=r"502.*CERTIFICATE_VERIFY_FAILED"):
+            s1.migrate_to(stranger, S2_TEXT)
+        with pytest.raises(MigrationError, match=r"502.*401"):
+            s1.migrate_to(s2, S2_TEXT, to_token="wrong")
+        assert not s2.spice.sessions and not stranger.spice.sessions
+        _echo(port)  # on s1, as before
+        assert session.migrations == []  # no client was sent anywhere
+
 # --- QEMU, as Proxmox runs it ---------------------------------------------------------------------------
 
 
@@ -433,3 +578,57 @@ def test_our_client_follows_a_tls_only_qemu_migration_set_up_as_proxmox_does(ca,
         assert qemu_echo(port, b"hello s2 after migration\n" * 10), s2.log()
         assert {sock.getpeername()[1] for sock in _sockets(session)} == {s2.tls_port}
         assert all(is_tls(sock) for sock in _sockets(session))
+
+
+# --- the command line -----------------------------------------------------------------------------------
+
+
+def test_connect_and_migrate_on_the_command_line_between_tls_only_servers(ca, ca_file, serve, tmp_path):
+    s1, s2 = (serve("--tls-port", "127.0.0.1:0", "--x509-dir", x509_dir(ca, tmp_path / name, subject),
+                    "--disable-ticketing", plain=False) for name, subject in (("s1", S1_SUBJECT), ("s2", S2_SUBJECT)))
+    spicewire = [sys.executable, "-m", "spicewire"]
+    client = subprocess.Popen(
+        [*spicewire, "connect", "127.0.0.1:0", "--tls-port", str(s1.address[1]), "--ca-file", ca_file,
+         "--host-subject", S1_TEXT, "--port-channel", "org.test.echo", "--send-mib", "2", "--expect-echo",
+         "--wait-migration", "60", "--timeout", "30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "first transfer done" in client.stderr.readline()
+        migrate = subprocess.run(
+            [*spicewire, "migrate", "--control", "127.0.0.1:{}".format(*s1.control[1:]), "--to", "127.0.0.1:0",
+             "--to-tls-port", str(s2.address[1]), "--to-cert-subject", S2_TEXT,
+             "--to-control", "127.0.0.1:{}".format(*s2.control[1:]), "--token", TOKEN, "--to-token", TOKEN],
+            capture_output=True, text=True, timeout=60)
+        assert migrate.returncode == 0, (migrate.stdout, migrate.stderr)
+        assert json.loads(migrate.stdout)["migrated"] == 1
+        out, err = client.communicate(timeout=60)
+    finally:
+        client.kill()
+    report = json.loads(out)
+    assert report["ok"], (report, err)
+    assert report["after_migration"]["server"] == f"127.0.0.1:{s2.address[1]}"
+    assert report["after_migration"]["sha256_received"] == report["after_migration"]["sha256_sent"]
+    assert report["migration"]["mode"] == "seamless"
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["connect", "127.0.0.1:0", "--port-channel", "p"], "or 0 with --tls-port"),
+    (["connect", "127.0.0.1:5900", "--tls-port", "5901", "--port-channel", "p"], "needs --ca-file"),
+    (["connect", "127.0.0.1:5900", "--tls-port", "0", "--port-channel", "p"], "--tls-port: expected a port"),
+    (["connect", "127.0.0.1:5900", "--ca-file", "f", "--host-subject", "CN", "--port-channel", "p"],
+     "--host-subject: subject 'CN'"),
+    (["connect", "127.0.0.1:5900", "--secure-channels", "mian", "--port-channel", "p"], "unknown channel mian"),
+    (["migrate", "--control", "127.0.0.1:5800", "--to", "127.0.0.1:0", "--to-control", "127.0.0.1:5801"],
+     "or 0 with --to-tls-port"),
+    (["migrate", "--control", "127.0.0.1:5800", "--to", "127.0.0.1:5901", "--to-control", "127.0.0.1:5801",
+      "--to-cert-subject", "XX=y"], "unknown attribute 'XX'"),
+    (["migrate", "--control", "127.0.0.1:5800", "--to", "127.0.0.1:5901", "--to-control", "https://127.0.0.1"],
+     "expected HOST:PORT"),
+    (["serve", "--listen", "127.0.0.1:0", "--disable-ticketing", "--control", "127.0.0.1:0", "--control-tls"],
+     "--control-tls needs --x509-dir"),
+])
+def test_tls_arguments_are_checked_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

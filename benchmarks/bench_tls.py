@@ -1,0 +1,291 @@
+"""TLS against plain, measured in one run (issue 10's speed and memory goals).
+
+1. Port echo through `spicewire serve` with our client, over TLS and in plain, writing 64 KiB and
+   1 MiB messages: throughput ratio TLS / plain (goal >= 0.5x).
+2. A seamless migration of MIB MiB in flight (a paused sink on s1) between two TLS-only servers
+   (a Proxmox-style MIGRATE_BEGIN: port 0, TLS port, certificate subject) against the same
+   migration between two plain servers: in-flight bytes / downtime, TLS / plain (goal >= 0.5x);
+   and the client's peak memory beyond idle during the TLS one, where it decrypts s1's
+   MIGRATE_DATA and encrypts it again for s2 (goal <= 64 MiB).
+
+Servers are `spicewire serve` processes; the client of (2) is a process of its own (its memory is
+read from /proc). Prints a JSON report and a table.
+
+    python benchmarks/bench_tls.py [--echo-mib 128] [--mib 1024] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import gevent
+
+from spicewire.client import ClientSession
+from spicewire.control.client import ControlClient
+from spicewire.demo import free_port
+from tests.tlsca import SUBJECT, SUBJECT_TEXT, TestCA
+
+ECHO, SINK = "org.spicewire.echo", "org.spicewire.sink"
+CHUNK = 1 << 20
+
+
+class Server:
+    """A ``spicewire serve`` with an echo and a sink port: plain, TLS-only, or both listeners."""
+
+    def __init__(self, x509_dir: str | None, plain: bool = True, buffer_mib: int = 8) -> None:
+        self.port = free_port() if plain else 0
+        self.tls_port = free_port() if x509_dir else 0
+        self.control_port = free_port()
+        argv = [sys.executable, "-m", "spicewire", "serve", "--disable-ticketing", "--log-level", "WARNING",
+                "--port-channel", f"{ECHO}=echo", "--port-channel", f"{SINK}=sink",
+                "--port-buffer-mib", str(buffer_mib), "--control", f"127.0.0.1:{self.control_port}"]
+        if plain:
+            argv += ["--listen", f"127.0.0.1:{self.port}"]
+        if x509_dir:
+            argv += ["--tls-port", f"127.0.0.1:{self.tls_port}", "--x509-dir", x509_dir]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.control = ControlClient("127.0.0.1", self.control_port, timeout=600)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                self.control.get_json("/status")
+                return
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("a server did not start") from None
+                time.sleep(0.05)
+
+    def migrate_to(self, other: Server) -> dict:
+        return self.control.post_json("/migrate", {
+            "to": f"127.0.0.1:{other.port}", "to_tls_port": other.tls_port,
+            "to_cert_subject": SUBJECT_TEXT if other.tls_port else None,
+            "to_control": f"127.0.0.1:{other.control_port}", "mode": "seamless", "timeout": 300,
+        })
+
+    def sinks(self) -> dict[str, dict]:
+        return {s["session_id"]: next(p for p in s["ports"] if p["name"] == SINK)
+                for s in self.control.get_json("/sessions")["sessions"]}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def session_to(server: Server, tls: bool, ca_file: str) -> ClientSession:
+    if tls:
+        return ClientSession("127.0.0.1", 0, tls_port=server.tls_port, ca_file=ca_file, host_subject=SUBJECT_TEXT)
+    return ClientSession("127.0.0.1", server.port)
+
+
+# --- 1. echo ------------------------------------------------------------------------------------
+
+
+def echo_seconds(server: Server, tls: bool, ca_file: str, message: int, total: int) -> float:
+    """Seconds to write ``total`` bytes in ``message``-byte writes and read them all back."""
+    block = os.urandom(message)
+    with session_to(server, tls, ca_file) as session:
+        port = session.open_port(ECHO)
+
+        def write() -> None:
+            for _ in range(total // message):
+                port.write(block)
+
+        start = time.perf_counter()
+        writer = gevent.spawn(write)
+        got = 0
+        while got < total:
+            got += len(port.receive(None, timeout=60))
+        writer.get()
+        return time.perf_counter() - start
+
+
+def bench_echo(ca_file: str, x509_dir: str, mib: int, rounds: int) -> dict:
+    server = Server(x509_dir)
+    total = mib << 20
+    results = {}
+    try:
+        for message in (64 << 10, 1 << 20):
+            rates: dict[str, list[float]] = {"plain": [], "tls": []}
+            for _ in range(rounds):  # interleaved: a busy moment hits both alike
+                for mode in rates:
+                    rates[mode].append(total / echo_seconds(server, mode == "tls", ca_file, message, total))
+            plain, tls = statistics.median(rates["plain"]), statistics.median(rates["tls"])
+            results[f"{message >> 10}KiB"] = {"plain_bytes_per_s": plain, "tls_bytes_per_s": tls,
+                                              "tls_vs_plain": tls / plain, "rates": rates}
+    finally:
+        server.stop()
+    return {"bytes_per_round": total, "rounds": rounds, "messages": results}
+
+
+# --- 2. migration -------------------------------------------------------------------------------
+
+
+def role_client(port: int, tls_port: int, ca_file: str, mib: int) -> None:
+    """One session writing MIB MiB into its sink, then following migrations until stdin closes;
+    answers 'write', 'rss' and 'reset' on stdin."""
+    session = ClientSession("127.0.0.1", port, tls_port=tls_port, ca_file=ca_file or None,
+                            host_subject=SUBJECT_TEXT if tls_port else None).connect()
+    sink = session.open_port(SINK)
+    print(json.dumps({"session_id": f"{session.session_id:08x}", **memory(os.getpid())}), flush=True)
+    block = os.urandom(CHUNK)
+    for line in iter(lambda: gevent.os.tp_read(0, 4096).decode(), ""):
+        for command in line.split():
+            if command == "write":
+                digest = hashlib.sha256()
+                for _ in range(mib):
+                    sink.write(block)
+                    digest.update(block)
+                print(json.dumps({"sha256": digest.hexdigest()}), flush=True)
+            elif command == "rss":
+                print(json.dumps(memory(os.getpid())), flush=True)
+            elif command == "reset":
+                with open(f"/proc/{os.getpid()}/clear_refs", "w") as f:
+                    f.write("5")  # VmHWM back to the current RSS
+                print(json.dumps({"reset": True}), flush=True)
+    session.close()
+
+
+def memory(pid: int) -> dict:
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
+
+
+class Client:
+    def __init__(self, server: Server, ca_file: str, mib: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--role", "client", "--port", str(server.port), "--tls-port",
+             str(server.tls_port), "--ca-file", ca_file, "--mib", str(mib)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.hello = self.ask(None)
+
+    def ask(self, command: str | None) -> dict:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark setup timed out")
+        time.sleep(0.05)
+
+
+def migrate_once(tls: bool, x509_dirs: tuple[str, str], ca_file: str, mib: int) -> dict:
+    """MIB MiB in a paused sink on s1, migrated seamlessly to s2; checked intact on s2."""
+    size = mib << 20
+    s1, s2 = (Server(d if tls else None, plain=not tls, buffer_mib=mib + 64) for d in x509_dirs)
+    client = Client(s1, ca_file, mib)
+    try:
+        sid = client.hello["session_id"]
+        idle = client.hello["rss"]
+        s1.control.post_json(f"/sessions/{sid}/ports/{SINK}/pause", {})
+        digest = client.ask("write")["sha256"]
+        wait_until(lambda: s1.sinks()[sid]["to_device_bytes"] == size, 300)
+        client.ask("reset")
+        (entry,) = s1.migrate_to(s2)["sessions"]
+        peak = client.ask("rss")["peak"]
+        assert entry["migrated"] and entry["in_flight_bytes_moved"] >= size, entry
+        s2.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
+        wait_until(lambda: s2.sinks()[sid]["device"]["bytes_in"] == size, 300)
+        intact = s2.sinks()[sid]["device"]["sha256"] == digest
+    finally:
+        client.stop()
+        s1.stop()
+        s2.stop()
+    return {"downtime_s": entry["downtime_s"], "bytes_per_s": size / entry["downtime_s"], "intact": intact,
+            "client_peak_beyond_idle": peak - idle}
+
+
+def bench_migration(x509_dirs: tuple[str, str], ca_file: str, mib: int, rounds: int) -> dict:
+    runs: dict[str, list[dict]] = {"plain": [], "tls": []}
+    for _ in range(rounds):
+        for mode in runs:
+            runs[mode].append(migrate_once(mode == "tls", x509_dirs, ca_file, mib))
+    plain = statistics.median(r["bytes_per_s"] for r in runs["plain"])
+    tls = statistics.median(r["bytes_per_s"] for r in runs["tls"])
+    return {
+        "in_flight_bytes": mib << 20, "rounds": rounds, "plain_bytes_per_s": plain, "tls_bytes_per_s": tls,
+        "tls_vs_plain": tls / plain, "intact": all(r["intact"] for rs in runs.values() for r in rs),
+        "client_peak_beyond_idle_tls": max(r["client_peak_beyond_idle"] for r in runs["tls"]),
+        "client_peak_beyond_idle_plain": max(r["client_peak_beyond_idle"] for r in runs["plain"]),
+        "runs": runs,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--tls-port", type=int, default=0)
+    parser.add_argument("--ca-file", default="")
+    parser.add_argument("--echo-mib", type=int, default=128, help="bytes echoed per round and message size")
+    parser.add_argument("--mib", type=int, default=1024, help="in flight during the migrations")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--migration-rounds", type=int, default=1)
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args()
+    if args.role == "client":
+        role_client(args.port, args.tls_port, args.ca_file, args.mib)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as tmp:
+        ca = TestCA()
+        ca_file = str(ca.write_cert(pathlib.Path(tmp) / "ca.pem"))
+        dirs = tuple(str(ca.x509_dir(pathlib.Path(tmp) / name, SUBJECT)) for name in ("s1", "s2"))
+        results = {
+            "machine": f"{os.cpu_count()} cores",
+            "echo": bench_echo(ca_file, dirs[0], args.echo_mib, args.rounds),
+            "migration": bench_migration((dirs[0], dirs[1]), ca_file, args.mib, args.migration_rounds),
+        }
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    echo, mig = results["echo"]["messages"], results["migration"]
+    mib = mig["in_flight_bytes"] >> 20
+    print("\n| measure | figure | goal | met |\n|---|---|---|---|")
+    rows = [
+        *((f"port echo, {size} messages: TLS vs plain",
+           f"{e['tls_vs_plain']:.2f}x ({e['tls_bytes_per_s'] / 1e6:.0f} vs {e['plain_bytes_per_s'] / 1e6:.0f} MB/s)",
+           ">= 0.5x", e["tls_vs_plain"] >= 0.5) for size, e in echo.items()),
+        (f"seamless migration of {mib} MiB in flight, TLS-only vs plain servers",
+         (f"{mig['tls_vs_plain']:.2f}x ({mig['tls_bytes_per_s'] / 1e9:.2f} vs "
+          f"{mig['plain_bytes_per_s'] / 1e9:.2f} GB/s)"), ">= 0.5x", mig["tls_vs_plain"] >= 0.5),
+        ("client peak beyond idle during the TLS migration: MiB", f"{mig['client_peak_beyond_idle_tls'] / 2**20:.1f}",
+         "<= 64", mig["client_peak_beyond_idle_tls"] <= 64 << 20),
+        ("everything arrived intact", str(mig["intact"]), "", ""),
+    ]
+    for what, figure, goal, ok in rows:
+        print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
