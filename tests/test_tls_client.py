@@ -8,6 +8,7 @@ The servers run in this process; the certificates come from a CA made for each t
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -22,8 +23,9 @@ from cryptography.x509.oid import NameOID
 from gevent import socket, ssl
 from gevent.server import StreamServer
 
-from spicewire import cli
+from spicewire import aio, cli
 from spicewire.client import ClientSession
+from spicewire.client import connect as threaded_connect
 from spicewire.client.endpoint import Endpoint
 from spicewire.client.tls import (
     CertificateRejected,
@@ -579,6 +581,29 @@ def test_our_client_follows_a_tls_only_qemu_migration_set_up_as_proxmox_does(ca,
         assert {sock.getpeername()[1] for sock in _sockets(session)} == {s2.tls_port}
         assert all(is_tls(sock) for sock in _sockets(session))
 
+
+
+# --- threads and asyncio ---------------------------------------------------------------------------------
+
+
+def test_threaded_and_asyncio_connects_take_the_tls_keywords(ca, ca_file, serve, tmp_path):
+    served = serve("--tls-port", "127.0.0.1:0", "--x509-dir", x509_dir(ca, tmp_path / "s1", S1_SUBJECT),
+                   "--disable-ticketing", plain=False)
+    tls = {"tls_port": served.address[1], "ca_file": ca_file, "host_subject": S1_TEXT}
+    with threaded_connect("127.0.0.1", 0, **tls) as session:
+        port = session.open_port("org.test.echo")
+        port.write(b"through a thread")
+        assert port.read(16, timeout=10) == b"through a thread"
+
+    async def main() -> bytes:
+        async with aio.connect("127.0.0.1", 0, **tls) as session:
+            port = await session.open_port("org.test.echo")
+            await port.write(b"through asyncio")
+            return await port.read(15, timeout=10)
+
+    assert asyncio.run(main()) == b"through asyncio"
+    with pytest.raises(CertificateRejected):
+        threaded_connect("127.0.0.1", 0, **{**tls, "host_subject": S2_TEXT})
 
 # --- the command line -----------------------------------------------------------------------------------
 
