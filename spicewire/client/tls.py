@@ -178,36 +178,36 @@ class ClientTls:
     ca_file: str
     host_subject: str | None = None
     ciphers: str | None = None
+    # Made once (a bad subject or an unreadable CA file is the caller's mistake, said at once),
+    # shared by every link.
+    _expected: list[tuple[str, str]] | None = dataclasses.field(init=False, repr=False, compare=False)
+    _context: ssl.SSLContext = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.host_subject:
-            parse_subject(self.host_subject)  # a bad subject is the caller's mistake, said at once
-        self._context()  # an unreadable CA file too
+        object.__setattr__(self, "_expected", parse_subject(self.host_subject) if self.host_subject else None)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.load_verify_locations(cafile=self.ca_file)
+        context.check_hostname = self._expected is None
+        if self.ciphers:
+            context.set_ciphers(self.ciphers)
+        object.__setattr__(self, "_context", context)
 
     def for_subject(self, subject: str | None) -> ClientTls:
         """The same CA with another subject to verify (a migration's cert_subject; empty: the host name)."""
         return dataclasses.replace(self, host_subject=subject or None)
 
-    def _context(self) -> ssl.SSLContext:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.load_verify_locations(cafile=self.ca_file)
-        context.check_hostname = not self.host_subject
-        if self.ciphers:
-            context.set_ciphers(self.ciphers)
-        return context
-
     def wrap(self, sock: socket.socket, host: str) -> ssl.SSLSocket:
         """Run the TLS handshake on ``sock`` (bounded by its timeout) and verify the server; the
         socket is closed and CertificateRejected raised if verification fails."""
         try:
-            tls = self._context().wrap_socket(sock, server_hostname=host)
+            tls = self._context.wrap_socket(sock, server_hostname=host)
         except ssl.SSLCertVerificationError as err:
             sock.close()
             raise CertificateRejected(f"TLS to {host}: {err.verify_message or err}") from err
-        if self.host_subject:
+        if self._expected is not None:
             der = tls.getpeercert(binary_form=True)
             cert = x509.load_der_x509_certificate(der) if der else None
-            if cert is None or not subject_matches(cert, parse_subject(self.host_subject)):
+            if cert is None or not subject_matches(cert, self._expected):
                 tls.close()
                 got = "no certificate" if cert is None else repr(format_subject(cert))
                 raise CertificateRejected(f"TLS to {host}: subject {got} is not {self.host_subject!r}")
