@@ -16,19 +16,43 @@ the network, and the session follows migrations whatever the loop is doing.
 Cancelling a ``read`` (``asyncio.wait_for``, ``task.cancel()``) loses no data: a read still
 waiting ends without taking anything, and bytes it had taken go back in front of the buffer (with
 one reader per port, their order stays).
+
+With ``display=True`` the session's display, inputs and cursor channels are there too:
+
+    async with aio.connect("127.0.0.1", 5900, display=True) as session:
+        frame = await session.display.primary()            # a numpy copy of the screen
+        await session.inputs.mouse_position(10, 20)
+        await session.display.wait(lambda d: d.updates > 3, timeout=5)
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Generator
-from typing import Any, TypeVar
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, Generic, Self, TypeVar, Unpack
 
-from spicewire.client.threaded import Call, ThreadedPort, ThreadedSession, start
+import numpy as np
 
-__all__ = ["AsyncPort", "AsyncSession", "connect"]
+from spicewire.client.graphics import InputsChannel
+from spicewire.client.session import TlsOptions
+from spicewire.client.threaded import (
+    Call,
+    ThreadedChannel,
+    ThreadedCursor,
+    ThreadedDisplay,
+    ThreadedInputs,
+    ThreadedPort,
+    ThreadedSession,
+    start,
+)
+from spicewire.protocol.graphics import CursorShape
+from spicewire.protocol.messages import MonitorHead
+
+__all__ = ["AsyncCursor", "AsyncDisplay", "AsyncInputs", "AsyncPort", "AsyncSession", "connect"]
 
 _T = TypeVar("_T")
+_TC = TypeVar("_TC", bound=ThreadedChannel[Any])
 
 
 async def _wait(call: Call[_T]) -> _T:
@@ -76,6 +100,134 @@ class AsyncPort:
             yield data
 
 
+class _AsyncChannel(Generic[_TC]):
+    """What the display, inputs and cursor share for coroutines: snapshots, and ``wait``."""
+
+    def __init__(self, channel: _TC, session: ThreadedSession) -> None:
+        self._channel = channel
+        self._session = session
+
+    @property
+    def version(self) -> int:
+        return self._channel.version
+
+    @property
+    def closed(self) -> bool:
+        return self._channel.closed
+
+    async def _call(self, call: Call[_T]) -> _T:
+        try:
+            return await _wait(call)
+        except asyncio.CancelledError:
+            self._session.abandon(call)
+            raise
+
+    async def wait(self, predicate: Callable[[Self], bool | Awaitable[bool]], timeout: float | None = None) -> bool:
+        """Until ``predicate(self)`` (a function or a coroutine function) holds (True), or
+        ``timeout`` passed or the channel closed (False). It runs in the event loop after each change."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            seen = self.version  # read before the check: a change during it ends the next wait at once
+            held = predicate(self)
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return True
+            left = None if deadline is None else deadline - loop.time()
+            if (left is not None and left <= 0) or self.closed:
+                return False
+            await self._call(self._channel.submit_change(seen, left))
+
+
+class AsyncDisplay(_AsyncChannel[ThreadedDisplay]):
+    """The display channel for coroutines; ``await display.primary()`` is a copy of the screen."""
+
+    async def primary(self) -> np.ndarray | None:
+        return await self._call(self._channel.submit_primary())
+
+    @property
+    def updates(self) -> int:
+        return self._channel.updates
+
+    @property
+    def surface_creates(self) -> int:
+        return self._channel.surface_creates
+
+    @property
+    def resets(self) -> int:
+        return self._channel.resets
+
+    @property
+    def marked(self) -> bool:
+        return self._channel.marked
+
+    @property
+    def monitors(self) -> tuple[MonitorHead, ...]:
+        return self._channel.monitors
+
+    async def wait_for_update(self, timeout: float | None = None, after: int | None = None) -> bool:
+        """Until a draw after the one counted ``after`` (default: now) is applied, or ``timeout``."""
+        return await self._call(self._channel.submit_wait_for_update(timeout, after))
+
+
+class AsyncInputs(_AsyncChannel[ThreadedInputs]):
+    """The inputs channel for coroutines: each event goes in the order of the awaits; one whose
+    await is cancelled is still sent."""
+
+    @property
+    def modifiers(self) -> int:
+        return self._channel.modifiers
+
+    @property
+    def buttons(self) -> int:
+        return self._channel.buttons
+
+    @property
+    def queued(self) -> int:
+        return self._channel.queued
+
+    async def key_down(self, scancode: int) -> None:
+        await _wait(self._channel.submit(InputsChannel.key_down, scancode))
+
+    async def key_up(self, scancode: int) -> None:
+        await _wait(self._channel.submit(InputsChannel.key_up, scancode))
+
+    async def key_press(self, scancode: int) -> None:
+        await _wait(self._channel.submit(InputsChannel.key_press, scancode))
+
+    async def set_modifiers(self, modifiers: int) -> None:
+        await _wait(self._channel.submit(InputsChannel.set_modifiers, modifiers))
+
+    async def mouse_motion(self, dx: int, dy: int, buttons: int | None = None) -> None:
+        await _wait(self._channel.submit(InputsChannel.mouse_motion, dx, dy, buttons))
+
+    async def mouse_position(self, x: int, y: int, buttons: int | None = None, display_id: int = 0) -> None:
+        await _wait(self._channel.submit(InputsChannel.mouse_position, x, y, buttons, display_id))
+
+    async def mouse_press(self, button: int) -> None:
+        await _wait(self._channel.submit(InputsChannel.mouse_press, button))
+
+    async def mouse_release(self, button: int) -> None:
+        await _wait(self._channel.submit(InputsChannel.mouse_release, button))
+
+
+class AsyncCursor(_AsyncChannel[ThreadedCursor]):
+    """The cursor channel for coroutines (snapshots)."""
+
+    @property
+    def shape(self) -> CursorShape | None:
+        return self._channel.shape
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self._channel.position
+
+    @property
+    def visible(self) -> bool:
+        return self._channel.visible
+
+
 class AsyncSession:
     """A session for coroutines; made by ``connect``. ``migrations`` and ``session_id`` are
     snapshots read without a call."""
@@ -83,6 +235,9 @@ class AsyncSession:
     def __init__(self, session: ThreadedSession) -> None:
         self._session = session
         self._ports: dict[int, AsyncPort] = {}
+        self.display = None if session.display is None else AsyncDisplay(session.display, session)
+        self.inputs = None if session.inputs is None else AsyncInputs(session.inputs, session)
+        self.cursor = None if session.cursor is None else AsyncCursor(session.cursor, session)
 
     @property
     def session_id(self) -> int:
@@ -132,8 +287,10 @@ class AsyncSession:
 class _Connecting:
     """What ``connect`` returns: awaited, or used in ``async with``."""
 
-    def __init__(self, host: str, port: int, password: str | None, timeout: float) -> None:
-        self._args = (host, port, password, timeout)
+    def __init__(
+        self, host: str, port: int, password: str | None, timeout: float, tls: TlsOptions, display: bool
+    ) -> None:
+        self._args = (host, port, password, timeout, tls, display)
         self._session: AsyncSession | None = None
 
     def __await__(self) -> Generator[Any, None, AsyncSession]:
@@ -158,6 +315,11 @@ class _Connecting:
             await self._session.close()
 
 
-def connect(host: str, port: int, password: str | None = None, *, timeout: float = 10.0) -> _Connecting:
-    """``async with connect(...) as session`` or ``session = await connect(...)``."""
-    return _Connecting(host, port, password, timeout)
+def connect(
+    host: str, port: int, password: str | None = None, *, timeout: float = 10.0, display: bool = False,
+    **tls: Unpack[TlsOptions],
+) -> _Connecting:
+    """``async with connect(...) as session`` or ``session = await connect(...)``; the TLS
+    keywords are ClientSession's. With ``display``, ``session.display``, ``inputs`` and ``cursor``
+    are the server's display, inputs and cursor channels (None for one it does not have)."""
+    return _Connecting(host, port, password, timeout, tls, display)

@@ -52,24 +52,67 @@ control_listen_address = _argument_type(functools.partial(parse_control_address,
 control_address = _argument_type(parse_control_address, _UNIX)
 
 
+def server_address(text: str) -> Address:
+    """A server's plain ``HOST:PORT``, or ``HOST:0`` for one with a TLS port only (the check
+    that a TLS port is given too comes after parsing)."""
+    if text.endswith(":0"):
+        return listen_address(text)
+    return peer_address(text)
+
+
+def port_number(text: str) -> int:
+    """A TCP port to reach, 1-65535."""
+    if not (text.isascii() and text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"expected a port, 1-65535, got {text!r}")
+    return int(text)
+
+
+def control_url(text: str) -> str:
+    """``HOST:PORT`` or ``https://HOST:PORT``: a control API another server reaches, over TLS with https."""
+    from spicewire.control.client import HTTPS
+
+    tls = text.startswith(HTTPS)
+    address = peer_address(text.removeprefix(HTTPS))
+    return f"{HTTPS if tls else ''}{address}"
+
+
 TOKEN_ENV = "SPICEWIRE_CONTROL_TOKEN"
+PASSWORD_ENV = "SPICEWIRE_PASSWORD"
 
 
-def control_token(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str) -> str | None:
-    """The bearer token from argv, else the file ``path`` (its first line), else $SPICEWIRE_CONTROL_TOKEN:
+def secret(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str, env: str,
+           what: str = "token") -> str | None:
+    """A secret from argv, else the file ``path`` (its first line), else the variable ``env``:
     argv shows in ``ps`` to every local user, a file and the environment do not."""
     if given is not None:
         return given
     if path is not None:
         try:
             with open(path, encoding="utf-8") as file:
-                token = file.readline().strip()
+                value = file.readline().strip()
         except (OSError, UnicodeDecodeError) as err:
             parser.error(f"{option}: cannot read {path}: {err}")
-        if not token:
-            parser.error(f"{option}: {path} has no token on its first line")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+        if not value:
+            parser.error(f"{option}: {path} has no {what} on its first line")
+        return value
+    return os.environ.get(env) or None
+
+
+def control_token(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str) -> str | None:
+    """The bearer token from argv, else the file ``path`` (its first line), else $SPICEWIRE_CONTROL_TOKEN."""
+    return secret(parser, given, path, option, TOKEN_ENV)
+
+
+def channel_names(text: str) -> frozenset[str]:
+    """``main,port,...`` or ``all``: the channels a TLS policy names (QEMU's tls-channel names)."""
+    from spicewire.protocol.enums import ChannelType
+
+    known = ["all", *(channel.name.lower() for channel in ChannelType)]
+    names = frozenset(name.strip().lower() for name in text.split(","))
+    unknown = sorted(names - set(known))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown channel {', '.join(unknown)}; known: {', '.join(known)}")
+    return names
 
 
 def positive_number(text: str) -> float:
@@ -100,6 +143,21 @@ def size_mib(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"expected a finite number of MiB, 0 or more, got {text!r}")
     return value
+
+
+def display_spec(text: str) -> tuple[str, tuple[int, int] | None]:
+    """``SCREEN[:WxH]``: the screen kind every session's display shows, and its size."""
+    from spicewire import screens
+
+    kind, _, size = text.partition(":")
+    if kind not in screens.kinds():
+        raise argparse.ArgumentTypeError(f"unknown screen {kind!r}; known: {', '.join(screens.kinds())}")
+    if not size:
+        return kind, None
+    width, sep, height = size.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and 16 <= int(width) <= 8192 and 16 <= int(height) <= 8192):
+        raise argparse.ArgumentTypeError(f"expected SCREEN:WxH with 16-8192 pixels a side, got {text!r}")
+    return kind, (int(width), int(height))
 
 
 def port_channel(text: str) -> tuple[str, str]:
@@ -135,9 +193,20 @@ def _add_serve(commands: Subparsers) -> None:
         description="Serve SPICE sessions (a main channel and the configured port channels each) "
         "until SIGTERM or SIGINT.",
     )
-    p.add_argument("--listen", required=True, type=listen_address, metavar="HOST:PORT", help="SPICE address")
-    auth = p.add_mutually_exclusive_group(required=True)
-    auth.add_argument("--password", metavar="PW", help="the ticket clients must present")
+    p.add_argument("--listen", type=listen_address, metavar="HOST:PORT", help="plain SPICE address")
+    p.add_argument("--tls-port", type=listen_address, metavar="HOST:PORT",
+                   help="SPICE over TLS here (needs --x509-dir); with or without --listen")
+    p.add_argument("--x509-dir", metavar="DIR",
+                   help="ca-cert.pem, server-cert.pem and server-key.pem, as QEMU's x509-dir")
+    p.add_argument("--tls-ciphers", metavar="LIST", help="OpenSSL cipher list for TLS 1.2 (TLS 1.2 at least)")
+    p.add_argument("--secure-channels", type=channel_names, default=frozenset(), metavar="main,port,...|all",
+                   help="these channels link only over TLS: NEED_SECURED on the plain port")
+    p.add_argument("--plaintext-channels", type=channel_names, default=frozenset(), metavar="main,port,...|all",
+                   help="these channels link only in plain: NEED_UNSECURED on the TLS port")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--password", metavar="PW", help="the ticket clients must present "
+                      f"(visible in ps: prefer --password-file or ${PASSWORD_ENV})")
+    auth.add_argument("--password-file", metavar="FILE", help="the password is the first line of FILE")
     auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
     p.add_argument("--ticket-lifetime", type=positive_number, metavar="S",
                    help="refuse the password S seconds after the server starts (QEMU's set_password expiry)")
@@ -146,12 +215,21 @@ def _add_serve(commands: Subparsers) -> None:
         metavar="NAME=DEVICE", help="add a port channel to every session (repeatable); devices: echo, sink, source",
     )
     p.add_argument(
+        "--display", type=display_spec, metavar="SCREEN[:WxH]",
+        help="give every session a display, inputs and cursor channel showing its own SCREEN "
+        "(clock, paint), e.g. paint:1280x720",
+    )
+    p.add_argument("--name", default="spicewire", help="the server's name, sent to clients and shown by screens")
+    p.add_argument(
         "--port-buffer-mib", type=buffer_mib, default=8.0, metavar="N",
         help="client bytes a port buffers for a device that does not take them, before the server "
         "stops reading that client (default 8)",
     )
     p.add_argument("--control", type=control_listen_address, metavar="HOST:PORT|unix:PATH",
                    help="serve the HTTP/JSON control API here; unix:PATH is a socket only its owner can use")
+    p.add_argument("--control-tls", action="store_true",
+                   help="serve the control API over HTTPS with --x509-dir's certificate (the source of a "
+                   "migration reaches it as --to-control https://HOST:PORT)")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API "
                        f"(visible in ps: prefer --control-token-file or ${TOKEN_ENV})")
@@ -166,12 +244,35 @@ def _add_serve(commands: Subparsers) -> None:
 
 
 def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from spicewire.protocol.enums import MAX_PASSWORD_LENGTH
+
+    if args.listen is None and args.tls_port is None:
+        parser.error("serve needs a listener: --listen, --tls-port or both")
+    if (args.tls_port is None) != (args.x509_dir is None):
+        parser.error("--tls-port and --x509-dir go together")
+    if args.tls_ciphers is not None and args.tls_port is None:
+        parser.error("--tls-ciphers needs --tls-port")
+    if args.secure_channels and args.tls_port is None:
+        parser.error("--secure-channels needs --tls-port: NEED_SECURED would send clients nowhere")
+    if args.plaintext_channels and args.listen is None:
+        parser.error("--plaintext-channels needs --listen: NEED_UNSECURED would send clients nowhere")
+    both = args.secure_channels & args.plaintext_channels
+    if both:
+        parser.error(f"--secure-channels and --plaintext-channels both name {', '.join(sorted(both))}")
+    if not args.disable_ticketing:
+        args.password = secret(parser, args.password, args.password_file, "--password-file", PASSWORD_ENV, "password")
+        if args.password is None:
+            parser.error(f"serve needs --password, --password-file, ${PASSWORD_ENV} or --disable-ticketing")
+        if "\0" in args.password or len(args.password.encode()) > MAX_PASSWORD_LENGTH:
+            parser.error(f"the password must be at most {MAX_PASSWORD_LENGTH} bytes, without NUL")
     if args.ticket_lifetime is not None and args.password is None:
         parser.error("--ticket-lifetime needs --password")
     names = [name for name, _ in args.port_channels]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         parser.error(f"--port-channel: duplicate name {', '.join(duplicates)}")
+    if args.control_tls and (args.x509_dir is None or not isinstance(args.control, Address)):
+        parser.error("--control-tls needs --x509-dir and a --control HOST:PORT")
     if (args.control_token is not None or args.control_token_file is not None) and args.control is None:
         parser.error("--control-token needs --control")
     args.control_token = control_token(parser, args.control_token, args.control_token_file, "--control-token-file")
@@ -198,15 +299,24 @@ def serve(args: argparse.Namespace) -> int:
 
     configure(args.log_level, args.log_format, sys.stderr)
     log_greenlet_errors()
-    host, port = args.listen
+    host, port = args.listen or (args.tls_port.host, None)
+    tls_host, tls_port = args.tls_port or (None, None)
     from spicewire.server.session import Limits
 
     config = ServerConfig(
         host=host, port=port, password=args.password, port_channels=args.port_channels,
         password_expiry=None if args.ticket_lifetime is None else time.time() + args.ticket_lifetime,
         limits=Limits(to_device=int(args.port_buffer_mib * (1 << 20))),
+        tls_host=tls_host, tls_port=tls_port, x509_dir=args.x509_dir, tls_ciphers=args.tls_ciphers,
+        secure_channels=args.secure_channels, plaintext_channels=args.plaintext_channels,
+        display=args.display[0] if args.display else None, display_size=args.display[1] if args.display else None,
+        server_name=args.name,
     )
-    server = SpiceServer(config)
+    try:
+        server = SpiceServer(config)  # reads the x509 directory: its problems stop the start here
+    except ValueError as err:
+        log.error("cannot serve: %s", err)
+        return 1
     control = None
     descriptors = _raise_descriptor_limit()
     try:
@@ -215,7 +325,8 @@ def serve(args: argparse.Namespace) -> int:
             # At most an eighth of the descriptors for control clients: the rest stay for SPICE links.
             limits = ControlLimits(max_connections=max(1, min(ControlLimits.max_connections, descriptors // 8)))
             host, port, unix = control_target(args.control)
-            control = ControlServer(server, host, port, token=args.control_token, unix=unix, limits=limits)
+            control = ControlServer(server, host, port, token=args.control_token, unix=unix, limits=limits,
+                                    tls=server.tls.context if args.control_tls and server.tls else None)
             if unix is None and args.control_token is None:
                 log.warning("the control API on %s has no token: any local user can move or pause every "
                             "session (use unix:PATH or a token to prevent it)", control.where)
@@ -269,8 +380,16 @@ def _add_connect(commands: Subparsers) -> None:
         description="Link a session, open one port channel, optionally send data (and check its "
         "echo), then print a JSON report: bytes sent and received, sha256 of each, timings.",
     )
-    p.add_argument("address", type=peer_address, metavar="HOST:PORT")
+    p.add_argument("address", type=server_address, metavar="HOST:PORT",
+                   help="the server's plain port; HOST:0 for a server with a TLS port only")
     p.add_argument("--password", metavar="PW")
+    p.add_argument("--tls-port", type=port_number, default=0, metavar="P", help="the server's TLS port")
+    p.add_argument("--ca-file", metavar="FILE", help="the CA (PEM) the server's certificate must lead to")
+    p.add_argument("--host-subject", metavar="K=V,...",
+                   help="the subject the server's certificate must have (spice-gtk's form, e.g. "
+                   "'C=XX,O=Org,CN=host'); without it, the certificate must match the host name")
+    p.add_argument("--secure-channels", type=channel_names, default=frozenset(), metavar="main,port,...|all",
+                   help="link these channels over TLS only (others: plain, then TLS after NEED_SECURED)")
     p.add_argument("--port-channel", required=True, metavar="NAME", help="the port channel to open, by name")
     p.add_argument("--send-mib", type=size_mib, default=0.0, metavar="N", help="send N MiB of random data")
     p.add_argument("--expect-echo", action="store_true", help="read back what was sent and compare it")
@@ -280,7 +399,21 @@ def _add_connect(commands: Subparsers) -> None:
     p.add_argument("--timeout", type=positive_number, default=60.0, metavar="S",
                    help="give up after S seconds (default 60)")
     p.add_argument("--log-level", default="WARNING", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p.set_defaults(run=connect)
+    p.set_defaults(run=connect, check=functools.partial(_check_connect, p))
+
+
+def _check_connect(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.address.port == 0 and not args.tls_port:
+        parser.error("argument address: expected port 1-65535, or 0 with --tls-port (a server with a TLS port only)")
+    if (args.tls_port or args.host_subject is not None or args.secure_channels) and args.ca_file is None:
+        parser.error("TLS (--tls-port, --host-subject, --secure-channels) needs --ca-file")
+    if args.host_subject:
+        from spicewire.client.tls import parse_subject
+
+        try:
+            parse_subject(args.host_subject)
+        except ValueError as err:
+            parser.error(f"--host-subject: {err}")
 
 
 def connect(args: argparse.Namespace) -> int:
@@ -299,7 +432,9 @@ def connect(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     timings = report["timings"] = {}
     host, port = args.address
-    session = ClientSession(host, port, password=args.password, timeout=min(args.timeout, 10.0))
+    session = ClientSession(host, port, password=args.password, timeout=min(args.timeout, 10.0),
+                            tls_port=args.tls_port, ca_file=args.ca_file, host_subject=args.host_subject,
+                            secure_channels=args.secure_channels)
     writer: gevent.Greenlet | None = None
     try:
         budget = args.timeout + (args.wait_migration or 0)
@@ -382,10 +517,14 @@ def _add_migrate(commands: Subparsers) -> None:
     )
     p.add_argument("--control", required=True, type=control_address, metavar="S1_CONTROL",
                    help="source control API: HOST:PORT or unix:PATH")
-    p.add_argument("--to", required=True, type=peer_address, metavar="S2_HOST:S2_PORT",
-                   help="destination SPICE address")
-    p.add_argument("--to-control", required=True, type=peer_address, metavar="S2_CONTROL",
-                   help="destination control API")
+    p.add_argument("--to", required=True, type=server_address, metavar="S2_HOST:S2_PORT",
+                   help="destination SPICE address (S2_HOST:0 with --to-tls-port: s2 has only a TLS port)")
+    p.add_argument("--to-tls-port", type=port_number, default=0, metavar="P", help="the destination's TLS port")
+    p.add_argument("--to-cert-subject", metavar="K=V,...",
+                   help="the subject of the destination's certificate, which clients verify (spice-gtk's "
+                   "form); without it they verify the destination's host name")
+    p.add_argument("--to-control", required=True, type=control_url, metavar="[https://]S2_CONTROL",
+                   help="destination control API; https:// verifies it with the source's x509 CA")
     p.add_argument("--mode", choices=["seamless", "semi-seamless"], default="seamless")
     p.add_argument("--timeout", type=positive_number, default=30.0, metavar="SECONDS",
                    help="for each phase (default 30)")
@@ -393,7 +532,21 @@ def _add_migrate(commands: Subparsers) -> None:
     token.add_argument("--token", metavar="T", help=f"bearer token of the source control API (default ${TOKEN_ENV})")
     token.add_argument("--token-file", metavar="FILE", help="the source's token is the first line of FILE")
     p.add_argument("--to-token", metavar="T", help="bearer token of the destination control API")
-    p.set_defaults(run=migrate, check=functools.partial(_check_token, p))
+    p.set_defaults(run=migrate, check=functools.partial(_check_migrate, p))
+
+
+def _check_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.to.port == 0 and not args.to_tls_port:
+        parser.error("argument --to: expected port 1-65535, or 0 with --to-tls-port (a destination with a TLS port "
+                     "only)")
+    if args.to_cert_subject:
+        from spicewire.client.tls import parse_subject
+
+        try:
+            parse_subject(args.to_cert_subject)
+        except ValueError as err:
+            parser.error(f"--to-cert-subject: {err}")
+    _check_token(parser, args)
 
 
 def _check_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -409,7 +562,8 @@ def migrate(args: argparse.Namespace) -> int:
     host, port, unix = control_target(args.control)
     source = ControlClient(host, port, token=args.token, timeout=3 * args.timeout + 30, unix=unix)
     request = {
-        "to": str(args.to), "to_control": str(args.to_control), "mode": args.mode,
+        "to": str(args.to), "to_control": args.to_control, "mode": args.mode,
+        "to_tls_port": args.to_tls_port, "to_cert_subject": args.to_cert_subject,
         "timeout": args.timeout, "to_token": args.to_token,
     }
     try:
@@ -504,6 +658,12 @@ def _add_demo(commands: Subparsers) -> None:
                    help="in-flight state to pile up, in MiB (default 256)")
     p.add_argument("--modes", type=demo_modes, default=",".join(DEMO_MODES), metavar="MODE[,MODE]",
                    help=f"migrations to run, in order (default {','.join(DEMO_MODES)})")
+    p.add_argument("--viewer", action="store_true",
+                   help="instead: open remote-viewer on a paint session and migrate it back and forth "
+                   "between the two servers while you watch (needs virt-viewer and a display)")
+    p.add_argument("--rounds", type=positive_int, default=10, help="with --viewer: migrations to run (default 10)")
+    p.add_argument("--interval", type=positive_number, default=5.0, metavar="S",
+                   help="with --viewer: seconds between migrations (default 5)")
     p.set_defaults(run=demo)
 
 
@@ -511,6 +671,8 @@ def demo(args: argparse.Namespace) -> int:
     # The same run as `make demo` (python -m spicewire.demo), for an installed package without the repository.
     from spicewire import demo as demo_run
 
+    if args.viewer:
+        return demo_run.main(["--viewer", "--rounds", str(args.rounds), "--interval", str(args.interval)])
     return demo_run.main(["--mib", str(args.mib), "--modes", args.modes])
 
 

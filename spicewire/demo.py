@@ -7,6 +7,11 @@ the same with a semi-seamless migration, which by design loses what was in fligh
 much.
 
     python -m spicewire.demo [--mib 256] [--modes seamless,semi-seamless]
+
+With ``--viewer``, it shows a migration instead: both servers give each session a ``paint`` screen,
+remote-viewer opens on s1, and the session moves s1 -> s2 -> s1 ... every few seconds, alternating
+seamless and semi-seamless, while you paint; what you painted stays. It needs remote-viewer
+(virt-viewer) and a display.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import socket as stdlib_socket
 import subprocess
 import sys
@@ -41,13 +47,13 @@ def free_port() -> int:
 class Server:
     """A ``spicewire serve`` process with a sink port and a control API."""
 
-    def __init__(self, name: str, buffer_mib: float, control_timeout: float = 120) -> None:
+    def __init__(self, name: str, buffer_mib: float, control_timeout: float = 120, extra: tuple[str, ...] = ()) -> None:
         self.name = name
         self.port, self.control_port = free_port(), free_port()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "spicewire", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--disable-ticketing", "--port-channel", f"{SINK}=sink", "--port-buffer-mib", str(buffer_mib),
-             "--control", f"127.0.0.1:{self.control_port}", "--log-level", "WARNING"],
+             "--control", f"127.0.0.1:{self.control_port}", "--log-level", "WARNING", *extra],
             stdin=subprocess.DEVNULL,
         )
         self.control = ControlClient("127.0.0.1", self.control_port, timeout=control_timeout)
@@ -155,11 +161,54 @@ def run_once(mode: str, mib: int, s1: Server, s2: Server) -> dict:
     return result
 
 
+def run_viewer(rounds: int, interval: float) -> int:
+    """remote-viewer on a paint session that migrates back and forth while you watch."""
+    viewer = shutil.which("remote-viewer")
+    if viewer is None or not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        print("spicewire demo --viewer needs remote-viewer (virt-viewer) and a display", file=sys.stderr)
+        return 2
+    servers: list[Server] = []
+    client = None
+    try:
+        servers.extend(Server(name, 8, extra=("--display", "paint:1024x768", "--name", name)) for name in ("s1", "s2"))
+        here, there = servers
+        print(f"s1 on 127.0.0.1:{here.port}, s2 on 127.0.0.1:{there.port}; paint with the left button, "
+              "keys 1-9 pick a colour, c clears")
+        client = subprocess.Popen([viewer, f"spice://127.0.0.1:{here.port}"], stdin=subprocess.DEVNULL)
+        wait_for(lambda: bool(here.control.get_json("/sessions")["sessions"]), 30, "remote-viewer to connect")
+        for turn in range(rounds):
+            gevent.sleep(interval)
+            if client.poll() is not None:
+                print("remote-viewer closed")
+                break
+            mode = "seamless" if turn % 2 == 0 else "semi-seamless"
+            report = here.control.post_json("/migrate", {"to": f"127.0.0.1:{there.port}", "mode": mode,
+                                                         "to_control": f"127.0.0.1:{there.control_port}"})
+            entry = report["sessions"][0] if report["sessions"] else {}
+            downtime = entry.get("downtime_s")
+            print(f"{here.name} -> {there.name}: {mode}, "
+                  f"{'migrated' if entry.get('migrated') else 'stayed: ' + str(entry.get('error'))}"
+                  + (f", downtime {downtime * 1000:.2f} ms" if downtime is not None else ""))
+            here, there = there, here
+    finally:
+        if client is not None and client.poll() is None:
+            client.terminate()
+        for server in servers:
+            server.stop()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m spicewire.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="in-flight state to pile up (default 256)")
     parser.add_argument("--modes", default="seamless,semi-seamless")
+    parser.add_argument("--viewer", action="store_true",
+                        help="instead: remote-viewer on a paint session that migrates back and forth")
+    parser.add_argument("--rounds", type=int, default=10, help="with --viewer: how many migrations (default 10)")
+    parser.add_argument("--interval", type=float, default=5.0, help="with --viewer: seconds between them")
     args = parser.parse_args(argv)
+    if args.viewer:
+        return run_viewer(args.rounds, args.interval)
     servers = []
     try:
         s1 = Server("s1", args.mib + 16)

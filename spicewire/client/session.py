@@ -17,8 +17,8 @@ which runs a ClientSession in an I/O thread of its own, or spicewire.aio.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypedDict, TypeVar
 
 import gevent
 import gevent.event
@@ -30,10 +30,12 @@ from spicewire.client.channels import (
     PortChannel,
     check_thread,
     close_socket,
-    link_channel,
     thread_ident,
 )
+from spicewire.client.endpoint import Endpoint, channel_names
+from spicewire.client.graphics import CHANNEL_CAPS, CursorChannel, DisplayChannel, InputsChannel, WatchedChannel
 from spicewire.client.migration import MigrationDriver, channel_name
+from spicewire.client.tls import ClientTls
 from spicewire.errors import LocalProtocolError, ProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
@@ -56,6 +58,16 @@ _MIGRATION_MESSAGES = (
     m.MsgMainMigrateCancel, m.MsgMainMigrateEnd, m.MsgMainMigrateSwitchHost,
 )
 _STARTS_MIGRATION = (m.MsgMainMigrateBegin, m.MsgMainMigrateBeginSeamless, m.MsgMainMigrateSwitchHost)
+_W = TypeVar("_W", bound=WatchedChannel)
+
+
+class TlsOptions(TypedDict, total=False):
+    """ClientSession's TLS keywords, which connect() and spicewire.aio.connect pass on."""
+
+    tls_port: int
+    ca_file: str | None
+    host_subject: str | None
+    secure_channels: Iterable[str]
 
 
 class ClientSession:
@@ -64,15 +76,33 @@ class ClientSession:
     Migrations are followed without the application's help: port objects stay valid, writes made
     meanwhile are delivered in order, reads go on. ``migrations`` lists a report per attempt;
     ``migrated`` is set when one completes; ``connected_to`` says which server the session is on.
+
+    TLS as spice-gtk does it: ``port`` 0 means the server has only ``tls_port``; the channels named
+    in ``secure_channels`` (``main``, ``port``, or ``all``) always use it; any other channel links
+    to the plain port and moves to TLS if the server answers NEED_SECURED. The server's chain must
+    lead to ``ca_file``, its certificate have the subject ``host_subject`` (spice-gtk's
+    ``k=v,k=v``) or, without one, match the host name.
+
+    ``display=True`` also links the display, inputs and cursor channels the server lists:
+    ``display.primary`` is the screen as a numpy array, ``inputs`` sends keys and mouse events,
+    ``cursor`` is the pointer. They follow migrations as the ports do.
     """
 
-    def __init__(self, host: str, port: int, password: str | None = None, *, timeout: float = 10.0) -> None:
-        self.host = host
-        self.port = port
+    def __init__(
+        self, host: str, port: int, password: str | None = None, *, timeout: float = 10.0, tls_port: int = 0,
+        ca_file: str | None = None, host_subject: str | None = None, secure_channels: Iterable[str] = (),
+        display: bool = False,
+    ) -> None:
+        tls = None if ca_file is None else ClientTls(ca_file, host_subject or None)
+        self.endpoint = Endpoint(host, port, tls_port, tls, channel_names(secure_channels))
         self.password = password
         self.timeout = timeout
         self.main: MainChannel | None = None
         self.ports: dict[int, PortChannel] = {}
+        self.with_display = display
+        self.display: DisplayChannel | None = None
+        self.inputs: InputsChannel | None = None
+        self.cursor: CursorChannel | None = None
         self.migrations: list[dict[str, Any]] = []
         self.migrated = gevent.event.Event()  # a migration completed; cleared by the next BEGIN
         self.migration_connected_event = gevent.event.Event()  # CONNECTED(_SEAMLESS) went to s1
@@ -80,6 +110,15 @@ class ClientSession:
         self._idle = gevent.event.Event()  # no migration running
         self._idle.set()
         self._thread = thread_ident()  # whose hub runs the session
+
+    @property
+    def host(self) -> str:
+        return self.endpoint.host
+
+    @property
+    def port(self) -> int:
+        """The server's plain port (0: it has none)."""
+        return self.endpoint.port
 
     @property
     def _main_channel(self) -> MainChannel:
@@ -105,30 +144,56 @@ class ClientSession:
         return self._main_channel.sock.getpeername()[:2]
 
     def connect(self) -> ClientSession:
-        sock, est = link_channel(self.host, self.port, 0, ChannelType.MAIN, 0, password=self.password,
-                                 channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
+        sock, est = self.endpoint.link(0, ChannelType.MAIN, 0, password=self.password,
+                                       channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
         self.main = MainChannel(self, sock, est)
         self.main.start()
         if not self.main.listed.wait(self.timeout):
             self.close()
             raise ProtocolError("no MAIN_INIT and CHANNELS_LIST from the server in time")
+        if self.with_display:
+            try:
+                self.display = self._link_graphic(ChannelType.DISPLAY, DisplayChannel)
+                self.inputs = self._link_graphic(ChannelType.INPUTS, InputsChannel)
+                self.cursor = self._link_graphic(ChannelType.CURSOR, CursorChannel)
+            except BaseException:
+                self.close()
+                raise
         return self
+
+    def _link_graphic(self, channel_type: ChannelType, cls: type[_W]) -> _W | None:
+        """The first channel of ``channel_type`` the server lists, linked; None if it lists none."""
+        cid = next((cid for ctype, cid in self.channels if ctype == channel_type), None)
+        if cid is None:
+            return None
+        sock, est = self.endpoint.link(self.session_id, channel_type, cid, password=self.password,
+                                       channel_caps=self.channel_caps(channel_type), timeout=self.timeout)
+        ch = cls(self, sock, est)
+        ch.start()
+        return ch
+
+    def graphics(self) -> dict[Channel, WatchedChannel]:
+        """The display, inputs and cursor channels linked, by key."""
+        return {ch.key: ch for ch in (self.display, self.inputs, self.cursor) if ch is not None}
 
     @staticmethod
     def channel_caps(channel_type: int) -> list[int]:
-        return caps_to_words(MAIN_CAPS) if channel_type == ChannelType.MAIN else []
+        return caps_to_words(MAIN_CAPS if channel_type == ChannelType.MAIN else CHANNEL_CAPS.get(channel_type, ()))
 
     @property
     def channels(self) -> list[tuple[int, int]]:
         return list(self._main_channel.channels or [])
 
     def channel(self, key: Channel) -> ChannelClient:
-        return self._main_channel if key == MAIN else self.ports[key[1]]
+        if key == MAIN:
+            return self._main_channel
+        return self.ports[key[1]] if key[0] == ChannelType.PORT else self.graphics()[key]
 
     def all_channels(self) -> Iterator[tuple[Channel, ChannelClient]]:
         yield MAIN, self._main_channel
         for cid, port in self.ports.items():
             yield (ChannelType.PORT, cid), port
+        yield from self.graphics().items()
 
     def open_port(self, name: str | None = None, channel_id: int | None = None) -> PortChannel:
         """Link the port channel with ``channel_id``, or find the one named ``name`` (as spice-gtk
@@ -149,8 +214,8 @@ class ClientSession:
         return [p.name for p in self.ports.values()]
 
     def _link_port(self, channel_id: int) -> PortChannel:
-        sock, est = link_channel(self.host, self.port, self.session_id, ChannelType.PORT, channel_id,
-                                 password=self.password, timeout=self.timeout)
+        sock, est = self.endpoint.link(self.session_id, ChannelType.PORT, channel_id, password=self.password,
+                                       timeout=self.timeout)
         port = PortChannel(self, sock, est)
         port.start()
         if not port.initialised.wait(self.timeout):
@@ -214,7 +279,9 @@ class ClientSession:
     # --- migration bookkeeping -----------------------------------------------------------------
 
     def _start_migration(self) -> None:
-        keys = [MAIN, *((ChannelType.PORT, cid) for cid in self.ports)]
+        # A graphics channel the server ended (it sent nonsense) has no connection to migrate.
+        live = (key for key, ch in self.graphics().items() if not ch.closed.is_set())
+        keys = [MAIN, *((ChannelType.PORT, cid) for cid in self.ports), *live]
         self._migration = MigrationDriver(self, keys, self._main_channel.established.channel_caps)
         self._idle.clear()
         self.migrated.clear()
@@ -229,8 +296,8 @@ class ClientSession:
         report = driver.report.as_dict()
         self.migrations.append(report)
         if report["result"] == "completed":
-            host, port = report["destination"].rsplit(":", 1)
-            self.host, self.port = host, int(port)
+            if driver.endpoint is not None:  # switch-host moved the session's endpoint itself
+                self.endpoint = driver.endpoint
             for _, ch in self.all_channels():
                 ch.peer = Peer.S1  # the destination is the source of any next migration
             self.migrated.set()
@@ -247,19 +314,20 @@ class ClientSession:
         """5.6: a new session on the new host; the ports the application had open are re-opened by
         name (their objects stay, with unread data). Runs in main's reader."""
         names = {cid: port.name for cid, port in self.ports.items()}
-        for port in self.ports.values():
-            port.freeze()
+        for ch in (*self.ports.values(), *self.graphics().values()):
+            ch.freeze()
         self._migration = None  # writes now wait for their port to come back
         main = self._main_channel
         old = main.sock
+        endpoint = self.endpoint.destination(dst)
         try:
-            sock, est = link_channel(dst.host, dst.port, 0, ChannelType.MAIN, 0, password=self.password,
-                                     channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
+            sock, est = endpoint.link(0, ChannelType.MAIN, 0, password=self.password,
+                                      channel_caps=self.channel_caps(ChannelType.MAIN), timeout=self.timeout)
         except (OSError, SpiceError) as err:
             driver.report.errors.append(f"switch host: {err}")
             driver.finish("failed")
             raise
-        self.host, self.port = dst.host, dst.port
+        self.endpoint = endpoint
         main.listed.clear()
         main.attach(sock, est)
         main.reset_state()
@@ -270,13 +338,14 @@ class ClientSession:
         try:
             if not self._main_channel.listed.wait(self.timeout):
                 raise ProtocolError("no CHANNELS_LIST from the new host")
+            self._reopen_graphics(driver)
             for old_cid, name in names.items():
                 port = self.ports.pop(old_cid)
                 for ctype, cid in self.channels:
                     if ctype != ChannelType.PORT or cid in self.ports:
                         continue
-                    sock, est = link_channel(self.host, self.port, self.session_id, ctype, cid,
-                                             password=self.password, timeout=self.timeout)
+                    sock, est = self.endpoint.link(self.session_id, ctype, cid, password=self.password,
+                                                   timeout=self.timeout)
                     port.resume(sock, est)
                     port.key = (ctype, cid)
                     if port.initialised.wait(self.timeout) and port.name == name:
@@ -292,11 +361,24 @@ class ClientSession:
             return
         driver.finish("completed")
 
+    def _reopen_graphics(self, driver: MigrationDriver) -> None:
+        """Switch host: each graphics channel links to the first of its type the new host lists."""
+        for (ctype, _), ch in self.graphics().items():
+            cid = next((cid for listed, cid in self.channels if listed == ctype), None)
+            if cid is None:
+                driver.report.errors.append(f"switch host: the new host has no {ChannelType(ctype).name} channel")
+                ch.close()
+                continue
+            sock, est = self.endpoint.link(self.session_id, ctype, cid, password=self.password,
+                                           channel_caps=self.channel_caps(ctype), timeout=self.timeout)
+            ch.resume(sock, est)
+            ch.key = (ctype, cid)
+
     def close(self) -> None:
         if self._migration is not None:
             self._migration.close()
-        for port in self.ports.values():
-            port.close()
+        for ch in (*self.ports.values(), *self.graphics().values()):
+            ch.close()
         if self.main is not None:
             self.main.close()
 

@@ -14,6 +14,11 @@ waits in asyncio, so the session answers a migration whenever it comes.
         port.write(b"hello")
         port.read(5, timeout=5)            # ReadTimeout if 5 bytes do not arrive in time
 
+    with connect("127.0.0.1", 5900, display=True) as session:
+        session.display.wait(lambda d: d.marked, timeout=5)
+        frame = session.display.primary    # a numpy copy of the screen, (height, width, 4) B G R x
+        session.inputs.key_press(0x1E)     # "a", a PC XT set-1 scancode
+
 Nothing here patches the standard library; gevent programs can use ClientSession directly.
 """
 
@@ -21,20 +26,26 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, Generic, Self, TypeVar, Unpack
 
 import gevent
 import gevent.event
 import gevent.lock
 import gevent.pool
+import numpy as np
 
 from spicewire.client.channels import PortChannel
-from spicewire.client.session import ClientSession
+from spicewire.client.graphics import CursorChannel, DisplayChannel, InputsChannel, WatchedChannel
+from spicewire.client.session import ClientSession, TlsOptions
 from spicewire.errors import LocalProtocolError, SessionClosed
+from spicewire.protocol.graphics import CursorShape
+from spicewire.protocol.messages import MonitorHead
 
 _T = TypeVar("_T")
+_WC = TypeVar("_WC", bound=WatchedChannel)
 START_WAIT = 10.0  # a new thread that has not started its hub by then will not
 STOP_WAIT = 10.0  # close() lets the session's own close (sockets, readers) take this long at most
 
@@ -257,6 +268,152 @@ class ThreadedPort:
                 raise SessionClosed(f"port {self._port.name!r}: {err}") from err
 
 
+class ThreadedChannel(Generic[_WC]):
+    """What the threaded display, inputs and cursor share: snapshots read without a call, and
+    ``wait(predicate)``, whose predicate runs in the calling thread after each change."""
+
+    def __init__(self, io: IOThread, channel: _WC) -> None:
+        self._io = io
+        self._channel = channel
+
+    @property
+    def version(self) -> int:
+        """Bumped by every change the server makes to the channel's state."""
+        return self._channel.version
+
+    @property
+    def closed(self) -> bool:
+        return self._channel.closed.is_set()
+
+    def submit_change(self, seen: int, timeout: float | None) -> Call[bool]:
+        """A change after ``version`` ``seen`` (True), or ``timeout`` or the end of the channel (False)."""
+        return self._io.submit(self._channel.wait, lambda ch: ch.version != seen, timeout)
+
+    def wait(self, predicate: Callable[[Self], bool], timeout: float | None = None) -> bool:
+        """Until ``predicate(self)`` holds (True), or ``timeout`` passed or the channel closed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            seen = self.version  # read before the check: a change during it ends the next wait at once
+            if predicate(self):
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if (left is not None and left <= 0) or self.closed:
+                return False
+            self.submit_change(seen, left).result()
+
+
+class ThreadedDisplay(ThreadedChannel[DisplayChannel]):
+    """The display channel from any thread. ``primary`` is a copy, made in the I/O thread between
+    two draws; the counters are snapshots."""
+
+    @property
+    def primary(self) -> np.ndarray | None:
+        return self.submit_primary().result()
+
+    def submit_primary(self) -> Call[np.ndarray | None]:
+        return self._io.submit(self._copy_primary)
+
+    def _copy_primary(self) -> np.ndarray | None:
+        primary = self._channel.primary
+        return None if primary is None else primary.copy()
+
+    @property
+    def updates(self) -> int:
+        return self._channel.updates
+
+    @property
+    def surface_creates(self) -> int:
+        return self._channel.surface_creates
+
+    @property
+    def resets(self) -> int:
+        return self._channel.resets
+
+    @property
+    def marked(self) -> bool:
+        return self._channel.marked
+
+    @property
+    def monitors(self) -> tuple[MonitorHead, ...]:
+        return self._channel.monitors
+
+    def wait_for_update(self, timeout: float | None = None, after: int | None = None) -> bool:
+        """Until a draw after the one counted ``after`` (default: now) is applied, or ``timeout``."""
+        return self.submit_wait_for_update(timeout, after).result()
+
+    def submit_wait_for_update(self, timeout: float | None, after: int | None) -> Call[bool]:
+        return self._io.submit(self._channel.wait_for_update, timeout, self.updates if after is None else after)
+
+
+class ThreadedInputs(ThreadedChannel[InputsChannel]):
+    """The inputs channel from any thread: each event is queued to the I/O thread in the order of
+    the calls and returns once it is sent or waits for MOUSE_MOTION_ACK (see InputsChannel)."""
+
+    @property
+    def modifiers(self) -> int:
+        return self._channel.modifiers
+
+    @property
+    def buttons(self) -> int:
+        return self._channel.buttons
+
+    @property
+    def queued(self) -> int:
+        return self._channel.queued
+
+    @property
+    def motion_count(self) -> int:
+        return self._channel.motion_count
+
+    @property
+    def motion_acks(self) -> int:
+        return self._channel.motion_acks
+
+    def submit(self, action: Callable[..., None], *args: Any) -> Call[None]:
+        """``action`` (an InputsChannel method, such as ``InputsChannel.key_down``) in the I/O thread."""
+        return self._io.submit(action, self._channel, *args)
+
+    def key_down(self, scancode: int) -> None:
+        self.submit(InputsChannel.key_down, scancode).result()
+
+    def key_up(self, scancode: int) -> None:
+        self.submit(InputsChannel.key_up, scancode).result()
+
+    def key_press(self, scancode: int) -> None:
+        self.submit(InputsChannel.key_press, scancode).result()
+
+    def set_modifiers(self, modifiers: int) -> None:
+        self.submit(InputsChannel.set_modifiers, modifiers).result()
+
+    def mouse_motion(self, dx: int, dy: int, buttons: int | None = None) -> None:
+        self.submit(InputsChannel.mouse_motion, dx, dy, buttons).result()
+
+    def mouse_position(self, x: int, y: int, buttons: int | None = None, display_id: int = 0) -> None:
+        self.submit(InputsChannel.mouse_position, x, y, buttons, display_id).result()
+
+    def mouse_press(self, button: int) -> None:
+        self.submit(InputsChannel.mouse_press, button).result()
+
+    def mouse_release(self, button: int) -> None:
+        self.submit(InputsChannel.mouse_release, button).result()
+
+
+class ThreadedCursor(ThreadedChannel[CursorChannel]):
+    """The cursor channel from any thread (snapshots)."""
+
+    @property
+    def shape(self) -> CursorShape | None:
+        return self._channel.shape
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self._channel.position
+
+    @property
+    def visible(self) -> bool:
+        return self._channel.visible
+
+
 class ThreadedSession:
     """A ClientSession in an I/O thread of its own; made by ``connect``. Every method may be
     called from any thread; the session follows migrations whatever the calling threads do.
@@ -268,6 +425,10 @@ class ThreadedSession:
         self._ports: dict[int, ThreadedPort] = {}
         self._open_lock: gevent.lock.Semaphore | None = None  # made in the hub, used only there
         self._closed = False
+        # connect(display=True): the channels the server had, linked before the session was handed out
+        self.display = None if session.display is None else ThreadedDisplay(io, session.display)
+        self.inputs = None if session.inputs is None else ThreadedInputs(io, session.inputs)
+        self.cursor = None if session.cursor is None else ThreadedCursor(io, session.cursor)
 
     @property
     def session_id(self) -> int:
@@ -358,19 +519,29 @@ class ThreadedSession:
         self.close()
 
 
-def start(host: str, port: int, password: str | None, timeout: float) -> tuple[IOThread, Call[ClientSession]]:
+def start(
+    host: str, port: int, password: str | None, timeout: float, tls: TlsOptions, display: bool = False
+) -> tuple[IOThread, Call[ClientSession]]:
     """An I/O thread and the session being connected in it (for connect and spicewire.aio)."""
-    io = IOThread(f"spicewire-client {host}:{port}")
-    return io, io.submit(_connect, host, port, password, timeout)
+    io = IOThread(f"spicewire-client {host}:{port or tls.get('tls_port', 0)}")
+    return io, io.submit(_connect, host, port, password, timeout, tls, display)
 
 
-def _connect(host: str, port: int, password: str | None, timeout: float) -> ClientSession:
-    return ClientSession(host, port, password, timeout=timeout).connect()
+def _connect(
+    host: str, port: int, password: str | None, timeout: float, tls: TlsOptions, display: bool
+) -> ClientSession:
+    return ClientSession(host, port, password, timeout=timeout, display=display, **tls).connect()
 
 
-def connect(host: str, port: int, password: str | None = None, *, timeout: float = 10.0) -> ThreadedSession:
-    """Connect a session whose I/O runs in a thread of its own: for threaded and plain programs."""
-    io, call = start(host, port, password, timeout)
+def connect(
+    host: str, port: int, password: str | None = None, *, timeout: float = 10.0, display: bool = False,
+    **tls: Unpack[TlsOptions],
+) -> ThreadedSession:
+    """Connect a session whose I/O runs in a thread of its own: for threaded and plain programs.
+    The TLS keywords (``tls_port``, ``ca_file``, ``host_subject``, ``secure_channels``) are
+    ClientSession's. With ``display``, ``session.display``, ``inputs`` and ``cursor`` are the
+    server's display, inputs and cursor channels (None for one it does not have)."""
+    io, call = start(host, port, password, timeout, tls, display)
     try:
         session = call.result()
     except BaseException:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import errno
 import hmac
+import io
 import json
 import logging
 import math
 import os
 import re
+import ssl
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -29,13 +31,17 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 
 import gevent
 import gevent.event
+import numpy as np
 from gevent import socket
 from gevent.pywsgi import Input, LoggingLogAdapter, WSGIHandler, WSGIServer
 
 from spicewire import __version__
 from spicewire.addresses import Address, parse_address
+from spicewire.client.tls import parse_subject
+from spicewire.control.client import HTTPS
 from spicewire.errors import MigrationError, SpiceError
-from spicewire.logs import parse_session_label, session_label
+from spicewire.logs import iso_utc, parse_session_label, session_label
+from spicewire.protocol.enums import MAX_PASSWORD_LENGTH
 from spicewire.protocol.migration import MigrationMode
 from spicewire.server.events import Subscription
 from spicewire.server.migration.orchestrator import UnknownMigration
@@ -360,13 +366,16 @@ def unix_listener(path: str) -> socket.socket:
 
 class ControlServer:
     """The control API of one SpiceServer, on ``(host, port)`` or on the Unix socket ``unix``
-    (then host and port are unused); ``token`` demands a bearer token."""
+    (then host and port are unused); ``token`` demands a bearer token; with ``tls`` (a server
+    context, as the SPICE TLS listener's) it is HTTPS."""
 
     def __init__(self, spice: SpiceServer, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 *, unix: str | None = None, limits: ControlLimits | None = None) -> None:
+                 *, unix: str | None = None, limits: ControlLimits | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.spice = spice
         self.token = token
         self.unix = unix
+        self.tls = tls
         self.limits = limits or ControlLimits()
         self._budget = _BodyBudget(self.limits.body_budget)
         self.router = Router()
@@ -378,14 +387,20 @@ class ControlServer:
         self.router.add("POST", "/sessions/{session}/ports/{port}/pause", self.pause_port)
         self.router.add("POST", "/sessions/{session}/ports/{port}/resume", self.resume_port)
         self.router.add("GET", "/sessions/{session}/ports/{port}/digest", self.port_digest)
+        self.router.add("GET", "/sessions/{session}/screen.png", self.screen_png)
+        self.router.add("POST", "/password", self.set_password)
         self.router.add("POST", "/migrate", self.migrate)
         self.router.add("POST", "/migration/announce", self.announce)
         self.router.add("POST", "/migration/device-state", self.device_state)
+        self.router.add("POST", "/migration/display-precopy", self.display_precopy)
         self.router.add("GET", "/migration/completed", self.completed)
         self.router.add("POST", "/migration/abort", self.abort)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
         listener: Any = (host, port) if unix is None else unix_listener(unix)
-        self._wsgi = _ControlWSGIServer(listener, self, self.limits, log=access, error_log=log)
+        # The handshake happens at the first read, inside the handler's deadlines: a client that
+        # stalls in it holds its own connection only.
+        https = {} if tls is None else {"ssl_context": tls, "do_handshake_on_connect": False}
+        self._wsgi = _ControlWSGIServer(listener, self, self.limits, log=access, error_log=log, **https)
         self._streams: set[Subscription] = set()
         self._stopping = gevent.event.Event()
 
@@ -400,7 +415,7 @@ class ControlServer:
 
     def start(self) -> None:
         self._wsgi.start()
-        where = self.where if self.unix is not None else f"http://{self.where}"
+        where = self.where if self.unix is not None else f"{'https' if self.tls else 'http'}://{self.where}"
         log.info("control API on %s%s", where, " (bearer token required)" if self.token else "")
 
     def stop(self, timeout: float = 1.0) -> None:
@@ -476,17 +491,20 @@ class ControlServer:
 
     def get_status(self, request: Request) -> dict:
         cfg = self.spice.config
-        host, port = self.spice.address
         started = self.spice.started
+        password, expiry = self.spice.password
         return {
             "version": __version__,
-            "listen": {"host": host, "port": port},
+            "listen": _listener(lambda: self.spice.address),
+            "tls_listen": _listener(lambda: self.spice.tls_address),
             "uptime": None if started is None else round(time.monotonic() - started, 3),
             "sessions": len(self.spice.sessions),
             "event_subscribers": self.spice.events.subscribers,
             "config": {
-                "ticketing": cfg.password is not None,
-                "password_expiry": cfg.password_expiry,
+                "ticketing": password is not None,
+                "password_expiry": expiry,
+                "secure_channels": sorted(cfg.secure_channels),
+                "plaintext_channels": sorted(cfg.plaintext_channels),
                 "port_channels": [{"name": name, "device": kind} for name, kind in cfg.port_channels],
                 "limits": asdict(cfg.limits),
                 "link_timeout": cfg.link_timeout,
@@ -541,19 +559,74 @@ class ControlServer:
         log.info("session %08x port %s: device %sd over the control API", session.id, port.name, action)
         return {"session_id": session_label(session.id), "port": port.name, "device": port.device.status()}
 
+    def screen_png(self, request: Request) -> Raw:
+        """The session's screen as the server has it, as a PNG (what its client should show)."""
+        session = self.session(request)
+        if session.display is None:
+            raise HttpError(404, f"session {session.id:08x} has no display")
+        return Raw(screen_png(session.display.screen.framebuffer), "image/png")
+
     def port_digest(self, request: Request) -> dict:
         session, port = self.port(request)
         return {"session_id": session_label(session.id), "port": port.name, "device": port.device.status()}
 
+
+    def set_password(self, request: Request) -> dict:
+        """QMP's set_password and expire_password in one: ``{"password": str|null, "expires_in":
+        s|null}``. A string sets the password (never expiring unless expires_in says otherwise),
+        null turns ticketing off; without "password", only the expiry changes: seconds from now
+        (0: at once), null: never. New links check it; linked channels stay."""
+        body = _object(request.json(), "password request")
+        unknown = sorted(set(body) - {"password", "expires_in"})
+        if unknown or not body:
+            raise HttpError(400, f"bad password request: {'unknown field ' + unknown[0] if unknown else 'empty'}; "
+                            "expected {\"password\": str|null, \"expires_in\": seconds|null}")
+        current, expiry = self.spice.password
+        password = body.get("password", current)
+        if password is not None and not _is_password(password):
+            raise HttpError(400, f"bad password request: password must be a string of 1-{MAX_PASSWORD_LENGTH} "
+                            "bytes without NUL, or null to turn ticketing off")
+        if "password" in body:
+            expiry = None  # a new password starts afresh, as a restarted server would
+        if "expires_in" in body:
+            seconds = body["expires_in"]
+            if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                        or not 0 <= seconds < math.inf):
+                raise HttpError(400, "bad password request: expires_in must be a finite number of seconds, "
+                                f"0 or more, or null for never, not {seconds!r:.40}")
+            if seconds is not None and password is None:
+                raise HttpError(400, "bad password request: ticketing is off, there is no password to expire")
+            expiry = None if seconds is None else time.time() + seconds
+        self.spice.set_password(password, expiry)
+        state = ("ticketing off" if password is None
+                 else "it never expires" if expiry is None else f"it expires at {iso_utc(expiry)}")
+        log.info("password %s over the control API; %s", "set" if "password" in body else "expiry changed", state)
+        return {"ticketing": password is not None, "password_expiry": None if expiry is None else iso_utc(expiry)}
 
     # --- migration ----------------------------------------------------------------------------
 
     def migrate(self, request: Request) -> dict:
         """Move every session to another server: ``{"to": "HOST:PORT", "to_control": "HOST:PORT",
         "mode": "seamless"|"semi-seamless", "timeout": s, "to_token": T}``; answers with the report
-        once the migration is over (this request waits; the SPICE traffic does not)."""
+        once the migration is over (this request waits; the SPICE traffic does not). A TLS
+        destination adds ``"to_tls_port"`` (then ``to``'s port may be 0: TLS only) and
+        ``"to_cert_subject"`` (``k=v,...``; without it clients check s2's host name); an
+        ``https://`` to_control is reached over TLS."""
         body = _object(request.json(), "migrate request")
-        to = _address(body, "to")
+        tls_port = body.get("to_tls_port", 0)
+        if not (isinstance(tls_port, int) and not isinstance(tls_port, bool) and 0 <= tls_port <= 65535):
+            raise HttpError(400, f"bad migrate request: to_tls_port must be a port, 0-65535, not {tls_port!r:.40}")
+        subject = body.get("to_cert_subject")
+        try:
+            if subject is not None and not (isinstance(subject, str) and parse_subject(subject)):
+                raise ValueError("expected k=v,k=v (a certificate subject as spice-gtk reads it)")
+        except ValueError as err:
+            raise HttpError(400, f"bad migrate request: to_cert_subject: {err}") from None
+        to = _address(body, "to", allow_port_zero=tls_port != 0)
+        control = body.get("to_control")
+        control_tls = isinstance(control, str) and control.startswith(HTTPS)
+        if isinstance(control, str) and control_tls:
+            body = {**body, "to_control": control.removeprefix(HTTPS)}
         to_control = _address(body, "to_control")
         modes = {mode.label: mode for mode in (MigrationMode.SEAMLESS, MigrationMode.SEMI_SEAMLESS)}
         mode_name = body.get("mode", MigrationMode.SEAMLESS.label)
@@ -564,7 +637,8 @@ class ControlServer:
         if token is not None and not isinstance(token, str):
             raise HttpError(400, "bad migrate request: to_token must be a string")
         try:
-            return self.spice.migration.migrate(to, to_control, modes[mode_name], timeout, token)
+            return self.spice.migration.migrate(to, to_control, modes[mode_name], timeout, token, to_tls_port=tls_port,
+                                                to_cert_subject=subject, to_control_tls=control_tls)
         except MigrationError as err:
             raise HttpError(502, str(err)) from None
 
@@ -596,6 +670,19 @@ class ControlServer:
         # they do not have (a missing chunk, an index entry that is not an object) is its fault.
         except (SpiceError, ValueError, KeyError, TypeError, IndexError) as err:
             raise HttpError(400, f"bad device state: {err}") from None
+
+    def display_precopy(self, request: Request) -> dict:
+        """``?migration=ID``: the pictures of sessions that migration announced, sent while their
+        screens still run; only the tiles changed since follow with the device state."""
+        request.content_length(MAX_DEVICE_STATE)
+        migration = _migration_id(_query(request).get("migration"), "display pre-copy")
+        body = request.body(MAX_DEVICE_STATE)
+        try:
+            return self.spice.migration.receive_display_precopy(migration, body)
+        except UnknownMigration as err:
+            raise HttpError(404, str(err)) from None
+        except (SpiceError, ValueError, KeyError, TypeError, IndexError) as err:
+            raise HttpError(400, f"bad display pre-copy: {err}") from None
 
     def completed(self, request: Request) -> dict:
         """``?ids=A,B``, and ``&migration=ID`` to hear only of the sessions that migration announced."""
@@ -645,6 +732,20 @@ def _query(request: Request) -> dict[str, str]:
     return {key: value for key, _, value in (part.partition("=") for part in query.split("&")) if key}
 
 
+def _is_password(value: Any) -> bool:
+    """What a SPICE ticket can carry: 1-60 bytes of UTF-8 without NUL (an empty one matches nobody)."""
+    return isinstance(value, str) and 0 < len(value.encode()) <= MAX_PASSWORD_LENGTH and "\0" not in value
+
+
+def _listener(address: Callable[[], tuple[str, int]]) -> dict | None:
+    """A listener's {"host", "port"}, or None for a server without that listener."""
+    try:
+        host, port = address()
+    except LookupError:
+        return None
+    return {"host": host, "port": port}
+
+
 def _object(body: Any, what: str) -> dict:
     if body is None:
         return {}
@@ -653,11 +754,11 @@ def _object(body: Any, what: str) -> dict:
     return body
 
 
-def _address(body: dict, key: str) -> Address:
+def _address(body: dict, key: str, allow_port_zero: bool = False) -> Address:
     if key not in body:
         raise HttpError(400, f"bad migrate request: {key} (HOST:PORT) is missing")
     try:
-        return parse_address(body[key])
+        return parse_address(body[key], allow_port_zero=allow_port_zero)
     except ValueError as err:
         raise HttpError(400, f"bad migrate request: {key}: {err}") from None
 
@@ -692,6 +793,10 @@ def _announced_sessions(sessions: Any) -> list[dict]:
         if not isinstance(ports, list) or not all(_announced_port(port) for port in ports):
             raise HttpError(400, f"bad announcement: session {sid} needs ports as "
                             "[[channel id, name, device kind, in-flight bytes], ...]")
+        ticket = entry.get("ticket")
+        if ticket is not None and not _is_password(ticket):
+            raise HttpError(400, f"bad announcement: session {sid} has a ticket that is not a password "
+                            f"(1-{MAX_PASSWORD_LENGTH} bytes, no NUL)")
         checked.append({**entry, "session_id": number})
     return checked
 
@@ -700,6 +805,15 @@ def _announced_port(port: Any) -> bool:
     return (isinstance(port, list) and len(port) in (3, 4) and _whole(port[0], 0, 255)
             and isinstance(port[1], str) and isinstance(port[2], str)
             and (len(port) == 3 or _whole(port[3], 0, MAX_IN_FLIGHT)))
+
+
+def screen_png(framebuffer: np.ndarray) -> bytes:
+    """An (h, w, 4) B, G, R, X framebuffer as PNG bytes."""
+    from PIL import Image  # only this endpoint needs it
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(framebuffer[:, :, 2::-1])).save(out, format="PNG")
+    return out.getvalue()
 
 
 def session_view(session: Session) -> dict:

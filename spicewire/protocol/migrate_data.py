@@ -44,6 +44,7 @@ import numpy as np
 from spicewire import _codec_layout as layout
 from spicewire import codec
 from spicewire.errors import CodecError
+from spicewire.protocol import graphics, messages
 from spicewire.protocol.enums import ChannelType
 
 Buffer = bytes | bytearray | memoryview
@@ -368,11 +369,84 @@ _OTHER_MAGICS: dict[int, MigrateDataMagic] = {
 }
 
 
+@dataclass
+class HeldInput:
+    """An inputs-channel message that arrived while the screen was stopped for a migration: it
+    reaches the screen once the screen runs again, on s1 or on s2, never applied to a screen whose
+    picture has already been sent away and never lost."""
+
+    msg_type: int
+    body: bytes
+
+
+@dataclass
+class InputsState:
+    """The inputs channel's migrate data: spice-server's ICMD record, then (spicewire to
+    spicewire) what the client typed and moved while the screen was stopped."""
+
+    record: graphics.InputsMigrateData
+    held: list[HeldInput]
+
+
+HELD_TAG = b"SWIH"
+_HELD_HEAD = struct.Struct("<4sI")
+_HELD_ITEM = struct.Struct("<HI")
+
+
+def build_inputs_migrate_data(motion_count: int, held: Sequence[HeldInput]) -> bytes:
+    """ICMD, then ``SWIH``, u32 count, and per held message u16 type, u32 size and its body. A
+    spice-server s2 reads the ICMD record and nothing after it."""
+    out = bytearray(graphics.InputsMigrateData(motion_count=motion_count).encode())
+    out += _HELD_HEAD.pack(HELD_TAG, len(held))
+    for item in held:
+        out += _HELD_ITEM.pack(item.msg_type, len(item.body))
+        out += item.body
+    return bytes(out)
+
+
+def parse_inputs_migrate_data(body: Buffer) -> InputsState:
+    view = memoryview(body)
+    record = graphics.InputsMigrateData.decode(view[:ICMD_SIZE])
+    rest = view[ICMD_SIZE:]
+    if not len(rest):
+        return InputsState(record, [])  # a spice-server s1: the motion count only
+    if len(rest) < _HELD_HEAD.size:
+        raise CodecError(f"held inputs: {len(rest)} bytes, the header needs {_HELD_HEAD.size}")
+    tag, count = _HELD_HEAD.unpack_from(rest)
+    if tag != HELD_TAG:
+        raise CodecError(f"held inputs: tag {bytes(tag)!r}, expected {HELD_TAG!r}")
+    pos, held = _HELD_HEAD.size, []
+    for _ in range(count):
+        if pos + _HELD_ITEM.size > len(rest):
+            raise CodecError("held inputs: truncated")
+        msg_type, size = _HELD_ITEM.unpack_from(rest, pos)
+        pos += _HELD_ITEM.size
+        if pos + size > len(rest):
+            raise CodecError("held inputs: a message runs past the end")
+        item = HeldInput(msg_type, bytes(rest[pos:pos + size]))
+        # Each must be an inputs message this side can decode: CodecError otherwise, now, not
+        # when the screen takes it.
+        messages.decode(ChannelType.INPUTS, messages.Direction.CLIENT_TO_SERVER, msg_type, item.body)
+        held.append(item)
+        pos += size
+    if pos != len(rest):
+        raise CodecError(f"held inputs: {len(rest) - pos} bytes after the last message")
+    return InputsState(record, held)
+
+
+ICMD_SIZE = 10  # SpiceMigrateDataHeader (magic, version) and u16 motion_count
+
+
 def parse_migrate_data(channel_type: int, body: Buffer) -> Any:
     """What s2 restores a channel from: MainMigrateData, CharDeviceMigrateData (SVMD),
-    PortMigrateData (SWPD), or for other channels the header-checked body."""
+    PortMigrateData (SWPD), DisplayMigrateData (SWDD), InputsState (ICMD), or for other channels
+    the header-checked body."""
     if channel_type == ChannelType.MAIN:
         return parse_main_migrate_data(body)
+    if channel_type == ChannelType.DISPLAY and bytes(body[:4]) == b"SWDD":
+        return graphics.DisplayMigrateData.decode(body)
+    if channel_type == ChannelType.INPUTS:
+        return parse_inputs_migrate_data(body)
     if channel_type in SPICEVMC_CHANNELS:
         if bytes(body[:4]) == b"SWPD":
             return parse_port_migrate_data(body)

@@ -8,29 +8,40 @@ from __future__ import annotations
 import ctypes
 import logging
 import socket
+import ssl
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
 import gevent.event
 import gevent.pool
+import gevent.socket
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gevent.event import AsyncResult
 from gevent.server import StreamServer
 
-from spicewire import devices
+from spicewire import devices, screens
 from spicewire.errors import LinkError, LinkTimeout, PeerFault, PeerStalled, SpiceError
 from spicewire.logs import context, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
-from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, LinkErr, MainCap
+from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, DisplayCap, InputsCap, LinkErr, MainCap
 from spicewire.protocol.framing import FULL_HEADER, MINI_HEADER
 from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
 from spicewire.server import events
+from spicewire.server.display import (
+    GRAPHICS_MAX_MESSAGE,
+    CursorConnection,
+    DisplayConnection,
+    DisplayOptions,
+    DisplayState,
+    GraphicsConnection,
+    InputsConnection,
+)
 from spicewire.server.events import EventBus
 from spicewire.server.metrics import ServerMetrics
 from spicewire.server.migration import MigrationManager
@@ -45,6 +56,7 @@ from spicewire.server.session import (
     Session,
     new_session_id,
 )
+from spicewire.server.tls import ServerTLS, load_server_tls
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +64,31 @@ RECV_BUFFER = 256 << 10
 WRITE_BATCH = 1 << 20
 
 
+# The names a channel policy (secure_channels, plaintext_channels) takes: QEMU's tls-channel names.
+CHANNEL_NAMES = {channel.name.lower(): channel for channel in ChannelType}
+ALL_CHANNELS = "all"
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
-    port: int = 5900
+    port: int | None = 5900  # None: no plain listener (TLS only); 0: any free port
     password: str | None = None  # None: ticketing disabled (a decryptable ticket is still required)
     password_expiry: float | None = None  # epoch seconds after which the password is refused
+    tls_port: int | None = None  # None: no TLS listener; 0: any free port
+    tls_host: str | None = None  # None: the same as host
+    x509_dir: str | None = None  # ca-cert.pem, server-cert.pem, server-key.pem (QEMU's x509-dir)
+    tls_ciphers: str | None = None  # an OpenSSL cipher list (TLS 1.2)
+    # Channel names (CHANNEL_NAMES) or "all": these link only over TLS (NEED_SECURED on the plain
+    # port), those only in plain (NEED_UNSECURED on the TLS port). A name beats "all"; any other
+    # channel may use either port (spice-server's default).
+    secure_channels: frozenset[str] = frozenset()
+    plaintext_channels: frozenset[str] = frozenset()
     port_channels: list[tuple[str, str]] = field(default_factory=list)  # (port name, device kind)
+    display: str | None = None  # a screen kind: every session gets a display, inputs and cursor channel
+    display_size: tuple[int, int] | None = None  # (width, height); None: the screen's own default
+    display_options: DisplayOptions = field(default_factory=DisplayOptions)
+    server_name: str = "spicewire"  # what MAIN_NAME and the clock screen say
     limits: Limits = field(default_factory=Limits)
     link_timeout: float = 10.0
     stall_timeout: float = 30.0  # a client silent this long in the middle of a message is dropped
@@ -66,9 +96,28 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         # Refused here, where the value is given, not as a stall or a crash once clients come.
-        port: object = self.port  # checked as given: a caller need not have kept to the annotation
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"ServerConfig.port must be 0-65535, not {port!r}")
+        for name in ("port", "tls_port"):
+            port: object = getattr(self, name)  # checked as given: a caller need not have kept to the annotation
+            if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+                raise ValueError(f"ServerConfig.{name} must be 0-65535 or None, not {port!r}")
+        if self.port is None and self.tls_port is None:
+            raise ValueError("ServerConfig needs a port, a tls_port or both: no listener otherwise")
+        if (self.tls_port is None) != (self.x509_dir is None):
+            raise ValueError("ServerConfig.tls_port and x509_dir go together: a TLS listener needs certificates")
+        self.secure_channels = frozenset(self.secure_channels)
+        self.plaintext_channels = frozenset(self.plaintext_channels)
+        for name in self.secure_channels | self.plaintext_channels:
+            if name != ALL_CHANNELS and name not in CHANNEL_NAMES:
+                known = ", ".join(CHANNEL_NAMES)
+                raise ValueError(f"unknown channel {name!r} in a channel policy; known: all, {known}")
+        both = self.secure_channels & self.plaintext_channels
+        if both:
+            raise ValueError(f"channel {', '.join(sorted(both))} cannot be both TLS-only and plain-only")
+        # A client told NEED_SECURED (or NEED_UNSECURED) must have a port to go to (CHANNELS.md 2).
+        if self.secure_channels and self.tls_port is None:
+            raise ValueError("secure_channels needs a TLS listener (tls_port): NEED_SECURED sends clients nowhere")
+        if self.plaintext_channels and self.port is None:
+            raise ValueError("plaintext_channels needs a plain listener (port): NEED_UNSECURED sends clients nowhere")
         if not isinstance(self.limits, Limits):
             raise ValueError(f"ServerConfig.limits must be a Limits, not {type(self.limits).__name__}")
         for name in ("link_timeout", "stall_timeout", "tick_interval"):
@@ -76,8 +125,68 @@ class ServerConfig:
             if not 0 < value < float("inf"):  # NaN fails this too
                 raise ValueError(f"ServerConfig.{name} must be a finite number of seconds above 0, not {value!r}")
 
+    def requires_tls(self, channel_type: int) -> bool | None:
+        """True: this channel links only over TLS; False: only in plain; None: over either."""
+        try:
+            name = ChannelType(channel_type).name.lower()
+        except ValueError:
+            name = ""  # a type we do not know: only "all" can speak for it
+        for candidate in (name, ALL_CHANNELS):
+            if candidate in self.secure_channels:
+                return True
+            if candidate in self.plaintext_channels:
+                return False
+        return None
+
+
+Handler = MainConnection | PortConnection | GraphicsConnection
+"""What serves one channel connection once linked."""
+
+GRAPHICS_CHANNELS: dict[int, type[GraphicsConnection]] = {
+    ChannelType.DISPLAY: DisplayConnection, ChannelType.INPUTS: InputsConnection, ChannelType.CURSOR: CursorConnection,
+}
+
+
+def graphics_connection(session: Session, channel_type: int) -> GraphicsConnection | None:
+    """The session's live connection of that display channel type, if any."""
+    display = session.display
+    if display is None:
+        return None
+    connections: dict[int, GraphicsConnection | None] = {
+        ChannelType.DISPLAY: display.display, ChannelType.INPUTS: display.inputs, ChannelType.CURSOR: display.cursor}
+    return connections.get(channel_type)
+
+
+def graphics_caps(channel_type: int) -> tuple[int, ...]:
+    """What the server's display and inputs channels advertise at link time."""
+    if channel_type == ChannelType.DISPLAY:
+        return tuple(caps_to_words((DisplayCap.MONITORS_CONFIG, DisplayCap.LZ4_COMPRESSION)))
+    if channel_type == ChannelType.INPUTS:
+        return tuple(caps_to_words((InputsCap.KEY_SCANCODE,)))
+    return ()
+
 
 TRIM_AFTER = 64 << 20
+
+
+def _handshake_failure(err: OSError, tls: ServerTLS) -> str:
+    """One line on why a TLS handshake failed, with what an operator can do about it."""
+    code = err.reason if isinstance(err, ssl.SSLError) else None
+    reason = code.lower().replace("_", " ") if code else str(err) or type(err).__name__
+    if code in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNKNOWN_PROTOCOL"):
+        return f"{reason} (the client does not speak TLS: plain SPICE on the TLS port?)"
+    if code is not None and "ALERT" in code:  # the client sent an alert: it refused us
+        problem = tls.validity_problem()
+        return f"{reason} (the client refused our certificate{'; ' + problem if problem else ''})"
+    return reason
+
+
+def _tcp_address(server: StreamServer) -> tuple[str, int]:
+    address = server.address
+    if isinstance(address, str):
+        raise TypeError(f"a SPICE server listens on TCP, not on {address!r}")
+    return address[:2]
+
 _libc: ctypes.CDLL | None = None
 
 
@@ -140,9 +249,12 @@ class KeyPool:
 class Connection:
     """One TCP connection: its link, then its channel. Also the session layer's Transport."""
 
-    def __init__(self, server: SpiceServer, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def __init__(
+        self, server: SpiceServer, sock: socket.socket, address: tuple[Any, ...], secure: bool = False,
+    ) -> None:
         self.server = server
         self.sock = sock
+        self.secure = secure  # accepted on the TLS listener: the link runs inside TLS
         self.peer = f"{address[0]}:{address[1]}"
         self.label = self.peer
         # Session and channel join these once known; the JSON log format gives each its own field.
@@ -151,15 +263,16 @@ class Connection:
         self.event_fields: dict[str, Any] = {}  # what every event about this connection carries
         self.pending_write = 0
         self.closed = False
-        self.handler: MainConnection | PortConnection | None = None
+        self.handler: Handler | None = None
         self.channel: ChannelConnection | None = None
         # Frames, and the piece iterators of streamed bodies (send_stream) in their place in line.
         self._outq: deque[bytes | Iterable[Segment]] = deque()
         self._write_ready = gevent.event.Event()
         self._read_gate = gevent.event.Event()
         self._read_gate.set()
-        self._writer: gevent.Greenlet[[MainConnection | PortConnection], None] | None = None
+        self._writer: gevent.Greenlet[[Handler], None] | None = None
         self.link_failure: str | None = None  # why the link did not become a channel (a metric label)
+        self.password: str | None = None  # the server's password when this link was checked
 
     # --- Transport ---------------------------------------------------------------------------
 
@@ -197,7 +310,9 @@ class Connection:
         self._read_gate.set()
         self._write_ready.set()
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            # The TCP socket itself, also under TLS: SSLSocket.shutdown would take the TLS state
+            # away from under the greenlets still reading and writing through it.
+            gevent.socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
         except OSError as err:  # the peer reset it first: it is down either way
             self.log.debug("[%s] shutdown: %s", self.label, err)
 
@@ -206,6 +321,8 @@ class Connection:
     def run(self) -> None:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if self.secure and not self._tls_handshake():
+                return
             established = self._link()
             if established is not None and not self.closed:
                 self._serve(established)
@@ -233,10 +350,29 @@ class Connection:
             self.handler = None
             self.channel = None
 
+    def _tls_handshake(self) -> bool:
+        """Wrap the socket and finish the TLS handshake within link_timeout; a failure ends this
+        connection alone, with one line that says why."""
+        tls = self.server.tls
+        assert tls is not None  # a secure connection comes only from the TLS listener
+        timeout = self.server.config.link_timeout
+        try:
+            # One deadline for the whole handshake: a client trickling bytes cannot stretch it.
+            with gevent.Timeout(timeout, TimeoutError(f"no handshake within {timeout:g} s")):
+                self.sock = tls.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+                self.sock.do_handshake()
+        except (ssl.SSLError, OSError) as err:  # TimeoutError and a peer that left are OSErrors
+            self.link_failure = "tls_handshake"
+            self.log.warning("[%s] TLS handshake failed, disconnecting: %s", self.label, _handshake_failure(err, tls))
+            return False
+        return True
+
     def _link(self) -> LinkEstablished | None:
         cfg = self.server.config
+        password, expiry = self.server.password
+        self.password = password
         link = ServerLink(
-            time.time(), password=cfg.password, password_expiry=cfg.password_expiry,
+            time.time(), password=password, password_expiry=expiry,
             key_factory=self.server.keys.pop, timeout=cfg.link_timeout,
         )
         while True:
@@ -249,7 +385,7 @@ class Connection:
                 return None
             self._send_now(link.data_to_send())
             if isinstance(event, LinkRequested):
-                self.server.answer_link(link, event)
+                self.server.answer_link(link, event, secure=self.secure)
                 if link.state is LinkState.CLOSED:
                     # Rejected (BAD_CONNECTION_ID, CHANNEL_NOT_AVAILABLE...): send the error reply
                     # and close now, rather than wait for bytes that cannot come until link_timeout.
@@ -301,7 +437,8 @@ class Connection:
             self.sock.sendall(data)
 
     def _serve(self, established: LinkEstablished) -> None:
-        max_size = MAIN_MAX_MESSAGE if established.channel_type == ChannelType.MAIN else PORT_MAX_MESSAGE
+        limits: dict[int, int] = {ChannelType.MAIN: MAIN_MAX_MESSAGE, ChannelType.PORT: PORT_MAX_MESSAGE}
+        max_size = limits.get(established.channel_type, GRAPHICS_MAX_MESSAGE)
         channel = self.channel = ChannelConnection(
             Side.SERVER, established.channel_type, established.channel_id,
             send_mini=established.send_mini_header, expect_mini=established.expect_mini_header,
@@ -344,7 +481,7 @@ class Connection:
                 self._deliver(handler, channel.received_into(n))
             self.flush()
 
-    def _deliver(self, handler: MainConnection | PortConnection, msgs: list[m.Message]) -> None:
+    def _deliver(self, handler: Handler, msgs: list[m.Message]) -> None:
         if msgs and log.isEnabledFor(logging.DEBUG):
             for msg in msgs:
                 self.log.debug("[%s] <- %s (%d bytes)", self.label, type(msg).__name__, len(msg.wire_body()))
@@ -364,7 +501,7 @@ class Connection:
             cls = m.lookup(channel.channel_type, m.Direction.SERVER_TO_CLIENT, msg_type)
             self.log.debug("[%s] -> %s (%d bytes)", self.label, cls.__name__ if cls else f"type {msg_type}", size)
 
-    def _write_loop(self, handler: MainConnection | PortConnection) -> None:
+    def _write_loop(self, handler: Handler) -> None:
         try:
             while not self.closed:
                 self._write_ready.wait()
@@ -403,9 +540,27 @@ class SpiceServer:
         self.sessions: dict[int, Session] = {}
         self.keys = KeyPool()
         self._factories = [(name, devices.factory(kind)) for name, kind in config.port_channels]
+        self._screen_factory: Callable[[], screens.Screen] | None = None
+        if config.display:
+            self._screen_factory = screens.factory(config.display, *(config.display_size or (None, None)))
         self._connections: set[Connection] = set()
         self._pool = gevent.pool.Pool()
-        self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
+        # Certificates are read here, so a bad x509 directory fails the start, not the first client.
+        self.tls: ServerTLS | None = None
+        self._listeners: list[StreamServer] = []
+        self._server: StreamServer | None = None
+        self._tls_server: StreamServer | None = None
+        if config.port is not None:
+            self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
+            self._listeners.append(self._server)
+        if config.tls_port is not None and config.x509_dir is not None:
+            self.tls = load_server_tls(config.x509_dir, config.tls_ciphers)
+            tls_address = (config.tls_host or config.host, config.tls_port)
+            self._tls_server = StreamServer(tls_address, self._handle_tls, spawn=self._pool)
+            self._listeners.append(self._tls_server)
+        self._password = config.password
+        self._password_expiry = config.password_expiry
+        self.tickets: dict[int, str] = {}  # session id -> the password its client linked with
         self._ticker: gevent.Greenlet[[], None] | None = None
         self._stopped = gevent.event.Event()  # what serve_forever waits for
         self.migration = MigrationManager(self)
@@ -415,20 +570,57 @@ class SpiceServer:
 
     @property
     def address(self) -> tuple[str, int]:
-        address = self._server.address
-        if isinstance(address, str):
-            raise TypeError(f"a SPICE server listens on TCP, not on {address!r}")
-        return address[:2]
+        """The plain listener's (host, port); LookupError for a TLS-only server."""
+        if self._server is None:
+            raise LookupError("this server has no plain listener (TLS only)")
+        return _tcp_address(self._server)
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """The TLS listener's (host, port); LookupError for a server without one."""
+        if self._tls_server is None:
+            raise LookupError("this server has no TLS listener")
+        return _tcp_address(self._tls_server)
+
+    @property
+    def listen_label(self) -> str:
+        """HOST:PORT where clients reach this server (the plain listener, else the TLS one), as a
+        screen shows it; empty before the server has started."""
+        for listener in ("address", "tls_address"):
+            try:
+                host, port = getattr(self, listener)
+            except (LookupError, AttributeError, TypeError):
+                continue
+            return f"{host}:{port}"
+        return ""
+
+    @property
+    def password(self) -> tuple[str | None, float | None]:
+        """The password new links must present (None: ticketing disabled) and its expiry (epoch s)."""
+        return self._password, self._password_expiry
+
+    def set_password(self, password: str | None, expires_at: float | None) -> None:
+        """What links from now on check, as QMP's set_password and expire_password change it:
+        ``password`` None disables ticketing; ``expires_at`` (epoch s, None: never) is when it
+        stops being accepted. Channels already linked stay."""
+        if password is None and expires_at is not None:
+            raise ValueError("an expiry needs a password")
+        self._password, self._password_expiry = password, expires_at
 
     def start(self) -> None:
         self._stopped.clear()
-        self._server.start()
+        for listener in self._listeners:
+            listener.start()
         self.started = time.monotonic()
         self._ticker = gevent.spawn(self._tick_loop)
-        log.info("serving SPICE on %s:%d", *self.address)
+        if self._server is not None:
+            log.info("serving SPICE on %s:%d", *self.address)
+        if self._tls_server is not None:
+            log.info("serving SPICE over TLS on %s:%d", *self.tls_address)
 
     def stop(self, timeout: float = 2.0) -> None:
-        self._server.stop(timeout=0)
+        for listener in self._listeners:
+            listener.stop(timeout=0)
         self._stopped.set()
         if self._ticker is not None:
             self._ticker.kill()
@@ -445,17 +637,32 @@ class SpiceServer:
     def connections(self) -> frozenset[Connection]:
         return frozenset(self._connections)
 
-    def _handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
-        conn = Connection(self, sock, address)
+    def _handle(self, sock: socket.socket, address: tuple[Any, ...], secure: bool = False) -> None:
+        conn = Connection(self, sock, address, secure)
         self._connections.add(conn)
         try:
             conn.run()
         finally:
             self._connections.discard(conn)
 
+    def _handle_tls(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        self._handle(sock, address, secure=True)
+
     # --- decisions the network layer asks for ------------------------------------------------
 
-    def answer_link(self, link: ServerLink, req: LinkRequested) -> None:
+    def answer_link(self, link: ServerLink, req: LinkRequested, *, secure: bool = False) -> None:
+        # The transport policy comes before the ids and the ticket, as in spice-server: a client
+        # sent to the other port learns nothing else here.
+        requires_tls = self.config.requires_tls(req.channel_type)
+        if requires_tls is True and not secure:
+            link.reject(LinkErr.NEED_SECURED)
+            return
+        if requires_tls is False and secure:
+            link.reject(LinkErr.NEED_UNSECURED)
+            return
+        ticket = self.migration.ticket(req.connection_id)
+        if ticket is not None:  # the session's channels, while a source's announcement of it lasts
+            link.allow_migration_ticket(ticket)
         if req.channel_type == ChannelType.MAIN:
             # connection_id != 0 is a migrating client: only for a session a source announced
             # (spice-server takes any id; 1.8).
@@ -463,6 +670,15 @@ class SpiceServer:
                 link.accept(self.main_caps())
             else:
                 link.reject(LinkErr.BAD_CONNECTION_ID)
+            return
+        if req.channel_type in GRAPHICS_CHANNELS:
+            session = self.sessions.get(req.connection_id)
+            if session is None:
+                link.reject(LinkErr.BAD_CONNECTION_ID)
+            elif session.display is None or req.channel_id != 0 or graphics_connection(session, req.channel_type):
+                link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
+            else:
+                link.accept(graphics_caps(req.channel_type))
             return
         if req.channel_type != ChannelType.PORT:
             link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
@@ -481,7 +697,9 @@ class SpiceServer:
 
     def attach(
         self, established: LinkEstablished, conn: Connection, channel: ChannelConnection,
-    ) -> MainConnection | PortConnection | None:
+    ) -> Handler | None:
+        if established.channel_type in GRAPHICS_CHANNELS:
+            return self._attach_graphics(established, conn, channel)
         if established.channel_type == ChannelType.MAIN:
             migrating = established.connection_id != 0
             if migrating:
@@ -496,8 +714,16 @@ class SpiceServer:
                         i: PortState(i, name, make(), self.config.limits)
                         for i, (name, make) in enumerate(self._factories)
                     },
+                    server_name=self.config.server_name,
                 )
+                if self._screen_factory is not None:
+                    session.display = DisplayState(self._screen_factory(), self.config.display_options)
+                    session.display.attach_to(session, self.config.server_name, self.listen_label)
             self.sessions[session.id] = session
+            # What its client linked with: a migration carries it to s2 as the session's ticket.
+            ticket = (self.migration.ticket(session.id) if migrating else None) or conn.password
+            if ticket:
+                self.tickets[session.id] = ticket
             session.client = conn.peer
             conn.label = f"{conn.peer} session {session.id:08x} main"
             conn.log_fields.update(context(session.id, "main"))
@@ -525,13 +751,33 @@ class SpiceServer:
             self.migration.port_linked(session, handler)
         return handler
 
+    def _attach_graphics(
+        self, established: LinkEstablished, conn: Connection, channel: ChannelConnection,
+    ) -> GraphicsConnection | None:
+        session = self.sessions.get(established.connection_id)
+        display = session.display if session is not None else None
+        if session is None or display is None or graphics_connection(session, established.channel_type):
+            log.warning("[%s] session or display went away during the link", conn.label)
+            return None
+        kind = GRAPHICS_CHANNELS[established.channel_type]
+        conn.label = f"{conn.peer} session {session.id:08x} {kind.name}"
+        conn.log_fields.update(context(session.id, kind.name))
+        conn.event_fields.update(session_id=session_label(session.id), channel=kind.name, client=conn.peer)
+        log.info("[%s] %s channel linked", conn.label, kind.name)
+        handler = kind(display, channel, conn, established.channel_caps)
+        if session.migration is not None:
+            self.migration.port_linked(session, handler)
+        return handler
+
     def _session_ended(self, session: Session) -> None:
         self.migration.session_ended(session)
         self.sessions.pop(session.id, None)
+        self.tickets.pop(session.id, None)
         buffered = session.in_flight
         session.close_ports("session ended")
         for port in session.ports.values():
             port.release_device()
+        session.display = None
         log.info("session %08x ended", session.id, extra=context(session.id))
         if buffered >= TRIM_AFTER:
             gevent.spawn_later(0, release_free_memory)
@@ -541,6 +787,8 @@ class SpiceServer:
             gevent.sleep(self.config.tick_interval)
             now = time.monotonic()
             for session in list(self.sessions.values()):
+                if session.display is not None and session.migration is None:
+                    session.display.tick(now)
                 for port in session.ports.values():
                     if port.device.wants_ticks and port.connection is not None and not port.device_stopped:
                         port.tick(now)  # a device that raises closes its own port, not this loop

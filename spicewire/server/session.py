@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from spicewire.protocol.caps import has_cap
 from spicewire.protocol.channel import ChannelConnection
 from spicewire.protocol.enums import ChannelType, MainCap, MouseMode, MsgSpicevmc
 from spicewire.protocol.migration.rules import main_init
+
+if TYPE_CHECKING:
+    from spicewire.server.display import DisplayState
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +328,8 @@ class MainConnection:
     reading_allowed = True
 
     def main_init(self) -> m.MsgMainInit:
-        return main_init(self.session.id, self.session.mouse_mode, multi_media_time())
+        return main_init(self.session.id, self.session.mouse_mode, multi_media_time(),
+                         display_channels_hint=int(self.session.display is not None))
 
     def send(self, msg: m.Message) -> None:
         if not self.frozen:
@@ -346,10 +350,12 @@ class MainConnection:
             if self.intercept is not None and self.intercept(msg):
                 continue
             if isinstance(msg, m.MsgcMainAttachChannels):
-                self.send(m.MsgMainChannelsList(tuple(m.ChannelId(ChannelType.PORT, p) for p in self.session.ports)))
+                self.send(m.MsgMainChannelsList(self.session.channel_ids()))
             elif isinstance(msg, m.MsgcMainMouseModeRequest):
                 if msg.mode in (MouseMode.SERVER, MouseMode.CLIENT):
                     self.session.mouse_mode = msg.mode
+                    if self.session.display is not None:
+                        self.session.display.mouse_mode = MouseMode(msg.mode)
                 self.send(m.MsgMainMouseMode(MouseMode.SERVER | MouseMode.CLIENT, self.session.mouse_mode))
             elif isinstance(msg, (m.MsgcMainAgentStart, m.MsgcMainAgentToken, m.MsgcMainAgentData)):
                 pass  # no guest agent: AGENT_CONNECTED stays 0, so a client has nothing to send to
@@ -383,6 +389,7 @@ class Session:
     on_end: Callable[[Session], None] | None = None
     migration: SessionMigration | None = None  # the migration of this session under way, on s1 or s2
     migrations: list[dict] = field(default_factory=list)  # reports of the finished ones
+    display: DisplayState | None = None  # its screen, with the display, inputs and cursor channels
 
     def __post_init__(self) -> None:
         for port in self.ports.values():
@@ -398,10 +405,18 @@ class Session:
     def in_flight(self) -> int:
         return sum(port.in_flight for port in self.ports.values())
 
+    def channel_ids(self) -> tuple[m.ChannelId, ...]:
+        """What CHANNELS_LIST offers: the display's three channels, if it has a screen, and its ports."""
+        graphics = (ChannelType.DISPLAY, ChannelType.INPUTS, ChannelType.CURSOR) if self.display is not None else ()
+        return (*(m.ChannelId(kind, 0) for kind in graphics), *(m.ChannelId(ChannelType.PORT, p) for p in self.ports))
+
     def close_ports(self, reason: str) -> None:
+        """Close every channel but main."""
         for port in self.ports.values():
             if port.connection is not None:
                 port.connection.transport.close(reason)
+        if self.display is not None:
+            self.display.close_connections(reason)
 
     def status(self) -> dict:
         return {
@@ -410,6 +425,7 @@ class Session:
             "created": iso_utc(self.created),
             "main": self.main.channel.state() if self.main else None,
             "ports": [p.status() for p in self.ports.values()],
+            "display": self.display.status() if self.display is not None else None,
             "migration": self.migration.status() if self.migration is not None else None,
             "migrations": self.migrations,
         }

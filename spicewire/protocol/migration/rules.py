@@ -54,11 +54,14 @@ def choose_mode(client_main_caps: Sequence[int], allowed: MigrationMode) -> Migr
     return MigrationMode.SWITCH_HOST
 
 
-def main_init(session_id: int, mouse_mode: int = MouseMode.SERVER, multi_media_time: int = 0) -> MsgMainInit:
-    """MAIN_INIT as a server without display, agent or guest RAM hint sends it: a new session's first
+def main_init(
+    session_id: int, mouse_mode: int = MouseMode.SERVER, multi_media_time: int = 0, display_channels_hint: int = 0,
+) -> MsgMainInit:
+    """MAIN_INIT as a server without agent or guest RAM hint sends it: a new session's first
     message, and s2's answer to a semi-seamless MIGRATE_END (5.3), with the migrated session's id."""
     return MsgMainInit(
-        session_id=session_id, display_channels_hint=0, supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
+        session_id=session_id, display_channels_hint=display_channels_hint,
+        supported_mouse_modes=MouseMode.SERVER | MouseMode.CLIENT,
         current_mouse_mode=mouse_mode, agent_connected=0, agent_tokens=10, multi_media_time=multi_media_time,
         ram_hint=0,
     )

@@ -15,9 +15,12 @@ import numpy as np
 
 from spicewire.errors import LocalProtocolError, PeerFault
 from spicewire.logs import context, iso_times, session_label
+from spicewire.protocol import graphics
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
+from spicewire.protocol.migrate_data import InputsState
 from spicewire.server import events
+from spicewire.server.display import GRAPHICS_MAX_MESSAGE, PRIMARY, DisplayState, GraphicsConnection
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
 from spicewire.server.session import Limits, MainConnection, PortConnection, Session, multi_media_time
 
@@ -62,7 +65,11 @@ class Announcement:
     expires: float  # time.monotonic()
     migration_id: str
     in_flight: dict[int, int] = field(default_factory=dict)  # channel id -> bytes s1 had buffered
+    ticket: str | None = None  # the password the client linked with on s1, accepted from it here too
     device_state: dict[int, list] = field(default_factory=dict)  # channel id -> saved chunks
+    # The session's screen, made when it is announced: the pre-copy and the delta land in it before
+    # (or after) the client's main link creates the session.
+    display: DisplayState | None = None
     session: Session | None = None
     # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
     # more to touch than the bytes cost to receive, and the downtime should pay for neither.
@@ -79,7 +86,14 @@ class Announcement:
         """The migration is over for this session: its prefaulted memory and saved state go."""
         self.buffers.clear()
         self.device_state.clear()
+        self.display = None
         self.session = None
+
+
+def channel_of(handler: PortConnection | GraphicsConnection) -> mig.Channel:
+    if isinstance(handler, PortConnection):
+        return port_channel(handler.port.channel_id)
+    return (handler.channel_type, 0)
 
 
 class SessionDestination:
@@ -89,7 +103,7 @@ class SessionDestination:
         self.manager = manager
         self.session = session
         self._machine: mig.DestinationMigration | None = None  # once main has linked
-        self.links: dict[mig.Channel, PortConnection] = {}
+        self.links: dict[mig.Channel, PortConnection | GraphicsConnection] = {}
         self.times: dict[str, float] = {"linked": time.time()}
         self.restored = 0  # bytes restored from MIGRATE_DATA
 
@@ -114,11 +128,11 @@ class SessionDestination:
             main_init=main.main_init(),
         )
 
-    def port_linked(self, handler: PortConnection) -> None:
+    def port_linked(self, handler: PortConnection | GraphicsConnection) -> None:
         if self.machine.failed:
             handler.transport.close("this session's migration here has already failed")
             return
-        channel = port_channel(handler.port.channel_id)
+        channel = channel_of(handler)
         handler.parked = True
         handler.intercept = partial(self._intercept_port, channel)
         handler.on_closed = self._link_closed
@@ -143,7 +157,7 @@ class SessionDestination:
         """s1 said (with the device state) how much the port holds now: a port already waiting
         for its MIGRATE_DATA waits for one up to the new bound."""
         handler = self.links.get(port_channel(channel_id))
-        if handler is not None and handler.waiting_for_migrate_data:
+        if isinstance(handler, PortConnection) and handler.waiting_for_migrate_data:
             self._expect_migrate_data(handler)
 
     def status(self) -> dict[str, Any]:
@@ -170,12 +184,13 @@ class SessionDestination:
             self._fail(f"the client broke the migration: {err}")
             raise
 
-    def _link_closed(self, handler: PortConnection) -> None:
+    def _link_closed(self, handler: PortConnection | GraphicsConnection) -> None:
         """A port link ended before its state was restored here (a MIGRATE_DATA over its bound, the
         client gone, a broken socket): the session can no longer be restored whole, so it fails
         now rather than when s1 aborts it or its announcement expires."""
         if handler.parked or handler.waiting_for_migrate_data:
-            self._fail(f"port {handler.port.channel_id} closed before its state was restored")
+            what = f"port {handler.port.channel_id}" if isinstance(handler, PortConnection) else handler.name
+            self._fail(f"{what} closed before its state was restored")
 
     def _fail(self, reason: str) -> None:
         """The session cannot be restored here: all of it ends, and s1 learns why."""
@@ -199,24 +214,32 @@ class SessionDestination:
                 case mig.AttachChannel():
                     self._attach(self.links[item.channel], item.wait_for_migrate_data)
                 case mig.RestoreMigrateData():
-                    if item.channel != MAIN:  # no guest agent: main's state is the empty MNMD
-                        self._restore_port(self.links[item.channel], item.data)
+                    handler = self.links.get(item.channel)
+                    if isinstance(handler, PortConnection):
+                        self._restore_port(handler, item.data)
+                    elif handler is not None:  # main has no state here: no guest agent, the empty MNMD
+                        self._restore_graphics(handler, item.data)
                 case mig.MigrationCompleted():
                     self._completed(item.mode)
                 case _:
                     assert_never(item)
 
-    def _attach(self, handler: PortConnection, wait_for_data: bool) -> None:
+    def _attach(self, handler: PortConnection | GraphicsConnection, wait_for_data: bool) -> None:
         handler.parked = False
         if wait_for_data:
             # Read, but only MIGRATE_DATA may come, and it may be as large as the port's backlog.
             handler.waiting_for_migrate_data = True
             self._expect_migrate_data(handler)
         else:
-            handler.start()
+            # A channel without state to transfer (the cursor): after a seamless switch the client
+            # keeps it as it was and must get no second INIT; after a semi-seamless one it reset it.
+            handler.start(announce=self.machine.mode is not mig.MigrationMode.SEAMLESS)
         handler.transport.resume_reading()
 
-    def _expect_migrate_data(self, handler: PortConnection) -> None:
+    def _expect_migrate_data(self, handler: PortConnection | GraphicsConnection) -> None:
+        if isinstance(handler, GraphicsConnection):
+            handler.channel.expect_migrate_data(GRAPHICS_MAX_MESSAGE)
+            return
         cid = handler.port.channel_id
         ann = self.manager.announcements.get(self.session.id)
         into = partial(ann.take_buffer, cid) if ann is not None else None
@@ -237,6 +260,22 @@ class SessionDestination:
         handler.start(announce=False)
         port.pump()
 
+    def _restore_graphics(self, handler: GraphicsConnection, data: Any) -> None:
+        """The display's place in its stream (the pixels came before, in the pre-copy and the
+        delta), or the inputs' motion count and what the client typed while the screen was stopped."""
+        state, ch = handler.state, handler.channel
+        handler.waiting_for_migrate_data = False
+        if isinstance(data, graphics.DisplayMigrateData):
+            ch.restore_migrated(serial_out=data.serial, ack_generation=data.ack_generation)
+            # The client keeps its surfaces through a seamless switch: no second SURFACE_CREATE.
+            state.surface_created = any(s.surface_id == PRIMARY for s in data.surfaces)
+        elif isinstance(data, InputsState):
+            state.motion_count = data.record.motion_count
+            state.held.extend(data.held)
+        else:
+            raise LocalProtocolError(f"no restore for {type(data).__name__} on the {handler.name} channel")
+        handler.start(announce=False)
+
     def _completed(self, mode: mig.MigrationMode) -> None:
         self.times["completed"] = time.time()
         session = self.session
@@ -247,6 +286,10 @@ class SessionDestination:
             self.main.transport.flush()
         self.main.arriving = False
         self.release()
+        if session.display is not None:
+            server = self.manager.server
+            session.display.attach_to(session, server.config.server_name, server.listen_label)
+            session.display.resume()  # the screen runs here now: held inputs, then the frames
         session.migrations.append({"role": "destination", "mode": mode_label(mode), "restored": self.restored,
                                    "times": iso_times(self.times)})
         self.manager.completed[session.id] = session.migrations[-1]

@@ -20,12 +20,21 @@ import gevent.event
 
 from spicewire import codec, devices
 from spicewire.addresses import Address
-from spicewire.control.client import ControlClient
+from spicewire.control.client import ControlClient, control_tls_context
 from spicewire.errors import LocalProtocolError, MigrationError
 from spicewire.logs import context, epoch_of, parse_session_label, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.server import events
+from spicewire.server.display import (
+    DisplayState,
+    GraphicsConnection,
+    Precopy,
+    announce_screen,
+    announced_screen,
+    take_delta,
+    take_precopy,
+)
 from spicewire.server.migration.common import mode_label, prefaulted
 from spicewire.server.migration.destination import (
     PREFAULT_MIN,
@@ -70,6 +79,25 @@ class Peer:
         return left
 
 
+PRECOPY_BATCH = 64 << 20  # pictures per pre-copy request, at most (one session's may be more)
+
+
+def precopy_batches(sources: list[SessionSource]) -> list[list[SessionSource]]:
+    """Sessions grouped so each pre-copy request carries about PRECOPY_BATCH bytes of pictures:
+    s2 holds a request's body whole, and a server of big screens must not need it all at once."""
+    batches: list[list[SessionSource]] = []
+    size = 0
+    for source in sources:
+        display = source.session.display
+        need = 2 * display.screen.framebuffer.nbytes if display is not None else 0
+        if not batches or size + need > PRECOPY_BATCH:
+            batches.append([])
+            size = 0
+        batches[-1].append(source)
+        size += need
+    return batches
+
+
 class MigrationManager:
     """One server's migrations, as source and as destination."""
 
@@ -102,13 +130,19 @@ class MigrationManager:
             seen.add(sid)
             for port in entry["ports"]:
                 devices.factory(str(port[2]))  # unknown kinds fail the announcement, not the migration
+            if entry.get("display") is not None:
+                announced_screen(entry["display"])
         expires = time.monotonic() + ttl
         for entry in sessions:
             sid = int(entry["session_id"])
             self.end_announcement(sid)  # the same migration announcing again starts it afresh
             ports = [(int(p[0]), str(p[1]), str(p[2])) for p in entry["ports"]]
             in_flight = {int(p[0]): int(p[3]) if len(p) > 3 else 0 for p in entry["ports"]}
-            ann = self.announcements[sid] = Announcement(sid, ports, expires, migration_id, in_flight)
+            ann = self.announcements[sid] = Announcement(sid, ports, expires, migration_id, in_flight,
+                                                         ticket=entry.get("ticket"))
+            if entry.get("display") is not None:
+                ann.display = DisplayState(announced_screen(entry["display"])(), self.server.config.display_options)
+                ann.display.stop()  # it runs once the session has landed here
             self.migration_of[sid] = migration_id
             self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
             self.failed.pop(sid, None)
@@ -161,6 +195,13 @@ class MigrationManager:
             return False
         return True
 
+    def ticket(self, session_id: int) -> str | None:
+        """The ticket a live announcement of this session carries (its channels may link with it)."""
+        ann = self.announcements.get(session_id)
+        if ann is None or time.monotonic() > ann.expires:
+            return None
+        return ann.ticket
+
     def arriving_session(self, session_id: int) -> Session | None:
         ann = self.announcements.get(session_id)
         if ann is None or ann.session is not None:
@@ -172,6 +213,7 @@ class MigrationManager:
         )
         for cid, chunks in ann.device_state.items():
             session.ports[cid].device.restore(chunks)
+        session.display = ann.display
         ann.session = session
         session.migration = SessionDestination(self, session)
         return session
@@ -181,7 +223,7 @@ class MigrationManager:
             raise LocalProtocolError(f"session {session.id:08x} is not arriving here")
         session.migration.main_linked()
 
-    def port_linked(self, session: Session, handler: PortConnection) -> None:
+    def port_linked(self, session: Session, handler: PortConnection | GraphicsConnection) -> None:
         if isinstance(session.migration, SessionDestination):
             session.migration.port_linked(handler)
 
@@ -199,8 +241,15 @@ class MigrationManager:
             raise TypeError(f"the device state index is a {type(index).__name__}, not a list")
         # Every entry is checked before any is used: a device never restores from chunks its
         # index only promised.
-        plan, skipped, pos = [], [], 1
+        plan, pos = [], 1
+        skipped: list[dict] = []
+        screens: list[tuple[DisplayState, list[memoryview], int]] = []
         for entry in index:
+            if not isinstance(entry, dict):
+                raise TypeError(f"a device state index entry is a {type(entry).__name__}, not an object")
+            if entry.get("display"):
+                pos = self._plan_display(migration_id, entry, chunks, pos, screens, skipped)
+                continue
             text, cid, count = entry["session_id"], entry["port"], entry["chunks"]
             try:
                 sid = parse_session_label(text)
@@ -223,6 +272,9 @@ class MigrationManager:
                 plan.append((ann, cid, [bytes(c) for c in saved], in_flight))
         if pos != len(chunks):
             raise MigrationError(f"device state body holds {len(chunks) - pos} chunks no index entry names")
+        for display, saved, screen_chunks in screens:
+            take_delta(display, saved[screen_chunks:])
+            display.screen.restore([bytes(c) for c in saved[:screen_chunks]])
         for ann, cid, state, in_flight in plan:
             ann.device_state[cid] = state
             ann.in_flight[cid] = max(ann.in_flight.get(cid, 0), in_flight)
@@ -230,7 +282,43 @@ class MigrationManager:
                 ann.session.ports[cid].device.restore(state)
                 if isinstance(ann.session.migration, SessionDestination):
                     ann.session.migration.in_flight_reported(cid)
-        return {"restored": len(plan), "skipped": skipped}
+        return {"restored": len(plan) + len(screens), "skipped": skipped}
+
+    def _plan_display(self, migration_id: str, entry: dict, chunks: list[memoryview], pos: int,
+                      screens: list[tuple[DisplayState, list[memoryview], int]], skipped: list[dict]) -> int:
+        """One session's screen in a device-state batch: its own state and the tiles changed since
+        the pre-copy. Checked here; applied with the rest once the whole batch is."""
+        text, count, screen_chunks = entry["session_id"], entry["chunks"], entry["screen_chunks"]
+        if not (_whole(count) and _whole(screen_chunks)) or count != screen_chunks + 4:
+            raise ValueError(f"bad chunk counts {count!r:.20}/{screen_chunks!r:.20} for a screen")
+        if pos + count > len(chunks):
+            raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
+        ann = self.announcements.get(parse_session_label(text))
+        if ann is None or ann.migration_id != migration_id or ann.display is None:
+            skipped.append({"session_id": text, "display": True, "reason": "no screen announced in this migration"})
+        else:
+            screens.append((ann.display, chunks[pos:pos + count], screen_chunks))
+        return pos + count
+
+    def receive_display_precopy(self, migration_id: str, body: bytes | bytearray | memoryview) -> dict:
+        """The pictures of sessions ``migration_id`` announced, sent during pre-migration while
+        their screens still run (``pack_display_precopy``): at the stop only what changed since
+        follows, with the device state."""
+        if not self.in_progress(migration_id):
+            raise UnknownMigration(f"no migration {migration_id} in progress here")
+        chunks = codec.unpack_chunks(body)
+        index = json.loads(bytes(chunks[0]))
+        if not isinstance(index, list) or len(chunks) != 1 + 2 * len(index):
+            raise ValueError("a display pre-copy has an index and two surfaces per session")
+        taken, skipped = 0, list[str]()
+        for i, text in enumerate(index):
+            ann = self.announcements.get(parse_session_label(text))
+            if ann is None or ann.migration_id != migration_id or ann.display is None:
+                skipped.append(text)
+                continue
+            take_precopy(ann.display, chunks[1 + 2 * i], chunks[2 + 2 * i])
+            taken += 1
+        return {"taken": taken, "skipped": skipped}
 
     def session_ended(self, session: Session) -> None:
         if isinstance(session.migration, SessionSource):
@@ -279,9 +367,15 @@ class MigrationManager:
 
     def migrate(
         self, to: tuple[str, int], to_control: tuple[str, int], mode: mig.MigrationMode, timeout: float = 30.0,
-        to_token: str | None = None,
+        to_token: str | None = None, *, to_tls_port: int = 0, to_cert_subject: str | None = None,
+        to_control_tls: bool = False,
     ) -> dict:
         """Migrate every session to ``to``; returns the report ``spicewire migrate`` prints.
+
+        ``to_tls_port`` and ``to_cert_subject`` tell clients s2's TLS port (``to``'s port 0: it
+        has no other) and the subject its certificate must have (None: its host name). With
+        ``to_control_tls`` s2's control API is reached over HTTPS, verified against this server's
+        CA (its x509 directory's ca-cert.pem).
 
         Phases, in order: announce to s2, pre-migration (BEGIN, every client's answer), the device
         state, the switch, the landing. Whatever fails in any of them, and however, no session is
@@ -289,7 +383,9 @@ class MigrationManager:
         started, end = time.time(), time.monotonic() + timeout
         sessions = [s for s in self.server.sessions.values() if s.main is not None and s.migration is None]
         # Every call to s2 names the migration: s2 takes device state and aborts only with it.
-        migration = Peer(ControlClient(*to_control, token=to_token), secrets.token_hex(8), end)
+        tls = control_tls_context(self.server.config.x509_dir) if to_control_tls else None
+        migration = Peer(ControlClient(*to_control, token=to_token, tls=tls), secrets.token_hex(8), end)
+        dst = m.MigrationDstInfo(port=to[1], sport=to_tls_port, host=to[0], cert_subject=to_cert_subject or None)
         peer = migration.client
         target = f"{Address(*to)} (control {peer.address})"
         log.info("migration %s: %d sessions to %s, %s", migration.id, len(sessions), target, mode_label(mode))
@@ -301,7 +397,8 @@ class MigrationManager:
         try:
             self._announce(migration, sessions, timeout)
             announced = True
-            ready, switch_host = self._pre_migrate(sessions, sources, to, mode, end)
+            ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end)
+            ready = self._precopy_displays(migration, ready)
             pre_migration = time.time() - started
             ready, moved_devices = self._move_device_states(migration, ready)
             for source in ready:
@@ -374,27 +471,31 @@ class MigrationManager:
             extra={"session": sid},
         )
 
-    @staticmethod
-    def _announce(migration: Peer, sessions: list[Session], timeout: float) -> None:
+    def _announce(self, migration: Peer, sessions: list[Session], timeout: float) -> None:
         peer = migration.client
+        # Each session's ticket (what its client linked with) goes along, so a password that
+        # expired or changed on s2 cannot strand the client halfway: s2 takes it for that
+        # session's channels until the announcement ends.
+        tickets = self.server.tickets
         try:
             peer.post_json("/migration/announce", {
                 "migration": migration.id,
                 "ttl": timeout + 60,
                 "sessions": [{"session_id": session_label(s.id), "ports": [[cid, p.name, p.device.kind, p.in_flight]
-                                                            for cid, p in s.ports.items()]}
+                                                            for cid, p in s.ports.items()],
+                              **({"display": announce_screen(s.display)} if s.display is not None else {}),
+                              **({"ticket": tickets[s.id]} if tickets.get(s.id) else {})}
                              for s in sessions],
             }, timeout=migration.left())
         except OSError as err:
             raise MigrationError(f"cannot reach the destination's control API at {peer.address}: {err}") from None
 
     def _pre_migrate(
-        self, sessions: list[Session], sources: list[SessionSource], to: tuple[str, int], mode: mig.MigrationMode,
-        end: float,
+        self, sessions: list[Session], sources: list[SessionSource], dst: m.MigrationDstInfo,
+        mode: mig.MigrationMode, end: float,
     ) -> tuple[list[SessionSource], list[SessionSource]]:
         """BEGIN every session and wait for every client's answer, until ``end`` at most; returns
         the sessions whose client reached s2, and those that can only switch host at the end."""
-        dst = m.MigrationDstInfo(port=to[1], sport=0, host=to[0], cert_subject=None)
         big = sum(1 for s in sessions for p in s.ports.values() if p.in_flight >= PackBuffers.SIZE)
         pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
         for session in sessions:
@@ -418,6 +519,35 @@ class MigrationManager:
         return ready, switch_host
 
     @staticmethod
+    def _precopy_displays(migration: Peer, ready: list[SessionSource]) -> list[SessionSource]:
+        """Send every screen's picture to s2 while the screens keep running, as QEMU pre-copies a
+        VM's RAM: at the stop only the tiles changed since travel, so the downtime does not grow
+        with the surface. A session whose pre-copy did not get there stays here."""
+        with_display = [s for s in ready if s.session.display is not None]
+        if not with_display:
+            return ready
+        peer = migration.client
+        try:
+            for batch in precopy_batches(with_display):
+                index, chunks = [], []
+                for source in batch:
+                    display = source.session.display
+                    assert display is not None
+                    source.precopy = Precopy(display)
+                    index.append(session_label(source.session.id))
+                    chunks.extend(source.precopy.chunks())
+                body = codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()
+                answer = peer.post_bytes(f"/migration/display-precopy?migration={migration.id}", body,
+                                         migration.left())
+                if not isinstance(answer, dict) or answer.get("skipped"):
+                    raise MigrationError(f"the destination skipped screens: {answer!r:.200}")
+        except (MigrationError, OSError) as err:
+            for source in with_display:
+                source.cancel(f"the screen's pre-copy could not reach the destination at {peer.address}: {err}")
+            return [s for s in ready if s not in with_display]
+        return ready
+
+    @staticmethod
     def _move_device_states(migration: Peer, ready: list[SessionSource]) -> tuple[list[SessionSource], int]:
         """Stop the devices (the VM pauses) and send their state to s2; a session whose state did
         not get there stays here. Returns the sessions that go on, and the bytes sent."""
@@ -425,7 +555,8 @@ class MigrationManager:
             return ready, 0
         for source in ready:
             source.stop_devices()
-        state = pack_device_states(s.session for s in ready)
+        state = pack_device_states([s.session for s in ready],
+                                   {s.session.id: s.precopy for s in ready if s.precopy is not None})
         peer = migration.client
         try:
             answer = peer.post_bytes(f"/migration/device-state?migration={migration.id}", state, migration.left())

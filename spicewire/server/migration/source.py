@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from typing import assert_never
 
@@ -20,6 +20,13 @@ from spicewire.logs import context, iso_times, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import Msg
+from spicewire.server.display import (
+    DisplayConnection,
+    GraphicsConnection,
+    Precopy,
+    display_migrate_data,
+    inputs_migrate_data,
+)
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel, prefaulted
 from spicewire.server.session import Session
 
@@ -39,7 +46,11 @@ class SessionSource:
             raise MigrationError(f"session {session.id:08x} has no main channel to migrate")
         self.session = session
         self.ports = {cid: port for cid, port in session.ports.items() if port.connection is not None}
-        channels = [MAIN, *(port_channel(cid) for cid in self.ports)]
+        display = session.display
+        # The display's channels that are up: spice-gtk links them all, a program may link some.
+        self.graphics: dict[mig.Channel, GraphicsConnection] = {
+            (conn.channel_type, 0): conn for conn in (display.connections if display is not None else ()) if conn.live}
+        channels = [MAIN, *self.graphics, *(port_channel(cid) for cid in self.ports)]
         self.machine = mig.SourceMigration(channels, main.client_caps, timeout=timeout)
         self.connected: gevent.event.AsyncResult[mig.ConnectComplete] = gevent.event.AsyncResult()
         self.finished = gevent.event.Event()  # the client left s1 (or the attempt ended)
@@ -54,6 +65,9 @@ class SessionSource:
         for cid, port in self.ports.items():
             if port.connection is not None:  # all of them: self.ports holds only connected ports
                 port.connection.intercept = partial(self._intercept, port_channel(cid))
+        for channel, conn in self.graphics.items():
+            conn.intercept = partial(self._intercept, channel)
+        self.precopy: Precopy | None = None  # the picture as the pre-copy sent it to s2
 
     @property
     def connect_succeeded(self) -> bool:
@@ -68,12 +82,16 @@ class SessionSource:
         """The VM pauses: devices neither take nor make data; the sockets are still read."""
         for port in self.session.ports.values():
             port.device_stopped = True
+        if self.session.display is not None:
+            self.session.display.stop()
 
     def resume_devices(self) -> None:
         for port in self.session.ports.values():
             port.device_stopped = False
             port.pump()
             port.flush_to_client()
+        if self.session.display is not None:
+            self.session.display.resume()
 
     def finish(self, switch_host: bool = False) -> None:
         """Post-migration. ``switch_host`` (5.6): the client drops everything and links to s2 as a
@@ -105,7 +123,8 @@ class SessionSource:
         self.error = f"rolled back: {reason}"
         self.rolled_back = True
         self._apply(self.machine.roll_back())
-        connections = [self.session.main, *(p.connection for p in self.session.ports.values())]
+        connections = [self.session.main, *(p.connection for p in self.session.ports.values()),
+                       *self.graphics.values()]
         for conn in connections:
             if conn is not None:
                 conn.channel.adopt_peer_serials()
@@ -121,6 +140,9 @@ class SessionSource:
             port.frozen = False
             if port.connection is not None:
                 port.connection.intercept = None
+        for conn in self.graphics.values():
+            conn.intercept = None
+        self.precopy = None
         if self.session.migration is self:
             self.session.migration = None
         if self._timer is not None:
@@ -188,6 +210,13 @@ class SessionSource:
             main.frozen = main.frozen or isinstance(msg, m.MsgMigrate)
             main.transport.flush()
             return
+        if channel in self.graphics:
+            graphics = self.graphics[channel]
+            if isinstance(msg, m.MsgMigrate):
+                graphics.state.frozen.add(graphics.channel_type)  # nothing but its MIGRATE_DATA may follow
+            graphics.channel.send(msg)
+            graphics.transport.flush()
+            return
         port = self.ports[channel[1]]
         if isinstance(msg, m.MsgMigrate):
             port.frozen = True  # device data queued from now on travels in MIGRATE_DATA
@@ -200,6 +229,13 @@ class SessionSource:
             body = mig.build_main_migrate_data()  # no guest agent: the empty MNMD of 6.2
             self.moved += len(body)
             self._apply(self.machine.send(MAIN, m.MsgMigrateData(body)))
+            return
+        if channel in self.graphics:
+            graphics = self.graphics[channel]
+            body = (display_migrate_data(graphics.state, graphics.channel) if isinstance(graphics, DisplayConnection)
+                    else inputs_migrate_data(graphics.state))
+            self.moved += len(body)
+            self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
             return
         port = self.ports[channel[1]]
         conn = port.connection
@@ -295,16 +331,27 @@ def pipelined_segments(
             spare.give_back(buffer)
 
 
-def pack_device_states(sessions: Iterable[Session]) -> bytes:
-    """Every port device of ``sessions``, saved, in one codec container: chunk 0 is a JSON index
-    ``[{"session_id", "port", "chunks", "in_flight"}]``, the saved chunks follow in index order.
-    ``in_flight`` is what the port holds now that its device stopped: s2 bounds the port's
-    MIGRATE_DATA by it."""
-    index, chunks = [], []
+def pack_device_states(sessions: Iterable[Session], precopies: Mapping[int, Precopy] | None = None) -> bytes:
+    """Every port device of ``sessions``, saved, and the screens that were pre-copied (``precopies``
+    by session id), in one codec container: chunk 0 is a JSON index, the saved chunks follow in
+    index order. A port's entry is ``{"session_id", "port", "chunks", "in_flight"}``: ``in_flight``
+    is what the port holds now that its device stopped, and s2 bounds the port's MIGRATE_DATA by
+    it. A screen's is ``{"session_id", "display": true, "chunks", "screen_chunks"}``: the screen's
+    own state, then the tiles of its picture and of the client's that changed since the pre-copy
+    (``Precopy.delta``)."""
+    index: list[dict] = []
+    chunks: list[bytes] = []
     for session in sessions:
         for cid, port in session.ports.items():
             saved = port.device.save()
             index.append({"session_id": session_label(session.id), "port": cid, "chunks": len(saved),
                           "in_flight": port.in_flight})
             chunks.extend(saved)
+        precopy = (precopies or {}).get(session.id)
+        if precopy is not None and session.display is not None:
+            saved = session.display.screen.save()
+            delta = precopy.delta(session.display)
+            index.append({"session_id": session_label(session.id), "display": True,
+                          "chunks": len(saved) + len(delta), "screen_chunks": len(saved)})
+            chunks.extend([*saved, *delta])
     return codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()
