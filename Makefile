@@ -32,6 +32,9 @@ bench: $(STAMP)
 	    --benchmark-columns=min,median,mean,rounds --benchmark-sort=name
 	$(PY) benchmarks/report.py bench-report.json
 	$(PY) benchmarks/bench_migration.py --json bench-migration.json
+	$(PY) benchmarks/bench_display_migration.py --json bench-display-migration.json
+	$(PY) benchmarks/bench_spicegtk_display.py
+	$(PY) benchmarks/bench_tls.py
 
 demo: $(STAMP)
 	$(PY) -m spicewire.demo
