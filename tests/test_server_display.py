@@ -276,3 +276,19 @@ def test_inputs_migrate_data_with_held_inputs_round_trips():
     for broken in (body[:-1], body + b"x", body[:10] + b"XXXX" + body[14:]):
         with pytest.raises(CodecError):
             parse_inputs_migrate_data(broken)
+
+
+def test_frames_come_at_most_once_an_interval_however_often_input_asks():
+    from spicewire.server.display import DisplayState
+
+    state = DisplayState(screens.factory("paint", 64, 64)(), DisplayOptions(frame_interval=0.5))
+    pushes = []
+    state.push = lambda: pushes.append(1)  # type: ignore[method-assign]
+    state.frame(100.0)
+    state.frame(100.499)  # just under the interval: no frame
+    assert len(pushes) == 1
+    state.frame(100.5)  # at it: the next frame
+    state.frame(100.5)
+    assert len(pushes) == 2
+    state.frame(101.001)  # past it
+    assert len(pushes) == 3

@@ -17,6 +17,7 @@ that stops reading makes the screen's changes coalesce into the next frame inste
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -102,10 +103,15 @@ class DisplayState:
             return
         if self.screen.wants_ticks:
             self.screen.tick(now)
+        self.frame(now)
+        self.push_cursor()
+
+    def frame(self, now: float) -> None:
+        """Push, if a frame interval has passed since the last one: input can bring the next
+        frame early, never more of them (a mouse sends hundreds of events a second)."""
         if now >= self._next_frame:
             self._next_frame = now + self.options.frame_interval
             self.push()
-        self.push_cursor()
 
     def push(self) -> None:
         """Send the client what changed since its last frame, if it keeps up."""
@@ -160,6 +166,9 @@ class DisplayState:
         if self.stopped:
             self.held.append(HeldInput(msg.TYPE, bytes(msg.encode())))
             return
+        self._apply(msg)
+
+    def _apply(self, msg: m.Message) -> None:
         apply_input(self.screen, msg)
         if isinstance(msg, m.MsgcInputsKeyModifiers):
             self.modifiers = msg.modifiers
@@ -168,8 +177,7 @@ class DisplayState:
         """The screen runs again: what the client typed and moved meanwhile reaches it, in order."""
         held, self.held = self.held, []
         for item in held:
-            apply_input(self.screen, m.decode(ChannelType.INPUTS, m.Direction.CLIENT_TO_SERVER, item.msg_type,
-                                              item.body))
+            self._apply(m.decode(ChannelType.INPUTS, m.Direction.CLIENT_TO_SERVER, item.msg_type, item.body))
 
     def stop(self) -> None:
         self.stopped = True
@@ -392,7 +400,7 @@ class InputsConnection(GraphicsConnection):
                 self.channel.send(m.MsgInputsMouseMotionAck())
         if isinstance(msg, INPUT_MESSAGES):
             state.input(msg)
-            state.push()
+            state.frame(time.monotonic())  # what the input drew, without waiting for the next tick
         else:
             super()._handle(msg)
 
