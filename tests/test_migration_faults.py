@@ -27,7 +27,7 @@ from spicewire.server.migration.destination import migrate_data_limit
 from spicewire.server.session import Limits
 
 from .serverkit import PortChannel, read_exactly, read_until_closed, wait_until
-from .test_migration import ECHO, SINK, SINK_ID, connect, echo_ok, fill_paused_sink, only_entry, procs  # noqa: F401
+from .test_migration import ECHO, SINK, SINK_ID, connect, drain_sink, echo_ok, fill_paused_sink, only_entry, procs  # noqa: F401
 from .test_migration_control import link_target, migrate_data_head, raw_post
 
 pytestmark = pytest.mark.slow
@@ -185,10 +185,11 @@ EMPTY_200 = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 
 class BlankingControl:
     """s2's control API behind a proxy that passes each request on (or not, ``forward``) and
-    answers it with ``answer`` instead of s2's: an empty 200, or nothing at all (b"")."""
+    answers those whose path starts with ``blank`` with ``answer`` instead of s2's: an empty 200,
+    or nothing at all (b""). The others get s2's own answer."""
 
-    def __init__(self, target: tuple[str, int], answer: bytes, forward: bool) -> None:
-        self.target, self.answer, self.forward = target, answer, forward
+    def __init__(self, target: tuple[str, int], answer: bytes, forward: bool, blank: str = "/") -> None:
+        self.target, self.answer, self.forward, self.blank = target, answer, forward, blank
         self.paths: list[str] = []
         self.server = StreamServer(("127.0.0.1", 0), self._handle)
         self.server.start()
@@ -204,13 +205,16 @@ class BlankingControl:
                            if line.lower().startswith("content-length:")), 0)
             while len(request) < len(head) + 4 + length and (chunk := sock.recv(65536)):
                 request += chunk
-            self.paths.append(head.split()[1])
-            if self.forward:
+            path = head.split()[1]
+            self.paths.append(path)
+            blanked = path.startswith(self.blank)
+            answer = bytearray()
+            if self.forward or not blanked:
                 with socket.create_connection(self.target, timeout=10) as s2:
                     s2.sendall(request)
-                    while s2.recv(65536):  # s2's answer, which the source never sees
-                        pass
-            sock.sendall(self.answer)
+                    while chunk := s2.recv(65536):
+                        answer += chunk
+            sock.sendall(self.answer if blanked else answer)
 
     def stop(self) -> None:
         self.server.stop()
@@ -362,3 +366,42 @@ def test_a_migrate_data_declaring_4_gib_holds_nothing_once_its_client_hung_up(pr
     wait_until(lambda: not s2.api.get_json("/sessions")["sessions"], what="s2 to end the half session")
     wait_until(lambda: vm_rss(s2.proc.pid) - idle < 32 << 20, timeout=15,
                what=f"s2's RSS back near idle ({idle >> 20} MiB; {vm_rss(s2.proc.pid) >> 20} MiB now)")
+
+
+def test_s2_dies_mid_relay_while_its_landing_reports_are_empty_rolls_back_in_order(nodes, procs, monkeypatch):  # noqa: F811
+    """s2 takes the announcement and the device state, but answers every "have they landed?" with an
+    empty body; then it dies as the client starts relaying the sink's MIGRATE_DATA. s1 counts the
+    empty answers as failed requests, takes the session back (not a 500, not a session lost on both
+    servers), and the sink drains every byte on s1, in order."""
+    monkeypatch.setattr(precopy_module, "PRECOPY_MIN", 1 << 62)  # the whole backlog in MIGRATE_DATA
+    held = 32 << 20
+    (s1,) = nodes(1, limits=Limits(to_device=held + (16 << 20)))
+    s2 = procs("s2", buffer_mib=(held >> 20) + 16)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    fill_paused_sink(s1, session, held, digest=digest)
+    relay = client_migration.MigrationDriver._relay
+
+    def s2_dies(self, ev):
+        if ev.channel == (ChannelType.PORT, SINK_ID):
+            s2.kill()
+        return relay(self, ev)
+
+    monkeypatch.setattr(client_migration.MigrationDriver, "_relay", s2_dies)
+    proxy = BlankingControl(s2.control_address, EMPTY_200, forward=False, blank="/migration/completed")
+    try:
+        status, report = raw_post(s1, "/migrate", json.dumps({
+            "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*proxy.address), "timeout": 10,
+            "to_token": s2.token}))
+    finally:
+        proxy.stop()
+    assert status == 200, report
+    entry = only_entry(report)
+    assert report["rolled_back"] == 1 and report["lost"] == 0, report
+    assert entry["error"].startswith("rolled back: the destination is unreachable"), entry
+    assert "/migration/completed" in " ".join(proxy.paths)
+    wait_until(lambda: not session.migrating, what="the client to take s1's MIGRATE_CANCEL")
+    assert session.migrations[-1]["result"] == "rolled-back", session.migrations[-1]
+    drain_sink(s1, session.session_id, held, digest.hexdigest())
+    echo_ok(session)
+    session.close()
