@@ -517,6 +517,28 @@ def test_s1_announces_the_client_host_and_s2_takes_one_target_link_from_it(nodes
     assert manager.claim_target(0x78, STRANGER, any_address=True) is None  # behind a changing NAT
 
 
+def test_a_client_that_linked_with_a_session_ticket_migrates_with_it(nodes):
+    s1, s2 = nodes(2)
+    for node in (s1, s2):
+        node.spice.set_password("", None)  # tickets only, on both
+    ticket = s1.spice.session_tickets.issue(None, 30, time.monotonic()).secret
+    session = ClientSession(*s1.address, password=ticket, timeout=10).connect()
+    try:
+        echo = session.open_port(ECHO_NAME)
+        echo.write(b"before")
+        assert echo.read(6, timeout=10) == b"before"
+        report = s1.migrate_to(s2, timeout=10)
+        assert report["migrated"] == 1, report
+        assert session.connected_to == s2.address
+        echo.write(b"after")
+        assert echo.read(5, timeout=10) == b"after"
+        assert s2.spice.tickets[session.session_id] == ticket  # carried on, to a next migration
+    finally:
+        session.close()
+    for node in (s1, s2):  # used up: it opens no new session anywhere
+        assert Attempt(node.address, 0, ChannelType.MAIN, password=ticket).code == LinkErr.PERMISSION_DENIED
+
+
 @pytest.mark.parametrize("client, status", [("127.0.0.9", 200), ("::ffff:127.0.0.9", 200), ("host.example", 400),
                                             (7, 400)])
 def test_an_announced_client_must_be_an_ip_address(nodes, client, status):
@@ -668,6 +690,33 @@ def test_serve_says_loudly_what_disable_ticketing_means(tmp_path):
     finally:
         proc.kill()
         proc.wait(timeout=5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--tickets-only",), "--tickets-only needs --control"),
+    (("--tickets-only", "--control", "127.0.0.1:0", "--ticket-lifetime", "5"), "--ticket-lifetime needs --password"),
+    (("--tickets-only", "--password", "pw"), "not allowed with argument"),
+])
+def test_serve_tickets_only_needs_the_control_api_and_no_password(argv, message):
+    done = subprocess.run([sys.executable, "-m", "spicewire", "serve", "--listen", "127.0.0.1:0", *argv],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_serve_tickets_only_opens_sessions_by_tickets_alone(serve):
+    served = serve("--tickets-only")
+    assert "ticketing by tickets only" in served.output()
+    ticket = served.request("POST", "/tickets", {"session_id": None, "expires_in": 30})["ticket"]
+    assert served.get("/status")["config"]["ticketing"] is True
+
+    def linked(password: str | None) -> int | None:
+        attempt = Attempt(served.address, 0, ChannelType.MAIN, password=password)
+        attempt.close()
+        return attempt.code
+
+    assert linked(None) == LinkErr.PERMISSION_DENIED  # no password: nothing but a ticket opens
+    assert linked(ticket) == LinkErr.OK
+    assert linked(ticket) == LinkErr.PERMISSION_DENIED
 
 
 def test_server_config_refuses_bad_link_limits():
