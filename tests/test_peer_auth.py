@@ -318,3 +318,17 @@ def test_a_node_without_a_peer_token_takes_no_migrations(nodes):
         session.close()
     finally:
         closed.stop()
+
+
+def test_what_a_server_remembers_of_ended_migrations_is_bounded(nodes, monkeypatch):
+    """Announcements that come and go (aborted here) leave their session's migration id and outcome
+    behind for s1 to ask about; at most MAX_REMEMBERED of each, the newest."""
+    monkeypatch.setattr(orchestrator, "MAX_REMEMBERED", 3)
+    (s2,) = nodes(1)
+    manager = s2.spice.migration
+    for sid in range(1, 8):
+        s2.api.post_json("/migration/announce", announcement(sid, 1))
+        s2.api.post_json("/migration/abort", {"migration": MIGRATION, "sessions": [f"{sid:08x}"]})
+        assert len(manager.migration_of) == min(sid, 3)  # one below, at, then held at the bound
+    assert list(manager.migration_of) == [5, 6, 7]
+    assert not manager.announcements
