@@ -26,7 +26,15 @@ from spicewire.errors import LinkError, LocalProtocolError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import LINK_HEADER_SIZE, PUBLIC_KEY_SIZE, ChannelType, LinkErr
 from spicewire.protocol.link import ClientLink, LinkAuthenticated, LinkEstablished
-from spicewire.server.admission import MAX_TICKETS, AcceptBackoff, LinkGuard, LinkLimits, SessionTickets, host_of
+from spicewire.server.admission import (
+    MAX_TICKETS,
+    AcceptBackoff,
+    LinkGuard,
+    LinkLimits,
+    LogThrottle,
+    SessionTickets,
+    host_of,
+)
 from spicewire.server.net import ServerConfig, SpiceServer
 from tests.served import bound_addresses
 from tests.serverkit import ECHO, MainSession, PortChannel, RawChannel, running_server, wait_until
@@ -254,6 +262,19 @@ def test_failed_links_of_one_address_wait_longer_each_time_and_others_not_at_all
         # The answer waited in that link's greenlet alone: a good link from the same host is served.
         with MainSession(server.address, password=PASSWORD) as fine:
             assert fine.attach_channels()
+
+
+def test_a_held_answer_never_holds_the_hub():
+    limits = LinkLimits(free_failures=0, failure_delay=30.0, failure_delay_max=30.0)
+    with running_server(password=PASSWORD, link_limits=limits) as server, \
+            MainSession(server.address, password=PASSWORD) as bystander:
+        port = bystander.open_port(ECHO)
+        held = gevent.spawn(_probe, server.address, 0, ChannelType.MAIN, password="guess")
+        wait_until(lambda: server.guard.failures(STRANGER, time.monotonic()) == (1, 30.0), what="the answer held")
+        port.send_data(b"meanwhile")
+        assert port.read_data(9) == b"meanwhile"  # served while that answer waits its 30 s
+        assert not held.ready()
+        held.kill()
 
 
 def test_the_free_failures_and_the_memory_of_an_address():
@@ -590,6 +611,15 @@ def test_links_in_progress_are_capped_per_address_and_overall():
         wait_until(lambda: server.guard.in_progress == 0, what="the idle links gone")
         with MainSession(server.address, password=PASSWORD) as session:  # room again
             assert session.attach_channels()
+
+
+def test_refusals_at_accept_log_one_line_a_second_and_count_the_rest():
+    throttle = LogThrottle(interval=1.0)
+    assert throttle.allow("links_in_progress", 0.0) == 0
+    assert throttle.allow("links_in_progress", 0.999) is None  # just under the interval: left out
+    assert throttle.allow("links_in_progress_per_address", 0.5) == 0  # each reason has its own
+    assert throttle.allow("links_in_progress", 1.0) == 1  # at it: logged, with the one left out
+    assert throttle.allow("links_in_progress", 2.5) == 0
 
 
 def test_accept_backoff_doubles_to_its_maximum_and_starts_afresh():

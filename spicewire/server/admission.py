@@ -234,6 +234,26 @@ class AcceptBackoff:
         return paused
 
 
+class LogThrottle:
+    """At most one log line per key and interval: a flood of refused connections must not become
+    a flood of log lines (a disk filled is a denial of service too). The lines left out are
+    counted, and the next line says how many."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def allow(self, key: str, now: float) -> int | None:
+        """None: leave this line out; else log it, saying how many were left out before it."""
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._held[key] = self._held.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+
 class AdmissionCollector:
     """The guard's numbers for GET /metrics."""
 
