@@ -309,6 +309,20 @@ def test_the_failure_table_keeps_the_freshest_addresses():
     assert guard.failures("b", 0.0) == (0, 0.0)  # the stalest went
 
 
+def test_an_ipv6_client_is_counted_by_its_64():
+    guard = LinkGuard(LinkLimits(in_progress_per_address=2))
+    assert guard.begin("2001:db8:0:1::1") is None
+    assert guard.begin("2001:db8:0:1:ffff::2") is None  # the same /64: at the cap
+    assert guard.begin("2001:db8:0:1::3") == "links_in_progress_per_address"
+    assert guard.begin("2001:db8:0:2::1") is None  # the next /64
+    guard.failed("2001:db8:0:1::9", 0.0)
+    assert guard.failures("2001:db8:0:1::1", 0.0)[0] == 1
+    guard.end("2001:db8:0:1::1")
+    assert guard.begin("2001:db8:0:1::7") is None
+    guard.begin("10.0.0.1")
+    assert guard.failures("10.0.0.2", 0.0) == (0, 0.0)  # IPv4: per address
+
+
 def test_an_ipv4_mapped_address_is_the_same_host():
     assert host_of("::ffff:127.0.0.2") == "127.0.0.2"
     assert host_of("fe80::1%eth0") == "fe80::1"

@@ -30,6 +30,18 @@ def host_of(address: str) -> str:
     return str(mapped or ip)
 
 
+def bucket_of(host: str) -> str:
+    """What the guard counts per: a host, or for IPv6 its /64, which one subscriber usually holds
+    whole (counting per address would give them 2^64 fresh counters)."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return host
+
+
 @dataclass(frozen=True)
 class LinkLimits:
     """Bounds on links, per source address and overall (ServerConfig.link_limits)."""
@@ -83,6 +95,7 @@ class LinkGuard:
 
     def begin(self, host: str) -> str | None:
         """A link starts from ``host``; the reason it must be closed at once, or None."""
+        host = bucket_of(host)
         if self.in_progress >= self.limits.in_progress:
             return "links_in_progress"
         if self._in_progress.get(host, 0) >= self.limits.in_progress_per_address:
@@ -95,6 +108,7 @@ class LinkGuard:
 
     def end(self, host: str) -> None:
         """A link that begin let in is over (a channel now, or gone)."""
+        host = bucket_of(host)
         left = self._in_progress.pop(host) - 1
         if left:
             self._in_progress[host] = left
@@ -105,6 +119,7 @@ class LinkGuard:
         waits. Past the free failures, the first waits failure_delay, each next one twice the
         last, up to the maximum. A delayed answer counts as waiting until ``answered``."""
         limits = self.limits
+        host = bucket_of(host)
         record = self._failures.pop(host, None)
         if record is None or now - record.last > limits.failure_memory:
             record = _Failures(0, now, 0.0)
@@ -124,13 +139,14 @@ class LinkGuard:
 
     def answered(self, host: str) -> None:
         """A delayed failure (``failed`` gave a delay) was answered."""
+        host = bucket_of(host)
         left = self._waiting.pop(host) - 1
         if left:
             self._waiting[host] = left
 
     def failures(self, host: str, now: float) -> tuple[int, float]:
         """``host``'s failures still remembered and the delay its latest one got."""
-        record = self._failures.get(host)
+        record = self._failures.get(bucket_of(host))
         if record is None or now - record.last > self.limits.failure_memory:
             return 0, 0.0
         return record.count, record.delay
