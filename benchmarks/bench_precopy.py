@@ -1,0 +1,218 @@
+"""Pre-copy of queued port bytes (issue 13), each figure beside its reference, in one run.
+
+1. Downtime with SIZE MiB in flight (a paused sink on s1) while the client keeps writing through
+   pre-migration, against the downtime of an idle session (bench_migration's) in the same run.
+   Everything the client wrote reaches the sink on s2, checked by SHA-256.
+2. The same, with the sink resumed on s1 as soon as the migration has begun (the device consumes
+   part of what is being pre-copied) and paused again on s2's side by nothing: all intact.
+3. The pre-copy's rate (bytes pre-copied / the time the rounds took) against a direct socket copy
+   s1 -> s2 of the same number of bytes from and into whole regions (two processes).
+4. With pre-copy off (``serve --no-precopy`` on both), the migration's rate (in-flight bytes /
+   downtime) against bench_migration's whole-region relay s1 -> client -> s2.
+
+    python benchmarks/bench_precopy.py [--mib 1024] [--rounds 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_migration as bm
+
+from spicewire.demo import SINK
+
+CHUNK = 1 << 20
+TRICKLE = 64 << 10  # what the client writes every TRICKLE_EVERY seconds while it migrates
+TRICKLE_EVERY = 0.01
+
+
+def role_client(port: int) -> None:
+    """One session writing into its sink. Commands on stdin: ``write N`` (N bytes, then answers),
+    ``trickle`` (keeps writing TRICKLE bytes every TRICKLE_EVERY s), ``stop`` (answers the count and
+    the SHA-256 of everything written)."""
+    import gevent
+
+    from spicewire.client import ClientSession
+
+    session = ClientSession("127.0.0.1", port).connect()
+    sink = session.open_port(SINK)
+    digest, written = hashlib.sha256(), [0]
+    block = os.urandom(CHUNK)
+    print(json.dumps({"ready": f"{session.session_id:08x}"}), flush=True)
+
+    def write(n: int) -> None:
+        piece = memoryview(block)[:n]
+        sink.write(piece)
+        digest.update(piece)
+        written[0] += n
+
+    trickle: gevent.Greenlet | None = None
+
+    def trickling() -> None:
+        while True:
+            write(TRICKLE)
+            gevent.sleep(TRICKLE_EVERY)
+
+    for line in iter(lambda: gevent.os.tp_read(0, 4096).decode(), ""):
+        for command in line.strip().split("\n"):
+            word, _, arg = command.partition(" ")
+            if word == "write":
+                for start in range(0, int(arg), CHUNK):
+                    write(min(CHUNK, int(arg) - start))
+                print(json.dumps({"written": written[0]}), flush=True)
+            elif word == "trickle":
+                trickle = gevent.spawn(trickling)
+                print(json.dumps({"trickling": True}), flush=True)
+            elif word == "stop":
+                if trickle is not None:
+                    trickle.kill()
+                print(json.dumps({"written": written[0], "sha256": digest.hexdigest()}), flush=True)
+    session.close()
+
+
+class Client(bm.Client):
+    def __init__(self, port: int) -> None:
+        self.proc = bm.subprocess.Popen(
+            [sys.executable, __file__, "--role", "client", "--port", str(port)],
+            stdin=bm.subprocess.PIPE, stdout=bm.subprocess.PIPE, text=True,
+        )
+        self.hello = self.ask(None)
+
+
+def direct_copy(nbytes: int) -> float:
+    """Bytes per second of a plain socket copy s1 -> s2 from and into NBYTES regions (two processes,
+    bench_migration's sender and receiver roles)."""
+    p_recv = bm.free_port()
+    receiver = bm.spawn("--role", "receiver", "--listen", str(p_recv), "--bytes", str(nbytes), "--whole")
+    receiver.stdout.readline()
+    sender = bm.spawn("--role", "sender", "--port", str(p_recv), "--bytes", str(nbytes), "--whole")
+    result = json.loads(receiver.stdout.readline())
+    for proc in (sender, receiver):
+        proc.wait(timeout=60)
+    assert result["received"] == nbytes, result
+    return nbytes / result["seconds"]
+
+
+def resume_once_migrating(server: bm.Served, sid: str, done: threading.Event) -> None:
+    """The device resumes during pre-migration: once s1 shows the session migrating."""
+    while not done.is_set():
+        if server.control.get_json(f"/sessions/{sid}").get("migration"):
+            server.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
+            return
+        time.sleep(0.001)
+
+
+def big_migration(mib: int, precopy: bool, resume_during: bool) -> dict:
+    """SIZE MiB paused in the sink on s1, the client writing on through the migration."""
+    size = mib << 20
+    extra = () if precopy else ("--no-precopy",)
+    s1, s2 = bm.Served(mib + 256, extra), bm.Served(mib + 256, extra)
+    client = Client(s1.port)
+    done = threading.Event()
+    try:
+        sid = client.hello["ready"]
+        s1.control.post_json(f"/sessions/{sid}/ports/{SINK}/pause", {})
+        client.ask(f"write {size}")
+        bm.wait_until(lambda: s1.sinks()[sid]["to_device_bytes"] == size, 300)
+        bm.settle([s1.proc.pid, s2.proc.pid, client.proc.pid])
+        client.ask("trickle")
+        resumer = threading.Thread(target=resume_once_migrating, args=(s1, sid, done)) if resume_during else None
+        if resumer is not None:
+            resumer.start()
+        report = s1.migrate_to(s2)
+        done.set()
+        if resumer is not None:
+            resumer.join()
+        written = client.ask("stop")
+        entry = report["sessions"][0]
+        assert entry["migrated"], report
+        s2.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
+        bm.wait_until(lambda: s2.sinks()[sid]["device"]["bytes_in"] >= written["written"], 300)
+        sink = s2.sinks()[sid]["device"]
+        intact = sink["bytes_in"] == written["written"] and sink["sha256"] == written["sha256"]
+    finally:
+        done.set()
+        client.stop()
+        s1.stop()
+        s2.stop()
+    return {"in_flight_bytes": size, "downtime_s": entry["downtime_s"], "precopied_bytes": report["precopied_bytes"],
+            "precopy_s": report["precopy_s"], "moved_bytes": entry["in_flight_bytes_moved"],
+            "written_bytes": written["written"], "intact": intact}
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--role")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=10, help="idle migrations for the idle downtime")
+    parser.add_argument("--repeat", type=int, default=3, help="big migrations per mode (medians)")
+    parser.add_argument("--json", help="also write the report here")
+    args = parser.parse_args()
+    if args.role == "client":
+        role_client(args.port)
+        return 0
+    size = args.mib << 20
+    idle = bm.bench_idle_downtime(args.rounds)
+    paused = [big_migration(args.mib, True, False) for _ in range(args.repeat)]
+    resumed = [big_migration(args.mib, True, True) for _ in range(args.repeat)]
+    whole = [big_migration(args.mib, False, False) for _ in range(args.repeat)]
+    copies = [direct_copy(size) for _ in range(args.repeat)]
+    relays = [bm.relay_baseline(size, whole=True) for _ in range(args.repeat)]
+    precopy_rate = statistics.median(run["precopied_bytes"] / run["precopy_s"] for run in paused)
+    results = {
+        "machine": f"{os.cpu_count()} cores",
+        "idle": idle,
+        "paused_runs": paused,
+        "resumed_runs": resumed,
+        "no_precopy_runs": whole,
+        "direct_copy_bytes_per_s": copies,
+        "whole_relay_bytes_per_s": relays,
+    }
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+    idle_s = idle["median_downtime_s"]
+    down_paused, down_resumed = median_of(paused, "downtime_s"), median_of(resumed, "downtime_s")
+    copy, relay = statistics.median(copies), statistics.median(relays)
+    whole_rate = size / median_of(whole, "downtime_s")
+    all_intact = all(run["intact"] for run in (*paused, *resumed, *whole))
+    print("\n| measure | figure | goal | met |\n|---|---|---|---|")
+    rows = [
+        ("idle session downtime, median ms", f"{idle_s * 1e3:.2f}", "", ""),
+        (f"{args.mib} MiB in flight, sink paused, client writing: downtime, median ms", f"{down_paused * 1e3:.2f}",
+         "", ""),
+        ("  vs idle", f"{down_paused / idle_s:.2f}x", "<= 2x", down_paused <= 2 * idle_s),
+        ("the same, sink resumed during pre-migration: downtime, median ms", f"{down_resumed * 1e3:.2f}", "", ""),
+        ("  vs idle", f"{down_resumed / idle_s:.2f}x", "<= 2x", down_resumed <= 2 * idle_s),
+        ("pre-copy rate, GB/s", f"{precopy_rate / 1e9:.2f}", "", ""),
+        ("direct socket copy s1 -> s2 of whole regions, GB/s", f"{copy / 1e9:.2f}", "", ""),
+        ("  pre-copy vs direct copy", f"{precopy_rate / copy:.2f}x", ">= 0.8x", precopy_rate / copy >= 0.8),
+        ("pre-copy off: migration rate (in flight / downtime), GB/s", f"{whole_rate / 1e9:.2f}", "", ""),
+        ("whole-region relay s1 -> client -> s2, GB/s", f"{relay / 1e9:.2f}", "", ""),
+        ("  pre-copy off vs relay", f"{whole_rate / relay:.2f}x", ">= 0.9x", whole_rate / relay >= 0.9),
+        ("everything the client wrote reached s2's sink (SHA-256), every run", "yes" if all_intact else "NO",
+         "yes", all_intact),
+    ]
+    for what, figure, goal, ok in rows:
+        print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

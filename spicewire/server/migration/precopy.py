@@ -1,0 +1,403 @@
+"""Pre-copy of queued port bytes: most of a port's backlog reaches s2 before the switch.
+
+A byte queued on a port never changes until it is consumed (written to the device, or sent to the
+client). So during pre-migration, while the session keeps running, s1 sends each big port's queued
+bytes of both directions straight to s2 over the server-to-server path, in rounds: each round
+carries what was queued since the one before, until little is added or the rounds run out. At the
+switch the port's MIGRATE_DATA (SWPD version 2) carries its state record, the bytes queued after
+the last round, and per direction a reference to what s2 holds: the stream offset and length of
+the pre-copied bytes, how many of them were consumed meanwhile, and their SHA-256. s2 checks the
+digest against what it received before it restores anything from it.
+
+Offsets are positions in a direction's byte stream on s1: ``PortState.to_device_total`` (and
+``to_client_total``) counts every byte ever queued, so a queue holds the stream from
+``total - queued`` to ``total``. s2 keeps one region per port and direction; a round that starts
+past the region's end (the device consumed bytes s2 never got) starts the region afresh there.
+
+One round is one ``POST /migration/port-precopy?migration=ID`` whose body is::
+
+    u32 index size | JSON index | the bytes of each index entry, in index order
+
+and each entry ``{"session_id", "port", "dir": "to_device"|"to_client", "offset", "length",
+"capacity"}``. ``capacity`` is the size s1 asks for the region on s2 with the first entry for it;
+s2 answers ``{"held": entries, "capacities": [...]}``, the size each entry's region has there: the
+memory s2 faulted in for the port's MIGRATE_DATA when the session was announced, if that holds
+the entry, else ``capacity`` faulted in then. s1 never sends past it; what does not fit travels in
+MIGRATE_DATA.
+
+Whatever fails (s2 refuses, a request breaks, time runs short) ends the pre-copy of every port of
+that migration: their whole state then goes through the client as without it. s2 drops what it
+holds of a session when the session's announcement ends (landed, failed, aborted, expired).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import numpy as np
+
+from spicewire.errors import MigrationError
+from spicewire.logs import parse_session_label, session_label
+from spicewire.protocol import migration as mig
+from spicewire.protocol.migrate_data import PrecopyRef, RegionRef
+from spicewire.server.migration.common import prefaulted
+from spicewire.server.session import PortState
+
+if TYPE_CHECKING:
+    from spicewire.server.migration.destination import Announcement
+    from spicewire.server.migration.orchestrator import Peer
+    from spicewire.server.migration.source import SessionSource
+
+log = logging.getLogger(__name__)
+
+PRECOPY_MIN = 16 << 20
+"""Ports holding at least this many bytes are pre-copied. A smaller backlog costs the downtime a
+few ms through the client, less than its pre-copy costs s2 in memory faulted in for it and a
+request per round."""
+PRECOPY_ROUNDS = 6
+PRECOPY_SETTLED = 1 << 20  # a round that would carry less than this is left to MIGRATE_DATA
+PRECOPY_VERSION = 2  # what s2 answers an announcement with when it takes port pre-copies
+TAIL_ROOM = 64 << 20  # memory s2 faults in for a pre-copied port's MIGRATE_DATA
+HASH_PIECE = 8 << 20  # digest work handed to a worker thread at a time, beside the socket
+MAX_INDEX = 1 << 20
+DIRECTIONS = ("to_device", "to_client")
+_INDEX_SIZE = struct.Struct("<I")
+
+
+def _queue(port: PortState, direction: str) -> tuple[deque, int, int]:
+    """A direction's queue, the bytes it holds, and the stream offset just past its last byte."""
+    if direction == "to_device":
+        return port.to_device, port.to_device_bytes, port.to_device_total
+    return port.to_client, port.to_client_bytes, port.to_client_total
+
+
+def last_bytes(queue: deque, count: int) -> list[memoryview]:
+    """Views of the last ``count`` bytes of ``queue``, oldest first (no copy)."""
+    views: list[memoryview] = []
+    for chunk in reversed(queue):
+        if count <= 0:
+            break
+        view = memoryview(chunk)
+        if view.nbytes > count:
+            view = view[view.nbytes - count:]
+        views.append(view)
+        count -= view.nbytes
+    views.reverse()
+    return views
+
+
+@dataclass
+class SentRegion:
+    """s1's record of one direction of one port: what s2 holds of the stream."""
+
+    capacity: int
+    start: int = 0
+    length: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+    def reference(self, head: int) -> RegionRef:
+        """What MIGRATE_DATA says of this region once the queue's first byte is at ``head``."""
+        skip = min(self.length, max(0, head - self.start))
+        return RegionRef(self.start, self.length, skip, self.digest.digest())
+
+
+@dataclass
+class PortPrecopy:
+    """One port's pre-copy on s1, both directions."""
+
+    session_id: int
+    port: PortState
+    regions: dict[str, SentRegion]
+
+    def due(self, direction: str) -> tuple[int, int]:
+        """(offset, length) of what the next round sends this way: the bytes queued since the
+        region's end, from the queue's first byte if the device consumed past that end, and no
+        more than the region's capacity holds."""
+        region = self.regions[direction]
+        _, queued, total = _queue(self.port, direction)
+        head = total - queued
+        offset = max(region.end, head) if region.length else head
+        afresh = offset != region.end or not region.length  # the region starts again at ``offset``
+        room = region.capacity if afresh else region.capacity - region.length
+        return offset, max(0, min(total - offset, room))
+
+    def state(self, base: mig.PortMigrateData) -> mig.PortMigrateData:
+        """``base`` (the record, the whole queues) as SWPD version 2: the reference to what s2
+        holds, and of the queues only what follows it."""
+        refs, tails = {}, {}
+        for direction in DIRECTIONS:
+            queue, queued, total = _queue(self.port, direction)
+            region = self.regions[direction]
+            head = total - queued
+            refs[direction] = region.reference(head)
+            tails[direction] = last_bytes(queue, total - max(head, region.end))
+        return mig.PortMigrateData(
+            base.ack_generation, base.ack_window, base.serial, base.client_serial, base.num_client_tokens,
+            base.num_send_tokens, base.device_state, tails["to_device"], tails["to_client"],
+            PrecopyRef(refs["to_device"], refs["to_client"]),
+        )
+
+
+def _capacity(queued: int) -> int:
+    """A region's size on s2: the queue now, and room for what joins it while the rounds run
+    (as much as s2 faults in ahead for a MIGRATE_DATA of the same backlog, so it can reuse it)."""
+    return queued + queued // 50 + (4 << 20)
+
+
+def plan_precopies(sources: list[SessionSource]) -> list[PortPrecopy]:
+    """The ports worth pre-copying, each region sized for its queue now plus headroom."""
+    plans = []
+    for source in sources:
+        for port in source.ports.values():
+            if port.in_flight < PRECOPY_MIN:
+                continue
+            regions = {d: SentRegion(_capacity(_queue(port, d)[1])) for d in DIRECTIONS}
+            plans.append(PortPrecopy(source.session.id, port, regions))
+    return plans
+
+
+def _hashed(pieces: list[memoryview], digest: Any) -> Iterator[memoryview]:
+    """``pieces`` in turn, each hashed into ``digest`` by a worker thread while the socket sends it
+    (hashlib lets go of the GIL for large buffers)."""
+    pool = gevent.get_hub().threadpool
+    job = None
+    for piece in pieces:
+        for start in range(0, piece.nbytes, HASH_PIECE):
+            part = piece[start:start + HASH_PIECE]
+            if job is not None:
+                job.get()
+            job = pool.spawn(digest.update, part)
+            yield part
+    if job is not None:
+        job.get()
+
+
+def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
+    """Pre-copy the big ports of ``sources`` to s2 in rounds; each source's ``port_precopies``
+    holds those that got there. Returns the bytes sent; a failure sends the rest through the
+    client (no port of the migration is pre-copied then)."""
+    plans = plan_precopies(sources)
+    if not plans:
+        return 0
+    by_session = {source.session.id: source for source in sources}
+    sent = 0
+    try:
+        for round_no in range(PRECOPY_ROUNDS):
+            entries, pieces, size = [], [], 0
+            for plan in plans:
+                for direction in DIRECTIONS:
+                    offset, length = plan.due(direction)
+                    if not length:
+                        continue
+                    region = plan.regions[direction]
+                    queue = _queue(plan.port, direction)[0]
+                    _, _, total = _queue(plan.port, direction)
+                    views = last_bytes(queue, total - offset)
+                    views = _limited(views, length)
+                    if offset != region.end or not region.length:
+                        region.start, region.length, region.digest = offset, 0, hashlib.sha256()
+                    entries.append({"session_id": session_label(plan.session_id), "port": plan.port.channel_id,
+                                    "dir": direction, "offset": offset, "length": length,
+                                    "capacity": region.capacity})
+                    pieces.append((views, region, length, plan))
+                    size += length
+            if not entries or (round_no and size < PRECOPY_SETTLED):
+                break
+            index = json.dumps(entries).encode()
+            body = [_INDEX_SIZE.pack(len(index)) + index]
+            total_size = len(body[0]) + size
+
+            def stream(body: list = body, items: list = pieces) -> Iterator[Any]:
+                yield from body
+                for views, region, _, _ in items:
+                    yield from _hashed(views, region.digest)
+
+            answer = migration.client.post_stream(f"/migration/port-precopy?migration={migration.id}", stream(),
+                                                  total_size, migration.left())
+            capacities = answer.get("capacities") if isinstance(answer, dict) else None
+            if answer.get("held") != len(entries) or not isinstance(capacities, list) or len(capacities) != len(
+                    entries) or not all(_whole(c) for c in capacities):
+                raise MigrationError(f"the destination took {answer!r:.200} of {len(entries)} pre-copy entries")
+            for (_, region, length, plan), capacity in zip(pieces, capacities, strict=True):
+                region.length += length
+                region.capacity = min(region.capacity, capacity)
+                by_session[plan.session_id].moved += length
+            sent += size
+    except (MigrationError, OSError) as err:
+        log.warning("port pre-copy to %s failed, the ports' whole state goes through the clients: %s",
+                    migration.client.address, err)
+        for source in sources:
+            source.port_precopies.clear()
+        return sent
+    for plan in plans:
+        if any(region.length for region in plan.regions.values()):
+            by_session[plan.session_id].port_precopies[plan.port.channel_id] = plan
+    return sent
+
+
+def _limited(views: list[memoryview], length: int) -> list[memoryview]:
+    """The first ``length`` bytes of ``views``."""
+    out = []
+    for view in views:
+        if length <= 0:
+            break
+        out.append(view[:length])
+        length -= min(length, view.nbytes)
+    return out
+
+
+# --- s2 ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeldRegion:
+    """s2: one direction of one port's pre-copied bytes, in memory faulted in ahead."""
+
+    buffer: np.ndarray
+    start: int = 0
+    length: int = 0
+    digest: Any = field(default_factory=hashlib.sha256)
+
+    def view(self, skip: int) -> memoryview:
+        return self.buffer[skip:self.length].data
+
+
+class PrecopyMismatch(MigrationError):
+    """What s2 holds is not what s1's MIGRATE_DATA says it sent: nothing is restored from it."""
+
+
+def restore_precopy(ann: Announcement, channel_id: int, data: mig.PortMigrateData) -> tuple[list, list]:
+    """The queues of a port restored from an SWPD version 2: the pre-copied bytes still queued,
+    then those MIGRATE_DATA carried, per direction. PrecopyMismatch if s2 does not hold exactly
+    what the reference names."""
+    assert data.precopy is not None
+    out = []
+    for direction, ref, tail in (("to_device", data.precopy.to_device, data.pending),
+                                 ("to_client", data.precopy.to_client, data.to_client)):
+        held = ann.precopied.get((channel_id, direction))
+        if not ref.length:
+            out.append(list(tail))
+            continue
+        if held is None or held.start != ref.start or held.length != ref.length:
+            what = "nothing" if held is None else f"{held.length} bytes from {held.start}"
+            raise PrecopyMismatch(f"port {channel_id} {direction}: MIGRATE_DATA names {ref.length} pre-copied bytes "
+                                  f"from {ref.start}, this server holds {what}")
+        if held.digest.digest() != ref.digest:
+            raise PrecopyMismatch(f"port {channel_id} {direction}: the pre-copied bytes' SHA-256 does not match "
+                                  "the one in MIGRATE_DATA; nothing is restored from them")
+        out.append([held.view(ref.skip), *tail] if ref.skip < ref.length else list(tail))
+    return out[0], out[1]
+
+
+def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int) -> dict:
+    """s2: one pre-copy round read from ``stream`` (``size`` bytes), each entry's bytes straight
+    into its region. Every entry is checked before any byte is taken."""
+    head = _read_exactly(stream, _INDEX_SIZE.size)
+    (index_size,) = _INDEX_SIZE.unpack(head)
+    if index_size > MAX_INDEX or _INDEX_SIZE.size + index_size > size:
+        raise ValueError(f"a pre-copy index of {index_size} bytes in a body of {size}")
+    entries = json.loads(_read_exactly(stream, index_size))
+    if not isinstance(entries, list):
+        raise TypeError("a pre-copy index is a list")
+    targets = [_target(manager, migration_id, entry) for entry in entries]
+    if _INDEX_SIZE.size + index_size + sum(length for *_, length in targets) != size:
+        raise ValueError("the pre-copy entries do not add up to the body's size")
+    capacities = []
+    for ann, key, offset, capacity, length in targets:
+        held = ann.precopied.get(key)
+        if held is None:
+            held = ann.precopied[key] = HeldRegion(_region_memory(ann, key, capacity, length))
+        capacity = len(held.buffer)
+        if not held.length or offset != held.start + held.length:
+            if held.length and offset < held.start + held.length:
+                raise ValueError(f"a pre-copy entry at {offset} overlaps the {held.length} bytes held "
+                                 f"from {held.start}")
+            held.start, held.length, held.digest = offset, 0, hashlib.sha256()
+        at = held.length
+        if at + length > capacity:
+            raise ValueError(f"a pre-copy entry of {length} bytes does not fit the region's {capacity - at} left")
+        digest = held.digest.copy()  # kept only once the entry is whole
+        _receive_hashed(stream, held.buffer[at:at + length], digest)
+        held.length, held.digest = at + length, digest
+        capacities.append(capacity)
+    return {"held": len(targets), "capacities": capacities}
+
+
+def _region_memory(ann: Announcement, key: tuple[int, str], capacity: int, first: int) -> np.ndarray:
+    """Memory faulted in for a region: the client->device bytes take the buffer the announcement
+    faulted in for the port's MIGRATE_DATA (which now carries only the tail) if it holds the
+    ``first`` entry, up to ``capacity``; anything else is faulted in by a worker thread, off the hub."""
+    pool = gevent.get_hub().threadpool
+    job = ann.buffers.pop(key[0], None) if key[1] == "to_device" else None
+    buffer = job.get() if job is not None else None
+    if buffer is None or len(buffer) < first:
+        return pool.apply(prefaulted, (capacity,))
+    # The MIGRATE_DATA, the tail now, still lands in memory faulted in ahead: the downtime pays
+    # for no page it touches.
+    ann.buffers[key[0]] = pool.spawn(prefaulted, min(TAIL_ROOM, len(buffer)))
+    return buffer[:capacity]
+
+
+def _target(manager: Any, migration_id: str, entry: Any) -> tuple[Announcement, tuple[int, str], int, int, int]:
+    if not isinstance(entry, dict):
+        raise TypeError("a pre-copy entry is an object")
+    sid = parse_session_label(entry["session_id"])
+    cid, direction = entry["port"], entry["dir"]
+    offset, length, capacity = entry["offset"], entry["length"], entry["capacity"]
+    if direction not in DIRECTIONS or not all(_whole(v) for v in (cid, offset, length, capacity)):
+        raise ValueError(f"bad pre-copy entry {entry!r:.200}")
+    ann = manager.announcements.get(sid)
+    if ann is None or ann.migration_id != migration_id or cid not in {p[0] for p in ann.ports}:
+        raise ValueError(f"pre-copy for session {entry['session_id']} port {cid}, which this migration "
+                         "did not announce")
+    from spicewire.server.migration.destination import migrate_data_limit  # it imports this module
+
+    if capacity > migrate_data_limit(ann.in_flight.get(cid, 0), manager.server.config.limits):
+        raise ValueError(f"a pre-copy region of {capacity} bytes for port {cid} is more than its announced "
+                         "backlog allows")
+    return ann, (cid, direction), offset, capacity, length
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _read_exactly(stream: Any, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise ValueError(f"the pre-copy body ended {n - len(data)} bytes early")
+    return data
+
+
+def _receive_hashed(stream: Any, into: np.ndarray, digest: Any) -> None:
+    """Read ``len(into)`` bytes straight into ``into`` (the socket's reader under a WSGI input);
+    a worker thread hashes each piece while the next one is read."""
+    pool = gevent.get_hub().threadpool
+    reader = getattr(stream, "rfile", stream)  # gevent's Input copies through bytes; its reader does not
+    view = into.data
+    job, pos, hashed = None, 0, 0
+    total = len(into)
+    while pos < total:
+        n = reader.readinto(view[pos:min(total, pos + HASH_PIECE)])
+        if not n:
+            raise ValueError(f"the pre-copy body ended {total - pos} bytes early")
+        pos += n
+        if pos - hashed >= HASH_PIECE or pos == total:
+            if job is not None:
+                job.get()
+            job = pool.spawn(digest.update, into[hashed:pos].data)
+            hashed = pos
+    if job is not None:
+        job.get()

@@ -1,0 +1,194 @@
+"""Authenticated migrate data (issue 9): s1 appends an HMAC-SHA256 to every MIGRATE_DATA it sends
+through the client, with a key it gave s2 in the announcement; s2 restores nothing that fails it.
+
+A client that rewrites MIGRATE_DATA on the way (queued bytes, serials, main's body) is caught: the
+session fails on s2 with that reason and s1 takes it back with every byte it held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.server import StreamServer
+
+from spicewire.protocol import migration as mig
+from spicewire.protocol import state_auth
+from spicewire.protocol.enums import ChannelType
+from spicewire.server.migration import source as source_module
+from spicewire.server.migration.source import pipelined_segments
+
+from .serverkit import wait_until
+from .test_migration import connect, drain_sink, echo_ok, fill_paused_sink, only_entry
+from .test_precopy import MIB, making_pnodes
+
+KEY = bytes(range(32))
+pnodes = pytest.fixture(making_pnodes, name="pnodes")
+SINK_CHANNEL = (ChannelType.PORT, 1)
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
+        yield
+
+
+# --- the trailer ---------------------------------------------------------------------------------
+
+
+def test_a_sealed_body_opens_to_itself():
+    body = os.urandom(1000)
+    data = body + state_auth.seal(KEY, 7, SINK_CHANNEL, body)
+    assert len(data) == len(body) + state_auth.TRAILER_SIZE
+    assert bytes(state_auth.unseal(KEY, 7, SINK_CHANNEL, data)) == body
+
+
+@pytest.mark.parametrize("change", ["body byte", "tag byte", "trailer cut", "no trailer", "other session",
+                                    "other channel", "other key"])
+def test_a_body_that_does_not_match_its_tag_is_refused(change):
+    body = bytearray(os.urandom(1000))
+    data = bytearray(body + state_auth.seal(KEY, 7, SINK_CHANNEL, bytes(body)))
+    key, session, channel = KEY, 7, SINK_CHANNEL
+    if change == "body byte":
+        data[500] ^= 1
+    elif change == "tag byte":
+        data[-1] ^= 1
+    elif change == "trailer cut":
+        data = data[:-1]
+    elif change == "no trailer":
+        data = body
+    elif change == "other session":
+        session = 8
+    elif change == "other channel":
+        channel = (ChannelType.PORT, 2)
+    else:
+        key = bytes(32)
+    with pytest.raises(state_auth.StateAuthError):
+        state_auth.unseal(key, session, channel, bytes(data))
+
+
+def test_the_streamed_hmac_is_the_hmac_of_the_whole_body():
+    """Computed segment by segment as they are packed (no second pass), it is the tag of the body."""
+    pending = [os.urandom(n) for n in (3 * MIB, 5, 9 * MIB + 1)]
+    writer = mig.PortMigrateDataWriter(mig.PortMigrateData(serial=5, pending=pending))
+    whole = mig.build_port_migrate_data(mig.PortMigrateData(serial=5, pending=pending)).tobytes()
+
+    def stream():
+        mac = state_auth.StateMac(KEY, 9, SINK_CHANNEL)
+        return b"".join(bytes(memoryview(piece)) for piece in pipelined_segments(writer, mac=mac))
+
+    sent = gevent.spawn(stream).get()
+    assert sent[:-state_auth.TRAILER_SIZE] == whole
+    assert bytes(state_auth.unseal(KEY, 9, SINK_CHANNEL, sent)) == whole
+
+
+# --- a client that rewrites MIGRATE_DATA ---------------------------------------------------------
+
+
+class TamperProxy:
+    """Between the client and s2: passes everything, except that on each client->s2 connection the
+    byte at offset ``at`` is flipped (None: nothing is)."""
+
+    def __init__(self, target, at: int | None) -> None:
+        self.target, self.at, self.flipped = target, at, 0
+        self.broken: list[OSError] = []
+        self._server = StreamServer(("127.0.0.1", 0), self._handle)
+        self._server.start()
+        self.address = ("127.0.0.1", self._server.server_port)
+
+    def _handle(self, client, _addr) -> None:
+        upstream = socket.create_connection(self.target)
+        back = gevent.spawn(self._pump, upstream, client, None)
+        try:
+            self._pump(client, upstream, self.at)
+        finally:
+            back.join(timeout=5)
+            upstream.close()
+
+    def _pump(self, src, dst, at: int | None) -> None:
+        seen = 0
+        try:
+            while data := src.recv(1 << 16):
+                if at is not None and seen <= at < seen + len(data):
+                    data = bytearray(data)
+                    data[at - seen] ^= 0x40
+                    self.flipped += 1
+                seen += len(data)
+                dst.sendall(data)
+        except OSError as err:  # a side that closed or reset ends this direction
+            self.broken.append(err)
+        with contextlib.suppress(OSError):  # the other side may be gone already
+            dst.shutdown(socket.SHUT_WR)
+
+    def stop(self) -> None:
+        self._server.stop(timeout=0)
+
+
+def assert_taken_back(s1, s2, session, entry, size: int, digest: str) -> None:
+    assert not entry["migrated"] and entry["error"].startswith("rolled back"), entry
+    assert "failed authentication" in entry["error"], entry
+    assert not s2.spice.migration.announcements
+    wait_until(lambda: session.session_id not in s2.spice.sessions, 10, what="s2 to drop the half session")
+    drain_sink(s1, session.session_id, size, digest)
+    echo_ok(session)
+
+
+@pytest.mark.parametrize("at", [None, 1 * MIB])
+def test_queued_bytes_rewritten_by_a_relay_are_caught_and_the_session_stays_on_s1(pnodes, at):
+    """Without pre-copy the sink's 2 MiB travel in MIGRATE_DATA: the relay flips one of them."""
+    s1, s2 = pnodes(False, False)
+    session = connect(s1)
+    size = 2 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    proxy = TamperProxy(s2.address, at)
+    try:
+        entry = only_entry(s1.migrate_to(s2, to=proxy.address))
+    finally:
+        proxy.stop()
+    if at is None:  # the relay itself passes everything
+        assert entry["migrated"], entry
+        drain_sink(s2, session.session_id, size, digest)
+    else:
+        assert proxy.flipped == 1
+        assert_taken_back(s1, s2, session, entry, size, digest)
+    session.close()
+
+
+@pytest.mark.parametrize("channel", ["main", "sink"])
+def test_a_rewritten_serial_or_main_body_is_caught(pnodes, monkeypatch, channel):
+    """The client changes a small body (main's MNMD, the sink's state record) after s1 sealed it."""
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    size = 256 << 10
+    digest = fill_paused_sink(s1, session, size)
+    real = source_module.SessionSource._sealed
+    target = mig.MAIN if channel == "main" else SINK_CHANNEL
+
+    def rewritten(self, which, body):
+        sealed = bytearray(real(self, which, body))
+        if which == target:
+            sealed[16] ^= 1  # MNMD: the agent's token count; SWPD: inside the state record's serials
+        return bytes(sealed)
+
+    monkeypatch.setattr(source_module.SessionSource, "_sealed", rewritten)
+    entry = only_entry(s1.migrate_to(s2))
+    monkeypatch.setattr(source_module.SessionSource, "_sealed", real)
+    assert_taken_back(s1, s2, session, entry, size, digest)
+    session.close()
+
+
+def test_the_same_session_migrates_once_nothing_is_rewritten(pnodes):
+    """The check is no obstacle to honest bodies, back and forth, in both modes of the sink."""
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    size = 2 * MIB
+    fill_paused_sink(s1, session, size, digest=digest)
+    for src, dst in ((s1, s2), (s2, s1), (s1, s2)):
+        assert only_entry(src.migrate_to(dst))["migrated"]
+    drain_sink(s2, session.session_id, size, digest.hexdigest())
+    session.close()

@@ -1,0 +1,562 @@
+"""Pre-copy of queued port bytes (issue 13): a big port's backlog reaches s2 over the
+server-to-server path during pre-migration, and MIGRATE_DATA carries only the tail and a reference.
+
+Every test checks the guarantee by SHA-256 of what the sink finally takes: nothing lost, nothing
+repeated, in order; and that the pre-copy did (or, in the fallbacks, did not) carry the bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import gevent
+import pytest
+
+from spicewire import devices
+from spicewire.control.client import ControlClient
+from spicewire.control.server import ControlServer
+from spicewire.errors import CodecError
+from spicewire.protocol import migration as mig
+from spicewire.server.migration import orchestrator, precopy
+from spicewire.server.migration import source as source_module
+from spicewire.server.net import ServerConfig, SpiceServer
+from spicewire.server.session import Limits
+
+from .serverkit import wait_until
+from .test_migration import (
+    PEER_TOKEN,
+    PORTS,
+    SINK,
+    Node,
+    Proc,
+    connect,
+    drain_sink,
+    echo_ok,
+    fill_paused_sink,
+    only_entry,
+)
+
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
+        yield
+
+
+class PNode(Node):
+    """An in-process server whose pre-copy can be turned off (ServerConfig.precopy)."""
+
+    def __init__(self, *, precopy_on: bool = True, limits: Limits | None = None) -> None:
+        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(PORTS),
+                                              limits=limits or Limits(to_device=64 * MIB), precopy=precopy_on))
+        self.spice.start()
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
+        self.control.start()
+        self.api = ControlClient(*self.control.address, token=PEER_TOKEN, timeout=60)
+        self.address = self.spice.address
+        self.control_address = self.control.address
+
+
+def making_pnodes():
+    """make(*flags) -> one PNode per flag (pre-copy on or off), each stopped at the end."""
+    made: list[PNode] = []
+
+    def make(*flags: bool, **kw) -> list[PNode]:
+        made.extend(PNode(precopy_on=flag, **kw) for flag in flags)
+        return made[-len(flags):]
+
+    yield make
+    for node in made:
+        node.stop()
+
+
+pnodes = pytest.fixture(making_pnodes, name="pnodes")
+
+
+@pytest.fixture
+def s2_proc(tmp_path):
+    """s2 as a ``spicewire serve`` of its own, which a test can kill."""
+    proc = Proc(tmp_path, "s2", buffer_mib=64)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def precopied(monkeypatch):
+    """The bytes each pre-copy sent, in order (the orchestrator's calls, recorded)."""
+    sent: list[int] = []
+    real = orchestrator.precopy_ports
+
+    def record(migration, sources):
+        sent.append(real(migration, sources))
+        return sent[-1]
+
+    monkeypatch.setattr(orchestrator, "precopy_ports", record)
+    return sent
+
+
+@pytest.fixture
+def port_bodies(monkeypatch):
+    """The size of every port MIGRATE_DATA s1 builds, and whether it referenced a pre-copy."""
+    built: list[tuple[int, bool]] = []
+    real = mig.PortMigrateDataWriter
+
+    class Recording(real):  # type: ignore[misc, valid-type]
+        def __init__(self, state, *args, **kw) -> None:
+            super().__init__(state, *args, **kw)
+            built.append((self.size, state.precopy is not None))
+
+    monkeypatch.setattr(source_module.mig, "PortMigrateDataWriter", Recording)
+    return built
+
+
+def test_a_paused_backlog_is_precopied_and_migrate_data_carries_only_a_reference(pnodes, precopied, port_bodies):
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    size = 24 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    assert precopied == [size]
+    sink_bodies = [b for b in port_bodies if b[1]]
+    assert len(sink_bodies) == 1 and sink_bodies[0][0] < 64 << 10  # the reference, not the bytes
+    drain_sink(s2, session.session_id, size, digest)
+    session.close()
+
+
+# --- rounds: appends and consumption while the session runs -------------------------------------
+
+
+@pytest.fixture
+def after_round(monkeypatch):
+    """``after_round.append(fn)``: fn(round number) runs once that pre-copy round reached s2, before
+    s1 looks at the queues again (the session keeps running meanwhile in any case)."""
+    actions: list = []
+    rounds = [0]
+    real = ControlClient.post_stream
+
+    def post_stream(self, path, pieces, size, timeout=None):
+        answer = real(self, path, pieces, size, timeout)
+        rounds[0] += 1
+        if actions:
+            actions.pop(0)(rounds[0])
+        return answer
+
+    monkeypatch.setattr(ControlClient, "post_stream", post_stream)
+    return actions
+
+
+def write_sink(node, session, sink, size: int, digest, queued_before: int) -> None:
+    """Write ``size`` more random bytes to the (paused or limited) sink and wait until s1 queued them."""
+    data = os.urandom(size)
+    sink.write(data)
+    digest.update(data)
+    wait_until(lambda: node.port(session.session_id, SINK)["to_device_bytes"] >= queued_before + size, 20,
+               what="the appended bytes queued on s1")
+
+
+def sink_port(node, session):
+    return node.spice.sessions[session.session_id].ports[SINK_ID]
+
+
+SINK_ID = 1
+
+
+def test_bytes_appended_during_the_precopy_go_in_later_rounds_and_the_tail(pnodes, precopied, after_round,
+                                                                          port_bodies):
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    first = 24 * MIB
+    fill_paused_sink(s1, session, first, digest=digest)
+    sink = session.open_port(SINK)
+    # After round 1 the client writes 3 MiB (round 2 carries them), after round 2 another 8 MiB:
+    # more than the region's room left, so round 3 carries what fits and MIGRATE_DATA the rest.
+    after_round.append(lambda n: write_sink(s1, session, sink, 3 * MIB, digest, first))
+    after_round.append(lambda n: write_sink(s1, session, sink, 8 * MIB, digest, first + 3 * MIB))
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    total = first + 11 * MIB
+    capacity = precopy._capacity(first)
+    assert precopied == [capacity]
+    ((body, referenced),) = [b for b in port_bodies if b[0] > 1 << 16]
+    assert referenced and body >= total - capacity
+    drain_sink(s2, session.session_id, total, digest.hexdigest())
+    session.close()
+
+
+def limit_sink(node, session, take: int) -> None:
+    """Let s1's paused sink take exactly ``take`` more bytes now (the device consuming part of a
+    queue during pre-migration), then stop again."""
+    port = sink_port(node, session)
+    device, left = port.device, [take]
+    real = device.write
+
+    def write(data):
+        n = min(len(data), left[0])
+        if not n:
+            return 0
+        device.paused = False
+        try:
+            taken = real(data[:n])
+        finally:
+            device.paused = True
+        left[0] -= taken
+        return taken
+
+    device.write = write
+    port.pump()
+    assert left[0] == 0, left
+
+
+@pytest.mark.parametrize("consumed", [5 * MIB + 123, 24 * MIB, 30 * MIB])
+def test_what_the_device_consumed_during_the_precopy_is_trimmed_on_s2(pnodes, precopied, after_round, consumed):
+    """Part of the pre-copied bytes, all of them, and beyond them into bytes queued after round 1
+    (round 2 then starts the region afresh past what s2 held)."""
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    first = 24 * MIB
+    fill_paused_sink(s1, session, first, digest=digest)
+    sink = session.open_port(SINK)
+
+    def consume_then_append(n):
+        write_sink(s1, session, sink, 8 * MIB, digest, first)
+        limit_sink(s1, session, consumed)
+
+    after_round.append(consume_then_append)
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    total = first + 8 * MIB
+    assert s2.port(session.session_id, SINK)["to_device_bytes"] == total - consumed
+    drain_sink(s2, session.session_id, total, digest.hexdigest())
+    session.close()
+
+
+@pytest.mark.parametrize("queued, precopied_too", [(precopy.PRECOPY_MIN - 1, False), (precopy.PRECOPY_MIN, True),
+                                                    (precopy.PRECOPY_MIN + 1, True)])
+def test_only_ports_holding_at_least_precopy_min_are_precopied(pnodes, precopied, queued, precopied_too):
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = fill_paused_sink(s1, session, queued, block=queued)
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    assert precopied == ([queued] if precopied_too else [0])
+    drain_sink(s2, session.session_id, queued, digest)
+    session.close()
+
+
+@pytest.mark.parametrize("appended, another_round", [(precopy.PRECOPY_SETTLED - 1, False),
+                                                      (precopy.PRECOPY_SETTLED, True),
+                                                      (precopy.PRECOPY_SETTLED + 1, True)])
+def test_a_round_that_would_carry_less_than_precopy_settled_is_left_to_migrate_data(
+        pnodes, precopied, after_round, appended, another_round):
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    first = 20 * MIB
+    fill_paused_sink(s1, session, first, digest=digest)
+    sink = session.open_port(SINK)
+    after_round.append(lambda n: write_sink(s1, session, sink, appended, digest, first))
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    assert precopied == [first + appended if another_round else first]
+    drain_sink(s2, session.session_id, first + appended, digest.hexdigest())
+    session.close()
+
+
+# --- fallbacks -------------------------------------------------------------------------------------
+
+
+def test_s2_killed_during_the_precopy_leaves_the_session_on_s1_with_nothing_lost(pnodes, s2_proc, after_round):
+    (s1,) = pnodes(True)
+    s2 = s2_proc
+    session = connect(s1)
+    size = 24 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    after_round.append(lambda n: s2.kill())
+    entry = only_entry(s1.migrate_to(s2))
+    assert not entry["migrated"] and entry["error"], entry
+    assert session.session_id in s1.sessions()
+    drain_sink(s1, session.session_id, size, digest)
+    echo_ok(session)
+    session.close()
+
+
+def test_a_precopy_s2_refuses_sends_the_whole_state_through_the_client(pnodes, precopied, port_bodies, monkeypatch):
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    size = 24 * MIB
+    digest = fill_paused_sink(s1, session, size)
+
+    def broken(*args):
+        raise ValueError("no room for it")
+
+    monkeypatch.setattr("spicewire.control.server.receive_port_precopy", broken)
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    assert precopied == [0]
+    assert [referenced for _, referenced in port_bodies] == [False] * len(port_bodies)
+    assert max(body for body, _ in port_bodies) >= size
+    drain_sink(s2, session.session_id, size, digest)
+    session.close()
+
+
+@pytest.mark.parametrize("older", ["no-precopy", "no-features"])
+def test_an_s2_without_precopy_gets_the_whole_state_through_the_client(pnodes, precopied, port_bodies, monkeypatch,
+                                                                        older):
+    """``--no-precopy`` on s2, and an older spicewire s2 whose announcement answer names nothing
+    beyond the baseline (then MIGRATE_DATA carries no HMAC either, as that s2 expects)."""
+    s1, s2 = pnodes(True, older != "no-precopy")
+    if older == "no-features":  # it neither knows the key nor says it takes anything
+        manager = s2.spice.migration
+        real_announce = manager.announce
+        monkeypatch.setattr(manager, "announce", lambda migration, sessions, ttl, state_key=None:
+                            real_announce(migration, sessions, ttl))
+        monkeypatch.setattr(manager, "features", lambda state_key: {})
+    session = connect(s1)
+    size = 24 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    assert precopied == []
+    assert not any(referenced for _, referenced in port_bodies) and max(b for b, _ in port_bodies) >= size
+    drain_sink(s2, session.session_id, size, digest)
+    session.close()
+
+
+class Corrupting:
+    """A pre-copy body whose data byte at ``skip`` (counted after the index) changes on the way."""
+
+    def __init__(self, stream, skip: int) -> None:
+        self.stream, self.skip, self.done = stream, skip, False
+
+    def read(self, n: int) -> bytes:  # the index: passed as it is
+        return self.stream.read(n)
+
+    def readinto(self, view) -> int:
+        n = getattr(self.stream, "rfile", self.stream).readinto(view)
+        if not self.done and self.skip < n:
+            view[self.skip] ^= 0xFF
+            self.done = True
+        elif not self.done:
+            self.skip -= n
+        return n
+
+
+def test_a_corrupted_precopy_is_a_clear_error_on_s2_nothing_restored_and_s1_takes_the_session_back(
+        pnodes, monkeypatch, caplog):
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    size = 24 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    real = precopy.receive_port_precopy
+    sizes = []
+
+    def corrupted(manager, migration, stream, body_size):
+        sizes.append(body_size)
+        return real(manager, migration, Corrupting(stream, 4096), body_size)
+
+    monkeypatch.setattr("spicewire.control.server.receive_port_precopy", corrupted)
+    with caplog.at_level("WARNING"):
+        entry = only_entry(s1.migrate_to(s2))
+    assert sizes and not entry["migrated"], entry
+    assert entry["error"].startswith("rolled back") and "SHA-256 does not match" in entry["error"], entry
+    assert any("pre-copy does not match" in r.getMessage() for r in caplog.records)
+    # s2 dropped what it held: no announcement, no session, nothing pre-copied left
+    assert not s2.spice.migration.announcements
+    wait_until(lambda: session.session_id not in s2.spice.sessions, 10, what="s2 to drop the half session")
+    assert session.session_id in s1.sessions() and s1.port(session.session_id, SINK)["to_device_bytes"] == size
+    # and a migration without the fault then moves it, pre-copied, back and forth
+    monkeypatch.setattr("spicewire.control.server.receive_port_precopy", real)
+    assert only_entry(s1.migrate_to(s2))["migrated"]
+    assert only_entry(s2.migrate_to(s1))["migrated"]
+    drain_sink(s1, session.session_id, size, digest)
+    session.close()
+
+
+def test_rollback_after_the_precopy_drops_s2s_copy_and_keeps_every_byte_on_s1(pnodes, precopied, monkeypatch):
+    """s2 fails the session after the sink's MIGRATE_DATA went out (its link closes): s1 rolls
+    back; s2's pre-copied bytes go with the announcement."""
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    size = 24 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    held: list = []
+    real_restore = precopy.restore_precopy
+
+    def fail_instead(ann, channel_id, data):
+        held.append(sum(region.length for region in ann.precopied.values()))
+        raise precopy.PrecopyMismatch("the test fails this restore")
+
+    monkeypatch.setattr("spicewire.server.migration.destination.restore_precopy", fail_instead)
+    entry = only_entry(s1.migrate_to(s2))
+    assert not entry["migrated"] and entry["error"].startswith("rolled back"), entry
+    assert held == [size] and precopied == [size]
+    assert not s2.spice.migration.announcements
+    wait_until(lambda: session.session_id not in s2.spice.sessions, 10, what="s2 to drop the half session")
+    monkeypatch.setattr("spicewire.server.migration.destination.restore_precopy", real_restore)
+    drain_sink(s1, session.session_id, size, digest)
+    echo_ok(session)
+    session.close()
+
+
+# --- spice-gtk -------------------------------------------------------------------------------------
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("precopy_on", [True, False], ids=["precopy", "no-precopy"])
+def test_spicegtk_follows_migrations_back_and_forth_with_and_without_precopy(pnodes, monkeypatch, precopied,
+                                                                            port_bodies, precopy_on):
+    """spice-gtk writes 20 MiB into a sink that starts paused, and the session migrates three
+    times: MIGRATE_DATA stays one opaque message per channel to it, whichever way the bytes go."""
+    from . import peers
+    from .peers.spicegtk import start_driver
+    from .peers.spicegtk_driver import make_payload
+
+    peers.require("spicegtk")
+    real_init = devices.SinkDevice.__init__
+
+    def paused_sink(self) -> None:
+        real_init(self)
+        self.paused = True
+
+    monkeypatch.setattr(devices.SinkDevice, "__init__", paused_sink)  # every sink starts paused
+    nodes = pnodes(precopy_on, precopy_on)
+    size = 20 * MIB
+    driver = start_driver(nodes[0].address[1], port_name=SINK, send_bytes=size, hold=120, timeout=150)
+    with driver:
+        def queued():
+            sessions = nodes[0].spice.sessions
+            return sessions and next(iter(sessions.values())).ports[SINK_ID].to_device_bytes == size
+
+        wait_until(queued, 30, what="spice-gtk's bytes queued in the paused sink")
+        (session_id,) = nodes[0].spice.sessions
+        for n in range(3):
+            src, dst = nodes[n % 2], nodes[(n + 1) % 2]
+            entry = only_entry(src.migrate_to(dst))
+            assert entry["migrated"] and entry["mode"] == "seamless" and entry["bytes_dropped"] == 0, entry
+            wait_until(lambda src=src: session_id not in src.spice.sessions, 10, what="s1 to let go of the session")
+            assert dst.port(session_id, SINK)["to_device_bytes"] == size
+        assert precopied == ([size] * 3 if precopy_on else [])
+        assert any(referenced for _, referenced in port_bodies) == precopy_on
+        drain_sink(nodes[1], session_id, size, hashlib.sha256(make_payload(size)).hexdigest())
+        driver.terminate()
+        wait_until(lambda: driver.proc.poll() is not None, 20, what="the driver to end")
+    assert driver.proc.returncode in (0, 1), driver.report()
+
+
+# --- both directions, without sockets ---------------------------------------------------------------
+
+
+class WindowChannel:
+    """The port connection's channel as flush_to_client sees it: ``window`` more DATA messages fit."""
+
+    def __init__(self) -> None:
+        self.window, self.sent = 0, bytearray()
+
+    @property
+    def window_open(self) -> bool:
+        return self.window > 0
+
+    def send_raw(self, msg_type, data) -> None:
+        self.window -= 1
+        self.sent += data
+
+
+class FakeConnection:
+    receiving = 0
+
+    def __init__(self) -> None:
+        self.channel = WindowChannel()
+        self.transport = self
+
+    pending_write = 0
+
+    def flush(self) -> None:
+        """Nothing to move: send_raw kept the bytes."""
+
+
+class LoopbackPeer:
+    """s1's view of s2 with the HTTP left out: each round goes straight into s2's receiving side."""
+
+    def __init__(self, manager, migration_id: str, after_round) -> None:
+        self.id, self.manager, self.after_round, self.rounds = migration_id, manager, after_round, 0
+        self.client = self
+
+    address = "loopback"
+
+    def left(self) -> float:
+        return 30.0
+
+    def post_stream(self, path, pieces, size, timeout=None):
+        import io
+
+        body = b"".join(bytes(memoryview(piece)) for piece in pieces)
+        answer = precopy.receive_port_precopy(self.manager, self.id, io.BytesIO(body), size)
+        self.rounds += 1
+        self.after_round(self.rounds)
+        return answer
+
+
+def test_both_directions_precopy_trim_and_append_and_restore_in_order():
+    """An echo port holding 20 MiB for the client and 10 MiB for the device; between rounds the
+    client reads part of the first, the device takes part of the second and echoes it on. s2's
+    queues, from the pre-copied regions and an SWPD version 2, are s1's queues byte for byte."""
+    from types import SimpleNamespace
+
+    from spicewire.devices import EchoDevice
+    from spicewire.server.migration.destination import Announcement
+    from spicewire.server.session import PortState
+
+    limits = Limits(to_device=64 * MIB, to_client=20 * MIB)
+    port = PortState(0, "echo", EchoDevice(), limits)
+    port.from_client(os.urandom(30 * MIB))
+    assert (port.to_client_bytes, port.to_device_bytes) == (20 * MIB, 10 * MIB)
+    source = SimpleNamespace(session=SimpleNamespace(id=0x1234), ports={0: port}, port_precopies={}, moved=0)
+    ann = Announcement(0x1234, [(0, "echo", "echo")], float("inf"), "m" * 16, {0: 30 * MIB})
+    config = SimpleNamespace(limits=limits)
+    manager = SimpleNamespace(announcements={0x1234: ann}, server=SimpleNamespace(config=config))
+    conn = FakeConnection()
+
+    def between(n: int) -> None:
+        if n == 1:
+            port.connection = conn
+            conn.channel.window = 40  # the client reads 40 messages' worth of the device's bytes
+            port.flush_to_client()
+            port.pump()  # room again: the echo takes client bytes and queues them for the client
+            port.from_client(os.urandom(3 * MIB))
+
+    precopy.precopy_ports(LoopbackPeer(manager, "m" * 16, between), [source])
+    assert source.port_precopies and source.moved > 30 * MIB
+    base = mig.PortMigrateData(serial=9, pending=list(port.to_device), to_client=list(port.to_client))
+    body = mig.build_port_migrate_data(source.port_precopies[0].state(base))
+    assert len(body) < 4 * MIB  # the reference and the tail, not the queues
+    parsed = mig.parse_port_migrate_data(body)
+    pending, to_client = precopy.restore_precopy(ann, 0, parsed)
+    assert b"".join(bytes(c) for c in pending) == b"".join(bytes(c) for c in port.to_device)
+    assert b"".join(bytes(c) for c in to_client) == b"".join(bytes(c) for c in port.to_client)
+    assert parsed.precopy.to_client.skip == len(conn.channel.sent) > 0
+
+
+def test_swpd_version_2_carries_the_reference_as_chunk_1():
+    """The layout by hand: header version 2, then after the 64-byte record the two 56-byte
+    directions (start, length, skip, SHA-256)."""
+    import struct
+
+    from spicewire import codec
+    from spicewire.protocol.migrate_data import PrecopyRef, RegionRef
+
+    ref = PrecopyRef(RegionRef(100, 50, 7, b"\x01" * 32), RegionRef(0, 0, 0, bytes(32)))
+    body = mig.build_port_migrate_data(mig.PortMigrateData(pending=[b"tail"], precopy=ref))
+    assert bytes(body[:8]) == b"SWPD" + struct.pack("<I", 2)
+    chunks = codec.unpack_chunks(memoryview(body)[8:])
+    assert bytes(chunks[1]) == struct.pack("<QQQ32s", 100, 50, 7, b"\x01" * 32) + struct.pack("<QQQ32s", 0, 0, 0,
+                                                                                               bytes(32))
+    assert [bytes(c) for c in chunks[2:]] == [b"tail", b""]
+    assert mig.parse_port_migrate_data(body).precopy == ref
+    with pytest.raises(CodecError):
+        RegionRef(0, 5, 6, bytes(32))  # skips past what it holds
