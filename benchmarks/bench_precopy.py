@@ -3,8 +3,8 @@
 1. Downtime with SIZE MiB in flight (a paused sink on s1) while the client keeps writing through
    pre-migration, against the downtime of an idle session (bench_migration's) in the same run.
    Everything the client wrote reaches the sink on s2, checked by SHA-256.
-2. The same, with the sink resumed on s1 as soon as the migration has begun (the device consumes
-   part of what is being pre-copied) and paused again on s2's side by nothing: all intact.
+2. The same, with the sink resumed on s1 once the pre-copy's first round reached s2: the device
+   consumes what s2 already holds, and s2 trims it by offset. All intact.
 3. The pre-copy's rate (bytes pre-copied / the time the rounds took) against a direct socket copy
    s1 -> s2 of the same number of bytes from and into whole regions (two processes).
 4. With pre-copy off (``serve --no-precopy`` on both), the migration's rate (in-flight bytes /
@@ -102,10 +102,12 @@ def direct_copy(nbytes: int) -> float:
     return nbytes / result["seconds"]
 
 
-def resume_once_migrating(server: bm.Served, sid: str, done: threading.Event) -> None:
-    """The device resumes during pre-migration: once s1 shows the session migrating."""
+def resume_once_precopied(server: bm.Served, sid: str, done: threading.Event) -> None:
+    """The device resumes during pre-migration, once the pre-copy's first round reached s2 (s1's
+    session then shows bytes moved): it consumes what s2 already holds, and what comes after."""
     while not done.is_set():
-        if server.control.get_json(f"/sessions/{sid}").get("migration"):
+        migration = server.control.get_json(f"/sessions/{sid}").get("migration")
+        if migration and migration["moved"]:
             server.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
             return
         time.sleep(0.001)
@@ -125,7 +127,7 @@ def big_migration(mib: int, precopy: bool, resume_during: bool) -> dict:
         bm.wait_until(lambda: s1.sinks()[sid]["to_device_bytes"] == size, 300)
         bm.settle([s1.proc.pid, s2.proc.pid, client.proc.pid])
         client.ask("trickle")
-        resumer = threading.Thread(target=resume_once_migrating, args=(s1, sid, done)) if resume_during else None
+        resumer = threading.Thread(target=resume_once_precopied, args=(s1, sid, done)) if resume_during else None
         if resumer is not None:
             resumer.start()
         report = s1.migrate_to(s2)
