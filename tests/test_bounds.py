@@ -428,14 +428,15 @@ def vm_rss(pid: int) -> int:
 def test_memory_goes_back_to_the_system_once_every_client_left(tmp_path):
     log = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "spicewire", "serve", "--listen", "127.0.0.1:0", "--control", "127.0.0.1:0",
-            "--control-token", "t", "--disable-ticketing", *(a for name, kind in DEFAULT_PORTS
+            "--control-token", "t", "--disable-ticketing", "--memory-budget", "4096",
+            *(a for name, kind in DEFAULT_PORTS
                                                             for a in ("--port-channel", f"{name}={kind}"))]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     try:
         address, control_address = bound_addresses(proc, log)
         control = ControlClient(*control_address, token="t", timeout=10)
-        control.get_json("/status")
+        assert control.get_json("/status")["memory"]["limit"] == 4096 << 20
         idle = vm_rss(proc.pid)
         # Echo ports whose clients read nothing: each holds its port buffer, its queue toward the
         # client and what TCP took, up to about 12 MiB a session.
@@ -450,6 +451,8 @@ def test_memory_goes_back_to_the_system_once_every_client_left(tmp_path):
             writer.kill()
             session.close()
         wait_until(lambda: not control.get_json("/sessions").get("sessions"), what="every session to end")
+        memory = control.get_json("/status")["memory"]
+        assert memory["used"] == 0 and memory["peak"] > 100 << 20, memory
         left = time.monotonic()
         wait_until(lambda: vm_rss(proc.pid) <= 2 * idle, timeout=10,
                    what=f"RSS back within 2x of idle ({idle >> 20} MiB; loaded {loaded >> 20} MiB)")
