@@ -14,18 +14,22 @@ import re
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import gevent
 import pytest
+from gevent import socket
 
 from spicewire.control.client import ControlClient
 from spicewire.control.server import ControlServer
 from spicewire.errors import LinkError
 from spicewire.protocol import messages as m
+from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, LinkErr
+from spicewire.protocol.framing import MINI_HEADER
 from spicewire.server import budget as budget_module
 from spicewire.server.budget import TRIM_IDLE, MemoryBudget, default_limit
-from spicewire.server.net import RECV_BUFFER, ServerConfig
+from spicewire.server.net import RECV_BUFFER, Connection, ServerConfig, SpiceServer
 from spicewire.server.session import Limits, PortState
 from tests.served import bound_addresses
 from tests.serverkit import (
@@ -141,6 +145,30 @@ def test_a_main_channel_that_asks_and_never_reads_is_stopped_then_closed():
             bystander.close()
         finally:
             control.stop()
+
+
+@pytest.mark.parametrize("over", [-1, 0, 1])
+def test_a_connection_is_read_only_while_its_queue_is_under_the_limit(over):
+    """Frames of a known size queued one byte under, at and over the queue limit (no writer runs,
+    so they stay): reading goes on under the limit only, and the budget holds every queued byte."""
+    limit = 4096
+    server = SpiceServer(ServerConfig(host="127.0.0.1", port=0, queue_limit=limit))
+    near, far = socket.socketpair()
+    try:
+        conn = Connection(server, near, ("127.0.0.1", 1))
+        channel = conn.channel = ChannelConnection(Side.SERVER, ChannelType.MAIN, 0, send_mini=True,
+                                                   expect_mini=True)
+        channel.send_raw(1, b"x" * (limit + over - MINI_HEADER.size))
+        conn.flush()
+        assert conn.queued == server.budget.used == limit + over
+        waiter = gevent.spawn(conn._wait_for_reading, SimpleNamespace(reading_allowed=True))
+        gevent.idle()  # it runs until it returns or waits
+        assert waiter.dead is (over < 0)
+        conn.close("test over")
+        waiter.get(timeout=5)
+    finally:
+        near.close()
+        far.close()
 
 
 def bystander_held(server) -> int:
