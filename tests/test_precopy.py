@@ -165,25 +165,29 @@ def sink_port(node, session):
 SINK_ID = 1
 
 
+@pytest.mark.parametrize("room", [None, 5 * MIB], ids=["room", "region-full"])
 def test_bytes_appended_during_the_precopy_go_in_later_rounds_and_the_tail(pnodes, precopied, after_round,
-                                                                          port_bodies):
+                                                                          port_bodies, monkeypatch, room):
+    """After round 1 the client writes 3 MiB (round 2 carries them), after round 2 another 8 MiB
+    (round 3 carries them), after round 3 512 KiB (MIGRATE_DATA carries them). With a region of
+    ``room`` bytes beyond the first queue, round 3 carries what still fits, MIGRATE_DATA the rest."""
+    if room is not None:
+        monkeypatch.setattr(precopy, "_capacity", lambda queued: queued + room)
     s1, s2 = pnodes(True, True)
     session = connect(s1)
     digest = hashlib.sha256()
     first = 24 * MIB
     fill_paused_sink(s1, session, first, digest=digest)
     sink = session.open_port(SINK)
-    # After round 1 the client writes 3 MiB (round 2 carries them), after round 2 another 8 MiB:
-    # more than the region's room left, so round 3 carries what fits and MIGRATE_DATA the rest.
-    after_round.append(lambda n: write_sink(s1, session, sink, 3 * MIB, digest, first))
-    after_round.append(lambda n: write_sink(s1, session, sink, 8 * MIB, digest, first + 3 * MIB))
+    for queued, more in ((first, 3 * MIB), (first + 3 * MIB, 8 * MIB), (first + 11 * MIB, MIB // 2)):
+        after_round.append(lambda n, queued=queued, more=more: write_sink(s1, session, sink, more, digest, queued))
     entry = only_entry(s1.migrate_to(s2))
     assert entry["migrated"], entry
-    total = first + 11 * MIB
-    capacity = precopy._capacity(first)
-    assert precopied == [capacity]
+    total = first + 11 * MIB + MIB // 2
+    held = first + 11 * MIB if room is None else first + room
+    assert precopied == [held]
     ((body, referenced),) = [b for b in port_bodies if b[0] > 1 << 16]
-    assert referenced and body >= total - capacity
+    assert referenced and total - held <= body < total - held + (1 << 16)
     drain_sink(s2, session.session_id, total, digest.hexdigest())
     session.close()
 

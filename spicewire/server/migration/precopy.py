@@ -19,11 +19,12 @@ One round is one ``POST /migration/port-precopy?migration=ID`` whose body is::
     u32 index size | JSON index | the bytes of each index entry, in index order
 
 and each entry ``{"session_id", "port", "dir": "to_device"|"to_client", "offset", "length",
-"capacity"}``. ``capacity`` is the size s1 asks for the region on s2 with the first entry for it;
-s2 answers ``{"held": entries, "capacities": [...]}``, the size each entry's region has there: the
-memory s2 faulted in for the port's MIGRATE_DATA when the session was announced, if that holds
-the entry, else ``capacity`` faulted in then. s1 never sends past it; what does not fit travels in
-MIGRATE_DATA.
+"capacity"}``. ``capacity`` is the most s1 asks the region to hold on s2, with the first entry
+for it; s2 answers ``{"held": entries, "capacities": [...]}``, the most each entry's region may
+hold there (no more than a MIGRATE_DATA of the announced backlog could bring). s1 never sends past
+it; what does not fit travels in MIGRATE_DATA. s2 faults memory in as the rounds need it: first
+the buffer it faulted in for the port's MIGRATE_DATA when the session was announced, then more in
+segments.
 
 Whatever fails (s2 refuses, a request breaks, time runs short) ends the pre-copy of every port of
 that migration: their whole state then goes through the client as without it. s2 drops what it
@@ -66,6 +67,7 @@ PRECOPY_ROUNDS = 6
 PRECOPY_SETTLED = 1 << 20  # a round that would carry less than this is left to MIGRATE_DATA
 PRECOPY_VERSION = 2  # what s2 answers an announcement with when it takes port pre-copies
 TAIL_ROOM = 64 << 20  # memory s2 faults in for a pre-copied port's MIGRATE_DATA
+SEGMENT = 64 << 20  # memory s2 adds to a region at a time, beyond the announcement's buffer
 HASH_PIECE = 8 << 20  # digest work handed to a worker thread at a time, beside the socket
 MAX_INDEX = 1 << 20
 DIRECTIONS = ("to_device", "to_client")
@@ -151,9 +153,9 @@ class PortPrecopy:
 
 
 def _capacity(queued: int) -> int:
-    """A region's size on s2: the queue now, and room for what joins it while the rounds run
-    (as much as s2 faults in ahead for a MIGRATE_DATA of the same backlog, so it can reuse it)."""
-    return queued + queued // 50 + (4 << 20)
+    """The most a region may hold on s2, asked for with its first round: the queue now, and room
+    for what joins it while the rounds run (s2 faults memory in as the bytes come, not up to this)."""
+    return queued + queued // 4 + (64 << 20)
 
 
 def plan_precopies(sources: list[SessionSource]) -> list[PortPrecopy]:
@@ -263,15 +265,31 @@ def _limited(views: list[memoryview], length: int) -> list[memoryview]:
 
 @dataclass
 class HeldRegion:
-    """s2: one direction of one port's pre-copied bytes, in memory faulted in ahead."""
+    """s2: one direction of one port's pre-copied bytes, in segments of memory faulted in ahead,
+    filled front to back; at most ``capacity`` bytes."""
 
-    buffer: np.ndarray
+    capacity: int
+    segments: list[np.ndarray] = field(default_factory=list)
     start: int = 0
     length: int = 0
     digest: Any = field(default_factory=hashlib.sha256)
 
-    def view(self, skip: int) -> memoryview:
-        return self.buffer[skip:self.length].data
+    @property
+    def allocated(self) -> int:
+        return sum(len(segment) for segment in self.segments)
+
+    def slices(self, begin: int, end: int) -> list[np.ndarray]:
+        """The segment slices that hold bytes ``begin`` to ``end`` of the region, in order."""
+        out, base = [], 0
+        for segment in self.segments:
+            low, high = max(begin, base), min(end, base + len(segment))
+            if low < high:
+                out.append(segment[low - base:high - base])
+            base += len(segment)
+        return out
+
+    def views(self, skip: int) -> list[memoryview]:
+        return [piece.data for piece in self.slices(skip, self.length)]
 
 
 class PrecopyMismatch(MigrationError):
@@ -297,7 +315,7 @@ def restore_precopy(ann: Announcement, channel_id: int, data: mig.PortMigrateDat
         if held.digest.digest() != ref.digest:
             raise PrecopyMismatch(f"port {channel_id} {direction}: the pre-copied bytes' SHA-256 does not match "
                                   "the one in MIGRATE_DATA; nothing is restored from them")
-        out.append([held.view(ref.skip), *tail] if ref.skip < ref.length else list(tail))
+        out.append([*held.views(ref.skip), *tail])
     return out[0], out[1]
 
 
@@ -318,36 +336,41 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
     for ann, key, offset, capacity, length in targets:
         held = ann.precopied.get(key)
         if held is None:
-            held = ann.precopied[key] = HeldRegion(_region_memory(ann, key, capacity, length))
-        capacity = len(held.buffer)
+            held = ann.precopied[key] = HeldRegion(capacity)
         if not held.length or offset != held.start + held.length:
             if held.length and offset < held.start + held.length:
                 raise ValueError(f"a pre-copy entry at {offset} overlaps the {held.length} bytes held "
                                  f"from {held.start}")
             held.start, held.length, held.digest = offset, 0, hashlib.sha256()
         at = held.length
-        if at + length > capacity:
-            raise ValueError(f"a pre-copy entry of {length} bytes does not fit the region's {capacity - at} left")
+        if at + length > held.capacity:
+            raise ValueError(f"a pre-copy entry of {length} bytes does not fit the region's {held.capacity - at} "
+                             "left")
+        _grow(ann, key, held, at + length)
         digest = held.digest.copy()  # kept only once the entry is whole
-        _receive_hashed(stream, held.buffer[at:at + length], digest)
+        for piece in held.slices(at, at + length):
+            _receive_hashed(stream, piece, digest)
         held.length, held.digest = at + length, digest
-        capacities.append(capacity)
+        capacities.append(held.capacity)
     return {"held": len(targets), "capacities": capacities}
 
 
-def _region_memory(ann: Announcement, key: tuple[int, str], capacity: int, first: int) -> np.ndarray:
-    """Memory faulted in for a region: the client->device bytes take the buffer the announcement
-    faulted in for the port's MIGRATE_DATA (which now carries only the tail) if it holds the
-    ``first`` entry, up to ``capacity``; anything else is faulted in by a worker thread, off the hub."""
+def _grow(ann: Announcement, key: tuple[int, str], held: HeldRegion, size: int) -> None:
+    """Memory faulted in for ``size`` bytes of a region. Its first segment, for client->device
+    bytes, is the buffer the announcement faulted in for the port's MIGRATE_DATA (which now carries
+    only the tail); more come as rounds need them, at least SEGMENT each, faulted in by a worker
+    thread off the hub, never past the region's capacity."""
     pool = gevent.get_hub().threadpool
-    job = ann.buffers.pop(key[0], None) if key[1] == "to_device" else None
-    buffer = job.get() if job is not None else None
-    if buffer is None or len(buffer) < first:
-        return pool.apply(prefaulted, (capacity,))
-    # The MIGRATE_DATA, the tail now, still lands in memory faulted in ahead: the downtime pays
-    # for no page it touches.
-    ann.buffers[key[0]] = pool.spawn(prefaulted, min(TAIL_ROOM, len(buffer)))
-    return buffer[:capacity]
+    if not held.segments and key[1] == "to_device" and (job := ann.buffers.pop(key[0], None)) is not None:
+        buffer = job.get()
+        if buffer is not None:
+            held.segments.append(buffer[:held.capacity])
+            # The MIGRATE_DATA, the tail now, still lands in memory faulted in ahead: the downtime
+            # pays for no page it touches.
+            ann.buffers[key[0]] = pool.spawn(prefaulted, min(TAIL_ROOM, len(buffer)))
+    while held.allocated < size:
+        room = held.capacity - held.allocated
+        held.segments.append(pool.apply(prefaulted, (min(room, max(SEGMENT, size - held.allocated)),)))
 
 
 def _target(manager: Any, migration_id: str, entry: Any) -> tuple[Announcement, tuple[int, str], int, int, int]:
@@ -364,9 +387,8 @@ def _target(manager: Any, migration_id: str, entry: Any) -> tuple[Announcement, 
                          "did not announce")
     from spicewire.server.migration.destination import migrate_data_limit  # it imports this module
 
-    if capacity > migrate_data_limit(ann.in_flight.get(cid, 0), manager.server.config.limits):
-        raise ValueError(f"a pre-copy region of {capacity} bytes for port {cid} is more than its announced "
-                         "backlog allows")
+    # No more than a MIGRATE_DATA of the announced backlog could bring: s1 learns it in the answer.
+    capacity = min(capacity, migrate_data_limit(ann.in_flight.get(cid, 0), manager.server.config.limits))
     return ann, (cid, direction), offset, capacity, length
 
 
