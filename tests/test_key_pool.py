@@ -39,8 +39,8 @@ def keys():
     return FakeKeys()
 
 
-def started(keys: FakeKeys, size: int, threads: int = 1) -> KeyPool:
-    pool = KeyPool(size, threads, factory=keys)
+def started(keys: FakeKeys, size: int, threads: int = 1, refill_delay: float = 0.0) -> KeyPool:
+    pool = KeyPool(size, threads, factory=keys, refill_delay=refill_delay)
     pool.start()
     assert pool.wait_full(TIMEOUT)
     return pool
@@ -55,7 +55,7 @@ def test_the_pool_fills_to_its_bound_and_stops_there(keys, threads):
         pool.stop()
 
 
-def test_the_pool_refills_as_links_take_keys(keys):
+def test_without_a_delay_the_pool_refills_as_links_take_keys(keys):
     pool = started(keys, 4)
     try:
         taken = [pool.pop(), pool.pop()]
@@ -65,6 +65,32 @@ def test_the_pool_refills_as_links_take_keys(keys):
         assert len(set(taken + [pool.pop() for _ in range(4)])) == 6  # each key handed out once
     finally:
         pool.stop()
+
+
+def test_with_a_delay_the_pool_refills_only_once_links_pause(keys):
+    """The delay is far longer than the test: taking keys starts no refill."""
+    pool = started(keys, 4, refill_delay=600)
+    try:
+        taken = [pool.pop(), pool.pop()]
+        assert pool.ready == 2 and pool.pending == 0 and len(keys.made) == 4 and taken == [0, 1]
+    finally:
+        pool.stop()
+
+
+def test_after_the_delay_the_pool_refills(keys):
+    pool = started(keys, 3, refill_delay=0.01)
+    try:
+        pool.pop()
+        assert pool.pending == 0  # not during the burst
+        assert pool.wait_full(TIMEOUT) and pool.ready == 3 and len(keys.made) == 4
+    finally:
+        pool.stop()
+
+
+@pytest.mark.parametrize("delay", [-0.1, float("nan"), float("inf")])
+def test_a_bad_refill_delay_is_refused(keys, delay):
+    with pytest.raises(ValueError, match="refill delay"):
+        KeyPool(1, factory=keys, refill_delay=delay)
 
 
 @pytest.mark.parametrize(("burst", "on_demand"), [(5, 0), (6, 0), (7, 1)])
@@ -82,7 +108,7 @@ def test_a_burst_is_served_from_the_pool_and_beyond_it_on_demand(keys, burst, on
 
 
 def test_a_pool_of_zero_makes_every_key_on_demand(keys):
-    pool = KeyPool(0, factory=keys)
+    pool = KeyPool(0, factory=keys, refill_delay=0)
     pool.start()
     try:
         assert pool.wait_full(TIMEOUT) and pool.ready == 0 and keys.made == []
@@ -107,7 +133,7 @@ def test_a_failed_background_key_is_made_again_by_the_next_link(keys):
             raise RuntimeError("no entropy today")
         return keys()
 
-    pool = KeyPool(1, factory=flaky)
+    pool = KeyPool(1, factory=flaky, refill_delay=0)
     pool.start()
     try:
         assert failed.wait(TIMEOUT)
@@ -125,14 +151,15 @@ def test_a_failed_background_key_is_made_again_by_the_next_link(keys):
 
 
 @pytest.mark.parametrize(("field", "value"), [("key_pool", -1), ("key_pool", 1.5), ("key_pool_threads", 0),
-                                              ("key_pool_threads", True)])
+                                              ("key_pool_threads", True), ("key_pool_refill_delay", -1.0),
+                                              ("key_pool_refill_delay", float("nan"))])
 def test_server_config_refuses_a_bad_key_pool(field, value):
     with pytest.raises(ValueError, match=field):
         ServerConfig(port=0, **{field: value})
 
 
 def test_a_server_links_with_keys_from_its_pool():
-    with running_server(key_pool=4) as server:
+    with running_server(key_pool=4, key_pool_refill_delay=0.01) as server:
         assert server.keys.wait_full(TIMEOUT)
         MainSession(server.address).attach_channels()
         assert server.keys.made_on_demand == 0
@@ -151,15 +178,17 @@ def test_status_reports_the_key_pool():
             control.stop()
 
 
-@pytest.mark.parametrize(("argv", "pool", "threads"), [
-    ([], 64, 1), (["--key-pool", "0"], 0, 1), (["--key-pool", "1", "--key-pool-threads", "2"], 1, 2),
+@pytest.mark.parametrize(("argv", "pool", "threads", "delay"), [
+    ([], 64, 1, 0.5), (["--key-pool", "0", "--key-pool-refill-delay", "0"], 0, 1, 0.0),
+    (["--key-pool", "1", "--key-pool-threads", "2", "--key-pool-refill-delay", "2.5"], 1, 2, 2.5),
 ])
-def test_serve_takes_the_key_pool_options(argv, pool, threads):
+def test_serve_takes_the_key_pool_options(argv, pool, threads, delay):
     args = build_parser().parse_args(["serve", "--listen", "127.0.0.1:5900", *argv])
-    assert (args.key_pool, args.key_pool_threads) == (pool, threads)
+    assert (args.key_pool, args.key_pool_threads, args.key_pool_refill_delay) == (pool, threads, delay)
 
 
-@pytest.mark.parametrize("argv", [["--key-pool", "-1"], ["--key-pool", "many"], ["--key-pool-threads", "0"]])
+@pytest.mark.parametrize("argv", [["--key-pool", "-1"], ["--key-pool", "many"], ["--key-pool-threads", "0"],
+                                  ["--key-pool-refill-delay", "-1"], ["--key-pool-refill-delay", "inf"]])
 def test_serve_refuses_a_bad_key_pool_option(argv, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--listen", "127.0.0.1:5900", *argv])
