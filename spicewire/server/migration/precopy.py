@@ -171,19 +171,36 @@ def plan_precopies(sources: list[SessionSource]) -> list[PortPrecopy]:
 
 
 def _hashed(pieces: list[memoryview], digest: Any) -> Iterator[memoryview]:
-    """``pieces`` in turn, each hashed into ``digest`` by a worker thread while the socket sends it
-    (hashlib lets go of the GIL for large buffers)."""
+    """``pieces`` in turn, hashed into ``digest`` by a worker thread while the socket sends them
+    (hashlib lets go of the GIL for large buffers). A queue is mostly the client's DATA messages,
+    64 KiB each: they are handed to the thread about HASH_PIECE at a time, not one by one."""
     pool = gevent.get_hub().threadpool
     job = None
+    batch: list[memoryview] = []
+    size = 0
     for piece in pieces:
         for start in range(0, piece.nbytes, HASH_PIECE):
             part = piece[start:start + HASH_PIECE]
-            if job is not None:
-                job.get()
-            job = pool.spawn(digest.update, part)
-            yield part
+            batch.append(part)
+            size += part.nbytes
+            if size >= HASH_PIECE:
+                if job is not None:
+                    job.get()  # in order
+                job = pool.spawn(_update, digest, batch)
+                yield from batch
+                batch, size = [], 0
+    if batch:
+        if job is not None:
+            job.get()
+        job = pool.spawn(_update, digest, batch)
+        yield from batch
     if job is not None:
         job.get()
+
+
+def _update(digest: Any, parts: list[memoryview]) -> None:
+    for part in parts:
+        digest.update(part)
 
 
 def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
