@@ -27,6 +27,7 @@ import urllib.request
 from spicewire.client import connect
 
 WIDTH, HEIGHT = 1920, 1080
+PEER_TOKEN = "bench-peer-token"  # what s1 presents on s2's /migration/*
 
 
 def free_port() -> int:
@@ -42,7 +43,7 @@ class Serve:
         self.port, self.control = free_port(), free_port()
         argv = [sys.executable, "-m", "spicewire", "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--disable-ticketing", "--port-channel", "org.spicewire.echo=echo",
-                "--control", f"127.0.0.1:{self.control}", "--log-level", "WARNING"]
+                "--control", f"127.0.0.1:{self.control}", "--log-level", "WARNING", "--peer-token", PEER_TOKEN]
         if display:
             argv += ["--display", display]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
@@ -65,7 +66,8 @@ class Serve:
 
     def migrate_to(self, other: Serve) -> dict:
         return self.request("POST", "/migrate", {"to": f"127.0.0.1:{other.port}",
-                                                 "to_control": f"127.0.0.1:{other.control}", "timeout": 30})
+                                                 "to_control": f"127.0.0.1:{other.control}", "timeout": 30,
+                                                 "to_peer_token": PEER_TOKEN})
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -38,6 +38,7 @@ from tests.tlsca import SUBJECT, SUBJECT_TEXT, TestCA
 
 ECHO, SINK = "org.spicewire.echo", "org.spicewire.sink"
 CHUNK = 1 << 20
+PEER_TOKEN = "bench-peer-token"  # what s1 presents on s2's /migration/*
 
 
 class Server:
@@ -49,7 +50,8 @@ class Server:
         self.control_port = free_port()
         argv = [sys.executable, "-m", "spicewire", "serve", "--disable-ticketing", "--log-level", "WARNING",
                 "--port-channel", f"{ECHO}=echo", "--port-channel", f"{SINK}=sink",
-                "--port-buffer-mib", str(buffer_mib), "--control", f"127.0.0.1:{self.control_port}"]
+                "--port-buffer-mib", str(buffer_mib), "--control", f"127.0.0.1:{self.control_port}",
+                "--peer-token", PEER_TOKEN]
         if plain:
             argv += ["--listen", f"127.0.0.1:{self.port}"]
         if x509_dir:
@@ -71,6 +73,7 @@ class Server:
             "to": f"127.0.0.1:{other.port}", "to_tls_port": other.tls_port,
             "to_cert_subject": SUBJECT_TEXT if other.tls_port else None,
             "to_control": f"127.0.0.1:{other.control_port}", "mode": "seamless", "timeout": 300,
+            "to_peer_token": PEER_TOKEN,
         })
 
     def sinks(self) -> dict[str, dict]:

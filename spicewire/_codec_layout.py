@@ -41,9 +41,15 @@ FULL_HEADER_SIZE = FULL_HEADER.size  # 18
 # u32; real servers cap far lower per channel (PROTOCOL.md section 2).
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 
+# From this many bytes on (the payload pack_chunks copies, the input scan walks) the compiled codec
+# writes its output with streaming stores: output that large leaves the cache before anyone reads it.
+# Below it a plain store wins: the output fits in cache and is usually read soon. Results are the same.
+STREAM_THRESHOLD = 4 * 1024 * 1024
+
 __all__ = [
     "CHUNK_DATA_ALIGN", "CHUNK_HEADER_SIZE", "CHUNK_INDEX_ENTRY_SIZE", "CHUNK_MAGIC", "CHUNK_VERSION",
     "DEFAULT_MAX_SIZE", "FULL_HEADER", "FULL_HEADER_SIZE", "MINI_HEADER", "MINI_HEADER_SIZE",
+    "STREAM_THRESHOLD",
 ]
 
 

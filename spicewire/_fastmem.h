@@ -61,6 +61,26 @@ static inline void sw_copy_stream(unsigned char *dst, const unsigned char *src, 
 #endif
 }
 
+/* Store one value without caching its line: for output arrays too large to stay in cache, this
+ * saves reading every line in before overwriting it. */
+static inline void sw_stream_i64(int64_t *dst, int64_t v)
+{
+#if defined(__SSE2__) && defined(__x86_64__)
+    _mm_stream_si64((long long *)dst, v);
+#else
+    *dst = v;
+#endif
+}
+
+static inline void sw_stream_u32(uint32_t *dst, uint32_t v)
+{
+#if defined(__SSE2__)
+    _mm_stream_si32((int *)dst, (int)v);
+#else
+    *dst = v;
+#endif
+}
+
 static inline void sw_stream_fence(void)
 {
 #if defined(__SSE2__)

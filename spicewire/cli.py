@@ -77,6 +77,7 @@ def control_url(text: str) -> str:
 
 
 TOKEN_ENV = "SPICEWIRE_CONTROL_TOKEN"
+PEER_TOKEN_ENV = "SPICEWIRE_PEER_TOKEN"
 PASSWORD_ENV = "SPICEWIRE_PASSWORD"
 
 
@@ -207,9 +208,27 @@ def _add_serve(commands: Subparsers) -> None:
     auth.add_argument("--password", metavar="PW", help="the ticket clients must present "
                       f"(visible in ps: prefer --password-file or ${PASSWORD_ENV})")
     auth.add_argument("--password-file", metavar="FILE", help="the password is the first line of FILE")
-    auth.add_argument("--disable-ticketing", action="store_true", help="accept clients without a password")
+    auth.add_argument("--disable-ticketing", action="store_true",
+                      help="NO AUTHENTICATION: anyone who can reach the SPICE port can open a session, and join "
+                      "any session whose id they find (a channel from the session's client host, or from "
+                      "anywhere with --allow-channels-from-any-address). For a trusted network only")
+    auth.add_argument("--tickets-only", action="store_true",
+                      help="no server-wide password: only one-time tickets from the control API (POST /tickets) "
+                      "open sessions")
     p.add_argument("--ticket-lifetime", type=positive_number, metavar="S",
                    help="refuse the password S seconds after the server starts (QEMU's set_password expiry)")
+    p.add_argument("--allow-channels-from-any-address", action="store_true",
+                   help="take a session's channel links (and a migration's target link) from any address, not only "
+                   "from the host its main channel came from (or that the source announced): for clients behind "
+                   "a NAT whose address changes between connections")
+    # Defaults come from LinkLimits once serve runs (importing the server here would import gevent
+    # before serve patches the standard library).
+    p.add_argument("--max-links-in-progress", type=positive_int, metavar="N",
+                   help="connections still linking, over all addresses, beyond which new ones are closed at once "
+                   "(default 4096, or three quarters of the open-file limit when that is less)")
+    p.add_argument("--max-links-in-progress-per-address", type=positive_int, metavar="N",
+                   help="the same, per client address (default 1024; a migration links every session of a "
+                   "client host at once)")
     p.add_argument(
         "--port-channel", dest="port_channels", action="append", default=[], type=port_channel,
         metavar="NAME=DEVICE", help="add a port channel to every session (repeatable); devices: echo, sink, source",
@@ -223,8 +242,28 @@ def _add_serve(commands: Subparsers) -> None:
     p.add_argument(
         "--port-buffer-mib", type=buffer_mib, default=8.0, metavar="N",
         help="client bytes a port buffers for a device that does not take them, before the server "
-        "stops reading that client (default 8)",
+        "stops reading that client (default 8); a DATA message larger than this is refused",
     )
+    p.add_argument(
+        "--no-precopy", dest="precopy", action="store_false",
+        help="migrate every port's queued bytes through the client at the switch, instead of sending "
+        "big backlogs to the destination beforehand (and take no such pre-copy as a destination)",
+    )
+    p.add_argument(
+        "--memory-budget", type=buffer_mib, metavar="MIB",
+        help="MiB the server holds for all sessions together (port buffers, unsent data); once reached "
+        "it stops reading clients and refuses new sessions, dropping nothing (default: a quarter of the RAM)",
+    )
+    p.add_argument(
+        "--key-pool", type=whole_number, default=64, metavar="N",
+        help="link keys (RSA-1024, one per link) made ahead in the background (default 64); a migration "
+        "of S sessions links about 2S channels at once, and links beyond the pool wait ~9 ms each for a key",
+    )
+    p.add_argument("--key-pool-threads", type=positive_int, default=1, metavar="N",
+                   help="threads refilling the key pool, at the lowest CPU priority (default 1)")
+    p.add_argument("--key-pool-refill-delay", type=seconds_or_zero, default=0.5, metavar="S",
+                   help="refill the key pool once no link took a key for S seconds, so a burst of "
+                   "links is not slowed by its own refills (default 0.5; 0: at once)")
     p.add_argument("--control", type=control_listen_address, metavar="HOST:PORT|unix:PATH",
                    help="serve the HTTP/JSON control API here; unix:PATH is a socket only its owner can use")
     p.add_argument("--control-tls", action="store_true",
@@ -234,6 +273,11 @@ def _add_serve(commands: Subparsers) -> None:
     token.add_argument("--control-token", metavar="T", help="require 'Authorization: Bearer T' on the control API "
                        f"(visible in ps: prefer --control-token-file or ${TOKEN_ENV})")
     token.add_argument("--control-token-file", metavar="FILE", help="the control token is the first line of FILE")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--peer-token", metavar="P", help="the secret a source server must present to migrate "
+                      "sessions here (/migration/*; default: the control token; without either, this server "
+                      f"refuses migrations). Visible in ps: prefer --peer-token-file or ${PEER_TOKEN_ENV}")
+    peer.add_argument("--peer-token-file", metavar="FILE", help="the peer token is the first line of FILE")
     p.add_argument(
         "--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="default INFO; DEBUG adds a line per message received and sent, per channel",
@@ -259,13 +303,17 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     both = args.secure_channels & args.plaintext_channels
     if both:
         parser.error(f"--secure-channels and --plaintext-channels both name {', '.join(sorted(both))}")
-    if not args.disable_ticketing:
+    if args.tickets_only:
+        args.password = ""  # ticketing on, and no password matches: only issued tickets do
+        if args.control is None:
+            parser.error("--tickets-only needs --control: tickets come from its POST /tickets")
+    elif not args.disable_ticketing:
         args.password = secret(parser, args.password, args.password_file, "--password-file", PASSWORD_ENV, "password")
         if args.password is None:
             parser.error(f"serve needs --password, --password-file, ${PASSWORD_ENV} or --disable-ticketing")
         if "\0" in args.password or len(args.password.encode()) > MAX_PASSWORD_LENGTH:
             parser.error(f"the password must be at most {MAX_PASSWORD_LENGTH} bytes, without NUL")
-    if args.ticket_lifetime is not None and args.password is None:
+    if args.ticket_lifetime is not None and not args.password:
         parser.error("--ticket-lifetime needs --password")
     names = [name for name, _ in args.port_channels]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -276,6 +324,9 @@ def _check_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if (args.control_token is not None or args.control_token_file is not None) and args.control is None:
         parser.error("--control-token needs --control")
     args.control_token = control_token(parser, args.control_token, args.control_token_file, "--control-token-file")
+    if (args.peer_token is not None or args.peer_token_file is not None) and args.control is None:
+        parser.error("--peer-token needs --control")
+    args.peer_token = secret(parser, args.peer_token, args.peer_token_file, "--peer-token-file", PEER_TOKEN_ENV)
     remote = isinstance(args.control, Address) and not _is_loopback(args.control.host)
     if remote and args.control_token is None:
         parser.error(f"--control on a non-loopback address needs --control-token, --control-token-file or ${TOKEN_ENV}"
@@ -295,6 +346,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from spicewire.control.server import ControlLimits, ControlServer
     from spicewire.logs import configure, log_greenlet_errors
+    from spicewire.server.admission import LinkLimits
     from spicewire.server.net import ServerConfig, SpiceServer
 
     configure(args.log_level, args.log_format, sys.stderr)
@@ -303,14 +355,25 @@ def serve(args: argparse.Namespace) -> int:
     tls_host, tls_port = args.tls_port or (None, None)
     from spicewire.server.session import Limits
 
+    descriptors = _raise_descriptor_limit()
+    # Links still linking hold a descriptor each: by default at most three quarters of them, so a
+    # flood of idle links is closed at accept before it takes the ones sessions and the control API need.
+    in_progress = args.max_links_in_progress or min(LinkLimits.in_progress, max(1, descriptors * 3 // 4))
+    link_limits = LinkLimits(in_progress=in_progress, in_progress_per_address=min(
+        in_progress, args.max_links_in_progress_per_address or LinkLimits.in_progress_per_address))
     config = ServerConfig(
         host=host, port=port, password=args.password, port_channels=args.port_channels,
         password_expiry=None if args.ticket_lifetime is None else time.time() + args.ticket_lifetime,
         limits=Limits(to_device=int(args.port_buffer_mib * (1 << 20))),
+        memory_budget=None if args.memory_budget is None else int(args.memory_budget * (1 << 20)),
         tls_host=tls_host, tls_port=tls_port, x509_dir=args.x509_dir, tls_ciphers=args.tls_ciphers,
         secure_channels=args.secure_channels, plaintext_channels=args.plaintext_channels,
         display=args.display[0] if args.display else None, display_size=args.display[1] if args.display else None,
-        server_name=args.name,
+        server_name=args.name, precopy=args.precopy,
+        key_pool=args.key_pool, key_pool_threads=args.key_pool_threads,
+        key_pool_refill_delay=args.key_pool_refill_delay,
+        channels_from_any_address=args.allow_channels_from_any_address,
+        link_limits=link_limits,
     )
     try:
         server = SpiceServer(config)  # reads the x509 directory: its problems stop the start here
@@ -318,7 +381,6 @@ def serve(args: argparse.Namespace) -> int:
         log.error("cannot serve: %s", err)
         return 1
     control = None
-    descriptors = _raise_descriptor_limit()
     try:
         server.start()
         if args.control is not None:
@@ -326,7 +388,8 @@ def serve(args: argparse.Namespace) -> int:
             limits = ControlLimits(max_connections=max(1, min(ControlLimits.max_connections, descriptors // 8)))
             host, port, unix = control_target(args.control)
             control = ControlServer(server, host, port, token=args.control_token, unix=unix, limits=limits,
-                                    tls=server.tls.context if args.control_tls and server.tls else None)
+                                    tls=server.tls.context if args.control_tls and server.tls else None,
+                                    peer_token=args.peer_token)
             if unix is None and args.control_token is None:
                 log.warning("the control API on %s has no token: any local user can move or pause every "
                             "session (use unix:PATH or a token to prevent it)", control.where)
@@ -336,9 +399,16 @@ def serve(args: argparse.Namespace) -> int:
         server.stop()
         return 1
     log.info(
-        "ticketing %s; port channels: %s", "enabled" if args.password is not None else "disabled",
+        "ticketing %s; port channels: %s",
+        "disabled" if args.password is None else "by tickets only" if not args.password else "enabled",
         ", ".join(f"{name}={kind}" for name, kind in args.port_channels) or "none",
     )
+    log.info("open files: %s; links in progress: at most %d, %d per address", descriptors,
+             link_limits.in_progress, link_limits.in_progress_per_address)
+    if args.password is None:
+        log.warning("TICKETING IS DISABLED: anyone who can reach %s can open a session and join any session "
+                    "whose id they find; use --password-file or --tickets-only beyond a trusted network",
+                    server.listen_label)
 
     stop: gevent.queue.Queue[signal.Signals] = gevent.queue.Queue()  # the signals, in the order they came
     watchers = [gevent.signal_handler(sig, stop.put, sig) for sig in (signal.SIGTERM, signal.SIGINT)]
@@ -532,6 +602,11 @@ def _add_migrate(commands: Subparsers) -> None:
     token.add_argument("--token", metavar="T", help=f"bearer token of the source control API (default ${TOKEN_ENV})")
     token.add_argument("--token-file", metavar="FILE", help="the source's token is the first line of FILE")
     p.add_argument("--to-token", metavar="T", help="bearer token of the destination control API")
+    peer = p.add_mutually_exclusive_group()
+    peer.add_argument("--to-peer-token", metavar="P", help="the destination's peer token (its serve --peer-token); "
+                      "default: --to-token")
+    peer.add_argument("--to-peer-token-file", metavar="FILE", help="the destination's peer token is the first line "
+                      "of FILE")
     p.set_defaults(run=migrate, check=functools.partial(_check_migrate, p))
 
 
@@ -547,6 +622,8 @@ def _check_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         except ValueError as err:
             parser.error(f"--to-cert-subject: {err}")
     _check_token(parser, args)
+    if args.to_peer_token_file is not None:  # no variable: $SPICEWIRE_PEER_TOKEN is the server's own
+        args.to_peer_token = secret(parser, None, args.to_peer_token_file, "--to-peer-token-file", "")
 
 
 def _check_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -564,7 +641,7 @@ def migrate(args: argparse.Namespace) -> int:
     request = {
         "to": str(args.to), "to_control": args.to_control, "mode": args.mode,
         "to_tls_port": args.to_tls_port, "to_cert_subject": args.to_cert_subject,
-        "timeout": args.timeout, "to_token": args.to_token,
+        "timeout": args.timeout, "to_token": args.to_token, "to_peer_token": args.to_peer_token,
     }
     try:
         report = source.post_json("/migrate", request)
@@ -634,6 +711,26 @@ def demo_modes(text: str) -> str:
         known = ", ".join(DEMO_MODES)
         raise argparse.ArgumentTypeError(f"unknown mode {', '.join(map(repr, unknown))}; known: {known}")
     return text
+
+
+def seconds_or_zero(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more, got {text!r}")
+    return value
+
+
+def whole_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:

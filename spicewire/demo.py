@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket as stdlib_socket
 import subprocess
@@ -36,6 +37,9 @@ from spicewire.logs import session_label
 
 SINK = "org.spicewire.sink"
 CHUNK = 1 << 20
+# The demo's servers take migrations from each other only: a secret of this run, given to them in
+# their environment (not argv, which every local user sees) and presented by every /migrate.
+PEER_TOKEN = secrets.token_hex(16)
 
 
 def free_port() -> int:
@@ -54,7 +58,7 @@ class Server:
             [sys.executable, "-m", "spicewire", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--disable-ticketing", "--port-channel", f"{SINK}=sink", "--port-buffer-mib", str(buffer_mib),
              "--control", f"127.0.0.1:{self.control_port}", "--log-level", "WARNING", *extra],
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL, env={**os.environ, "SPICEWIRE_PEER_TOKEN": PEER_TOKEN},
         )
         self.control = ControlClient("127.0.0.1", self.control_port, timeout=control_timeout)
         deadline = time.monotonic() + 20
@@ -119,7 +123,8 @@ def run_once(mode: str, mib: int, s1: Server, s2: Server) -> dict:
 
     migration = gevent.spawn(
         s1.control.post_json, "/migrate",
-        {"to": f"127.0.0.1:{s2.port}", "to_control": f"127.0.0.1:{s2.control_port}", "mode": mode, "timeout": 60},
+        {"to": f"127.0.0.1:{s2.port}", "to_control": f"127.0.0.1:{s2.control_port}", "mode": mode, "timeout": 60,
+         "to_peer_token": PEER_TOKEN},
     )
     # Progress: once s1 starts streaming MIGRATE_DATA, its socket's unsent bytes count down.
     streaming = 0
@@ -183,7 +188,8 @@ def run_viewer(rounds: int, interval: float) -> int:
                 break
             mode = "seamless" if turn % 2 == 0 else "semi-seamless"
             report = here.control.post_json("/migrate", {"to": f"127.0.0.1:{there.port}", "mode": mode,
-                                                         "to_control": f"127.0.0.1:{there.control_port}"})
+                                                         "to_control": f"127.0.0.1:{there.control_port}",
+                                                         "to_peer_token": PEER_TOKEN})
             entry = report["sessions"][0] if report["sessions"] else {}
             downtime = entry.get("downtime_s")
             print(f"{here.name} -> {there.name}: {mode}, "

@@ -473,7 +473,9 @@ def test_memory_goes_back_to_the_system_once_every_client_left(tmp_path):
             session = MainSession(address)
             echo = session.open_port(ECHO, bufsize=16 << 10)
             sessions.append((session, gevent.spawn(echo.send_data, os.urandom(1 << 20) * 12)))
-        wait_until(lambda: vm_rss(proc.pid) > idle + (100 << 20), what="the server to hold the load")
+        # Both views of the load: the process's memory, and what the budget counts of it.
+        wait_until(lambda: vm_rss(proc.pid) > idle + (100 << 20)
+                   and control.get_json("/status")["memory"]["used"] > 100 << 20, what="the server to hold the load")
         loaded = vm_rss(proc.pid)
         for session, writer in sessions:
             writer.kill()

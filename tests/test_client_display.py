@@ -29,7 +29,7 @@ from spicewire.server.net import ServerConfig, SpiceServer
 from .served import TOKEN
 from .serverkit import running_server, wait_until
 from .test_client_migration import SESSION_ID, FakeServer
-from .test_migration import Node
+from .test_migration import PEER_TOKEN, Node
 
 W, H = 320, 200
 KEY_3 = 0x04  # "3" in PC XT set 1: the paint screen's third colour
@@ -73,9 +73,9 @@ class DisplayNode(Node):
     def __init__(self) -> None:
         self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, display="paint", display_size=(W, H)))
         self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
         self.control.start()
-        self.api = ControlClient(*self.control.address, timeout=60)
+        self.api = ControlClient(*self.control.address, token=PEER_TOKEN, timeout=60)
         self.address = self.spice.address
         self.control_address = self.control.address
 

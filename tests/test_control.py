@@ -17,6 +17,7 @@ from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType
 from spicewire.server.net import ServerConfig, SpiceServer
 from tests.rawclient import RawChannel, open_session
+from tests.test_migration import PEER_TOKEN
 
 SINK = "org.spicewire.sink"
 ECHO = "org.spicewire.echo"
@@ -41,7 +42,8 @@ def spice():
 
 
 def _control(spice, token=None):
-    control = ControlServer(spice, "127.0.0.1", 0, token=token)
+    # Without a control token, the peer token opens /migration/*, where these tests act as s1.
+    control = ControlServer(spice, "127.0.0.1", 0, token=token, peer_token=None if token else PEER_TOKEN)
     control.start()
     return control
 
@@ -66,9 +68,10 @@ class _GeventHTTP(http.client.HTTPConnection):
 
 
 def call(control, method, path, *, token=None, body=None):
-    """(status, headers, JSON body) of one request."""
+    """(status, headers, JSON body) of one request; without ``token`` it presents the peer token,
+    which the server's /migration/* wants and its open operator endpoints ignore."""
     conn = _GeventHTTP(*control.address, timeout=5)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    headers = {"Authorization": f"Bearer {token or PEER_TOKEN}"}
     if body is not None:
         headers["Content-Type"] = "application/json"
     try:
@@ -352,7 +355,8 @@ MIGRATION_POSTS = ["/migrate", "/migration/announce", "/migration/device-state?m
 
 
 def post_head(path: str, length: str) -> str:
-    return f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {length}"
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {PEER_TOKEN}\r\n"
+            f"Content-Length: {length}")
 
 
 @pytest.mark.parametrize("path", MIGRATION_POSTS)
@@ -416,7 +420,8 @@ def announcement(session_id="00001234", ports=None, **extra) -> dict:
 
 def test_announce_makes_the_server_expect_the_session(spice, control):
     status, body = post_json(control, "/migration/announce", announcement())
-    assert status == 200 and body == {"announced": 1}
+    # Beyond the count, s2 says which migration features it takes (an older one says none).
+    assert status == 200 and body["announced"] == 1 and set(body) <= {"announced", "state_auth", "port_precopy"}
     assert spice.migration.expects(0x1234)
     assert spice.migration.announcements[0x1234].ports == [(0, SINK, "sink"), (1, ECHO, "echo")]
     assert get(control, "/migration/completed?ids=00001234") == {}  # expected, not arrived
@@ -469,7 +474,8 @@ def test_device_state_restores_into_the_announced_session(spice, control):
     sink.bytes_in = 42
     fake = type("Saved", (), {"id": 0x1234, "ports": {0: type("P", (), {"device": sink, "in_flight": 0})()}})()
     conn = _GeventHTTP(*control.address, timeout=5)
-    conn.request("POST", f"/migration/device-state?migration={MIGRATION}", body=pack_device_states([fake]))
+    conn.request("POST", f"/migration/device-state?migration={MIGRATION}", body=pack_device_states([fake]),
+                 headers={"Authorization": f"Bearer {PEER_TOKEN}"})
     response = conn.getresponse()
     assert response.status == 200 and json.loads(response.read()) == {"restored": 1, "skipped": []}
     conn.close()
@@ -479,7 +485,8 @@ def test_device_state_restores_into_the_announced_session(spice, control):
 def post_bytes(control, path, data: bytes) -> tuple[int, dict]:
     conn = _GeventHTTP(*control.address, timeout=5)
     try:
-        conn.request("POST", path, body=data, headers={"Content-Type": "application/octet-stream"})
+        conn.request("POST", path, body=data, headers={"Content-Type": "application/octet-stream",
+                                                       "Authorization": f"Bearer {PEER_TOKEN}"})
         response = conn.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -527,14 +534,25 @@ def test_completed_answers_only_for_sessions_it_knows(spice, control):
 
 
 def test_device_state_skips_entries_outside_the_migration_and_says_so(spice, control):
+    from spicewire.devices import SinkDevice
+
     post_json(control, "/migration/announce", announcement())
+    saved = SinkDevice().save()  # a state the announced sink can take: a batch is checked whole first
     data = _container(b'[{"session_id": "00000001", "port": 0, "chunks": 1},'
                       b' {"session_id": "00001234", "port": 7, "chunks": 0},'
-                      b' {"session_id": "00001234", "port": 0, "chunks": 1}]', b'{"a": 1}', b'{"b": 2}')
+                      b' {"session_id": "00001234", "port": 0, "chunks": 2}]', b'{"a": 1}', *saved)
     status, body = post_bytes(control, f"/migration/device-state?migration={MIGRATION}", data)
     assert status == 200 and body["restored"] == 1, body
     assert [(e["session_id"], e["port"]) for e in body["skipped"]] == [("00000001", 0), ("00001234", 7)]
-    assert spice.migration.announcements[0x1234].device_state == {0: [b'{"b": 2}']}
+    assert spice.migration.announcements[0x1234].device_state == {0: [bytes(c) for c in saved]}
+
+
+def test_a_device_state_the_device_cannot_take_refuses_the_whole_batch(spice, control):
+    post_json(control, "/migration/announce", announcement())
+    data = _container(b'[{"session_id": "00001234", "port": 0, "chunks": 1}]', b'{"b": 2}')
+    status, body = post_bytes(control, f"/migration/device-state?migration={MIGRATION}", data)
+    assert status == 400 and "cannot restore" in body["error"], body
+    assert spice.migration.announcements[0x1234].device_state == {}
 
 
 def test_abort_forgets_the_announcement(spice, control):

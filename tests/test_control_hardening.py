@@ -278,11 +278,12 @@ def test_a_json_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(spice
 
 def test_a_device_state_of_exactly_the_limit_is_taken_and_one_byte_more_is_413(spice):
     path = b"/migration/device-state?migration=0123456789abcdef"
-    with control_on(spice) as control:
+    with control_on(spice, peer_token="peer") as control:
         for length, status, message in [(MAX_DEVICE_STATE, 400, "the body ended before"),
                                         (MAX_DEVICE_STATE + 1, 413, "over the limit")]:
             with socket.create_connection(control.address, timeout=10) as sock:
-                sock.sendall(b"POST %s HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % (path, length))
+                sock.sendall(b"POST %s HTTP/1.1\r\nConnection: close\r\nAuthorization: Bearer peer\r\n"
+                             b"Content-Length: %d\r\n\r\n" % (path, length))
                 sock.shutdown(std_socket.SHUT_WR)  # no body comes: at the limit it is awaited, over it refused
                 head, _, body = read_all(sock).partition(b"\r\n\r\n")
             assert int(head.split()[1]) == status and message in json.loads(body)["error"], (length, head)
@@ -479,7 +480,9 @@ def test_loopback_without_a_token_warns_once(tmp_path):
         _, (host, port) = bound_addresses(proc, log)
         assert ControlClient(host, port, timeout=10).get_json("/status")["sessions"] == 0
         text = log.read_text()
-    assert text.count("WARNING") == 1 and "any local user can move or pause every session" in text, text
+    # Once about the control API (serve --disable-ticketing warns about the SPICE port too).
+    assert text.count("WARNING") == 2 and text.count("any local user can move or pause every session") == 1, text
+    assert text.count("TICKETING IS DISABLED") == 1, text
 
 
 def test_a_server_with_few_descriptors_keeps_linking_spice_clients_under_a_control_flood(tmp_path):

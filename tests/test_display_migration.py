@@ -19,7 +19,7 @@ from spicewire.server.display import DisplayState
 from spicewire.server.net import ServerConfig, SpiceServer
 
 from .serverkit import wait_until
-from .test_migration import Node
+from .test_migration import PEER_TOKEN, Node
 
 W, H = 256, 192
 BOUND = 20.0
@@ -62,9 +62,9 @@ class DisplayNode(Node):
         self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, display=screen, display_size=(W, H),
                                               server_name=name))
         self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
         self.control.start()
-        self.api = ControlClient(*self.control.address, timeout=60)
+        self.api = ControlClient(*self.control.address, token=PEER_TOKEN, timeout=60)
         self.address = self.spice.address
         self.control_address = self.control.address
 

@@ -24,6 +24,7 @@ from spicewire.server.session import Limits
 from .serverkit import MainSession, read_until_closed, refused_port, running_server, wait_until
 
 ECHO, SINK, SOURCE, BROKEN = "org.test.echo", "org.test.sink", "org.test.source", "org.test.broken"
+PEER_TOKEN = "peer-token"  # what s1 presents on s2's /migration/*
 
 
 @pytest.fixture(autouse=True)
@@ -38,13 +39,13 @@ class Node:
     def __init__(self, ports) -> None:
         self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(ports)))
         self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
         self.control.start()
         self.api = ControlClient(*self.control.address, timeout=30)
 
     def migrate_to(self, other: Node, **overrides) -> dict:
         body = {"to": "{}:{}".format(*other.spice.address), "to_control": "{}:{}".format(*other.control.address),
-                "timeout": 5, **overrides}
+                "timeout": 5, "to_peer_token": PEER_TOKEN, **overrides}
         return self.api.post_json("/migrate", body)
 
     def stop(self) -> None:
@@ -110,7 +111,8 @@ def test_a_destination_port_past_65535_given_to_the_manager_is_undone(nodes):
     s1, s2 = nodes(2)
     session = ClientSession(*s1.spice.address, timeout=10).connect()
     with pytest.raises(CodecError, match="cannot encode"):
-        s1.spice.migration.migrate(("127.0.0.1", 70000), s2.control.address, mig.MigrationMode.SEAMLESS, 5)
+        s1.spice.migration.migrate(("127.0.0.1", 70000), s2.control.address, mig.MigrationMode.SEAMLESS, 5,
+                                   to_peer_token=PEER_TOKEN)
     assert_back_to_normal(s1, session)
     assert session.session_id not in s2.spice.migration.announcements  # s1 told s2 to forget it
     migrated_once(s1, s2, session)

@@ -91,7 +91,9 @@ def test_200_clients_echo_1mib_each(server_process, capsys):
     assert proc.poll() is None, "the server process died"
     log = log_path.read_text(errors="replace")
     assert "Traceback" not in log, log[-4000:]
-    problems = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    # The one expected WARNING is serve's own at start: this test runs without a password.
+    problems = [line for line in log.splitlines() if (" WARNING " in line or " ERROR " in line)
+                and "TICKETING IS DISABLED" not in line]
     assert not problems, "\n".join(problems[:20])
     with capsys.disabled():
         print(

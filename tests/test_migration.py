@@ -52,6 +52,7 @@ ECHO, SINK = "org.spicewire.echo", "org.spicewire.sink"
 PORTS = [(ECHO, "echo"), (SINK, "sink")]
 ECHO_ID, SINK_ID = 0, 1
 TOKEN = "migration-token"
+PEER_TOKEN = "peer-token"  # what s1 presents on an in-process s2's /migration/*
 
 
 @pytest.fixture(autouse=True)
@@ -68,13 +69,16 @@ def deadline(request):
 class Node:
     """An in-process server: SPICE and control API on 127.0.0.1, ports chosen by the kernel."""
 
+    peer_token: str | None = PEER_TOKEN
+
     def __init__(self, limits: Limits | None = None, ports: list[tuple[str, str]] = PORTS) -> None:
         self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(ports),
                                               limits=limits or Limits()))
         self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
         self.control.start()
-        self.api = ControlClient(*self.control.address, timeout=60)
+        # The operator API is open here; the token opens /migration/* too, where tests act as s1.
+        self.api = ControlClient(*self.control.address, token=PEER_TOKEN, timeout=60)
         self.address = self.spice.address
         self.control_address = self.control.address
 
@@ -82,6 +86,7 @@ class Node:
         return self.api.post_json("/migrate", {
             "to": "{}:{}".format(*(to or other.address)), "to_control": "{}:{}".format(*other.control_address),
             "mode": mode, "timeout": timeout, "to_token": getattr(other, "token", None),
+            "to_peer_token": getattr(other, "peer_token", None),
         })
 
     def sessions(self) -> dict[int, dict]:
@@ -102,12 +107,13 @@ class Proc(Node):
     """A ``spicewire serve`` subprocess with the same interface."""
 
     token = TOKEN
+    peer_token = None  # its control token opens /migration/* too
 
-    def __init__(self, tmp_path, name: str, buffer_mib: float = 8) -> None:
+    def __init__(self, tmp_path, name: str, buffer_mib: float = 8, precopy: bool = True) -> None:
         self.log = tmp_path / f"{name}.log"
         argv = [sys.executable, "-m", "spicewire", "serve", "--listen", "127.0.0.1:0",
                 "--disable-ticketing", "--control", "127.0.0.1:0", "--control-token", TOKEN,
-                "--port-buffer-mib", str(buffer_mib), "--log-level", "INFO"]
+                "--port-buffer-mib", str(buffer_mib), "--log-level", "INFO", *(() if precopy else ("--no-precopy",))]
         for port_name, kind in PORTS:
             argv += ["--port-channel", f"{port_name}={kind}"]
         with open(self.log, "wb") as log:
@@ -382,7 +388,8 @@ def test_semi_seamless_moves_the_session_and_reports_what_was_dropped(nodes):
 @pytest.mark.slow
 def test_256_mib_in_flight_arrive_byte_exact_through_arbitrary_segmentation(procs):
     size = 256 << 20
-    s1, s2 = procs("s1", buffer_mib=size / 2**20 + 32), procs("s2", buffer_mib=size / 2**20 + 32)
+    # Without the pre-copy, so that the whole backlog goes through the client (the path under test).
+    s1, s2 = (procs(name, buffer_mib=size / 2**20 + 32, precopy=False) for name in ("s1", "s2"))
     # The client reaches both servers through proxies: everything it writes to s1, the MIGRATE_DATA
     # s1 streams to it, and the relay into s2 are re-cut into arbitrary pieces.
     p1 = ChoppyProxy(s1.address, seed=1, p_small=0.5)

@@ -56,7 +56,8 @@ def raw_post(node, path: str, body: bytes | str, content_type: str = "applicatio
     """Like ControlClient, but answers the status and body of any status."""
     data = body.encode() if isinstance(body, str) else body
     try:
-        return 200, ControlClient(*node.control_address, timeout=20)._request("POST", path, data, content_type)
+        return 200, ControlClient(*node.control_address, token=node.api.token, timeout=20)._request(
+            "POST", path, data, content_type)
     except MigrationError as err:
         status = int(str(err).split(": ", 1)[1].split()[0])
         return status, {"error": str(err)}
@@ -254,7 +255,8 @@ def test_a_frozen_destination_cannot_hold_the_devices_beyond_the_timeout(nodes, 
     monkeypatch.setattr(s2.spice.migration, "receive_device_states", frozen)
     try:
         status, report = raw_post(s1, "/migrate", json.dumps(
-            {"to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*s2.control_address), "timeout": 3}))
+            {"to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*s2.control_address), "timeout": 3,
+             "to_peer_token": s2.peer_token}))
     finally:
         release.set()
     assert stopped_during_call == [True]

@@ -11,7 +11,7 @@ from .serverkit import MainSession, running_server
 
 def test_a_client_without_the_semi_seamless_cap_is_sent_switch_host():
     with running_server() as s1, running_server() as s2, gevent.Timeout(20):
-        control1, control2 = ControlServer(s1), ControlServer(s2)
+        control1, control2 = ControlServer(s1), ControlServer(s2, peer_token="peer")
         control1.start()
         control2.start()
         try:
@@ -19,6 +19,7 @@ def test_a_client_without_the_semi_seamless_cap_is_sent_switch_host():
             old.attach_channels()
             asked = gevent.spawn(ControlClient(*control1.address).post_json, "/migrate", {
                 "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*control2.address), "timeout": 5,
+                "to_peer_token": "peer",
             })
             switch = old.main.expect(m.MsgMainMigrateSwitchHost, 10)
             assert (switch.dst_info.host, switch.dst_info.port) == s2.address

@@ -50,6 +50,7 @@ from .serverkit import MainSession, RawChannel, running_server, wait_until
 pytestmark = pytest.mark.peer
 
 SIZE = (320, 240)
+PEER_TOKEN = "peer-token"  # what s1 presents on the in-process s2's /migration/*
 MOUSE_MODE_CLIENT = 2  # SpiceMouseMode
 KEY_2, KEY_3, KEY_C, KEY_UP = 0x03, 0x04, 0x2E, 0x148  # set-1 scancodes; Up is E0 48
 
@@ -222,7 +223,7 @@ class DisplayNode:
         self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=[], display=kind,
                                               display_size=size, server_name=name))
         self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0)
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
         self.control.start()
         self.api = ControlClient(*self.control.address, timeout=60)
         self.address = self.spice.address
@@ -230,7 +231,7 @@ class DisplayNode:
     def migrate_to(self, other: DisplayNode, mode: str) -> dict:
         report = self.api.post_json("/migrate", {
             "to": "{}:{}".format(*other.address), "to_control": "{}:{}".format(*other.control.address),
-            "mode": mode, "timeout": 10.0,
+            "mode": mode, "timeout": 10.0, "to_peer_token": PEER_TOKEN,
         })
         assert report["migrated"] == 1 and report["stayed"] == 0, report
         return report

@@ -174,7 +174,8 @@ class Node:
         ))
         self.spice.start()
         self.token = token
-        self.control = ControlServer(self.spice, "127.0.0.1", 0, token=token,
+        self.peer_token = None if token else "peer-token"  # a control token opens /migration/* itself
+        self.control = ControlServer(self.spice, "127.0.0.1", 0, token=token, peer_token=self.peer_token,
                                      tls=self.spice.tls.context if control_tls and self.spice.tls else None)
         self.control.start()
         self.control_url = f"{'https://' if control_tls else ''}127.0.0.1:{self.control.address[1]}"
@@ -187,6 +188,7 @@ class Node:
                    to_token: str | None = None, mode: str = "seamless") -> dict:
         return self.api.post_json("/migrate", {
             "to": f"127.0.0.1:{other.port}", "to_control": other.control_url, "to_token": to_token or other.token,
+            "to_peer_token": other.peer_token,
             "to_tls_port": other.tls_port, "to_cert_subject": subject, "mode": mode, "timeout": timeout,
         })
 

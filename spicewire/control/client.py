@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import gevent
@@ -41,20 +42,28 @@ class ControlClient:
     def post_bytes(self, path: str, body: bytes, timeout: float | None = None) -> Any:
         return self._request("POST", path, body, "application/octet-stream", timeout)
 
+    def post_stream(self, path: str, pieces: Iterable[Any], size: int, timeout: float | None = None) -> Any:
+        """A body of ``size`` bytes sent piece by piece (buffers, each asked for once the one
+        before is written): views into the sender's memory, never joined into one."""
+        return self._request("POST", path, b"", "application/octet-stream", timeout, pieces, size)
+
     def _request(
-        self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None
+        self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None,
+        pieces: Iterable[Any] = (), size: int | None = None,
     ) -> Any:
         """The answer's JSON (None for an empty body); MigrationError for any status but 200.
         ``timeout`` bounds the whole request, connecting to the last byte, not each socket call:
         a peer that trickles its answer cannot stretch it. Running out is a TimeoutError (an OSError)."""
         head = [f"{method} {path} HTTP/1.1", f"Host: {'localhost' if self.unix else self.address}", "Connection: close",
-                f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+                f"Content-Type: {content_type}", f"Content-Length: {len(body) if size is None else size}"]
         if self.token:
             head.append(f"Authorization: Bearer {self.token}")
         limit = timeout or self.timeout
         late = TimeoutError(f"{method} {path}: no answer from {self.address} within {limit:.3g} s")
         with gevent.Timeout(limit, late), connect_control(self.host, self.port, self.unix, limit, self.tls) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            for piece in pieces:
+                sock.sendall(piece)
             data = bytearray()
             while chunk := sock.recv(65536):
                 data += chunk

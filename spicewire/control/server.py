@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hmac
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -43,8 +44,10 @@ from spicewire.errors import MigrationError, SpiceError
 from spicewire.logs import iso_utc, parse_session_label, session_label
 from spicewire.protocol.enums import MAX_PASSWORD_LENGTH
 from spicewire.protocol.migration import MigrationMode
+from spicewire.server.admission import host_of
 from spicewire.server.events import Subscription
-from spicewire.server.migration.orchestrator import UnknownMigration
+from spicewire.server.migration.orchestrator import MigrationBusy, UnknownMigration
+from spicewire.server.migration.precopy import receive_port_precopy
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
 
@@ -52,6 +55,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
 MAX_DEVICE_STATE = 256 << 20
+MAX_PRECOPY = 1 << 40  # a pre-copy round is read into the regions its index names, never held whole
 MAX_IN_FLIGHT = 1 << 40  # an announced port backlog beyond this is a mistake, not a plan
 _MIGRATION_ID = re.compile(r"[0-9a-f]{16}")
 
@@ -367,13 +371,19 @@ def unix_listener(path: str) -> socket.socket:
 class ControlServer:
     """The control API of one SpiceServer, on ``(host, port)`` or on the Unix socket ``unix``
     (then host and port are unused); ``token`` demands a bearer token; with ``tls`` (a server
-    context, as the SPICE TLS listener's) it is HTTPS."""
+    context, as the SPICE TLS listener's) it is HTTPS.
+
+    The server-to-server endpoints (``/migration/*``) always demand a bearer token, whatever
+    ``token`` is: ``peer_token``, else ``token``; with neither, this server takes no migrations
+    (403). They create sessions and hold memory for them, so an open operator API on loopback
+    must not open them to every local user too."""
 
     def __init__(self, spice: SpiceServer, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                  *, unix: str | None = None, limits: ControlLimits | None = None,
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, peer_token: str | None = None) -> None:
         self.spice = spice
         self.token = token
+        self.peer_token = peer_token
         self.unix = unix
         self.tls = tls
         self.limits = limits or ControlLimits()
@@ -389,10 +399,12 @@ class ControlServer:
         self.router.add("GET", "/sessions/{session}/ports/{port}/digest", self.port_digest)
         self.router.add("GET", "/sessions/{session}/screen.png", self.screen_png)
         self.router.add("POST", "/password", self.set_password)
+        self.router.add("POST", "/tickets", self.issue_ticket)
         self.router.add("POST", "/migrate", self.migrate)
         self.router.add("POST", "/migration/announce", self.announce)
         self.router.add("POST", "/migration/device-state", self.device_state)
         self.router.add("POST", "/migration/display-precopy", self.display_precopy)
+        self.router.add("POST", "/migration/port-precopy", self.port_precopy)
         self.router.add("GET", "/migration/completed", self.completed)
         self.router.add("POST", "/migration/abort", self.abort)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
@@ -417,6 +429,8 @@ class ControlServer:
         self._wsgi.start()
         where = self.where if self.unix is not None else f"{'https' if self.tls else 'http'}://{self.where}"
         log.info("control API on %s%s", where, " (bearer token required)" if self.token else "")
+        if self.peer_token is None and self.token is None:
+            log.info("no peer token: this server refuses migrations to it (/migration/* answers 403)")
 
     def stop(self, timeout: float = 1.0) -> None:
         self._stopping.set()
@@ -436,7 +450,7 @@ class ControlServer:
         request.consumed = declared in ("", "0") and "chunked" not in environ.get("HTTP_TRANSFER_ENCODING", "")
         headers: tuple[tuple[str, str], ...] = ()
         try:
-            self._authorize(environ)
+            self._authorize(environ, path)
             handler, request.params = self.router.resolve(request.method, path)
             result = handler(request)
             status, body = result if isinstance(result, tuple) else (200, result)
@@ -462,11 +476,18 @@ class ControlServer:
         start_response(phrase, [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *headers])
         return [data]
 
-    def _authorize(self, environ: dict) -> None:
-        if self.token is None:
+    def _authorize(self, environ: dict, path: str) -> None:
+        if _split(path)[:1] == ("migration",):
+            secret = self.peer_token or self.token
+            if secret is None:
+                raise HttpError(403, "this server takes no migrations: it has no peer token "
+                                "(serve --peer-token-file, $SPICEWIRE_PEER_TOKEN or --control-token)")
+        elif self.token is None:
             return
+        else:
+            secret = self.token
         scheme, _, given = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), secret.encode()):
             challenge = ("WWW-Authenticate", 'Bearer realm="spicewire"')
             raise HttpError(401, "a valid bearer token is required", (challenge,))
 
@@ -500,6 +521,12 @@ class ControlServer:
             "uptime": None if started is None else round(time.monotonic() - started, 3),
             "sessions": len(self.spice.sessions),
             "event_subscribers": self.spice.events.subscribers,
+            # Links beyond the ready keys wait for one: a caller about to send a burst can wait for these.
+            "link_keys": {"ready": self.spice.keys.ready, "pool": self.spice.keys.size,
+                          "made_on_demand": self.spice.keys.made_on_demand},
+            # What the sessions hold against --memory-budget, and what one client cost the others.
+            "memory": {**self.spice.budget.status(), "flood_reads": self.spice.flood_reads,
+                       "unread_closed": self.spice.unread_closed},
             "config": {
                 "ticketing": password is not None,
                 "password_expiry": expiry,
@@ -603,11 +630,34 @@ class ControlServer:
         log.info("password %s over the control API; %s", "set" if "password" in body else "expiry changed", state)
         return {"ticketing": password is not None, "password_expiry": None if expiry is None else iso_utc(expiry)}
 
+    def issue_ticket(self, request: Request) -> dict:
+        """A one-time ticket, as management stacks issue console tickets: ``{"session_id":
+        null|"8hex", "expires_in": s}``. It opens one main link, a new session (null) or the named
+        one, before it expires; that session's other channels link with it while the session lives."""
+        body = _object(request.json(), "ticket request")
+        unknown = sorted(set(body) - {"session_id", "expires_in"})
+        if unknown:
+            raise HttpError(400, f"bad ticket request: unknown field {unknown[0]}; "
+                            "expected {\"session_id\": null|\"8 hex digits\", \"expires_in\": seconds}")
+        given = body.get("session_id")
+        session_id = None if given is None else parse_session_id(given)
+        if session_id == 0:
+            raise HttpError(400, "bad ticket request: session_id 00000000 names no session; null opens a new one")
+        lifetime = _seconds(body, "expires_in", 60.0, "ticket request")
+        try:
+            ticket = self.spice.session_tickets.issue(session_id, lifetime, time.monotonic())
+        except OverflowError as err:
+            raise HttpError(503, str(err)) from None
+        log.info("ticket issued for %s, expiring in %g s",
+                 "a new session" if session_id is None else f"session {session_label(session_id)}", lifetime)
+        return {"ticket": ticket.secret, "session_id": given, "expires_at": iso_utc(time.time() + lifetime)}
+
     # --- migration ----------------------------------------------------------------------------
 
     def migrate(self, request: Request) -> dict:
         """Move every session to another server: ``{"to": "HOST:PORT", "to_control": "HOST:PORT",
-        "mode": "seamless"|"semi-seamless", "timeout": s, "to_token": T}``; answers with the report
+        "mode": "seamless"|"semi-seamless", "timeout": s, "to_token": T, "to_peer_token": P}``
+        (P, else T, authenticates s1 to s2's ``/migration/*``); answers with the report
         once the migration is over (this request waits; the SPICE traffic does not). A TLS
         destination adds ``"to_tls_port"`` (then ``to``'s port may be 0: TLS only) and
         ``"to_cert_subject"`` (``k=v,...``; without it clients check s2's host name); an
@@ -633,12 +683,16 @@ class ControlServer:
         if mode_name not in modes:
             raise HttpError(400, f"bad migrate request: mode must be one of {', '.join(modes)}, not {mode_name!r}")
         timeout = _seconds(body, "timeout", 30.0, "migrate request")
-        token = body.get("to_token")
-        if token is not None and not isinstance(token, str):
-            raise HttpError(400, "bad migrate request: to_token must be a string")
+        tokens = {key: body.get(key) for key in ("to_token", "to_peer_token")}
+        for key, token in tokens.items():
+            if token is not None and not isinstance(token, str):
+                raise HttpError(400, f"bad migrate request: {key} must be a string")
         try:
-            return self.spice.migration.migrate(to, to_control, modes[mode_name], timeout, token, to_tls_port=tls_port,
-                                                to_cert_subject=subject, to_control_tls=control_tls)
+            return self.spice.migration.migrate(to, to_control, modes[mode_name], timeout, tokens["to_token"],
+                                                to_tls_port=tls_port, to_cert_subject=subject,
+                                                to_control_tls=control_tls, to_peer_token=tokens["to_peer_token"])
+        except MigrationBusy as err:
+            raise HttpError(409, str(err)) from None
         except MigrationError as err:
             raise HttpError(502, str(err)) from None
 
@@ -648,13 +702,18 @@ class ControlServer:
         sessions = _announced_sessions(body.get("sessions"))
         ttl = _seconds(body, "ttl", 90.0, "announcement")
         migration = _migration_id(body.get("migration"), "announcement")
+        key = body.get("state_key")
+        if key is not None and not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{64}", key)):
+            raise HttpError(400, "bad announcement: state_key must be 64 hex digits (a 32-byte key)")
         try:
-            count = self.spice.migration.announce(migration, sessions, ttl)
+            count = self.spice.migration.announce(migration, sessions, ttl,
+                                                  state_key=bytes.fromhex(key) if key is not None else None)
         except ValueError as err:  # an unknown device kind
             raise HttpError(400, f"bad announcement: {err}") from None
         except MigrationError as err:
             raise HttpError(409, str(err)) from None
-        return {"announced": count}
+        # What this server takes beyond the baseline, so s1 uses only that.
+        return {"announced": count, **self.spice.migration.features(state_key=key is not None)}
 
     def device_state(self, request: Request) -> dict:
         """``?migration=ID``: the devices of sessions that migration announced; the answer names
@@ -668,7 +727,7 @@ class ControlServer:
             raise HttpError(404, str(err)) from None
         # The container and its JSON index are the peer's bytes all the way down: any shape
         # they do not have (a missing chunk, an index entry that is not an object) is its fault.
-        except (SpiceError, ValueError, KeyError, TypeError, IndexError) as err:
+        except (SpiceError, ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
             raise HttpError(400, f"bad device state: {err}") from None
 
     def display_precopy(self, request: Request) -> dict:
@@ -681,8 +740,30 @@ class ControlServer:
             return self.spice.migration.receive_display_precopy(migration, body)
         except UnknownMigration as err:
             raise HttpError(404, str(err)) from None
-        except (SpiceError, ValueError, KeyError, TypeError, IndexError) as err:
+        except (SpiceError, ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
             raise HttpError(400, f"bad display pre-copy: {err}") from None
+
+    def port_precopy(self, request: Request) -> dict:
+        """``?migration=ID``: one round of the pre-copy of queued port bytes (server/migration/
+        precopy.py), read straight into the memory each port's region has here."""
+        size = request.content_length(MAX_PRECOPY)
+        migration = _migration_id(_query(request).get("migration"), "port pre-copy")
+        manager = self.spice.migration
+        if not self.spice.config.precopy:
+            raise HttpError(409, "this server takes no port pre-copy (serve --no-precopy)")
+        if not manager.in_progress(migration):
+            raise HttpError(404, f"no migration {migration} in progress here")
+        seconds = request.limits.body_timeout + size / request.limits.body_rate
+        late = HttpError(408, f"the pre-copy of {size} bytes did not arrive within {seconds:g} s")
+        try:
+            with gevent.Timeout(seconds, late):
+                answer = receive_port_precopy(manager, migration, request.environ["wsgi.input"], size)
+        except HttpError:
+            raise
+        except (SpiceError, ValueError, KeyError, TypeError, OSError) as err:
+            raise HttpError(400, f"bad port pre-copy: {err}") from None
+        request.consumed = True
+        return answer
 
     def completed(self, request: Request) -> dict:
         """``?ids=A,B``, and ``&migration=ID`` to hear only of the sessions that migration announced."""
@@ -797,8 +878,24 @@ def _announced_sessions(sessions: Any) -> list[dict]:
         if ticket is not None and not _is_password(ticket):
             raise HttpError(400, f"bad announcement: session {sid} has a ticket that is not a password "
                             f"(1-{MAX_PASSWORD_LENGTH} bytes, no NUL)")
-        checked.append({**entry, "session_id": number})
+        client = entry.get("client")
+        if client is not None and not _is_host(client):
+            raise HttpError(400, f"bad announcement: session {sid} has a client that is not an IP address: "
+                            f"{client!r:.60}")
+        # One spelling per host (an IPv4-mapped address as IPv4), as s2 compares it with its peers'.
+        checked.append({**entry, "session_id": number, **({} if client is None else {"client": host_of(client)})})
     return checked
+
+
+def _is_host(value: Any) -> bool:
+    """An IP address in text (ip_address would take an int too)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _announced_port(port: Any) -> bool:

@@ -19,7 +19,7 @@ from enum import Enum
 
 import numpy as np
 
-from spicewire.errors import CodecError, LocalProtocolError, RemoteProtocolError
+from spicewire.errors import CodecError, LocalProtocolError, RemoteProtocolError, SpiceError
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, MigrateFlags, Msgc
 from spicewire.protocol.framing import DEFAULT_MAX_SIZE, MessageReader, MessageWriter
@@ -69,6 +69,9 @@ class ChannelConnection:
         # far larger than what a client may hold, so parsing stops and the owner passes it through
         # (``take_unparsed``, then the socket) and calls ``passed_through`` or ``resume``.
         self.paused = False
+        # Once parsing failed, where the next message starts is unknown: the incoming half refuses
+        # every later byte, as h11's their_state ERROR does (sending stays possible, for a goodbye).
+        self.receive_error: SpiceError | None = None
 
     @property
     def bytes_in(self) -> int:
@@ -117,7 +120,9 @@ class ChannelConnection:
     # --- receiving ---------------------------------------------------------------------------
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> list[m.Message]:
-        """Messages for the owner; answers to common messages wait in ``data_to_send``."""
+        """Messages for the owner; answers to common messages wait in ``data_to_send``. After one
+        call raised, every later one raises LocalProtocolError."""
+        self._check_receiving()
         if self.paused:
             raise LocalProtocolError("the channel is paused for a MIGRATE_DATA pass-through")
         self._bytes_in += len(data)
@@ -132,6 +137,7 @@ class ChannelConnection:
 
     def received_into(self, n: int) -> list[m.Message]:
         """``n`` bytes were received into the view ``receive_buffer`` gave."""
+        self._check_receiving()
         if self.paused:
             raise LocalProtocolError("the channel is paused for a MIGRATE_DATA pass-through")
         self._bytes_in += n
@@ -165,6 +171,7 @@ class ChannelConnection:
     def resume(self, unparsed: bytes | bytearray | memoryview = b"") -> list[m.Message]:
         """Parse again after a pause, starting with ``unparsed`` (bytes taken out with
         ``take_unparsed`` that follow the message passed through or dropped)."""
+        self._check_receiving()
         self.paused = False
         self.reader.feed(unparsed)
         return self._parse()
@@ -189,7 +196,21 @@ class ChannelConnection:
         self.writer.continue_serials(writer.serial)
         self.paused = False
 
+    def _check_receiving(self) -> None:
+        if self.receive_error is not None:
+            raise LocalProtocolError(
+                f"the {self.channel_type.name} channel's incoming stream failed ({self.receive_error}); "
+                "it takes no more bytes"
+            )
+
     def _parse(self) -> list[m.Message]:
+        try:
+            return self._parse_messages()
+        except SpiceError as err:
+            self.receive_error = err
+            raise
+
+    def _parse_messages(self) -> list[m.Message]:
         out = []
         for raw in self.reader:
             if self.side is Side.CLIENT:

@@ -214,7 +214,20 @@ class LinkEstablished:
     trailing: bytes = b""
 
 
-Event = LinkRequested | LinkEstablished
+@dataclass(frozen=True, slots=True)
+class LinkAuthenticated:
+    """The ticket passed, on a link accepted with ``decide_after_ticket``. Only now does the owner
+    look at the ids (as spice-server does), so a client without the password learns nothing about
+    which sessions exist; it answers with ServerLink.establish or refuse. ``credential`` names what
+    the ticket matched: "password", "open" (ticketing disabled) or the name given to allow_ticket."""
+
+    connection_id: int
+    channel_type: int
+    channel_id: int
+    credential: str
+
+
+Event = LinkRequested | LinkAuthenticated | LinkEstablished
 
 
 class LinkState(Enum):
@@ -224,6 +237,7 @@ class LinkState(Enum):
     HEADER = auto()
     MESS = auto()  # server: SpiceLinkMess + caps
     VALIDATING = auto()  # server: the owner's answer to LinkRequested
+    AUTHENTICATED = auto()  # server: the owner's verdict after a good ticket (LinkAuthenticated)
     AUTH_MECHANISM = auto()  # server
     TICKET = auto()  # server
     REPLY = auto()  # client: SpiceLinkReply + caps
@@ -323,7 +337,8 @@ class ServerLink(_LinkMachine):
         self._password = None if password is None else _c_string(password)
         self._password_expiry = password_expiry
         self._key_factory = key_factory
-        self._migration_ticket: bytes | None = None
+        self._tickets: list[tuple[bytes, str]] = []  # (ticket, credential name), besides the password
+        self._decide_after_ticket = False
         self._now = now
         self._mess: SpiceLinkMess  # set once read; the states guarantee the order
         self._key: rsa.RSAPrivateKey
@@ -336,13 +351,22 @@ class ServerLink(_LinkMachine):
         """Accept ``ticket`` besides the password, regardless of the password's expiry: for a
         client the source of a migration announced, the password it linked with there, so a
         password that expired here meanwhile does not strand it halfway. Before accept."""
-        self._require_validating()
-        # An empty ticket would match a client that has no password at all.
-        self._migration_ticket = _c_string(ticket) or None
+        self.allow_ticket(ticket, "migration")
 
-    def accept(self, channel_caps: Caps = ()) -> None:
-        """Send the LinkReply: a fresh key, SERVER_COMMON_CAPS and the channel instance's caps."""
+    def allow_ticket(self, ticket: str | bytes, credential: str) -> None:
+        """Accept ``ticket`` besides the password, regardless of the password's expiry (a
+        per-session ticket, a migration's); a match is reported as ``credential``. Before accept."""
         self._require_validating()
+        secret = _c_string(ticket)
+        if secret:  # an empty ticket would match a client that has no password at all
+            self._tickets.append((secret, credential))
+
+    def accept(self, channel_caps: Caps = (), *, decide_after_ticket: bool = False) -> None:
+        """Send the LinkReply: a fresh key, SERVER_COMMON_CAPS and the channel instance's caps.
+        With ``decide_after_ticket`` a good ticket gives LinkAuthenticated, and the link waits for
+        establish or refuse; otherwise it is established at once."""
+        self._require_validating()
+        self._decide_after_ticket = decide_after_ticket
         self._key = self._key_factory()
         pub_key = self._key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -365,14 +389,31 @@ class ServerLink(_LinkMachine):
         self._outbox += _framed(SpiceLinkReply(error).encode())
         self._close()
 
+    def establish(self) -> None:
+        """The owner's yes after LinkAuthenticated: link result OK, then LinkEstablished."""
+        self._require_state(LinkState.AUTHENTICATED)
+        self._succeed()
+
+    def refuse(self, error: LinkErr) -> None:
+        """The owner's no after LinkAuthenticated: ``error`` as the link result (spice-server's
+        reds_send_link_result), then nothing more."""
+        self._require_state(LinkState.AUTHENTICATED)
+        if error == LinkErr.OK:
+            raise LocalProtocolError("refuse needs a non-zero link error")
+        self._outbox += _U32.pack(error)
+        self._close()
+
     def close_without_reply(self) -> None:
         """Drop the request silently, as spice-server does for an unknown non-main channel (1.4)."""
         self._require_validating()
         self._close()
 
     def _require_validating(self) -> None:
-        if self._state is not LinkState.VALIDATING:
-            raise LocalProtocolError(f"no link request to answer in state {self._state.name}")
+        self._require_state(LinkState.VALIDATING)
+
+    def _require_state(self, state: LinkState) -> None:
+        if self._state is not state:
+            raise LocalProtocolError(f"nothing to answer in state {self._state.name} (expected {state.name})")
 
     def _fail(self, message: str, code: LinkErr | None) -> NoReturn:
         if code is not None:
@@ -424,14 +465,24 @@ class ServerLink(_LinkMachine):
             # Also with ticketing disabled: the client must prove it holds this link's key.
             self._deny("ticket does not decrypt with this link's key")
         ticket = _c_string(plaintext)
-        migrating = self._migration_ticket is not None and hmac.compare_digest(ticket, self._migration_ticket)
-        if self._password is not None and not migrating:
+        # Every allowed ticket is compared, matched or not: the time taken says nothing of which.
+        matches = [name for secret, name in self._tickets if hmac.compare_digest(ticket, secret)]
+        credential = matches[0] if matches else "password" if self._password is not None else "open"
+        if credential == "password":
             if not self._password:
                 self._deny("ticketing is enabled but no password is set")
             if self._password_expiry is not None and self._now > self._password_expiry:
                 self._deny("password expired")
             if not hmac.compare_digest(ticket, self._password):
                 self._deny("invalid password")
+        if self._decide_after_ticket:
+            mess = self._mess
+            self._expect(LinkState.AUTHENTICATED)
+            self._events.append(LinkAuthenticated(mess.connection_id, mess.channel_type, mess.channel_id, credential))
+            return
+        self._succeed()
+
+    def _succeed(self) -> None:
         self._outbox += _U32.pack(LinkErr.OK)
         mess = self._mess
         self._establish(
@@ -515,10 +566,14 @@ class ClientLink(_LinkMachine):
             self._fail("server public key is not a DER SubjectPublicKeyInfo")
         if not isinstance(key, rsa.RSAPublicKey) or key.key_size != 8 * ENCRYPTED_TICKET_SIZE:
             self._fail("server public key is not RSA-1024")
+        try:
+            ticket = key.encrypt(self._ticket, _OAEP)
+        except ValueError:  # a key that parses but cannot encrypt (an even modulus, say)
+            self._fail("server public key cannot encrypt the ticket")
         # Mechanism word and ticket go back to back, without waiting (as spice-gtk does).
         if has_cap(reply.common_caps, CommonCap.PROTOCOL_AUTH_SELECTION):
             self._outbox += _U32.pack(AuthMechanism.SPICE)
-        self._outbox += key.encrypt(self._ticket, _OAEP)
+        self._outbox += ticket
         self._reply = reply
         self._expect(LinkState.RESULT, _U32.size)
 

@@ -6,7 +6,7 @@ the first header byte. For spicewire <-> spicewire port channels there is also `
 carries hundreds of MiB of buffered port data without per-chunk copies::
 
     0   4s   magic    b"SWPD"
-    4   u32  version  1
+    4   u32  version  1, or 2 with a pre-copy reference
     8   one or more codec.pack_chunks containers back to back (layout in _codec_layout.py), each
         at most a segment long unless a single chunk is larger; their chunks, in order:
         [0]     state record, 64 bytes, little-endian (first container only):
@@ -21,6 +21,12 @@ carries hundreds of MiB of buffered port data without per-chunk copies::
                 44 u32 to_client_count  device->client chunks that follow the pending ones
                 48 u64 to_client_size   their total length
                 56 8 bytes reserved, zero
+        [1]     version 2 only: the pre-copy reference, 112 bytes, per direction (client->device
+                first, then device->client) u64 start, u64 length, u64 skip, 32-byte SHA-256:
+                s2 holds ``length`` bytes of that direction's stream from offset ``start`` (sent
+                to it over the server-to-server path before the switch), whose digest must be
+                the one given; bytes ``skip`` onwards are still queued and come before the ones
+                that follow here
         then    client->device bytes not yet written to the device, oldest first
         then    device->client bytes the device produced before it stopped, not yet sent
         last    device-specific state, opaque (may be empty)
@@ -69,7 +75,9 @@ class MigrateDataMagic(IntEnum):
 
 
 MIGRATE_DATA_VERSION = 1
-"""Every per-channel version above, spicewire's included."""
+"""Every per-channel version above, spicewire's included (SWPD has a version 2, SWPD_PRECOPY)."""
+SWPD_PRECOPY = 2
+"""The SWPD version with a pre-copy reference: s1 sends it only to an s2 that took the pre-copy."""
 CHAR_DEVICE_VERSION = 1
 U32_MAX = 0xFFFFFFFF
 
@@ -77,6 +85,7 @@ _HEADER = struct.Struct("<II")  # magic, version
 _CHAR_DEVICE = struct.Struct("<IBIIIII")  # 25 bytes (6.1)
 _MAIN_TAIL = struct.Struct("<BI8sBIIIBIB")  # the 32 bytes after the agent char device (6.2)
 _PORT_STATE = struct.Struct("<IIQQQIIIIQ8x")  # 64 bytes, SWPD chunk 0
+_REGION_REF = struct.Struct("<QQQ32s")  # start, length, skip, SHA-256: one direction of SWPD chunk 1
 SWPD_SEGMENT = 8 << 20  # one container's bytes while building: the size of the reused buffer
 _CONTAINER_TOTAL = struct.Struct("<Q")  # codec container total_size, at offset 16
 SPICEVMC_MIGRATE_DATA_SIZE = _HEADER.size + _CHAR_DEVICE.size  # 33
@@ -224,8 +233,39 @@ def parse_main_migrate_data(body: Buffer) -> MainMigrateData:
 
 
 @dataclass(frozen=True, slots=True)
+class RegionRef:
+    """One direction of a port's pre-copy as s1 sent it (SWPD version 2, chunk 1)."""
+
+    start: int = 0  # the stream offset of the first byte s2 holds
+    length: int = 0  # bytes s2 holds
+    skip: int = 0  # of those, consumed (written to the device, or sent to the client) since
+    digest: bytes = bytes(32)  # SHA-256 of the ``length`` bytes
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.skip <= self.length or len(self.digest) != 32:
+            raise CodecError(f"pre-copy reference skips {self.skip} of {self.length} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyRef:
+    to_device: RegionRef
+    to_client: RegionRef
+
+    def encode(self) -> bytes:
+        return b"".join(_REGION_REF.pack(r.start, r.length, r.skip, r.digest) for r in (self.to_device, self.to_client))
+
+    @classmethod
+    def decode(cls, data: Buffer) -> PrecopyRef:
+        if len(data) != 2 * _REGION_REF.size:
+            raise CodecError(f"SWPD pre-copy reference of {len(data)} bytes, expected {2 * _REGION_REF.size}")
+        first, second = (_REGION_REF.unpack_from(data, i * _REGION_REF.size) for i in range(2))
+        return cls(RegionRef(*first), RegionRef(*second))
+
+
+@dataclass(frozen=True, slots=True)
 class PortMigrateData:
-    """spicewire's port-channel state (``SWPD``, layout in the module docstring)."""
+    """spicewire's port-channel state (``SWPD``, layout in the module docstring). With
+    ``precopy``, ``pending`` and ``to_client`` are what follows the pre-copied bytes."""
 
     ack_generation: int = 0
     ack_window: int = 0
@@ -236,6 +276,7 @@ class PortMigrateData:
     device_state: Buffer = b""
     pending: Sequence[Buffer] = ()
     to_client: Sequence[Buffer] = ()
+    precopy: PrecopyRef | None = None
 
     @property
     def pending_size(self) -> int:
@@ -263,7 +304,11 @@ class PortMigrateDataWriter:
             sum(to_client_lengths),
         )
         self._device_state = state.device_state
-        lengths = [len(self._record), *pending_lengths, *to_client_lengths, memoryview(state.device_state).nbytes]
+        self._reference = state.precopy.encode() if state.precopy is not None else None
+        self.version = SWPD_PRECOPY if state.precopy is not None else MIGRATE_DATA_VERSION
+        references = [len(self._reference)] if self._reference is not None else []
+        lengths = [len(self._record), *references, *pending_lengths, *to_client_lengths,
+                   memoryview(state.device_state).nbytes]
         self._plan = _segment_plan(lengths, segment)  # chunk counts per container
         sizes, start = [], 0
         for count in self._plan:
@@ -274,7 +319,7 @@ class PortMigrateDataWriter:
 
     @property
     def header(self) -> bytes:
-        return _HEADER.pack(MigrateDataMagic.PORT, MIGRATE_DATA_VERSION)
+        return _HEADER.pack(MigrateDataMagic.PORT, self.version)
 
     @property
     def largest_container(self) -> int:
@@ -295,6 +340,8 @@ class PortMigrateDataWriter:
 
     def _chunks(self) -> Iterator[Buffer]:
         yield self._record
+        if self._reference is not None:
+            yield self._reference
         for queue in (self._pending, self._to_client):
             if isinstance(queue, deque):
                 while queue:
@@ -332,7 +379,13 @@ def build_port_migrate_data(state: PortMigrateData, segment: int = SWPD_SEGMENT)
 def parse_port_migrate_data(body: Buffer) -> PortMigrateData:
     """Zero copy: ``device_state``, ``pending`` and ``to_client`` are memoryviews into ``body``."""
     view = memoryview(body).cast("B") if memoryview(body).format != "B" else memoryview(body)
-    parse_migrate_data_header(view, MigrateDataMagic.PORT)
+    if len(view) >= _HEADER.size and _HEADER.unpack_from(view)[1] == SWPD_PRECOPY:
+        precopy = True  # parse_migrate_data_header knows version 1 only
+        if _HEADER.unpack_from(view)[0] != MigrateDataMagic.PORT:
+            raise CodecError("migrate data magic is not SWPD")
+    else:
+        precopy = False
+        parse_migrate_data_header(view, MigrateDataMagic.PORT)
     chunks: list[memoryview] = []
     pos = _HEADER.size
     while pos < len(view):
@@ -350,6 +403,12 @@ def parse_port_migrate_data(body: Buffer) -> PortMigrateData:
      to_client_count, to_client_size) = _PORT_STATE.unpack(record)
     if any(record[56:]):
         raise CodecError("SWPD reserved bytes are not zero")
+    reference = None
+    if precopy:
+        if len(chunks) < 3:
+            raise CodecError("SWPD version 2 needs a pre-copy reference chunk")
+        reference = PrecopyRef.decode(chunks[1])
+        chunks = [chunks[0], *chunks[2:]]
     if 1 + pending_count + to_client_count + 1 != len(chunks):
         raise CodecError(f"SWPD announces {pending_count} + {to_client_count} buffers, holds {len(chunks) - 2}")
     pending = chunks[1 : 1 + pending_count]
@@ -358,7 +417,7 @@ def parse_port_migrate_data(body: Buffer) -> PortMigrateData:
         raise CodecError("SWPD buffer sizes do not add up to the sizes its record announces")
     return PortMigrateData(
         generation, window, serial, client_serial, client_tokens, send_tokens, chunks[-1], tuple(pending),
-        tuple(to_client),
+        tuple(to_client), reference,
     )
 
 

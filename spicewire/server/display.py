@@ -477,20 +477,49 @@ class Precopy:
                 *tile_delta(state.damage.shadow, self.shadow)]
 
 
-def take_precopy(state: DisplayState, framebuffer: memoryview, shadow: memoryview) -> None:
-    """s2: the whole picture, as s1 had it during pre-migration."""
+def check_precopy(state: DisplayState, framebuffer: memoryview, shadow: memoryview) -> None:
+    """ValueError unless both pre-copied surfaces fit this screen: a batch is checked whole first."""
     for target, data in ((state.screen.framebuffer, framebuffer), (state.damage.shadow, shadow)):
         if len(data) != target.nbytes:
             raise ValueError(f"a pre-copied surface of {len(data)} bytes for one of {target.nbytes}")
+
+
+def take_precopy(state: DisplayState, framebuffer: memoryview, shadow: memoryview) -> None:
+    """s2: the whole picture, as s1 had it during pre-migration (``check_precopy`` passed)."""
+    check_precopy(state, framebuffer, shadow)
+    for target, data in ((state.screen.framebuffer, framebuffer), (state.damage.shadow, shadow)):
         target.reshape(-1)[:] = np.frombuffer(data, dtype=np.uint8)
 
 
-def take_delta(state: DisplayState, chunks: list[memoryview]) -> int:
-    """s2: the tiles that changed after the pre-copy (``Precopy.delta``)."""
-    if len(chunks) != 4:
-        raise ValueError(f"a display delta has 4 chunks, not {len(chunks)}")
-    return (apply_tile_delta(state.screen.framebuffer, chunks[0], chunks[1])
-            + apply_tile_delta(state.damage.shadow, chunks[2], chunks[3]))
+@dataclass
+class ScreenUpdate:
+    """A screen's state and picture from the device state, built apart and checked whole: a batch
+    refused anywhere leaves every screen as it was."""
+
+    state: DisplayState
+    screen: Screen
+    framebuffer: np.ndarray
+    shadow: np.ndarray
+
+    def apply(self) -> None:
+        self.screen.framebuffer[...] = self.framebuffer
+        self.state.screen = self.screen
+        self.state.damage.shadow[...] = self.shadow
+
+
+def prepare_update(state: DisplayState, saved: list[memoryview], delta: list[memoryview]) -> ScreenUpdate:
+    """The screen ``saved`` describes, with the tiles of ``delta`` (``Precopy.delta``) applied to
+    copies of the picture and the client's shadow; raises (ValueError, or what the screen's own
+    ``restore`` raises for a state it cannot take) before anything of ``state`` changes."""
+    if len(delta) != 4:
+        raise ValueError(f"a display delta has 4 chunks, not {len(delta)}")
+    framebuffer, shadow = state.screen.framebuffer.copy(), state.damage.shadow.copy()
+    apply_tile_delta(framebuffer, delta[0], delta[1])
+    apply_tile_delta(shadow, delta[2], delta[3])
+    current = state.screen
+    screen = screens.factory(current.kind, current.width, current.height)()
+    screen.restore([bytes(chunk) for chunk in saved])
+    return ScreenUpdate(state, screen, framebuffer, shadow)
 
 
 def announce_screen(state: DisplayState) -> dict[str, Any]:

@@ -6,6 +6,7 @@ protocol; it reads, writes, waits and times out.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import socket
 import ssl
@@ -19,8 +20,6 @@ import gevent
 import gevent.event
 import gevent.pool
 import gevent.socket
-from cryptography.hazmat.primitives.asymmetric import rsa
-from gevent.event import AsyncResult
 from gevent.server import StreamServer
 
 from spicewire import devices, screens
@@ -31,8 +30,26 @@ from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import LINK_HEADER_SIZE, ChannelType, DisplayCap, InputsCap, LinkErr, MainCap
 from spicewire.protocol.framing import FULL_HEADER, MINI_HEADER
-from spicewire.protocol.link import LinkEstablished, LinkRequested, LinkState, ServerLink, SpiceLinkReply, new_link_key
+from spicewire.protocol.link import (
+    LinkAuthenticated,
+    LinkEstablished,
+    LinkRequested,
+    LinkState,
+    ServerLink,
+    SpiceLinkReply,
+)
 from spicewire.server import events
+from spicewire.server.admission import (
+    SESSION_TICKET,
+    AcceptBackoff,
+    AdmissionCollector,
+    LinkGuard,
+    LinkLimits,
+    LogThrottle,
+    SessionTickets,
+    host_of,
+)
+from spicewire.server.budget import MemoryBudget
 from spicewire.server.display import (
     GRAPHICS_MAX_MESSAGE,
     CursorConnection,
@@ -43,6 +60,7 @@ from spicewire.server.display import (
     InputsConnection,
 )
 from spicewire.server.events import EventBus
+from spicewire.server.keys import KeyPool
 from spicewire.server.metrics import ServerMetrics
 from spicewire.server.migration import MigrationManager
 from spicewire.server.session import (
@@ -62,6 +80,13 @@ log = logging.getLogger(__name__)
 
 RECV_BUFFER = 256 << 10
 WRITE_BATCH = 1 << 20
+# Each read is sized for about FLOOD_MESSAGES messages of the size the last read's were (at least
+# FLOOD_READ bytes, at most RECV_BUFFER; FIRST_READ for the first): parsing 256 KiB of 6-byte ACKs
+# or PONGs would hold the hub for most of a second (about 15 us each), one such read a millisecond
+# or two, while 64 KiB DATA messages still get whole RECV_BUFFER reads.
+FLOOD_MESSAGES = 64
+FLOOD_READ = 1 << 10
+FIRST_READ = 4 << 10
 
 
 # The names a channel policy (secure_channels, plaintext_channels) takes: QEMU's tls-channel names.
@@ -91,8 +116,27 @@ class ServerConfig:
     server_name: str = "spicewire"  # what MAIN_NAME and the clock screen say
     limits: Limits = field(default_factory=Limits)
     link_timeout: float = 10.0
+    link_limits: LinkLimits = field(default_factory=LinkLimits)
+    # False: a channel link for an existing session (and a migration's target link) is taken only
+    # from the host its main channel came from (or that the source announced). True is for clients
+    # behind a NAT whose outside address changes between connections.
+    channels_from_any_address: bool = False
     stall_timeout: float = 30.0  # a client silent this long in the middle of a message is dropped
     tick_interval: float = 0.01
+    # Migration: pre-copy big ports' queued bytes to s2 before the switch (as s1), and take such
+    # pre-copies (as s2). Off, the whole state goes through the client at the switch.
+    precopy: bool = True
+    # Bytes queued for one connection before the server stops reading it; a client that leaves
+    # them unread for stall_timeout is disconnected (it asks and does not read the answers).
+    queue_limit: int = 8 << 20
+    memory_budget: int | None = None  # bytes held for all sessions together; None: a quarter of the RAM
+    # Link keys made ahead (keys.py): this many ready, made by this many background threads at the
+    # lowest priority, refilled once no link took a key for the delay; a link that finds none makes
+    # its own. A server expecting a migration of N sessions links about 2N channels at once: a pool
+    # that large serves them without waiting.
+    key_pool: int = 64
+    key_pool_threads: int = 1
+    key_pool_refill_delay: float = 0.5
 
     def __post_init__(self) -> None:
         # Refused here, where the value is given, not as a stall or a crash once clients come.
@@ -120,10 +164,23 @@ class ServerConfig:
             raise ValueError("plaintext_channels needs a plain listener (port): NEED_UNSECURED sends clients nowhere")
         if not isinstance(self.limits, Limits):
             raise ValueError(f"ServerConfig.limits must be a Limits, not {type(self.limits).__name__}")
+        if not isinstance(self.link_limits, LinkLimits):
+            raise ValueError(f"ServerConfig.link_limits must be a LinkLimits, not {type(self.link_limits).__name__}")
         for name in ("link_timeout", "stall_timeout", "tick_interval"):
             value = getattr(self, name)
             if not 0 < value < float("inf"):  # NaN fails this too
                 raise ValueError(f"ServerConfig.{name} must be a finite number of seconds above 0, not {value!r}")
+        for name, least in (("key_pool", 0), ("key_pool_threads", 1)):
+            count = getattr(self, name)
+            if type(count) is not int or count < least:
+                raise ValueError(f"ServerConfig.{name} must be a whole number, at least {least}, not {count!r}")
+        if not 0 <= self.key_pool_refill_delay < float("inf"):  # NaN fails this too
+            raise ValueError("ServerConfig.key_pool_refill_delay must be a finite number of seconds >= 0, "
+                             f"not {self.key_pool_refill_delay!r}")
+        for name in ("queue_limit", "memory_budget"):
+            size = getattr(self, name)
+            if size is not None and (type(size) is not int or size < 1):
+                raise ValueError(f"ServerConfig.{name} must be a whole number of bytes, at least 1, not {size!r}")
 
     def requires_tls(self, channel_type: int) -> bool | None:
         """True: this channel links only over TLS; False: only in plain; None: over either."""
@@ -210,40 +267,54 @@ def _link_error_name(code: int) -> str:
         return f"link_error_{int(code)}"
 
 
-class KeyPool:
-    """Fresh RSA-1024 keys, generated ahead in a thread: a key costs ~8 ms, too long to make a
-    client wait for on every link. Each key is handed out once.
+# What accept(2) says when the process or the system has no descriptor or buffer left for one more
+# connection: waiting is the cure, not retrying at once.
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
-    Refills wait a moment after the links that used the keys: clients link in bursts (a session's
-    channels, a migration's pre-connect), and key generation competing for the CPU right then
-    would slow exactly the latency-sensitive steps that follow (a migration's switch)."""
 
-    REFILL_DELAY = 1.0
+class GuardedStreamServer(StreamServer):
+    """gevent's StreamServer, pausing (not spinning, not logging a traceback per try) while accept
+    fails for want of descriptors. Connections wait in the kernel's backlog meanwhile."""
 
-    def __init__(self, size: int = 8) -> None:
-        self.size = size
-        self._keys: deque[rsa.RSAPrivateKey] = deque()
-        self._pending = 0
-        self._scheduled: gevent.Greenlet[[], None] | None = None
+    # A migration of N sessions opens about 2N connections to the destination at once. gevent's
+    # default backlog (128) drops the excess, and each dropped client tries again only after TCP's
+    # 1 s SYN timeout: 250 sessions took 5 s, not 1. The kernel caps this at net.core.somaxconn.
+    backlog = socket.SOMAXCONN
 
-    def pop(self) -> rsa.RSAPrivateKey:
-        key = self._keys.popleft() if self._keys else new_link_key()
-        if self._scheduled is None:
-            self._scheduled = gevent.spawn_later(self.REFILL_DELAY, self._refill)
-        return key
+    def __init__(self, listener: Any, handle: Any, *, backoff: AcceptBackoff, **kwargs: Any) -> None:
+        super().__init__(listener, handle, **kwargs)
+        self.backoff = backoff
+        self._resume: Any = None
 
-    def _refill(self) -> None:
-        self._scheduled = None
-        hub = gevent.get_hub()
-        while len(self._keys) + self._pending < self.size:
-            self._pending += 1
-            hub.threadpool.spawn(new_link_key).rawlink(self._arrived)
+    def do_read(self) -> Any:
+        try:
+            accepted = super().do_read()
+        except OSError as err:
+            if err.errno not in EXHAUSTED:
+                raise
+            first = self.backoff.delay == 0
+            delay = self.backoff.exhausted()
+            (log.warning if first else log.debug)(
+                "cannot accept a SPICE connection on %s:%d: %s; pausing %g s (up to %g s while it lasts)",
+                *self.address[:2], err.strerror, delay, self.backoff.limits.accept_backoff_max)
+            self.stop_accepting()
+            self._resume = self.loop.timer(delay)
+            self._resume.start(self._accept_again)
+            return None
+        if self.backoff.accepted():  # gevent's do_read returns None only without a connection waiting
+            log.info("accepting SPICE connections on %s:%d again", *self.address[:2])
+        return accepted
 
-    def _arrived(self, result: AsyncResult[rsa.RSAPrivateKey]) -> None:
-        self._pending -= 1
-        key = result.value if result.successful() else None  # a failed one is made again on demand
-        if key is not None:
-            self._keys.append(key)
+    def _accept_again(self) -> None:
+        self._resume = None
+        if self.started:
+            self.start_accepting()
+
+    def stop(self, timeout: float | None = None) -> None:
+        if self._resume is not None:
+            self._resume.stop()
+            self._resume = None
+        super().stop(timeout)
 
 
 class Connection:
@@ -256,12 +327,15 @@ class Connection:
         self.sock = sock
         self.secure = secure  # accepted on the TLS listener: the link runs inside TLS
         self.peer = f"{address[0]}:{address[1]}"
+        self.host = host_of(str(address[0]))
         self.label = self.peer
         # Session and channel join these once known; the JSON log format gives each its own field.
         self.log_fields: dict[str, str] = {"peer": self.peer}
         self.log = logging.LoggerAdapter(log, self.log_fields)
         self.event_fields: dict[str, Any] = {}  # what every event about this connection carries
         self.pending_write = 0
+        self.queued = 0  # bytes of whole frames in _outq: reserved in the server's memory budget
+        self.written = 0  # bytes sent so far: whether a client whose queue is full reads at all
         self.closed = False
         self.handler: Handler | None = None
         self.channel: ChannelConnection | None = None
@@ -273,6 +347,7 @@ class Connection:
         self._writer: gevent.Greenlet[[Handler], None] | None = None
         self.link_failure: str | None = None  # why the link did not become a channel (a metric label)
         self.password: str | None = None  # the server's password when this link was checked
+        self.credential: str | None = None  # what its ticket matched (LinkAuthenticated.credential)
 
     # --- Transport ---------------------------------------------------------------------------
 
@@ -284,7 +359,10 @@ class Connection:
             self._trace_out(frames)
         if frames and not self.closed:
             self._outq.extend(frames)
-            self.pending_write += sum(len(f) for f in frames)
+            size = sum(len(f) for f in frames)
+            self.pending_write += size
+            self.queued += size
+            self.server.budget.reserve(size)
             self._write_ready.set()
 
     def resume_reading(self) -> None:
@@ -318,12 +396,16 @@ class Connection:
 
     # --- the connection's life ---------------------------------------------------------------
 
-    def run(self) -> None:
+    def run(self, on_linked: Callable[[], None] = lambda: None) -> None:
+        """Link, then serve the channel; ``on_linked`` runs once the link is over, either way."""
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
-            if self.secure and not self._tls_handshake():
-                return
-            established = self._link()
+            try:
+                if self.secure and not self._tls_handshake():
+                    return
+                established = self._link()
+            finally:
+                on_linked()
             if established is not None and not self.closed:
                 self._serve(established)
         except PeerFault as err:  # what the client sent (or did not send in time)
@@ -336,6 +418,10 @@ class Connection:
             self.close("done")
             if self._writer is not None:
                 self._writer.kill(block=False)
+            # Frames never written: the budget has them back, whatever the writer was doing.
+            self.server.budget.forget(self.resume_reading)
+            self.server.budget.release(self.queued)
+            self.queued = 0
             if self.handler is not None:
                 self.handler.closed()
                 self.server.events.emit(events.DISCONNECTED, **self.event_fields)
@@ -349,6 +435,7 @@ class Connection:
             # the cyclic collector runs.
             self.handler = None
             self.channel = None
+            self.server.memory_freed()
 
     def _tls_handshake(self) -> bool:
         """Wrap the socket and finish the TLS handshake within link_timeout; a failure ends this
@@ -379,10 +466,27 @@ class Connection:
             try:
                 event = link.next_event()
             except (PeerFault, LinkError) as err:  # anything else is our bug: run() reports it
+                if isinstance(err, LinkError):  # a ticket refused: its answer waits, longer each time
+                    self._wait_after_failure()
                 self._send_now(link.data_to_send())
                 self.link_failure = _link_error_name(err.code) if isinstance(err, LinkError) else "protocol_error"
                 self.log.warning("[%s] link refused: %s", self.label, err)
                 return None
+            if isinstance(event, LinkAuthenticated):
+                self.credential = event.credential
+                refusal = self.server.admit_link(link, event, self)
+                if refusal is not None:
+                    if refusal[0] in (LinkErr.PERMISSION_DENIED, LinkErr.BAD_CONNECTION_ID):
+                        self._wait_after_failure()  # not for a busy channel: its own client retrying
+                    self._send_now(link.data_to_send())
+                    self.link_failure = _link_error_name(refusal[0])
+                    self.log.warning(
+                        "[%s] link refused after its ticket: %s for channel type %d id %d, connection id %08x: %s",
+                        self.label, LinkErr(refusal[0]).name, event.channel_type, event.channel_id,
+                        event.connection_id, refusal[1],
+                    )
+                    return None
+                continue
             self._send_now(link.data_to_send())
             if isinstance(event, LinkRequested):
                 self.server.answer_link(link, event, secure=self.secure)
@@ -420,6 +524,17 @@ class Connection:
                     return None
                 link.receive_data(data, time.time())
 
+    def _wait_after_failure(self) -> None:
+        """Hold a failed link's answer: a prober from this address waits longer each time, while
+        this greenlet alone sleeps (and the link still counts as in progress for its address)."""
+        guard = self.server.guard
+        delay = guard.failed(self.host, time.monotonic())
+        if delay:
+            try:
+                gevent.sleep(delay)
+            finally:
+                guard.answered(self.host)
+
     def _recv_until(self, deadline: float) -> bytes | None:
         """Bytes from the client, or None if the deadline (time.time() clock) came first."""
         remaining = deadline - time.time()
@@ -437,7 +552,10 @@ class Connection:
             self.sock.sendall(data)
 
     def _serve(self, established: LinkEstablished) -> None:
-        limits: dict[int, int] = {ChannelType.MAIN: MAIN_MAX_MESSAGE, ChannelType.PORT: PORT_MAX_MESSAGE}
+        # A port takes no message larger than its buffer limit: one that size is always received
+        # whole once its device took what came before, and a port never holds more than that.
+        port_max = min(PORT_MAX_MESSAGE, self.server.config.limits.to_device)
+        limits: dict[int, int] = {ChannelType.MAIN: MAIN_MAX_MESSAGE, ChannelType.PORT: port_max}
         max_size = limits.get(established.channel_type, GRAPHICS_MAX_MESSAGE)
         channel = self.channel = ChannelConnection(
             Side.SERVER, established.channel_type, established.channel_id,
@@ -456,30 +574,74 @@ class Connection:
         if established.trailing:
             self._deliver(handler, channel.receive_data(established.trailing))
             self.flush()
-        buf = bytearray(RECV_BUFFER)
-        view = memoryview(buf)
+        # One buffer for every connection: what a read brings is parsed (copied out) before
+        # this greenlet yields again, and a buffer each would cost RECV_BUFFER per connection.
+        view = self.server.recv_view
         stall = self.server.config.stall_timeout
+        want = FIRST_READ
         while not self.closed:
-            while not handler.reading_allowed and not self.closed:
-                self._read_gate.clear()
-                self._read_gate.wait(1.0)
+            self._wait_for_reading(handler)
             if self.closed:
                 break
             self.sock.settimeout(stall if channel.buffered else None)
-            bulk = channel.receive_buffer()
+            # At most one read buffer into a large body too: a port holds its limit plus one read.
+            bulk = channel.receive_buffer(RECV_BUFFER)
             try:
-                n = self.sock.recv_into(buf if bulk is None else bulk)
+                n = self.sock.recv_into(view[:want] if bulk is None else bulk)
             except TimeoutError:
                 raise PeerStalled(f"client stalled {stall:g} s in the middle of a message") from None
             if n == 0:
                 self.log.info("[%s] client closed the connection", self.label)
                 break
             self.server.metrics.bytes_in += n
-            if bulk is None:
-                self._deliver(handler, channel.receive_data(view[:n]))
-            else:  # straight into a large body (MIGRATE_DATA, big DATA): no copy, no per-chunk parsing
-                self._deliver(handler, channel.received_into(n))
-            self.flush()
+            serial = channel.serial_in
+            # A large body (MIGRATE_DATA, big DATA) is received straight into: no copy, no parsing.
+            msgs = channel.receive_data(view[:n]) if bulk is None else channel.received_into(n)
+            count = channel.serial_in - serial  # ACKs and PONGs too, which msgs leaves out
+            if count > FLOOD_MESSAGES:
+                self.server.flood_reads += 1
+            want = RECV_BUFFER if not count else max(FLOOD_READ, min(RECV_BUFFER, FLOOD_MESSAGES * n // count))
+            # At most FLOOD_MESSAGES handled per turn, then the others' turn: a client that always
+            # has bytes ready would otherwise never let the hub run (gevent switches only when a
+            # socket would block), and one read can bring thousands of requests. idle(), not
+            # sleep(0): the next turn comes once every other ready socket had its own, where
+            # sleep(0) let a flood take thousands of turns for each of a bystander's.
+            # Even none: an ACK (taken by the channel) may have opened the window for waiting data.
+            for start in range(0, max(1, len(msgs)), FLOOD_MESSAGES):
+                if start:
+                    gevent.idle()
+                if self.closed:
+                    break
+                self._deliver(handler, msgs[start : start + FLOOD_MESSAGES])
+                self.flush()
+            gevent.idle()
+
+    def _wait_for_reading(self, handler: Handler) -> None:
+        """Return once this connection may be read: its handler takes more, its own queue is
+        under the queue limit, and the memory budget is not spent while it has a queue. A client
+        that leaves its queue unread for stall_timeout is closed."""
+        config, budget = self.server.config, self.server.budget
+        stall = config.stall_timeout
+        waited, written = 0.0, self.written
+        while not self.closed:
+            full = self.queued >= config.queue_limit or (budget.exhausted and self.queued > 0)
+            if handler.reading_allowed and not full:
+                return
+            if budget.exhausted:
+                budget.wait_for_room(self.resume_reading)
+            self._read_gate.clear()
+            step = min(1.0, stall)
+            started = time.monotonic()
+            self._read_gate.wait(step)
+            if not full or self.written != written:
+                waited, written = 0.0, self.written
+                continue
+            waited += time.monotonic() - started
+            if waited >= stall:
+                self.server.unread_closed += 1
+                self.log.warning("[%s] client leaves %d bytes unread for %g s: disconnecting",
+                                 self.label, self.queued, stall)
+                self.close(f"{self.queued} bytes queued and unread")
 
     def _deliver(self, handler: Handler, msgs: list[m.Message]) -> None:
         if msgs and log.isEnabledFor(logging.DEBUG):
@@ -513,7 +675,9 @@ class Connection:
                             # numpy's stubs give ndarray its __buffer__ only from Python 3.12 on.
                             self.sock.sendall(piece)  # type: ignore[arg-type]
                             self.pending_write -= len(piece)
+                            self.written += len(piece)
                             self.server.metrics.bytes_out += len(piece)
+                            gevent.idle()  # a client that keeps up would never make this yield
                         continue
                     batch, size = [head], len(head)
                     while self._outq and size < WRITE_BATCH:
@@ -525,9 +689,14 @@ class Connection:
                         size += len(frame)
                     self.sock.sendall(batch[0] if len(batch) == 1 else b"".join(batch))
                     self.pending_write -= size
+                    self.written += size
+                    self.queued -= size
+                    self.server.budget.release(size)
                     self.server.metrics.bytes_out += size
+                    self._read_gate.set()  # a reader stopped for this queue may go on
                     if not self._outq:
                         handler.on_drained()
+                    gevent.idle()  # as after a read: the others' ready sockets first
         except OSError as err:
             self.close(f"write failed: {err}")
 
@@ -538,26 +707,39 @@ class SpiceServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.sessions: dict[int, Session] = {}
-        self.keys = KeyPool()
+        self.keys = KeyPool(config.key_pool, config.key_pool_threads, refill_delay=config.key_pool_refill_delay)
         self._factories = [(name, devices.factory(kind)) for name, kind in config.port_channels]
         self._screen_factory: Callable[[], screens.Screen] | None = None
         if config.display:
             self._screen_factory = screens.factory(config.display, *(config.display_size or (None, None)))
         self._connections: set[Connection] = set()
         self._pool = gevent.pool.Pool()
+        self.budget = MemoryBudget(config.memory_budget)
+        self.recv_view = memoryview(bytearray(RECV_BUFFER))  # every connection's (Connection._serve)
+        self.flood_reads = 0  # reads that brought more than FLOOD_MESSAGES messages (the next is cut)
+        self.unread_closed = 0  # connections closed for leaving their queue unread
         # Certificates are read here, so a bad x509 directory fails the start, not the first client.
         self.tls: ServerTLS | None = None
         self._listeners: list[StreamServer] = []
         self._server: StreamServer | None = None
         self._tls_server: StreamServer | None = None
+        self.guard = LinkGuard(config.link_limits)
+        self._refusals_logged = LogThrottle()
+        backoffs: list[AcceptBackoff] = []
         if config.port is not None:
-            self._server = StreamServer((config.host, config.port), self._handle, spawn=self._pool)
+            backoffs.append(AcceptBackoff(config.link_limits))
+            self._server = GuardedStreamServer((config.host, config.port), self._handle, spawn=self._pool,
+                                               backoff=backoffs[-1])
             self._listeners.append(self._server)
         if config.tls_port is not None and config.x509_dir is not None:
             self.tls = load_server_tls(config.x509_dir, config.tls_ciphers)
             tls_address = (config.tls_host or config.host, config.tls_port)
-            self._tls_server = StreamServer(tls_address, self._handle_tls, spawn=self._pool)
+            backoffs.append(AcceptBackoff(config.link_limits))
+            self._tls_server = GuardedStreamServer(tls_address, self._handle_tls, spawn=self._pool,
+                                                   backoff=backoffs[-1])
             self._listeners.append(self._tls_server)
+        self.session_tickets = SessionTickets()
+        self.client_hosts: dict[int, str] = {}  # session id -> the host its main channel came from
         self._password = config.password
         self._password_expiry = config.password_expiry
         self.tickets: dict[int, str] = {}  # session id -> the password its client linked with
@@ -565,6 +747,7 @@ class SpiceServer:
         self._stopped = gevent.event.Event()  # what serve_forever waits for
         self.migration = MigrationManager(self)
         self.metrics = ServerMetrics(self)
+        self.metrics.registry.register(AdmissionCollector(self.guard, backoffs))
         self.events = EventBus()
         self.started: float | None = None  # time.monotonic() at start(), for the control API's uptime
 
@@ -613,6 +796,7 @@ class SpiceServer:
             listener.start()
         self.started = time.monotonic()
         self._ticker = gevent.spawn(self._tick_loop)
+        self.keys.start()
         if self._server is not None:
             log.info("serving SPICE on %s:%d", *self.address)
         if self._tls_server is not None:
@@ -622,6 +806,7 @@ class SpiceServer:
         for listener in self._listeners:
             listener.stop(timeout=0)
         self._stopped.set()
+        self.keys.stop()
         if self._ticker is not None:
             self._ticker.kill()
         for conn in list(self._connections):
@@ -638,10 +823,22 @@ class SpiceServer:
         return frozenset(self._connections)
 
     def _handle(self, sock: socket.socket, address: tuple[Any, ...], secure: bool = False) -> None:
+        host = host_of(str(address[0]))
+        refusal = self.guard.begin(host)
+        if refusal is not None:
+            # Closed before a byte is read or a key spent: what a flood of half-open links costs.
+            left_out = self._refusals_logged.allow(refusal, time.monotonic())
+            if left_out is not None:
+                since = f"; {left_out} more since the last such line" if left_out else ""
+                log.warning("%s:%s: closed at once: too many links in progress (%s)%s", address[0], address[1],
+                            refusal.replace("_", " "), since)
+            self.metrics.link_failed(refusal)
+            sock.close()
+            return
         conn = Connection(self, sock, address, secure)
         self._connections.add(conn)
         try:
-            conn.run()
+            conn.run(on_linked=lambda: self.guard.end(host))
         finally:
             self._connections.discard(conn)
 
@@ -660,36 +857,68 @@ class SpiceServer:
         if requires_tls is False and secure:
             link.reject(LinkErr.NEED_UNSECURED)
             return
+        main = req.channel_type == ChannelType.MAIN
+        if main and req.connection_id == 0 and not self.budget.admits():
+            # New work waits for memory; what the sessions here hold already is never dropped.
+            log.warning("memory budget spent (%d of %d bytes held): new session refused",
+                        self.budget.used, self.budget.limit)
+            link.reject(LinkErr.ERROR)
+            return
+        if not main and req.channel_type != ChannelType.PORT and req.channel_type not in GRAPHICS_CHANNELS:
+            link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)  # a type no session here has: says nothing of ids
+            return
+        # Everything that depends on the connection id waits for the ticket (admit_link), as in
+        # spice-server: without one, an unknown id and a live one get the same answers, on the
+        # same path (a key, a decryption), so probing ids teaches nothing.
         ticket = self.migration.ticket(req.connection_id)
         if ticket is not None:  # the session's channels, while a source's announcement of it lasts
             link.allow_migration_ticket(ticket)
-        if req.channel_type == ChannelType.MAIN:
-            # connection_id != 0 is a migrating client: only for a session a source announced
-            # (spice-server takes any id; 1.8).
-            if req.connection_id == 0 or self.migration.expects(req.connection_id):
-                link.accept(self.main_caps())
-            else:
-                link.reject(LinkErr.BAD_CONNECTION_ID)
-            return
-        if req.channel_type in GRAPHICS_CHANNELS:
-            session = self.sessions.get(req.connection_id)
-            if session is None:
-                link.reject(LinkErr.BAD_CONNECTION_ID)
-            elif session.display is None or req.channel_id != 0 or graphics_connection(session, req.channel_type):
-                link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
-            else:
-                link.accept(graphics_caps(req.channel_type))
-            return
-        if req.channel_type != ChannelType.PORT:
-            link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
-            return
-        session = self.sessions.get(req.connection_id)
-        if session is None:
-            link.reject(LinkErr.BAD_CONNECTION_ID)
-        elif req.channel_id not in session.ports or session.ports[req.channel_id].connection is not None:
-            link.reject(LinkErr.CHANNEL_NOT_AVAILABLE)
+        for session_ticket in self.session_tickets.allowed(req.connection_id, main, time.monotonic()):
+            link.allow_ticket(session_ticket.secret, session_ticket.name)
+        caps = self.main_caps() if main else graphics_caps(req.channel_type)
+        link.accept(caps, decide_after_ticket=True)
+
+    def admit_link(self, link: ServerLink, auth: LinkAuthenticated, conn: Connection) -> tuple[LinkErr, str] | None:
+        """The ticket passed: now the ids. Establishes the link, or refuses it and says why."""
+        refusal = self._link_verdict(auth, conn)
+        if refusal is None:
+            link.establish()
         else:
-            link.accept(())
+            link.refuse(refusal[0])
+        return refusal
+
+    def _link_verdict(self, auth: LinkAuthenticated, conn: Connection) -> tuple[LinkErr, str] | None:
+        cid = auth.connection_id
+        main = auth.channel_type == ChannelType.MAIN
+        anywhere = self.config.channels_from_any_address
+        if main and cid != 0:
+            # A migrating client: only for a session a source announced (spice-server takes any
+            # id; 1.8), from the client host it announced, and once.
+            refused = self.migration.claim_target(cid, conn.host, anywhere)
+            if refused is not None:
+                return LinkErr.BAD_CONNECTION_ID, refused
+        elif not main:
+            session = self.sessions.get(cid)
+            if session is None:
+                return LinkErr.BAD_CONNECTION_ID, "no such session"
+            # The same answer as an unknown id: a stranger with the password learns nothing more.
+            if not anywhere and self.client_hosts.get(cid) != conn.host:
+                return LinkErr.BAD_CONNECTION_ID, f"the session's main channel came from another host, not {conn.host}"
+            if auth.channel_type in GRAPHICS_CHANNELS:
+                if session.display is None or auth.channel_id != 0:
+                    return LinkErr.CHANNEL_NOT_AVAILABLE, "no such display channel"
+                if graphics_connection(session, auth.channel_type):
+                    return LinkErr.CHANNEL_NOT_AVAILABLE, "that channel is linked already (never displaced)"
+            elif auth.channel_id not in session.ports:
+                return LinkErr.CHANNEL_NOT_AVAILABLE, "no such port"
+            elif session.ports[auth.channel_id].connection is not None:
+                return LinkErr.CHANNEL_NOT_AVAILABLE, "that port is linked already (never displaced)"
+        if auth.credential.startswith(SESSION_TICKET):
+            ticket = self.session_tickets.claim(auth.credential, cid, main, time.monotonic())
+            if ticket is None:
+                return LinkErr.PERMISSION_DENIED, "its ticket was used or expired meanwhile"
+            conn.password = ticket.secret  # what its client linked with: a migration carries it on
+        return None
 
     def main_caps(self) -> tuple[int, ...]:
         # Both migration modes are honoured as source and as destination (5.9 items 1-2).
@@ -711,7 +940,7 @@ class SpiceServer:
                 session = Session(
                     id=new_session_id(self.sessions),
                     ports={
-                        i: PortState(i, name, make(), self.config.limits)
+                        i: PortState(i, name, make(), self.config.limits, self.budget)
                         for i, (name, make) in enumerate(self._factories)
                     },
                     server_name=self.config.server_name,
@@ -725,6 +954,9 @@ class SpiceServer:
             if ticket:
                 self.tickets[session.id] = ticket
             session.client = conn.peer
+            self.client_hosts[session.id] = conn.host
+            if conn.credential is not None and conn.credential.startswith(SESSION_TICKET):
+                self.session_tickets.bind(conn.credential, session.id)
             conn.label = f"{conn.peer} session {session.id:08x} main"
             conn.log_fields.update(context(session.id, "main"))
             conn.event_fields.update(session_id=session_label(session.id), channel="main", client=conn.peer)
@@ -773,14 +1005,20 @@ class SpiceServer:
         self.migration.session_ended(session)
         self.sessions.pop(session.id, None)
         self.tickets.pop(session.id, None)
-        buffered = session.in_flight
+        self.client_hosts.pop(session.id, None)
+        self.session_tickets.session_ended(session.id)
         session.close_ports("session ended")
         for port in session.ports.values():
             port.release_device()
         session.display = None
         log.info("session %08x ended", session.id, extra=context(session.id))
-        if buffered >= TRIM_AFTER:
-            gevent.spawn_later(0, release_free_memory)
+        self.memory_freed()
+
+    def memory_freed(self) -> None:
+        """Buffers were let go of: once enough were (or all), give the freed heap back to the
+        system, in a thread (trimming a large heap takes a while; ctypes lets go of the GIL)."""
+        if self.budget.trim_due(TRIM_AFTER):
+            gevent.get_hub().threadpool.spawn(release_free_memory)
 
     def _tick_loop(self) -> None:
         while True:

@@ -26,6 +26,7 @@ from spicewire.protocol.caps import has_cap
 from spicewire.protocol.channel import ChannelConnection
 from spicewire.protocol.enums import ChannelType, MainCap, MouseMode, MsgSpicevmc
 from spicewire.protocol.migration.rules import main_init
+from spicewire.server.budget import MemoryBudget
 
 if TYPE_CHECKING:
     from spicewire.server.display import DisplayState
@@ -88,15 +89,23 @@ class Limits:
 class PortState:
     """One port of a session: its device and the bytes buffered in each direction."""
 
-    def __init__(self, channel_id: int, name: str, device: Device, limits: Limits) -> None:
+    def __init__(
+        self, channel_id: int, name: str, device: Device, limits: Limits, budget: MemoryBudget | None = None,
+    ) -> None:
         self.channel_id = channel_id
         self.name = name
         self.device = device
         self.limits = limits
+        # The server's, shared by every session; a port made on its own counts against its own.
+        self.budget = budget if budget is not None else MemoryBudget()
         self.to_device: deque[memoryview] = deque()
         self.to_device_bytes = 0
         self.to_client: deque[bytes | bytearray | memoryview] = deque()
         self.to_client_bytes = 0
+        # Every byte ever queued each way: a queue holds the stream's bytes from ``total - bytes``
+        # to ``total``, which is how a pre-copy tells what was consumed or added since it.
+        self.to_device_total = 0
+        self.to_client_total = 0
         self.connection: PortConnection | None = None
         # Migration: a stopped device takes and makes nothing (the VM is paused); a frozen port
         # sends nothing (SPICE_MSG_MIGRATE went out, only MIGRATE_DATA may follow).
@@ -116,6 +125,8 @@ class PortState:
     def send(self, data: bytes | memoryview) -> None:
         self.to_client.append(bytes(data))
         self.to_client_bytes += len(data)
+        self.to_client_total += len(data)
+        self.budget.reserve(len(data))
         self.flush_to_client()
 
     def pump(self) -> None:
@@ -131,6 +142,7 @@ class PortState:
                 if taken <= 0:
                     break
                 self.to_device_bytes -= taken
+                self.budget.release(taken)
                 if taken >= len(head):
                     queue.popleft()
                 else:
@@ -161,6 +173,7 @@ class PortState:
     def release_device(self) -> None:
         """Let go of the device and of what either side had buffered: nothing reaches it again."""
         self.device.detach()
+        self.budget.release(self.to_device_bytes + self.to_client_bytes)
         self.to_device.clear()
         self.to_device_bytes = 0
         self.to_client.clear()
@@ -179,7 +192,12 @@ class PortState:
     @property
     def reading_allowed(self) -> bool:
         # A stopped device still needs the socket read: the FLUSH_MARK is behind the client's data.
-        return self.device_stopped or self.to_device_bytes < self.limits.to_device
+        # The part of a message still being received counts: a port holds at most its limit plus
+        # one read, however large the messages (none is larger than the limit: Connection._serve).
+        if self.device_stopped:
+            return True
+        receiving = self.connection.receiving if self.connection is not None else 0
+        return self.to_device_bytes + receiving < self.limits.to_device and not self.budget.exhausted
 
     def from_client(self, data: bytes | bytearray | memoryview) -> None:
         if not self.attached:
@@ -187,6 +205,8 @@ class PortState:
         if len(data):
             self.to_device.append(memoryview(data))
             self.to_device_bytes += len(data)
+            self.to_device_total += len(data)
+            self.budget.reserve(len(data))
             self.pump()
 
     def flush_to_client(self) -> None:
@@ -206,6 +226,7 @@ class PortState:
                 self.to_client.appendleft(view[MAX_DATA_MESSAGE:])
                 data = view[:MAX_DATA_MESSAGE]
             self.to_client_bytes -= len(data)
+            self.budget.release(len(data))  # the connection's queue reserves it as a frame
             channel.send_raw(MsgSpicevmc.DATA, data)
             sent = True
         if sent:
@@ -232,8 +253,11 @@ class PortState:
         """Take over the buffers a migration brought (views into its MIGRATE_DATA, no copy)."""
         self.to_device.extend(memoryview(chunk) for chunk in pending)  # devices are offered views
         self.to_device_bytes += pending_bytes
+        self.to_device_total += pending_bytes
         self.to_client.extend(to_client)
         self.to_client_bytes += to_client_bytes
+        self.to_client_total += to_client_bytes
+        self.budget.reserve(pending_bytes + to_client_bytes)
 
     def status(self) -> dict:
         return {
@@ -281,6 +305,11 @@ class PortConnection:
     @property
     def reading_allowed(self) -> bool:
         return not self.parked and self.port.reading_allowed
+
+    @property
+    def receiving(self) -> int:
+        """Body bytes of a message received in part: they are held too."""
+        return max(0, self.channel.buffered - self.channel.header_size)
 
     def handle(self, msgs: list[m.Message]) -> None:
         for msg in msgs:

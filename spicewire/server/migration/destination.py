@@ -15,13 +15,14 @@ import numpy as np
 
 from spicewire.errors import LocalProtocolError, PeerFault
 from spicewire.logs import context, iso_times, session_label
-from spicewire.protocol import graphics
+from spicewire.protocol import graphics, state_auth
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol.migrate_data import InputsState
 from spicewire.server import events
 from spicewire.server.display import GRAPHICS_MAX_MESSAGE, PRIMARY, DisplayState, GraphicsConnection
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
+from spicewire.server.migration.precopy import PrecopyMismatch, restore_precopy
 from spicewire.server.session import Limits, MainConnection, PortConnection, Session, multi_media_time
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ PREFAULT_MIN = 4 << 20  # smaller backlogs are not worth a thread
 _DESTINATION_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateEnd, m.MsgcMigrateData)
 
 
+AUTH_IN_THREAD = 1 << 20  # MIGRATE_DATA at least this large is checked off the hub
 STOPPED_READ_ALLOWANCE = 256 << 20
 """What s1 may read from a port's client between reporting the port's backlog (the device state)
 and the client's FLUSH_MARK. s1 reads a stopped port without a limit (the FLUSH_MARK is behind that
@@ -66,6 +68,8 @@ class Announcement:
     migration_id: str
     in_flight: dict[int, int] = field(default_factory=dict)  # channel id -> bytes s1 had buffered
     ticket: str | None = None  # the password the client linked with on s1, accepted from it here too
+    client: str | None = None  # the client's host as s1 saw it: its target link must come from there
+    target_claimed: bool = False  # a target link passed its ticket: no second one is taken
     device_state: dict[int, list] = field(default_factory=dict)  # channel id -> saved chunks
     # The session's screen, made when it is announced: the pre-copy and the delta land in it before
     # (or after) the client's main link creates the session.
@@ -74,6 +78,11 @@ class Announcement:
     # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
     # more to touch than the bytes cost to receive, and the downtime should pay for neither.
     buffers: dict[int, gevent.event.AsyncResult[np.ndarray]] = field(default_factory=dict)
+    # The migration's key: every MIGRATE_DATA of the session must carry its HMAC (state_auth).
+    state_key: bytes | None = None
+    # (channel id, "to_device"|"to_client") -> the bytes s1 pre-copied (precopy.HeldRegion).
+    precopied: dict[tuple[int, str], Any] = field(default_factory=dict)
+    prefaulted: int = 0  # bytes of those buffers, counted against the manager's PREFAULT_BUDGET
 
     def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
         job = self.buffers.pop(channel_id, None)
@@ -86,6 +95,7 @@ class Announcement:
         """The migration is over for this session: its prefaulted memory and saved state go."""
         self.buffers.clear()
         self.device_state.clear()
+        self.precopied.clear()
         self.display = None
         self.session = None
 
@@ -165,16 +175,44 @@ class SessionDestination:
                 "restored": self.restored, "times": iso_times(self.times)}
 
     def _intercept_main(self, msg: m.Message) -> bool:
+        if isinstance(msg, m.MsgcMigrateData):
+            authentic = self._authentic(MAIN, msg)
+            if authentic is None:
+                return True
+            msg = authentic
         self._apply(self._receive(MAIN, msg))
         return isinstance(msg, _DESTINATION_MAIN_MESSAGES)
 
     def _intercept_port(self, channel: mig.Channel, msg: m.Message) -> bool:
         if isinstance(msg, m.MsgcMigrateData):
+            authentic = self._authentic(channel, msg)
+            if authentic is None:
+                return True
             with collector_paused():
-                self._apply(self._receive(channel, msg))
+                self._apply(self._receive(channel, authentic))
             return True
         self._apply(self._receive(channel, msg))  # raises for data before MIGRATE_DATA
         return False
+
+    def _authentic(self, channel: mig.Channel, msg: m.MsgcMigrateData) -> m.MsgcMigrateData | None:
+        """The MIGRATE_DATA without its trailer once its HMAC is checked (state_auth), or None when
+        it fails: then the session fails here, nothing restored, and s1 takes it back. A large
+        body is checked by a worker thread, so other sessions go on meanwhile."""
+        ann = self.manager.announcements.get(self.session.id)
+        key = ann.state_key if ann is not None else None
+        if key is None:
+            return msg
+        data = msg.data
+        try:
+            if len(data) >= AUTH_IN_THREAD:
+                body = gevent.get_hub().threadpool.apply(state_auth.unseal, (key, self.session.id, channel, data))
+            else:
+                body = state_auth.unseal(key, self.session.id, channel, data)
+        except state_auth.StateAuthError as err:
+            what = "main" if channel == MAIN else f"channel {channel[0]}:{channel[1]}"
+            self._fail(f"the MIGRATE_DATA of {what} failed authentication, nothing restored: {err}")
+            return None
+        return m.MsgcMigrateData(body)
 
     def _receive(self, channel: mig.Channel, msg: m.Message) -> list[mig.DestinationOutput]:
         try:
@@ -207,6 +245,8 @@ class SessionDestination:
 
     def _apply(self, outputs: list[mig.DestinationOutput]) -> None:
         for item in outputs:
+            if self.session.migration is not self:
+                return  # it failed on the way (a pre-copy that does not match): nothing more happens
             match item:
                 case mig.Send():
                     self.main.channel.send(item.message)  # s2 only ever writes on main
@@ -250,9 +290,21 @@ class SessionDestination:
 
     def _restore_port(self, handler: PortConnection, data: mig.PortMigrateData) -> None:
         port, ch = handler.port, handler.channel
+        pending_chunks, to_client_chunks = data.pending, data.to_client
+        if data.precopy is not None:
+            ann = self.manager.announcements.get(self.session.id)
+            try:
+                if ann is None:
+                    raise PrecopyMismatch(f"port {port.channel_id}: MIGRATE_DATA names pre-copied bytes, and this "
+                                          "server holds none for the session")
+                pending_chunks, to_client_chunks = restore_precopy(ann, port.channel_id, data)
+            except PrecopyMismatch as err:
+                self._fail(f"the pre-copy does not match, nothing restored: {err}")
+                return
         handler.waiting_for_migrate_data = False
-        pending, to_client = data.pending_size, data.to_client_size
-        port.restore(data.pending, data.to_client, pending, to_client)
+        pending = sum(memoryview(c).nbytes for c in pending_chunks)
+        to_client = sum(memoryview(c).nbytes for c in to_client_chunks)
+        port.restore(pending_chunks, to_client_chunks, pending, to_client)
         ch.restore_migrated(serial_out=data.serial, ack_generation=data.ack_generation)
         self.restored += pending + to_client
         # No PORT_INIT: after a seamless switch the client keeps the port's name and state (spice-gtk

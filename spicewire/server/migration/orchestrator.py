@@ -25,14 +25,17 @@ from spicewire.errors import LocalProtocolError, MigrationError
 from spicewire.logs import context, epoch_of, parse_session_label, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
+from spicewire.protocol import state_auth
 from spicewire.server import events
 from spicewire.server.display import (
     DisplayState,
     GraphicsConnection,
     Precopy,
+    ScreenUpdate,
     announce_screen,
     announced_screen,
-    take_delta,
+    check_precopy,
+    prepare_update,
     take_precopy,
 )
 from spicewire.server.migration.common import mode_label, prefaulted
@@ -41,6 +44,7 @@ from spicewire.server.migration.destination import (
     Announcement,
     SessionDestination,
 )
+from spicewire.server.migration.precopy import PRECOPY_VERSION, precopy_ports
 from spicewire.server.migration.source import PackBuffers, SessionSource, pack_device_states
 from spicewire.server.session import PortConnection, PortState, Session
 
@@ -54,6 +58,13 @@ LANDING_MARGIN = 0.5  # s
 STATUS_TIMEOUT = 2.0  # for one "have they landed?" request to s2
 UNREACHABLE_TRIES = 3  # consecutive refused status requests after which s2 counts as gone
 MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
+MAX_ANNOUNCED = 10_000  # sessions announced here and not yet landed, failed or expired, all migrations together
+PREFAULT_BUDGET = 1 << 30  # bytes prefaulted for announced backlogs at once; past it, buffers come as data does
+MAX_REMEMBERED = 2 * MAX_ANNOUNCED  # sessions whose migration here ended and whose outcome s2 still answers for
+
+
+class MigrationBusy(MigrationError):
+    """A ``/migrate`` while another runs on this server: two would BEGIN the same clients twice."""
 
 
 class UnknownMigration(MigrationError):
@@ -65,11 +76,33 @@ def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _landing(entry: object) -> bool:
+    """One session in s2's ``/migration/completed`` answer: ``{"failed": why}``, or its report
+    with the mode and when it completed (which the downtime is measured to)."""
+    if not isinstance(entry, dict):
+        return False
+    if "failed" in entry:
+        return True
+    times = entry.get("times")
+    if not (isinstance(entry.get("mode"), str) and isinstance(times, dict) and isinstance(times.get("completed"), str)):
+        return False
+    try:
+        epoch_of(times["completed"])
+    except ValueError:
+        return False
+    return True
+
+
 class Peer:
     """s2 as one migration sees it: its control API, the migration's id, and when time is up."""
 
     def __init__(self, client: ControlClient, migration_id: str, end: float) -> None:
         self.client, self.id, self.end = client, migration_id, end
+        # The key s2 checks every MIGRATE_DATA's HMAC with (state_auth), given in the announcement.
+        self.state_key = secrets.token_bytes(state_auth.KEY_SIZE)
+        self.features: dict = {}  # what s2 said it takes beyond the baseline, in its answer to it
+        self.precopied = 0  # queued port bytes sent to s2 before the switch
+        self.precopy_s = 0.0  # the time that took, the sessions running meanwhile
 
     def left(self) -> float:
         """What is left of the migration's time, for the next call; none left is a failure."""
@@ -109,14 +142,26 @@ class MigrationManager:
         self.failed: dict[int, str] = {}  # session id -> why its migration here broke off
         self.migration_of: dict[int, str] = {}  # session id -> the migration that last announced it
         self._sweeper: gevent.Greenlet | None = None
+        self._migrating: str | None = None  # the id of the /migrate running here as source
 
     # --- destination -------------------------------------------------------------------------
 
-    def announce(self, migration_id: str, sessions: list[dict], ttl: float) -> int:
+    def features(self, state_key: bool) -> dict:
+        """What an announcement's answer tells s1 this server takes: HMAC-checked MIGRATE_DATA
+        (with the key it was given), and port pre-copies (unless ``--no-precopy``)."""
+        return {**({"state_auth": 1} if state_key else {}),
+                **({"port_precopy": PRECOPY_VERSION} if self.server.config.precopy else {})}
+
+    def announce(self, migration_id: str, sessions: list[dict], ttl: float, state_key: bytes | None = None) -> int:
         """Expect ``sessions`` (``session_id`` as a number) in the migration ``migration_id``, for
-        ``ttl`` seconds at most. Every entry is checked before any is registered: a refused
-        announcement leaves nothing behind."""
+        ``ttl`` seconds at most; with ``state_key`` their MIGRATE_DATA must carry its HMAC. Every
+        entry is checked before any is registered: a refused announcement leaves nothing behind."""
         self.sweep()
+        renewed = sum(1 for e in sessions if getattr(self.announcements.get(int(e["session_id"])), "migration_id",
+                                                     None) == migration_id)
+        if len(self.announcements) - renewed + len(sessions) > MAX_ANNOUNCED:
+            raise MigrationError(f"{len(self.announcements)} sessions are announced here already; {len(sessions)} "
+                                 f"more would pass the limit of {MAX_ANNOUNCED}: retry later")
         seen: set[int] = set()
         for entry in sessions:
             sid = int(entry["session_id"])
@@ -139,20 +184,40 @@ class MigrationManager:
             ports = [(int(p[0]), str(p[1]), str(p[2])) for p in entry["ports"]]
             in_flight = {int(p[0]): int(p[3]) if len(p) > 3 else 0 for p in entry["ports"]}
             ann = self.announcements[sid] = Announcement(sid, ports, expires, migration_id, in_flight,
-                                                         ticket=entry.get("ticket"))
+                                                         ticket=entry.get("ticket"), client=entry.get("client"))
+            ann.state_key = state_key
             if entry.get("display") is not None:
                 ann.display = DisplayState(announced_screen(entry["display"])(), self.server.config.display_options)
                 ann.display.stop()  # it runs once the session has landed here
+            self.migration_of.pop(sid, None)  # to the end of the order: the newest are kept longest
             self.migration_of[sid] = migration_id
             self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
             self.failed.pop(sid, None)
             for cid, size in in_flight.items():
-                if size >= PREFAULT_MIN:
-                    # Room for the SWPD framing around the bytes, and for what arrives until FLUSH_MARK.
-                    ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, int(size * 1.02) + (4 << 20))
+                # Room for the SWPD framing around the bytes, and for what arrives until FLUSH_MARK.
+                room = int(size * 1.02) + (4 << 20)
+                # Only what fits the budget: a big (or lying) announcement must not hold memory
+                # the real transfers need; beyond it MIGRATE_DATA gets its buffer when it arrives.
+                if size >= PREFAULT_MIN and self.prefaulted + room <= PREFAULT_BUDGET:
+                    ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, room)
+                    ann.prefaulted += room
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep_until_empty)
+        self._forget_oldest()
         return len(sessions)
+
+    def _forget_oldest(self) -> None:
+        """What this server remembers of migrations here (each session's migration id, report or
+        failure) is bounded like the announcements: the oldest go first. The live ones are the
+        newest, and s1 asks about a migration only within its time."""
+        for record in (self.migration_of, self.completed, self.failed):
+            while len(record) > MAX_REMEMBERED:
+                del record[next(iter(record))]
+
+    @property
+    def prefaulted(self) -> int:
+        """Bytes prefaulted (or being prefaulted) for the live announcements."""
+        return sum(ann.prefaulted for ann in self.announcements.values())
 
     def end_announcement(self, session_id: int) -> None:
         """The session's migration here is over (it completed, failed, or was aborted)."""
@@ -195,6 +260,20 @@ class MigrationManager:
             return False
         return True
 
+    def claim_target(self, session_id: int, host: str, any_address: bool) -> str | None:
+        """A migration target link (MAIN, connection_id = ``session_id``) from ``host`` passed its
+        ticket: None if it may become the session (and no later one may), else why not. Only the
+        client host s1 announced, unless ``any_address`` (clients behind a changing NAT)."""
+        if not self.expects(session_id):
+            return "no migration announced this session"
+        ann = self.announcements[session_id]
+        if ann.target_claimed:
+            return "the session's target link was taken already"
+        if not any_address and ann.client is not None and ann.client != host:
+            return f"the source announced the session's client at another host, not {host}"
+        ann.target_claimed = True
+        return None
+
     def ticket(self, session_id: int) -> str | None:
         """The ticket a live announcement of this session carries (its channels may link with it)."""
         ann = self.announcements.get(session_id)
@@ -206,10 +285,10 @@ class MigrationManager:
         ann = self.announcements.get(session_id)
         if ann is None or ann.session is not None:
             return None
-        limits = self.server.config.limits
+        limits, budget = self.server.config.limits, self.server.budget
         session = Session(
             id=session_id,
-            ports={cid: PortState(cid, name, devices.factory(kind)(), limits) for cid, name, kind in ann.ports},
+            ports={cid: PortState(cid, name, devices.factory(kind)(), limits, budget) for cid, name, kind in ann.ports},
         )
         for cid, chunks in ann.device_state.items():
             session.ports[cid].device.restore(chunks)
@@ -243,7 +322,7 @@ class MigrationManager:
         # index only promised.
         plan, pos = [], 1
         skipped: list[dict] = []
-        screens: list[tuple[DisplayState, list[memoryview], int]] = []
+        screens: list[ScreenUpdate] = []
         for entry in index:
             if not isinstance(entry, dict):
                 raise TypeError(f"a device state index entry is a {type(entry).__name__}, not an object")
@@ -269,12 +348,14 @@ class MigrationManager:
             elif cid not in {port[0] for port in ann.ports}:
                 skipped.append({"session_id": text, "port": cid, "reason": "no such port announced"})
             else:
-                plan.append((ann, cid, [bytes(c) for c in saved], in_flight))
+                state = [bytes(c) for c in saved]
+                kind = next(port[2] for port in ann.ports if port[0] == cid)
+                devices.factory(kind)().restore(state)  # raises for a state the device cannot take
+                plan.append((ann, cid, state, in_flight))
         if pos != len(chunks):
             raise MigrationError(f"device state body holds {len(chunks) - pos} chunks no index entry names")
-        for display, saved, screen_chunks in screens:
-            take_delta(display, saved[screen_chunks:])
-            display.screen.restore([bytes(c) for c in saved[:screen_chunks]])
+        for update in screens:
+            update.apply()
         for ann, cid, state, in_flight in plan:
             ann.device_state[cid] = state
             ann.in_flight[cid] = max(ann.in_flight.get(cid, 0), in_flight)
@@ -285,7 +366,7 @@ class MigrationManager:
         return {"restored": len(plan) + len(screens), "skipped": skipped}
 
     def _plan_display(self, migration_id: str, entry: dict, chunks: list[memoryview], pos: int,
-                      screens: list[tuple[DisplayState, list[memoryview], int]], skipped: list[dict]) -> int:
+                      screens: list[ScreenUpdate], skipped: list[dict]) -> int:
         """One session's screen in a device-state batch: its own state and the tiles changed since
         the pre-copy. Checked here; applied with the rest once the whole batch is."""
         text, count, screen_chunks = entry["session_id"], entry["chunks"], entry["screen_chunks"]
@@ -297,7 +378,8 @@ class MigrationManager:
         if ann is None or ann.migration_id != migration_id or ann.display is None:
             skipped.append({"session_id": text, "display": True, "reason": "no screen announced in this migration"})
         else:
-            screens.append((ann.display, chunks[pos:pos + count], screen_chunks))
+            saved = chunks[pos:pos + count]
+            screens.append(prepare_update(ann.display, saved[:screen_chunks], saved[screen_chunks:]))
         return pos + count
 
     def receive_display_precopy(self, migration_id: str, body: bytes | bytearray | memoryview) -> dict:
@@ -310,15 +392,18 @@ class MigrationManager:
         index = json.loads(bytes(chunks[0]))
         if not isinstance(index, list) or len(chunks) != 1 + 2 * len(index):
             raise ValueError("a display pre-copy has an index and two surfaces per session")
-        taken, skipped = 0, list[str]()
-        for i, text in enumerate(index):
+        taken: list[tuple[DisplayState, int]] = []
+        skipped: list[str] = []
+        for i, text in enumerate(index):  # all checked first: a refused batch changes no screen
             ann = self.announcements.get(parse_session_label(text))
             if ann is None or ann.migration_id != migration_id or ann.display is None:
                 skipped.append(text)
                 continue
-            take_precopy(ann.display, chunks[1 + 2 * i], chunks[2 + 2 * i])
-            taken += 1
-        return {"taken": taken, "skipped": skipped}
+            check_precopy(ann.display, chunks[1 + 2 * i], chunks[2 + 2 * i])
+            taken.append((ann.display, i))
+        for display, i in taken:
+            take_precopy(display, chunks[1 + 2 * i], chunks[2 + 2 * i])
+        return {"taken": len(taken), "skipped": skipped}
 
     def session_ended(self, session: Session) -> None:
         if isinstance(session.migration, SessionSource):
@@ -368,23 +453,40 @@ class MigrationManager:
     def migrate(
         self, to: tuple[str, int], to_control: tuple[str, int], mode: mig.MigrationMode, timeout: float = 30.0,
         to_token: str | None = None, *, to_tls_port: int = 0, to_cert_subject: str | None = None,
-        to_control_tls: bool = False,
+        to_control_tls: bool = False, to_peer_token: str | None = None,
     ) -> dict:
         """Migrate every session to ``to``; returns the report ``spicewire migrate`` prints.
 
         ``to_tls_port`` and ``to_cert_subject`` tell clients s2's TLS port (``to``'s port 0: it
         has no other) and the subject its certificate must have (None: its host name). With
         ``to_control_tls`` s2's control API is reached over HTTPS, verified against this server's
-        CA (its x509 directory's ca-cert.pem).
+        CA (its x509 directory's ca-cert.pem). Every call to s2 carries ``to_peer_token``, else
+        ``to_token``: s2 takes ``/migration/*`` only from a peer that knows its secret. One
+        migration runs at a time; another meanwhile is a MigrationBusy.
 
         Phases, in order: announce to s2, pre-migration (BEGIN, every client's answer), the device
         state, the switch, the landing. Whatever fails in any of them, and however, no session is
         left half migrated here (``_undo``): a later migration finds every session as it was."""
+        if self._migrating is not None:
+            raise MigrationBusy(f"migration {self._migrating} is running on this server; one at a time")
+        migration_id = secrets.token_hex(8)
+        self._migrating = migration_id
+        try:
+            return self._migrate(migration_id, to, to_control, mode, timeout, to_peer_token or to_token,
+                                 to_tls_port, to_cert_subject, to_control_tls)
+        finally:
+            self._migrating = None
+
+    def _migrate(
+        self, migration_id: str, to: tuple[str, int], to_control: tuple[str, int], mode: mig.MigrationMode,
+        timeout: float, peer_token: str | None, to_tls_port: int, to_cert_subject: str | None,
+        to_control_tls: bool,
+    ) -> dict:
         started, end = time.time(), time.monotonic() + timeout
         sessions = [s for s in self.server.sessions.values() if s.main is not None and s.migration is None]
         # Every call to s2 names the migration: s2 takes device state and aborts only with it.
         tls = control_tls_context(self.server.config.x509_dir) if to_control_tls else None
-        migration = Peer(ControlClient(*to_control, token=to_token, tls=tls), secrets.token_hex(8), end)
+        migration = Peer(ControlClient(*to_control, token=peer_token, tls=tls), migration_id, end)
         dst = m.MigrationDstInfo(port=to[1], sport=to_tls_port, host=to[0], cert_subject=to_cert_subject or None)
         peer = migration.client
         target = f"{Address(*to)} (control {peer.address})"
@@ -393,12 +495,11 @@ class MigrationManager:
             self.server.events.emit(events.MIGRATION_STARTED, session_id=session_label(session.id),
                                     mode=mode_label(mode), to=str(Address(*to)))
         sources: list[SessionSource] = []  # filled as they are made, so a failure finds them all
-        announced = False
         try:
             self._announce(migration, sessions, timeout)
-            announced = True
             ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end)
             ready = self._precopy_displays(migration, ready)
+            self._precopy_ports(migration, ready)
             pre_migration = time.time() - started
             ready, moved_devices = self._move_device_states(migration, ready)
             for source in ready:
@@ -410,7 +511,8 @@ class MigrationManager:
             reason = f"the migration failed: {type(err).__name__}: {err}"
             for source in sources:
                 self._undo(source, reason)
-            if announced and sessions and isinstance(err, Exception):
+            # Also after a failed announcement: s2 may have taken it and lost or garbled its answer.
+            if sessions and isinstance(err, Exception):
                 self._forget_announced(migration, [session_label(s.id) for s in sessions])
             if isinstance(err, Exception):
                 log.error("migration to %s failed, every session stays here: %s", target, err)
@@ -431,6 +533,8 @@ class MigrationManager:
             pre_migration_s=round(pre_migration, 6),
             total_s=round(time.time() - started, 6),
             device_state_bytes=moved_devices,
+            precopied_bytes=migration.precopied,
+            precopy_s=round(migration.precopy_s, 6),
             migrated=sum(1 for s in report["sessions"] if s["migrated"]),
             switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
             lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
@@ -477,18 +581,28 @@ class MigrationManager:
         # expired or changed on s2 cannot strand the client halfway: s2 takes it for that
         # session's channels until the announcement ends.
         tickets = self.server.tickets
+        hosts = self.server.client_hosts
         try:
-            peer.post_json("/migration/announce", {
+            answer = peer.post_json("/migration/announce", {
                 "migration": migration.id,
+                "state_key": migration.state_key.hex(),
                 "ttl": timeout + 60,
                 "sessions": [{"session_id": session_label(s.id), "ports": [[cid, p.name, p.device.kind, p.in_flight]
                                                             for cid, p in s.ports.items()],
                               **({"display": announce_screen(s.display)} if s.display is not None else {}),
-                              **({"ticket": tickets[s.id]} if tickets.get(s.id) else {})}
+                              **({"ticket": tickets[s.id]} if tickets.get(s.id) else {}),
+                              # Its target link on s2 is taken from this host only.
+                              **({"client": hosts[s.id]} if hosts.get(s.id) else {})}
                              for s in sessions],
             }, timeout=migration.left())
         except OSError as err:
             raise MigrationError(f"cannot reach the destination's control API at {peer.address}: {err}") from None
+        if not (isinstance(answer, dict) and answer.get("announced") == len(sessions)):
+            # Not our s2 (or a broken one): nothing it says later could be trusted either.
+            raise MigrationError(f"the destination's control API at {peer.address} did not take the announcement "
+                                 f"of {len(sessions)} sessions; it answered {answer!r:.100}")
+        # An older s2 answers {"announced": n} alone: then neither HMACs nor pre-copies, as before.
+        migration.features = answer
 
     def _pre_migrate(
         self, sessions: list[Session], sources: list[SessionSource], dst: m.MigrationDstInfo,
@@ -517,6 +631,18 @@ class MigrationManager:
                 source.error = source.error or "the client could not connect to the destination"
                 source.cancel(source.error)
         return ready, switch_host
+
+    def _precopy_ports(self, migration: Peer, ready: list[SessionSource]) -> None:
+        """Send the big ports' queued bytes to s2 while the sessions keep running (precopy.py);
+        whatever does not get there goes through the clients at the switch, as without it. Each
+        session's MIGRATE_DATA gets its HMAC from here on if s2 checks them."""
+        for source in ready:
+            if migration.features.get("state_auth") == 1:
+                source.state_key = migration.state_key
+        if self.server.config.precopy and migration.features.get("port_precopy") == PRECOPY_VERSION:
+            started = time.perf_counter()
+            migration.precopied = precopy_ports(migration, ready)
+            migration.precopy_s = time.perf_counter() - started
 
     @staticmethod
     def _precopy_displays(migration: Peer, ready: list[SessionSource]) -> list[SessionSource]:
@@ -648,8 +774,11 @@ class MigrationManager:
             try:
                 # A short timeout: a destination that hangs must not outlast the deadline.
                 wait = min(STATUS_TIMEOUT, max(0.001, deadline - time.monotonic()))
-                landed = peer.get_json(f"/migration/completed?migration={migration.id}&ids={ids}", timeout=wait)
-                unreachable = 0
+                answer = peer.get_json(f"/migration/completed?migration={migration.id}&ids={ids}", timeout=wait)
+                if not (isinstance(answer, dict) and all(map(_landing, answer.values()))):
+                    # Counted as a failed request: a destination that keeps saying nonsense is gone.
+                    raise OSError(f"an answer that is not a landing report: {answer!r:.100}")
+                landed, unreachable = answer, 0
             except MigrationError as err:  # names the address itself
                 log.warning("cannot ask the destination how the migration went: %s", err)
             except OSError as err:

@@ -19,6 +19,7 @@ from spicewire.errors import MigrationError, ProtocolError
 from spicewire.logs import context, iso_times, session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
+from spicewire.protocol import state_auth
 from spicewire.protocol.enums import Msg
 from spicewire.server.display import (
     DisplayConnection,
@@ -28,6 +29,7 @@ from spicewire.server.display import (
     inputs_migrate_data,
 )
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel, prefaulted
+from spicewire.server.migration.precopy import PortPrecopy
 from spicewire.server.session import Session
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class SessionSource:
         for channel, conn in self.graphics.items():
             conn.intercept = partial(self._intercept, channel)
         self.precopy: Precopy | None = None  # the picture as the pre-copy sent it to s2
+        self.state_key: bytes | None = None  # the migration's: every MIGRATE_DATA gets its HMAC (state_auth)
+        self.port_precopies: dict[int, PortPrecopy] = {}  # by channel id: the ports s2 holds pre-copied bytes of
 
     @property
     def connect_succeeded(self) -> bool:
@@ -224,18 +228,24 @@ class SessionSource:
             port.connection.channel.send(msg)
             port.connection.transport.flush()
 
+    def _sealed(self, channel: mig.Channel, body: bytes) -> bytes:
+        """``body`` with its HMAC trailer when s2 checks one."""
+        if self.state_key is None:
+            return body
+        return body + state_auth.seal(self.state_key, self.session.id, channel, body)
+
     def _send_migrate_data(self, channel: mig.Channel) -> None:
         if channel == MAIN:
             body = mig.build_main_migrate_data()  # no guest agent: the empty MNMD of 6.2
             self.moved += len(body)
-            self._apply(self.machine.send(MAIN, m.MsgMigrateData(body)))
+            self._apply(self.machine.send(MAIN, m.MsgMigrateData(self._sealed(MAIN, body))))
             return
         if channel in self.graphics:
             graphics = self.graphics[channel]
             body = (display_migrate_data(graphics.state, graphics.channel) if isinstance(graphics, DisplayConnection)
                     else inputs_migrate_data(graphics.state))
             self.moved += len(body)
-            self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
+            self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, body))))
             return
         port = self.ports[channel[1]]
         conn = port.connection
@@ -246,17 +256,22 @@ class SessionSource:
             ack_generation=ch.ack_generation, ack_window=ch.ack_window, serial=ch.serial_out + 1,
             client_serial=ch.serial_in, pending=list(port.to_device), to_client=list(port.to_client),
         )
+        precopy = self.port_precopies.get(channel[1])
+        if precopy is not None:  # s2 holds most of the queues: only what follows them goes here
+            state = precopy.state(state)
         with collector_paused():
             writer = mig.PortMigrateDataWriter(state)
         self.moved += writer.size
         if writer.size < STREAM_MIGRATE_DATA:  # small: one frame, one write, the least latency
             body = b"".join(piece.tobytes() for piece in writer.segments())
-            self._apply(self.machine.send(channel, m.MsgMigrateData(body)))
+            self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, body))))
             return
         outputs = self.machine.migrate_data_streamed(channel)
-        header = ch.send_streamed(Msg.MIGRATE_DATA, writer.size)  # with what was queued before it
-        segments = pipelined_segments(writer, self.pack_buffers)
-        conn.transport.send_stream(header, segments, len(header) + writer.size)
+        mac = None if self.state_key is None else state_auth.StateMac(self.state_key, self.session.id, channel)
+        size = writer.size + (0 if mac is None else state_auth.TRAILER_SIZE)
+        header = ch.send_streamed(Msg.MIGRATE_DATA, size)  # with what was queued before it
+        segments = pipelined_segments(writer, self.pack_buffers, mac)
+        conn.transport.send_stream(header, segments, len(header) + size)
         self._apply(outputs)
 
     def _arm_timer(self) -> None:
@@ -306,26 +321,42 @@ def _packed(job: gevent.event.AsyncResult[np.ndarray]) -> np.ndarray:
 
 
 def pipelined_segments(
-    writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None
-) -> Iterator[np.ndarray]:
+    writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None, mac: state_auth.StateMac | None = None,
+) -> Iterator[np.ndarray | bytes]:
     """The writer's segments, each packed in a worker thread into one of two buffers while the one
     before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
     instead of taking turns. A segment is asked for only once the previous one is sent, so the
-    buffer being packed is never the one on the wire."""
-    yield np.frombuffer(writer.header, dtype=np.uint8)
+    buffer being packed is never the one on the wire. With ``mac``, another worker thread feeds it
+    each segment while that segment is sent and the next one packed, straight from the cache
+    (no second pass over the state), and its trailer follows the last segment."""
     pool = gevent.get_hub().threadpool
+    if mac is not None:
+        mac.update(writer.header)
+    yield np.frombuffer(writer.header, dtype=np.uint8)
     spare = spare or PackBuffers()
     buffers = [spare.take(writer.largest_container) for _ in range(2)]
+    hashing: gevent.event.AsyncResult | None = None  # the segment before: its buffer is packed next
+
+    def hashed(packed: np.ndarray) -> np.ndarray:
+        nonlocal hashing
+        if hashing is not None:
+            hashing.get()  # in order, and done with the buffer the next pack reuses
+        hashing = pool.spawn(mac.update, packed.data) if mac is not None else None
+        return packed
+
     try:
         groups = writer.chunk_groups()
         job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
         turn = 0
         for group in groups:
-            packed = _packed(job)
+            packed = hashed(_packed(job))
             turn ^= 1
             job = pool.spawn(codec.pack_chunks, group, buffers[turn])
             yield packed
-        yield _packed(job)
+        yield hashed(_packed(job))
+        if hashing is not None and mac is not None:
+            hashing.get()
+            yield mac.trailer()
     finally:
         for buffer in buffers:
             spare.give_back(buffer)
