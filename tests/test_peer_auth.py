@@ -265,6 +265,23 @@ def test_prefaulted_bytes_are_bounded_and_given_back(nodes, monkeypatch):
     assert manager.prefaulted == 2 * room and manager.announcements[5].buffers
 
 
+def test_without_a_set_prefault_budget_the_memory_budget_bounds_the_prefault(nodes):
+    """By default what s2 may prefault is its memory budget (a fixed 1 GiB left a 1 GiB backlog to
+    fault in during the downtime): one backlog at the budget is prefaulted, one byte more is not."""
+    size = PREFAULT_MIN
+    room = int(size * 1.02) + (4 << 20)
+    assert orchestrator.PREFAULT_BUDGET is None
+    (s2,) = nodes(1)
+    manager = s2.spice.migration
+    s2.spice.budget.limit = room  # at the budget
+    s2.api.post_json("/migration/announce", announcement(1, 1, size))
+    assert manager.prefaulted == room and manager.announcements[1].buffers
+    s2.api.post_json("/migration/abort", {"migration": MIGRATION, "sessions": ["00000001"]})
+    s2.spice.budget.limit = room - 1  # one byte under what the backlog needs
+    s2.api.post_json("/migration/announce", announcement(2, 1, size, migration="fedcba9876543210"))
+    assert manager.prefaulted == 0 and not manager.announcements[2].buffers
+
+
 def vm_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         line = next(line for line in status if line.startswith("VmRSS:"))

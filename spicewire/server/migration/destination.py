@@ -82,7 +82,7 @@ class Announcement:
     state_key: bytes | None = None
     # (channel id, "to_device"|"to_client") -> the bytes s1 pre-copied (precopy.HeldRegion).
     precopied: dict[tuple[int, str], Any] = field(default_factory=dict)
-    prefaulted: int = 0  # bytes of those buffers, counted against the manager's PREFAULT_BUDGET
+    prefaulted: int = 0  # bytes of those buffers, counted against the orchestrator's PREFAULT_BUDGET
 
     def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
         job = self.buffers.pop(channel_id, None)

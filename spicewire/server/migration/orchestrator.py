@@ -59,7 +59,10 @@ STATUS_TIMEOUT = 2.0  # for one "have they landed?" request to s2
 UNREACHABLE_TRIES = 3  # consecutive refused status requests after which s2 counts as gone
 MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
 MAX_ANNOUNCED = 10_000  # sessions announced here and not yet landed, failed or expired, all migrations together
-PREFAULT_BUDGET = 1 << 30  # bytes prefaulted for announced backlogs at once; past it, buffers come as data does
+# Bytes prefaulted for announced backlogs at once; past it, buffers come as data does. None: the
+# server's memory budget, which bounds what it may hold anyway. A fixed 1 GiB here left a 1 GiB
+# backlog unprefaulted, and s2 then faulted its pages in during the downtime (~2 ms per MiB).
+PREFAULT_BUDGET: int | None = None
 MAX_REMEMBERED = 2 * MAX_ANNOUNCED  # sessions whose migration here ended and whose outcome s2 still answers for
 
 
@@ -198,7 +201,8 @@ class MigrationManager:
                 room = int(size * 1.02) + (4 << 20)
                 # Only what fits the budget: a big (or lying) announcement must not hold memory
                 # the real transfers need; beyond it MIGRATE_DATA gets its buffer when it arrives.
-                if size >= PREFAULT_MIN and self.prefaulted + room <= PREFAULT_BUDGET:
+                budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else self.server.budget.limit
+                if size >= PREFAULT_MIN and self.prefaulted + room <= budget:
                     ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, room)
                     ann.prefaulted += room
         if self._sweeper is None:
