@@ -16,69 +16,31 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 from spicewire.client import connect
+from spicewire.demo import PEER_TOKEN, Server
 
 WIDTH, HEIGHT = 1920, 1080
-PEER_TOKEN = "bench-peer-token"  # what s1 presents on s2's /migration/*
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start(display: str | None) -> Server:
+    """The demo's ``spicewire serve`` (a sink port, a control API, this run's peer token), with a
+    display when asked."""
+    return Server("server", 8, extra=("--display", display) if display else ())
 
 
-class Serve:
-    """``spicewire serve`` with a control API, optionally with a display."""
-
-    def __init__(self, display: str | None) -> None:
-        self.port, self.control = free_port(), free_port()
-        argv = [sys.executable, "-m", "spicewire", "serve", "--listen", f"127.0.0.1:{self.port}",
-                "--disable-ticketing", "--port-channel", "org.spicewire.echo=echo",
-                "--control", f"127.0.0.1:{self.control}", "--log-level", "WARNING", "--peer-token", PEER_TOKEN]
-        if display:
-            argv += ["--display", display]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.request("GET", "/status")
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("a server did not start") from None
-                time.sleep(0.05)
-
-    def request(self, method: str, path: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.control}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=60) as answer:
-            return json.loads(answer.read())
-
-    def migrate_to(self, other: Serve) -> dict:
-        return self.request("POST", "/migrate", {"to": f"127.0.0.1:{other.port}",
-                                                 "to_control": f"127.0.0.1:{other.control}", "timeout": 30,
-                                                 "to_peer_token": PEER_TOKEN})
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+def migrate(here: Server, there: Server) -> dict:
+    return here.control.post_json("/migrate", {"to": f"127.0.0.1:{there.port}", "timeout": 30,
+                                               "to_control": f"127.0.0.1:{there.control_port}",
+                                               "to_peer_token": PEER_TOKEN})
 
 
 def downtimes(display: str | None, rounds: int, paint: bool = True) -> dict:
-    s1, s2 = Serve(display), Serve(display)
+    s1, s2 = start(display), start(display)
     stop = threading.Event()
     strokes = [0]
     try:
@@ -104,7 +66,7 @@ def downtimes(display: str | None, rounds: int, paint: bool = True) -> dict:
                 time.sleep(0.5)
             results, here, there = [], s1, s2
             for _ in range(rounds):
-                entry = here.migrate_to(there)["sessions"][0]
+                entry = migrate(here, there)["sessions"][0]
                 assert entry["migrated"], entry
                 results.append(entry["downtime_s"])
                 here, there = there, here
