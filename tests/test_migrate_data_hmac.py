@@ -18,7 +18,8 @@ from gevent.server import StreamServer
 
 from spicewire.protocol import migration as mig
 from spicewire.protocol import state_auth
-from spicewire.protocol.enums import ChannelType
+from spicewire.protocol.channel import ChannelConnection, Side
+from spicewire.protocol.enums import ChannelType, Msgc
 from spicewire.server.migration import source as source_module
 from spicewire.server.migration.source import pipelined_segments
 
@@ -128,6 +129,60 @@ class TamperProxy:
         self._server.stop(timeout=0)
 
 
+class BodyTamperProxy(TamperProxy):
+    """A TamperProxy that flips one byte of a large MIGRATE_DATA body the client relays: the byte
+    ``where(size)`` of it (trailer included), found after the header the client framed it with
+    (``headers``: header -> body size, recorded from its ChannelConnection)."""
+
+    def __init__(self, target, where, headers: dict[bytes, int]) -> None:
+        self.where, self.headers = where, headers
+        super().__init__(target, -1)  # any int: _pump's client->s2 direction is the one looked at
+
+    def _pump(self, src, dst, at: int | None) -> None:
+        if at is None:
+            super()._pump(src, dst, None)
+            return
+        seen = bytearray()  # this connection's stream so far: a few MiB in these tests
+        flip = None
+        try:
+            while data := src.recv(1 << 16):
+                start = len(seen)
+                seen += data
+                if flip is None:
+                    flip = self._locate(seen)
+                if flip is not None and start <= flip < len(seen):
+                    seen[flip] ^= 0x40
+                    self.flipped += 1
+                dst.sendall(seen[start:])
+        except OSError as err:
+            self.broken.append(err)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _locate(self, seen: bytearray) -> int | None:
+        for header, size in self.headers.items():
+            found = seen.find(header)
+            if found >= 0:
+                return found + len(header) + self.where(size)
+        return None
+
+
+@pytest.fixture
+def migrate_data_headers(monkeypatch):
+    """The headers of the large MIGRATE_DATA bodies clients stream in this test -> body size."""
+    headers: dict[bytes, int] = {}
+    real = ChannelConnection.send_streamed
+
+    def recording(self, msg_type, size):
+        framed = real(self, msg_type, size)
+        if self.side is Side.CLIENT and msg_type == Msgc.MIGRATE_DATA and size >= MIB:
+            headers[framed[-(6 if self.writer.mini else 18):]] = size
+        return framed
+
+    monkeypatch.setattr(ChannelConnection, "send_streamed", recording)
+    return headers
+
+
 def assert_taken_back(s1, s2, session, entry, size: int, digest: str) -> None:
     assert not entry["migrated"] and entry["error"].startswith("rolled back"), entry
     assert "failed authentication" in entry["error"], entry
@@ -191,4 +246,40 @@ def test_the_same_session_migrates_once_nothing_is_rewritten(pnodes):
     for src, dst in ((s1, s2), (s2, s1), (s1, s2)):
         assert only_entry(src.migrate_to(dst))["migrated"]
     drain_sink(s2, session.session_id, size, digest.hexdigest())
+    session.close()
+
+
+LANDED = 12 * MIB  # larger than a few of destination.LANDED_STEP: s2 hashes most of it as it lands
+FLIPS = {
+    "first body byte": lambda size: 0,
+    "middle": lambda size: size // 2,
+    "last body byte": lambda size: size - state_auth.TRAILER_SIZE - 1,
+    "trailer tag": lambda size: size - state_auth.TRAILER_SIZE,
+    "last trailer byte": lambda size: size - 1,
+}
+
+
+@pytest.mark.parametrize("where", [None, *FLIPS])
+def test_a_large_body_checked_as_it_lands_catches_any_rewritten_byte(pnodes, migrate_data_headers, where):
+    """s2 computes a large body's HMAC while it is received (so the downtime pays only for the
+    tail): a byte flipped anywhere, the body's first bytes (which come with the header, by the
+    ordinary reader path), its middle, its last, or the trailer, still fails the session there."""
+    s1, s2 = pnodes(False, False)
+    session = connect(s1)
+    digest = fill_paused_sink(s1, session, LANDED)
+    proxy = BodyTamperProxy(s2.address, FLIPS[where] if where else lambda size: -(1 << 40), migrate_data_headers)
+    try:
+        entry = only_entry(s1.migrate_to(s2, to=proxy.address))
+    finally:
+        proxy.stop()
+    assert [size for size in migrate_data_headers.values() if size > LANDED], migrate_data_headers
+    if where is None:
+        assert entry["migrated"], entry
+        assert proxy.flipped == 0
+        # Most of the body was hashed before its last byte came.
+        assert s2.spice.migration.completed[session.session_id]["hashed_ahead"] >= LANDED // 2
+        drain_sink(s2, session.session_id, LANDED, digest)
+    else:
+        assert proxy.flipped == 1
+        assert_taken_back(s1, s2, session, entry, LANDED, digest)
     session.close()

@@ -144,6 +144,11 @@ class ChannelConnection:
         self.reader.bulk_received(n)
         return self._parse()
 
+    def bulk_progress(self) -> int:
+        """Bytes of the large body under way received so far (into the array ``into`` gave for
+        a MIGRATE_DATA); 0 when none is."""
+        return self.reader.bulk_progress()
+
     def expect_migrate_data(self, limit: int, into: Callable[[int], np.ndarray] | None = None) -> None:
         """Server, destination: the next message is the client's MIGRATE_DATA, up to ``limit``
         bytes, gathered into ``into(size)`` when large. The client numbered it on its connection

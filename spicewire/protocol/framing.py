@@ -167,6 +167,11 @@ class MessageReader:
     def bulk_received(self, n: int) -> None:
         self._bulk_filled += n
 
+    def bulk_progress(self) -> int:
+        """Bytes of the bulk body being gathered that arrived so far (0 when none is under way):
+        its owner may read that much of the body before the message is complete."""
+        return self._bulk_filled if self._bulk is not None else 0
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet handed out as a message."""

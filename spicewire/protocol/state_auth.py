@@ -61,10 +61,22 @@ def seal(key: bytes, session_id: int, channel: tuple[int, int], body: Buffer) ->
 def unseal(key: bytes, session_id: int, channel: tuple[int, int], data: Buffer) -> memoryview:
     """The body of ``data`` (a view, no copy) once its trailer is checked; StateAuthError if it
     has none or it does not match."""
+    mac = StateMac(key, session_id, channel)
+    mac.update(_split(data)[0])
+    return opened(mac, data)
+
+
+def opened(mac: StateMac, data: Buffer) -> memoryview:
+    """The body of ``data`` once its trailer matches ``mac``, which was fed that body already (as
+    it arrived: s2 hashes a large one while it lands); StateAuthError if it does not."""
+    body, trailer = _split(data)
+    if not hmac.compare_digest(mac.trailer(), trailer):
+        raise StateAuthError("migrate data does not match its authentication tag: it was changed on the way")
+    return body
+
+
+def _split(data: Buffer) -> tuple[memoryview, bytes]:
     view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
     if len(view) < TRAILER_SIZE or bytes(view[-TRAILER_SIZE:-TRAILER_SIZE + len(TAG)]) != TAG:
         raise StateAuthError("migrate data carries no authentication trailer")
-    body = view[:-TRAILER_SIZE]
-    if not hmac.compare_digest(seal(key, session_id, channel, body), bytes(view[-TRAILER_SIZE:])):
-        raise StateAuthError("migrate data does not match its authentication tag: it was changed on the way")
-    return body
+    return view[:-TRAILER_SIZE], bytes(view[-TRAILER_SIZE:])

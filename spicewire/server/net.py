@@ -597,6 +597,8 @@ class Connection:
             serial = channel.serial_in
             # A large body (MIGRATE_DATA, big DATA) is received straight into: no copy, no parsing.
             msgs = channel.receive_data(view[:n]) if bulk is None else channel.received_into(n)
+            if bulk is not None and isinstance(handler, PortConnection) and handler.on_bulk is not None:
+                handler.on_bulk()
             count = channel.serial_in - serial  # ACKs and PONGs too, which msgs leaves out
             if count > FLOOD_MESSAGES:
                 self.server.flood_reads += 1

@@ -287,6 +287,9 @@ class PortConnection:
         self.waiting_for_migrate_data = False
         self.intercept: Callable[[m.Message], bool] | None = None
         self.on_closed: Callable[[PortConnection], None] | None = None  # a migration's, while it runs
+        # Called after each read straight into a large body (a MIGRATE_DATA landing): s2 checks
+        # the body's HMAC as it arrives.
+        self.on_bulk: Callable[[], None] | None = None
 
     def start(self, announce: bool = True) -> None:
         if self.parked or self.waiting_for_migrate_data:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, assert_never
@@ -35,6 +36,7 @@ _DESTINATION_MAIN_MESSAGES = (m.MsgcMainMigrateDstDoSeamless, m.MsgcMainMigrateE
 
 
 AUTH_IN_THREAD = 1 << 20  # MIGRATE_DATA at least this large is checked off the hub
+LANDED_STEP = 4 << 20  # a landing body is hashed in worker-thread jobs of at least this much
 STOPPED_READ_ALLOWANCE = 256 << 20
 """What s1 may read from a port's client between reporting the port's backlog (the device state)
 and the client's FLUSH_MARK. s1 reads a stopped port without a limit (the FLUSH_MARK is behind that
@@ -100,6 +102,58 @@ class Announcement:
         self.session = None
 
 
+class LandingMac:
+    """The HMAC of one port's large MIGRATE_DATA, computed while the body lands in ``buffer``
+    (the array the reader received it into: state, then the trailer), so that once the last byte
+    arrives only the last read's worth is left to hash, not the whole body. Worker-thread jobs run
+    one at a time, in order: an HMAC is fed sequentially."""
+
+    def __init__(self, mac: state_auth.StateMac, buffer: np.ndarray, progress: Callable[[], int]) -> None:
+        self.buffer = buffer
+        self._mac = mac
+        self._progress = progress  # bytes of the body received so far
+        self._end = len(buffer) - state_auth.TRAILER_SIZE  # the trailer is compared, not hashed
+        self._hashed = 0
+        self.ahead = 0  # what was hashed before the last byte arrived
+        self._worker: gevent.Greenlet[[], None] | None = None
+
+    def landed(self) -> None:
+        """More of the body arrived: hash it in a worker thread once a step's worth waits."""
+        if (self._worker is None or self._worker.dead) and self._landed() - self._hashed >= LANDED_STEP:
+            self._worker = gevent.spawn(self._catch_up)
+
+    def holds(self, data: m.Data) -> bool:
+        """Whether ``data`` is the body that landed in this buffer (and not another one)."""
+        view = np.frombuffer(data, dtype=np.uint8)
+        return len(view) == len(self.buffer) and view.ctypes.data == self.buffer.ctypes.data
+
+    def finish(self) -> state_auth.StateMac:
+        """The MAC fed the whole body: what is pending is waited for, what is left is hashed."""
+        if self._worker is not None:
+            self._worker.join()
+        self.ahead = self._hashed
+        rest = self.buffer[self._hashed : self._end].data
+        if len(rest) >= AUTH_IN_THREAD:
+            gevent.get_hub().threadpool.apply(self._mac.update, (rest,))
+        else:
+            self._mac.update(rest)
+        self._hashed = self._end
+        return self._mac
+
+    def cancel(self) -> None:
+        """The migration ended: a running job is the last."""
+        self._end = self._hashed
+
+    def _landed(self) -> int:
+        return min(self._progress(), self._end)
+
+    def _catch_up(self) -> None:
+        pool = gevent.get_hub().threadpool
+        while (end := self._landed()) - self._hashed >= LANDED_STEP:
+            pool.apply(self._mac.update, (self.buffer[self._hashed : end].data,))
+            self._hashed = end
+
+
 def channel_of(handler: PortConnection | GraphicsConnection) -> mig.Channel:
     if isinstance(handler, PortConnection):
         return port_channel(handler.port.channel_id)
@@ -116,6 +170,8 @@ class SessionDestination:
         self.links: dict[mig.Channel, PortConnection | GraphicsConnection] = {}
         self.times: dict[str, float] = {"linked": time.time()}
         self.restored = 0  # bytes restored from MIGRATE_DATA
+        self.landing: dict[mig.Channel, LandingMac] = {}  # a port's MIGRATE_DATA being hashed as it lands
+        self.hashed_ahead = 0  # bytes of MIGRATE_DATA bodies whose HMAC was computed as they landed
 
     @property
     def machine(self) -> mig.DestinationMigration:
@@ -157,7 +213,12 @@ class SessionDestination:
         for handler in self.links.values():
             handler.intercept = None
             handler.on_closed = None
+            if isinstance(handler, PortConnection):
+                handler.on_bulk = None
         self.links.clear()
+        for landing in self.landing.values():
+            landing.cancel()
+        self.landing.clear()
         if self.session.main is not None:
             self.session.main.intercept = None
         if self.session.migration is self:
@@ -172,7 +233,8 @@ class SessionDestination:
 
     def status(self) -> dict[str, Any]:
         return {"role": "destination", "state": self._machine.state.name if self._machine else "LINKING",
-                "restored": self.restored, "times": iso_times(self.times)}
+                "restored": self.restored,
+                "hashed_ahead": self.hashed_ahead, "times": iso_times(self.times)}
 
     def _intercept_main(self, msg: m.Message) -> bool:
         if isinstance(msg, m.MsgcMigrateData):
@@ -197,14 +259,22 @@ class SessionDestination:
     def _authentic(self, channel: mig.Channel, msg: m.MsgcMigrateData) -> m.MsgcMigrateData | None:
         """The MIGRATE_DATA without its trailer once its HMAC is checked (state_auth), or None when
         it fails: then the session fails here, nothing restored, and s1 takes it back. A large
-        body is checked by a worker thread, so other sessions go on meanwhile."""
+        body is checked by a worker thread, so other sessions go on meanwhile; one received into
+        the buffer prepared for it was hashed as it landed (LandingMac), and only its tail is left."""
         ann = self.manager.announcements.get(self.session.id)
         key = ann.state_key if ann is not None else None
         if key is None:
             return msg
         data = msg.data
+        landing = self.landing.pop(channel, None)
+        handler = self.links.get(channel)
+        if isinstance(handler, PortConnection):
+            handler.on_bulk = None
         try:
-            if len(data) >= AUTH_IN_THREAD:
+            if landing is not None and landing.holds(data):
+                body = state_auth.opened(landing.finish(), data)
+                self.hashed_ahead += landing.ahead
+            elif len(data) >= AUTH_IN_THREAD:
                 body = gevent.get_hub().threadpool.apply(state_auth.unseal, (key, self.session.id, channel, data))
             else:
                 body = state_auth.unseal(key, self.session.id, channel, data)
@@ -282,11 +352,22 @@ class SessionDestination:
             return
         cid = handler.port.channel_id
         ann = self.manager.announcements.get(self.session.id)
-        into = partial(ann.take_buffer, cid) if ann is not None else None
+        into = partial(self._landing_buffer, handler, ann) if ann is not None else None
         in_flight = ann.in_flight.get(cid, 0) if ann is not None else 0
         # More than s1 said is a MessageTooLarge: the client's fault, and the end of this port's
         # link, never a buffer of whatever size it names.
         handler.channel.expect_migrate_data(migrate_data_limit(in_flight, handler.port.limits), into)
+
+    def _landing_buffer(self, handler: PortConnection, ann: Announcement, size: int) -> np.ndarray:
+        """The memory a port's large MIGRATE_DATA lands in, its HMAC computed as it fills."""
+        buffer = ann.take_buffer(handler.port.channel_id, size)
+        if ann.state_key is not None and size > state_auth.TRAILER_SIZE:
+            channel = channel_of(handler)
+            mac = state_auth.StateMac(ann.state_key, self.session.id, channel)
+            landing = LandingMac(mac, buffer[:size], handler.channel.bulk_progress)
+            self.landing[channel] = landing
+            handler.on_bulk = landing.landed
+        return buffer
 
     def _restore_port(self, handler: PortConnection, data: mig.PortMigrateData) -> None:
         port, ch = handler.port, handler.channel
@@ -343,7 +424,7 @@ class SessionDestination:
             session.display.attach_to(session, server.config.server_name, server.listen_label)
             session.display.resume()  # the screen runs here now: held inputs, then the frames
         session.migrations.append({"role": "destination", "mode": mode_label(mode), "restored": self.restored,
-                                   "times": iso_times(self.times)})
+                                   "hashed_ahead": self.hashed_ahead, "times": iso_times(self.times)})
         self.manager.completed[session.id] = session.migrations[-1]
         self.manager.end_announcement(session.id)  # live now: nothing of its migration may reach it
         server = self.manager.server
