@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -138,11 +139,21 @@ class LandingMac:
         else:
             self._mac.update(rest)
         self._hashed = self._end
+        self._let_go()
         return self._mac
 
     def cancel(self) -> None:
         """The migration ended: a running job is the last."""
         self._end = self._hashed
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Drop the body and the reader: the worker greenlet and this object point at each other,
+        and a body left in that cycle (hundreds of MiB of an aborted transfer) would wait for the
+        cyclic collector instead of going with its connection."""
+        self.buffer = np.empty(0, dtype=np.uint8)
+        self._progress = _nothing_landed
+        self._worker = None
 
     def _landed(self) -> int:
         return min(self._progress(), self._end)
@@ -152,6 +163,19 @@ class LandingMac:
         while (end := self._landed()) - self._hashed >= LANDED_STEP:
             pool.apply(self._mac.update, (self.buffer[self._hashed : end].data,))
             self._hashed = end
+
+
+def _nothing_landed() -> int:
+    return 0
+
+
+def _landing_buffer(destination: weakref.ref[SessionDestination], handler: weakref.ref[PortConnection],
+                    ann: Announcement, size: int) -> np.ndarray:
+    """``SessionDestination.landing_buffer``, reached through weak references (see its caller)."""
+    dest, port = destination(), handler()
+    if dest is None or port is None:  # the link or the migration is gone: the body goes nowhere
+        return np.empty(size, dtype=np.uint8)
+    return dest.landing_buffer(port, ann, size)
 
 
 def channel_of(handler: PortConnection | GraphicsConnection) -> mig.Channel:
@@ -352,13 +376,15 @@ class SessionDestination:
             return
         cid = handler.port.channel_id
         ann = self.manager.announcements.get(self.session.id)
-        into = partial(self._landing_buffer, handler, ann) if ann is not None else None
+        # Weak: the reader keeps ``into`` until the body is whole, and a strong path from it back
+        # to the connection would hold a half-received body in a cycle after its link closed.
+        into = partial(_landing_buffer, weakref.ref(self), weakref.ref(handler), ann) if ann is not None else None
         in_flight = ann.in_flight.get(cid, 0) if ann is not None else 0
         # More than s1 said is a MessageTooLarge: the client's fault, and the end of this port's
         # link, never a buffer of whatever size it names.
         handler.channel.expect_migrate_data(migrate_data_limit(in_flight, handler.port.limits), into)
 
-    def _landing_buffer(self, handler: PortConnection, ann: Announcement, size: int) -> np.ndarray:
+    def landing_buffer(self, handler: PortConnection, ann: Announcement, size: int) -> np.ndarray:
         """The memory a port's large MIGRATE_DATA lands in, its HMAC computed as it fills."""
         buffer = ann.take_buffer(handler.port.channel_id, size)
         if ann.state_key is not None and size > state_auth.TRAILER_SIZE:
