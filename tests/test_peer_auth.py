@@ -273,11 +273,14 @@ def test_without_a_set_prefault_budget_the_memory_budget_bounds_the_prefault(nod
     assert orchestrator.PREFAULT_BUDGET is None
     (s2,) = nodes(1)
     manager = s2.spice.migration
-    s2.spice.budget.limit = room  # at the budget
+    memory = s2.spice.budget
+    memory.limit = room  # at the budget
     s2.api.post_json("/migration/announce", announcement(1, 1, size))
     assert manager.prefaulted == room and manager.announcements[1].buffers
+    assert memory.used == room  # the prefault counts in what the server holds
     s2.api.post_json("/migration/abort", {"migration": MIGRATION, "sessions": ["00000001"]})
-    s2.spice.budget.limit = room - 1  # one byte under what the backlog needs
+    assert memory.used == 0  # and is given back with the announcement
+    memory.limit = room - 1  # one byte under what the backlog needs
     s2.api.post_json("/migration/announce", announcement(2, 1, size, migration="fedcba9876543210"))
     assert manager.prefaulted == 0 and not manager.announcements[2].buffers
 

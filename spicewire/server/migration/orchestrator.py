@@ -202,9 +202,11 @@ class MigrationManager:
                 # Only what fits the budget: a big (or lying) announcement must not hold memory
                 # the real transfers need; beyond it MIGRATE_DATA gets its buffer when it arrives.
                 budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else self.server.budget.limit
-                if size >= PREFAULT_MIN and self.prefaulted + room <= budget:
+                memory = self.server.budget
+                if size >= PREFAULT_MIN and self.prefaulted + room <= budget and memory.admits(room):
                     ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, room)
                     ann.prefaulted += room
+                    memory.reserve(room)  # held until the announcement ends (end_announcement)
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep_until_empty)
         self._forget_oldest()
@@ -227,6 +229,8 @@ class MigrationManager:
         """The session's migration here is over (it completed, failed, or was aborted)."""
         ann = self.announcements.pop(session_id, None)
         if ann is not None:
+            self.server.budget.release(ann.prefaulted)
+            ann.prefaulted = 0
             ann.release()
         sweeper = self._sweeper
         if not self.announcements and sweeper is not None and sweeper is not gevent.getcurrent():
