@@ -29,7 +29,15 @@ from spicewire.protocol.enums import ChannelType, LinkErr
 from spicewire.protocol.framing import MINI_HEADER
 from spicewire.server import budget as budget_module
 from spicewire.server.budget import TRIM_IDLE, MemoryBudget, default_limit
-from spicewire.server.net import RECV_BUFFER, Connection, ServerConfig, SpiceServer
+from spicewire.server.net import (
+    FLOOD_MESSAGES,
+    FLOOD_READ,
+    RECV_BUFFER,
+    Connection,
+    ServerConfig,
+    SpiceServer,
+    next_read_size,
+)
 from spicewire.server.session import Limits, PortState
 from tests.served import bound_addresses
 from tests.serverkit import (
@@ -169,6 +177,23 @@ def test_a_connection_is_read_only_while_its_queue_is_under_the_limit(over):
     finally:
         near.close()
         far.close()
+
+
+@pytest.mark.parametrize(("average", "want"), [
+    (FLOOD_READ // FLOOD_MESSAGES - 1, FLOOD_READ),  # small messages: the floor
+    (FLOOD_READ // FLOOD_MESSAGES, FLOOD_READ),
+    (FLOOD_READ // FLOOD_MESSAGES + 1, FLOOD_READ + FLOOD_MESSAGES),
+    (RECV_BUFFER // FLOOD_MESSAGES - 1, RECV_BUFFER - FLOOD_MESSAGES),
+    (RECV_BUFFER // FLOOD_MESSAGES, RECV_BUFFER),
+    (RECV_BUFFER // FLOOD_MESSAGES + 1, RECV_BUFFER),  # large messages: the ceiling
+])
+def test_the_next_read_holds_about_flood_messages_of_the_last_reads_size(average, want):
+    count = 10
+    assert next_read_size(average * count, count) == want
+
+
+def test_a_read_that_completed_no_message_is_followed_by_a_full_one():
+    assert next_read_size(FLOOD_READ, 0) == RECV_BUFFER
 
 
 def bystander_held(server) -> int:

@@ -89,6 +89,13 @@ FLOOD_READ = 1 << 10
 FIRST_READ = 4 << 10
 
 
+def next_read_size(n: int, count: int) -> int:
+    """How much to read next, after a read of ``n`` bytes that completed ``count`` messages."""
+    if not count:  # none complete: a large message under way
+        return RECV_BUFFER
+    return max(FLOOD_READ, min(RECV_BUFFER, FLOOD_MESSAGES * n // count))
+
+
 # The names a channel policy (secure_channels, plaintext_channels) takes: QEMU's tls-channel names.
 CHANNEL_NAMES = {channel.name.lower(): channel for channel in ChannelType}
 ALL_CHANNELS = "all"
@@ -602,7 +609,7 @@ class Connection:
             count = channel.serial_in - serial  # ACKs and PONGs too, which msgs leaves out
             if count > FLOOD_MESSAGES:
                 self.server.flood_reads += 1
-            want = RECV_BUFFER if not count else max(FLOOD_READ, min(RECV_BUFFER, FLOOD_MESSAGES * n // count))
+            want = next_read_size(n, count)
             # At most FLOOD_MESSAGES handled per turn, then the others' turn: a client that always
             # has bytes ready would otherwise never let the hub run (gevent switches only when a
             # socket would block), and one read can bring thousands of requests. idle(), not
