@@ -209,7 +209,6 @@ def damage_tiles(
     if _overlap(current, shadow) or _overlap(dirty, current) or _overlap(dirty, shadow):
         raise ValueError("current, shadow and dirty must not share memory")
     if not dirty.size:
-        dirty.fill(0)
         return 0
     # One 32-bit comparison per pixel instead of four byte ones and a reduction.
     differs = current.view(np.uint32)[:, :, 0] != shadow.view(np.uint32)[:, :, 0]

@@ -35,7 +35,7 @@ class Damage:
         self.width = width
         self.tile = tile
         self.shadow: npt.NDArray[np.uint8] = np.zeros((height, width, 4), dtype=np.uint8)
-        # The tiles the last collect found changed, 1 each: a migration sends just these after its pre-copy.
+        # The tiles the last collect found changed, 1 each (``rects`` merges them).
         self.dirty: npt.NDArray[np.uint8] = np.zeros((-(-height // tile), -(-width // tile)), dtype=np.uint8)
         self.dirty_count = 0
         self._invalid = False

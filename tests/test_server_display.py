@@ -19,8 +19,12 @@ from spicewire.protocol.enums import ChannelType, DisplayCap, ImageType, LinkErr
 from spicewire.protocol.migrate_data import HeldInput, build_inputs_migrate_data, parse_inputs_migrate_data
 from spicewire.server.display import (
     DRAW_PIECE,
+    GRAPHICS_MAX_MESSAGE,
+    MAX_SURFACE_SIDE,
     PENDING_LIMIT,
     DisplayOptions,
+    DisplayState,
+    announced_screen,
     apply_tile_delta,
     bands,
     scancode_of,
@@ -232,7 +236,7 @@ def test_raw_scancodes_with_extended_keys():
 @pytest.mark.parametrize("width", [DRAW_PIECE // 4 - 1, DRAW_PIECE // 4, DRAW_PIECE // 4 + 1, 64])
 def test_bands_cover_a_rect_in_pieces_of_at_most_draw_piece(width):
     rect = g.Rect(3, 0, 900, width)
-    pieces = bands(rect, width)
+    pieces = bands(rect)
     assert pieces[0].top == 3 and pieces[-1].bottom == 900
     assert all(a.bottom == b.top for a, b in itertools.pairwise(pieces))
     assert all(p.area * 4 <= max(DRAW_PIECE, width * 4) for p in pieces)
@@ -279,8 +283,6 @@ def test_inputs_migrate_data_with_held_inputs_round_trips():
 
 
 def test_frames_come_at_most_once_an_interval_however_often_input_asks():
-    from spicewire.server.display import DisplayState
-
     state = DisplayState(screens.factory("paint", 64, 64)(), DisplayOptions(frame_interval=0.5))
     pushes = []
     state.push = lambda: pushes.append(1)  # type: ignore[method-assign]
@@ -292,3 +294,44 @@ def test_frames_come_at_most_once_an_interval_however_often_input_asks():
     assert len(pushes) == 2
     state.frame(101.001)  # past it
     assert len(pushes) == 3
+
+
+def test_a_message_of_graphics_max_message_is_taken_one_byte_more_ends_the_channel():
+    with display_server() as server, MainSession(server.address) as session:
+        state = server.sessions[session.session_id].display
+        inputs = link(session, ChannelType.INPUTS)
+        inputs.expect(m.MsgInputsInit)
+        presses = b"\x1e\x9e" * (GRAPHICS_MAX_MESSAGE // 2)  # press and release: no key left down
+        inputs.send_raw(MsgcInputs.KEY_SCANCODE, presses)
+        for _ in range(4):  # a MOUSE_MOTION_ACK after them shows the channel read past the big one
+            inputs.send(m.MsgcInputsMouseMotion(dx=1, dy=0, buttons=0))
+        inputs.expect(m.MsgInputsMouseMotionAck)
+        inputs.send_raw(MsgcInputs.KEY_SCANCODE, presses + b"\x1e")
+        inputs.wait_closed()
+        wait_until(lambda: state.inputs is None, what="the inputs channel to go")
+
+
+def test_a_frame_is_collected_only_while_less_than_pending_limit_waits():
+    state = DisplayState(screens.factory("paint", 64, 64)())
+    sent: list[int] = []
+    transport = type("Transport", (), {"pending_write": PENDING_LIMIT, "flush": lambda self: None})()
+    channel = type("Channel", (), {"window_open": True, "send_raw": lambda self, t, body: sent.append(t)})()
+    state.display = type("Conn", (), {"live": True, "channel": channel, "transport": transport, "caps": ()})()
+    state.surface_created = True
+    state.screen.framebuffer[:4, :4] = 9
+    state.push()  # at the limit: the change waits in the framebuffer
+    assert sent == [] and state.frames == 0
+    transport.pending_write = PENDING_LIMIT - 1
+    state.push()
+    assert sent and state.frames == 1
+
+
+@pytest.mark.parametrize("side,fits", [(1, True), (MAX_SURFACE_SIDE, True), (0, False), (MAX_SURFACE_SIDE + 1, False)])
+def test_a_migrated_screen_may_announce_sides_up_to_max_surface_side(side, fits):
+    for width, height in ((side, 1), (1, side)):
+        spec = {"kind": "paint", "width": width, "height": height}
+        if fits:
+            assert callable(announced_screen(spec))
+        else:
+            with pytest.raises(ValueError):
+                announced_screen(spec)

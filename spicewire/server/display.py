@@ -128,7 +128,7 @@ class DisplayState:
         lz4 = self.options.lz4 and has_cap(conn.caps, DisplayCap.LZ4_COMPRESSION)
         framebuffer = self.damage.shadow  # what the client will have: the pixels just collected
         for rect in rects:
-            for piece in bands(rect, self.screen.width):
+            for piece in bands(rect):
                 pixels = framebuffer[piece.top:piece.bottom, piece.left:piece.right]
                 body = (g.encode_draw_copy_lz4(PRIMARY, piece, pixels) if lz4
                         else g.encode_draw_copy(PRIMARY, piece, pixels))
@@ -214,7 +214,7 @@ class DisplayState:
         }
 
 
-def bands(rect: g.Rect, width: int) -> list[g.Rect]:
+def bands(rect: g.Rect) -> list[g.Rect]:
     """``rect`` cut into horizontal bands of at most DRAW_PIECE pixel bytes each."""
     rows = max(1, DRAW_PIECE // max(1, rect.width * 4))
     return [g.Rect(top, rect.left, min(top + rows, rect.bottom), rect.right)
