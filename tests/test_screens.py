@@ -70,6 +70,12 @@ def test_factory_refuses_an_impossible_size_at_once(width, height):
         screens.factory("paint", width, height)
 
 
+@pytest.mark.parametrize(("width", "height"), [(screens.MAX_SIDE, 1), (1, screens.MAX_SIDE), (1, 1)])
+def test_factory_takes_sides_up_to_max_side(width, height):
+    screen = screens.factory("paint", width, height)()
+    assert screen.framebuffer.shape == (height, width, 4)
+
+
 def test_register_adds_a_kind_the_factory_makes():
     @screens.register("test-blank")
     class Blank(screens.Screen):
