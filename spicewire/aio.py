@@ -59,6 +59,15 @@ async def _wait(call: Call[_T]) -> _T:
     return await asyncio.wrap_future(call)
 
 
+async def _wait_or_abandon(session: ThreadedSession, call: Call[_T]) -> _T:
+    """``call``'s result; a cancelled await tells the I/O thread to stop the call too."""
+    try:
+        return await _wait(call)
+    except asyncio.CancelledError:
+        session.abandon(call)
+        raise
+
+
 class AsyncPort:
     """A port channel for coroutines: the same contract as ThreadedPort, awaited."""
 
@@ -116,11 +125,7 @@ class _AsyncChannel(Generic[_TC]):
         return self._channel.closed
 
     async def _call(self, call: Call[_T]) -> _T:
-        try:
-            return await _wait(call)
-        except asyncio.CancelledError:
-            self._session.abandon(call)
-            raise
+        return await _wait_or_abandon(self._session, call)
 
     async def wait(self, predicate: Callable[[Self], bool | Awaitable[bool]], timeout: float | None = None) -> bool:
         """Until ``predicate(self)`` (a function or a coroutine function) holds (True), or
@@ -265,12 +270,7 @@ class AsyncSession:
 
     async def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The report of the migration that completed, or None if none did within ``timeout``."""
-        call = self._session.submit_wait_migrated(timeout)
-        try:
-            return await _wait(call)
-        except asyncio.CancelledError:
-            self._session.abandon(call)
-            raise
+        return await _wait_or_abandon(self._session, self._session.submit_wait_migrated(timeout))
 
     async def close(self) -> None:
         """Close the session and end its I/O thread, without blocking the event loop on it."""

@@ -481,8 +481,7 @@ class ThreadedSession:
 
     def wait_migrated(self, timeout: float | None = None) -> dict[str, Any] | None:
         """The report of the migration that completed, or None if none did within ``timeout``."""
-        self._check_open()
-        return self.submit_wait_migrated(timeout).result()
+        return self.submit_wait_migrated(timeout).result()  # submit checks the session is open
 
     def submit_wait_migrated(self, timeout: float | None) -> Call[dict[str, Any] | None]:
         self._check_open()
