@@ -169,12 +169,16 @@ class Served(Server):
 
 
 
-class Client:
-    def __init__(self, port: int, mib: int, sessions: int) -> None:
+class RoleClient:
+    """A benchmark script run again as ``--role client``, asked one JSON line at a time: the client's
+    memory and CPU are then its own, apart from the servers' and the orchestrator's."""
+
+    def __init__(self, script: str, args: list[str], stop_timeout: float = 30) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--role", "client", "--port", str(port), "--mib", str(mib),
-             "--sessions", str(sessions)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            [sys.executable, script, "--role", "client", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True,
         )
+        self.stop_timeout = stop_timeout
         self.hello = self.ask(None)
 
     def ask(self, command: str | None) -> dict:
@@ -185,7 +189,12 @@ class Client:
 
     def stop(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=self.stop_timeout)
+
+
+class Client(RoleClient):
+    def __init__(self, port: int, mib: int, sessions: int) -> None:
+        super().__init__(__file__, ["--port", str(port), "--mib", str(mib), "--sessions", str(sessions)])
 
 
 def wait_until(predicate, timeout: float) -> None:

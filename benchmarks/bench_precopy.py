@@ -79,13 +79,9 @@ def role_client(port: int) -> None:
     session.close()
 
 
-class Client(bm.Client):
+class Client(bm.RoleClient):
     def __init__(self, port: int) -> None:
-        self.proc = bm.subprocess.Popen(
-            [sys.executable, __file__, "--role", "client", "--port", str(port)],
-            stdin=bm.subprocess.PIPE, stdout=bm.subprocess.PIPE, text=True,
-        )
-        self.hello = self.ask(None)
+        super().__init__(__file__, ["--port", str(port)])
 
 
 def direct_copy(nbytes: int) -> float:

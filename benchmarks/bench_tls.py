@@ -30,6 +30,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gevent
+from bench_migration import RoleClient, memory, wait_until
 
 from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient
@@ -162,42 +163,10 @@ def role_client(port: int, tls_port: int, ca_file: str, mib: int) -> None:
     session.close()
 
 
-def memory(pid: int) -> dict:
-    fields = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-    return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
-
-
-class Client:
+class Client(RoleClient):
     def __init__(self, server: Server, ca_file: str, mib: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--role", "client", "--port", str(server.port), "--tls-port",
-             str(server.tls_port), "--ca-file", ca_file, "--mib", str(mib)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )
-        self.hello = self.ask(None)
-
-    def ask(self, command: str | None) -> dict:
-        if command is not None:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        return json.loads(self.proc.stdout.readline())
-
-    def stop(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
-def wait_until(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark setup timed out")
-        time.sleep(0.05)
+        super().__init__(__file__, ["--port", str(server.port), "--tls-port", str(server.tls_port),
+                                    "--ca-file", ca_file, "--mib", str(mib)], stop_timeout=60)
 
 
 def migrate_once(tls: bool, x509_dirs: tuple[str, str], ca_file: str, mib: int) -> dict:

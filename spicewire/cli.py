@@ -116,15 +116,30 @@ def channel_names(text: str) -> frozenset[str]:
     return names
 
 
-def positive_number(text: str) -> float:
-    """A finite number above 0 (a buffer size, a timeout): 0 or less would stall or never wait."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text!r}")
-    return value
+def _bounded(convert: Callable[[str], T], what: str, bound: str, ok: Callable[[T], bool]) -> Callable[[str], T]:
+    """An argparse ``type``: ``convert`` the text (else "expected WHAT"), then check it with ``ok``
+    (else "expected BOUND")."""
+
+    def parse(text: str) -> T:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+# A buffer size or a timeout: 0 or less would stall or never wait.
+positive_number = _bounded(float, "a number", "a finite number above 0", lambda v: math.isfinite(v) and v > 0)
+size_mib = _bounded(float, "a number of MiB", "a finite number of MiB, 0 or more",
+                    lambda v: math.isfinite(v) and v >= 0)
+seconds_or_zero = _bounded(float, "a number of seconds", "a finite number of seconds, 0 or more",
+                           lambda v: math.isfinite(v) and v >= 0)
+whole_number = _bounded(int, "a whole number", "0 or more", lambda v: v >= 0)
+positive_int = _bounded(int, "a whole number", "1 or more", lambda v: v >= 1)
 
 
 def buffer_mib(text: str) -> float:
@@ -132,17 +147,6 @@ def buffer_mib(text: str) -> float:
     value = positive_number(text)
     if int(value * (1 << 20)) < 1:
         raise argparse.ArgumentTypeError(f"expected at least one byte (about 1e-6 MiB), got {text!r}")
-    return value
-
-
-def size_mib(text: str) -> float:
-    """A finite number of MiB, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number of MiB, 0 or more, got {text!r}")
     return value
 
 
@@ -711,36 +715,6 @@ def demo_modes(text: str) -> str:
         known = ", ".join(DEMO_MODES)
         raise argparse.ArgumentTypeError(f"unknown mode {', '.join(map(repr, unknown))}; known: {known}")
     return text
-
-
-def seconds_or_zero(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not 0 <= value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected a finite number of seconds, 0 or more, got {text!r}")
-    return value
-
-
-def whole_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text!r}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {text!r}")
-    return value
 
 
 def _add_demo(commands: Subparsers) -> None:
