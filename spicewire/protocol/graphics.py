@@ -361,6 +361,20 @@ def parse_cursor(data: Buffer) -> CursorShape | None:
 # --- migrate data --------------------------------------------------------------------------------
 
 _MIGRATE_HEADER = struct.Struct("<4sI")  # SpiceMigrateDataHeader: magic bytes in wire order, version
+
+
+def _migrate_header(body: Buffer, what: str, magic: bytes, size: int) -> tuple[memoryview, int]:
+    """``body`` as bytes of at least ``size`` that start with ``magic``, and the version it names:
+    each record judges the version itself (display wants its own, inputs any up to its own)."""
+    view = _flat(body, what)
+    if len(view) < size:
+        raise CodecError(f"{what} of {len(view)} bytes, needs {size}")
+    found, version = _MIGRATE_HEADER.unpack_from(view)
+    if found != magic:
+        raise CodecError(f"{what} magic {found!r}, expected {magic!r}")
+    return view, version
+
+
 DISPLAY_MIGRATE_MAGIC = b"SWDD"
 DISPLAY_MIGRATE_VERSION = 1
 _DISPLAY_STATE = struct.Struct("<QIIQI")
@@ -413,12 +427,8 @@ class DisplayMigrateData:
 
     @classmethod
     def decode(cls, body: Buffer) -> DisplayMigrateData:
-        view = _flat(body, "display migrate data")
-        if len(view) < DISPLAY_MIGRATE_FIXED_SIZE:
-            raise CodecError(f"display migrate data of {len(view)} bytes, needs {DISPLAY_MIGRATE_FIXED_SIZE}")
-        magic, version = _MIGRATE_HEADER.unpack_from(view)
-        if magic != DISPLAY_MIGRATE_MAGIC:
-            raise CodecError(f"display migrate data magic {magic!r}, expected {DISPLAY_MIGRATE_MAGIC!r}")
+        view, version = _migrate_header(body, "display migrate data", DISPLAY_MIGRATE_MAGIC,
+                                        DISPLAY_MIGRATE_FIXED_SIZE)
         if version != DISPLAY_MIGRATE_VERSION:
             raise CodecError(f"display migrate data version {version}, this side reads {DISPLAY_MIGRATE_VERSION}")
         serial, generation, window, client_serial, count = _DISPLAY_STATE.unpack_from(view, _MIGRATE_HEADER.size)
@@ -459,12 +469,7 @@ class InputsMigrateData:
 
     @classmethod
     def decode(cls, body: Buffer) -> InputsMigrateData:
-        view = _flat(body, "inputs migrate data")
-        if len(view) < INPUTS_MIGRATE_SIZE:
-            raise CodecError(f"inputs migrate data of {len(view)} bytes, needs {INPUTS_MIGRATE_SIZE}")
-        magic, version = _MIGRATE_HEADER.unpack_from(view)
-        if magic != INPUTS_MIGRATE_MAGIC:
-            raise CodecError(f"inputs migrate data magic {magic!r}, expected {INPUTS_MIGRATE_MAGIC!r}")
+        view, version = _migrate_header(body, "inputs migrate data", INPUTS_MIGRATE_MAGIC, INPUTS_MIGRATE_SIZE)
         if version > INPUTS_MIGRATE_VERSION:
             raise CodecError(f"inputs migrate data version {version} is newer than {INPUTS_MIGRATE_VERSION}")
         (motion_count,) = _INPUTS_STATE.unpack_from(view, _MIGRATE_HEADER.size)
