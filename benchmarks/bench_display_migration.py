@@ -22,7 +22,7 @@ import threading
 import time
 
 from spicewire.client import connect
-from spicewire.demo import PEER_TOKEN, Server
+from spicewire.demo import Server
 
 WIDTH, HEIGHT = 1920, 1080
 
@@ -31,12 +31,6 @@ def start(display: str | None) -> Server:
     """The demo's ``spicewire serve`` (a sink port, a control API, this run's peer token), with a
     display when asked."""
     return Server("server", 8, extra=("--display", display) if display else ())
-
-
-def migrate(here: Server, there: Server) -> dict:
-    return here.control.post_json("/migrate", {"to": f"127.0.0.1:{there.port}", "timeout": 30,
-                                               "to_control": f"127.0.0.1:{there.control_port}",
-                                               "to_peer_token": PEER_TOKEN})
 
 
 def downtimes(display: str | None, rounds: int, paint: bool = True) -> dict:
@@ -66,7 +60,7 @@ def downtimes(display: str | None, rounds: int, paint: bool = True) -> dict:
                 time.sleep(0.5)
             results, here, there = [], s1, s2
             for _ in range(rounds):
-                entry = migrate(here, there)["sessions"][0]
+                entry = here.migrate_to(there)["sessions"][0]
                 assert entry["migrated"], entry
                 results.append(entry["downtime_s"])
                 here, there = there, here

@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from spicewire.demo import PEER_TOKEN, SINK, Server, free_port
+from spicewire.demo import SINK, Server, free_port
 
 CHUNK = 1 << 20
 
@@ -157,11 +157,8 @@ class Served(Server):
     def __init__(self, buffer_mib: int, extra: tuple[str, ...] = ()) -> None:
         super().__init__("server", buffer_mib, control_timeout=600, extra=extra)
 
-    def migrate_to(self, other: Served, mode: str = "seamless") -> dict:
-        return self.control.post_json("/migrate", {
-            "to": f"127.0.0.1:{other.port}", "to_control": f"127.0.0.1:{other.control_port}",
-            "mode": mode, "timeout": 120, "to_peer_token": PEER_TOKEN,
-        })
+    def migrate_to(self, other: Server, mode: str = "seamless", timeout: float = 120.0) -> dict:
+        return super().migrate_to(other, mode, timeout)
 
     def sinks(self) -> dict[str, dict]:
         return {s["session_id"]: next(p for p in s["ports"] if p["name"] == SINK)

@@ -75,6 +75,13 @@ class Server:
         view = self.control.get_json(f"/sessions/{session_label(session_id)}")
         return next(p for p in view["ports"] if p["name"] == SINK)
 
+    def migrate_to(self, other: Server, mode: str = "seamless", timeout: float = 30.0) -> dict:
+        """Move this server's sessions to ``other``, presenting this run's peer token."""
+        return self.control.post_json("/migrate", {
+            "to": f"127.0.0.1:{other.port}", "to_control": f"127.0.0.1:{other.control_port}",
+            "mode": mode, "timeout": timeout, "to_peer_token": PEER_TOKEN,
+        })
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -121,11 +128,7 @@ def run_once(mode: str, mib: int, s1: Server, s2: Server) -> dict:
     wait_for(lambda: s1.sink(sid)["to_device_bytes"] == size, 60, "the sink's buffer to fill")
     print(f"\n  {mib} MiB buffered on s1 in {time.perf_counter() - t0:.2f} s")
 
-    migration = gevent.spawn(
-        s1.control.post_json, "/migrate",
-        {"to": f"127.0.0.1:{s2.port}", "to_control": f"127.0.0.1:{s2.control_port}", "mode": mode, "timeout": 60,
-         "to_peer_token": PEER_TOKEN},
-    )
+    migration = gevent.spawn(s1.migrate_to, s2, mode, 60)
     # Progress: once s1 starts streaming MIGRATE_DATA, its socket's unsent bytes count down.
     streaming = 0
     while not migration.ready():
@@ -187,9 +190,7 @@ def run_viewer(rounds: int, interval: float) -> int:
                 print("remote-viewer closed")
                 break
             mode = "seamless" if turn % 2 == 0 else "semi-seamless"
-            report = here.control.post_json("/migrate", {"to": f"127.0.0.1:{there.port}", "mode": mode,
-                                                         "to_control": f"127.0.0.1:{there.control_port}",
-                                                         "to_peer_token": PEER_TOKEN})
+            report = here.migrate_to(there, mode)
             entry = report["sessions"][0] if report["sessions"] else {}
             downtime = entry.get("downtime_s")
             print(f"{here.name} -> {there.name}: {mode}, "
