@@ -718,30 +718,26 @@ class ControlServer:
     def device_state(self, request: Request) -> dict:
         """``?migration=ID``: the devices of sessions that migration announced; the answer names
         the entries it skipped."""
+        return self._migration_body(request, "device state", self.spice.migration.receive_device_states)
+
+    def display_precopy(self, request: Request) -> dict:
+        """``?migration=ID``: the pictures of sessions that migration announced, sent while their
+        screens still run; only the tiles changed since follow with the device state."""
+        return self._migration_body(request, "display pre-copy", self.spice.migration.receive_display_precopy)
+
+    def _migration_body(self, request: Request, what: str, receive: Callable[[str, bytes | bytearray], dict]) -> dict:
+        """A body of at most MAX_DEVICE_STATE for ``receive``, for the migration in ``?migration=ID``."""
         request.content_length(MAX_DEVICE_STATE)  # a bad header is refused before anything else
-        migration = _migration_id(_query(request).get("migration"), "device state")
+        migration = _migration_id(_query(request).get("migration"), what)
         body = request.body(MAX_DEVICE_STATE)
         try:
-            return self.spice.migration.receive_device_states(migration, body)
+            return receive(migration, body)
         except UnknownMigration as err:
             raise HttpError(404, str(err)) from None
         # The container and its JSON index are the peer's bytes all the way down: any shape
         # they do not have (a missing chunk, an index entry that is not an object) is its fault.
         except (SpiceError, ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
-            raise HttpError(400, f"bad device state: {err}") from None
-
-    def display_precopy(self, request: Request) -> dict:
-        """``?migration=ID``: the pictures of sessions that migration announced, sent while their
-        screens still run; only the tiles changed since follow with the device state."""
-        request.content_length(MAX_DEVICE_STATE)
-        migration = _migration_id(_query(request).get("migration"), "display pre-copy")
-        body = request.body(MAX_DEVICE_STATE)
-        try:
-            return self.spice.migration.receive_display_precopy(migration, body)
-        except UnknownMigration as err:
-            raise HttpError(404, str(err)) from None
-        except (SpiceError, ValueError, KeyError, TypeError, IndexError, RecursionError) as err:
-            raise HttpError(400, f"bad display pre-copy: {err}") from None
+            raise HttpError(400, f"bad {what}: {err}") from None
 
     def port_precopy(self, request: Request) -> dict:
         """``?migration=ID``: one round of the pre-copy of queued port bytes (server/migration/

@@ -221,10 +221,8 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
                     if not length:
                         continue
                     region = plan.regions[direction]
-                    queue = _queue(plan.port, direction)[0]
-                    _, _, total = _queue(plan.port, direction)
-                    views = last_bytes(queue, total - offset)
-                    views = _limited(views, length)
+                    queue, _, total = _queue(plan.port, direction)
+                    views = _limited(last_bytes(queue, total - offset), length)
                     if offset != region.end or not region.length:
                         region.start, region.length, region.digest = offset, 0, hashlib.sha256()
                     entries.append({"session_id": session_label(plan.session_id), "port": plan.port.channel_id,
