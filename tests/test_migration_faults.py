@@ -39,6 +39,35 @@ def deadline(request):
         yield
 
 
+def write_through_the_switch(sink, digest) -> tuple[list[int], gevent.event.Event, gevent.Greenlet]:
+    """The application writes into the sink before, through and after the switch (up to 24 MiB,
+    hashed into ``digest``): the count written so far, the event that stops it, its greenlet."""
+    written = [0]
+    done = gevent.event.Event()
+
+    def writer() -> None:
+        piece = os.urandom(64 << 10)
+        while not done.is_set() and written[0] < 24 << 20:
+            sink.write(piece)
+            digest.update(piece)
+            written[0] += len(piece)
+            gevent.sleep(0.002)
+
+    return written, done, gevent.spawn(writer)
+
+
+def assert_rolled_back_in_order(s1, session, report, total: int, digest) -> None:
+    """s1 took the session back, the client heard it, and the sink on s1 drains all ``total``
+    bytes in the order they were written."""
+    entry = only_entry(report)
+    assert report["rolled_back"] == 1 and report["migrated"] == 0, report
+    assert entry["error"].startswith("rolled back: "), entry
+    wait_until(lambda: not session.migrating, timeout=20, what="the client to take s1's MIGRATE_CANCEL")
+    assert session.migrations[-1]["result"] == "rolled-back", session.migrations[-1]
+    drain_sink(s1, session.session_id, total, digest.hexdigest())
+    echo_ok(session)
+
+
 @pytest.mark.parametrize("when, precopy", [("before-relay", True), ("before-relay", False), ("mid-relay", False)])
 def test_s2_frozen_around_the_relay_of_a_big_migrate_data_rolls_back_in_order(
         nodes, procs, monkeypatch, when, precopy):  # noqa: F811  (procs: the fixture imported above)
@@ -53,7 +82,6 @@ def test_s2_frozen_around_the_relay_of_a_big_migrate_data_rolls_back_in_order(
     (s1,) = nodes(1, limits=Limits(to_device=held + (32 << 20)))
     s2 = procs("s2", buffer_mib=(held >> 20) + 32)
     session = connect(s1)
-    sid = session.session_id
     digest = hashlib.sha256()
     fill_paused_sink(s1, session, held, digest=digest)
     sink = session.open_port(SINK)
@@ -83,36 +111,14 @@ def test_s2_frozen_around_the_relay_of_a_big_migrate_data_rolls_back_in_order(
             gevent.spawn(watch)
 
     monkeypatch.setattr(SessionSource, "_send_migrate_data", freeze_as_it_goes)
-    written = [0]
-    done = gevent.event.Event()
-
-    def writer():  # the application writes before, through and after the switch
-        piece = os.urandom(64 << 10)
-        while not done.is_set() and written[0] < 24 << 20:
-            sink.write(piece)
-            digest.update(piece)
-            written[0] += len(piece)
-            gevent.sleep(0.002)
-
-    writing = gevent.spawn(writer)
+    written, done, writing = write_through_the_switch(sink, digest)
     try:
         report = s1.migrate_to(s2, timeout=4)
         done.set()
         writing.get()
         assert frozen.is_set(), report
-        entry = only_entry(report)
-        assert report["rolled_back"] == 1 and report["migrated"] == 0, report
-        assert entry["error"].startswith("rolled back: "), entry
-        wait_until(lambda: not session.migrating, timeout=20, what="the client to take s1's MIGRATE_CANCEL")
-        assert session.migrations[-1]["result"] == "rolled-back", session.migrations[-1]
+        assert_rolled_back_in_order(s1, session, report, held + written[0], digest)
         assert session.connected_to == s1.address
-        s1.lever(sid, SINK, "resume")
-        total = held + written[0]
-        wait_until(lambda: s1.port(sid, SINK)["device"]["bytes_in"] >= total, 30, what="the sink to drain")
-        device = s1.port(sid, SINK)["device"]
-        assert device["bytes_in"] == total
-        assert device["sha256"] == digest.hexdigest(), "same count, but not the same bytes in the same order"
-        echo_ok(session)
     finally:
         done.set()
         s2.proc.send_signal(signal.SIGCONT)
@@ -127,7 +133,6 @@ def test_s2_frozen_as_the_client_relays_between_server_processes(procs, monkeypa
     s1 = procs("s1", buffer_mib=(held >> 20) + 32)
     s2 = procs("s2", buffer_mib=(held >> 20) + 32)
     session = connect(s1)
-    sid = session.session_id
     digest = hashlib.sha256()
     fill_paused_sink(s1, session, held, digest=digest)
     sink = session.open_port(SINK)
@@ -141,35 +146,13 @@ def test_s2_frozen_as_the_client_relays_between_server_processes(procs, monkeypa
         return relay(self, ev)
 
     monkeypatch.setattr(client_migration.MigrationDriver, "_relay", relay_then_freeze)
-    written = [0]
-    done = gevent.event.Event()
-
-    def writer():
-        piece = os.urandom(64 << 10)
-        while not done.is_set() and written[0] < 24 << 20:
-            sink.write(piece)
-            digest.update(piece)
-            written[0] += len(piece)
-            gevent.sleep(0.002)
-
-    writing = gevent.spawn(writer)
+    written, done, writing = write_through_the_switch(sink, digest)
     try:
         report = s1.migrate_to(s2, timeout=4)
         done.set()
         writing.get()
         assert frozen.is_set(), report
-        entry = only_entry(report)
-        assert report["rolled_back"] == 1 and report["migrated"] == 0, report
-        assert entry["error"].startswith("rolled back: "), entry
-        wait_until(lambda: not session.migrating, timeout=20, what="the client to take s1's MIGRATE_CANCEL")
-        assert session.migrations[-1]["result"] == "rolled-back", session.migrations[-1]
-        s1.lever(sid, SINK, "resume")
-        total = held + written[0]
-        wait_until(lambda: s1.port(sid, SINK)["device"]["bytes_in"] >= total, 30, what="the sink to drain")
-        device = s1.port(sid, SINK)["device"]
-        assert device["bytes_in"] == total
-        assert device["sha256"] == digest.hexdigest(), "same count, but not the same bytes in the same order"
-        echo_ok(session)
+        assert_rolled_back_in_order(s1, session, report, held + written[0], digest)
     finally:
         done.set()
         s2.proc.send_signal(signal.SIGCONT)
@@ -302,6 +285,11 @@ def vm_rss(pid: int) -> int:
     return int(line.split()[1]) << 10
 
 
+def wait_rss_near(pid: int, idle: int) -> None:
+    wait_until(lambda: vm_rss(pid) - idle < 32 << 20, timeout=15,
+               what=f"s2's RSS back near idle ({idle >> 20} MiB; {vm_rss(pid) >> 20} MiB now)")
+
+
 def test_s2_lets_go_of_a_migration_whose_client_died_mid_relay(nodes, procs, monkeypatch):  # noqa: F811
     """The client dies halfway through relaying the sink's 160 MiB MIGRATE_DATA (every socket of it
     reset at once). The half-received body and the announcement's prefault go with the session: s2's
@@ -333,8 +321,7 @@ def test_s2_lets_go_of_a_migration_whose_client_died_mid_relay(nodes, procs, mon
     assert peak[0] - idle > held // 4
     assert report["migrated"] == 0, report
     wait_until(lambda: not s2.api.get_json("/sessions")["sessions"], what="s2 to drop the half session")
-    wait_until(lambda: vm_rss(s2.proc.pid) - idle < 32 << 20, timeout=15,
-               what=f"s2's RSS back near idle ({idle >> 20} MiB; {vm_rss(s2.proc.pid) >> 20} MiB now)")
+    wait_rss_near(s2.proc.pid, idle)
 
 
 @pytest.mark.parametrize("in_flight", [7 << 29, 0], ids=["announced-3.5-GiB", "announced-nothing"])
@@ -364,8 +351,7 @@ def test_a_migrate_data_declaring_4_gib_holds_nothing_once_its_client_hung_up(pr
         sink.close()
         main.close()
     wait_until(lambda: not s2.api.get_json("/sessions")["sessions"], what="s2 to end the half session")
-    wait_until(lambda: vm_rss(s2.proc.pid) - idle < 32 << 20, timeout=15,
-               what=f"s2's RSS back near idle ({idle >> 20} MiB; {vm_rss(s2.proc.pid) >> 20} MiB now)")
+    wait_rss_near(s2.proc.pid, idle)
 
 
 def test_s2_dies_mid_relay_while_its_landing_reports_are_empty_rolls_back_in_order(nodes, procs, monkeypatch):  # noqa: F811

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from types import SimpleNamespace
 
 import gevent
 import pytest
@@ -270,6 +271,48 @@ def test_a_round_that_would_carry_less_than_precopy_settled_is_left_to_migrate_d
     assert precopied == [first + appended if another_round else first]
     drain_sink(s2, session.session_id, first + appended, digest.hexdigest())
     session.close()
+
+
+@pytest.mark.parametrize("rounds", [3, 4], ids=["one-round-short", "rounds-enough"])
+def test_the_precopy_stops_after_precopy_rounds_and_leaves_the_rest_to_migrate_data(
+        pnodes, precopied, after_round, monkeypatch, rounds):
+    """The client writes 2 MiB (above PRECOPY_SETTLED) after each of rounds 1 to 3: 4 rounds carry
+    them all; with PRECOPY_ROUNDS one short, the last 2 MiB are left to MIGRATE_DATA."""
+    monkeypatch.setattr(precopy, "PRECOPY_ROUNDS", rounds)
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    first, more = 20 * MIB, 2 * MIB
+    fill_paused_sink(s1, session, first, digest=digest)
+    sink = session.open_port(SINK)
+    for n in range(3):
+        after_round.append(lambda _, queued=first + n * more: write_sink(s1, session, sink, more, digest, queued))
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    assert precopied == [first + (rounds - 1) * more]
+    drain_sink(s2, session.session_id, first + 3 * more, digest.hexdigest())
+    session.close()
+
+
+def batch_source(framebuffer: int | None):
+    """A stand-in SessionSource with a screen of ``framebuffer`` bytes (None: no display)."""
+    screen = SimpleNamespace(framebuffer=SimpleNamespace(nbytes=framebuffer))
+    display = None if framebuffer is None else SimpleNamespace(screen=screen)
+    return SimpleNamespace(session=SimpleNamespace(display=display))
+
+
+@pytest.mark.parametrize("extra, batches", [(-1, 1), (0, 1), (1, 2)])
+def test_precopy_batches_hold_at_most_precopy_batch_bytes_of_pictures(extra, batches):
+    """Each screen counts twice its framebuffer; two screens of PRECOPY_BATCH in all share a request."""
+    quarter = orchestrator.PRECOPY_BATCH // 4
+    sources = [batch_source(quarter), batch_source(None), batch_source(quarter + extra)]
+    grouped = orchestrator.precopy_batches(sources)  # type: ignore[arg-type]
+    assert len(grouped) == batches and [s for batch in grouped for s in batch] == sources
+
+
+def test_a_screen_above_precopy_batch_goes_alone():
+    sources = [batch_source(orchestrator.PRECOPY_BATCH), batch_source(1)]
+    assert orchestrator.precopy_batches(sources) == [sources[:1], sources[1:]]  # type: ignore[arg-type]
 
 
 # --- fallbacks -------------------------------------------------------------------------------------
