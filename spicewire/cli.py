@@ -81,9 +81,9 @@ PEER_TOKEN_ENV = "SPICEWIRE_PEER_TOKEN"
 PASSWORD_ENV = "SPICEWIRE_PASSWORD"
 
 
-def secret(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str, env: str,
+def secret(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str, env: str | None,
            what: str = "token") -> str | None:
-    """A secret from argv, else the file ``path`` (its first line), else the variable ``env``:
+    """A secret from argv, else the file ``path`` (its first line), else the variable ``env`` (if any):
     argv shows in ``ps`` to every local user, a file and the environment do not."""
     if given is not None:
         return given
@@ -96,7 +96,7 @@ def secret(parser: argparse.ArgumentParser, given: str | None, path: str | None,
         if not value:
             parser.error(f"{option}: {path} has no {what} on its first line")
         return value
-    return os.environ.get(env) or None
+    return (os.environ.get(env) or None) if env else None
 
 
 def control_token(parser: argparse.ArgumentParser, given: str | None, path: str | None, option: str) -> str | None:
@@ -627,7 +627,7 @@ def _check_migrate(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"--to-cert-subject: {err}")
     _check_token(parser, args)
     if args.to_peer_token_file is not None:  # no variable: $SPICEWIRE_PEER_TOKEN is the server's own
-        args.to_peer_token = secret(parser, None, args.to_peer_token_file, "--to-peer-token-file", "")
+        args.to_peer_token = secret(parser, None, args.to_peer_token_file, "--to-peer-token-file", None)
 
 
 def _check_token(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
