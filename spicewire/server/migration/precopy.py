@@ -214,22 +214,7 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
     sent = 0
     try:
         for round_no in range(PRECOPY_ROUNDS):
-            entries, pieces, size = [], [], 0
-            for plan in plans:
-                for direction in DIRECTIONS:
-                    offset, length = plan.due(direction)
-                    if not length:
-                        continue
-                    region = plan.regions[direction]
-                    queue, _, total = _queue(plan.port, direction)
-                    views = _limited(last_bytes(queue, total - offset), length)
-                    if offset != region.end or not region.length:
-                        region.start, region.length, region.digest = offset, 0, hashlib.sha256()
-                    entries.append({"session_id": session_label(plan.session_id), "port": plan.port.channel_id,
-                                    "dir": direction, "offset": offset, "length": length,
-                                    "capacity": region.capacity})
-                    pieces.append((views, region, length, plan))
-                    size += length
+            entries, pieces, size = _next_round(plans)
             if not entries or (round_no and size < PRECOPY_SETTLED):
                 break
             index = json.dumps(entries).encode()
@@ -262,6 +247,29 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
         if any(region.length for region in plan.regions.values()):
             by_session[plan.session_id].port_precopies[plan.port.channel_id] = plan
     return sent
+
+
+def _next_round(plans: list[PortPrecopy]) -> tuple[list[dict], list[tuple], int]:
+    """What the next round carries: its index entries, each entry's bytes (views of the queue)
+    with the region they extend, and their total. A region that cannot extend starts afresh."""
+    entries: list[dict] = []
+    pieces: list[tuple] = []
+    size = 0
+    for plan in plans:
+        for direction in DIRECTIONS:
+            offset, length = plan.due(direction)
+            if not length:
+                continue
+            region = plan.regions[direction]
+            queue, _, total = _queue(plan.port, direction)
+            views = _limited(last_bytes(queue, total - offset), length)
+            if offset != region.end or not region.length:
+                region.start, region.length, region.digest = offset, 0, hashlib.sha256()
+            entries.append({"session_id": session_label(plan.session_id), "port": plan.port.channel_id,
+                            "dir": direction, "offset": offset, "length": length, "capacity": region.capacity})
+            pieces.append((views, region, length, plan))
+            size += length
+    return entries, pieces, size
 
 
 def _limited(views: list[memoryview], length: int) -> list[memoryview]:
