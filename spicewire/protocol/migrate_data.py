@@ -94,16 +94,16 @@ _AGENT_FILTER_RESULTS = 4  # OK, DISCARD, PROTO_ERROR, MONITORS_CONFIG
 _VD_AGENT_MESSAGE_SIZE = 20
 
 
-def parse_migrate_data_header(body: Buffer, magic: MigrateDataMagic) -> int:
-    """The version of a body that must start with ``magic``; newer than ours is refused (no
-    down-conversion exists, 6)."""
+def parse_migrate_data_header(body: Buffer, magic: MigrateDataMagic, newest: int = MIGRATE_DATA_VERSION) -> int:
+    """The version of a body that must start with ``magic``; newer than ``newest`` (the one
+    spice-server's channels have, unless ours has another) is refused (no down-conversion exists, 6)."""
     if len(body) < _HEADER.size:
         raise CodecError(f"migrate data of {len(body)} bytes has no header")
     got, version = _HEADER.unpack_from(body)
     if got != magic:
         raise CodecError(f"migrate data magic {got.to_bytes(4, 'little')!r}, expected {magic.name}")
-    if version > MIGRATE_DATA_VERSION:
-        raise CodecError(f"{magic.name} migrate data version {version} is newer than {MIGRATE_DATA_VERSION}")
+    if version > newest:
+        raise CodecError(f"{magic.name} migrate data version {version} is newer than {newest}")
     return version
 
 
@@ -379,13 +379,7 @@ def build_port_migrate_data(state: PortMigrateData, segment: int = SWPD_SEGMENT)
 def parse_port_migrate_data(body: Buffer) -> PortMigrateData:
     """Zero copy: ``device_state``, ``pending`` and ``to_client`` are memoryviews into ``body``."""
     view = memoryview(body).cast("B") if memoryview(body).format != "B" else memoryview(body)
-    if len(view) >= _HEADER.size and _HEADER.unpack_from(view)[1] == SWPD_PRECOPY:
-        precopy = True  # parse_migrate_data_header knows version 1 only
-        if _HEADER.unpack_from(view)[0] != MigrateDataMagic.PORT:
-            raise CodecError("migrate data magic is not SWPD")
-    else:
-        precopy = False
-        parse_migrate_data_header(view, MigrateDataMagic.PORT)
+    precopy = parse_migrate_data_header(view, MigrateDataMagic.PORT, newest=SWPD_PRECOPY) == SWPD_PRECOPY
     chunks: list[memoryview] = []
     pos = _HEADER.size
     while pos < len(view):
