@@ -23,7 +23,7 @@ from spicewire.protocol.enums import ChannelType, Msgc
 from spicewire.server.migration import source as source_module
 from spicewire.server.migration.source import pipelined_segments
 
-from .serverkit import wait_until
+from .serverkit import TIMEOUT, wait_until
 from .test_migration import connect, drain_sink, echo_ok, fill_paused_sink, only_entry
 from .test_precopy import MIB, making_pnodes
 
@@ -132,10 +132,11 @@ class TamperProxy:
 class BodyTamperProxy(TamperProxy):
     """A TamperProxy that flips one byte of a large MIGRATE_DATA body the client relays: the byte
     ``where(size)`` of it (trailer included), found after the header the client framed it with
-    (``headers``: header -> body size, recorded from its ChannelConnection)."""
+    (``headers``: header -> body size, recorded from its ChannelConnection). With ``hold``, the
+    body's last HELD_TAIL bytes wait until ``hold()`` returns."""
 
-    def __init__(self, target, where, headers: dict[bytes, int]) -> None:
-        self.where, self.headers = where, headers
+    def __init__(self, target, where, headers: dict[bytes, int], hold=None) -> None:
+        self.where, self.headers, self.hold = where, headers, hold
         super().__init__(target, -1)  # any int: _pump's client->s2 direction is the one looked at
 
     def _pump(self, src, dst, at: int | None) -> None:
@@ -143,27 +144,38 @@ class BodyTamperProxy(TamperProxy):
             super()._pump(src, dst, None)
             return
         seen = bytearray()  # this connection's stream so far: a few MiB in these tests
-        flip = None
+        body = None  # (offset in seen, size) once the header is seen
+        held = self.hold is None
         try:
             while data := src.recv(1 << 16):
                 start = len(seen)
                 seen += data
-                if flip is None:
-                    flip = self._locate(seen)
-                if flip is not None and start <= flip < len(seen):
+                if body is None:
+                    body = self._locate(seen)
+                if body is None:
+                    dst.sendall(seen[start:])
+                    continue
+                flip = body[0] + self.where(body[1])
+                if start <= flip < len(seen):
                     seen[flip] ^= 0x40
                     self.flipped += 1
+                tail = body[0] + body[1] - HELD_TAIL
+                if not held and len(seen) > tail:
+                    cut = max(start, tail)
+                    dst.sendall(seen[start:cut])
+                    self.hold()
+                    held, start = True, cut
                 dst.sendall(seen[start:])
         except OSError as err:
             self.broken.append(err)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
 
-    def _locate(self, seen: bytearray) -> int | None:
+    def _locate(self, seen: bytearray) -> tuple[int, int] | None:
         for header, size in self.headers.items():
             found = seen.find(header)
             if found >= 0:
-                return found + len(header) + self.where(size)
+                return found + len(header), size
         return None
 
 
@@ -250,6 +262,7 @@ def test_the_same_session_migrates_once_nothing_is_rewritten(pnodes):
 
 
 LANDED = 12 * MIB  # larger than a few of destination.LANDED_STEP: s2 hashes most of it as it lands
+HELD_TAIL = MIB  # what BodyTamperProxy keeps back until s2 has hashed what it received
 FLIPS = {
     "first body byte": lambda size: 0,
     "middle": lambda size: size // 2,
@@ -267,7 +280,23 @@ def test_a_large_body_checked_as_it_lands_catches_any_rewritten_byte(pnodes, mig
     s1, s2 = pnodes(False, False)
     session = connect(s1)
     digest = fill_paused_sink(s1, session, LANDED)
-    proxy = BodyTamperProxy(s2.address, FLIPS[where] if where else lambda size: -(1 << 40), migrate_data_headers)
+
+    def hashed_ahead_on_s2() -> None:
+        """The body's tail waits until s2 has hashed at least half of it (or TIMEOUT passed: the
+        hashed_ahead check below then fails): how far a worker thread keeps up with the socket
+        depends on the machine's load, what it does with a pause does not."""
+        def hashed() -> int:
+            s2_session = s2.spice.sessions.get(session.session_id)
+            destination = s2_session.migration if s2_session is not None else None
+            landing = destination.landing.get(SINK_CHANNEL) if destination is not None else None
+            return landing._hashed if landing is not None else 0
+
+        with gevent.Timeout(TIMEOUT, False):
+            while hashed() < LANDED // 2:
+                gevent.sleep(0.005)
+
+    proxy = BodyTamperProxy(s2.address, FLIPS[where] if where else lambda size: -(1 << 40), migrate_data_headers,
+                            hold=None if where else hashed_ahead_on_s2)
     try:
         entry = only_entry(s1.migrate_to(s2, to=proxy.address))
     finally:
