@@ -1,0 +1,190 @@
+"""Size thresholds tested one below, at and one above: how the server reads a connection
+(FIRST_READ, FLOOD_MESSAGES), how s2 checks a MIGRATE_DATA's HMAC (AUTH_IN_THREAD, LANDED_STEP) and
+how large a pre-copy index may be (MAX_INDEX). Each is asserted on what the code did (the reads it
+made, the thread that hashed), never on timing."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from types import SimpleNamespace
+
+import gevent
+import numpy as np
+import pytest
+
+from spicewire.protocol import messages as m
+from spicewire.protocol import state_auth
+from spicewire.protocol.enums import ChannelType
+from spicewire.server import net
+from spicewire.server.migration.common import MAIN
+from spicewire.server.migration.destination import AUTH_IN_THREAD, LANDED_STEP, LandingMac, SessionDestination
+from spicewire.server.migration.precopy import MAX_INDEX, receive_port_precopy
+from spicewire.server.net import FIRST_READ, FLOOD_MESSAGES
+
+from .serverkit import ECHO, SINK, MainSession, PortChannel, running_server, wait_until
+
+KEY = bytes(range(32))
+
+
+@pytest.fixture(autouse=True)
+def deadline():
+    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
+        yield
+
+
+# --- reading a connection ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """(bytes, messages) of every read the server's connections make, in order."""
+    made: list[tuple[int, int]] = []
+    real = net.next_read_size
+
+    def recorded(n: int, count: int) -> int:
+        made.append((n, count))
+        return real(n, count)
+
+    monkeypatch.setattr(net, "next_read_size", recorded)
+    return made
+
+
+class CountingPort(PortChannel):
+    """A port channel that counts the bytes it wrote since its link (an ACK_SYNC the link's last
+    bytes called for too)."""
+
+    sent = 0
+
+    def _write(self, data) -> None:
+        self.sent += len(data)
+        super()._write(data)
+
+
+def unread_port(server, session: MainSession, channel_id: int) -> CountingPort:
+    """A port linked just now. Nothing yields between its link and the caller's next writes (a
+    gevent send yields only when the socket is full), so the server's first read of it comes
+    after them, and finds them all."""
+    port = CountingPort.link(server.address, session.session_id, ChannelType.PORT, channel_id, auto_ack=False)
+    assert port.channel.sends_mini_header  # a header is 6 bytes
+    port.flush()
+    return port
+
+
+@pytest.mark.parametrize("size", [FIRST_READ - 1, FIRST_READ, FIRST_READ + 1])
+def test_a_connections_first_read_takes_at_most_first_read_bytes(reads, size):
+    """A client's first bytes after the link, all there at once: the server's first read takes
+    FIRST_READ of them at most, whatever the client had sent."""
+    with running_server() as server:
+        session = MainSession(server.address)
+        reads.clear()  # the main channel is quiet: what comes now are the port's reads
+        sink = unread_port(server, session, SINK)
+        sink.send(m.MsgcSpicevmcData(bytes(size - sink.sent - 6)))
+        assert sink.sent == size
+        wait_until(lambda: sum(n for n, _ in reads) == size, what="the port's bytes to be read")
+        assert reads[0][0] == min(size, FIRST_READ), reads
+        session.close()
+
+
+@pytest.mark.parametrize("count", [FLOOD_MESSAGES - 1, FLOOD_MESSAGES, FLOOD_MESSAGES + 1])
+def test_a_read_of_more_than_flood_messages_counts_as_a_flood_read(reads, count):
+    with running_server() as server:
+        session = MainSession(server.address)
+        floods = server.flood_reads
+        reads.clear()
+        port = unread_port(server, session, ECHO)
+        for _ in range(count - port.channel.serial_out):
+            port.channel.send(m.MsgcAck())
+        port.flush()
+        assert port.channel.serial_out == count and port.sent <= FIRST_READ  # one read takes them all
+        wait_until(lambda: sum(n for n, _ in reads) == port.sent, what="the ACKs to be read")
+        assert reads == [(port.sent, count)]
+        assert server.flood_reads - floods == (1 if count > FLOOD_MESSAGES else 0)
+        session.close()
+
+
+# --- s2 hashing a MIGRATE_DATA -------------------------------------------------------------------
+
+
+class RecordingMac:
+    """A StateMac's update, recorded: how many bytes each piece held and which thread fed it."""
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[int, int]] = []  # (bytes, thread id)
+
+    def update(self, data) -> None:
+        self.pieces.append((memoryview(data).nbytes, threading.get_ident()))
+
+
+def landing(body: int, arrived: int) -> tuple[LandingMac, RecordingMac]:
+    """A LandingMac over a body of ``body`` bytes (plus its trailer) of which ``arrived`` came."""
+    mac = RecordingMac()
+    buffer = np.zeros(body + state_auth.TRAILER_SIZE, dtype=np.uint8)
+    return LandingMac(mac, buffer, lambda: arrived), mac  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("arrived", [LANDED_STEP - 1, LANDED_STEP, LANDED_STEP + 1])
+def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived):
+    """Under LANDED_STEP waiting, nothing is hashed until the body is whole; from it on, what
+    arrived is hashed in a worker thread before the last byte comes."""
+    mac_of, mac = landing(3 * LANDED_STEP, arrived)
+    mac_of.landed()
+    mac_of.finish()
+    ahead = arrived if arrived >= LANDED_STEP else 0
+    assert mac_of.ahead == ahead
+    assert sum(n for n, _ in mac.pieces) == 3 * LANDED_STEP  # the whole body, once
+    if ahead:
+        n, thread = mac.pieces[0]
+        assert n == ahead and thread != threading.get_ident()
+
+
+@pytest.mark.parametrize("rest", [AUTH_IN_THREAD - 1, AUTH_IN_THREAD, AUTH_IN_THREAD + 1])
+def test_the_tail_left_to_hash_moves_to_a_thread_from_auth_in_thread_bytes(rest):
+    mac_of, mac = landing(rest, 0)
+    mac_of.finish()
+    ((n, thread),) = mac.pieces
+    assert n == rest
+    assert (thread != threading.get_ident()) == (rest >= AUTH_IN_THREAD)
+
+
+@pytest.mark.parametrize("size", [AUTH_IN_THREAD - 1, AUTH_IN_THREAD, AUTH_IN_THREAD + 1])
+def test_a_migrate_data_from_auth_in_thread_bytes_is_checked_in_a_thread(monkeypatch, size):
+    """A MIGRATE_DATA that did not land in a prepared buffer (main's, a small port's): checked on
+    the hub under AUTH_IN_THREAD bytes (sealed), in a worker thread from it on."""
+    threads: list[int] = []
+    real = state_auth.unseal
+
+    def unseal(*args):
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(state_auth, "unseal", unseal)
+    session = SimpleNamespace(id=7)
+    manager = SimpleNamespace(announcements={7: SimpleNamespace(state_key=KEY)})
+    arriving = SessionDestination(manager, session)  # type: ignore[arg-type]
+    body = bytes(size - state_auth.TRAILER_SIZE)
+    opened = arriving._authentic(MAIN, m.MsgcMigrateData(body + state_auth.seal(KEY, 7, MAIN, body)))
+    assert opened is not None and bytes(opened.data) == body
+    assert (threads[0] != threading.get_ident()) == (size >= AUTH_IN_THREAD)
+
+
+# --- a pre-copy round's index --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("index_size", [MAX_INDEX - 1, MAX_INDEX, MAX_INDEX + 1])
+def test_a_precopy_index_over_max_index_bytes_is_refused(index_size):
+    """The index (JSON, an empty list padded with spaces here) is read up to MAX_INDEX bytes; one
+    more and the round is refused before any of it is read."""
+    index = b"[]".ljust(index_size)
+    body = index_size.to_bytes(4, "little") + index
+    stream = io.BytesIO(body)
+    if index_size > MAX_INDEX:
+        with pytest.raises(ValueError, match=f"index of {index_size} bytes"):
+            receive_port_precopy(SimpleNamespace(announcements={}), "m", stream, len(body))
+        assert stream.tell() == 4
+    else:
+        assert json.loads(index) == []
+        assert receive_port_precopy(SimpleNamespace(announcements={}), "m", stream, len(body)) == {
+            "held": 0, "capacities": []}
+
