@@ -1,6 +1,7 @@
 """Size thresholds tested one below, at and one above: how the server reads a connection
-(FIRST_READ, FLOOD_MESSAGES), how s2 checks a MIGRATE_DATA's HMAC (AUTH_IN_THREAD, LANDED_STEP) and
-how large a pre-copy index may be (MAX_INDEX). Each is asserted on what the code did (the reads it
+(FIRST_READ, FLOOD_MESSAGES), how s2 checks a MIGRATE_DATA's HMAC (AUTH_IN_THREAD, LANDED_STEP),
+how large a pre-copy index may be (MAX_INDEX) and how large a screen may be (screens.MAX_SIDE, for a
+server's screen and a migrated one alike). Each is asserted on what the code did (the reads it
 made, the thread that hashed), never on timing."""
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import gevent
 import numpy as np
 import pytest
 
+from spicewire import screens
 from spicewire.protocol import messages as m
 from spicewire.protocol import state_auth
 from spicewire.protocol.enums import ChannelType
 from spicewire.server import net
+from spicewire.server.display import announce_screen, announced_screen
 from spicewire.server.migration.common import MAIN
 from spicewire.server.migration.destination import AUTH_IN_THREAD, LANDED_STEP, LandingMac, SessionDestination
 from spicewire.server.migration.precopy import MAX_INDEX, receive_port_precopy
-from spicewire.server.net import FIRST_READ, FLOOD_MESSAGES
+from spicewire.server.net import FIRST_READ, FLOOD_MESSAGES, ServerConfig, SpiceServer
 
 from .serverkit import ECHO, SINK, MainSession, PortChannel, running_server, wait_until
 
@@ -188,3 +191,25 @@ def test_a_precopy_index_over_max_index_bytes_is_refused(index_size):
         assert receive_port_precopy(SimpleNamespace(announcements={}), "m", stream, len(body)) == {
             "held": 0, "capacities": []}
 
+
+
+# --- a screen's size -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("side", [screens.MAX_SIDE - 1, screens.MAX_SIDE, screens.MAX_SIDE + 1])
+def test_a_screen_a_server_starts_with_is_one_its_migration_can_announce(side):
+    """One limit for both: a server starts with a screen up to screens.MAX_SIDE pixels a side,
+    and s2 takes the announcement of that screen (its own factory making the same size); one
+    pixel more and the server refuses to start, so no screen runs that could not migrate."""
+    for width, height in ((side, 1), (1, side)):
+        config = ServerConfig(host="127.0.0.1", port=0, display="paint", display_size=(width, height))
+        if side > screens.MAX_SIDE:
+            with pytest.raises(ValueError, match="a screen must be"):
+                SpiceServer(config)
+            with pytest.raises(ValueError):
+                announced_screen({"kind": "paint", "width": width, "height": height})
+            continue
+        SpiceServer(config)  # accepted: its sessions would get this screen
+        state = SimpleNamespace(screen=screens.factory("paint", width, height)())
+        made = announced_screen(announce_screen(state))()  # type: ignore[arg-type]
+        assert (made.kind, made.width, made.height) == ("paint", width, height)
