@@ -31,7 +31,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import gevent
 
 from spicewire.control.client import ControlClient
-from spicewire.demo import free_port
+from spicewire.demo import free_port, serving
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType
 from tests.serverkit import DEFAULT_PORTS, ECHO, SINK, MainSession, RawChannel, echo_roundtrip
@@ -55,15 +55,8 @@ class Server:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         self.address = ("127.0.0.1", self.port)
         self.control = ControlClient("127.0.0.1", self.control_port, token=TOKEN, timeout=3)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.control.get_json("/status")
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"serve did not start:\n{log.read_text()}") from None
-                gevent.sleep(0.05)
+        if not serving(self.proc, self.control):
+            raise RuntimeError(f"serve did not start:\n{log.read_text()}")
 
     def rss_mib(self) -> float:
         with open(f"/proc/{self.proc.pid}/status") as status:

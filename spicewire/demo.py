@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import gevent
 
+from spicewire import cli
 from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient
 from spicewire.errors import MigrationError
@@ -48,6 +49,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serving(proc: subprocess.Popen, control: ControlClient, timeout: float = 20) -> bool:
+    """Whether ``proc``, a ``spicewire serve`` just started, came up: True once ``control`` (its
+    control API) answers GET /status, False once the process has ended or ``timeout`` seconds
+    passed without an answer (the caller says what failed, with what it knows)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            control.get_json("/status")
+            return True
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False
+            gevent.sleep(0.05)
+
+
 class Server:
     """A ``spicewire serve`` process with a sink port and a control API."""
 
@@ -61,15 +77,8 @@ class Server:
             stdin=subprocess.DEVNULL, env={**os.environ, "SPICEWIRE_PEER_TOKEN": PEER_TOKEN},
         )
         self.control = ControlClient("127.0.0.1", self.control_port, timeout=control_timeout)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                self.control.get_json("/status")
-                return
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"{name} did not start") from None
-                gevent.sleep(0.05)
+        if not serving(self.proc, self.control):
+            raise SystemExit(f"{name} did not start")
 
     def sink(self, session_id: int) -> dict:
         view = self.control.get_json(f"/sessions/{session_label(session_id)}")
@@ -206,13 +215,16 @@ def run_viewer(rounds: int, interval: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The checks of `spicewire demo`, so that both ways in refuse the same input.
     parser = argparse.ArgumentParser(prog="python -m spicewire.demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=int, default=256, help="in-flight state to pile up (default 256)")
-    parser.add_argument("--modes", default="seamless,semi-seamless")
+    parser.add_argument("--mib", type=cli.positive_int, default=256, help="in-flight state to pile up (default 256)")
+    parser.add_argument("--modes", type=cli.demo_modes, default=",".join(cli.DEMO_MODES))
     parser.add_argument("--viewer", action="store_true",
                         help="instead: remote-viewer on a paint session that migrates back and forth")
-    parser.add_argument("--rounds", type=int, default=10, help="with --viewer: how many migrations (default 10)")
-    parser.add_argument("--interval", type=float, default=5.0, help="with --viewer: seconds between them")
+    parser.add_argument("--rounds", type=cli.positive_int, default=10,
+                        help="with --viewer: how many migrations (default 10)")
+    parser.add_argument("--interval", type=cli.positive_number, default=5.0,
+                        help="with --viewer: seconds between them")
     args = parser.parse_args(argv)
     if args.viewer:
         return run_viewer(args.rounds, args.interval)
