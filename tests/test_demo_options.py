@@ -35,7 +35,7 @@ def test_a_serve_that_exited_is_not_serving():
     proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     try:
         assert not demo.serving(proc, ControlClient("127.0.0.1", demo.free_port(), timeout=1))
-        assert proc.poll() == 3
+        assert proc.poll() is not None  # it was the end of the process, not the time, that said so
     finally:
         proc.wait()
 
