@@ -5,15 +5,18 @@ any other body gets at most net.RECV_BUFFER a read."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import gevent
 import gevent.event
 import numpy as np
 import pytest
 
+from spicewire.protocol import state_auth
 from spicewire.protocol.channel import ChannelConnection
 from spicewire.protocol.enums import ChannelType
 from spicewire.server import net
-from spicewire.server.migration.destination import Announcement
+from spicewire.server.migration.destination import Announcement, SessionDestination
 
 from .serverkit import MainSession, PortChannel, wait_until
 from .test_migration import SINK_ID, connect, drain_sink, fill_paused_sink, only_entry
@@ -62,6 +65,30 @@ def test_a_failed_prefault_gives_a_buffer_of_its_own():
     gevent.spawn(job.set_exception, MemoryError("no room to prefault"))
     got = announcement_with(job).take_buffer(3, SIZE)
     assert len(got) == SIZE and got.flags.writeable
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_a_migration_that_ended_during_the_wait_gets_no_landing_hash(ended):
+    """The body still gets its buffer; only a migration still under way hashes it as it lands
+    (one released meanwhile would leave a LandingMac nothing cancels)."""
+    job: gevent.event.AsyncResult[np.ndarray] = gevent.event.AsyncResult()
+    ann = announcement_with(job)
+    ann.state_key = bytes(state_auth.KEY_SIZE)
+    session = SimpleNamespace(id=ann.session_id, migration=None)
+    arriving = SessionDestination(SimpleNamespace(), session)  # type: ignore[arg-type]
+    session.migration = arriving
+    handler = SimpleNamespace(port=SimpleNamespace(channel_id=3), channel=SimpleNamespace(bulk_progress=lambda: 0),
+                              channel_type=ChannelType.PORT, on_bulk=None)
+
+    def prefault_done() -> None:
+        if ended:
+            session.migration = None
+        job.set(np.zeros(SIZE, dtype=np.uint8))
+
+    gevent.spawn(prefault_done)
+    buffer = arriving.landing_buffer(handler, ann, SIZE)  # type: ignore[arg-type]
+    assert len(buffer) == SIZE
+    assert (handler.on_bulk is None) == ended and bool(arriving.landing) != ended
 
 
 @pytest.fixture
