@@ -73,7 +73,7 @@ def test_a_migration_that_ended_during_the_wait_gets_no_landing_hash(ended):
     (one released meanwhile would leave a LandingMac nothing cancels)."""
     job: gevent.event.AsyncResult[np.ndarray] = gevent.event.AsyncResult()
     ann = announcement_with(job)
-    ann.state_key = bytes(state_auth.KEY_SIZE)
+    ann.state_key = state_auth.MigrationKey(bytes(state_auth.KEY_SIZE), state_auth.VERSION)
     session = SimpleNamespace(id=ann.session_id, migration=None)
     arriving = SessionDestination(SimpleNamespace(), session)  # type: ignore[arg-type]
     session.migration = arriving

@@ -1,8 +1,10 @@
-"""Authenticated migrate data (issue 9): s1 appends an HMAC-SHA256 to every MIGRATE_DATA it sends
+"""Authenticated migrate data (issues 9 and 13): s1 appends a MAC to every MIGRATE_DATA it sends
 through the client, with a key it gave s2 in the announcement; s2 restores nothing that fails it.
+Version 1 is HMAC-SHA256, version 2 a Poly1305 whose one-time key is derived per (session,
+channel); the two servers agree on one, so a pair of which one speaks only 1 still migrates.
 
-A client that rewrites MIGRATE_DATA on the way (queued bytes, serials, main's body) is caught: the
-session fails on s2 with that reason and s1 takes it back with every byte it held.
+A client that rewrites MIGRATE_DATA on the way (queued bytes, serials, main's body) is caught under
+either version: the session fails on s2 with that reason and s1 takes it back with every byte it held.
 """
 
 from __future__ import annotations
@@ -10,17 +12,21 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+from types import SimpleNamespace
 
 import gevent
 import pytest
 from gevent import socket
 from gevent.server import StreamServer
 
+from spicewire.control.client import ControlClient
+from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
 from spicewire.protocol import state_auth
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, Msgc
 from spicewire.server.migration import source as source_module
+from spicewire.server.migration.destination import SessionDestination
 from spicewire.server.migration.source import pipelined_segments
 
 from .serverkit import TIMEOUT, wait_until
@@ -38,22 +44,56 @@ def deadline():
         yield
 
 
+def keys(version: int, secret: bytes = KEY) -> tuple[state_auth.MigrationKey, state_auth.MigrationKey]:
+    """s1's key and s2's for one migration: the same secret, each handing out a channel's MAC once."""
+    return state_auth.MigrationKey(secret, version), state_auth.MigrationKey(secret, version)
+
+
+@pytest.fixture
+def macs_made(monkeypatch) -> list[int]:
+    """The version of every MAC either side made, in order."""
+    versions: list[int] = []
+    real = state_auth.MigrationKey.mac
+
+    def recorded(self, session_id, channel):
+        mac = real(self, session_id, channel)
+        versions.append(mac.version)
+        return mac
+
+    monkeypatch.setattr(state_auth.MigrationKey, "mac", recorded)
+    return versions
+
+
+@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+def auth_version(request, monkeypatch, macs_made):
+    """The state_auth version the pair speaks: 1 is an s2 that speaks no more (s1 offers 2). At
+    the end, every MAC either side made was of that version."""
+    if request.param == 1:
+        monkeypatch.setattr(state_auth, "negotiate", lambda offered: 1)
+    yield request.param
+    assert macs_made and set(macs_made) == {request.param}, macs_made
+
+
 # --- the trailer ---------------------------------------------------------------------------------
 
 
-def test_a_sealed_body_opens_to_itself():
+@pytest.mark.parametrize("version", state_auth.VERSIONS)
+def test_a_sealed_body_opens_to_itself(version):
     body = os.urandom(1000)
-    data = body + state_auth.seal(KEY, 7, SINK_CHANNEL, body)
-    assert len(data) == len(body) + state_auth.TRAILER_SIZE
-    assert bytes(state_auth.unseal(KEY, 7, SINK_CHANNEL, data)) == body
+    s1_key, s2_key = keys(version)
+    data = body + state_auth.seal(s1_key, 7, SINK_CHANNEL, body)
+    assert len(data) == len(body) + state_auth.trailer_size(version)
+    assert data[len(body):len(body) + 4] == state_auth.TAGS[version]
+    assert bytes(state_auth.unseal(s2_key, 7, SINK_CHANNEL, data)) == body
 
 
+@pytest.mark.parametrize("version", state_auth.VERSIONS)
 @pytest.mark.parametrize("change", ["body byte", "tag byte", "trailer cut", "no trailer", "other session",
-                                    "other channel", "other key"])
-def test_a_body_that_does_not_match_its_tag_is_refused(change):
+                                    "other channel", "other key", "other version"])
+def test_a_body_that_does_not_match_its_tag_is_refused(change, version):
     body = bytearray(os.urandom(1000))
-    data = bytearray(body + state_auth.seal(KEY, 7, SINK_CHANNEL, bytes(body)))
-    key, session, channel = KEY, 7, SINK_CHANNEL
+    data = bytearray(body + state_auth.seal(keys(version)[0], 7, SINK_CHANNEL, bytes(body)))
+    key, session, channel = keys(version)[1], 7, SINK_CHANNEL
     if change == "body byte":
         data[500] ^= 1
     elif change == "tag byte":
@@ -66,25 +106,114 @@ def test_a_body_that_does_not_match_its_tag_is_refused(change):
         session = 8
     elif change == "other channel":
         channel = (ChannelType.PORT, 2)
+    elif change == "other key":
+        key = keys(version, bytes(32))[1]
     else:
-        key = bytes(32)
+        key = keys(3 - version)[1]
     with pytest.raises(state_auth.StateAuthError):
         state_auth.unseal(key, session, channel, bytes(data))
 
 
-def test_the_streamed_hmac_is_the_hmac_of_the_whole_body():
+@pytest.mark.parametrize("version", state_auth.VERSIONS)
+def test_the_streamed_mac_is_the_mac_of_the_whole_body(version):
     """Computed segment by segment as they are packed (no second pass), it is the tag of the body."""
     pending = [os.urandom(n) for n in (3 * MIB, 5, 9 * MIB + 1)]
     writer = mig.PortMigrateDataWriter(mig.PortMigrateData(serial=5, pending=pending))
     whole = mig.build_port_migrate_data(mig.PortMigrateData(serial=5, pending=pending)).tobytes()
+    s1_key, s2_key = keys(version)
 
     def stream():
-        mac = state_auth.StateMac(KEY, 9, SINK_CHANNEL)
+        mac = s1_key.mac(9, SINK_CHANNEL)
         return b"".join(bytes(memoryview(piece)) for piece in pipelined_segments(writer, mac=mac))
 
     sent = gevent.spawn(stream).get()
-    assert sent[:-state_auth.TRAILER_SIZE] == whole
-    assert bytes(state_auth.unseal(KEY, 9, SINK_CHANNEL, sent)) == whole
+    assert sent[:-state_auth.trailer_size(version)] == whole
+    assert bytes(state_auth.unseal(s2_key, 9, SINK_CHANNEL, sent)) == whole
+
+
+# --- one key, one body per channel ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", state_auth.VERSIONS)
+def test_a_key_tags_each_sessions_channel_once(version):
+    """A Poly1305 key that tagged two bodies gives away enough to forge a third: s1's key refuses
+    a second body for a (session, channel) before tagging it; other pairs each get theirs once."""
+    s1_key = keys(version)[0]
+    state_auth.seal(s1_key, 7, SINK_CHANNEL, b"first")
+    with pytest.raises(state_auth.KeyReuse):
+        state_auth.seal(s1_key, 7, SINK_CHANNEL, b"second")
+    with pytest.raises(state_auth.KeyReuse):
+        s1_key.mac(7, (int(ChannelType.PORT), 1))  # the same pair, spelled with plain ints
+    state_auth.seal(s1_key, 7, (ChannelType.PORT, 2), b"other channel")
+    state_auth.seal(s1_key, 8, SINK_CHANNEL, b"other session")
+
+
+def test_each_pair_gets_a_key_of_its_own():
+    """The same body under another session, channel or secret gets another tag: the one-time
+    key is derived from all three."""
+    body = b"the same body"
+    tags = {state_auth.seal(state_auth.MigrationKey(secret, 2), session, channel, body)
+            for secret, session, channel in [(KEY, 7, SINK_CHANNEL), (KEY, 8, SINK_CHANNEL),
+                                             (KEY, 7, (ChannelType.PORT, 2)), (bytes(32), 7, SINK_CHANNEL)]}
+    assert len(tags) == 4
+
+
+def test_s2_refuses_a_second_migrate_data_for_a_channel(monkeypatch):
+    """The first body is checked and opened; a second one for the channel (even the same bytes
+    again) fails the session, nothing restored from it."""
+    s1_key, s2_key = keys(2)
+    failed: list[str] = []
+    arriving = SessionDestination(SimpleNamespace(announcements={7: SimpleNamespace(state_key=s2_key)}),
+                                  SimpleNamespace(id=7))  # type: ignore[arg-type]
+    monkeypatch.setattr(arriving, "_fail", failed.append)
+    body = os.urandom(100)
+    data = body + state_auth.seal(s1_key, 7, mig.MAIN, body)
+    opened = arriving._authentic(mig.MAIN, m.MsgcMigrateData(data))
+    assert opened is not None and bytes(opened.data) == body and not failed
+    assert arriving._authentic(mig.MAIN, m.MsgcMigrateData(data)) is None
+    assert len(failed) == 1 and "failed authentication" in failed[0] and "already" in failed[0]
+
+
+# --- which version a pair speaks -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offered, checked", [(None, 1), (1, 1), (2, 2), (3, 2), (0, 1), (True, 1), ("2", 1)])
+def test_s2_checks_the_highest_version_both_speak(offered, checked):
+    """An older s1 offers nothing (it seals with HMAC-SHA256); a newer one than s2 gets s2's."""
+    assert state_auth.negotiate(offered) == checked
+
+
+@pytest.mark.parametrize("answered, version", [(None, None), (1, 1), (2, 2), (3, None), ("2", None), (True, None)])
+def test_s1_seals_with_the_version_s2_answered(answered, version):
+    key = state_auth.MigrationKey.fresh()
+    assert key.agree(answered) == (version is not None) and key.version == version
+    if version is not None:  # settled once
+        assert key.agree(3 - version) and key.version == version
+
+
+@pytest.mark.parametrize("older", ["none", "s2", "s1"])
+def test_a_pair_with_an_older_side_migrates_with_hmac_sha256(pnodes, monkeypatch, macs_made, older):
+    """s2 speaking only version 1, or s1 offering none (an older s1 sends no "state_auth"): both
+    sides use HMAC-SHA256 and the session migrates intact; two newer ones use Poly1305."""
+    if older == "s2":
+        monkeypatch.setattr(state_auth, "negotiate", lambda offered: 1)
+    elif older == "s1":
+        real = ControlClient.post_json
+
+        def without_offer(self, path, body, **kw):
+            if path == "/migration/announce":
+                body = {k: v for k, v in body.items() if k != "state_auth"}
+            return real(self, path, body, **kw)
+
+        monkeypatch.setattr(ControlClient, "post_json", without_offer)
+    s1, s2 = pnodes(False, False)
+    session = connect(s1)
+    size = 2 * MIB
+    digest = fill_paused_sink(s1, session, size)
+    assert only_entry(s1.migrate_to(s2))["migrated"]
+    drain_sink(s2, session.session_id, size, digest)
+    assert macs_made and set(macs_made) == {2 if older == "none" else 1}
+    session.close()
 
 
 # --- a client that rewrites MIGRATE_DATA ---------------------------------------------------------
@@ -205,7 +334,7 @@ def assert_taken_back(s1, s2, session, entry, size: int, digest: str) -> None:
 
 
 @pytest.mark.parametrize("at", [None, 1 * MIB])
-def test_queued_bytes_rewritten_by_a_relay_are_caught_and_the_session_stays_on_s1(pnodes, at):
+def test_queued_bytes_rewritten_by_a_relay_are_caught_and_the_session_stays_on_s1(pnodes, auth_version, at):
     """Without pre-copy the sink's 2 MiB travel in MIGRATE_DATA: the relay flips one of them."""
     s1, s2 = pnodes(False, False)
     session = connect(s1)
@@ -226,7 +355,7 @@ def test_queued_bytes_rewritten_by_a_relay_are_caught_and_the_session_stays_on_s
 
 
 @pytest.mark.parametrize("channel", ["main", "sink"])
-def test_a_rewritten_serial_or_main_body_is_caught(pnodes, monkeypatch, channel):
+def test_a_rewritten_serial_or_main_body_is_caught(pnodes, monkeypatch, auth_version, channel):
     """The client changes a small body (main's MNMD, the sink's state record) after s1 sealed it."""
     s1, s2 = pnodes(True, True)
     session = connect(s1)
@@ -263,17 +392,18 @@ def test_the_same_session_migrates_once_nothing_is_rewritten(pnodes):
 
 LANDED = 12 * MIB  # larger than a few of destination.LANDED_STEP: s2 hashes most of it as it lands
 HELD_TAIL = MIB  # what BodyTamperProxy keeps back until s2 has hashed what it received
-FLIPS = {
-    "first body byte": lambda size: 0,
-    "middle": lambda size: size // 2,
-    "last body byte": lambda size: size - state_auth.TRAILER_SIZE - 1,
-    "trailer tag": lambda size: size - state_auth.TRAILER_SIZE,
-    "last trailer byte": lambda size: size - 1,
+FLIPS = {  # (body size, trailer size) -> the offset of the byte flipped
+    "first body byte": lambda size, trailer: 0,
+    "middle": lambda size, trailer: size // 2,
+    "last body byte": lambda size, trailer: size - trailer - 1,
+    "trailer tag": lambda size, trailer: size - trailer,
+    "last trailer byte": lambda size, trailer: size - 1,
 }
 
 
 @pytest.mark.parametrize("where", [None, *FLIPS])
-def test_a_large_body_checked_as_it_lands_catches_any_rewritten_byte(pnodes, migrate_data_headers, where):
+def test_a_large_body_checked_as_it_lands_catches_any_rewritten_byte(pnodes, migrate_data_headers, auth_version,
+                                                                      where):
     """s2 computes a large body's HMAC while it is received (so the downtime pays only for the
     tail): a byte flipped anywhere, the body's first bytes (which come with the header, by the
     ordinary reader path), its middle, its last, or the trailer, still fails the session there."""
@@ -295,7 +425,9 @@ def test_a_large_body_checked_as_it_lands_catches_any_rewritten_byte(pnodes, mig
             while hashed() < LANDED // 2:
                 gevent.sleep(0.005)
 
-    proxy = BodyTamperProxy(s2.address, FLIPS[where] if where else lambda size: -(1 << 40), migrate_data_headers,
+    trailer = state_auth.trailer_size(auth_version)
+    flip = (lambda size: FLIPS[where](size, trailer)) if where else (lambda size: -(1 << 40))
+    proxy = BodyTamperProxy(s2.address, flip, migrate_data_headers,
                             hold=None if where else hashed_ahead_on_s2)
     try:
         entry = only_entry(s1.migrate_to(s2, to=proxy.address))

@@ -115,6 +115,7 @@ class RecordingMac:
 
     def __init__(self) -> None:
         self.pieces: list[tuple[int, int]] = []  # (bytes, thread id)
+        self.trailer_size = state_auth.trailer_size(state_auth.VERSION)
 
     def update(self, data) -> None:
         self.pieces.append((memoryview(data).nbytes, threading.get_ident()))
@@ -123,7 +124,7 @@ class RecordingMac:
 def landing(body: int, arrived: int) -> tuple[LandingMac, RecordingMac]:
     """A LandingMac over a body of ``body`` bytes (plus its trailer) of which ``arrived`` came."""
     mac = RecordingMac()
-    buffer = np.zeros(body + state_auth.TRAILER_SIZE, dtype=np.uint8)
+    buffer = np.zeros(body + state_auth.trailer_size(state_auth.VERSION), dtype=np.uint8)
     return LandingMac(mac, buffer, lambda: arrived), mac  # type: ignore[arg-type]
 
 
@@ -164,10 +165,12 @@ def test_a_migrate_data_from_auth_in_thread_bytes_is_checked_in_a_thread(monkeyp
 
     monkeypatch.setattr(state_auth, "unseal", unseal)
     session = SimpleNamespace(id=7)
-    manager = SimpleNamespace(announcements={7: SimpleNamespace(state_key=KEY)})
+    # s1's key and s2's: the same secret, each handing out MAIN's MAC once.
+    s1_key, s2_key = (state_auth.MigrationKey(KEY, state_auth.VERSION) for _ in range(2))
+    manager = SimpleNamespace(announcements={7: SimpleNamespace(state_key=s2_key)})
     arriving = SessionDestination(manager, session)  # type: ignore[arg-type]
-    body = bytes(size - state_auth.TRAILER_SIZE)
-    opened = arriving._authentic(MAIN, m.MsgcMigrateData(body + state_auth.seal(KEY, 7, MAIN, body)))
+    body = bytes(size - s1_key.trailer_size)
+    opened = arriving._authentic(MAIN, m.MsgcMigrateData(body + state_auth.seal(s1_key, 7, MAIN, body)))
     assert opened is not None and bytes(opened.data) == body
     assert (threads[0] != threading.get_ident()) == (size >= AUTH_IN_THREAD)
 

@@ -1,14 +1,31 @@
-"""Authenticated migrate data: what s1 sends through the client carries an HMAC s2 checks.
+"""Authenticated migrate data: what s1 sends through the client carries a MAC s2 checks.
 
 spice-server's s2 believes whatever MIGRATE_DATA the client relays. Between spicewire servers, s1
-gives s2 a random key per migration over the server-to-server path (the announcement), and appends
-to every channel's MIGRATE_DATA body a trailer::
+gives s2 a random secret per migration over the server-to-server path (the announcement), and
+appends to every channel's MIGRATE_DATA body a trailer. Two versions, agreed in the announcement
+(s1 offers the highest it speaks as ``"state_auth"``, s2 answers the one it will check):
 
-    body | b"SWMA" | HMAC-SHA256(key, context | body)
+- **1**: ``body | b"SWMA" | HMAC-SHA256(secret, context | body)``.
+- **2**: ``body | b"SWM2" | Poly1305(one_time_key, body)`` with
+  ``one_time_key = HMAC-SHA256(secret, b"SWM2" | context)``. Poly1305 runs at several times
+  HMAC-SHA256's rate, and the relay of a large body through the client should not wait for a hash.
 
-``context`` binds the tag to one session and one channel (u32 session id, u8 channel type, u8
-channel id), so a body cannot be moved to another channel or session either. s2 strips the
-trailer before it parses anything, and restores nothing from a body whose tag does not match.
+``context`` (u32 session id, u8 channel type, u8 channel id) binds the tag to one session and one
+channel, so a body cannot be moved to another channel or session either. s2 strips the trailer
+before it parses anything, and restores nothing from a body whose tag does not match.
+
+Why a version-2 key is used once. Poly1305 is a one-time MAC: whoever sees two bodies tagged with
+the same key (the client sees every MIGRATE_DATA it relays) can solve for the key and forge a
+third. The one-time key depends only on what both servers know before the body lands (s2 hashes a
+large body as it arrives, so it needs the key from the first byte): the secret, and the
+(session, channel) the body belongs to. Each pair is therefore tagged at most once per secret:
+
+- the secret is fresh for each migration attempt (``MigrationKey.fresh``, made by the orchestrator
+  for one ``/migrate``); a retried or rolled-back migration is a new attempt with a new secret;
+- a session migrates once per attempt and each of its channels sends one MIGRATE_DATA; and rather
+  than rest on that, ``MigrationKey.mac`` hands out each (session, channel)'s MAC only once: a
+  second body for the same pair raises ``KeyReuse`` before any byte of it is tagged;
+- s2 checks the same way: a second MIGRATE_DATA for a pair it has checked is refused.
 
 The tag is computed over the body as it is built: a streamed SWPD updates it segment by segment,
 as each segment is packed (``StateMac.update``), never with a second pass over the state.
@@ -18,16 +35,33 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
 import struct
+
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from spicewire.errors import CodecError
 
 Buffer = bytes | bytearray | memoryview
 
 KEY_SIZE = 32
-TAG = b"SWMA"
-TRAILER_SIZE = len(TAG) + hashlib.sha256().digest_size
+VERSIONS = (1, 2)
+VERSION = max(VERSIONS)  # what s1 offers
+TAGS = {1: b"SWMA", 2: b"SWM2"}
+_TAG_SIZES = {1: hashlib.sha256().digest_size, 2: 16}
 _CONTEXT = struct.Struct("<4sIBB")
+
+
+def trailer_size(version: int) -> int:
+    return len(TAGS[version]) + _TAG_SIZES[version]
+
+
+def negotiate(offered: object) -> int:
+    """s2: the version it checks with an s1 that offered ``offered`` (an older s1 offers nothing,
+    and speaks 1)."""
+    if isinstance(offered, int) and not isinstance(offered, bool) and offered >= 1:
+        return min(offered, VERSION)
+    return 1
 
 
 class StateAuthError(CodecError):
@@ -35,48 +69,103 @@ class StateAuthError(CodecError):
     from the source this migration's key belongs to."""
 
 
-class StateMac:
-    """HMAC-SHA256 of one channel's MIGRATE_DATA body, fed in pieces. OpenSSL's update releases
-    the GIL for large pieces, so a worker thread can run it beside the packing."""
+class KeyReuse(StateAuthError):
+    """A second body for a (session, channel) whose MAC this migration's key handed out already."""
 
-    def __init__(self, key: bytes, session_id: int, channel: tuple[int, int]) -> None:
-        if len(key) != KEY_SIZE:
-            raise ValueError(f"a state key is {KEY_SIZE} bytes, not {len(key)}")
-        self._mac = hmac.new(key, _CONTEXT.pack(b"SWMC", session_id, channel[0], channel[1]), "sha256")
+
+class StateMac:
+    """The MAC of one channel's MIGRATE_DATA body, fed in pieces. OpenSSL's update releases the
+    GIL for large pieces, so a worker thread can run it beside the packing. Made by MigrationKey.mac."""
+
+    def __init__(self, version: int, secret: bytes, session_id: int, channel: tuple[int, int]) -> None:
+        self.version = version
+        self.trailer_size = trailer_size(version)
+        if version == 1:
+            self._mac: hmac.HMAC | Poly1305 = hmac.new(
+                secret, _CONTEXT.pack(b"SWMC", session_id, channel[0], channel[1]), "sha256")
+        else:
+            one_time = hmac.digest(secret, _CONTEXT.pack(b"SWM2", session_id, channel[0], channel[1]), "sha256")
+            self._mac = Poly1305(one_time)
 
     def update(self, piece: Buffer) -> None:
         self._mac.update(piece)
 
     def trailer(self) -> bytes:
-        return TAG + self._mac.digest()
+        """Once, after the last piece (a Poly1305 is finished by it)."""
+        tag = self._mac.digest() if isinstance(self._mac, hmac.HMAC) else self._mac.finalize()
+        return TAGS[self.version] + tag
 
 
-def seal(key: bytes, session_id: int, channel: tuple[int, int], body: Buffer) -> bytes:
+class MigrationKey:
+    """One migration's secret, the version the two servers agreed on, and the (session, channel)
+    pairs whose MAC it handed out: each at most once (see the module's docstring)."""
+
+    def __init__(self, secret: bytes, version: int | None = None) -> None:
+        if len(secret) != KEY_SIZE:
+            raise ValueError(f"a state key is {KEY_SIZE} bytes, not {len(secret)}")
+        self.secret = secret
+        self.version = version if version in VERSIONS else None
+        self._used: set[tuple[int, tuple[int, int]]] = set()
+
+    @classmethod
+    def fresh(cls) -> MigrationKey:
+        return cls(secrets.token_bytes(KEY_SIZE))
+
+    def agree(self, answered: object) -> bool:
+        """s1: s2 answered the announcement with ``answered`` as its version; whether MIGRATE_DATA
+        gets a MAC (an older s2 answers none, and checks none). The version is settled once."""
+        if self.version is None and type(answered) is int and answered in VERSIONS and answered <= VERSION:
+            self.version = answered
+        return self.version is not None
+
+    @property
+    def trailer_size(self) -> int:
+        return trailer_size(self._agreed())
+
+    def mac(self, session_id: int, channel: tuple[int, int]) -> StateMac:
+        """The MAC of the one body (session, channel) sends or receives under this key."""
+        context = (session_id, (int(channel[0]), int(channel[1])))
+        if context in self._used:
+            raise KeyReuse(f"session {session_id:08x} channel {channel[0]}:{channel[1]} has had its MIGRATE_DATA "
+                           "under this migration's key already: a second one is refused")
+        version = self._agreed()
+        self._used.add(context)
+        return StateMac(version, self.secret, session_id, channel)
+
+    def _agreed(self) -> int:
+        if self.version is None:
+            raise ValueError("no state_auth version was agreed for this key")
+        return self.version
+
+
+def seal(key: MigrationKey, session_id: int, channel: tuple[int, int], body: Buffer) -> bytes:
     """The trailer for a body built whole."""
-    mac = StateMac(key, session_id, channel)
+    mac = key.mac(session_id, channel)
     mac.update(body)
     return mac.trailer()
 
 
-def unseal(key: bytes, session_id: int, channel: tuple[int, int], data: Buffer) -> memoryview:
+def unseal(key: MigrationKey, session_id: int, channel: tuple[int, int], data: Buffer) -> memoryview:
     """The body of ``data`` (a view, no copy) once its trailer is checked; StateAuthError if it
-    has none or it does not match."""
-    mac = StateMac(key, session_id, channel)
-    mac.update(_split(data)[0])
+    has none, it does not match, or that channel's body was checked already."""
+    mac = key.mac(session_id, channel)
+    mac.update(_split(data, mac)[0])
     return opened(mac, data)
 
 
 def opened(mac: StateMac, data: Buffer) -> memoryview:
     """The body of ``data`` once its trailer matches ``mac``, which was fed that body already (as
     it arrived: s2 hashes a large one while it lands); StateAuthError if it does not."""
-    body, trailer = _split(data)
+    body, trailer = _split(data, mac)
     if not hmac.compare_digest(mac.trailer(), trailer):
         raise StateAuthError("migrate data does not match its authentication tag: it was changed on the way")
     return body
 
 
-def _split(data: Buffer) -> tuple[memoryview, bytes]:
-    view = memoryview(data).cast("B") if memoryview(data).format != "B" else memoryview(data)
-    if len(view) < TRAILER_SIZE or bytes(view[-TRAILER_SIZE:-TRAILER_SIZE + len(TAG)]) != TAG:
+def _split(data: Buffer, mac: StateMac) -> tuple[memoryview, bytes]:
+    view = memoryview(data)
+    view = view.cast("B") if view.format != "B" else view
+    size, tag = mac.trailer_size, TAGS[mac.version]
+    if len(view) < size or bytes(view[-size:-size + len(tag)]) != tag:
         raise StateAuthError("migrate data carries no authentication trailer")
-    return view[:-TRAILER_SIZE], bytes(view[-TRAILER_SIZE:])
+    return view[:-size], bytes(view[-size:])
