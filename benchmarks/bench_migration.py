@@ -330,9 +330,15 @@ def bench_many_sessions(sessions: int) -> dict:
         wait_until(lambda: all(p["to_device_bytes"] == 1 << 20 for p in s1.sinks().values()), 300)
         wait_until(lambda: s2.control.get_json("/status")["link_keys"]["ready"] == pool, 300)
         settle([s1.proc.pid, s2.proc.pid, client.proc.pid])
+        # CPU per process beside the wall time: on 2 cores, 3 processes' CPU bounds the wall from
+        # below, and the load average says what else was running (figures are noisy under load).
+        processes = {"s1": s1.proc.pid, "s2": s2.proc.pid, "client": client.proc.pid}
+        load = os.getloadavg()[0]
+        cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
         start = time.perf_counter()
         report = s1.migrate_to(s2)
         elapsed = time.perf_counter() - start
+        cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in processes.items()}
         keys_made = s2.control.get_json("/status")["link_keys"]["made_on_demand"]
         for sid in ids:
             s2.control.post_json(f"/sessions/{sid}/ports/{SINK}/resume", {})
@@ -345,7 +351,8 @@ def bench_many_sessions(sessions: int) -> dict:
         s2.stop()
     return {"sessions": sessions, "migrated": report["migrated"], "intact": intact, "command_s": elapsed,
             "report_total_s": report["total_s"], "pre_migration_s": report["pre_migration_s"],
-            "key_pool": pool, "keys_made_on_demand_on_s2": keys_made}
+            "key_pool": pool, "keys_made_on_demand_on_s2": keys_made, "cpu_s": cpu,
+            "cpu_s_total": round(sum(cpu.values()), 2), "load_average_before": load}
 
 
 def main() -> int:
@@ -409,8 +416,11 @@ def main() -> int:
          big["server_peak_vs_in_flight"] <= 1.25),
         ("idle session downtime, our client: median ms", f"{idle['median_downtime_s'] * 1e3:.2f}", "<= 2",
          idle["median_downtime_s"] <= 0.002),
-        (f"{many['sessions']} sessions x 1 MiB, one command: s", f"{many['command_s']:.2f}", "all intact",
-         many["intact"] == many["sessions"]),
+        (f"{many['sessions']} sessions x 1 MiB, one command: s", f"{many['command_s']:.2f}", "<= 2, all intact",
+         many["command_s"] <= 2.0 and many["intact"] == many["sessions"]),
+        ("  its CPU: s1 / s2 / client, s (load average before)",
+         f"{many['cpu_s']['s1']} / {many['cpu_s']['s2']} / {many['cpu_s']['client']} "
+         f"({many['load_average_before']:.1f})", "", ""),
     ]
     for what, figure, goal, ok in rows:
         print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")
