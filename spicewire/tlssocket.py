@@ -1,0 +1,171 @@
+"""TLS on a gevent socket through memory BIOs: the server's and the client's TLS connections.
+
+gevent's SSLSocket hands the socket to OpenSSL, which reads each record with two system calls
+(its header, then its body) and writes each record with one; every 16 KiB of payload also goes
+through several layers of Python wrappers. Here OpenSSL only encrypts and decrypts, between
+memory buffers (``ssl.SSLObject`` over two ``ssl.MemoryBIO``), and this class moves the bytes:
+one ``recv`` brings up to RAW_READ bytes of records, which are then decrypted in a tight loop
+straight into the caller's buffer; one ``sendall`` of a large buffer becomes one write of all its
+records. On loopback this at least halves the time a TLS byte costs beyond its crypto.
+
+The socket is a gevent socket (subclass): timeouts, ``fileno``, ``close`` and a TCP-level
+``shutdown`` behave as on the plain socket it replaces. Renegotiation is refused by the contexts
+(OP_NO_RENEGOTIATION), so a write never has to wait for a read.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any, cast
+
+import gevent.lock
+from gevent import socket
+
+RAW_READ = 256 << 10  # ciphertext taken from the kernel per system call: 16 full records
+WRITE_CHUNK = 256 << 10  # plaintext encrypted per write: bounds the ciphertext held at once
+
+_scratch = threading.local()
+
+
+def _raw_buffer() -> memoryview:
+    """This thread's RAW_READ buffer. One is enough for all the connections a thread serves:
+    what a read brings is copied into the connection's BIO before the greenlet can yield."""
+    view: memoryview | None = getattr(_scratch, "view", None)
+    if view is None:
+        view = _scratch.view = memoryview(bytearray(RAW_READ))
+    return view
+
+
+class TlsSocket(socket.socket):
+    """A connected TCP socket speaking TLS (made from a plain one, which it takes over)."""
+
+    def __init__(
+        self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None,
+    ) -> None:
+        timeout = sock.gettimeout()
+        super().__init__(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        self.settimeout(timeout)
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_side=server_side,
+                                     server_hostname=server_hostname)
+        # Ciphertext leaves in the order it was made: whoever holds this writes it all out.
+        self._sending = gevent.lock.RLock()
+        # A bad record after good ones: the good bytes are returned first, then this is raised.
+        self._failed: ssl.SSLError | None = None
+
+    # --- the handshake -----------------------------------------------------------------------
+
+    def do_handshake(self) -> None:
+        """Run the handshake (within the socket's timeout per read or write). A failure sends
+        OpenSSL's alert to the peer, if it still listens, and raises the SSLError."""
+        while True:
+            try:
+                self._tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                self._send_pending()
+                self._fill()
+            except ssl.SSLError:
+                self._send_alert()
+                raise
+        self._send_pending()  # the last flight (and a server's session tickets)
+
+    def _send_alert(self) -> None:
+        try:
+            self._send_pending()
+        except OSError:
+            return  # the peer is gone already: the SSLError being raised says what went wrong
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        """Decrypt into ``buffer`` whatever whole records have arrived (waiting for one if none
+        has), up to ``nbytes``; 0 at the end of the stream (close_notify or a plain EOF, as
+        SSLSocket's suppress_ragged_eofs has it)."""
+        if flags:
+            raise ValueError("recv_into() on a TLS socket takes no flags")
+        view = memoryview(buffer).cast("B")
+        want = nbytes or len(view)
+        got = 0
+        # With a buffer, SSLObject.read returns the count (the stubs say int | bytes).
+        read = cast("Callable[[int, memoryview], int]", self._tls.read)
+        while want:
+            if self._failed is not None:
+                err, self._failed = self._failed, None
+                raise err
+            try:
+                while got < want:
+                    got += read(want - got, view[got:])
+            except ssl.SSLWantReadError:
+                pass
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                return got
+            except ssl.SSLError as err:
+                if not got:
+                    self._send_alert()
+                    raise
+                self._failed = err
+            if got:
+                break
+            self._fill()
+        if self._outgoing.pending:  # a post-handshake message asked for an answer (a key update)
+            self._send_pending(block=False)
+        return got
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        buf = bytearray(bufsize)
+        n = self.recv_into(buf, bufsize, flags)
+        return bytes(memoryview(buf)[:n])
+
+    def _fill(self) -> None:
+        """One read of ciphertext into the incoming BIO (EOF marks it ended)."""
+        raw = _raw_buffer()
+        n = super().recv_into(raw)
+        if n:
+            self._incoming.write(raw[:n])
+        else:
+            self._incoming.write_eof()
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        if flags:
+            raise ValueError("sendall() on a TLS socket takes no flags")
+        view = memoryview(data).cast("B")
+        with self._sending:
+            for start in range(0, len(view), WRITE_CHUNK):
+                self._tls.write(view[start : start + WRITE_CHUNK])
+                self._send_pending()
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        view = memoryview(data).cast("B")[:WRITE_CHUNK]
+        self.sendall(view, flags)
+        return len(view)
+
+    def _send_pending(self, block: bool = True) -> None:
+        """Write out the ciphertext made so far. ``block=False``: unless another greenlet is
+        writing, which then writes it after its own."""
+        if not self._sending.acquire(blocking=block):
+            return
+        try:
+            while self._outgoing.pending:
+                records = memoryview(self._outgoing.read())
+                while records:
+                    # The plain socket's send (gevent's sendall would call ours, which encrypts).
+                    records = records[socket.socket.send(self, records) :]
+        finally:
+            self._sending.release()
+
+    # --- what SSLSocket tells about the connection --------------------------------------------
+
+    def getpeercert(self, binary_form: bool = False) -> Any:
+        return self._tls.getpeercert(binary_form)
+
+    def version(self) -> str | None:
+        return self._tls.version()
+
+    def cipher(self) -> tuple[str, str, int] | None:
+        return self._tls.cipher()
