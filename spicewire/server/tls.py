@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import gevent.ssl
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from gevent import socket
+
+from spicewire.tlssocket import TlsSocket
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,10 @@ class ServerTLS:
         if now < self.not_before:
             return f"the server certificate is not valid before {self.not_before.isoformat()}"
         return None
+
+    def wrap(self, sock: socket.socket) -> TlsSocket:
+        """An accepted connection as a TLS socket; its ``do_handshake`` runs the handshake."""
+        return TlsSocket(sock, self.context, server_side=True)
 
 
 def _readable(x509_dir: str, name: str) -> str:
@@ -76,7 +83,8 @@ def load_server_tls(x509_dir: str, ciphers: str | None = None) -> ServerTLS:
     # gevent's class, so wrapped sockets cooperate whether or not the process is monkey-patched.
     context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.options |= ssl.OP_NO_COMPRESSION
+    # No renegotiation: TlsSocket's writes never wait for a read (and TLS 1.3 has none anyway).
+    context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     try:
         context.load_cert_chain(cert_path, key_path, password=_no_passphrase)
     except ValueError:
