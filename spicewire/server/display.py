@@ -35,6 +35,7 @@ from spicewire.protocol.enums import (
     INPUT_MOTION_ACK_BUNCH,
     ChannelType,
     DisplayCap,
+    MigrateFlags,
     MouseMode,
     MsgDisplay,
     SurfaceFormat,
@@ -52,7 +53,16 @@ DRAW_PIECE = 1 << 20  # pixel bytes per DRAW_COPY at most: a big change goes as 
 PENDING_LIMIT = 4 << 20  # a new frame is collected only while less than this waits for the socket
 SURFACE_PRIMARY = 1  # SURFACE_CREATE flags: the primary surface
 PRIMARY = 0  # the primary's surface id
-MAX_SURFACE_SIDE = 8192  # the largest width or height a migrated screen may announce
+# The largest width or height a migrated screen may announce: the limit a screen is made with,
+# so that every screen that runs on s1 can migrate.
+MAX_SURFACE_SIDE = screens.MAX_SIDE
+DISPLAY_MIGRATE_FLAGS = MigrateFlags.NEED_DATA_TRANSFER
+"""SPICE_MSG_MIGRATE's flags on the display channel. spice-server asks for a FLUSH_MARK first too;
+here nothing the client sends on the display changes its MIGRATE_DATA (our serial and ACK
+generation, the surfaces: the pixels went to s2 before), so the data follows the MIGRATE at once
+and the client relays both in one turn, a round trip through s1 fewer on s2's way to the session.
+spice-gtk takes each flag on its own (PROTOCOL.md 5.4). The inputs keep both: their data is what
+the client sent."""
 
 
 @dataclass
