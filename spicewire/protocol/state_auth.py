@@ -74,8 +74,9 @@ class KeyReuse(StateAuthError):
 
 
 class StateMac:
-    """The MAC of one channel's MIGRATE_DATA body, fed in pieces. OpenSSL's update releases the
-    GIL for large pieces, so a worker thread can run it beside the packing. Made by MigrationKey.mac."""
+    """The MAC of one channel's MIGRATE_DATA body, fed in pieces. Both versions' update lets go
+    of the GIL for large pieces (hashlib's HMAC, cryptography's Poly1305), so a worker thread can
+    run it beside the packing. Made by MigrationKey.mac."""
 
     def __init__(self, version: int, secret: bytes, session_id: int, channel: tuple[int, int]) -> None:
         self.version = version
