@@ -26,7 +26,7 @@ from spicewire.protocol import state_auth
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, Msgc
 from spicewire.server.migration import source as source_module
-from spicewire.server.migration.destination import SessionDestination
+from spicewire.server.migration.destination import Announcement, SessionDestination, channel_of
 from spicewire.server.migration.source import pipelined_segments
 
 from .serverkit import TIMEOUT, wait_until
@@ -172,6 +172,25 @@ def test_s2_refuses_a_second_migrate_data_for_a_channel(monkeypatch):
     assert opened is not None and bytes(opened.data) == body and not failed
     assert arriving._authentic(mig.MAIN, m.MsgcMigrateData(data)) is None
     assert len(failed) == 1 and "failed authentication" in failed[0] and "already" in failed[0]
+
+
+@pytest.mark.parametrize("claimed", [False, True])
+def test_a_large_body_lands_hashed_unless_its_channel_had_its_mac_already(claimed):
+    """s2 prepares a landing MAC for a large body; for a channel whose MAC this key handed out
+    already, the body still gets its buffer and no MAC (_authentic then refuses it whole)."""
+    ann = Announcement(0x1A4D0000, [], expires=0.0, migration_id="m")
+    ann.state_key = keys(2)[1]
+    session = SimpleNamespace(id=ann.session_id, migration=None)
+    arriving = SessionDestination(SimpleNamespace(), session)  # type: ignore[arg-type]
+    session.migration = arriving
+    handler = SimpleNamespace(port=SimpleNamespace(channel_id=3), channel=SimpleNamespace(bulk_progress=lambda: 0),
+                              channel_type=ChannelType.PORT, on_bulk=None)
+    channel = channel_of(handler)  # type: ignore[arg-type]
+    if claimed:
+        ann.state_key.mac(ann.session_id, channel)
+    buffer = arriving.landing_buffer(handler, ann, 4096)  # type: ignore[arg-type]
+    assert len(buffer) == 4096
+    assert (channel in arriving.landing) != claimed and (handler.on_bulk is None) == claimed
 
 
 # --- which version a pair speaks -----------------------------------------------------------------
