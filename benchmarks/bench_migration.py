@@ -419,8 +419,8 @@ def main() -> int:
         (f"{many['sessions']} sessions x 1 MiB, one command: s", f"{many['command_s']:.2f}", "<= 2, all intact",
          many["command_s"] <= 2.0 and many["intact"] == many["sessions"]),
         ("  its CPU: s1 / s2 / client, s (load average before)",
-         f"{many['cpu_s']['s1']} / {many['cpu_s']['s2']} / {many['cpu_s']['client']} "
-         f"({many['load_average_before']:.1f})", "", ""),
+         (f"{many['cpu_s']['s1']} / {many['cpu_s']['s2']} / {many['cpu_s']['client']} "
+          f"({many['load_average_before']:.1f})"), "", ""),
     ]
     for what, figure, goal, ok in rows:
         print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")
