@@ -111,28 +111,32 @@ def test_a_read_of_more_than_flood_messages_counts_as_a_flood_read(reads, count)
 
 
 class RecordingMac:
-    """A StateMac's update, recorded: how many bytes each piece held and which thread fed it."""
+    """A StateMac's update, recorded: how many bytes each piece held and which thread fed it.
+    ``in_thread`` as a StateMac's: whether its update is worth a worker thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, in_thread: bool = True) -> None:
         self.pieces: list[tuple[int, int]] = []  # (bytes, thread id)
         self.trailer_size = state_auth.trailer_size(state_auth.VERSION)
+        self.in_thread = in_thread
 
     def update(self, data) -> None:
         self.pieces.append((memoryview(data).nbytes, threading.get_ident()))
 
 
-def landing(body: int, arrived: int) -> tuple[LandingMac, RecordingMac]:
+def landing(body: int, arrived: int, in_thread: bool = True) -> tuple[LandingMac, RecordingMac]:
     """A LandingMac over a body of ``body`` bytes (plus its trailer) of which ``arrived`` came."""
-    mac = RecordingMac()
+    mac = RecordingMac(in_thread)
     buffer = np.zeros(body + state_auth.trailer_size(state_auth.VERSION), dtype=np.uint8)
     return LandingMac(mac, buffer, lambda: arrived), mac  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("in_thread", [True, False], ids=["thread-mac", "hub-mac"])
 @pytest.mark.parametrize("arrived", [LANDED_STEP - 1, LANDED_STEP, LANDED_STEP + 1])
-def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived):
+def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived, in_thread):
     """Under LANDED_STEP waiting, nothing is hashed until the body is whole; from it on, what
-    arrived is hashed in a worker thread before the last byte comes."""
-    mac_of, mac = landing(3 * LANDED_STEP, arrived)
+    arrived is hashed before the last byte comes: in a worker thread for a MAC whose update lets
+    go of the GIL (v1's HMAC), on the hub for one that holds it (v2's Poly1305)."""
+    mac_of, mac = landing(3 * LANDED_STEP, arrived, in_thread)
     mac_of.landed()
     mac_of.finish()
     ahead = arrived if arrived >= LANDED_STEP else 0
@@ -140,22 +144,26 @@ def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived):
     assert sum(n for n, _ in mac.pieces) == 3 * LANDED_STEP  # the whole body, once
     if ahead:
         n, thread = mac.pieces[0]
-        assert n == ahead and thread != threading.get_ident()
+        assert n == ahead and (thread != threading.get_ident()) == in_thread
 
 
+@pytest.mark.parametrize("in_thread", [True, False], ids=["thread-mac", "hub-mac"])
 @pytest.mark.parametrize("rest", [AUTH_IN_THREAD - 1, AUTH_IN_THREAD, AUTH_IN_THREAD + 1])
-def test_the_tail_left_to_hash_moves_to_a_thread_from_auth_in_thread_bytes(rest):
-    mac_of, mac = landing(rest, 0)
+def test_the_tail_left_to_hash_moves_to_a_thread_from_auth_in_thread_bytes(rest, in_thread):
+    """For a MAC worth a worker thread only: one that holds the GIL hashes every tail on the hub."""
+    mac_of, mac = landing(rest, 0, in_thread)
     mac_of.finish()
     ((n, thread),) = mac.pieces
     assert n == rest
-    assert (thread != threading.get_ident()) == (rest >= AUTH_IN_THREAD)
+    assert (thread != threading.get_ident()) == (in_thread and rest >= AUTH_IN_THREAD)
 
 
+@pytest.mark.parametrize("version", state_auth.VERSIONS)
 @pytest.mark.parametrize("size", [AUTH_IN_THREAD - 1, AUTH_IN_THREAD, AUTH_IN_THREAD + 1])
-def test_a_migrate_data_from_auth_in_thread_bytes_is_checked_in_a_thread(monkeypatch, size):
+def test_a_migrate_data_from_auth_in_thread_bytes_is_checked_in_a_thread(monkeypatch, size, version):
     """A MIGRATE_DATA that did not land in a prepared buffer (main's, a small port's): checked on
-    the hub under AUTH_IN_THREAD bytes (sealed), in a worker thread from it on."""
+    the hub under AUTH_IN_THREAD bytes (sealed), in a worker thread from it on under version 1
+    (HMAC-SHA256 lets go of the GIL); on the hub at any size under version 2 (Poly1305 does not)."""
     threads: list[int] = []
     real = state_auth.unseal
 
@@ -166,13 +174,13 @@ def test_a_migrate_data_from_auth_in_thread_bytes_is_checked_in_a_thread(monkeyp
     monkeypatch.setattr(state_auth, "unseal", unseal)
     session = SimpleNamespace(id=7)
     # s1's key and s2's: the same secret, each handing out MAIN's MAC once.
-    s1_key, s2_key = (state_auth.MigrationKey(KEY, state_auth.VERSION) for _ in range(2))
+    s1_key, s2_key = (state_auth.MigrationKey(KEY, version) for _ in range(2))
     manager = SimpleNamespace(announcements={7: SimpleNamespace(state_key=s2_key)})
     arriving = SessionDestination(manager, session)  # type: ignore[arg-type]
     body = bytes(size - s1_key.trailer_size)
     opened = arriving._authentic(MAIN, m.MsgcMigrateData(body + state_auth.seal(s1_key, 7, MAIN, body)))
     assert opened is not None and bytes(opened.data) == body
-    assert (threads[0] != threading.get_ident()) == (size >= AUTH_IN_THREAD)
+    assert (threads[0] != threading.get_ident()) == (version == 1 and size >= AUTH_IN_THREAD)
 
 
 # --- a pre-copy round's index --------------------------------------------------------------------

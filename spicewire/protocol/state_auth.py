@@ -48,6 +48,10 @@ KEY_SIZE = 32
 VERSIONS = (1, 2)
 VERSION = max(VERSIONS)  # what s1 offers
 TAGS = {1: b"SWMA", 2: b"SWM2"}
+# Whether a version's update lets go of the GIL: hashlib's HMAC does for large pieces;
+# cryptography's Poly1305 holds it through the call (at some 12 GB/s here), so a worker thread
+# would gain it nothing but the handoffs to and from the hub.
+_IN_THREAD = {1: True, 2: False}
 _TAG_SIZES = {1: hashlib.sha256().digest_size, 2: 16}
 _CONTEXT = struct.Struct("<4sIBB")
 
@@ -74,13 +78,14 @@ class KeyReuse(StateAuthError):
 
 
 class StateMac:
-    """The MAC of one channel's MIGRATE_DATA body, fed in pieces. Both versions' update lets go
-    of the GIL for large pieces (hashlib's HMAC, cryptography's Poly1305), so a worker thread can
-    run it beside the packing. Made by MigrationKey.mac."""
+    """The MAC of one channel's MIGRATE_DATA body, fed in pieces. ``in_thread``: whether large
+    pieces are better fed from a worker thread (beside the packing, the socket) than on the hub.
+    Made by MigrationKey.mac."""
 
     def __init__(self, version: int, secret: bytes, session_id: int, channel: tuple[int, int]) -> None:
         self.version = version
         self.trailer_size = trailer_size(version)
+        self.in_thread = _IN_THREAD[version]
         if version == 1:
             self._mac: hmac.HMAC | Poly1305 = hmac.new(
                 secret, _CONTEXT.pack(b"SWMC", session_id, channel[0], channel[1]), "sha256")
@@ -122,6 +127,10 @@ class MigrationKey:
     @property
     def trailer_size(self) -> int:
         return trailer_size(self._agreed())
+
+    @property
+    def in_thread(self) -> bool:
+        return _IN_THREAD[self._agreed()]
 
     def mac(self, session_id: int, channel: tuple[int, int]) -> StateMac:
         """The MAC of the one body (session, channel) sends or receives under this key."""
