@@ -42,14 +42,15 @@ class ControlClient:
     def post_bytes(self, path: str, body: bytes, timeout: float | None = None) -> Any:
         return self._request("POST", path, body, "application/octet-stream", timeout)
 
-    def post_stream(self, path: str, pieces: Iterable[Any], size: int, timeout: float | None = None) -> Any:
-        """A body of ``size`` bytes sent piece by piece (buffers, each asked for once the one
-        before is written): views into the sender's memory, never joined into one."""
-        return self._request("POST", path, b"", "application/octet-stream", timeout, pieces, size)
+    def post_stream(self, path: str, batches: Iterable[list[Any]], size: int, timeout: float | None = None) -> Any:
+        """A body of ``size`` bytes sent batch by batch (lists of buffers, each batch asked for once
+        the one before is written, in one system call where it fits): views into the sender's
+        memory, never joined into one."""
+        return self._request("POST", path, b"", "application/octet-stream", timeout, batches, size)
 
     def _request(
         self, method: str, path: str, body: bytes, content_type: str, timeout: float | None = None,
-        pieces: Iterable[Any] = (), size: int | None = None,
+        batches: Iterable[list[Any]] = (), size: int | None = None,
     ) -> Any:
         """The answer's JSON (None for an empty body); MigrationError for any status but 200.
         ``timeout`` bounds the whole request, connecting to the last byte, not each socket call:
@@ -62,8 +63,8 @@ class ControlClient:
         late = TimeoutError(f"{method} {path}: no answer from {self.address} within {limit:.3g} s")
         with gevent.Timeout(limit, late), connect_control(self.host, self.port, self.unix, limit, self.tls) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            for piece in pieces:
-                sock.sendall(piece)
+            for batch in batches:
+                send_buffers(sock, batch)
             data = bytearray()
             while chunk := sock.recv(65536):
                 data += chunk
@@ -78,6 +79,27 @@ class ControlClient:
             message = answer.get("error") if isinstance(answer, dict) else payload[:200].decode(errors="replace")
             raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
         return answer
+
+
+SEND_VECTOR = 512  # buffers per sendmsg, under the system's IOV_MAX (1024 on Linux)
+
+
+def send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
+    """Write ``buffers`` in order: many per sendmsg where the socket has it (a pre-copy's queue
+    is thousands of 64 KiB views; one send each cost more than the copy), one by one through TLS."""
+    if isinstance(sock, ssl.SSLSocket):
+        for buffer in buffers:
+            sock.sendall(buffer)
+        return
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    first = 0
+    while first < len(views):
+        sent = sock.sendmsg(views[first:first + SEND_VECTOR])
+        while first < len(views) and sent >= views[first].nbytes:  # the buffers that went whole
+            sent -= views[first].nbytes
+            first += 1
+        if sent:  # and what went of the next one
+            views[first] = views[first][sent:]
 
 
 def control_label(host: str, port: int, unix: str | None) -> str:

@@ -22,7 +22,8 @@ carries hundreds of MiB of buffered port data without per-chunk copies::
                 48 u64 to_client_size   their total length
                 56 8 bytes reserved, zero
         [1]     version 2 only: the pre-copy reference, 112 bytes, per direction (client->device
-                first, then device->client) u64 start, u64 length, u64 skip, 32-byte SHA-256:
+                first, then device->client) u64 start, u64 length, u64 skip, 32-byte digest
+                (the kind the pre-copy's rounds named: SHA-256, or XXH3-128 padded with zeros):
                 s2 holds ``length`` bytes of that direction's stream from offset ``start`` (sent
                 to it over the server-to-server path before the switch), whose digest must be
                 the one given; bytes ``skip`` onwards are still queued and come before the ones
@@ -85,7 +86,7 @@ _HEADER = struct.Struct("<II")  # magic, version
 _CHAR_DEVICE = struct.Struct("<IBIIIII")  # 25 bytes (6.1)
 _MAIN_TAIL = struct.Struct("<BI8sBIIIBIB")  # the 32 bytes after the agent char device (6.2)
 _PORT_STATE = struct.Struct("<IIQQQIIIIQ8x")  # 64 bytes, SWPD chunk 0
-_REGION_REF = struct.Struct("<QQQ32s")  # start, length, skip, SHA-256: one direction of SWPD chunk 1
+_REGION_REF = struct.Struct("<QQQ32s")  # start, length, skip, digest: one direction of SWPD chunk 1
 SWPD_SEGMENT = 8 << 20  # one container's bytes while building: the size of the reused buffer
 _CONTAINER_TOTAL = struct.Struct("<Q")  # codec container total_size, at offset 16
 SPICEVMC_MIGRATE_DATA_SIZE = _HEADER.size + _CHAR_DEVICE.size  # 33
@@ -239,7 +240,7 @@ class RegionRef:
     start: int = 0  # the stream offset of the first byte s2 holds
     length: int = 0  # bytes s2 holds
     skip: int = 0  # of those, consumed (written to the device, or sent to the client) since
-    digest: bytes = bytes(32)  # SHA-256 of the ``length`` bytes
+    digest: bytes = bytes(32)  # of the ``length`` bytes, in the kind the pre-copy named (precopy.DIGESTS)
 
     def __post_init__(self) -> None:
         if not 0 <= self.skip <= self.length or len(self.digest) != 32:

@@ -6,8 +6,18 @@ bytes of both directions straight to s2 over the server-to-server path, in round
 carries what was queued since the one before, until little is added or the rounds run out. At the
 switch the port's MIGRATE_DATA (SWPD version 2) carries its state record, the bytes queued after
 the last round, and per direction a reference to what s2 holds: the stream offset and length of
-the pre-copied bytes, how many of them were consumed meanwhile, and their SHA-256. s2 checks the
+the pre-copied bytes, how many of them were consumed meanwhile, and their digest. s2 checks the
 digest against what it received before it restores anything from it.
+
+The digest guards against our own bugs (an offset off by one, a round lost or sent twice, regions
+mixed up), not against an attacker: the s1 -> s2 path is authenticated by the peer token (and TLS
+if asked), and the MIGRATE_DATA through the client by its HMAC. So it need not be cryptographic,
+and it must not be slow: every pre-copied byte is hashed on both ends, on cores the sessions and
+the socket copy share. XXH3-128 runs at memory speed (about 20 GB/s here), SHA-256 at 1.7 GB/s even
+with the CPU's SHA instructions, which capped the pre-copy near 0.4x a plain socket copy. A
+128-bit digest misses an accidental change with odds of 2^-128. s2 names the digests it takes in
+its announcement's answer (``port_precopy_digests``) and s1 names the one it uses in each entry;
+a peer that names none (spicewire before the choice) speaks SHA-256.
 
 Offsets are positions in a direction's byte stream on s1: ``PortState.to_device_total`` (and
 ``to_client_total``) counts every byte ever queued, so a queue holds the stream from
@@ -19,8 +29,8 @@ One round is one ``POST /migration/port-precopy?migration=ID`` whose body is::
     u32 index size | JSON index | the bytes of each index entry, in index order
 
 and each entry ``{"session_id", "port", "dir": "to_device"|"to_client", "offset", "length",
-"capacity"}``. ``capacity`` is the most s1 asks the region to hold on s2, with the first entry
-for it; s2 answers ``{"held": entries, "capacities": [...]}``, the most each entry's region may
+"capacity", "digest"}``. ``capacity`` is the most s1 asks the region to hold on s2, with the first
+entry for it; s2 answers ``{"held": entries, "capacities": [...]}``, the most each entry's region may
 hold there (no more than a MIGRATE_DATA of the announced backlog could bring). s1 never sends past
 it; what does not fit travels in MIGRATE_DATA. s2 faults memory in as the rounds need it: first
 the buffer it faulted in for the port's MIGRATE_DATA when the session was announced, then more in
@@ -38,12 +48,13 @@ import json
 import logging
 import struct
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import gevent
 import numpy as np
+import xxhash
 
 from spicewire.errors import MigrationError
 from spicewire.logs import parse_session_label, session_label
@@ -68,10 +79,32 @@ PRECOPY_SETTLED = 1 << 20  # a round that would carry less than this is left to 
 PRECOPY_VERSION = 2  # what s2 answers an announcement with when it takes port pre-copies
 TAIL_ROOM = 64 << 20  # memory s2 faults in for a pre-copied port's MIGRATE_DATA
 SEGMENT = 64 << 20  # memory s2 adds to a region at a time, beyond the announcement's buffer
-HASH_PIECE = 8 << 20  # digest work handed to a worker thread at a time, beside the socket
+PIECE = 1 << 20  # bytes s1 hands the socket at a time (one sendmsg of many queue chunks)
+HASH_JOB = 8 << 20
+"""Digest work handed to a worker thread at a time, beside the socket (XXH3 and SHA-256 let go of
+the GIL): on two cores shared with the sessions, the socket copy on one and the digest on the
+other. Larger than PIECE, so a job's hand-over costs little against the hashing."""
 MAX_INDEX = 1 << 20
 DIRECTIONS = ("to_device", "to_client")
 _INDEX_SIZE = struct.Struct("<I")
+
+DIGESTS: dict[str, Callable[[], Any]] = {"xxh3-128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+"""The digests a pre-copied region is checked with, by name, the one s1 prefers first."""
+LEGACY_DIGEST = "sha256"  # what a peer that names no digest speaks
+DIGEST_FIELD = 32  # the digest's room in the SWPD reference; a shorter one is padded with zeros
+
+
+def choose_digest(features: dict) -> str:
+    """The digest s1 uses with an s2 whose announcement answer was ``features``."""
+    offered = features.get("port_precopy_digests")
+    if not isinstance(offered, list):
+        return LEGACY_DIGEST
+    return next((name for name in DIGESTS if name in offered), LEGACY_DIGEST)
+
+
+def reference_digest(digest: Any) -> bytes:
+    """``digest``'s value as the SWPD reference carries it."""
+    return digest.digest().ljust(DIGEST_FIELD, b"\0")
 
 
 def _queue(port: PortState, direction: str) -> tuple[deque, int, int]:
@@ -101,18 +134,26 @@ class SentRegion:
     """s1's record of one direction of one port: what s2 holds of the stream."""
 
     capacity: int
+    kind: str  # the digest's name in DIGESTS
     start: int = 0
     length: int = 0
-    digest: Any = field(default_factory=hashlib.sha256)
+    digest: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = DIGESTS[self.kind]()
 
     @property
     def end(self) -> int:
         return self.start + self.length
 
+    def restart(self, offset: int) -> None:
+        """The region starts again at stream offset ``offset``, empty."""
+        self.start, self.length, self.digest = offset, 0, DIGESTS[self.kind]()
+
     def reference(self, head: int) -> RegionRef:
         """What MIGRATE_DATA says of this region once the queue's first byte is at ``head``."""
         skip = min(self.length, max(0, head - self.start))
-        return RegionRef(self.start, self.length, skip, self.digest.digest())
+        return RegionRef(self.start, self.length, skip, reference_digest(self.digest))
 
 
 @dataclass
@@ -158,42 +199,50 @@ def _capacity(queued: int) -> int:
     return queued + queued // 4 + (64 << 20)
 
 
-def plan_precopies(sources: list[SessionSource]) -> list[PortPrecopy]:
-    """The ports worth pre-copying, each region sized for its queue now plus headroom."""
+def plan_precopies(sources: list[SessionSource], kind: str) -> list[PortPrecopy]:
+    """The ports worth pre-copying, each region sized for its queue now plus headroom, checked
+    with the digest ``kind``."""
     plans = []
     for source in sources:
         for port in source.ports.values():
             if port.in_flight < PRECOPY_MIN:
                 continue
-            regions = {d: SentRegion(_capacity(_queue(port, d)[1])) for d in DIRECTIONS}
+            regions = {d: SentRegion(_capacity(_queue(port, d)[1]), kind) for d in DIRECTIONS}
             plans.append(PortPrecopy(source.session.id, port, regions))
     return plans
 
 
-def _hashed(pieces: list[memoryview], digest: Any) -> Iterator[memoryview]:
-    """``pieces`` in turn, hashed into ``digest`` by a worker thread while the socket sends them
-    (hashlib lets go of the GIL for large buffers). A queue is mostly the client's DATA messages,
-    64 KiB each: they are handed to the thread about HASH_PIECE at a time, not one by one."""
+def _hashed(pieces: list[memoryview], digest: Any) -> Iterator[list[memoryview]]:
+    """``pieces`` in batches of about PIECE bytes for the socket, hashed into ``digest`` by a
+    worker thread HASH_JOB at a time, in order, while the socket sends them (the queue's bytes do
+    not change while they are sent). A queue is mostly the client's DATA messages, 64 KiB each:
+    a batch goes out in one system call."""
     pool = gevent.get_hub().threadpool
     job = None
     batch: list[memoryview] = []
-    size = 0
+    work: list[memoryview] = []
+    size = work_size = 0
     for piece in pieces:
-        for start in range(0, piece.nbytes, HASH_PIECE):
-            part = piece[start:start + HASH_PIECE]
+        for start in range(0, piece.nbytes, PIECE):
+            part = piece[start:start + PIECE]
             batch.append(part)
+            work.append(part)
             size += part.nbytes
-            if size >= HASH_PIECE:
+            work_size += part.nbytes
+            if work_size >= HASH_JOB:
                 if job is not None:
                     job.get()  # in order
-                job = pool.spawn(_update, digest, batch)
-                yield from batch
+                job = pool.spawn(_update, digest, work)
+                work, work_size = [], 0
+            if size >= PIECE:
+                yield batch
                 batch, size = [], 0
-    if batch:
+    if work:
         if job is not None:
             job.get()
-        job = pool.spawn(_update, digest, batch)
-        yield from batch
+        job = pool.spawn(_update, digest, work)
+    if batch:
+        yield batch
     if job is not None:
         job.get()
 
@@ -207,7 +256,7 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
     """Pre-copy the big ports of ``sources`` to s2 in rounds; each source's ``port_precopies``
     holds those that got there. Returns the bytes sent; a failure sends the rest through the
     client (no port of the migration is pre-copied then)."""
-    plans = plan_precopies(sources)
+    plans = plan_precopies(sources, choose_digest(migration.features))
     if not plans:
         return 0
     by_session = {source.session.id: source for source in sources}
@@ -221,8 +270,8 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
             body = [_INDEX_SIZE.pack(len(index)) + index]
             total_size = len(body[0]) + size
 
-            def stream(body: list = body, items: list = pieces) -> Iterator[Any]:
-                yield from body
+            def stream(body: list = body, items: list = pieces) -> Iterator[list[memoryview]]:
+                yield body
                 for views, region, _, _ in items:
                     yield from _hashed(views, region.digest)
 
@@ -264,9 +313,10 @@ def _next_round(plans: list[PortPrecopy]) -> tuple[list[dict], list[tuple], int]
             queue, _, total = _queue(plan.port, direction)
             views = _limited(last_bytes(queue, total - offset), length)
             if offset != region.end or not region.length:
-                region.start, region.length, region.digest = offset, 0, hashlib.sha256()
+                region.restart(offset)
             entries.append({"session_id": session_label(plan.session_id), "port": plan.port.channel_id,
-                            "dir": direction, "offset": offset, "length": length, "capacity": region.capacity})
+                            "dir": direction, "offset": offset, "length": length, "capacity": region.capacity,
+                            "digest": region.kind})
             pieces.append((views, region, length, plan))
             size += length
     return entries, pieces, size
@@ -292,10 +342,18 @@ class HeldRegion:
     filled front to back; at most ``capacity`` bytes."""
 
     capacity: int
+    kind: str  # the digest's name in DIGESTS, as s1 named it
     segments: list[np.ndarray] = field(default_factory=list)
     start: int = 0
     length: int = 0
-    digest: Any = field(default_factory=hashlib.sha256)
+    digest: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = DIGESTS[self.kind]()
+
+    def restart(self, offset: int) -> None:
+        """The region starts again at stream offset ``offset``, empty (its segments stay)."""
+        self.start, self.length, self.digest = offset, 0, DIGESTS[self.kind]()
 
     @property
     def allocated(self) -> int:
@@ -335,9 +393,9 @@ def restore_precopy(ann: Announcement, channel_id: int, data: mig.PortMigrateDat
             what = "nothing" if held is None else f"{held.length} bytes from {held.start}"
             raise PrecopyMismatch(f"port {channel_id} {direction}: MIGRATE_DATA names {ref.length} pre-copied bytes "
                                   f"from {ref.start}, this server holds {what}")
-        if held.digest.digest() != ref.digest:
-            raise PrecopyMismatch(f"port {channel_id} {direction}: the pre-copied bytes' SHA-256 does not match "
-                                  "the one in MIGRATE_DATA; nothing is restored from them")
+        if reference_digest(held.digest) != ref.digest:
+            raise PrecopyMismatch(f"port {channel_id} {direction}: the pre-copied bytes' digest ({held.kind}) does "
+                                  "not match the one in MIGRATE_DATA; nothing is restored from them")
         out.append([*held.views(ref.skip), *tail])
     return out[0], out[1]
 
@@ -353,18 +411,20 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
     if not isinstance(entries, list):
         raise TypeError("a pre-copy index is a list")
     targets = [_target(manager, migration_id, entry) for entry in entries]
-    if _INDEX_SIZE.size + index_size + sum(length for *_, length in targets) != size:
+    if _INDEX_SIZE.size + index_size + sum(target[4] for target in targets) != size:
         raise ValueError("the pre-copy entries do not add up to the body's size")
     capacities = []
-    for ann, key, offset, capacity, length in targets:
+    for ann, key, offset, capacity, length, kind in targets:
         held = ann.precopied.get(key)
         if held is None:
-            held = ann.precopied[key] = HeldRegion(capacity)
+            held = ann.precopied[key] = HeldRegion(capacity, kind)
+        if kind != held.kind:
+            raise ValueError(f"a pre-copy entry hashed with {kind} for a region hashed with {held.kind}")
         if not held.length or offset != held.start + held.length:
             if held.length and offset < held.start + held.length:
                 raise ValueError(f"a pre-copy entry at {offset} overlaps the {held.length} bytes held "
                                  f"from {held.start}")
-            held.start, held.length, held.digest = offset, 0, hashlib.sha256()
+            held.restart(offset)
         at = held.length
         if at + length > held.capacity:
             raise ValueError(f"a pre-copy entry of {length} bytes does not fit the region's {held.capacity - at} "
@@ -396,13 +456,16 @@ def _grow(ann: Announcement, key: tuple[int, str], held: HeldRegion, size: int) 
         held.segments.append(pool.apply(prefaulted, (min(room, max(SEGMENT, size - held.allocated)),)))
 
 
-def _target(manager: Any, migration_id: str, entry: Any) -> tuple[Announcement, tuple[int, str], int, int, int]:
+def _target(manager: Any, migration_id: str,
+            entry: Any) -> tuple[Announcement, tuple[int, str], int, int, int, str]:
     if not isinstance(entry, dict):
         raise TypeError("a pre-copy entry is an object")
     sid = parse_session_label(entry["session_id"])
     cid, direction = entry["port"], entry["dir"]
     offset, length, capacity = entry["offset"], entry["length"], entry["capacity"]
-    if direction not in DIRECTIONS or not all(_whole(v) for v in (cid, offset, length, capacity)):
+    kind = entry.get("digest", LEGACY_DIGEST)  # an s1 from before the choice names none
+    if direction not in DIRECTIONS or not all(_whole(v) for v in (cid, offset, length, capacity)) or not (
+            isinstance(kind, str) and kind in DIGESTS):
         raise ValueError(f"bad pre-copy entry {entry!r:.200}")
     ann = manager.announcements.get(sid)
     if ann is None or ann.migration_id != migration_id or cid not in {p[0] for p in ann.ports}:
@@ -412,7 +475,7 @@ def _target(manager: Any, migration_id: str, entry: Any) -> tuple[Announcement, 
 
     # No more than a MIGRATE_DATA of the announced backlog could bring: s1 learns it in the answer.
     capacity = min(capacity, migrate_data_limit(ann.in_flight.get(cid, 0), manager.server.config.limits))
-    return ann, (cid, direction), offset, capacity, length
+    return ann, (cid, direction), offset, capacity, length, kind
 
 
 def _whole(value: object) -> bool:
@@ -428,21 +491,21 @@ def _read_exactly(stream: Any, n: int) -> bytes:
 
 def _receive_hashed(stream: Any, into: np.ndarray, digest: Any) -> None:
     """Read ``len(into)`` bytes straight into ``into`` (the socket's reader under a WSGI input);
-    a worker thread hashes each piece while the next one is read."""
+    a worker thread hashes each HASH_JOB, in order, while the next one is read."""
     pool = gevent.get_hub().threadpool
     reader = getattr(stream, "rfile", stream)  # gevent's Input copies through bytes; its reader does not
     view = into.data
     job, pos, hashed = None, 0, 0
     total = len(into)
     while pos < total:
-        n = reader.readinto(view[pos:min(total, pos + HASH_PIECE)])
+        n = reader.readinto(view[pos:min(total, pos + HASH_JOB)])
         if not n:
             raise ValueError(f"the pre-copy body ended {total - pos} bytes early")
         pos += n
-        if pos - hashed >= HASH_PIECE or pos == total:
+        if pos - hashed >= HASH_JOB or pos == total:
             if job is not None:
                 job.get()
-            job = pool.spawn(digest.update, into[hashed:pos].data)
+            job = pool.spawn(digest.update, view[hashed:pos])
             hashed = pos
     if job is not None:
         job.get()
