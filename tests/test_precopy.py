@@ -8,14 +8,16 @@ repeated, in order; and that the pre-copy did (or, in the fallbacks, did not) ca
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from types import SimpleNamespace
 
 import gevent
+import numpy as np
 import pytest
 
 from spicewire import devices
-from spicewire.control.client import ControlClient
+from spicewire.control.client import SEND_VECTOR, ControlClient, send_buffers
 from spicewire.control.server import ControlServer
 from spicewire.errors import CodecError
 from spicewire.protocol import migration as mig
@@ -361,9 +363,9 @@ def test_an_s2_without_precopy_gets_the_whole_state_through_the_client(pnodes, p
     if older == "no-features":  # it neither knows the key nor says it takes anything
         manager = s2.spice.migration
         real_announce = manager.announce
-        monkeypatch.setattr(manager, "announce", lambda migration, sessions, ttl, state_key=None:
+        monkeypatch.setattr(manager, "announce", lambda migration, sessions, ttl, state_key=None, offered_auth=None:
                             real_announce(migration, sessions, ttl))
-        monkeypatch.setattr(manager, "features", lambda state_key: {})
+        monkeypatch.setattr(manager, "features", lambda state_key, offered_auth=None: {})
     session = connect(s1)
     size = 24 * MIB
     digest = fill_paused_sink(s1, session, size)
@@ -394,9 +396,26 @@ class Corrupting:
         return n
 
 
+def older_digests(node, monkeypatch) -> None:
+    """``node`` answers announcements as a spicewire from before the digest choice: it names no
+    digest (so it speaks SHA-256)."""
+    manager = node.spice.migration
+    real = manager.features
+
+    def features(state_key, offered_auth=None):
+        answer = real(state_key, offered_auth)
+        del answer["port_precopy_digests"]
+        return answer
+
+    monkeypatch.setattr(manager, "features", features)
+
+
+@pytest.mark.parametrize("kind", ["xxh3-128", "sha256"])
 def test_a_corrupted_precopy_is_a_clear_error_on_s2_nothing_restored_and_s1_takes_the_session_back(
-        pnodes, monkeypatch, caplog):
+        pnodes, monkeypatch, caplog, kind):
     s1, s2 = pnodes(True, True)
+    if kind == "sha256":
+        older_digests(s2, monkeypatch)
     session = connect(s1)
     size = 24 * MIB
     digest = fill_paused_sink(s1, session, size)
@@ -411,7 +430,7 @@ def test_a_corrupted_precopy_is_a_clear_error_on_s2_nothing_restored_and_s1_take
     with caplog.at_level("WARNING"):
         entry = only_entry(s1.migrate_to(s2))
     assert sizes and not entry["migrated"], entry
-    assert entry["error"].startswith("rolled back") and "SHA-256 does not match" in entry["error"], entry
+    assert entry["error"].startswith("rolled back") and f"digest ({kind}) does not match" in entry["error"], entry
     assert any("pre-copy does not match" in r.getMessage() for r in caplog.records)
     # s2 dropped what it held: no announcement, no session, nothing pre-copied left
     assert not s2.spice.migration.announcements
@@ -528,10 +547,12 @@ class FakeConnection:
 
 
 class LoopbackPeer:
-    """s1's view of s2 with the HTTP left out: each round goes straight into s2's receiving side."""
+    """s1's view of s2 with the HTTP left out: each round goes straight into s2's receiving side.
+    ``features``: what s2 answered the announcement with."""
 
-    def __init__(self, manager, migration_id: str, after_round) -> None:
+    def __init__(self, manager, migration_id: str, after_round, features: dict | None = None) -> None:
         self.id, self.manager, self.after_round, self.rounds = migration_id, manager, after_round, 0
+        self.features = {"port_precopy_digests": list(precopy.DIGESTS)} if features is None else features
         self.client = self
 
     address = "loopback"
@@ -539,24 +560,30 @@ class LoopbackPeer:
     def left(self) -> float:
         return 30.0
 
-    def post_stream(self, path, pieces, size, timeout=None):
-        import io
-
-        body = b"".join(bytes(memoryview(piece)) for piece in pieces)
+    def post_stream(self, path, batches, size, timeout=None):
+        body = b"".join(bytes(memoryview(piece)) for batch in batches for piece in batch)
         answer = precopy.receive_port_precopy(self.manager, self.id, io.BytesIO(body), size)
         self.rounds += 1
         self.after_round(self.rounds)
         return answer
 
 
-def test_both_directions_precopy_trim_and_append_and_restore_in_order():
+def announced_echo(limits: Limits, in_flight: int):
+    """s2's side of a migration ``"m" * 16`` that announced session 0x1234 with echo port 0."""
+    from spicewire.server.migration.destination import Announcement
+
+    ann = Announcement(0x1234, [(0, "echo", "echo")], float("inf"), "m" * 16, {0: in_flight})
+    return ann, SimpleNamespace(announcements={0x1234: ann}, server=SimpleNamespace(config=SimpleNamespace(
+        limits=limits)))
+
+
+@pytest.mark.parametrize("features, kind", [(None, "xxh3-128"), ({}, "sha256")], ids=["digests", "older-s2"])
+def test_both_directions_precopy_trim_and_append_and_restore_in_order(features, kind):
     """An echo port holding 20 MiB for the client and 10 MiB for the device; between rounds the
     client reads part of the first, the device takes part of the second and echoes it on. s2's
-    queues, from the pre-copied regions and an SWPD version 2, are s1's queues byte for byte."""
-    from types import SimpleNamespace
-
+    queues, from the pre-copied regions and an SWPD version 2, are s1's queues byte for byte:
+    with the digest s2 offers, and with SHA-256 for an s2 that offers none."""
     from spicewire.devices import EchoDevice
-    from spicewire.server.migration.destination import Announcement
     from spicewire.server.session import PortState
 
     limits = Limits(to_device=64 * MIB, to_client=20 * MIB)
@@ -564,9 +591,7 @@ def test_both_directions_precopy_trim_and_append_and_restore_in_order():
     port.from_client(os.urandom(30 * MIB))
     assert (port.to_client_bytes, port.to_device_bytes) == (20 * MIB, 10 * MIB)
     source = SimpleNamespace(session=SimpleNamespace(id=0x1234), ports={0: port}, port_precopies={}, moved=0)
-    ann = Announcement(0x1234, [(0, "echo", "echo")], float("inf"), "m" * 16, {0: 30 * MIB})
-    config = SimpleNamespace(limits=limits)
-    manager = SimpleNamespace(announcements={0x1234: ann}, server=SimpleNamespace(config=config))
+    ann, manager = announced_echo(limits, 30 * MIB)
     conn = FakeConnection()
 
     def between(n: int) -> None:
@@ -577,8 +602,9 @@ def test_both_directions_precopy_trim_and_append_and_restore_in_order():
             port.pump()  # room again: the echo takes client bytes and queues them for the client
             port.from_client(os.urandom(3 * MIB))
 
-    precopy.precopy_ports(LoopbackPeer(manager, "m" * 16, between), [source])
+    precopy.precopy_ports(LoopbackPeer(manager, "m" * 16, between, features), [source])
     assert source.port_precopies and source.moved > 30 * MIB
+    assert {held.kind for held in ann.precopied.values()} == {kind}
     base = mig.PortMigrateData(serial=9, pending=list(port.to_device), to_client=list(port.to_client))
     body = mig.build_port_migrate_data(source.port_precopies[0].state(base))
     assert len(body) < 4 * MIB  # the reference and the tail, not the queues
@@ -607,3 +633,139 @@ def test_swpd_version_2_carries_the_reference_as_chunk_1():
     assert mig.parse_port_migrate_data(body).precopy == ref
     with pytest.raises(CodecError):
         RegionRef(0, 5, 6, bytes(32))  # skips past what it holds
+
+
+# --- the digest s1 and s2 speak, and the bytes' way through the sockets ----------------------------
+
+
+@pytest.mark.parametrize("features, kind", [
+    ({"port_precopy": 2, "port_precopy_digests": ["xxh3-128", "sha256"]}, "xxh3-128"),
+    ({"port_precopy": 2, "port_precopy_digests": ["sha256", "xxh3-128"]}, "xxh3-128"),  # s1's preference
+    ({"port_precopy": 2, "port_precopy_digests": ["sha256"]}, "sha256"),
+    ({"port_precopy": 2, "port_precopy_digests": ["a-digest-from-later"]}, "sha256"),
+    ({"port_precopy": 2, "port_precopy_digests": "xxh3-128"}, "sha256"),  # not a list: not understood
+    ({"port_precopy": 2}, "sha256"),  # an s2 from before the choice
+])
+def test_s1_uses_the_first_digest_it_prefers_that_s2_offers_else_sha256(features, kind):
+    assert precopy.choose_digest(features) == kind
+
+
+def precopy_body(entries: list[dict], data: bytes) -> bytes:
+    import json
+    import struct
+
+    index = json.dumps(entries).encode()
+    return struct.pack("<I", len(index)) + index + data
+
+
+def echo_entry(length: int, **extra) -> dict:
+    return {"session_id": "00001234", "port": 0, "dir": "to_device", "offset": 0, "length": length,
+            "capacity": 8 * MIB, **extra}
+
+
+def test_an_entry_naming_no_digest_is_sha256_and_an_unknown_one_is_refused():
+    """An s1 from before the choice names no digest: s2 hashes its bytes with SHA-256. A digest
+    s2 never offered is refused before any byte is taken."""
+    ann, manager = announced_echo(Limits(to_device=64 * MIB), 8 * MIB)
+    data = os.urandom(100_000)
+    body = precopy_body([echo_entry(len(data))], data)
+    assert precopy.receive_port_precopy(manager, "m" * 16, io.BytesIO(body), len(body))["held"] == 1
+    held = ann.precopied[(0, "to_device")]
+    assert held.kind == "sha256" and held.digest.digest() == hashlib.sha256(data).digest()
+    ann, manager = announced_echo(Limits(to_device=64 * MIB), 8 * MIB)
+    body = precopy_body([echo_entry(len(data), digest="md5")], data)
+    with pytest.raises(ValueError, match="bad pre-copy entry"):
+        precopy.receive_port_precopy(manager, "m" * 16, io.BytesIO(body), len(body))
+    assert not ann.precopied
+
+
+def test_a_region_keeps_the_digest_it_started_with():
+    ann, manager = announced_echo(Limits(to_device=64 * MIB), 8 * MIB)
+    data = os.urandom(1000)
+    body = precopy_body([echo_entry(len(data), digest="xxh3-128")], data)
+    precopy.receive_port_precopy(manager, "m" * 16, io.BytesIO(body), len(body))
+    body = precopy_body([echo_entry(len(data), digest="sha256", offset=len(data))], data)
+    with pytest.raises(ValueError, match="hashed with sha256 for a region hashed with xxh3-128"):
+        precopy.receive_port_precopy(manager, "m" * 16, io.BytesIO(body), len(body))
+    assert ann.precopied[(0, "to_device")].length == len(data)
+
+
+@pytest.mark.parametrize("size", [precopy.PIECE - 1, precopy.PIECE, precopy.PIECE + 1, precopy.HASH_JOB - 1,
+                                  precopy.HASH_JOB, precopy.HASH_JOB + 1, 2 * precopy.HASH_JOB + 5])
+def test_s1_hashes_and_batches_and_s2_reads_and_hashes_by_piece(size):
+    """Around PIECE and HASH_JOB: s1's batches hold about PIECE bytes (a longer view split), the
+    worker thread hashes HASH_JOB at a time on both sides, in order; both digests are the whole
+    region's."""
+    data = os.urandom(size)
+    views = [memoryview(data)[:size // 3], memoryview(data)[size // 3:]]  # one view longer than PIECE
+    sent = precopy.DIGESTS["xxh3-128"]()
+    batches = list(precopy._hashed(views, sent))
+    assert b"".join(bytes(p) for batch in batches for p in batch) == data
+    assert all(sum(p.nbytes for p in batch) >= precopy.PIECE for batch in batches[:-1])
+    assert max(p.nbytes for batch in batches for p in batch) <= precopy.PIECE
+    into = np.zeros(size, np.uint8)
+    received = precopy.DIGESTS["xxh3-128"]()
+    precopy._receive_hashed(TrickleReader(data), into, received)
+    assert into.tobytes() == data
+    assert sent.digest() == received.digest() == precopy.DIGESTS["xxh3-128"](data).digest()
+
+
+class TrickleReader(io.BytesIO):
+    """A socket's reader that hands over at most 100,000 bytes a call, as a socket does."""
+
+    def readinto(self, view) -> int:
+        return super().readinto(memoryview(view)[:100_000])
+
+
+def test_a_body_cut_short_is_an_error_on_s2():
+    into = np.zeros(precopy.PIECE + 1, np.uint8)
+    with pytest.raises(ValueError, match="ended 1 bytes early"):
+        precopy._receive_hashed(io.BytesIO(bytes(precopy.PIECE)), into, precopy.DIGESTS["xxh3-128"]())
+
+
+@pytest.mark.parametrize("count", [SEND_VECTOR - 1, SEND_VECTOR, SEND_VECTOR + 1, 3 * SEND_VECTOR + 7])
+def test_send_buffers_writes_every_buffer_in_order_across_partial_sends(count):
+    """Around SEND_VECTOR buffers a sendmsg, through a socket whose buffer takes far less than the
+    batch at once: every byte arrives once, in order."""
+    from gevent import socket as gsocket
+
+    buffers = [os.urandom(1000 + i % 7000) for i in range(count)]
+    expected = b"".join(buffers)
+    left, right = gsocket.socketpair()
+    left.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 16 << 10)
+    reader = gevent.spawn(lambda: b"".join(iter(lambda: right.recv(65536), b"")))
+    with left, right:
+        send_buffers(left, [memoryview(b) for b in buffers])
+        left.shutdown(gsocket.SHUT_WR)
+        assert reader.get() == expected
+
+
+def test_send_buffers_through_tls_writes_every_buffer_in_order(tmp_path):
+    """An https control API (no sendmsg through TLS): the buffers go one by one, all of them."""
+    from gevent import socket as gsocket
+    from gevent import ssl
+
+    from spicewire.control.client import control_tls_context
+
+    from .test_tls_client import S1_SUBJECT, TestCA, x509_dir
+
+    tls_dir = x509_dir(TestCA(), tmp_path / "x509", S1_SUBJECT)
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(os.path.join(tls_dir, "server-cert.pem"), os.path.join(tls_dir, "server-key.pem"))
+    far, near = gsocket.socketpair()
+    accepting = gevent.spawn(server.wrap_socket, far, server_side=True)
+    near = control_tls_context(tls_dir).wrap_socket(near, server_hostname="127.0.0.1")
+    far = accepting.get(timeout=10)
+    buffers = [os.urandom(1000 + i * 37) for i in range(SEND_VECTOR + 1)]
+    expected = b"".join(buffers)
+
+    def read_all() -> bytes:
+        got = bytearray()
+        while len(got) < len(expected) and (data := far.recv(65536)):
+            got += data
+        return bytes(got)
+
+    reader = gevent.spawn(read_all)
+    with far, near:
+        send_buffers(near, [memoryview(b) for b in buffers])
+        assert reader.get(timeout=10) == expected

@@ -707,13 +707,15 @@ class ControlServer:
             raise HttpError(400, "bad announcement: state_key must be 64 hex digits (a 32-byte key)")
         try:
             count = self.spice.migration.announce(migration, sessions, ttl,
-                                                  state_key=bytes.fromhex(key) if key is not None else None)
+                                                  state_key=bytes.fromhex(key) if key is not None else None,
+                                                  offered_auth=body.get("state_auth"))
         except ValueError as err:  # an unknown device kind
             raise HttpError(400, f"bad announcement: {err}") from None
         except MigrationError as err:
             raise HttpError(409, str(err)) from None
         # What this server takes beyond the baseline, so s1 uses only that.
-        return {"announced": count, **self.spice.migration.features(state_key=key is not None)}
+        return {"announced": count, **self.spice.migration.features(state_key=key is not None,
+                                                                    offered_auth=body.get("state_auth"))}
 
     def device_state(self, request: Request) -> dict:
         """``?migration=ID``: the devices of sessions that migration announced; the answer names

@@ -81,15 +81,21 @@ class Announcement:
     # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
     # more to touch than the bytes cost to receive, and the downtime should pay for neither.
     buffers: dict[int, gevent.event.AsyncResult[np.ndarray]] = field(default_factory=dict)
-    # The migration's key: every MIGRATE_DATA of the session must carry its HMAC (state_auth).
-    state_key: bytes | None = None
+    # The migration's key, with the version s2 agreed to check: every MIGRATE_DATA of the session
+    # must carry its MAC, each channel's once (state_auth).
+    state_key: state_auth.MigrationKey | None = None
     # (channel id, "to_device"|"to_client") -> the bytes s1 pre-copied (precopy.HeldRegion).
     precopied: dict[tuple[int, str], Any] = field(default_factory=dict)
     prefaulted: int = 0  # bytes of those buffers, counted against the orchestrator's PREFAULT_BUDGET
 
     def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
         job = self.buffers.pop(channel_id, None)
-        buffer = job.get() if job is not None and job.ready() and job.successful() else None
+        if job is not None:
+            # A prefault still under way (a short pre-migration) is waited for: a fresh buffer
+            # beside it would fault every page again, in the downtime, while the prefault's own
+            # pages stayed mapped until it ended: twice the body's memory, and slower.
+            job.wait()
+        buffer = job.get() if job is not None and job.successful() else None
         if buffer is not None and len(buffer) >= size:
             return buffer[:size]
         return np.empty(size, dtype=np.uint8)
@@ -104,22 +110,23 @@ class Announcement:
 
 
 class LandingMac:
-    """The HMAC of one port's large MIGRATE_DATA, computed while the body lands in ``buffer``
+    """The MAC of one port's large MIGRATE_DATA, computed while the body lands in ``buffer``
     (the array the reader received it into: state, then the trailer), so that once the last byte
-    arrives only the last read's worth is left to hash, not the whole body. Worker-thread jobs run
-    one at a time, in order: an HMAC is fed sequentially."""
+    arrives only the last read's worth is left to hash, not the whole body. Pieces are fed one at a
+    time, in order (a MAC is fed sequentially): in worker-thread jobs when its update lets go of
+    the GIL, on the hub otherwise (StateMac.in_thread)."""
 
     def __init__(self, mac: state_auth.StateMac, buffer: np.ndarray, progress: Callable[[], int]) -> None:
         self.buffer = buffer
         self._mac = mac
         self._progress = progress  # bytes of the body received so far
-        self._end = len(buffer) - state_auth.TRAILER_SIZE  # the trailer is compared, not hashed
+        self._end = len(buffer) - mac.trailer_size  # the trailer is compared, not hashed
         self._hashed = 0
         self.ahead = 0  # what was hashed before the last byte arrived
         self._worker: gevent.Greenlet[[], None] | None = None
 
     def landed(self) -> None:
-        """More of the body arrived: hash it in a worker thread once a step's worth waits."""
+        """More of the body arrived: hash it once a step's worth waits."""
         if (self._worker is None or self._worker.dead) and self._landed() - self._hashed >= LANDED_STEP:
             self._worker = gevent.spawn(self._catch_up)
 
@@ -134,7 +141,7 @@ class LandingMac:
             self._worker.join()
         self.ahead = self._hashed
         rest = self.buffer[self._hashed : self._end].data
-        if len(rest) >= AUTH_IN_THREAD:
+        if len(rest) >= AUTH_IN_THREAD and self._mac.in_thread:
             gevent.get_hub().threadpool.apply(self._mac.update, (rest,))
         else:
             self._mac.update(rest)
@@ -161,7 +168,11 @@ class LandingMac:
     def _catch_up(self) -> None:
         pool = gevent.get_hub().threadpool
         while (end := self._landed()) - self._hashed >= LANDED_STEP:
-            pool.apply(self._mac.update, (self.buffer[self._hashed : end].data,))
+            piece = self.buffer[self._hashed : end].data
+            if self._mac.in_thread:
+                pool.apply(self._mac.update, (piece,))
+            else:  # a MAC that holds the GIL anyway: on the hub, between reads
+                self._mac.update(piece)
             self._hashed = end
 
 
@@ -195,7 +206,7 @@ class SessionDestination:
         self.times: dict[str, float] = {"linked": time.time()}
         self.restored = 0  # bytes restored from MIGRATE_DATA
         self.landing: dict[mig.Channel, LandingMac] = {}  # a port's MIGRATE_DATA being hashed as it lands
-        self.hashed_ahead = 0  # bytes of MIGRATE_DATA bodies whose HMAC was computed as they landed
+        self.hashed_ahead = 0  # bytes of MIGRATE_DATA bodies whose MAC was computed as they landed
 
     @property
     def machine(self) -> mig.DestinationMigration:
@@ -281,8 +292,9 @@ class SessionDestination:
         return False
 
     def _authentic(self, channel: mig.Channel, msg: m.MsgcMigrateData) -> m.MsgcMigrateData | None:
-        """The MIGRATE_DATA without its trailer once its HMAC is checked (state_auth), or None when
-        it fails: then the session fails here, nothing restored, and s1 takes it back. A large
+        """The MIGRATE_DATA without its trailer once its MAC is checked (state_auth), or None when
+        it fails (a second one for the channel too): then the session fails here, nothing restored,
+        and s1 takes it back. A large
         body is checked by a worker thread, so other sessions go on meanwhile; one received into
         the buffer prepared for it was hashed as it landed (LandingMac), and only its tail is left."""
         ann = self.manager.announcements.get(self.session.id)
@@ -298,7 +310,7 @@ class SessionDestination:
             if landing is not None and landing.holds(data):
                 body = state_auth.opened(landing.finish(), data)
                 self.hashed_ahead += landing.ahead
-            elif len(data) >= AUTH_IN_THREAD:
+            elif len(data) >= AUTH_IN_THREAD and key.in_thread:
                 body = gevent.get_hub().threadpool.apply(state_auth.unseal, (key, self.session.id, channel, data))
             else:
                 body = state_auth.unseal(key, self.session.id, channel, data)
@@ -385,11 +397,16 @@ class SessionDestination:
         handler.channel.expect_migrate_data(migrate_data_limit(in_flight, handler.port.limits), into)
 
     def landing_buffer(self, handler: PortConnection, ann: Announcement, size: int) -> np.ndarray:
-        """The memory a port's large MIGRATE_DATA lands in, its HMAC computed as it fills."""
+        """The memory a port's large MIGRATE_DATA lands in, its MAC computed as it fills."""
         buffer = ann.take_buffer(handler.port.channel_id, size)
-        if ann.state_key is not None and size > state_auth.TRAILER_SIZE:
+        # take_buffer may wait for a prefault: a migration that ended meanwhile was released
+        # already, and nothing would cancel a LandingMac made for it now.
+        if ann.state_key is not None and size > ann.state_key.trailer_size and self.session.migration is self:
             channel = channel_of(handler)
-            mac = state_auth.StateMac(ann.state_key, self.session.id, channel)
+            try:
+                mac = ann.state_key.mac(self.session.id, channel)
+            except state_auth.KeyReuse:
+                return buffer  # a second body for the channel: _authentic refuses it once it is whole
             landing = LandingMac(mac, buffer[:size], handler.channel.bulk_progress)
             self.landing[channel] = landing
             handler.on_bulk = landing.landed

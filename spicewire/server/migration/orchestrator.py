@@ -44,7 +44,7 @@ from spicewire.server.migration.destination import (
     Announcement,
     SessionDestination,
 )
-from spicewire.server.migration.precopy import PRECOPY_VERSION, precopy_ports
+from spicewire.server.migration.precopy import DIGESTS, PRECOPY_VERSION, precopy_ports
 from spicewire.server.migration.source import PackBuffers, SessionSource, pack_device_states
 from spicewire.server.session import PortConnection, PortState, Session
 
@@ -101,8 +101,9 @@ class Peer:
 
     def __init__(self, client: ControlClient, migration_id: str, end: float) -> None:
         self.client, self.id, self.end = client, migration_id, end
-        # The key s2 checks every MIGRATE_DATA's HMAC with (state_auth), given in the announcement.
-        self.state_key = secrets.token_bytes(state_auth.KEY_SIZE)
+        # The key s2 checks every MIGRATE_DATA's MAC with (state_auth), given in the announcement:
+        # fresh for each attempt, so the one-time keys derived from it serve this attempt only.
+        self.state_key = state_auth.MigrationKey.fresh()
         self.features: dict = {}  # what s2 said it takes beyond the baseline, in its answer to it
         self.precopied = 0  # queued port bytes sent to s2 before the switch
         self.precopy_s = 0.0  # the time that took, the sessions running meanwhile
@@ -149,15 +150,20 @@ class MigrationManager:
 
     # --- destination -------------------------------------------------------------------------
 
-    def features(self, state_key: bool) -> dict:
-        """What an announcement's answer tells s1 this server takes: HMAC-checked MIGRATE_DATA
-        (with the key it was given), and port pre-copies (unless ``--no-precopy``)."""
-        return {**({"state_auth": 1} if state_key else {}),
-                **({"port_precopy": PRECOPY_VERSION} if self.server.config.precopy else {})}
+    def features(self, state_key: bool, offered_auth: object = None) -> dict:
+        """What an announcement's answer tells s1 this server takes: MAC-checked MIGRATE_DATA
+        (with the key it was given, in the state_auth version agreed from s1's offer
+        ``offered_auth``), and port pre-copies (unless ``--no-precopy``) with the digests they may
+        be checked with."""
+        return {**({"state_auth": state_auth.negotiate(offered_auth)} if state_key else {}),
+                **({"port_precopy": PRECOPY_VERSION, "port_precopy_digests": list(DIGESTS)}
+                   if self.server.config.precopy else {})}
 
-    def announce(self, migration_id: str, sessions: list[dict], ttl: float, state_key: bytes | None = None) -> int:
+    def announce(self, migration_id: str, sessions: list[dict], ttl: float, state_key: bytes | None = None,
+                 offered_auth: object = None) -> int:
         """Expect ``sessions`` (``session_id`` as a number) in the migration ``migration_id``, for
-        ``ttl`` seconds at most; with ``state_key`` their MIGRATE_DATA must carry its HMAC. Every
+        ``ttl`` seconds at most; with ``state_key`` their MIGRATE_DATA must carry its MAC, in the
+        state_auth version agreed from s1's offer ``offered_auth``. Every
         entry is checked before any is registered: a refused announcement leaves nothing behind."""
         self.sweep()
         renewed = sum(1 for e in sessions if getattr(self.announcements.get(int(e["session_id"])), "migration_id",
@@ -188,7 +194,8 @@ class MigrationManager:
             in_flight = {int(p[0]): int(p[3]) if len(p) > 3 else 0 for p in entry["ports"]}
             ann = self.announcements[sid] = Announcement(sid, ports, expires, migration_id, in_flight,
                                                          ticket=entry.get("ticket"), client=entry.get("client"))
-            ann.state_key = state_key
+            ann.state_key = (state_auth.MigrationKey(state_key, state_auth.negotiate(offered_auth))
+                             if state_key is not None else None)
             if entry.get("display") is not None:
                 ann.display = DisplayState(announced_screen(entry["display"])(), self.server.config.display_options)
                 ann.display.stop()  # it runs once the session has landed here
@@ -593,7 +600,8 @@ class MigrationManager:
         try:
             answer = peer.post_json("/migration/announce", {
                 "migration": migration.id,
-                "state_key": migration.state_key.hex(),
+                "state_key": migration.state_key.secret.hex(),
+                "state_auth": state_auth.VERSION,  # an s2 that speaks less answers the version it checks
                 "ttl": timeout + 60,
                 "sessions": [{"session_id": session_label(s.id), "ports": [[cid, p.name, p.device.kind, p.in_flight]
                                                             for cid, p in s.ports.items()],
@@ -609,7 +617,7 @@ class MigrationManager:
             # Not our s2 (or a broken one): nothing it says later could be trusted either.
             raise MigrationError(f"the destination's control API at {peer.address} did not take the announcement "
                                  f"of {len(sessions)} sessions; it answered {answer!r:.100}")
-        # An older s2 answers {"announced": n} alone: then neither HMACs nor pre-copies, as before.
+        # An older s2 answers {"announced": n} alone: then neither MACs nor pre-copies, as before.
         migration.features = answer
 
     def _pre_migrate(
@@ -643,9 +651,9 @@ class MigrationManager:
     def _precopy_ports(self, migration: Peer, ready: list[SessionSource]) -> None:
         """Send the big ports' queued bytes to s2 while the sessions keep running (precopy.py);
         whatever does not get there goes through the clients at the switch, as without it. Each
-        session's MIGRATE_DATA gets its HMAC from here on if s2 checks them."""
-        for source in ready:
-            if migration.features.get("state_auth") == 1:
+        session's MIGRATE_DATA gets its MAC from here on if s2 checks them."""
+        if migration.state_key.agree(migration.features.get("state_auth")):
+            for source in ready:
                 source.state_key = migration.state_key
         if self.server.config.precopy and migration.features.get("port_precopy") == PRECOPY_VERSION:
             started = time.perf_counter()
@@ -772,21 +780,29 @@ class MigrationManager:
     def _wait_landed(migration: Peer, sources: list[SessionSource], deadline: float) -> dict:
         """Ask the destination until every session has completed there or the deadline passed."""
         peer = migration.client
-        ids = ",".join(session_label(s.session.id) for s in sources)
         landed: dict = {}
-        # Asking s2 costs it CPU right when it restores; ask once everything has left here.
-        while not all(s.switched for s in sources) and time.monotonic() < deadline:
+        # Asking s2 costs it CPU right when it restores; ask once everything has left here. A
+        # session that switched stays switched, so each look checks only those that had not.
+        leaving = list(sources)
+        while leaving and time.monotonic() < deadline:
             gevent.sleep(0.001)
+            leaving = [s for s in leaving if not s.switched]
         delay, unreachable = 0.002, 0
         while True:
             try:
+                # Only the sessions not heard of yet: a report on s2 is final for its migration,
+                # and re-sending 500 of them every few ms would cost both servers CPU mid-switch.
+                waiting = [sid for sid in (session_label(s.session.id) for s in sources) if sid not in landed]
                 # A short timeout: a destination that hangs must not outlast the deadline.
                 wait = min(STATUS_TIMEOUT, max(0.001, deadline - time.monotonic()))
-                answer = peer.get_json(f"/migration/completed?migration={migration.id}&ids={ids}", timeout=wait)
+                answer = peer.get_json(f"/migration/completed?migration={migration.id}&ids={','.join(waiting)}",
+                                       timeout=wait)
                 if not (isinstance(answer, dict) and all(map(_landing, answer.values()))):
                     # Counted as a failed request: a destination that keeps saying nonsense is gone.
                     raise OSError(f"an answer that is not a landing report: {answer!r:.100}")
-                landed, unreachable = answer, 0
+                asked = set(waiting)
+                landed.update((sid, entry) for sid, entry in answer.items() if sid in asked)
+                unreachable = 0
             except MigrationError as err:  # names the address itself
                 log.warning("cannot ask the destination how the migration went: %s", err)
             except OSError as err:

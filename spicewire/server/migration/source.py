@@ -22,6 +22,7 @@ from spicewire.protocol import migration as mig
 from spicewire.protocol import state_auth
 from spicewire.protocol.enums import Msg
 from spicewire.server.display import (
+    DISPLAY_MIGRATE_FLAGS,
     DisplayConnection,
     GraphicsConnection,
     Precopy,
@@ -53,7 +54,8 @@ class SessionSource:
         self.graphics: dict[mig.Channel, GraphicsConnection] = {
             (conn.channel_type, 0): conn for conn in (display.connections if display is not None else ()) if conn.live}
         channels = [MAIN, *self.graphics, *(port_channel(cid) for cid in self.ports)]
-        self.machine = mig.SourceMigration(channels, main.client_caps, timeout=timeout)
+        flags = {ch: DISPLAY_MIGRATE_FLAGS for ch, conn in self.graphics.items() if isinstance(conn, DisplayConnection)}
+        self.machine = mig.SourceMigration(channels, main.client_caps, channel_flags=flags, timeout=timeout)
         self.connected: gevent.event.AsyncResult[mig.ConnectComplete] = gevent.event.AsyncResult()
         self.finished = gevent.event.Event()  # the client left s1 (or the attempt ended)
         self.times: dict[str, float] = {"begin": time.time()}
@@ -62,6 +64,7 @@ class SessionSource:
         self.error: str | None = None
         self.rolled_back = False
         self._timer: gevent.Greenlet | None = None
+        self._timer_at: float | None = None  # the deadline _timer fires at
         self.pack_buffers: PackBuffers | None = None  # the migration's, for a big MIGRATE_DATA
         main.intercept = partial(self._intercept, MAIN)
         for cid, port in self.ports.items():
@@ -70,7 +73,7 @@ class SessionSource:
         for channel, conn in self.graphics.items():
             conn.intercept = partial(self._intercept, channel)
         self.precopy: Precopy | None = None  # the picture as the pre-copy sent it to s2
-        self.state_key: bytes | None = None  # the migration's: every MIGRATE_DATA gets its HMAC (state_auth)
+        self.state_key: state_auth.MigrationKey | None = None  # the migration's: every MIGRATE_DATA gets its MAC
         self.port_precopies: dict[int, PortPrecopy] = {}  # by channel id: the ports s2 holds pre-copied bytes of
 
     @property
@@ -188,6 +191,7 @@ class SessionSource:
         return isinstance(msg, _SOURCE_MESSAGES)
 
     def _apply(self, outputs: list[mig.SourceOutput]) -> None:
+        due: list[mig.Channel] = []
         for item in outputs:
             match item:
                 case mig.Send():
@@ -197,39 +201,45 @@ class SessionSource:
                     if not self.connected.ready():
                         self.connected.set(item)
                 case mig.MigrateDataRequested():
-                    self._send_migrate_data(item.channel)
+                    due.append(item.channel)
                 case mig.DisconnectClient():
                     if self.session.main is not None:
                         self.session.main.transport.close("the client did not leave after the migration")
                 case _:
                     assert_never(item)
+        # Data due with its MIGRATE (the display's) is made once the other channels' MIGRATEs of
+        # the batch are out: the client starts on those while it is built.
+        for channel in due:
+            self._send_migrate_data(channel)
         self._arm_timer()
 
     def _send(self, channel: mig.Channel, msg: m.Message) -> None:
+        # flush_now: the client answers each channel's MIGRATE and relays its MIGRATE_DATA as it
+        # comes, so each one written in this turn, not after the writers' turns, shortens the downtime.
         if channel == MAIN:
             main = self.session.main
             if main is None:
                 return
             main.channel.send(msg)
             main.frozen = main.frozen or isinstance(msg, m.MsgMigrate)
-            main.transport.flush()
+            main.transport.flush_now()
             return
         if channel in self.graphics:
             graphics = self.graphics[channel]
             if isinstance(msg, m.MsgMigrate):
                 graphics.state.frozen.add(graphics.channel_type)  # nothing but its MIGRATE_DATA may follow
             graphics.channel.send(msg)
-            graphics.transport.flush()
+            graphics.transport.flush_now()
             return
         port = self.ports[channel[1]]
         if isinstance(msg, m.MsgMigrate):
             port.frozen = True  # device data queued from now on travels in MIGRATE_DATA
         if port.connection is not None:
             port.connection.channel.send(msg)
-            port.connection.transport.flush()
+            port.connection.transport.flush_now()
 
     def _sealed(self, channel: mig.Channel, body: bytes) -> bytes:
-        """``body`` with its HMAC trailer when s2 checks one."""
+        """``body`` with its MAC trailer when s2 checks one."""
         if self.state_key is None:
             return body
         return body + state_auth.seal(self.state_key, self.session.id, channel, body)
@@ -267,8 +277,8 @@ class SessionSource:
             self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, body))))
             return
         outputs = self.machine.migrate_data_streamed(channel)
-        mac = None if self.state_key is None else state_auth.StateMac(self.state_key, self.session.id, channel)
-        size = writer.size + (0 if mac is None else state_auth.TRAILER_SIZE)
+        mac = None if self.state_key is None else self.state_key.mac(self.session.id, channel)
+        size = writer.size + (0 if mac is None else mac.trailer_size)
         header = ch.send_streamed(Msg.MIGRATE_DATA, size)  # with what was queued before it
         segments = pipelined_segments(writer, self.pack_buffers, mac)
         conn.transport.send_stream(header, segments, len(header) + size)
@@ -276,9 +286,12 @@ class SessionSource:
 
     def _arm_timer(self) -> None:
         deadline = self.machine.get_timer()
+        if self._timer is not None and self._timer_at == deadline and not self.finished.is_set():
+            return  # armed for it already: each channel's switch runs this, under one deadline
         if self._timer is not None:
             self._timer.kill(block=False)
             self._timer = None
+        self._timer_at = deadline
         if deadline is not None:
             self._timer = gevent.spawn_later(max(0.0, deadline - time.monotonic()), self._on_timer)
 
@@ -326,9 +339,10 @@ def pipelined_segments(
     """The writer's segments, each packed in a worker thread into one of two buffers while the one
     before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
     instead of taking turns. A segment is asked for only once the previous one is sent, so the
-    buffer being packed is never the one on the wire. With ``mac``, another worker thread feeds it
-    each segment while that segment is sent and the next one packed, straight from the cache
-    (no second pass over the state), and its trailer follows the last segment."""
+    buffer being packed is never the one on the wire. With ``mac``, each segment is fed to it
+    straight from the cache (no second pass over the state), by another worker thread while that
+    segment is sent and the next one packed, or on the hub for a MAC that would hold the GIL in
+    the thread too (StateMac.in_thread); its trailer follows the last segment."""
     pool = gevent.get_hub().threadpool
     if mac is not None:
         mac.update(writer.header)
@@ -339,6 +353,9 @@ def pipelined_segments(
 
     def hashed(packed: np.ndarray) -> np.ndarray:
         nonlocal hashing
+        if mac is not None and not mac.in_thread:  # it would hold the GIL in the thread too
+            mac.update(packed.data)
+            return packed
         if hashing is not None:
             hashing.get()  # in order, and done with the buffer the next pack reuses
         hashing = pool.spawn(mac.update, packed.data) if mac is not None else None
@@ -354,8 +371,9 @@ def pipelined_segments(
             job = pool.spawn(codec.pack_chunks, group, buffers[turn])
             yield packed
         yield hashed(_packed(job))
-        if hashing is not None and mac is not None:
-            hashing.get()
+        if mac is not None:
+            if hashing is not None:
+                hashing.get()
             yield mac.trailer()
     finally:
         for buffer in buffers:
