@@ -14,7 +14,7 @@ from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient
 from spicewire.control.server import ControlServer
 from spicewire.protocol import messages as m
-from spicewire.protocol.enums import ChannelType
+from spicewire.protocol.enums import ChannelType, MigrateFlags
 from spicewire.server.display import DisplayState
 from spicewire.server.net import ServerConfig, SpiceServer
 
@@ -148,7 +148,9 @@ def test_inputs_held_while_the_screen_is_stopped_reach_it_once_it_runs():
     assert not state.screen.framebuffer[10, 10, :3].any()  # painted black, in the order they came
 
 
-def test_every_display_channel_migrates_with_the_flags_spice_server_gives_it(made):
+def test_every_display_channel_migrates_with_its_flags(made):
+    """spice-server's flags, but for the display: its MIGRATE_DATA follows the MIGRATE without a
+    FLUSH_MARK (display.DISPLAY_MIGRATE_FLAGS)."""
     from spicewire.protocol.migration.rules import default_migrate_flags
 
     s1, s2 = DisplayNode("s1", "paint"), DisplayNode("s2", "paint")
@@ -169,6 +171,6 @@ def test_every_display_channel_migrates_with_the_flags_spice_server_gives_it(mad
             conn.channel.send = spy
         assert s1.migrate_to(s2)["migrated"] == 1
         assert session.wait_migrated(BOUND) is not None
-    assert seen == {kind: int(default_migrate_flags(kind))
-                    for kind in (ChannelType.DISPLAY, ChannelType.INPUTS, ChannelType.CURSOR)}
+    assert seen == {ChannelType.DISPLAY: MigrateFlags.NEED_DATA_TRANSFER,
+                    **{kind: int(default_migrate_flags(kind)) for kind in (ChannelType.INPUTS, ChannelType.CURSOR)}}
     gevent.sleep(0)

@@ -36,7 +36,7 @@ from spicewire.client.endpoint import Endpoint
 from spicewire.client.tls import is_tls
 from spicewire.errors import LocalProtocolError, ProtocolError, RemoteProtocolError, SpiceError
 from spicewire.protocol import messages as m
-from spicewire.protocol.enums import ChannelType, Msg, Msgc, MsgMain
+from spicewire.protocol.enums import ChannelType, MigrateFlags, Msg, Msgc, MsgMain
 from spicewire.protocol.framing import (
     MessageReader,
     MessageWriter,
@@ -75,6 +75,11 @@ log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 
 RELAY_CHUNK = 1 << 20
+HEADER_READ = 64 << 10
+"""What pass_through asks of s1 per read while it waits for a MIGRATE_DATA header: recv(n) makes
+an n-byte object before it reads, and a RELAY_CHUNK one (1 MiB) cost some 25 us per call, twice
+per channel at the switch (the read that would block, then the one that gets the header), for
+the 10-byte header of a body that is mostly a few dozen bytes. A larger body is relayed after it."""
 _FINAL = (ClientState.IDLE, ClientState.MIGRATED, ClientState.HOST_SWITCHED)
 _CAN_ROLL_BACK = (ClientState.CONNECTED_SEAMLESS, ClientState.CONFIRMING, ClientState.ROLLING_BACK)
 
@@ -200,6 +205,14 @@ class MigrationDriver:
     def receive(self, peer: Peer, key: Channel, msg: m.Message) -> None:
         if isinstance(msg, m.MsgMigrate):
             self._migrate_at[key] = time.monotonic()
+            if not msg.flags & MigrateFlags.NEED_FLUSH:
+                # A channel that sends no FLUSH_MARK (the cursor; the display, whose data came with
+                # its MIGRATE) switches once the readers woken with it have sent theirs: each of
+                # those starts a round trip through s1 on s2's way to the session, and this switch
+                # (and relay) fits in while they are under way. The hub runs the readers of one
+                # wake-up last in first out: main, whose MIGRATE s1 sends first, would go last.
+                # sleep(0), not idle(): back right after those readers, not once the loop is idle.
+                gevent.sleep(0)
         elif isinstance(msg, m.MsgMainMigrateEnd):  # semi-seamless: every channel moves from here
             self._migrate_at.update(dict.fromkeys(self.machine.channels, time.monotonic()))
         self._run(self.machine.receive, peer, key, msg, now=time.monotonic())
@@ -616,7 +629,7 @@ def _messages(sock: socket.socket, reader: MessageReader) -> Iterator[RawMessage
 def _recv_until(sock: socket.socket, pending: bytearray, size: int, closed: str) -> None:
     """Receive into ``pending`` until it holds ``size`` bytes; ``closed`` says what an EOF means."""
     while len(pending) < size:
-        data = sock.recv(RELAY_CHUNK)
+        data = sock.recv(HEADER_READ)
         if not data:
             raise ConnectionError(closed)
         pending += data

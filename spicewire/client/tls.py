@@ -25,6 +25,7 @@ from cryptography.x509.oid import ObjectIdentifier
 from gevent import socket, ssl
 
 from spicewire.errors import PeerFault, SpiceError
+from spicewire.tlssocket import TlsSocket
 
 
 class SubjectSyntaxError(SpiceError, ValueError):
@@ -187,6 +188,7 @@ class ClientTls:
         object.__setattr__(self, "_expected", parse_subject(self.host_subject) if self.host_subject else None)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         context.load_verify_locations(cafile=self.ca_file)
+        context.options |= ssl.OP_NO_RENEGOTIATION  # TlsSocket's writes never wait for a read
         context.check_hostname = self._expected is None
         if self.ciphers:
             context.set_ciphers(self.ciphers)
@@ -196,14 +198,18 @@ class ClientTls:
         """The same CA with another subject to verify (a migration's cert_subject; empty: the host name)."""
         return dataclasses.replace(self, host_subject=subject or None)
 
-    def wrap(self, sock: socket.socket, host: str) -> ssl.SSLSocket:
+    def wrap(self, sock: socket.socket, host: str) -> TlsSocket:
         """Run the TLS handshake on ``sock`` (bounded by its timeout) and verify the server; the
         socket is closed and CertificateRejected raised if verification fails."""
+        tls = TlsSocket(sock, self._context, server_side=False, server_hostname=host)
         try:
-            tls = self._context.wrap_socket(sock, server_hostname=host)
+            tls.do_handshake()
         except ssl.SSLCertVerificationError as err:
-            sock.close()
+            tls.close()
             raise CertificateRejected(f"TLS to {host}: {err.verify_message or err}") from err
+        except OSError:
+            tls.close()
+            raise
         if self._expected is not None:
             der = tls.getpeercert(binary_form=True)
             cert = x509.load_der_x509_certificate(der) if der else None
@@ -215,10 +221,10 @@ class ClientTls:
 
 
 def is_tls(sock: socket.socket) -> bool:
-    return isinstance(sock, ssl.SSLSocket)
+    return isinstance(sock, TlsSocket)
 
 
 def shutdown_read(sock: socket.socket) -> None:
     """Shut the read side, so a reader gets what is queued and then EOF. On a TLS socket the
-    record layer stays: ``SSLSocket.shutdown`` drops it, and the reader would get raw records."""
+    record layer stays: ``SSLSocket.shutdown`` would drop it, and the reader get raw records."""
     socket.socket.shutdown(sock, socket.SHUT_RD)

@@ -87,6 +87,10 @@ WRITE_BATCH = 1 << 20
 FLOOD_MESSAGES = 64
 FLOOD_READ = 1 << 10
 FIRST_READ = 4 << 10
+# A port's MIGRATE_DATA lands in memory made for the whole body before it arrives: reads into it
+# may be this large (the socket gives what it holds, up to this) without holding more memory, and
+# a 1 GiB body read RECV_BUFFER at a time cost s2 4,096 turns of the loop, each its own idle().
+LANDING_READ = 8 << 20
 
 
 def next_read_size(n: int, count: int) -> int:
@@ -352,6 +356,7 @@ class Connection:
         self._read_gate = gevent.event.Event()
         self._read_gate.set()
         self._writer: gevent.Greenlet[[Handler], None] | None = None
+        self._writer_waiting = False  # it holds no frame: flush_now may write in its place
         self.link_failure: str | None = None  # why the link did not become a channel (a metric label)
         self.password: str | None = None  # the server's password when this link was checked
         self.credential: str | None = None  # what its ticket matched (LinkAuthenticated.credential)
@@ -372,6 +377,30 @@ class Connection:
             self.server.budget.reserve(size)
             self._write_ready.set()
 
+    def flush_now(self) -> None:
+        """flush, then write what it queued before returning when the writer holds nothing and
+        waits: a migration's MIGRATE and small MIGRATE_DATA leave in the turn that made them,
+        not a turn of the loop later in the writer, which then idle()s before the next channel's.
+        The send never waits (what the socket does not take stays queued for the writer), and
+        the handler is not told its queue drained: these are a frozen channel's last messages."""
+        self.flush()
+        if not self._writer_waiting or self.secure or self.closed:
+            return  # TLS: a record the socket half took must be retried by the writer's sendall
+        while self._outq and isinstance(frame := self._outq[0], bytes):
+            self._outq.popleft()
+            try:
+                sent = self.sock.send(frame, 0, timeout=0.0)  # type: ignore[call-arg]  # gevent's: 0 never waits
+            except OSError:  # full (EAGAIN) or broken: the writer's sendall waits, or finds out
+                sent = 0
+            self.pending_write -= sent
+            self.written += sent
+            self.queued -= sent
+            self.server.budget.release(sent)
+            self.server.metrics.bytes_out += sent
+            if sent < len(frame):
+                self._outq.appendleft(frame[sent:])
+                return
+
     def resume_reading(self) -> None:
         self._read_gate.set()
 
@@ -382,7 +411,10 @@ class Connection:
         if self.closed:
             return
         self.flush()
+        # The header goes out as a queued frame, which the writer releases: reserve it like one.
         self._outq.append(header)
+        self.queued += len(header)
+        self.server.budget.reserve(len(header))
         self._outq.append(pieces)
         self.pending_write += size
         self._write_ready.set()
@@ -453,7 +485,7 @@ class Connection:
         try:
             # One deadline for the whole handshake: a client trickling bytes cannot stretch it.
             with gevent.Timeout(timeout, TimeoutError(f"no handshake within {timeout:g} s")):
-                self.sock = tls.context.wrap_socket(self.sock, server_side=True, do_handshake_on_connect=False)
+                self.sock = tls.wrap(self.sock)
                 self.sock.do_handshake()
         except (ssl.SSLError, OSError) as err:  # TimeoutError and a peer that left are OSErrors
             self.link_failure = "tls_handshake"
@@ -592,7 +624,8 @@ class Connection:
                 break
             self.sock.settimeout(stall if channel.buffered else None)
             # At most one read buffer into a large body too: a port holds its limit plus one read.
-            bulk = channel.receive_buffer(RECV_BUFFER)
+            landing = isinstance(handler, PortConnection) and handler.waiting_for_migrate_data
+            bulk = channel.receive_buffer(LANDING_READ if landing else RECV_BUFFER)
             try:
                 n = self.sock.recv_into(view[:want] if bulk is None else bulk)
             except TimeoutError:
@@ -675,7 +708,9 @@ class Connection:
     def _write_loop(self, handler: Handler) -> None:
         try:
             while not self.closed:
+                self._writer_waiting = True
                 self._write_ready.wait()
+                self._writer_waiting = False
                 self._write_ready.clear()
                 while self._outq and not self.closed:
                     head = self._outq.popleft()

@@ -53,6 +53,9 @@ class Transport(Protocol):
     def flush(self) -> None:
         """Move the channel's framed output to the socket writer."""
 
+    def flush_now(self) -> None:
+        """As flush, writing at once what the socket takes when the writer holds nothing."""
+
     def send_stream(self, header: bytes, pieces: Iterable[Segment], size: int) -> None:
         """Write ``header`` (from ChannelConnection.send_streamed), then each piece in turn, asking
         for the next only once the one before is written; ``size`` is header plus body."""
