@@ -460,8 +460,8 @@ def build_inputs_migrate_data(motion_count: int, held: Sequence[HeldInput]) -> b
 
 def parse_inputs_migrate_data(body: Buffer) -> InputsState:
     view = memoryview(body)
-    record = graphics.InputsMigrateData.decode(view[:ICMD_SIZE])
-    rest = view[ICMD_SIZE:]
+    record = graphics.InputsMigrateData.decode(view[:graphics.INPUTS_MIGRATE_SIZE])
+    rest = view[graphics.INPUTS_MIGRATE_SIZE:]
     if not len(rest):
         return InputsState(record, [])  # a spice-server s1: the motion count only
     if len(rest) < _HELD_HEAD.size:
@@ -486,9 +486,6 @@ def parse_inputs_migrate_data(body: Buffer) -> InputsState:
     if pos != len(rest):
         raise CodecError(f"held inputs: {len(rest) - pos} bytes after the last message")
     return InputsState(record, held)
-
-
-ICMD_SIZE = 10  # SpiceMigrateDataHeader (magic, version) and u16 motion_count
 
 
 def parse_migrate_data(channel_type: int, body: Buffer) -> Any:
