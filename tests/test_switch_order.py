@@ -14,7 +14,7 @@ from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType, MigrateFlags
 from spicewire.server.migration import orchestrator
 from spicewire.server.migration.orchestrator import MigrationManager, Peer
-from spicewire.server.migration.source import _round_trip_last
+from spicewire.server.migration.source import _round_trip_first
 
 MAIN, DISPLAY, INPUTS, CURSOR = ((int(t), 0) for t in (ChannelType.MAIN, ChannelType.DISPLAY, ChannelType.INPUTS,
                                                       ChannelType.CURSOR))
@@ -25,7 +25,7 @@ def test_flush_mark_migrates_go_first_the_rest_keep_their_order():
     outputs = [mig.Send(MAIN, m.MsgMigrate(both)), mig.Send(DISPLAY, m.MsgMigrate(MigrateFlags.NEED_DATA_TRANSFER)),
                mig.Send(INPUTS, m.MsgMigrate(both)), mig.Send(CURSOR, m.MsgMigrate(0)),
                mig.MigrateDataRequested(DISPLAY)]
-    ordered = sorted(outputs, key=_round_trip_last)
+    ordered = sorted(outputs, key=_round_trip_first)
     assert [o.channel for o in ordered] == [MAIN, INPUTS, DISPLAY, CURSOR, DISPLAY]
     assert isinstance(ordered[-1], mig.MigrateDataRequested)
 
