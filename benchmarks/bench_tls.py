@@ -35,11 +35,11 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gevent
-from bench_migration import RoleClient, memory, wait_until
+from bench_migration import RoleClient, cpu_seconds, memory, wait_until
 
 from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient, control_tls_context
-from spicewire.demo import free_port
+from spicewire.demo import free_port, serving
 from tests.tlsca import SUBJECT, SUBJECT_TEXT, TestCA
 
 ECHO, SINK = "org.spicewire.echo", "org.spicewire.sink"
@@ -71,18 +71,14 @@ class Server:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         self.control = ControlClient("127.0.0.1", self.control_port, timeout=600,
                                      tls=control_tls_context(x509_dir) if self.control_tls else None)
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                keys = self.control.get_json("/status")["link_keys"]
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("a server did not start") from None
-                time.sleep(0.05)
-                continue
-            # A full key pool: its RSA keys are not being made during a measure (of either mode).
-            # Best effort: a pool slower than that only adds noise to both modes.
-            if keys["ready"] >= keys["pool"] or time.monotonic() > deadline + 40:
+        if not serving(self.proc, self.control):
+            raise SystemExit("a server did not start")
+        # A full key pool: its RSA keys are not being made during a measure (of either mode).
+        # Best effort: a pool slower than that only adds noise to both modes.
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            keys = self.control.get_json("/status")["link_keys"]
+            if keys["ready"] >= keys["pool"]:
                 return
             time.sleep(0.05)
 
@@ -199,7 +195,11 @@ def migrate_once(tls: bool, precopy: bool, x509_dirs: tuple[str, str], ca_file: 
         digest = client.ask("write")["sha256"]
         wait_until(lambda: s1.sinks()[sid]["to_device_bytes"] == size, 300)
         client.ask("reset")
+        pids = {"s1": s1.proc.pid, "s2": s2.proc.pid, "client": client.proc.pid}
+        cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        load = load_average()
         report = s1.migrate_to(s2)
+        cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in pids.items()}
         (entry,) = report["sessions"]
         peak = client.ask("rss")["peak"]
         assert entry["migrated"] and entry["in_flight_bytes_moved"] >= size, entry
@@ -214,7 +214,12 @@ def migrate_once(tls: bool, precopy: bool, x509_dirs: tuple[str, str], ca_file: 
     moving = entry["downtime_s"] + report["precopy_s"]
     return {"downtime_s": entry["downtime_s"], "precopy_s": report["precopy_s"],
             "precopied_bytes": report["precopied_bytes"], "bytes_per_s": size / moving, "intact": intact,
-            "client_peak_beyond_idle": peak - idle}
+            "client_peak_beyond_idle": peak - idle, "cpu_s": cpu, "load_before": load}
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def bench_migration(x509_dirs: tuple[str, str], ca_file: str, mib: int, rounds: int, precopy: bool) -> dict:
@@ -251,6 +256,12 @@ def table(results: dict) -> list[tuple[str, str, str, bool | str]]:
         rows.append((f"seamless migration of {mig['in_flight_bytes'] >> 20} MiB in flight {title}, TLS-only vs plain",
                      (f"{mig['tls_vs_plain']:.2f}x ({mig['tls_bytes_per_s'] / 1e9:.2f} vs "
                       f"{mig['plain_bytes_per_s'] / 1e9:.2f} GB/s)"), ">= 0.5x", mig["tls_vs_plain"] >= 0.5))
+        first = {mode: mig["runs"][mode][0] for mode in ("tls", "plain")}
+        cpu = {mode: " / ".join(f"{r['cpu_s'][name]:.1f}" for name in ("s1", "s2", "client"))
+               for mode, r in first.items()}
+        rows.append(("CPU seconds during that migration, s1 / s2 / client (first round)",
+                     (f"TLS {cpu['tls']}, plain {cpu['plain']} (load before: TLS {first['tls']['load_before']}, "
+                      f"plain {first['plain']['load_before']})"), "", ""))
         rows.append(("client peak beyond idle during that TLS migration: MiB",
                      f"{mig['client_peak_beyond_idle_tls'] / 2**20:.1f}", "<= 64",
                      mig["client_peak_beyond_idle_tls"] <= 64 << 20))
@@ -280,18 +291,20 @@ def main() -> int:
         ca_file = str(ca.write_cert(pathlib.Path(tmp) / "ca.pem"))
         s1_dir, s2_dir = (str(ca.x509_dir(pathlib.Path(tmp) / name, SUBJECT)) for name in ("s1", "s2"))
         dirs = (s1_dir, s2_dir)
-        results: dict = {"machine": f"{os.cpu_count()} cores"}
+        results: dict = {"machine": f"{os.cpu_count()} cores", "load_at_start": load_average()}
         if "echo" in args.parts:
             results["echo"] = bench_echo(ca_file, dirs[0], args.echo_mib, args.rounds)
         if "relay" in args.parts:
             results["migration"] = bench_migration(dirs, ca_file, args.mib, args.migration_rounds, False)
         if "precopy" in args.parts:
             results["precopy_migration"] = bench_migration(dirs, ca_file, args.mib, args.migration_rounds, True)
+    results["load_at_end"] = load_average()
     text = json.dumps(results, indent=1)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             f.write(text)
+    print(f"\nload average: {results['load_at_start']} at the start, {results['load_at_end']} at the end")
     print("\n| measure | figure | goal | met |\n|---|---|---|---|")
     for what, figure, goal, ok in table(results):
         print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")

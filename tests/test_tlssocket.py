@@ -189,3 +189,92 @@ def test_one_raw_buffer_serves_every_socket_of_a_thread() -> None:
     view = tlssocket._raw_buffer()
     assert len(view) == RAW_READ
     assert tlssocket._raw_buffer() is view
+
+
+@pytest.mark.parametrize(("size", "sends"), [(WRITE_CHUNK - 1, 1), (WRITE_CHUNK, 1), (WRITE_CHUNK + 1, 2)])
+def test_many_buffers_go_out_one_chunk_of_records_at_a_time(
+    pair: tuple[TlsSocket, TlsSocket], monkeypatch: pytest.MonkeyPatch, size: int, sends: int,
+) -> None:
+    server, client = pair
+    data = os.urandom(size)
+    piece = 64 << 10  # a pre-copy queue's views
+    buffers = [memoryview(data)[start : start + piece] for start in range(0, size, piece)]
+    held: list[int] = []
+    send_pending = TlsSocket._send_pending
+
+    def spy(self: TlsSocket, block: bool = True) -> None:
+        held.append(self._outgoing.pending)
+        send_pending(self, block)
+
+    monkeypatch.setattr(TlsSocket, "_send_pending", spy)
+    reader = gevent.spawn(read_exactly, server, size)
+    client.send_buffers(buffers)
+    assert reader.get(timeout=10) == data
+    assert len(held) == sends
+    assert max(held) <= WRITE_CHUNK + (WRITE_CHUNK // RECORD) * 64  # each record's header, tag and type
+
+
+def test_a_socket_nobody_handshook_runs_the_handshake_at_its_first_read_or_write(
+    server_tls: ServerTLS, client_tls: ClientTls,
+) -> None:
+    """As an HTTPS server's accepted socket: the handshake runs inside the first read's deadline."""
+    raw_server, raw_client = tcp_pair()
+    server = server_tls.wrap(raw_server)
+    first_read = gevent.spawn(read_exactly, server, 5)
+    client = TlsSocket(raw_client, client_tls._context, server_side=False, server_hostname="127.0.0.1")
+    client.sendall(b"hello")
+    assert first_read.get(timeout=10) == b"hello"
+    assert server.version() == client.version() == "TLSv1.3"
+    server.close()
+    client.close()
+
+
+def test_plain_bytes_at_a_first_read_fail_it(server_tls: ServerTLS) -> None:
+    raw_server, raw_client = tcp_pair()
+    server = server_tls.wrap(raw_server)
+    raw_client.sendall(b"POST /migration/port-precopy HTTP/1.1\r\n\r\n")  # HTTP where a ClientHello belongs
+    with pytest.raises(ssl.SSLError) as err:
+        server.recv_into(bytearray(100))
+    assert err.value.reason == "HTTP_REQUEST"
+    server.close()
+    raw_client.close()
+
+
+def test_an_https_control_api_reads_through_a_tls_socket_and_logs_plain_http(
+    ca: TestCA, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The control API's accepted HTTPS connections are TlsSockets (a pre-copy body is read 256 KiB
+    of records a system call); plain HTTP to it ends that connection with a log line, and the
+    API keeps answering."""
+    from spicewire.control.client import ControlClient, control_tls_context
+    from spicewire.control.server import ControlServer
+    from spicewire.server.net import ServerConfig, SpiceServer
+
+    x509 = str(ca.x509_dir(tmp_path_factory.mktemp("control"), SUBJECT))
+    spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, tls_port=0, x509_dir=x509))
+    assert spice.tls is not None
+    control = ControlServer(spice, token="t", tls=spice.tls.context)
+    control.start()
+    try:
+        host, port = control.address
+        client = ControlClient(host, port, "t", timeout=10, tls=control_tls_context(x509))
+        wraps: list[TlsSocket] = []
+        init = TlsSocket.__init__
+
+        def spy(self: TlsSocket, *args: object, **kwargs: object) -> None:
+            init(self, *args, **kwargs)  # type: ignore[arg-type]
+            wraps.append(self)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(TlsSocket, "__init__", spy)
+            assert client.get_json("/status")["tls_listen"] is not None
+        assert len(wraps) == 2  # the client's end and the server's
+        with caplog.at_level("INFO", logger="spicewire.control.server"):
+            plain = socket.create_connection((host, port), timeout=10)
+            plain.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert plain.recv(100) == b""
+            plain.close()
+        assert any("TLS: HTTP_REQUEST" in r.getMessage() for r in caplog.records), caplog.text
+        assert client.get_json("/status")["tls_listen"] is not None
+    finally:
+        control.stop()
