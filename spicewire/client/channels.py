@@ -278,12 +278,16 @@ class ChannelClient:
 
     def _receive(self, data: bytes | bytearray | memoryview) -> None:
         conn = self.channel
+        framed = conn.bytes_out
         for msg in conn.receive_data(data):
             if self.channel is not conn:
                 break  # the channel moved to another server while handling this batch
             self.session.on_message(self, msg)
+        # Only when the batch framed something (ACKs, answers): a greenlet per batch read costs
+        # each read a switch, and what others queue is written by the writer that queued it.
         if self.channel is conn:
-            self._flush_in_background()
+            if conn.bytes_out != framed:
+                self._flush_in_background()
             if conn.paused:
                 self.session.pass_through_migrate_data(self)
 
