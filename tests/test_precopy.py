@@ -741,21 +741,22 @@ def test_send_buffers_writes_every_buffer_in_order_across_partial_sends(count):
 
 
 def test_send_buffers_through_tls_writes_every_buffer_in_order(tmp_path):
-    """An https control API (no sendmsg through TLS): the buffers go one by one, all of them."""
+    """An https control API (no sendmsg through TLS): every buffer's records, in order."""
     from gevent import socket as gsocket
-    from gevent import ssl
 
     from spicewire.control.client import control_tls_context
+    from spicewire.server.tls import load_server_tls
+    from spicewire.tlssocket import TlsSocket
 
     from .test_tls_client import S1_SUBJECT, TestCA, x509_dir
 
     tls_dir = x509_dir(TestCA(), tmp_path / "x509", S1_SUBJECT)
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(os.path.join(tls_dir, "server-cert.pem"), os.path.join(tls_dir, "server-key.pem"))
     far, near = gsocket.socketpair()
-    accepting = gevent.spawn(server.wrap_socket, far, server_side=True)
-    near = control_tls_context(tls_dir).wrap_socket(near, server_hostname="127.0.0.1")
-    far = accepting.get(timeout=10)
+    far = load_server_tls(tls_dir).wrap(far)
+    accepting = gevent.spawn(far.do_handshake)
+    near = TlsSocket(near, control_tls_context(tls_dir), server_side=False, server_hostname="127.0.0.1")
+    near.do_handshake()
+    accepting.get(timeout=10)
     buffers = [os.urandom(1000 + i * 37) for i in range(SEND_VECTOR + 1)]
     expected = b"".join(buffers)
 
