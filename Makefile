@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_display_migration.py --json bench-display-migration.json
 	$(PY) benchmarks/bench_spicegtk_display.py
 	$(PY) benchmarks/bench_tls.py
+	$(PY) benchmarks/bench_precopy.py
 
 demo: $(STAMP)
 	$(PY) -m spicewire.demo
