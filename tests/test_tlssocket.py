@@ -89,11 +89,8 @@ def test_bytes_arrive_intact_both_ways(pair: tuple[TlsSocket, TlsSocket], size: 
     back.get(timeout=10)
 
 
-@pytest.mark.parametrize(("size", "chunks"), [(WRITE_CHUNK - 1, 1), (WRITE_CHUNK, 1), (WRITE_CHUNK + 1, 2)])
-def test_a_write_holds_at_most_one_chunk_of_ciphertext(
-    pair: tuple[TlsSocket, TlsSocket], monkeypatch: pytest.MonkeyPatch, size: int, chunks: int,
-) -> None:
-    server, client = pair
+def ciphertext_held_per_send(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records, for every send a TlsSocket makes, how much ciphertext it held then."""
     held: list[int] = []
     send_pending = TlsSocket._send_pending
 
@@ -102,6 +99,15 @@ def test_a_write_holds_at_most_one_chunk_of_ciphertext(
         send_pending(self, block)
 
     monkeypatch.setattr(TlsSocket, "_send_pending", spy)
+    return held
+
+
+@pytest.mark.parametrize(("size", "chunks"), [(WRITE_CHUNK - 1, 1), (WRITE_CHUNK, 1), (WRITE_CHUNK + 1, 2)])
+def test_a_write_holds_at_most_one_chunk_of_ciphertext(
+    pair: tuple[TlsSocket, TlsSocket], monkeypatch: pytest.MonkeyPatch, size: int, chunks: int,
+) -> None:
+    server, client = pair
+    held = ciphertext_held_per_send(monkeypatch)
     reader = gevent.spawn(read_exactly, server, size)
     client.sendall(os.urandom(size))
     reader.get(timeout=10)
@@ -199,14 +205,7 @@ def test_many_buffers_go_out_one_chunk_of_records_at_a_time(
     data = os.urandom(size)
     piece = 64 << 10  # a pre-copy queue's views
     buffers = [memoryview(data)[start : start + piece] for start in range(0, size, piece)]
-    held: list[int] = []
-    send_pending = TlsSocket._send_pending
-
-    def spy(self: TlsSocket, block: bool = True) -> None:
-        held.append(self._outgoing.pending)
-        send_pending(self, block)
-
-    monkeypatch.setattr(TlsSocket, "_send_pending", spy)
+    held = ciphertext_held_per_send(monkeypatch)
     reader = gevent.spawn(read_exactly, server, size)
     client.send_buffers(buffers)
     assert reader.get(timeout=10) == data
