@@ -507,12 +507,10 @@ class ScreenUpdate:
     refused anywhere leaves every screen as it was."""
 
     state: DisplayState
-    screen: Screen
-    framebuffer: np.ndarray
+    screen: Screen  # not yet shown: its framebuffer already holds the picture with the delta
     shadow: np.ndarray
 
     def apply(self) -> None:
-        self.screen.framebuffer[...] = self.framebuffer
         self.state.screen = self.screen
         self.state.damage.shadow[...] = self.shadow
 
@@ -523,13 +521,15 @@ def prepare_update(state: DisplayState, saved: list[memoryview], delta: list[mem
     ``restore`` raises for a state it cannot take) before anything of ``state`` changes."""
     if len(delta) != 4:
         raise ValueError(f"a display delta has 4 chunks, not {len(delta)}")
-    framebuffer, shadow = state.screen.framebuffer.copy(), state.damage.shadow.copy()
-    apply_tile_delta(framebuffer, delta[0], delta[1])
-    apply_tile_delta(shadow, delta[2], delta[3])
     current = state.screen
     screen = screens.factory(current.kind, current.width, current.height)()
     screen.restore([bytes(chunk) for chunk in saved])
-    return ScreenUpdate(state, screen, framebuffer, shadow)
+    # The new screen's own framebuffer takes the picture: one copy of it in the downtime, not two.
+    screen.framebuffer[...] = current.framebuffer
+    apply_tile_delta(screen.framebuffer, delta[0], delta[1])
+    shadow = state.damage.shadow.copy()
+    apply_tile_delta(shadow, delta[2], delta[3])
+    return ScreenUpdate(state, screen, shadow)
 
 
 def announce_screen(state: DisplayState) -> dict[str, Any]:
