@@ -217,6 +217,12 @@ def wait_until(predicate, timeout: float) -> None:
         time.sleep(0.02)
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: other work on the machine moves every figure."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()

@@ -167,7 +167,7 @@ def main() -> int:
         role_client(args.port)
         return 0
     size = args.mib << 20
-    load_before = load_average()
+    load_before = bm.load_average()
     paused, copies = [], []
     for _ in range(args.repeat):  # in pairs: see the module's docstring
         paused.append(big_migration(args.mib, True, False))
@@ -217,14 +217,9 @@ def main() -> int:
     return 0
 
 
-def load_average() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def load_row(before: str) -> tuple[str, str, str, str]:
     """Other work on the machine moves every figure: its load beside them."""
-    return ("load average (1, 5, 15 min) before -> after", f"{before} -> {load_average()}", "", "")
+    return ("load average (1, 5, 15 min) before -> after", f"{before} -> {bm.load_average()}", "", "")
 
 
 def report(results: dict, path: str | None, rows: list[tuple]) -> None:

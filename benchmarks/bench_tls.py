@@ -35,7 +35,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gevent
-from bench_migration import RoleClient, cpu_seconds, memory, wait_until
+from bench_migration import RoleClient, cpu_seconds, load_average, memory, wait_until
 
 from spicewire.client import ClientSession
 from spicewire.control.client import ControlClient, control_tls_context
@@ -215,11 +215,6 @@ def migrate_once(tls: bool, precopy: bool, x509_dirs: tuple[str, str], ca_file: 
     return {"downtime_s": entry["downtime_s"], "precopy_s": report["precopy_s"],
             "precopied_bytes": report["precopied_bytes"], "bytes_per_s": size / moving, "intact": intact,
             "client_peak_beyond_idle": peak - idle, "cpu_s": cpu, "load_before": load}
-
-
-def load_average() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 def bench_migration(x509_dirs: tuple[str, str], ca_file: str, mib: int, rounds: int, precopy: bool) -> dict:
