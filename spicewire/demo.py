@@ -74,7 +74,7 @@ class Server:
             [sys.executable, "-m", "spicewire", "serve", "--listen", f"127.0.0.1:{self.port}",
              "--disable-ticketing", "--port-channel", f"{SINK}=sink", "--port-buffer-mib", str(buffer_mib),
              "--control", f"127.0.0.1:{self.control_port}", "--log-level", "WARNING", *extra],
-            stdin=subprocess.DEVNULL, env={**os.environ, "SPICEWIRE_PEER_TOKEN": PEER_TOKEN},
+            stdin=subprocess.DEVNULL, env={**os.environ, cli.PEER_TOKEN_ENV: PEER_TOKEN},
         )
         self.control = ControlClient("127.0.0.1", self.control_port, timeout=control_timeout)
         if not serving(self.proc, self.control):
