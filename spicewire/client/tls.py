@@ -226,5 +226,5 @@ def is_tls(sock: socket.socket) -> bool:
 
 def shutdown_read(sock: socket.socket) -> None:
     """Shut the read side, so a reader gets what is queued and then EOF. On a TLS socket the
-    record layer stays: ``SSLSocket.shutdown`` would drop it, and the reader get raw records."""
-    socket.socket.shutdown(sock, socket.SHUT_RD)
+    record layer stays: TlsSocket keeps the plain socket's ``shutdown`` (SSLSocket's dropped it)."""
+    sock.shutdown(socket.SHUT_RD)

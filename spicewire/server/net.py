@@ -19,7 +19,6 @@ from typing import Any
 import gevent
 import gevent.event
 import gevent.pool
-import gevent.socket
 from gevent.server import StreamServer
 
 from spicewire import devices, screens
@@ -385,7 +384,7 @@ class Connection:
         the handler is not told its queue drained: these are a frozen channel's last messages."""
         self.flush()
         if not self._writer_waiting or self.secure or self.closed:
-            return  # TLS: a record the socket half took must be retried by the writer's sendall
+            return  # TLS: TlsSocket.send encrypts and writes all it is given, waiting if it must
         while self._outq and isinstance(frame := self._outq[0], bytes):
             self._outq.popleft()
             try:
@@ -427,9 +426,9 @@ class Connection:
         self._read_gate.set()
         self._write_ready.set()
         try:
-            # The TCP socket itself, also under TLS: SSLSocket.shutdown would take the TLS state
-            # away from under the greenlets still reading and writing through it.
-            gevent.socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+            # The TCP socket itself, also under TLS (TlsSocket keeps the plain shutdown): the
+            # greenlets still reading and writing through it get EOF or an error, not a torn state.
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError as err:  # the peer reset it first: it is down either way
             self.log.debug("[%s] shutdown: %s", self.label, err)
 
