@@ -188,6 +188,8 @@ class MigrationManager:
             if entry.get("display") is not None:
                 announced_screen(entry["display"])
         expires = time.monotonic() + ttl
+        memory = self.server.budget
+        budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else memory.limit
         for entry in sessions:
             sid = int(entry["session_id"])
             self.end_announcement(sid)  # the same migration announcing again starts it afresh
@@ -209,8 +211,6 @@ class MigrationManager:
                 room = int(size * 1.02) + (4 << 20)
                 # Only what fits the budget: a big (or lying) announcement must not hold memory
                 # the real transfers need; beyond it MIGRATE_DATA gets its buffer when it arrives.
-                budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else self.server.budget.limit
-                memory = self.server.budget
                 if size >= PREFAULT_MIN and self.prefaulted + room <= budget and memory.admits(room):
                     ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, room)
                     ann.prefaulted += room
