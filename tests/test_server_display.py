@@ -15,6 +15,7 @@ from spicewire.errors import CodecError, LinkError
 from spicewire.protocol import graphics as g
 from spicewire.protocol import messages as m
 from spicewire.protocol.caps import caps_to_words
+from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, DisplayCap, ImageType, LinkErr, MsgcInputs
 from spicewire.protocol.migrate_data import HeldInput, build_inputs_migrate_data, parse_inputs_migrate_data
 from spicewire.server.display import (
@@ -24,9 +25,11 @@ from spicewire.server.display import (
     PENDING_LIMIT,
     DisplayOptions,
     DisplayState,
+    InputsConnection,
     announced_screen,
     apply_tile_delta,
     bands,
+    inputs_migrate_data,
     scancode_of,
     scancodes_of,
     tile_delta,
@@ -159,7 +162,7 @@ def test_a_thousand_motions_get_two_hundred_and_fifty_acks():
             while acks < 250:
                 inputs.expect(m.MsgInputsMouseMotionAck)
                 acks += 1
-        assert server.sessions[session.session_id].display.motion_count == 1000
+        assert server.sessions[session.session_id].display.motion_count == 0  # every bunch acknowledged
 
 
 def test_a_client_that_never_acks_makes_frames_coalesce_not_queue():
@@ -335,3 +338,68 @@ def test_a_migrated_screen_may_announce_sides_up_to_max_surface_side(side, fits)
         else:
             with pytest.raises(ValueError):
                 announced_screen(spec)
+
+
+# --- motion acknowledgements through a migration --------------------------------------------
+
+
+class _Sent:
+    """A server channel's outgoing side, read back as a client would."""
+
+    def __init__(self) -> None:
+        self.server = ChannelConnection(Side.SERVER, ChannelType.INPUTS)
+        self.client = ChannelConnection(Side.CLIENT, ChannelType.INPUTS)
+        self.transport = type("Transport", (), {"flush": lambda self: None, "pending_write": 0})()
+
+    def acks(self) -> int:
+        out = [msg for frame in self.server.data_to_send() for msg in self.client.receive_data(frame)]
+        assert all(isinstance(msg, m.MsgInputsMouseMotionAck) for msg in out), out
+        return len(out)
+
+
+def _inputs(state: DisplayState, sent: _Sent, announce: bool) -> InputsConnection:
+    conn = InputsConnection(state, sent.server, sent.transport)  # type: ignore[arg-type]
+    conn.start(announce=announce)
+    if announce:
+        assert isinstance(sent.client.receive_data(b"".join(sent.server.data_to_send()))[0], m.MsgInputsInit)
+    return conn
+
+
+@pytest.mark.parametrize("before", [0, 3, 4, 5, 7])  # motions s1 takes before its MIGRATE on inputs
+@pytest.mark.parametrize("after", [0, 1, 3, 4, 5, 9])  # motions that reach s1 after it (before FLUSH_MARK)
+def test_every_bunch_of_motion_is_acknowledged_once_across_a_seamless_switch(before, after):
+    """spice-gtk stops moving the mouse with 8 motions unacknowledged: an ACK s1 owes when it
+    freezes must come from s2, or each migration costs the client's window up to 3 of its 8."""
+    motion = m.MsgcInputsMouseMotion(dx=1, dy=0, buttons=0)
+    s1, on_s1 = DisplayState(screens.factory("paint", 64, 64)()), _Sent()
+    inputs = _inputs(s1, on_s1, announce=True)
+    inputs.handle([motion] * before)
+    assert on_s1.acks() == before // 4
+    s1.stop()
+    s1.frozen.add(ChannelType.INPUTS)  # SPICE_MSG_MIGRATE went out on inputs
+    inputs.handle([motion] * after)
+    assert on_s1.acks() == 0  # nothing but MIGRATE_DATA after MIGRATE
+    carried = parse_inputs_migrate_data(inputs_migrate_data(s1))
+    assert carried.record.motion_count == before % 4 + after and len(carried.held) == after
+    s2, on_s2 = DisplayState(screens.factory("paint", 64, 64)()), _Sent()
+    s2.stop()
+    s2.motion_count = carried.record.motion_count  # what SessionDestination._restore_graphics does
+    _inputs(s2, on_s2, announce=False)
+    assert on_s2.acks() == (before % 4 + after) // 4
+    assert before // 4 + (before % 4 + after) // 4 == (before + after) // 4  # the client's count, exactly
+    assert s2.motion_count == (before + after) % 4
+
+
+@pytest.mark.parametrize("after", [0, 1, 4, 6])
+def test_a_rollback_acknowledges_the_motion_that_came_while_frozen(after):
+    motion = m.MsgcInputsMouseMotion(dx=1, dy=0, buttons=0)
+    state, sent = DisplayState(screens.factory("paint", 64, 64)()), _Sent()
+    inputs = _inputs(state, sent, announce=True)
+    inputs.handle([motion] * 3)
+    state.stop()
+    state.frozen.add(ChannelType.INPUTS)
+    inputs.handle([motion] * after)
+    assert sent.acks() == 0
+    state.resume()  # the migration rolled back: s1 serves the session again
+    assert sent.acks() == (3 + after) // 4 and state.motion_count == (3 + after) % 4
+    assert state.screen.pointer == (32 + 3 + after, 32)  # held motion applied, in order

@@ -56,6 +56,7 @@ PRIMARY = 0  # the primary's surface id
 # The largest width or height a migrated screen may announce: the limit a screen is made with,
 # so that every screen that runs on s1 can migrate.
 MAX_SURFACE_SIDE = screens.MAX_SIDE
+MAX_MOTION_COUNT = 0xFFFF  # the inputs' migrate data carries the unacknowledged motion count as a u16
 DISPLAY_MIGRATE_FLAGS = MigrateFlags.NEED_DATA_TRANSFER
 """SPICE_MSG_MIGRATE's flags on the display channel. spice-server asks for a FLUSH_MARK first too;
 here nothing the client sends on the display changes its MIGRATE_DATA (our serial and ACK
@@ -90,7 +91,7 @@ class DisplayState:
         self.stopped = False
         self.frozen: set[int] = set()  # channel types
         self.held: list[HeldInput] = []
-        self.motion_count = 0  # motion messages since the last MOUSE_MOTION_ACK (the inputs' migrate data)
+        self.motion_count = 0  # motion messages not yet acknowledged (the inputs' migrate data)
         self.mouse_mode = MouseMode.SERVER
         self.modifiers = 0
         self._next_frame = 0.0
@@ -196,6 +197,8 @@ class DisplayState:
         self.stopped = False
         self.frozen.clear()
         self.release_held()
+        if self.inputs is not None:
+            self.inputs.acknowledge_motion()  # what came while frozen (a rollback), or what s1 counted
         self.push()
 
     def cursor_sent(self, version: int, x: int, y: int) -> None:
@@ -399,6 +402,7 @@ class InputsConnection(GraphicsConnection):
         self.state.inputs = self
         if announce:
             self.channel.send(m.MsgInputsInit(modifiers=self.state.modifiers))
+        self.acknowledge_motion()  # after a seamless switch: the count s1's MIGRATE_DATA carried
 
     def _handle(self, msg: m.Message) -> None:
         state = self.state
@@ -406,13 +410,23 @@ class InputsConnection(GraphicsConnection):
             # spice-gtk stops sending motion after 2 * 4 unacknowledged messages: the mouse freezes
             # unless every fourth is answered.
             state.motion_count += 1
-            if state.motion_count % INPUT_MOTION_ACK_BUNCH == 0 and ChannelType.INPUTS not in state.frozen:
-                self.channel.send(m.MsgInputsMouseMotionAck())
+            self.acknowledge_motion()
         if isinstance(msg, INPUT_MESSAGES):
             state.input(msg)
             state.frame(time.monotonic())  # what the input drew, without waiting for the next tick
         else:
             super()._handle(msg)
+
+    def acknowledge_motion(self) -> None:
+        """One MOUSE_MOTION_ACK per bunch of motion messages not yet acknowledged. After
+        SPICE_MSG_MIGRATE (frozen) the count only grows: it travels in the MIGRATE_DATA and s2 (or
+        s1, after a rollback) acknowledges it, so the client's window never loses an ACK."""
+        state = self.state
+        if ChannelType.INPUTS in state.frozen or not self.live:
+            return
+        while state.motion_count >= INPUT_MOTION_ACK_BUNCH:
+            state.motion_count -= INPUT_MOTION_ACK_BUNCH
+            self.channel.send(m.MsgInputsMouseMotionAck())
 
 
 class CursorConnection(GraphicsConnection):
@@ -561,4 +575,4 @@ def display_migrate_data(state: DisplayState, channel: ChannelConnection) -> byt
 
 def inputs_migrate_data(state: DisplayState) -> bytes:
     """spice-server's ICMD record (the motion count), then the inputs held since the screen stopped."""
-    return build_inputs_migrate_data(state.motion_count % INPUT_MOTION_ACK_BUNCH, state.held)
+    return build_inputs_migrate_data(min(state.motion_count, MAX_MOTION_COUNT), state.held)
