@@ -10,7 +10,11 @@ records. On loopback this at least halves the time a TLS byte costs beyond its c
 
 The socket is a gevent socket (subclass): timeouts, ``fileno``, ``close`` and a TCP-level
 ``shutdown`` behave as on the plain socket it replaces. Renegotiation is refused by the contexts
-(OP_NO_RENEGOTIATION), so a write never has to wait for a read.
+(OP_NO_RENEGOTIATION), so a write never has to wait for a read. Nor does a read wait for a write:
+what OpenSSL has to send while reading (an alert, the refusal of a renegotiation) goes out as far
+as the socket takes it at once, and the rest goes with the next write or once the socket takes it.
+A server reads every connection into one shared buffer, valid only until its greenlet yields: a
+read that waited for a full socket would let another connection's read overwrite its bytes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+import gevent
 import gevent.lock
 from gevent import socket
 
@@ -53,6 +58,11 @@ class TlsSocket(socket.socket):
                                      server_hostname=server_hostname)
         # Ciphertext leaves in the order it was made: whoever holds this writes it all out.
         self._sending = gevent.lock.RLock()
+        # Ciphertext taken out of the outgoing BIO that the socket has not taken yet: it goes
+        # before anything still in the BIO.
+        self._unsent = memoryview(b"")
+        # Sends what a read left unsent once the socket takes it (when no write came first).
+        self._sender: gevent.Greenlet[[], None] | None = None
         # A bad record after good ones: the good bytes are returned first, then this is raised.
         self._failed: ssl.SSLError | None = None
         # A socket nobody handshook yet (an HTTPS server's: inside its request deadline) runs the
@@ -72,16 +82,10 @@ class TlsSocket(socket.socket):
                 self._send_pending()
                 self._fill()
             except ssl.SSLError:
-                self._send_alert()
+                self._send_ready()
                 raise
         self._send_pending()  # the last flight (and a server's session tickets)
         self._established = True
-
-    def _send_alert(self) -> None:
-        try:
-            self._send_pending()
-        except OSError:
-            return  # the peer is gone already: the SSLError being raised says what went wrong
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -111,14 +115,16 @@ class TlsSocket(socket.socket):
                 return got
             except ssl.SSLError as err:
                 if not got:
-                    self._send_alert()
+                    self._send_ready()
                     raise
                 self._failed = err
             if got:
                 break
+            if self._outgoing.pending:  # an answer the peer may wait for before it sends more
+                self._send_ready()
             self._fill()
-        if self._outgoing.pending:  # a post-handshake message asked for an answer (a key update)
-            self._send_pending(block=False)
+        if self._outgoing.pending:  # an alert for the record that failed after these bytes
+            self._send_ready()
         return got
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
@@ -167,19 +173,49 @@ class TlsSocket(socket.socket):
         self.sendall(view, flags)
         return len(view)
 
-    def _send_pending(self, block: bool = True) -> None:
-        """Write out the ciphertext made so far. ``block=False``: unless another greenlet is
-        writing, which then writes it after its own."""
-        if not self._sending.acquire(blocking=block):
+    def _send_pending(self) -> None:
+        """Write out the ciphertext made so far, waiting for the socket as long as it must."""
+        with self._sending:
+            while self._next_records():
+                # The plain socket's send (gevent's sendall would call ours, which encrypts). The
+                # remainder is kept as it goes: a send that times out leaves the stream whole.
+                self._unsent = self._unsent[socket.socket.send(self, self._unsent) :]
+
+    def _send_ready(self) -> None:
+        """Send what of the ciphertext made so far the socket takes now, never waiting (a
+        reader's bytes sit in a buffer others may reuse once it yields). The rest goes with the
+        next write, or when the socket takes it; while another greenlet writes, that one sends
+        it after its own. A failed handshake's alert, too, goes this way: the peer may be
+        gone, or not reading."""
+        if not self._sending.acquire(blocking=False):
             return
         try:
-            while self._outgoing.pending:
-                records = memoryview(self._outgoing.read())
-                while records:
-                    # The plain socket's send (gevent's sendall would call ours, which encrypts).
-                    records = records[socket.socket.send(self, records) :]
+            while self._next_records():
+                try:
+                    sent = socket.socket.send(self, self._unsent, 0, 0.0)  # type: ignore[call-arg]  # gevent's: 0 never waits
+                except BlockingIOError:
+                    break  # full: the rest goes later
+                except OSError:
+                    return  # broken: the next read or write says so (a read keeps what it decrypted)
+                self._unsent = self._unsent[sent:]
         finally:
             self._sending.release()
+        if self._unsent and self._sender is None:
+            self._sender = gevent.spawn(self._send_later)
+
+    def _send_later(self) -> None:
+        try:
+            self._send_pending()
+        except OSError:
+            return  # the connection broke (or closed): its next read or write says so
+        finally:
+            self._sender = None
+
+    def _next_records(self) -> bool:
+        """Whether there is ciphertext to send, in ``_unsent``: the BIO's once that is empty."""
+        if not self._unsent and self._outgoing.pending:
+            self._unsent = memoryview(self._outgoing.read())
+        return bool(self._unsent)
 
     # --- what SSLSocket tells about the connection --------------------------------------------
 

@@ -2,14 +2,20 @@
 intact and in order on both sides of WRITE_CHUNK and RAW_READ; a write holds at most one chunk of
 ciphertext; a read gets several records at once; a corrupted record after good ones hands over the
 good bytes first, then fails; the end of the stream reads as 0; a refused certificate reaches the
-server as the client's alert.
+server as the client's alert. A read never waits for a write: it returns without yielding when
+the alert it made finds the socket full (a server reads every connection into one shared buffer),
+and what it could not send goes out once the socket takes it, before any later write.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import os
+import pathlib
 import ssl
+import sys
 from collections.abc import Iterator
 
 import gevent
@@ -41,25 +47,52 @@ def client_tls(ca: TestCA, tmp_path_factory: pytest.TempPathFactory) -> ClientTl
     return ClientTls(str(ca.write_cert(tmp_path_factory.mktemp("ca") / "ca.pem")), SUBJECT_TEXT)
 
 
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
+SMALL_BUFFER = 64 << 10  # kernel buffers for the tests that fill the server's socket
+
+
+def tcp_pair(small: bool = False) -> tuple[socket.socket, socket.socket]:
+    """(server side, client side); ``small``: the server's send buffer and the client's receive
+    buffer SMALL_BUFFER, so filling the server's socket takes well under a MiB."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
-    client = socket.create_connection(listener.getsockname(), timeout=10)
+    client = socket.socket()
+    if small:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUFFER)  # before the window is offered
+    client.settimeout(10)
+    client.connect(listener.getsockname())
     server, _ = listener.accept()
+    if small:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUFFER)
     server.settimeout(10)
     listener.close()
     return server, client
 
 
-@pytest.fixture
-def pair(server_tls: ServerTLS, client_tls: ClientTls) -> Iterator[tuple[TlsSocket, TlsSocket]]:
+def tls_pair(server_tls: ServerTLS, client_tls: ClientTls, small: bool = False) -> tuple[TlsSocket, TlsSocket]:
     """(server side, client side), handshake done."""
-    raw_server, raw_client = tcp_pair()
+    raw_server, raw_client = tcp_pair(small)
     server = server_tls.wrap(raw_server)
     handshake = gevent.spawn(server.do_handshake)
     client = client_tls.wrap(raw_client, "127.0.0.1")
     handshake.get(timeout=10)
+    return server, client
+
+
+@pytest.fixture
+def pair(server_tls: ServerTLS, client_tls: ClientTls) -> Iterator[tuple[TlsSocket, TlsSocket]]:
+    server, client = tls_pair(server_tls, client_tls)
+    yield server, client
+    server.close()
+    client.close()
+
+
+@pytest.fixture
+def small_pair(server_tls: ServerTLS, client_tls: ClientTls) -> Iterator[tuple[TlsSocket, TlsSocket]]:
+    server, client = tls_pair(server_tls, client_tls, small=True)
+    # The server's session tickets read: what the client has unread from here on is ours.
+    server.sendall(b"!")
+    assert client.recv(1) == b"!"
     yield server, client
     server.close()
     client.close()
@@ -94,9 +127,9 @@ def ciphertext_held_per_send(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     held: list[int] = []
     send_pending = TlsSocket._send_pending
 
-    def spy(self: TlsSocket, block: bool = True) -> None:
-        held.append(self._outgoing.pending)
-        send_pending(self, block)
+    def spy(self: TlsSocket) -> None:
+        held.append(len(self._unsent) + self._outgoing.pending)
+        send_pending(self)
 
     monkeypatch.setattr(TlsSocket, "_send_pending", spy)
     return held
@@ -277,3 +310,136 @@ def test_an_https_control_api_reads_through_a_tls_socket_and_logs_plain_http(
         assert client.get_json("/status")["tls_listen"] is not None
     finally:
         control.stop()
+
+
+def fill_with_raw_bytes(sock: TlsSocket) -> int:
+    """Writes raw bytes (past the TLS layer) until the socket takes no more; returns how many."""
+    filled = 0
+    for piece in (b"\0" * (16 << 10), b"\0"):  # then byte by byte: no room left at all
+        while True:
+            try:
+                filled += socket.socket.send(sock, piece, 0, 0.0)  # type: ignore[call-arg]  # 0: never wait
+            except BlockingIOError:
+                break
+    return filled
+
+
+def drain_raw_bytes(sock: TlsSocket, size: int) -> None:
+    """Reads ``size`` raw bytes (past the TLS layer)."""
+    buf = bytearray(64 << 10)
+    while size:
+        n = socket.socket.recv_into(sock, buf, min(size, len(buf)))
+        assert n, "EOF in the raw bytes"
+        size -= n
+
+
+def send_forged_record(sock: TlsSocket) -> None:
+    """A record with the right header and a body that fails its tag, past the TLS layer."""
+    forged = memoryview(bytes([23, 3, 3, 0x40, 0x11]) + os.urandom(0x4011))
+    while forged:
+        forged = forged[socket.socket.send(sock, forged) :]
+
+
+def test_a_read_returns_without_yielding_while_its_alert_waits_for_a_full_socket(
+    small_pair: tuple[TlsSocket, TlsSocket], pair: tuple[TlsSocket, TlsSocket],
+) -> None:
+    """A server reads every connection into one buffer: a read that yielded to wait for its
+    alert (a bad record after good ones) to fit into a full socket would let another
+    connection's read overwrite the bytes it just decrypted. The alert goes out once the
+    socket takes it, with no write after it."""
+    server, client = small_pair
+    other_server, other_client = pair
+    backlog = fill_with_raw_bytes(server)  # a client not reading
+    good = os.urandom(3 * RECORD)
+    client.sendall(good)
+    send_forged_record(client)
+    other_client.sendall(bytes(len(good)))
+    shared = bytearray(RAW_READ)
+    others: list[int] = []
+
+    def other_connection() -> None:  # runs as soon as the read yields
+        others.append(other_server.recv_into(shared))
+        drain_raw_bytes(client, backlog)  # the server's socket takes bytes again
+
+    other = gevent.spawn(other_connection)
+    n = server.recv_into(shared)
+    assert not others, "the read yielded"
+    assert bytes(shared[:n]) == good
+    other.get(timeout=10)
+    assert others == [len(good)]
+    with pytest.raises(ssl.SSLError) as alert:  # the server's alert, sent once its socket took it
+        read_exactly(client, 1)
+    assert alert.value.reason == "SSLV3_ALERT_BAD_RECORD_MAC"
+    with pytest.raises(ssl.SSLError) as err:
+        server.recv_into(shared)
+    assert err.value.reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+
+
+@pytest.mark.parametrize("size", [WRITE_CHUNK - 1, WRITE_CHUNK, WRITE_CHUNK + 1])
+def test_ciphertext_a_read_left_unsent_goes_before_the_next_write(
+    small_pair: tuple[TlsSocket, TlsSocket], size: int,
+) -> None:
+    """Records OpenSSL made during a read that the full socket did not take (here more than a
+    socket holds, standing in for an alert) wait in the TlsSocket; the next write sends them
+    first, whichever of it and the background send gets to the socket first."""
+    server, client = small_pair
+    made_during_read = os.urandom(1 << 20)
+    server._tls.write(made_during_read)
+    server._send_ready()
+    assert server._unsent, "the socket took it all: nothing to keep in order"
+    written = os.urandom(size)
+    writer = gevent.spawn(server.sendall, written)
+    assert read_exactly(client, len(made_during_read) + size) == made_during_read + written
+    writer.get(timeout=10)
+    assert not server._unsent and not server._outgoing.pending
+
+
+def renegotiate(sock: TlsSocket) -> None:
+    """Starts a TLS 1.2 renegotiation, which Python's ssl module has no call for: OpenSSL's
+    SSL_renegotiate on the SSL* of the socket's SSLObject (CPython's _ssl._SSLSocket keeps it
+    right after the object header and its Socket field)."""
+    name = ctypes.util.find_library("ssl")
+    if name is None or not ssl.OPENSSL_VERSION.startswith(f"OpenSSL {name.rsplit('.', 1)[-1]}."):
+        pytest.skip(f"no libssl matching Python's {ssl.OPENSSL_VERSION} to call SSL_renegotiate in")
+    libssl = ctypes.CDLL(name)
+    libssl.SSL_renegotiate.argtypes = [ctypes.c_void_p]
+    libssl.SSL_version.argtypes = [ctypes.c_void_p]
+    sslobj = sock._tls._sslobj  # type: ignore[attr-defined]
+    pointer = ctypes.c_void_p.from_address(id(sslobj) + sys.getsizeof(object()) + ctypes.sizeof(ctypes.c_void_p))
+    assert libssl.SSL_version(pointer.value) == 0x0303  # TLS 1.2: the pointer is the connection's
+    assert libssl.SSL_renegotiate(pointer.value) == 1
+    with pytest.raises(ssl.SSLWantReadError):
+        sock._tls.do_handshake()  # the ClientHello, into the outgoing BIO
+    sock._send_pending()
+
+
+def test_a_refused_renegotiation_is_answered_while_the_read_waits_for_data(
+    ca: TestCA, server_tls: ServerTLS, tmp_path: pathlib.Path,
+) -> None:
+    """A TLS 1.2 client asking to renegotiate gets the server's no_renegotiation alert at once,
+    not once the server next writes or reads application data (the client waits for it)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False  # the chain is verified; the name does not matter here
+    context.load_verify_locations(cafile=ca.write_cert(tmp_path / "ca.pem"))
+    raw_server, raw_client = tcp_pair()
+    server = server_tls.wrap(raw_server)
+    handshake = gevent.spawn(server.do_handshake)
+    client = TlsSocket(raw_client, context, server_side=False, server_hostname="127.0.0.1")
+    client.do_handshake()
+    handshake.get(timeout=10)
+    assert server.version() == "TLSv1.2"
+    reader = gevent.spawn(read_exactly, server, 5)
+    renegotiate(client)
+    with pytest.raises(ssl.SSLError) as err:
+        while True:  # the client reads the server's answer to its ClientHello
+            client._fill()
+            try:
+                client._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+    assert err.value.reason == "NO_RENEGOTIATION"
+    assert not reader.ready()  # still waiting for application data
+    reader.kill()
+    server.close()
+    client.close()
