@@ -148,17 +148,32 @@ def test_inputs_held_while_the_screen_is_stopped_reach_it_once_it_runs():
     assert not state.screen.framebuffer[10, 10, :3].any()  # painted black, in the order they came
 
 
-def test_every_display_channel_migrates_with_its_flags(made):
-    """spice-server's flags, but for the display: its MIGRATE_DATA follows the MIGRATE without a
-    FLUSH_MARK (display.DISPLAY_MIGRATE_FLAGS)."""
+def older_destination(node: DisplayNode) -> None:
+    """``node`` as a spicewire without DISPLAY_STATE_VERSION: it neither takes nor answers the offer."""
+    manager = node.spice.migration
+    announce, features = manager.announce, manager.features
+    manager.announce = lambda *a, offered_display=None, **k: announce(*a, **k)  # type: ignore[method-assign]
+    manager.features = lambda *a, offered_display=None, **k: features(*a, **k)  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["display-state-v1", "older-s2"])
+def test_every_display_channel_migrates_with_its_flags(made, direct):
+    """spice-server's flags, but for the display: with an s2 that takes the display's record in the
+    device state (DISPLAY_STATE_VERSION) its MIGRATE has no flags and nothing is relayed for it;
+    with an older s2 its MIGRATE_DATA follows the MIGRATE without a FLUSH_MARK
+    (display.DISPLAY_MIGRATE_FLAGS). The picture and the client's surface survive both."""
     from spicewire.protocol.migration.rules import default_migrate_flags
 
     s1, s2 = DisplayNode("s1", "paint"), DisplayNode("s2", "paint")
     made += [s1, s2]
+    if not direct:
+        older_destination(s2)
     seen: dict[int, int] = {}
     with ClientSession(*s1.address, display=True) as session:
         wait_until(lambda: s1.display().cursor is not None and s1.display().inputs is not None, BOUND,
                    what="all three display channels")
+        display = session.display
+        assert display is not None
         state = s1.display()
         for conn in state.connections:
             original = conn.channel.send
@@ -169,8 +184,18 @@ def test_every_display_channel_migrates_with_its_flags(made):
                 original(msg)
 
             conn.channel.send = spy
+        state.screen.framebuffer[5:25, 5:45] = 77
+        wait_until(lambda: display.primary is not None and np.array_equal(display.primary, state.screen.framebuffer),
+                   BOUND, what="the picture on s1")
         assert s1.migrate_to(s2)["migrated"] == 1
-        assert session.wait_migrated(BOUND) is not None
-    assert seen == {ChannelType.DISPLAY: MigrateFlags.NEED_DATA_TRANSFER,
+        done = session.wait_migrated(BOUND)
+        assert done is not None and done["result"] == "completed"
+        assert ("display:0" in done["relayed"]) is not direct, done
+        on_s2 = s2.display()
+        on_s2.screen.framebuffer[30:40, 30:90] = 11  # s2 draws on the surface the client kept
+        wait_until(lambda: np.array_equal(display.primary, on_s2.screen.framebuffer), BOUND, what="the picture on s2")
+        assert display.surface_creates == 1 and display.resets == 0
+    flags = MigrateFlags(0) if direct else MigrateFlags.NEED_DATA_TRANSFER
+    assert seen == {ChannelType.DISPLAY: flags,
                     **{kind: int(default_migrate_flags(kind)) for kind in (ChannelType.INPUTS, ChannelType.CURSOR)}}
     gevent.sleep(0)

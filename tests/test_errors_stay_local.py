@@ -136,7 +136,7 @@ def test_an_exception_in_the_middle_of_a_migration_gives_every_session_back(node
     s1, s2 = nodes(2)
     sessions = [ClientSession(*s1.spice.address, timeout=10).connect() for _ in range(2)]
 
-    def broken(_sessions, _precopies=None):  # every client answered BEGIN and the devices are stopped by now
+    def broken(_sessions, _precopies=None, _records=None):  # every client answered BEGIN, the devices stopped
         raise RuntimeError("packing broke")
 
     monkeypatch.setattr(orchestrator, "pack_device_states", broken)

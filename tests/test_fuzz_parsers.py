@@ -37,7 +37,7 @@ from spicewire.errors import (
 from spicewire.protocol import framing, graphics
 from spicewire.protocol import messages as m
 from spicewire.protocol.channel import ChannelConnection, Side
-from spicewire.protocol.enums import ChannelType, LinkErr
+from spicewire.protocol.enums import ChannelType, LinkErr, SurfaceFormat
 from spicewire.protocol.framing import MessageReader
 from spicewire.protocol.link import (
     ClientLink,
@@ -503,6 +503,9 @@ def cursor_seeds() -> list[bytes]:
 MIGRATION = "0123456789abcdef"
 TOKEN = "fuzz-token"
 SESSION = 0x00C0FFEE
+# A display channel's record as s1 sends it in the device state (DISPLAY_STATE_VERSION).
+DISPLAY_RECORD = graphics.DisplayMigrateData(serial=9, ack_generation=1, ack_window=20, client_serial=2, surfaces=(
+    graphics.SurfaceInfo(0, 32, 16, SurfaceFormat.XRGB32),)).encode()
 ANNOUNCEMENT = {"migration": MIGRATION, "ttl": 3600, "sessions": [{
     "session_id": f"{SESSION:08x}",
     "ports": [[0, "org.spicewire.echo", "echo", 0], [1, "org.spicewire.sink", "sink", 0]],
@@ -608,7 +611,7 @@ def _snapshot(target: ControlTarget) -> tuple:
         digest.update(plane.tobytes())
     return (
         {cid: [bytes(c) for c in chunks] for cid, chunks in ann.device_state.items()}, dict(ann.in_flight),
-        digest.hexdigest(), json.dumps(screen.state()),
+        digest.hexdigest(), json.dumps(screen.state()), ann.display.migrated_channel,
     )
 
 
@@ -637,9 +640,11 @@ def device_state_seeds() -> list[bytes]:
         {"session_id": f"{SESSION:08x}", "port": 1, "chunks": 0},
         {"session_id": "00000001", "port": 0, "chunks": 1},
         {"session_id": f"{SESSION:08x}", "display": True, "chunks": 4, "screen_chunks": 0},
+        {"session_id": f"{SESSION:08x}", "display": True, "chunks": 5, "screen_chunks": 0, "channel": True},
     ]
     no_tiles = [np.zeros(0, dtype=np.uint8).tobytes()] * 4
     return [
+        codec.pack_chunks([json.dumps(index[4:]).encode(), *no_tiles, DISPLAY_RECORD]).tobytes(),
         codec.pack_chunks([json.dumps(index[:2]).encode(), echo_state]).tobytes(),
         codec.pack_chunks([json.dumps(index[:3]).encode(), echo_state, b"{}"]).tobytes(),
         codec.pack_chunks([json.dumps(index[3:]).encode(), *no_tiles]).tobytes(),
@@ -750,8 +755,10 @@ def device_state_inputs(draw: Callable) -> bytes:
             continue
         screen_chunks = draw(st.integers(0, 2))
         label = draw(st.just(f"{SESSION:08x}") | _LABELS)
+        channel = draw(st.sampled_from([None, None, True, 1, "x"]))  # the display record (DISPLAY_STATE_VERSION)
         index.append({"session_id": label, "display": True, "screen_chunks": screen_chunks,
-                      "chunks": screen_chunks + draw(st.sampled_from([4, 4, 3, 5]))})
+                      "chunks": screen_chunks + draw(st.sampled_from([4, 4, 3, 5])) + (channel is True),
+                      **({} if channel is None else {"channel": channel})})
         state = dict(screen.state())
         if draw(st.booleans()):
             state[draw(st.sampled_from(sorted(state)))] = draw(_JSON)
@@ -765,6 +772,9 @@ def device_state_inputs(draw: Callable) -> bytes:
                 pairs = draw(st.lists(st.tuples(st.integers(-1, 2), st.integers(-1, 2)), max_size=2))
                 data = draw(st.sampled_from([b"", tile, tile[1:]]))
             chunks += [struct.pack(f"<{2 * len(pairs)}i", *[v for pair in pairs for v in pair]), data]
+        if channel is True:
+            records = st.sampled_from([DISPLAY_RECORD, DISPLAY_RECORD[:-1], b"SWDD"]) | st.binary(max_size=40)
+            chunks.append(draw(records))
     index_bytes = json.dumps(index).encode() if draw(st.integers(0, 9)) else draw(st.binary(max_size=12))
     return codec.pack_chunks([index_bytes, *chunks]).tobytes()
 

@@ -491,10 +491,10 @@ def test_fault_s2_dies_after_the_clients_ack_cancels_and_the_session_stays(nodes
     session, digest = session_with_held_sink(s1)
     pack = orchestrator.pack_device_states
 
-    def s2_dies_first(sessions, precopies=None):  # the clients answered CONNECTED_SEAMLESS; s2 goes before the POST
-        assert session.migration_connected_event.is_set()
+    def s2_dies_first(sessions, precopies=None, records=None):  # the clients answered CONNECTED_SEAMLESS; s2 goes
+        assert session.migration_connected_event.is_set()         # before the POST
         s2.kill()
-        return pack(sessions, precopies)
+        return pack(sessions, precopies, records)
 
     monkeypatch.setattr(orchestrator, "pack_device_states", s2_dies_first)
     report = s1.migrate_to(s2)

@@ -723,14 +723,16 @@ class ControlServer:
         try:
             count = self.spice.migration.announce(migration, sessions, ttl,
                                                   state_key=bytes.fromhex(key) if key is not None else None,
-                                                  offered_auth=body.get("state_auth"))
+                                                  offered_auth=body.get("state_auth"),
+                                                  offered_display=body.get("display_state"))
         except ValueError as err:  # an unknown device kind
             raise HttpError(400, f"bad announcement: {err}") from None
         except MigrationError as err:
             raise HttpError(409, str(err)) from None
         # What this server takes beyond the baseline, so s1 uses only that.
         return {"announced": count, **self.spice.migration.features(state_key=key is not None,
-                                                                    offered_auth=body.get("state_auth"))}
+                                                                    offered_auth=body.get("state_auth"),
+                                                                    offered_display=body.get("display_state"))}
 
     def device_state(self, request: Request) -> dict:
         """``?migration=ID``: the devices of sessions that migration announced; the answer names

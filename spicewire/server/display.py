@@ -64,6 +64,14 @@ generation, the surfaces: the pixels went to s2 before), so the data follows the
 and the client relays both in one turn, a round trip through s1 fewer on s2's way to the session.
 spice-gtk takes each flag on its own (PROTOCOL.md 5.4). The inputs keep both: their data is what
 the client sent."""
+DISPLAY_STATE_VERSION = 1
+"""Display state version 1: the display's channel record (``display_migrate_data``) goes to s2 with
+the screen in the device state, s1 to s2 directly, and SPICE_MSG_MIGRATE on the display carries no
+flags: the client only switches it, as it does the cursor, and s2 starts it once the session has
+landed. Nothing the client relays, nothing s2 waits for: the display costs the downtime no round
+trip and no MIGRATE_DATA. s1 offers it in the announcement and uses it only if s2 says it takes it;
+otherwise the record travels in MIGRATE_DATA (DISPLAY_MIGRATE_FLAGS)."""
+DIRECT_DISPLAY_MIGRATE_FLAGS = MigrateFlags(0)
 
 
 @dataclass
@@ -91,6 +99,9 @@ class DisplayState:
         self.stopped = False
         self.frozen: set[int] = set()  # channel types
         self.held: list[HeldInput] = []
+        # s2, DISPLAY_STATE_VERSION: the display channel's record, from the device state; the
+        # display starts from it once the session has landed (restore_display_channel).
+        self.migrated_channel: g.DisplayMigrateData | None = None
         self.motion_count = 0  # motion messages not yet acknowledged (the inputs' migrate data)
         self.mouse_mode = MouseMode.SERVER
         self.modifiers = 0
@@ -306,13 +317,15 @@ class GraphicsConnection:
         # s2 attaches it; one waiting for its MIGRATE_DATA is read but starts only once restored.
         self.parked = False
         self.waiting_for_migrate_data = False
+        # s2, DISPLAY_STATE_VERSION: read, but started only once the session has landed here.
+        self.waiting_for_landing = False
         self.intercept: Callable[[m.Message], bool] | None = None
         self.on_closed: Callable[[GraphicsConnection], None] | None = None
         self.started = False
 
     @property
     def live(self) -> bool:
-        return self.started and not self.parked and not self.waiting_for_migrate_data
+        return self.started and not self.parked and not self.waiting_for_migrate_data and not self.waiting_for_landing
 
     @property
     def reading_allowed(self) -> bool:
@@ -322,7 +335,7 @@ class GraphicsConnection:
         """Begin serving: ``announce`` says the client's channel is new (or was reset), so it gets
         the channel's INIT; after a seamless switch it keeps its state and gets none. The link and
         a migration may both ask; only the first start counts."""
-        if self.parked or self.waiting_for_migrate_data or self.started:
+        if self.parked or self.waiting_for_migrate_data or self.waiting_for_landing or self.started:
             return
         self.started = True
         self._begin(announce)
@@ -523,16 +536,21 @@ class ScreenUpdate:
     state: DisplayState
     screen: Screen  # not yet shown: its framebuffer already holds the picture with the delta
     shadow: np.ndarray
+    channel: g.DisplayMigrateData | None = None  # the display channel's record (DISPLAY_STATE_VERSION)
 
     def apply(self) -> None:
         self.state.screen = self.screen
         self.state.damage.shadow[...] = self.shadow
+        self.state.migrated_channel = self.channel
 
 
-def prepare_update(state: DisplayState, saved: list[memoryview], delta: list[memoryview]) -> ScreenUpdate:
+def prepare_update(state: DisplayState, saved: list[memoryview], delta: list[memoryview],
+                   channel: memoryview | None = None) -> ScreenUpdate:
     """The screen ``saved`` describes, with the tiles of ``delta`` (``Precopy.delta``) applied to
-    copies of the picture and the client's shadow; raises (ValueError, or what the screen's own
-    ``restore`` raises for a state it cannot take) before anything of ``state`` changes."""
+    copies of the picture and the client's shadow, and the display channel's record ``channel``
+    when s1 sent it (DISPLAY_STATE_VERSION); raises (ValueError, CodecError, or what the screen's
+    own ``restore`` raises for a state it cannot take) before anything of ``state`` changes."""
+    record = None if channel is None else g.DisplayMigrateData.decode(channel)
     if len(delta) != 4:
         raise ValueError(f"a display delta has 4 chunks, not {len(delta)}")
     current = state.screen
@@ -543,7 +561,7 @@ def prepare_update(state: DisplayState, saved: list[memoryview], delta: list[mem
     apply_tile_delta(screen.framebuffer, delta[0], delta[1])
     shadow = state.damage.shadow.copy()
     apply_tile_delta(shadow, delta[2], delta[3])
-    return ScreenUpdate(state, screen, shadow)
+    return ScreenUpdate(state, screen, shadow, record)
 
 
 def announce_screen(state: DisplayState) -> dict[str, Any]:
@@ -564,7 +582,9 @@ def announced_screen(spec: Any) -> Callable[[], Screen]:
 
 def display_migrate_data(state: DisplayState, channel: ChannelConnection) -> bytes:
     """The display channel's MIGRATE_DATA: the channel's place in the stream and which surfaces
-    the client holds (the pixels went to s2 directly, in the pre-copy and the delta)."""
+    the client holds (the pixels went to s2 directly, in the pre-copy and the delta). Made at the
+    stop for DISPLAY_STATE_VERSION (nothing goes out on a stopped display before its MIGRATE): the
+    serial is then the MIGRATE's, which s2 numbers on from."""
     screen = state.screen
     primary = g.SurfaceInfo(PRIMARY, screen.width, screen.height, SurfaceFormat.XRGB32)
     surfaces = (primary,) if state.surface_created else ()
@@ -576,3 +596,10 @@ def display_migrate_data(state: DisplayState, channel: ChannelConnection) -> byt
 def inputs_migrate_data(state: DisplayState) -> bytes:
     """spice-server's ICMD record (the motion count), then the inputs held since the screen stopped."""
     return build_inputs_migrate_data(min(state.motion_count, MAX_MOTION_COUNT), state.held)
+
+
+def restore_display_channel(conn: DisplayConnection, data: g.DisplayMigrateData) -> None:
+    """s2: the display goes on where s1's left off (``display_migrate_data``), and the client keeps
+    its surfaces through a seamless switch: no second SURFACE_CREATE."""
+    conn.channel.restore_migrated(serial_out=data.serial, ack_generation=data.ack_generation)
+    conn.state.surface_created = any(s.surface_id == PRIMARY for s in data.surfaces)

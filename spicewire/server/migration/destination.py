@@ -20,9 +20,17 @@ from spicewire.logs import context, iso_times, session_label
 from spicewire.protocol import graphics, state_auth
 from spicewire.protocol import messages as m
 from spicewire.protocol import migration as mig
+from spicewire.protocol.enums import ChannelType
 from spicewire.protocol.migrate_data import InputsState
 from spicewire.server import events
-from spicewire.server.display import GRAPHICS_MAX_MESSAGE, PRIMARY, DisplayState, GraphicsConnection
+from spicewire.server.display import (
+    DIRECT_DISPLAY_MIGRATE_FLAGS,
+    GRAPHICS_MAX_MESSAGE,
+    DisplayConnection,
+    DisplayState,
+    GraphicsConnection,
+    restore_display_channel,
+)
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
 from spicewire.server.migration.precopy import PrecopyMismatch, restore_precopy
 from spicewire.server.session import Limits, MainConnection, PortConnection, Session, multi_media_time
@@ -77,6 +85,9 @@ class Announcement:
     # The session's screen, made when it is announced: the pre-copy and the delta land in it before
     # (or after) the client's main link creates the session.
     display: DisplayState | None = None
+    # s1 sends the display channel's record in the device state, and its MIGRATE only switches it
+    # (DISPLAY_STATE_VERSION): the display waits for no MIGRATE_DATA here.
+    display_direct: bool = False
     session: Session | None = None
     # Memory for each big port's MIGRATE_DATA, faulted in during pre-migration: fresh pages cost
     # more to touch than the bytes cost to receive, and the downtime should pay for neither.
@@ -208,6 +219,7 @@ class SessionDestination:
         self.landing: dict[mig.Channel, LandingMac] = {}  # a port's MIGRATE_DATA being hashed as it lands
         self.hashed_ahead = 0  # bytes of MIGRATE_DATA bodies whose MAC was computed as they landed
         self._macs: dict[mig.Channel, state_auth.StateMac] = {}  # made as main and the graphics link
+        self._display_waiting: DisplayConnection | None = None  # DISPLAY_STATE_VERSION: started at _completed
 
     @property
     def machine(self) -> mig.DestinationMigration:
@@ -225,9 +237,12 @@ class SessionDestination:
         main = self.main
         main.arriving = True
         main.intercept = self._intercept_main
+        ann = self.manager.announcements.get(self.session.id)
+        direct = ann is not None and ann.display_direct
         self._machine = mig.DestinationMigration(
             self.session.id, main.client_caps, seamless_enabled=self.manager.seamless_enabled,
             main_init=main.main_init(),
+            channel_flags={(ChannelType.DISPLAY, 0): DIRECT_DISPLAY_MIGRATE_FLAGS} if direct else None,
         )
         self._prepare_mac(MAIN)
 
@@ -351,7 +366,8 @@ class SessionDestination:
         """A port link ended before its state was restored here (a MIGRATE_DATA over its bound, the
         client gone, a broken socket): the session can no longer be restored whole, so it fails
         now rather than when s1 aborts it or its announcement expires."""
-        if handler.parked or handler.waiting_for_migrate_data:
+        landing = isinstance(handler, GraphicsConnection) and handler.waiting_for_landing
+        if handler.parked or handler.waiting_for_migrate_data or landing:
             what = f"port {handler.port.channel_id}" if isinstance(handler, PortConnection) else handler.name
             self._fail(f"{what} closed before its state was restored")
 
@@ -395,6 +411,11 @@ class SessionDestination:
             # Read, but only MIGRATE_DATA may come, and it may be as large as the port's backlog.
             handler.waiting_for_migrate_data = True
             self._expect_migrate_data(handler)
+        elif isinstance(handler, DisplayConnection) and self.machine.mode is mig.MigrationMode.SEAMLESS:
+            # DISPLAY_STATE_VERSION: its record came in the device state; it starts from it once the
+            # session has landed, when the screen runs here.
+            handler.waiting_for_landing = True
+            self._display_waiting = handler
         else:
             # A channel without state to transfer (the cursor): after a seamless switch the client
             # keeps it as it was and must get no second INIT; after a semi-seamless one it reset it.
@@ -458,17 +479,29 @@ class SessionDestination:
     def _restore_graphics(self, handler: GraphicsConnection, data: Any) -> None:
         """The display's place in its stream (the pixels came before, in the pre-copy and the
         delta), or the inputs' motion count and what the client typed while the screen was stopped."""
-        state, ch = handler.state, handler.channel
+        state = handler.state
         handler.waiting_for_migrate_data = False
-        if isinstance(data, graphics.DisplayMigrateData):
-            ch.restore_migrated(serial_out=data.serial, ack_generation=data.ack_generation)
-            # The client keeps its surfaces through a seamless switch: no second SURFACE_CREATE.
-            state.surface_created = any(s.surface_id == PRIMARY for s in data.surfaces)
+        if isinstance(data, graphics.DisplayMigrateData) and isinstance(handler, DisplayConnection):
+            restore_display_channel(handler, data)
         elif isinstance(data, InputsState):
             state.motion_count = data.record.motion_count
             state.held.extend(data.held)
         else:
             raise LocalProtocolError(f"no restore for {type(data).__name__} on the {handler.name} channel")
+        handler.start(announce=False)
+
+    def _start_display(self, handler: DisplayConnection) -> None:
+        """DISPLAY_STATE_VERSION: the display goes on from the record s1 sent in the device state.
+        The client numbered on from its connection to s1 (full headers): its next serial is taken."""
+        self._display_waiting = None
+        handler.waiting_for_landing = False
+        record = handler.state.migrated_channel
+        if record is None:  # s1 had no display linked when it stopped: the client gets it anew
+            log.warning("session %08x: no display record came with the device state; the display restarts",
+                        self.session.id, extra=context(self.session.id))
+        else:
+            restore_display_channel(handler, record)
+        handler.channel.adopt_peer_serials()
         handler.start(announce=False)
 
     def _completed(self, mode: mig.MigrationMode) -> None:
@@ -480,6 +513,8 @@ class SessionDestination:
             self.main.channel.send(m.MsgMainMultiMediaTime(multi_media_time()))
             self.main.transport.flush()
         self.main.arriving = False
+        if self._display_waiting is not None:
+            self._start_display(self._display_waiting)
         self.release()
         if session.display is not None:
             server = self.manager.server

@@ -28,6 +28,7 @@ from spicewire.protocol import migration as mig
 from spicewire.protocol import state_auth
 from spicewire.server import events
 from spicewire.server.display import (
+    DISPLAY_STATE_VERSION,
     DisplayState,
     GraphicsConnection,
     Precopy,
@@ -151,17 +152,19 @@ class MigrationManager:
 
     # --- destination -------------------------------------------------------------------------
 
-    def features(self, state_key: bool, offered_auth: object = None) -> dict:
+    def features(self, state_key: bool, offered_auth: object = None, offered_display: object = None) -> dict:
         """What an announcement's answer tells s1 this server takes: MAC-checked MIGRATE_DATA
         (with the key it was given, in the state_auth version agreed from s1's offer
-        ``offered_auth``), and port pre-copies (unless ``--no-precopy``) with the digests they may
-        be checked with."""
+        ``offered_auth``), the display's record in the device state (DISPLAY_STATE_VERSION, when
+        s1 offered it), and port pre-copies (unless ``--no-precopy``) with the digests they may be
+        checked with."""
         return {**({"state_auth": state_auth.negotiate(offered_auth)} if state_key else {}),
+                **({"display_state": DISPLAY_STATE_VERSION} if offered_display == DISPLAY_STATE_VERSION else {}),
                 **({"port_precopy": PRECOPY_VERSION, "port_precopy_digests": list(DIGESTS)}
                    if self.server.config.precopy else {})}
 
     def announce(self, migration_id: str, sessions: list[dict], ttl: float, state_key: bytes | None = None,
-                 offered_auth: object = None) -> int:
+                 offered_auth: object = None, offered_display: object = None) -> int:
         """Expect ``sessions`` (``session_id`` as a number) in the migration ``migration_id``, for
         ``ttl`` seconds at most; with ``state_key`` their MIGRATE_DATA must carry its MAC, in the
         state_auth version agreed from s1's offer ``offered_auth``. Every
@@ -202,6 +205,7 @@ class MigrationManager:
             if entry.get("display") is not None:
                 ann.display = DisplayState(announced_screen(entry["display"])(), self.server.config.display_options)
                 ann.display.stop()  # it runs once the session has landed here
+                ann.display_direct = offered_display == DISPLAY_STATE_VERSION
             self.migration_of.pop(sid, None)  # to the end of the order: the newest are kept longest
             self.migration_of[sid] = migration_id
             self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
@@ -386,7 +390,8 @@ class MigrationManager:
         """One session's screen in a device-state batch: its own state and the tiles changed since
         the pre-copy. Checked here; applied with the rest once the whole batch is."""
         text, count, screen_chunks = entry["session_id"], entry["chunks"], entry["screen_chunks"]
-        if not (_whole(count) and _whole(screen_chunks)) or count != screen_chunks + 4:
+        record = entry.get("channel") is True  # the display channel's record follows (DISPLAY_STATE_VERSION)
+        if not (_whole(count) and _whole(screen_chunks)) or count != screen_chunks + 4 + record:
             raise ValueError(f"bad chunk counts {count!r:.20}/{screen_chunks!r:.20} for a screen")
         if pos + count > len(chunks):
             raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
@@ -395,7 +400,8 @@ class MigrationManager:
             skipped.append({"session_id": text, "display": True, "reason": "no screen announced in this migration"})
         else:
             saved = chunks[pos:pos + count]
-            screens.append(prepare_update(ann.display, saved[:screen_chunks], saved[screen_chunks:]))
+            screens.append(prepare_update(ann.display, saved[:screen_chunks], saved[screen_chunks:screen_chunks + 4],
+                                          saved[-1] if record else None))
         return pos + count
 
     def receive_display_precopy(self, migration_id: str, body: bytes | bytearray | memoryview) -> dict:
@@ -513,7 +519,8 @@ class MigrationManager:
         sources: list[SessionSource] = []  # filled as they are made, so a failure finds them all
         try:
             self._announce(migration, sessions, timeout)
-            ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end)
+            display_direct = migration.features.get("display_state") == DISPLAY_STATE_VERSION
+            ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end, display_direct)
             ready = self._precopy_displays(migration, ready)
             self._precopy_ports(migration, ready)
             pre_migration = time.time() - started
@@ -603,6 +610,7 @@ class MigrationManager:
                 "migration": migration.id,
                 "state_key": migration.state_key.secret.hex(),
                 "state_auth": state_auth.VERSION,  # an s2 that speaks less answers the version it checks
+                "display_state": DISPLAY_STATE_VERSION,  # an s2 that takes it says so in its answer
                 "ttl": timeout + 60,
                 "sessions": [{"session_id": session_label(s.id), "ports": [[cid, p.name, p.device.kind, p.in_flight]
                                                             for cid, p in s.ports.items()],
@@ -623,14 +631,15 @@ class MigrationManager:
 
     def _pre_migrate(
         self, sessions: list[Session], sources: list[SessionSource], dst: m.MigrationDstInfo,
-        mode: mig.MigrationMode, end: float,
+        mode: mig.MigrationMode, end: float, display_direct: bool = False,
     ) -> tuple[list[SessionSource], list[SessionSource]]:
         """BEGIN every session and wait for every client's answer, until ``end`` at most; returns
-        the sessions whose client reached s2, and those that can only switch host at the end."""
+        the sessions whose client reached s2, and those that can only switch host at the end.
+        ``display_direct``: s2 takes the display's record in the device state (DISPLAY_STATE_VERSION)."""
         big = sum(1 for s in sessions for p in s.ports.values() if p.in_flight >= PackBuffers.SIZE)
         pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
         for session in sessions:
-            source = SessionSource(session, max(0.001, end - time.monotonic()))
+            source = SessionSource(session, max(0.001, end - time.monotonic()), display_direct=display_direct)
             source.pack_buffers = pack_buffers
             session.migration = source
             sources.append(source)
@@ -698,8 +707,9 @@ class MigrationManager:
             return ready, 0
         for source in ready:
             source.stop_devices()
+        records = {s.session.id: record for s in ready if (record := s.display_record()) is not None}
         state = pack_device_states([s.session for s in ready],
-                                   {s.session.id: s.precopy for s in ready if s.precopy is not None})
+                                   {s.session.id: s.precopy for s in ready if s.precopy is not None}, records)
         peer = migration.client
         try:
             answer = peer.post_bytes(f"/migration/device-state?migration={migration.id}", state, migration.left())

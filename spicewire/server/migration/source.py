@@ -22,6 +22,7 @@ from spicewire.protocol import migration as mig
 from spicewire.protocol import state_auth
 from spicewire.protocol.enums import MigrateFlags, Msg
 from spicewire.server.display import (
+    DIRECT_DISPLAY_MIGRATE_FLAGS,
     DISPLAY_MIGRATE_FLAGS,
     DisplayConnection,
     GraphicsConnection,
@@ -50,7 +51,7 @@ def _round_trip_first(item: mig.SourceOutput) -> int:
 class SessionSource:
     """s1's side of one session's migration."""
 
-    def __init__(self, session: Session, timeout: float) -> None:
+    def __init__(self, session: Session, timeout: float, display_direct: bool = False) -> None:
         main = session.main
         if main is None:
             raise MigrationError(f"session {session.id:08x} has no main channel to migrate")
@@ -61,7 +62,11 @@ class SessionSource:
         self.graphics: dict[mig.Channel, GraphicsConnection] = {
             (conn.channel_type, 0): conn for conn in (display.connections if display is not None else ()) if conn.live}
         channels = [MAIN, *self.graphics, *(port_channel(cid) for cid in self.ports)]
-        flags = {ch: DISPLAY_MIGRATE_FLAGS for ch, conn in self.graphics.items() if isinstance(conn, DisplayConnection)}
+        # display_direct (s2 agreed to DISPLAY_STATE_VERSION): the display's record goes in the
+        # device state, and its MIGRATE only switches it.
+        self.display_direct = display_direct
+        display_flags = DIRECT_DISPLAY_MIGRATE_FLAGS if display_direct else DISPLAY_MIGRATE_FLAGS
+        flags = {ch: display_flags for ch, conn in self.graphics.items() if isinstance(conn, DisplayConnection)}
         self.machine = mig.SourceMigration(channels, main.client_caps, channel_flags=flags, timeout=timeout)
         self.connected: gevent.event.AsyncResult[mig.ConnectComplete] = gevent.event.AsyncResult()
         self.finished = gevent.event.Event()  # the client left s1 (or the attempt ended)
@@ -105,6 +110,16 @@ class SessionSource:
             for channel in (MAIN, *self.graphics):
                 if channel not in self._macs:
                     self._macs[channel] = self.state_key.mac(self.session.id, channel)
+
+    def display_record(self) -> bytes | None:
+        """The display channel's record for the device state (DISPLAY_STATE_VERSION), made once
+        the devices stopped; None without a direct display."""
+        if not self.display_direct:
+            return None
+        for conn in self.graphics.values():
+            if isinstance(conn, DisplayConnection):
+                return display_migrate_data(conn.state, conn.channel)
+        return None
 
     def resume_devices(self) -> None:
         for port in self.session.ports.values():
@@ -399,14 +414,16 @@ def pipelined_segments(
             spare.give_back(buffer)
 
 
-def pack_device_states(sessions: Iterable[Session], precopies: Mapping[int, Precopy] | None = None) -> bytes:
+def pack_device_states(sessions: Iterable[Session], precopies: Mapping[int, Precopy] | None = None,
+                       display_records: Mapping[int, bytes] | None = None) -> bytes:
     """Every port device of ``sessions``, saved, and the screens that were pre-copied (``precopies``
     by session id), in one codec container: chunk 0 is a JSON index, the saved chunks follow in
     index order. A port's entry is ``{"session_id", "port", "chunks", "in_flight"}``: ``in_flight``
     is what the port holds now that its device stopped, and s2 bounds the port's MIGRATE_DATA by
     it. A screen's is ``{"session_id", "display": true, "chunks", "screen_chunks"}``: the screen's
     own state, then the tiles of its picture and of the client's that changed since the pre-copy
-    (``Precopy.delta``)."""
+    (``Precopy.delta``), and with ``"channel": true`` one more: the display channel's record
+    (``display_records`` by session id, DISPLAY_STATE_VERSION)."""
     index: list[dict] = []
     chunks: list[bytes] = []
     for session in sessions:
@@ -419,7 +436,10 @@ def pack_device_states(sessions: Iterable[Session], precopies: Mapping[int, Prec
         if precopy is not None and session.display is not None:
             saved = session.display.screen.save()
             delta = precopy.delta(session.display)
+            record = (display_records or {}).get(session.id)
+            extra = [] if record is None else [record]
             index.append({"session_id": session_label(session.id), "display": True,
-                          "chunks": len(saved) + len(delta), "screen_chunks": len(saved)})
-            chunks.extend([*saved, *delta])
+                          "chunks": len(saved) + len(delta) + len(extra), "screen_chunks": len(saved),
+                          **({"channel": True} if extra else {})})
+            chunks.extend([*saved, *delta, *extra])
     return codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()
