@@ -4,10 +4,12 @@
 import struct
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spicewire import _codec_py
+from spicewire._codec_layout import STREAM_THRESHOLD
 
 QUICK = settings(max_examples=300, deadline=None,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -101,3 +103,36 @@ def containers():
 def test_unpack_chunks_agrees(both_codecs, data):
     fast, pure = both_codecs
     assert outcome(fast.unpack_chunks, data) == outcome(pure.unpack_chunks, data)
+
+
+# --- the streaming-store threshold (_codec_layout.STREAM_THRESHOLD) -------------------------------
+# At and above it the compiled codec copies with non-temporal stores (its own head, 64-byte body and
+# tail handling); below it, memcpy. Both sides, with chunks that leave the output unaligned and
+# lengths that are not multiples of 64, must give the pure twin's bytes exactly.
+
+
+def _threshold_chunks(payload: int) -> list[bytes]:
+    rng = np.random.default_rng(payload)
+    small = [rng.bytes(n) for n in (0, 1, 63, 255, 256, 257)]  # memcpy'd even when streaming (< 256)
+    rest = payload - sum(map(len, small))
+    return [*small, rng.bytes(rest // 3 + 5), rng.bytes(rest - rest // 3 - 5)]
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_pack_chunks_agrees_on_both_sides_of_the_streaming_threshold(both_codecs, delta):
+    fast, pure = both_codecs
+    chunks = _threshold_chunks(STREAM_THRESHOLD + delta)
+    assert sum(map(len, chunks)) == STREAM_THRESHOLD + delta
+    packed = fast.pack_chunks(chunks)
+    assert packed.tobytes() == pure.pack_chunks(chunks).tobytes()
+    assert [v.tobytes() for v in fast.unpack_chunks(packed)] == chunks
+
+
+@pytest.mark.parametrize("delta", [-1, 0, 1])
+def test_scan_agrees_on_both_sides_of_the_streaming_threshold(both_codecs, delta):
+    fast, pure = both_codecs
+    size = STREAM_THRESHOLD + delta
+    one = struct.pack("<HI", 7, 10) + bytes(10)  # 16 bytes a message, then a partial one at the end
+    data = one * (size // len(one)) + one[: size % len(one)]
+    assert len(data) == size
+    assert outcome(fast.scan, data, True) == outcome(pure.scan, data, True)
