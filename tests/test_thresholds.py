@@ -1,8 +1,9 @@
 """Size thresholds tested one below, at and one above: how the server reads a connection
 (FIRST_READ, FLOOD_MESSAGES), how s2 checks a MIGRATE_DATA's HMAC (AUTH_IN_THREAD, LANDED_STEP),
-how large a pre-copy index may be (MAX_INDEX) and how large a screen may be (screens.MAX_SIDE, for a
-server's screen and a migrated one alike). Each is asserted on what the code did (the reads it
-made, the thread that hashed), never on timing."""
+how large a pre-copy index may be (MAX_INDEX), how large a screen may be (screens.MAX_SIDE, for a
+server's screen and a migrated one alike), and how much of a frame flush_now writes in its own turn
+(what the socket takes: one byte less than the frame, all of it, one byte more). Each is asserted
+on what the code did (the reads it made, the thread that hashed), never on timing."""
 
 from __future__ import annotations
 
@@ -224,3 +225,57 @@ def test_a_screen_a_server_starts_with_is_one_its_migration_can_announce(side):
         state = SimpleNamespace(screen=screens.factory("paint", width, height)())
         made = announced_screen(announce_screen(state))()  # type: ignore[arg-type]
         assert (made.kind, made.width, made.height) == ("paint", width, height)
+
+
+# --- flush_now: what the socket takes in the migration's own turn --------------------------------
+
+
+class TakesAtMost:
+    """A server connection's socket that takes at most ``room`` bytes in a send that must not
+    wait (``timeout=0.0``, flush_now's), as a full socket buffer does; every other write is the
+    real socket's."""
+
+    def __init__(self, sock, room: int) -> None:
+        self._sock, self.room, self.taken = sock, room, []
+
+    def send(self, data, flags=0, timeout=None):
+        if timeout == 0.0:
+            part = bytes(data[: self.room])
+            self.taken.append(len(part))
+            return self._sock.send(part, flags) if part else 0
+        return self._sock.send(data, flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("room_delta", [-1, 0, 1])
+def test_flush_now_writes_what_the_socket_takes_and_the_writer_the_rest(room_delta):
+    """A frame one byte larger than the socket takes at once, exactly its size, one byte smaller:
+    flush_now sends that much in its own turn, leaves the rest queued (and counted) for the writer,
+    and the client gets the message whole, once, in order."""
+    payload = bytes(range(256)) * 16
+    with running_server() as server, MainSession(server.address) as session:
+        port = session.open_port(ECHO)
+        port.send_data(b"ready")
+        assert port.read_data(5) == b"ready"  # linked, and the server's writer waits for more
+        conn = server.sessions[session.session_id].ports[ECHO].connection
+        transport = conn.transport
+        wait_until(lambda: transport._writer_waiting, what="the writer to wait")
+        frame_size = len(payload) + 6  # mini header
+        real, limited = transport.sock, TakesAtMost(transport.sock, frame_size + room_delta)
+        transport.sock = limited
+        before = server.budget.used
+        try:
+            conn.channel.send(m.MsgSpicevmcData(payload))
+            transport.flush_now()
+            sent = min(frame_size, frame_size + room_delta)
+            assert limited.taken == [sent]
+            assert transport.pending_write == frame_size - sent  # the rest waits for the writer
+        finally:
+            transport.sock = real
+        assert port.read_data(len(payload)) == payload
+        wait_until(lambda: transport.pending_write == 0 and server.budget.used == before,
+                   what="the writer to send the rest and release it")
+        port.send_data(b"after")
+        assert port.read_data(5) == b"after"  # nothing repeated or left behind
