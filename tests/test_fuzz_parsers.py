@@ -65,6 +65,7 @@ from spicewire.protocol.migrate_data import (
 from . import fuzzing
 from .fuzzing import budget, corpus, mutations, run
 from .guarded import GuardedArena
+from .wire_strategies import C_TEXT, wire_values
 
 backend = fuzzing.backend  # the fixture: every target runs on each codec backend
 
@@ -214,57 +215,6 @@ MESSAGE_KEYS = sorted(
     (int(ct), int(direction), number)
     for ct in CHANNEL_TYPES for direction in m.Direction for number in m.message_table(ct, direction)
 )
-
-
-def _scalar(kind: m.Scalar) -> st.SearchStrategy[int]:
-    bits = kind.size * 8
-    return st.integers(-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if kind.signed else st.integers(0, (1 << bits) - 1)
-
-
-_TEXT = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=12)
-
-
-def _field(kind: object, values: dict) -> st.SearchStrategy:
-    if isinstance(kind, m.Scalar):
-        return _scalar(kind)
-    if isinstance(kind, m.FixedBytes):
-        return st.binary(min_size=kind.n, max_size=kind.n)
-    if isinstance(kind, m.Rest):
-        return st.binary(max_size=48)
-    if isinstance(kind, m.Padding):
-        return st.integers(0, 32)
-    if isinstance(kind, m.CString):
-        return _TEXT
-    if isinstance(kind, m.Pointer):
-        return _TEXT if kind.nonnull else st.none() | _TEXT
-    if isinstance(kind, (m.Array, m.CountedArray)):
-        return st.lists(wire_values(kind.item), max_size=3).map(tuple)
-    if isinstance(kind, m.When):
-        if not kind.predicate(values[kind.on]):
-            return st.none()
-        return _scalar(m.Scalar(kind.struct.format[-1]))
-    if isinstance(kind, m.SubMessages):
-        sub = st.builds(framing.SubMessage, st.integers(0, 0xFFFF), st.binary(max_size=12))
-        return st.lists(sub, max_size=3).map(tuple)
-    if isinstance(kind, m.Nested):
-        return wire_values(kind.cls)
-    raise AssertionError(f"no strategy for the wire kind {kind!r}: add one")
-
-
-def wire_values(cls: type[m.WireStruct]) -> st.SearchStrategy:
-    """Valid instances of ``cls``, built from the same declaration the codec compiles."""
-
-    @st.composite
-    def build(draw: Callable) -> m.WireStruct:
-        values: dict = {}
-        for name, kind in cls.LAYOUT:
-            values[name] = draw(_field(kind, values))
-        for name, kind in cls.LAYOUT:
-            if isinstance(kind, m.CountedArray):
-                values[kind.on] = len(values[name])
-        return cls(**values)
-
-    return build()
 
 
 def _minimal_field(kind: object, values: dict) -> object:
@@ -716,12 +666,12 @@ _KEYS = ("password", "expires_in", "to", "to_control", "mode", "timeout", "to_to
          "width", "height")
 _SCALARS = (
     st.none() | st.booleans() | st.integers(-1000, 1000) | st.sampled_from([-1, 2**31, 2**32, 2**40 + 1, 2**64])
-    | st.floats(allow_nan=True, allow_infinity=True) | _TEXT
+    | st.floats(allow_nan=True, allow_infinity=True) | C_TEXT
     | st.sampled_from([MIGRATION, f"{SESSION:08x}", "00000000", "127.0.0.1:1", "seamless", "echo", "clock"])
 )
 _JSON = st.recursive(
     _SCALARS,
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS) | _TEXT, inner, max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS) | C_TEXT, inner, max_size=5),
     max_leaves=12,
 )
 

@@ -13,6 +13,8 @@ from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, DataCompression, NotifySeverity, NotifyVisibility
 from spicewire.protocol.framing import SubMessage
 
+from .wire_strategies import wire_values
+
 S2C, C2S = m.Direction.SERVER_TO_CLIENT, m.Direction.CLIENT_TO_SERVER
 # A channel on which each family's messages are legal.
 CHANNEL_OF = {
@@ -315,48 +317,7 @@ def test_out_of_range_field_is_a_codec_error_on_encode():
 
 # --- properties ------------------------------------------------------------------------------
 
-# Any text a C peer can carry: no NUL, and no lone surrogates (not encodable as UTF-8 at all).
-c_strings = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=12)
-
-
-def kind_strategy(kind):
-    if isinstance(kind, m.Scalar):
-        bits = 8 * kind.size
-        return st.integers(-(1 << bits - 1), (1 << bits - 1) - 1) if kind.signed else st.integers(0, (1 << bits) - 1)
-    if isinstance(kind, m.FixedBytes):
-        return st.binary(min_size=kind.n, max_size=kind.n)
-    if isinstance(kind, m.Rest):
-        return st.binary(max_size=40)
-    if isinstance(kind, m.Padding):
-        return st.integers(0, 40)
-    if isinstance(kind, m.CString):
-        return c_strings
-    if isinstance(kind, m.Pointer):
-        return c_strings if kind.nonnull else st.none() | c_strings
-    if isinstance(kind, m.Array | m.CountedArray):
-        return st.lists(struct_strategy(kind.item), max_size=4).map(tuple)
-    if isinstance(kind, m.When):
-        return st.integers(0, 0xFFFFFFFF)
-    if isinstance(kind, m.SubMessages):
-        return st.lists(st.builds(SubMessage, st.integers(0, 0xFFFF), st.binary(max_size=8)), max_size=3).map(tuple)
-    if isinstance(kind, m.Nested):
-        return struct_strategy(kind.cls)
-    raise AssertionError(kind)
-
-
-def struct_strategy(cls):
-    def build(fields):
-        for name, kind in cls.LAYOUT:
-            if isinstance(kind, m.When) and not kind.predicate(fields[kind.on]):
-                fields[name] = None  # absent on the wire, so absent after decoding
-            if isinstance(kind, m.CountedArray):
-                fields[kind.on] = len(fields[name])
-        return cls(**fields)
-
-    return st.fixed_dictionaries({name: kind_strategy(kind) for name, kind in cls.LAYOUT}).map(build)
-
-
-any_message = st.sampled_from(sorted(m.REGISTRY.values(), key=lambda cls: cls.__name__)).flatmap(struct_strategy)
+any_message = st.sampled_from(sorted(m.REGISTRY.values(), key=lambda cls: cls.__name__)).flatmap(wire_values)
 
 
 @given(any_message)
