@@ -12,11 +12,16 @@
    switch, over HTTPS between the TLS-only servers (``--control-tls``). The downtime is then a
    few milliseconds whatever the backlog, so the rate compared is in-flight bytes / (pre-copy
    time + downtime): what it takes to move the backlog, TLS / plain.
+4. The physical limit beside them, in this process: the CPU seconds per GiB Python's ssl spends
+   encrypting (s1's side) and decrypting (s2's side) through memory BIOs, as TlsSocket does, and
+   the AES-GCM inside that alone (``cryptography``, same key size, 16 KiB records). On 2 cores
+   where both servers are busy, TLS's extra CPU per GiB against the plain pre-copy's seconds per
+   GiB bounds the ratio of (3).
 
 Servers are `spicewire serve` processes; the client of (2) is a process of its own (its memory is
 read from /proc). Prints a JSON report and a table.
 
-    python benchmarks/bench_tls.py [--echo-mib 128] [--mib 1024] [--rounds 3] [--parts echo,relay,precopy]
+    python benchmarks/bench_tls.py [--echo-mib 128] [--mib 1024] [--rounds 3] [--parts echo,relay,precopy,limit]
 """
 
 from __future__ import annotations
@@ -26,20 +31,26 @@ import hashlib
 import json
 import os
 import pathlib
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import cast
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import gevent
 from bench_migration import RoleClient, cpu_seconds, load_average, memory, wait_until
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from spicewire.client import ClientSession
+from spicewire.client.tls import ClientTls
 from spicewire.control.client import ControlClient, control_tls_context
 from spicewire.demo import free_port, serving
+from spicewire.server.tls import load_server_tls
+from spicewire.tlssocket import WRITE_CHUNK
 from tests.tlsca import SUBJECT, SUBJECT_TEXT, TestCA
 
 ECHO, SINK = "org.spicewire.echo", "org.spicewire.sink"
@@ -234,6 +245,61 @@ def bench_migration(x509_dirs: tuple[str, str], ca_file: str, mib: int, rounds: 
     }
 
 
+# --- 4. the limit ---------------------------------------------------------------------------------
+
+
+def record_layer(x509_dir: str, ca_file: str, mib: int) -> dict:
+    """CPU seconds per GiB of this process for ``mib`` MiB: SSLObject encrypting WRITE_CHUNK at a
+    time into a memory BIO and the BIO read (what s1's TlsSocket does), feeding those records to
+    the peer's BIO and decrypting them into a buffer (s2's), and the bare AES-GCM of the same
+    bytes in 16 KiB records. CPU time, not wall time: other jobs on the machine count less."""
+    client_bios, server_bios = (ssl.MemoryBIO(), ssl.MemoryBIO()), (ssl.MemoryBIO(), ssl.MemoryBIO())
+    client = ClientTls(ca_file, SUBJECT_TEXT)._context.wrap_bio(*client_bios, server_hostname="127.0.0.1")
+    server = load_server_tls(x509_dir).context.wrap_bio(*server_bios, server_side=True)
+    while not (handshake_step(client, client_bios[1], server_bios[0]) & handshake_step(server, server_bios[1],
+                                                                                      client_bios[0])):
+        pass
+    data = memoryview(os.urandom(WRITE_CHUNK))
+    into = memoryview(bytearray(WRITE_CHUNK))
+    rounds = (mib << 20) // WRITE_CHUNK
+    encrypt = decrypt = 0.0
+    for _ in range(rounds):
+        started = time.process_time()
+        client.write(data)
+        records = client_bios[1].read()
+        encrypted = time.process_time()
+        server_bios[0].write(records)
+        got = 0
+        while got < WRITE_CHUNK:
+            got += cast(int, server.read(WRITE_CHUNK - got, into[got:]))  # with a buffer: the count
+        decrypt += time.process_time() - encrypted
+        encrypt += encrypted - started
+    cipher = client.cipher()
+    assert cipher is not None and bytes(into) == bytes(data)
+    aead = AESGCM(os.urandom(cipher[2] // 8))
+    nonce = os.urandom(12)
+    started = time.process_time()
+    for _ in range(rounds):
+        for start in range(0, WRITE_CHUNK, 16 << 10):
+            aead.encrypt(nonce, data[start : start + (16 << 10)], None)
+    aes = time.process_time() - started
+    per_gib = (1 << 30) / (rounds * WRITE_CHUNK)
+    return {"cipher": cipher[0], "encrypt_s_per_gib": encrypt * per_gib, "decrypt_s_per_gib": decrypt * per_gib,
+            "aes_gcm_s_per_gib": aes * per_gib}
+
+
+def handshake_step(tls: ssl.SSLObject, outgoing: ssl.MemoryBIO, peer_incoming: ssl.MemoryBIO) -> bool:
+    """One step of a handshake between two SSLObjects; True once this side is done."""
+    try:
+        tls.do_handshake()
+        done = True
+    except ssl.SSLWantReadError:
+        done = False
+    if outgoing.pending:
+        peer_incoming.write(outgoing.read())
+    return done
+
+
 def table(results: dict) -> list[tuple[str, str, str, bool | str]]:
     """(measure, figure, goal, met) for each measure that ran."""
     rows: list[tuple[str, str, str, bool | str]] = []
@@ -261,6 +327,17 @@ def table(results: dict) -> list[tuple[str, str, str, bool | str]]:
                      f"{mig['client_peak_beyond_idle_tls'] / 2**20:.1f}", "<= 64",
                      mig["client_peak_beyond_idle_tls"] <= 64 << 20))
         rows.append(("everything arrived intact", str(mig["intact"]), "", mig["intact"]))
+    if "limit" in results:
+        lim = results["limit"]
+        title = f"the limit: CPU s per GiB through Python's ssl ({lim['cipher']}), encrypt / decrypt, AES-GCM alone"
+        figure = (f"{lim['encrypt_s_per_gib']:.2f} / {lim['decrypt_s_per_gib']:.2f} s, "
+                  f"{lim['aes_gcm_s_per_gib']:.2f} s")
+        rows.append((title, figure, "", ""))
+        if "precopy_migration" in results:
+            plain_s = (1 << 30) / results["precopy_migration"]["plain_bytes_per_s"]
+            extra = lim["encrypt_s_per_gib"] + lim["decrypt_s_per_gib"]
+            title = "the limit against the plain pre-copy: its s per GiB, and TLS's extra CPU s per GiB (both servers)"
+            rows.append((title, f"{plain_s:.2f} s, +{extra:.2f} CPU s", "", ""))
     return rows
 
 
@@ -274,8 +351,9 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=1024, help="in flight during the migrations")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--migration-rounds", type=int, default=1)
-    parser.add_argument("--parts", type=lambda text: set(text.split(",")), default={"echo", "relay", "precopy"},
-                        help="which measures, comma-separated: echo, relay, precopy (default: all)")
+    parser.add_argument("--parts", type=lambda text: set(text.split(",")),
+                        default={"echo", "relay", "precopy", "limit"},
+                        help="which measures, comma-separated: echo, relay, precopy, limit (default: all)")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args()
     if args.role == "client":
@@ -293,6 +371,8 @@ def main() -> int:
             results["migration"] = bench_migration(dirs, ca_file, args.mib, args.migration_rounds, False)
         if "precopy" in args.parts:
             results["precopy_migration"] = bench_migration(dirs, ca_file, args.mib, args.migration_rounds, True)
+        if "limit" in args.parts:
+            results["limit"] = record_layer(dirs[0], ca_file, args.mib)
     results["load_at_end"] = load_average()
     text = json.dumps(results, indent=1)
     print(text)
