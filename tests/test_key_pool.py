@@ -2,6 +2,7 @@
 to its bound and no further, refills as links take keys, serves a burst from what is ready, and
 makes a key on demand when it has none."""
 
+import os
 import threading
 
 import gevent
@@ -10,7 +11,7 @@ import pytest
 from spicewire.cli import build_parser
 from spicewire.control.client import ControlClient
 from spicewire.control.server import ControlServer
-from spicewire.server.keys import KeyPool
+from spicewire.server.keys import KeyPool, _KeyMaker
 from spicewire.server.net import ServerConfig
 from tests.serverkit import MainSession, running_server
 
@@ -193,3 +194,14 @@ def test_serve_refuses_a_bad_key_pool_option(argv, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--listen", "127.0.0.1:5900", *argv])
     assert argv[0] in capsys.readouterr().err
+
+
+def test_a_key_maker_whose_server_went_away_mid_key_exits_quietly(capfd):
+    """A server killed while its child makes a key: the child finds the pipe closed and ends,
+    with no traceback in the server's log (the child's stderr is the server's)."""
+    maker = _KeyMaker()
+    os.write(maker._requests, b"k")
+    os.close(maker._keys)  # the server is gone: nobody reads the key being made
+    os.close(maker._requests)
+    _, status = os.waitpid(maker.pid, 0)
+    assert status == 0 and "Traceback" not in capfd.readouterr().err

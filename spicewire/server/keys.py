@@ -51,7 +51,10 @@ while os.read(0, 1):
     key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    os.write(1, struct.pack("<I", len(der)) + der)
+    try:
+        os.write(1, struct.pack("<I", len(der)) + der)
+    except BrokenPipeError:  # the server went away while this key was being made
+        break
 """
 _SIZE = struct.Struct("<I")
 _native_lock = gevent.monkey.get_original("_thread", "allocate_lock")
