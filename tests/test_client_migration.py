@@ -428,8 +428,15 @@ def wait_for(predicate, timeout: float, step: float = 0.05) -> bool:
     return predicate()
 
 
-def migrate_vm(s1: QemuSpice, s2: QemuSpice, timeout: float = 30.0) -> str:
-    s1.qmp_command("migrate", uri=f"tcp:127.0.0.1:{s2.incoming_port}")
+def migrate_vm(s1: QemuSpice, s2: QemuSpice, timeout: float = 30.0, via_port: int | None = None) -> str:
+    """Migrate the VM from s1 to s2 (through ``via_port`` if given, a relay to s2's incoming port).
+
+    With the return path, s1 completes, and only then sends the client its MIGRATE, once s2 has
+    loaded the device state: without it s1 completes when the stream is written, and s2's
+    spice-server, whose char devices run during the load, may put client bytes into a serial port
+    whose state the load then overwrites (tests/test_qemu_migration_order.py)."""
+    s1.qmp_command("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
+    s1.qmp_command("migrate", uri=f"tcp:127.0.0.1:{via_port or s2.incoming_port}")
     status = {}
 
     def done():
