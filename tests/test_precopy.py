@@ -363,9 +363,9 @@ def test_an_s2_without_precopy_gets_the_whole_state_through_the_client(pnodes, p
     if older == "no-features":  # it neither knows the key nor says it takes anything
         manager = s2.spice.migration
         real_announce = manager.announce
-        monkeypatch.setattr(manager, "announce", lambda migration, sessions, ttl, state_key=None, offered_auth=None:
+        monkeypatch.setattr(manager, "announce", lambda migration, sessions, ttl, **offers:
                             real_announce(migration, sessions, ttl))
-        monkeypatch.setattr(manager, "features", lambda state_key, offered_auth=None: {})
+        monkeypatch.setattr(manager, "features", lambda state_key, **offers: {})
     session = connect(s1)
     size = 24 * MIB
     digest = fill_paused_sink(s1, session, size)
@@ -402,8 +402,8 @@ def older_digests(node, monkeypatch) -> None:
     manager = node.spice.migration
     real = manager.features
 
-    def features(state_key, offered_auth=None):
-        answer = real(state_key, offered_auth)
+    def features(state_key, **offers):
+        answer = real(state_key, **offers)
         del answer["port_precopy_digests"]
         return answer
 
