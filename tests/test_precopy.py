@@ -699,7 +699,7 @@ def test_s1_hashes_and_batches_and_s2_reads_and_hashes_by_piece(size):
     data = os.urandom(size)
     views = [memoryview(data)[:size // 3], memoryview(data)[size // 3:]]  # one view longer than PIECE
     sent = precopy.DIGESTS["xxh3-128"]()
-    batches = list(precopy._hashed(views, sent))
+    batches = list(precopy._hashed(precopy._batches(views, 0, size), sent))
     assert b"".join(bytes(p) for batch in batches for p in batch) == data
     assert all(sum(p.nbytes for p in batch) >= precopy.PIECE for batch in batches[:-1])
     assert max(p.nbytes for batch in batches for p in batch) <= precopy.PIECE

@@ -47,9 +47,11 @@ import hashlib
 import json
 import logging
 import struct
+from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -212,42 +214,57 @@ def plan_precopies(sources: list[SessionSource], kind: str) -> list[PortPrecopy]
     return plans
 
 
-def _hashed(pieces: list[memoryview], digest: Any) -> Iterator[list[memoryview]]:
-    """``pieces`` in batches of about PIECE bytes for the socket, hashed into ``digest`` by a
-    worker thread HASH_JOB at a time, in order, while the socket sends them (the queue's bytes do
-    not change while they are sent). A queue is mostly the client's DATA messages, 64 KiB each:
-    a batch goes out in one system call."""
+def _batches(chunks: list, start: int, length: int) -> Iterator[tuple[list, int]]:
+    """``length`` bytes of ``chunks`` from byte ``start`` of the first on, as lists of PIECE bytes
+    (the last one fewer) for one system call each, with their size: the chunks themselves, and a
+    view of one only where a list begins or ends inside it. A queue is thousands of 64 KiB DATA
+    messages: the lists are cut from ``chunks`` by bisection, not built a chunk at a time (a few
+    objects a chunk cost more than the socket's copy of it)."""
+    ends = list(accumulate(map(len, chunks)))
+    pos, stop = start, start + length
+    while pos < stop:
+        upto = min(stop, pos + PIECE)
+        first, last = bisect_right(ends, pos), bisect_left(ends, upto)
+        batch = chunks[first:last + 1]
+        cut_head, cut_tail = pos - (ends[first] - len(chunks[first])), ends[last] - upto
+        if first == last:
+            batch[0] = memoryview(batch[0])[cut_head:len(batch[0]) - cut_tail]
+        else:
+            if cut_head:
+                batch[0] = memoryview(batch[0])[cut_head:]
+            if cut_tail:
+                batch[-1] = memoryview(batch[-1])[:len(batch[-1]) - cut_tail]
+        yield batch, upto - pos
+        pos = upto
+
+
+def _hashed(batches: Iterator[tuple[list, int]], digest: Any) -> Iterator[list]:
+    """``batches`` for the socket, hashed into ``digest`` by a worker thread HASH_JOB at a time,
+    in order, while the socket sends them (a queue's bytes do not change while they are sent):
+    on two cores, the socket's copy on one and the digest on the other, which reads mostly what
+    the socket just read, from the shared cache."""
     pool = gevent.get_hub().threadpool
     job = None
-    batch: list[memoryview] = []
-    work: list[memoryview] = []
-    size = work_size = 0
-    for piece in pieces:
-        for start in range(0, piece.nbytes, PIECE):
-            part = piece[start:start + PIECE]
-            batch.append(part)
-            work.append(part)
-            size += part.nbytes
-            work_size += part.nbytes
-            if work_size >= HASH_JOB:
-                if job is not None:
-                    job.get()  # in order
-                job = pool.spawn(_update, digest, work)
-                work, work_size = [], 0
-            if size >= PIECE:
-                yield batch
-                batch, size = [], 0
+    work: list = []
+    work_size = 0
+    for batch, size in batches:
+        work.extend(batch)
+        work_size += size
+        if work_size >= HASH_JOB:
+            if job is not None:
+                job.get()  # in order
+            job = pool.spawn(_update, digest, work)
+            work, work_size = [], 0
+        yield batch
     if work:
         if job is not None:
             job.get()
         job = pool.spawn(_update, digest, work)
-    if batch:
-        yield batch
     if job is not None:
         job.get()
 
 
-def _update(digest: Any, parts: list[memoryview]) -> None:
+def _update(digest: Any, parts: list) -> None:
     for part in parts:
         digest.update(part)
 
@@ -270,10 +287,10 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
             body = [_INDEX_SIZE.pack(len(index)) + index]
             total_size = len(body[0]) + size
 
-            def stream(body: list = body, items: list = pieces) -> Iterator[list[memoryview]]:
+            def stream(body: list = body, items: list = pieces) -> Iterator[list]:
                 yield body
-                for views, region, _, _ in items:
-                    yield from _hashed(views, region.digest)
+                for (chunks, start), region, length, _ in items:
+                    yield from _hashed(_batches(chunks, start, length), region.digest)
 
             answer = migration.client.post_stream(f"/migration/port-precopy?migration={migration.id}", stream(),
                                                   total_size, migration.left())
@@ -299,8 +316,9 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
 
 
 def _next_round(plans: list[PortPrecopy]) -> tuple[list[dict], list[tuple], int]:
-    """What the next round carries: its index entries, each entry's bytes (views of the queue)
-    with the region they extend, and their total. A region that cannot extend starts afresh."""
+    """What the next round carries: its index entries, each entry's bytes (the queue's chunks as
+    they are now, and where in the first its bytes begin) with the region they extend, and their
+    total. A region that cannot extend starts afresh."""
     entries: list[dict] = []
     pieces: list[tuple] = []
     size = 0
@@ -310,27 +328,16 @@ def _next_round(plans: list[PortPrecopy]) -> tuple[list[dict], list[tuple], int]
             if not length:
                 continue
             region = plan.regions[direction]
-            queue, _, total = _queue(plan.port, direction)
-            views = _limited(last_bytes(queue, total - offset), length)
+            queue, queued, total = _queue(plan.port, direction)
+            chunks = list(queue)  # the device may consume and the client add while the round is sent
             if offset != region.end or not region.length:
                 region.restart(offset)
             entries.append({"session_id": session_label(plan.session_id), "port": plan.port.channel_id,
                             "dir": direction, "offset": offset, "length": length, "capacity": region.capacity,
                             "digest": region.kind})
-            pieces.append((views, region, length, plan))
+            pieces.append(((chunks, offset - (total - queued)), region, length, plan))
             size += length
     return entries, pieces, size
-
-
-def _limited(views: list[memoryview], length: int) -> list[memoryview]:
-    """The first ``length`` bytes of ``views``."""
-    out = []
-    for view in views:
-        if length <= 0:
-            break
-        out.append(view[:length])
-        length -= min(length, view.nbytes)
-    return out
 
 
 # --- s2 ------------------------------------------------------------------------------------------
@@ -413,7 +420,7 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
     targets = [_target(manager, migration_id, entry) for entry in entries]
     if _INDEX_SIZE.size + index_size + sum(target[4] for target in targets) != size:
         raise ValueError("the pre-copy entries do not add up to the body's size")
-    capacities = []
+    capacities: list[int] = []
     for ann, key, offset, capacity, length, kind in targets:
         held = ann.precopied.get(key)
         if held is None:
