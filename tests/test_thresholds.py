@@ -131,13 +131,12 @@ def landing(body: int, arrived: int, in_thread: bool = True) -> tuple[LandingMac
     return LandingMac(mac, buffer, lambda: arrived), mac  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("in_thread", [True, False], ids=["thread-mac", "hub-mac"])
 @pytest.mark.parametrize("arrived", [LANDED_STEP - 1, LANDED_STEP, LANDED_STEP + 1])
-def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived, in_thread):
-    """Under LANDED_STEP waiting, nothing is hashed until the body is whole; from it on, what
-    arrived is hashed before the last byte comes: in a worker thread for a MAC whose update lets
-    go of the GIL (v1's HMAC), on the hub for one that holds it (v2's Poly1305)."""
-    mac_of, mac = landing(3 * LANDED_STEP, arrived, in_thread)
+def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived):
+    """For a MAC whose update lets go of the GIL (v1's HMAC): under LANDED_STEP waiting, nothing
+    is hashed until the body is whole; from it on, what arrived is hashed in a worker thread
+    before the last byte comes."""
+    mac_of, mac = landing(3 * LANDED_STEP, arrived, in_thread=True)
     mac_of.landed()
     mac_of.finish()
     ahead = arrived if arrived >= LANDED_STEP else 0
@@ -145,7 +144,20 @@ def test_a_landing_body_is_hashed_ahead_once_landed_step_bytes_wait(arrived, in_
     assert sum(n for n, _ in mac.pieces) == 3 * LANDED_STEP  # the whole body, once
     if ahead:
         n, thread = mac.pieces[0]
-        assert n == ahead and (thread != threading.get_ident()) == in_thread
+        assert n == ahead and thread != threading.get_ident()
+
+
+@pytest.mark.parametrize("arrived", [1, LANDED_STEP - 1, LANDED_STEP, LANDED_STEP + 1])
+def test_a_mac_that_holds_the_gil_hashes_each_read_on_the_hub_as_it_lands(arrived):
+    """v2's Poly1305 (holds the GIL): every read is hashed on the hub right after it, whatever
+    its size (LANDED_STEP is the worker thread's), and a read that brought nothing new adds no piece."""
+    mac_of, mac = landing(3 * LANDED_STEP, arrived, in_thread=False)
+    mac_of.landed()
+    mac_of.landed()
+    assert mac.pieces == [(arrived, threading.get_ident())]
+    mac_of.finish()
+    assert mac_of.ahead == arrived
+    assert sum(n for n, _ in mac.pieces) == 3 * LANDED_STEP  # the whole body, once
 
 
 @pytest.mark.parametrize("in_thread", [True, False], ids=["thread-mac", "hub-mac"])

@@ -32,8 +32,9 @@ carries hundreds of MiB of buffered port data without per-chunk copies::
         then    device->client bytes the device produced before it stopped, not yet sent
         last    device-specific state, opaque (may be empty)
 
-Why segments: s1 packs one segment at a time into a reused buffer and drops the buffers it has
-packed, so building the message never holds the in-flight state twice; s2 gathers the whole body
+Why containers: s1 never holds the in-flight state twice. A server sends each container's index
+and then its chunks straight from the queues, many per sendmsg (``PortMigrateDataWriter.gathered``);
+``segments`` packs one container at a time into a reused buffer instead. s2 gathers the whole body
 in one buffer and keeps memoryviews into it, so restoring copies nothing.
 """
 
@@ -88,6 +89,9 @@ _MAIN_TAIL = struct.Struct("<BI8sBIIIBIB")  # the 32 bytes after the agent char 
 _PORT_STATE = struct.Struct("<IIQQQIIIIQ8x")  # 64 bytes, SWPD chunk 0
 _REGION_REF = struct.Struct("<QQQ32s")  # start, length, skip, digest: one direction of SWPD chunk 1
 SWPD_SEGMENT = 8 << 20  # one container's bytes while building: the size of the reused buffer
+GATHER_SMALL = 16 << 10  # PortMigrateDataWriter.gathered joins chunks under this with their neighbours
+_CONTAINER_HEADER = struct.Struct("<IHHIIQQ")  # codec container: magic, version, header size, count, flags, sizes
+_CONTAINER_ENTRY = struct.Struct("<QQ")  # offset, length
 _CONTAINER_TOTAL = struct.Struct("<Q")  # codec container total_size, at offset 16
 SPICEVMC_MIGRATE_DATA_SIZE = _HEADER.size + _CHAR_DEVICE.size  # 33
 MAIN_MIGRATE_DATA_SIZE = SPICEVMC_MIGRATE_DATA_SIZE + _MAIN_TAIL.size  # 65
@@ -339,6 +343,41 @@ class PortMigrateDataWriter:
         for chunks in self.chunk_groups():
             yield codec.pack_chunks(chunks, out=out)
 
+    def gathered(self, batch: int) -> Iterator[list[bytes | memoryview]]:
+        """The body after its header, the same bytes as the segments, as lists of about ``batch``
+        bytes for one sendmsg each: every container's index (built here) and its chunks as the
+        views they are, never packed. A chunk larger than ``batch`` is cut into views; chunks
+        under GATHER_SMALL are joined (copied) with their neighbours, as a view each would cost
+        more in calls (the MAC's, the socket's) than the copy."""
+        out: list[bytes | memoryview] = []
+        small: list[bytes | memoryview] = []
+        size = small_size = 0
+        for chunks in self.chunk_groups():
+            views = [layout.byte_view(chunk) for chunk in chunks]
+            small.append(container_index([len(view) for view in views]))
+            small_size += len(small[-1])
+            for view in views:
+                if len(view) < GATHER_SMALL:
+                    small.append(view)
+                    small_size += len(view)
+                    if small_size < GATHER_SMALL:
+                        continue
+                    view = memoryview(b"".join(small))
+                elif small:
+                    out.append(b"".join(small))
+                    size += small_size
+                small, small_size = [], 0
+                for start in range(0, len(view), batch):
+                    out.append(view[start : start + batch])
+                    size += len(out[-1])
+                    if size >= batch:
+                        yield out
+                        out, size = [], 0
+        if small:
+            out.append(b"".join(small))
+        if out:
+            yield out
+
     def _chunks(self) -> Iterator[Buffer]:
         yield self._record
         if self._reference is not None:
@@ -350,6 +389,20 @@ class PortMigrateDataWriter:
             else:
                 yield from queue
         yield self._device_state
+
+
+def container_index(lengths: Sequence[int]) -> bytes:
+    """The bytes of a codec container (pack_chunks's layout) that come before its chunks: the
+    header, the index of chunks of ``lengths``, the padding."""
+    start = layout.data_start(len(lengths))
+    index = bytearray(start)
+    _CONTAINER_HEADER.pack_into(index, 0, layout.CHUNK_MAGIC, layout.CHUNK_VERSION, layout.CHUNK_HEADER_SIZE,
+                                len(lengths), 0, start + sum(lengths), sum(lengths))
+    pos = start
+    for k, length in enumerate(lengths):
+        _CONTAINER_ENTRY.pack_into(index, layout.CHUNK_HEADER_SIZE + k * layout.CHUNK_INDEX_ENTRY_SIZE, pos, length)
+        pos += length
+    return bytes(index)
 
 
 def _segment_plan(lengths: Sequence[int], segment: int) -> list[int]:

@@ -27,8 +27,9 @@ large body as it arrives, so it needs the key from the first byte): the secret, 
   second body for the same pair raises ``KeyReuse`` before any byte of it is tagged;
 - s2 checks the same way: a second MIGRATE_DATA for a pair it has checked is refused.
 
-The tag is computed over the body as it is built: a streamed SWPD updates it segment by segment,
-as each segment is packed (``StateMac.update``), never with a second pass over the state.
+The tag is computed over the body as it goes out: a streamed SWPD updates it batch by batch, each
+batch of queue views just before the socket copies it (``StateMac.update``), never with a second
+pass over the state.
 """
 
 from __future__ import annotations

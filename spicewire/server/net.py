@@ -22,6 +22,7 @@ import gevent.pool
 from gevent.server import StreamServer
 
 from spicewire import devices, screens
+from spicewire.control.client import send_buffers
 from spicewire.errors import LinkError, LinkTimeout, PeerFault, PeerStalled, SpiceError
 from spicewire.logs import context, session_label
 from spicewire.protocol import messages as m
@@ -715,11 +716,16 @@ class Connection:
                     head = self._outq.popleft()
                     if not isinstance(head, bytes):
                         for piece in head:  # a streamed body (send_stream)
-                            # numpy's stubs give ndarray its __buffer__ only from Python 3.12 on.
-                            self.sock.sendall(piece)  # type: ignore[arg-type]
-                            self.pending_write -= len(piece)
-                            self.written += len(piece)
-                            self.server.metrics.bytes_out += len(piece)
+                            if isinstance(piece, list):  # views gathered for one sendmsg, never joined
+                                send_buffers(self.sock, piece)
+                                sent = sum(memoryview(view).nbytes for view in piece)
+                            else:
+                                # numpy's stubs give ndarray its __buffer__ only from Python 3.12 on.
+                                self.sock.sendall(piece)  # type: ignore[arg-type]
+                                sent = len(piece)
+                            self.pending_write -= sent
+                            self.written += sent
+                            self.server.metrics.bytes_out += sent
                             gevent.idle()  # a client that keeps up would never make this yield
                         continue
                     batch, size = [head], len(head)

@@ -41,8 +41,9 @@ MAIN_MAX_MESSAGE = 26624
 PORT_MAX_MESSAGE = 64 << 20
 
 
-# One piece of a body the caller streams (Transport.send_stream): anything the socket can send.
-Segment: TypeAlias = bytes | memoryview | np.ndarray
+# One piece of a body the caller streams (Transport.send_stream): anything the socket can send,
+# or a list of such buffers that go out together (one sendmsg), in order.
+Segment: TypeAlias = bytes | memoryview | np.ndarray | list[bytes | memoryview]
 
 
 class Transport(Protocol):

@@ -9,6 +9,7 @@ could not reach s2 simply stays on s1, its devices running.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import secrets
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 import gevent.event
+import numpy as np
 
 from spicewire import codec, devices
 from spicewire.addresses import Address
@@ -39,17 +41,21 @@ from spicewire.server.display import (
     prepare_update,
     take_precopy,
 )
-from spicewire.server.migration.common import mode_label, prefaulted
+from spicewire.server.migration.common import collector_paused, mode_label, prefaulted
 from spicewire.server.migration.destination import (
+    PREFAULT_BATCH,
     PREFAULT_MIN,
     Announcement,
     SessionDestination,
+    prefault_room,
 )
 from spicewire.server.migration.precopy import DIGESTS, PRECOPY_VERSION, precopy_ports
-from spicewire.server.migration.source import PackBuffers, SessionSource, pack_device_states
+from spicewire.server.migration.source import SessionSource, pack_device_states
 from spicewire.server.session import PortConnection, PortState, Session
 
 if TYPE_CHECKING:
+    from gevent.threadpool import ThreadPool
+
     from spicewire.server.net import SpiceServer
 
 log = logging.getLogger(__name__)
@@ -59,7 +65,6 @@ LANDING_MARGIN = 0.5  # s
 STATUS_TIMEOUT = 2.0  # for one "have they landed?" request to s2
 FIRST_ASK_WITHIN = 0.05  # s: s1 asks s2 once every client left s1, or this long after the switch began
 UNREACHABLE_TRIES = 3  # consecutive refused status requests after which s2 counts as gone
-MAX_PREPARED_STREAMS = 2  # s1 prepares segment buffers for this many big MIGRATE_DATA at once
 MAX_ANNOUNCED = 10_000  # sessions announced here and not yet landed, failed or expired, all migrations together
 # Bytes prefaulted for announced backlogs at once; past it, buffers come as data does. None: the
 # server's memory budget, which bounds what it may hold anyway. A fixed 1 GiB here left a 1 GiB
@@ -137,6 +142,26 @@ def precopy_batches(sources: list[SessionSource]) -> list[list[SessionSource]]:
     return batches
 
 
+def _prefault_batch(pool: ThreadPool, wanted: list[tuple[gevent.event.AsyncResult[np.ndarray], int]]) -> None:
+    """Fault in the buffers ``wanted`` (each result gets a buffer of its size) in one worker-thread
+    job: a job each would cost the hub more than the faulting, and spawn waits for a free thread."""
+
+    def deliver(job: gevent.event.AsyncResult[list[np.ndarray]]) -> None:
+        buffers = job.get() if job.successful() else None
+        if buffers is not None:
+            for (result, _), buffer in zip(wanted, buffers, strict=True):
+                result.set(buffer)
+        else:  # each port's MIGRATE_DATA gets fresh memory when it comes (take_buffer)
+            for result, _ in wanted:
+                result.set_exception(job.exception or RuntimeError("the prefault job returned nothing"))
+
+    pool.spawn(_prefaulted_each, [room for _, room in wanted]).rawlink(deliver)
+
+
+def _prefaulted_each(sizes: list[int]) -> list[np.ndarray]:
+    return [prefaulted(size) for size in sizes]
+
+
 class MigrationManager:
     """One server's migrations, as source and as destination."""
 
@@ -149,6 +174,9 @@ class MigrationManager:
         self.migration_of: dict[int, str] = {}  # session id -> the migration that last announced it
         self._sweeper: gevent.Greenlet | None = None
         self._migrating: str | None = None  # the id of the /migrate running here as source
+        # Bytes prefaulted (or being prefaulted) for the live announcements, counted as they come
+        # and go: a sum over them for each port made an announcement of N sessions cost N^2 steps.
+        self._prefaulted = 0
 
     # --- destination -------------------------------------------------------------------------
 
@@ -193,6 +221,9 @@ class MigrationManager:
         expires = time.monotonic() + ttl
         memory = self.server.budget
         budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else memory.limit
+        pool = gevent.get_hub().threadpool
+        batch: list[tuple[gevent.event.AsyncResult[np.ndarray], int]] = []  # small backlogs' buffers, one job's worth
+        batched = 0
         for entry in sessions:
             sid = int(entry["session_id"])
             self.end_announcement(sid)  # the same migration announcing again starts it afresh
@@ -211,14 +242,28 @@ class MigrationManager:
             self.completed.pop(sid, None)  # an earlier visit's report must not answer for this one
             self.failed.pop(sid, None)
             for cid, size in in_flight.items():
-                # Room for the SWPD framing around the bytes, and for what arrives until FLUSH_MARK.
-                room = int(size * 1.02) + (4 << 20)
+                room = prefault_room(size)
                 # Only what fits the budget: a big (or lying) announcement must not hold memory
                 # the real transfers need; beyond it MIGRATE_DATA gets its buffer when it arrives.
-                if size >= PREFAULT_MIN and self.prefaulted + room <= budget and memory.admits(room):
-                    ann.buffers[cid] = gevent.get_hub().threadpool.spawn(prefaulted, room)
+                if room and self._prefaulted + room <= budget and memory.admits(room):
+                    if size >= PREFAULT_MIN:
+                        ann.buffers[cid] = pool.spawn(prefaulted, room)
+                    else:
+                        buffer: gevent.event.AsyncResult[np.ndarray] = gevent.event.AsyncResult()
+                        ann.buffers[cid] = buffer
+                        batch.append((buffer, room))
+                        batched += room
+                        if batched >= PREFAULT_BATCH:
+                            _prefault_batch(pool, batch)
+                            batch, batched = [], 0
                     ann.prefaulted += room
+                    self._prefaulted += room
                     memory.reserve(room)  # held until the announcement ends (end_announcement)
+        if batch:
+            _prefault_batch(pool, batch)
+        # The sessions' objects, hundreds of thousands in a big server, are not garbage: each full
+        # collection while the migrations run would walk them all again (tens of ms each).
+        gc.freeze()
         if self._sweeper is None:
             self._sweeper = gevent.spawn(self._sweep_until_empty)
         self._forget_oldest()
@@ -235,15 +280,18 @@ class MigrationManager:
     @property
     def prefaulted(self) -> int:
         """Bytes prefaulted (or being prefaulted) for the live announcements."""
-        return sum(ann.prefaulted for ann in self.announcements.values())
+        return self._prefaulted
 
     def end_announcement(self, session_id: int) -> None:
         """The session's migration here is over (it completed, failed, or was aborted)."""
         ann = self.announcements.pop(session_id, None)
         if ann is not None:
             self.server.budget.release(ann.prefaulted)
+            self._prefaulted -= ann.prefaulted
             ann.prefaulted = 0
             ann.release()
+            if not self.announcements:
+                gc.unfreeze()  # the last migration here ended: its objects may become garbage again
         sweeper = self._sweeper
         if not self.announcements and sweeper is not None and sweeper is not gevent.getcurrent():
             sweeper.kill(block=False)  # nothing left to expire: it would only keep this server alive
@@ -493,11 +541,15 @@ class MigrationManager:
             raise MigrationBusy(f"migration {self._migrating} is running on this server; one at a time")
         migration_id = secrets.token_hex(8)
         self._migrating = migration_id
+        # Every object now alive outlives the migration (or goes when its session leaves): full
+        # collections in the middle of it would walk them all, tens of ms each in a big server.
+        gc.freeze()
         try:
             return self._migrate(migration_id, to, to_control, mode, timeout, to_peer_token or to_token,
                                  to_tls_port, to_cert_subject, to_control_tls)
         finally:
             self._migrating = None
+            gc.unfreeze()
 
     def _migrate(
         self, migration_id: str, to: tuple[str, int], to_control: tuple[str, int], mode: mig.MigrationMode,
@@ -525,11 +577,14 @@ class MigrationManager:
             self._precopy_ports(migration, ready)
             pre_migration = time.time() - started
             ready, moved_devices = self._move_device_states(migration, ready)
-            for source in ready:
-                source.finish()
-            for source in switch_host:
-                source.finish(switch_host=True)
-            landed = self._land(migration, ready, end)
+            # The switch makes a burst of short-lived objects (every channel's MIGRATE, FLUSH_MARK,
+            # MIGRATE_DATA, and the sessions that leave); collected as it ends, not in its middle.
+            with collector_paused():
+                for source in ready:
+                    source.finish()
+                for source in switch_host:
+                    source.finish(switch_host=True)
+                landed = self._land(migration, ready, end)
         except BaseException as err:
             reason = f"the migration failed: {type(err).__name__}: {err}"
             for source in sources:
@@ -636,11 +691,8 @@ class MigrationManager:
         """BEGIN every session and wait for every client's answer, until ``end`` at most; returns
         the sessions whose client reached s2, and those that can only switch host at the end.
         ``display_direct``: s2 takes the display's record in the device state (DISPLAY_STATE_VERSION)."""
-        big = sum(1 for s in sessions for p in s.ports.values() if p.in_flight >= PackBuffers.SIZE)
-        pack_buffers = PackBuffers(2 * min(big, MAX_PREPARED_STREAMS))
         for session in sessions:
             source = SessionSource(session, max(0.001, end - time.monotonic()), display_direct=display_direct)
-            source.pack_buffers = pack_buffers
             session.migration = source
             sources.append(source)
             source.begin(dst, mode)

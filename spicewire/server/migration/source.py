@@ -12,7 +12,6 @@ from typing import assert_never
 
 import gevent
 import gevent.event
-import numpy as np
 
 from spicewire import codec
 from spicewire.errors import MigrationError, ProtocolError
@@ -30,7 +29,7 @@ from spicewire.server.display import (
     display_migrate_data,
     inputs_migrate_data,
 )
-from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel, prefaulted
+from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
 from spicewire.server.migration.precopy import PortPrecopy
 from spicewire.server.session import Session
 
@@ -77,7 +76,6 @@ class SessionSource:
         self.rolled_back = False
         self._timer: gevent.Greenlet | None = None
         self._timer_at: float | None = None  # the deadline _timer fires at
-        self.pack_buffers: PackBuffers | None = None  # the migration's, for a big MIGRATE_DATA
         main.intercept = partial(self._intercept, MAIN)
         for cid, port in self.ports.items():
             if port.connection is not None:  # all of them: self.ports holds only connected ports
@@ -314,8 +312,7 @@ class SessionSource:
         mac = None if self.state_key is None else self.state_key.mac(self.session.id, channel)
         size = writer.size + (0 if mac is None else mac.trailer_size)
         header = ch.send_streamed(Msg.MIGRATE_DATA, size)  # with what was queued before it
-        segments = pipelined_segments(writer, self.pack_buffers, mac)
-        conn.transport.send_stream(header, segments, len(header) + size)
+        conn.transport.send_stream(header, gathered_segments(writer, mac), len(header) + size)
         self._apply(outputs)
 
     def _arm_timer(self) -> None:
@@ -334,84 +331,42 @@ class SessionSource:
         self._apply(self.machine.handle_timer(time.monotonic()))
 
 
-class PackBuffers:
-    """Segment buffers for pipelined_segments, faulted in by worker threads during pre-migration:
-    fresh pages cost this machine about as much to touch as to fill (some 2 ms per MiB), and the
-    downtime should pay for neither. One migration's; buffers go back here after each stream."""
-
-    SIZE = mig.SWPD_SEGMENT  # a container is at most this large unless one chunk is larger
-
-    def __init__(self, count: int = 0) -> None:
-        pool = gevent.get_hub().threadpool
-        self._free = [pool.spawn(prefaulted, self.SIZE) for _ in range(count)]
-
-    def take(self, size: int) -> np.ndarray:
-        while self._free:
-            job = self._free.pop()
-            buffer = job.get() if job.ready() and job.successful() else None
-            if buffer is not None and len(buffer) >= size:
-                return buffer
-        return np.empty(size, dtype=np.uint8)
-
-    def give_back(self, buffer: np.ndarray) -> None:
-        if len(buffer) == self.SIZE:
-            done: gevent.event.AsyncResult[np.ndarray] = gevent.event.AsyncResult()
-            done.set(buffer)
-            self._free.append(done)
+GATHER_BATCH = 1 << 20
+"""Bytes of queue views per sendmsg in gathered_segments: a Poly1305 pass over a batch leaves it
+in the core's cache (1 MiB of L2 here) for the socket's copy right after."""
 
 
-def _packed(job: gevent.event.AsyncResult[np.ndarray]) -> np.ndarray:
-    packed = job.get()  # re-raises what pack_chunks raised
-    if packed is None:
-        raise RuntimeError("pack_chunks returned nothing")
-    return packed
-
-
-def pipelined_segments(
-    writer: mig.PortMigrateDataWriter, spare: PackBuffers | None = None, mac: state_auth.StateMac | None = None,
-) -> Iterator[np.ndarray | bytes]:
-    """The writer's segments, each packed in a worker thread into one of two buffers while the one
-    before it is being sent: pack_chunks copies without the GIL, so the copy and the socket overlap
-    instead of taking turns. A segment is asked for only once the previous one is sent, so the
-    buffer being packed is never the one on the wire. With ``mac``, each segment is fed to it
-    straight from the cache (no second pass over the state), by another worker thread while that
-    segment is sent and the next one packed, or on the hub for a MAC that would hold the GIL in
-    the thread too (StateMac.in_thread); its trailer follows the last segment."""
-    pool = gevent.get_hub().threadpool
+def gathered_segments(writer: mig.PortMigrateDataWriter, mac: state_auth.StateMac | None = None,
+                      ) -> Iterator[bytes | list[bytes | memoryview]]:
+    """The writer's body as batches of views of the queued bytes (PortMigrateDataWriter.gathered),
+    one sendmsg each: the socket's copy is the only one, where packing the containers first cost
+    a second copy of the state, with streaming stores, and the MAC then read it back from memory.
+    With ``mac``: a MAC that holds the GIL (StateMac.in_thread) is fed each batch on the hub just
+    before it is sent; one that lets go of it, by a worker thread while the batch is sent (the
+    queued bytes do not change meanwhile), each job waited for before the next, in order. Its
+    trailer follows the last batch."""
     if mac is not None:
         mac.update(writer.header)
-    yield np.frombuffer(writer.header, dtype=np.uint8)
-    spare = spare or PackBuffers()
-    buffers = [spare.take(writer.largest_container) for _ in range(2)]
-    hashing: gevent.event.AsyncResult | None = None  # the segment before: its buffer is packed next
-
-    def hashed(packed: np.ndarray) -> np.ndarray:
-        nonlocal hashing
-        if mac is not None and not mac.in_thread:  # it would hold the GIL in the thread too
-            mac.update(packed.data)
-            return packed
-        if hashing is not None:
-            hashing.get()  # in order, and done with the buffer the next pack reuses
-        hashing = pool.spawn(mac.update, packed.data) if mac is not None else None
-        return packed
-
-    try:
-        groups = writer.chunk_groups()
-        job = pool.spawn(codec.pack_chunks, next(groups), buffers[0])
-        turn = 0
-        for group in groups:
-            packed = hashed(_packed(job))
-            turn ^= 1
-            job = pool.spawn(codec.pack_chunks, group, buffers[turn])
-            yield packed
-        yield hashed(_packed(job))
-        if mac is not None:
+    yield writer.header
+    pool = gevent.get_hub().threadpool
+    hashing: gevent.event.AsyncResult | None = None
+    for batch in writer.gathered(GATHER_BATCH):
+        if mac is not None and mac.in_thread:
             if hashing is not None:
                 hashing.get()
-            yield mac.trailer()
-    finally:
-        for buffer in buffers:
-            spare.give_back(buffer)
+            hashing = pool.spawn(_update_all, mac, batch)
+        elif mac is not None:
+            _update_all(mac, batch)
+        yield batch
+    if mac is not None:
+        if hashing is not None:
+            hashing.get()
+        yield mac.trailer()
+
+
+def _update_all(mac: state_auth.StateMac, pieces: list[bytes | memoryview]) -> None:
+    for piece in pieces:
+        mac.update(piece)
 
 
 def pack_device_states(sessions: Iterable[Session], precopies: Mapping[int, Precopy] | None = None,
