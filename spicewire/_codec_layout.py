@@ -17,6 +17,7 @@ Bulk chunk container (``pack_chunks``), all integers little-endian::
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -47,9 +48,20 @@ DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 STREAM_THRESHOLD = 4 * 1024 * 1024
 
 __all__ = [
-    "CHUNK_DATA_ALIGN", "CHUNK_HEADER_SIZE", "CHUNK_INDEX_ENTRY_SIZE", "CHUNK_MAGIC", "CHUNK_VERSION",
-    "DEFAULT_MAX_SIZE", "FULL_HEADER", "FULL_HEADER_SIZE", "MINI_HEADER", "MINI_HEADER_SIZE",
+    "CHUNK_DATA_ALIGN",
+    "CHUNK_ENTRY",
+    "CHUNK_HEADER",
+    "CHUNK_HEADER_SIZE",
+    "CHUNK_INDEX_ENTRY_SIZE",
+    "CHUNK_MAGIC",
+    "CHUNK_VERSION",
+    "DEFAULT_MAX_SIZE",
+    "FULL_HEADER",
+    "FULL_HEADER_SIZE",
+    "MINI_HEADER",
+    "MINI_HEADER_SIZE",
     "STREAM_THRESHOLD",
+    "container_index",
 ]
 
 
@@ -57,6 +69,25 @@ def data_start(count: int) -> int:
     """Where the first chunk's bytes start in a container of ``count`` chunks."""
     index_end = CHUNK_HEADER_SIZE + CHUNK_INDEX_ENTRY_SIZE * count
     return -(-index_end // CHUNK_DATA_ALIGN) * CHUNK_DATA_ALIGN
+
+
+CHUNK_HEADER = struct.Struct("<IHHIIQQ")  # magic, version, header size, count, flags, total size, payload size
+CHUNK_ENTRY = struct.Struct("<QQ")  # a chunk's offset and length
+
+
+def container_index(lengths: Sequence[int]) -> bytes:
+    """The bytes of a container that come before its chunks, for chunks of ``lengths``: the header,
+    the index, the padding up to ``data_start``."""
+    start = data_start(len(lengths))
+    payload = sum(lengths)
+    index = bytearray(start)
+    CHUNK_HEADER.pack_into(index, 0, CHUNK_MAGIC, CHUNK_VERSION, CHUNK_HEADER_SIZE, len(lengths), 0,
+                           start + payload, payload)
+    pos = start
+    for k, length in enumerate(lengths):
+        CHUNK_ENTRY.pack_into(index, CHUNK_HEADER_SIZE + k * CHUNK_INDEX_ENTRY_SIZE, pos, length)
+        pos += length
+    return bytes(index)
 
 
 def output_buffer(out: object, total: int) -> npt.NDArray[np.uint8]:

@@ -25,8 +25,6 @@ _SSIZE_MAX = 2**63 - 1
 
 _MINI = layout.MINI_HEADER
 _FULL = layout.FULL_HEADER
-_CHUNK_HEADER = struct.Struct("<IHHIIQQ")
-_CHUNK_ENTRY = struct.Struct("<QQ")
 
 
 def _ssize(value: SupportsIndex) -> int:
@@ -109,15 +107,7 @@ def pack_chunks(chunks: Iterable[Buffer], out: npt.NDArray[np.uint8] | None = No
         c_lo = a.__array_interface__["data"][0]
         if a.size and c_lo < hi and lo < c_lo + a.size:
             raise CodecError(f"chunk {k} overlaps the output buffer")
-    index = bytearray(start)
-    _CHUNK_HEADER.pack_into(
-        index, 0, layout.CHUNK_MAGIC, layout.CHUNK_VERSION, layout.CHUNK_HEADER_SIZE, count, 0, total, payload
-    )
-    pos = start
-    for k, a in enumerate(arrays):
-        _CHUNK_ENTRY.pack_into(index, layout.CHUNK_HEADER_SIZE + k * layout.CHUNK_INDEX_ENTRY_SIZE, pos, a.size)
-        pos += a.size
-    result[:start] = np.frombuffer(index, dtype=np.uint8)
+    result[:start] = np.frombuffer(layout.container_index([a.size for a in arrays]), dtype=np.uint8)
     pos = start
     for a in arrays:
         result[pos : pos + a.size] = a
@@ -132,7 +122,7 @@ def unpack_chunks(buf: Buffer) -> list[memoryview]:
         raise CodecError(
             f"chunk container truncated: {length} bytes, the header alone needs {layout.CHUNK_HEADER_SIZE}"
         )
-    magic, version, header_size, count, flags, total, payload = _CHUNK_HEADER.unpack_from(flat, 0)
+    magic, version, header_size, count, flags, total, payload = layout.CHUNK_HEADER.unpack_from(flat, 0)
     if magic != layout.CHUNK_MAGIC:
         raise CodecError(f"bad chunk container magic 0x{magic:08x}")
     if version != layout.CHUNK_VERSION:
@@ -149,7 +139,8 @@ def unpack_chunks(buf: Buffer) -> list[memoryview]:
     seen = 0
     pieces = []
     for k in range(count):
-        offset, size = _CHUNK_ENTRY.unpack_from(flat, layout.CHUNK_HEADER_SIZE + k * layout.CHUNK_INDEX_ENTRY_SIZE)
+        entry = layout.CHUNK_HEADER_SIZE + k * layout.CHUNK_INDEX_ENTRY_SIZE
+        offset, size = layout.CHUNK_ENTRY.unpack_from(flat, entry)
         if offset < prev_end:
             raise CodecError(f"chunk {k} at offset {offset} overlaps the index or the chunk before it")
         if offset > total or size > total - offset:

@@ -90,8 +90,6 @@ _PORT_STATE = struct.Struct("<IIQQQIIIIQ8x")  # 64 bytes, SWPD chunk 0
 _REGION_REF = struct.Struct("<QQQ32s")  # start, length, skip, digest: one direction of SWPD chunk 1
 SWPD_SEGMENT = 8 << 20  # one container's bytes while building: the size of the reused buffer
 GATHER_SMALL = 16 << 10  # PortMigrateDataWriter.gathered joins chunks under this with their neighbours
-_CONTAINER_HEADER = struct.Struct("<IHHIIQQ")  # codec container: magic, version, header size, count, flags, sizes
-_CONTAINER_ENTRY = struct.Struct("<QQ")  # offset, length
 _CONTAINER_TOTAL = struct.Struct("<Q")  # codec container total_size, at offset 16
 SPICEVMC_MIGRATE_DATA_SIZE = _HEADER.size + _CHAR_DEVICE.size  # 33
 MAIN_MIGRATE_DATA_SIZE = SPICEVMC_MIGRATE_DATA_SIZE + _MAIN_TAIL.size  # 65
@@ -354,7 +352,7 @@ class PortMigrateDataWriter:
         size = small_size = 0
         for chunks in self.chunk_groups():
             views = [layout.byte_view(chunk) for chunk in chunks]
-            small.append(container_index([len(view) for view in views]))
+            small.append(layout.container_index([len(view) for view in views]))
             small_size += len(small[-1])
             for view in views:
                 if len(view) < GATHER_SMALL:
@@ -389,20 +387,6 @@ class PortMigrateDataWriter:
             else:
                 yield from queue
         yield self._device_state
-
-
-def container_index(lengths: Sequence[int]) -> bytes:
-    """The bytes of a codec container (pack_chunks's layout) that come before its chunks: the
-    header, the index of chunks of ``lengths``, the padding."""
-    start = layout.data_start(len(lengths))
-    index = bytearray(start)
-    _CONTAINER_HEADER.pack_into(index, 0, layout.CHUNK_MAGIC, layout.CHUNK_VERSION, layout.CHUNK_HEADER_SIZE,
-                                len(lengths), 0, start + sum(lengths), sum(lengths))
-    pos = start
-    for k, length in enumerate(lengths):
-        _CONTAINER_ENTRY.pack_into(index, layout.CHUNK_HEADER_SIZE + k * layout.CHUNK_INDEX_ENTRY_SIZE, pos, length)
-        pos += length
-    return bytes(index)
 
 
 def _segment_plan(lengths: Sequence[int], segment: int) -> list[int]:
