@@ -397,8 +397,8 @@ def test_a_rewritten_serial_or_main_body_is_caught(pnodes, monkeypatch, auth_ver
     real = source_module.SessionSource._sealed
     target = mig.MAIN if channel == "main" else SINK_CHANNEL
 
-    def rewritten(self, which, body):
-        sealed = bytearray(real(self, which, body))
+    def rewritten(self, which, *pieces):
+        sealed = bytearray(real(self, which, *pieces))
         if which == target:
             sealed[16] ^= 1  # MNMD: the agent's token count; SWPD: inside the state record's serials
         return bytes(sealed)

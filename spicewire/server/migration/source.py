@@ -268,13 +268,14 @@ class SessionSource:
             port.connection.channel.send(msg)
             port.connection.transport.flush_now()
 
-    def _sealed(self, channel: mig.Channel, body: bytes) -> bytes:
-        """``body`` with its MAC trailer when s2 checks one."""
+    def _sealed(self, channel: mig.Channel, *pieces: bytes | memoryview) -> bytes:
+        """The body of ``pieces``, joined once, with its MAC trailer when s2 checks one."""
         if self.state_key is None:
-            return body
+            return b"".join(pieces)
         mac = self._macs.pop(channel, None) or self.state_key.mac(self.session.id, channel)
-        mac.update(body)
-        return body + mac.trailer()
+        for piece in pieces:
+            mac.update(piece)
+        return b"".join([*pieces, mac.trailer()])
 
     def _send_migrate_data(self, channel: mig.Channel) -> None:
         if channel == MAIN:
@@ -305,8 +306,9 @@ class SessionSource:
             writer = mig.PortMigrateDataWriter(state)
         self.moved += writer.size
         if writer.size < STREAM_MIGRATE_DATA:  # small: one frame, one write, the least latency
-            body = b"".join(piece.tobytes() for piece in writer.segments())
-            self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, body))))
+            # The queue's chunks as views (small ones joined), copied once into the frame's body.
+            pieces = [writer.header, *(piece for batch in writer.gathered(GATHER_BATCH) for piece in batch)]
+            self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, *pieces))))
             return
         outputs = self.machine.migrate_data_streamed(channel)
         mac = None if self.state_key is None else self.state_key.mac(self.session.id, channel)
