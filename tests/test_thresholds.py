@@ -178,13 +178,13 @@ def test_a_migrate_data_from_auth_in_thread_bytes_is_checked_in_a_thread(monkeyp
     the hub under AUTH_IN_THREAD bytes (sealed), in a worker thread from it on under version 1
     (HMAC-SHA256 lets go of the GIL); on the hub at any size under version 2 (Poly1305 does not)."""
     threads: list[int] = []
-    real = state_auth.unseal
+    real = state_auth.unsealed
 
-    def unseal(*args):
+    def unsealed(*args):
         threads.append(threading.get_ident())
         return real(*args)
 
-    monkeypatch.setattr(state_auth, "unseal", unseal)
+    monkeypatch.setattr(state_auth, "unsealed", unsealed)
     session = SimpleNamespace(id=7)
     # s1's key and s2's: the same secret, each handing out MAIN's MAC once.
     s1_key, s2_key = (state_auth.MigrationKey(KEY, version) for _ in range(2))

@@ -354,22 +354,17 @@ class SessionDestination:
         handler = self.links.get(channel)
         if isinstance(handler, PortConnection):
             handler.on_bulk = None
-        mac = self._macs.pop(channel, None)
+        prepared = self._macs.pop(channel, None)  # made ahead (_prepare_mac)
         try:
             if landing is not None and landing.holds(data):
                 body = state_auth.opened(landing.finish(), data)
                 self.hashed_ahead += landing.ahead
-            elif mac is not None:  # made ahead (_prepare_mac): a short body has no trailer, and opened says so
-                piece = memoryview(data).cast("B")[: -mac.trailer_size]
-                if len(piece) >= AUTH_IN_THREAD and mac.in_thread:
-                    gevent.get_hub().threadpool.apply(mac.update, (piece,))
-                else:
-                    mac.update(piece)
-                body = state_auth.opened(mac, data)
-            elif len(data) >= AUTH_IN_THREAD and key.in_thread:
-                body = gevent.get_hub().threadpool.apply(state_auth.unseal, (key, self.session.id, channel, data))
             else:
-                body = state_auth.unseal(key, self.session.id, channel, data)
+                mac = prepared or key.mac(self.session.id, channel)
+                if len(data) >= AUTH_IN_THREAD and mac.in_thread:
+                    body = gevent.get_hub().threadpool.apply(state_auth.unsealed, (mac, data))
+                else:
+                    body = state_auth.unsealed(mac, data)
         except state_auth.StateAuthError as err:
             what = "main" if channel == MAIN else f"channel {channel[0]}:{channel[1]}"
             self._fail(f"the MIGRATE_DATA of {what} failed authentication, nothing restored: {err}")
