@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from spicewire import devices
-from spicewire.control.client import SEND_VECTOR, ControlClient, send_buffers
+from spicewire.control.client import ControlClient
 from spicewire.control.server import ControlServer
 from spicewire.errors import CodecError
 from spicewire.protocol import migration as mig
@@ -721,52 +721,3 @@ def test_a_body_cut_short_is_an_error_on_s2():
     into = np.zeros(precopy.PIECE + 1, np.uint8)
     with pytest.raises(ValueError, match="ended 1 bytes early"):
         precopy._receive_hashed(io.BytesIO(bytes(precopy.PIECE)), into, precopy.DIGESTS["xxh3-128"]())
-
-
-@pytest.mark.parametrize("count", [SEND_VECTOR - 1, SEND_VECTOR, SEND_VECTOR + 1, 3 * SEND_VECTOR + 7])
-def test_send_buffers_writes_every_buffer_in_order_across_partial_sends(count):
-    """Around SEND_VECTOR buffers a sendmsg, through a socket whose buffer takes far less than the
-    batch at once: every byte arrives once, in order."""
-    from gevent import socket as gsocket
-
-    buffers = [os.urandom(1000 + i % 7000) for i in range(count)]
-    expected = b"".join(buffers)
-    left, right = gsocket.socketpair()
-    left.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 16 << 10)
-    reader = gevent.spawn(lambda: b"".join(iter(lambda: right.recv(65536), b"")))
-    with left, right:
-        send_buffers(left, [memoryview(b) for b in buffers])
-        left.shutdown(gsocket.SHUT_WR)
-        assert reader.get() == expected
-
-
-def test_send_buffers_through_tls_writes_every_buffer_in_order(tmp_path):
-    """An https control API (no sendmsg through TLS): every buffer's records, in order."""
-    from gevent import socket as gsocket
-
-    from spicewire.control.client import control_tls_context
-    from spicewire.server.tls import load_server_tls
-    from spicewire.tlssocket import TlsSocket
-
-    from .test_tls_client import S1_SUBJECT, TestCA, x509_dir
-
-    tls_dir = x509_dir(TestCA(), tmp_path / "x509", S1_SUBJECT)
-    far, near = gsocket.socketpair()
-    far = load_server_tls(tls_dir).wrap(far)
-    accepting = gevent.spawn(far.do_handshake)
-    near = TlsSocket(near, control_tls_context(tls_dir), server_side=False, server_hostname="127.0.0.1")
-    near.do_handshake()
-    accepting.get(timeout=10)
-    buffers = [os.urandom(1000 + i * 37) for i in range(SEND_VECTOR + 1)]
-    expected = b"".join(buffers)
-
-    def read_all() -> bytes:
-        got = bytearray()
-        while len(got) < len(expected) and (data := far.recv(65536)):
-            got += data
-        return bytes(got)
-
-    reader = gevent.spawn(read_all)
-    with far, near:
-        send_buffers(near, [memoryview(b) for b in buffers])
-        assert reader.get(timeout=10) == expected

@@ -13,7 +13,7 @@ from gevent import socket, ssl
 
 from spicewire.addresses import Address
 from spicewire.errors import MigrationError
-from spicewire.tlssocket import TlsSocket
+from spicewire.tlssocket import TlsSocket, send_buffers
 
 log = logging.getLogger(__name__)
 HTTPS = "https://"  # before a control API's HOST:PORT: reach it over TLS
@@ -80,27 +80,6 @@ class ControlClient:
             message = answer.get("error") if isinstance(answer, dict) else payload[:200].decode(errors="replace")
             raise MigrationError(f"{method} {path} on {self.address}: {status} {message}")
         return answer
-
-
-SEND_VECTOR = 512  # buffers per sendmsg, under the system's IOV_MAX (1024 on Linux)
-
-
-def send_buffers(sock: socket.socket, buffers: list[Any]) -> None:
-    """Write ``buffers`` in order: many per sendmsg where the socket has it (a pre-copy's queue
-    is thousands of 64 KiB views; one send each cost more than the copy); through TLS, their
-    records 256 KiB per send."""
-    if isinstance(sock, TlsSocket):
-        sock.send_buffers(buffers)
-        return
-    views = [memoryview(buffer).cast("B") for buffer in buffers]
-    first = 0
-    while first < len(views):
-        sent = sock.sendmsg(views[first:first + SEND_VECTOR])
-        while first < len(views) and sent >= views[first].nbytes:  # the buffers that went whole
-            sent -= views[first].nbytes
-            first += 1
-        if sent:  # and what went of the next one
-            views[first] = views[first][sent:]
 
 
 def control_label(host: str, port: int, unix: str | None) -> str:

@@ -361,7 +361,7 @@ class PortMigrateDataWriter:
                     if small_size < GATHER_SMALL:
                         continue
                     view = memoryview(b"".join(small))
-                elif small:
+                elif small_size:
                     out.append(b"".join(small))
                     size += small_size
                 small, small_size = [], 0
@@ -371,7 +371,7 @@ class PortMigrateDataWriter:
                     if size >= batch:
                         yield out
                         out, size = [], 0
-        if small:
+        if small_size:  # not empty chunks alone (a port's device state): no sendmsg of nothing
             out.append(b"".join(small))
         if out:
             yield out

@@ -22,7 +22,6 @@ import gevent.pool
 from gevent.server import StreamServer
 
 from spicewire import devices, screens
-from spicewire.control.client import send_buffers
 from spicewire.errors import LinkError, LinkTimeout, PeerFault, PeerStalled, SpiceError
 from spicewire.logs import context, session_label
 from spicewire.protocol import messages as m
@@ -75,6 +74,7 @@ from spicewire.server.session import (
     new_session_id,
 )
 from spicewire.server.tls import ServerTLS, load_server_tls
+from spicewire.tlssocket import send_buffers
 
 log = logging.getLogger(__name__)
 
@@ -717,8 +717,7 @@ class Connection:
                     if not isinstance(head, bytes):
                         for piece in head:  # a streamed body (send_stream)
                             if isinstance(piece, list):  # views gathered for one sendmsg, never joined
-                                send_buffers(self.sock, piece)
-                                sent = sum(memoryview(view).nbytes for view in piece)
+                                sent = send_buffers(self.sock, piece)
                             else:
                                 # numpy's stubs give ndarray its __buffer__ only from Python 3.12 on.
                                 self.sock.sendall(piece)  # type: ignore[arg-type]
