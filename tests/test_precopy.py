@@ -690,12 +690,10 @@ def test_a_region_keeps_the_digest_it_started_with():
     assert ann.precopied[(0, "to_device")].length == len(data)
 
 
-@pytest.mark.parametrize("size", [precopy.PIECE - 1, precopy.PIECE, precopy.PIECE + 1, precopy.HASH_JOB - 1,
-                                  precopy.HASH_JOB, precopy.HASH_JOB + 1, 2 * precopy.HASH_JOB + 5])
+@pytest.mark.parametrize("size", [precopy.PIECE - 1, precopy.PIECE, precopy.PIECE + 1, 2 * precopy.PIECE + 5])
 def test_s1_hashes_and_batches_and_s2_reads_and_hashes_by_piece(size):
-    """Around PIECE and HASH_JOB: s1's batches hold about PIECE bytes (a longer view split), the
-    worker thread hashes HASH_JOB at a time on both sides, in order; both digests are the whole
-    region's."""
+    """Around PIECE: s1's batches hold about PIECE bytes (a longer view split), each hashed once the
+    socket has it; s2 hashes each read as it lands; both digests are the whole region's."""
     data = os.urandom(size)
     views = [memoryview(data)[:size // 3], memoryview(data)[size // 3:]]  # one view longer than PIECE
     sent = precopy.DIGESTS["xxh3-128"]()
@@ -708,6 +706,37 @@ def test_s1_hashes_and_batches_and_s2_reads_and_hashes_by_piece(size):
     precopy._receive_hashed(TrickleReader(data), into, received)
     assert into.tobytes() == data
     assert sent.digest() == received.digest() == precopy.DIGESTS["xxh3-128"](data).digest()
+
+
+def test_s1_hashes_a_batch_only_after_the_socket_took_it():
+    """The digest reads a batch right after the socket's copy, while it is cached: when the
+    second batch is asked for, the first is in the digest and the second is not."""
+    data = os.urandom(precopy.PIECE + 10)
+    sent = precopy.DIGESTS["xxh3-128"]()
+    batches = precopy._hashed(precopy._batches([memoryview(data)], 0, len(data)), sent)
+    next(batches)
+    assert sent.digest() == precopy.DIGESTS["xxh3-128"]().digest()
+    next(batches)
+    assert sent.digest() == precopy.DIGESTS["xxh3-128"](data[:precopy.PIECE]).digest()
+    assert list(batches) == []
+    assert sent.digest() == precopy.DIGESTS["xxh3-128"](data).digest()
+
+
+@pytest.mark.parametrize("size", [precopy.RECEIVE_READ - 1, precopy.RECEIVE_READ, precopy.RECEIVE_READ + 1])
+def test_s2_offers_each_read_at_most_receive_read_bytes(size):
+    data = os.urandom(size)
+    offered: list[int] = []
+
+    class Recording(io.BytesIO):
+        def readinto(self, view) -> int:
+            offered.append(len(view))
+            return super().readinto(view)
+
+    into = np.zeros(size, np.uint8)
+    received = precopy.DIGESTS["xxh3-128"]()
+    precopy._receive_hashed(Recording(data), into, received)
+    assert offered == ([precopy.RECEIVE_READ, 1] if size > precopy.RECEIVE_READ else [size])
+    assert into.tobytes() == data and received.digest() == precopy.DIGESTS["xxh3-128"](data).digest()
 
 
 class TrickleReader(io.BytesIO):

@@ -50,7 +50,7 @@ def test_batches_of_nothing_are_none():
     assert list(precopy._batches(queue_chunks(), 5, 0)) == []
 
 
-@pytest.mark.parametrize("size", [precopy.PIECE - 1, precopy.HASH_JOB, precopy.HASH_JOB + 1])
+@pytest.mark.parametrize("size", [precopy.PIECE - 1, precopy.PIECE, precopy.PIECE + 1])
 def test_hashed_batches_give_the_digest_of_the_bytes_sent(size):
     data = os.urandom(size + 3)
     chunks = [memoryview(data)[i:i + (64 << 10)] for i in range(0, len(data), 64 << 10)]

@@ -82,10 +82,7 @@ PRECOPY_VERSION = 2  # what s2 answers an announcement with when it takes port p
 TAIL_ROOM = 64 << 20  # memory s2 faults in for a pre-copied port's MIGRATE_DATA
 SEGMENT = 64 << 20  # memory s2 adds to a region at a time, beyond the announcement's buffer
 PIECE = 1 << 20  # bytes s1 hands the socket at a time (one sendmsg of many queue chunks)
-HASH_JOB = 8 << 20
-"""Digest work handed to a worker thread at a time, beside the socket (XXH3 and SHA-256 let go of
-the GIL): on two cores shared with the sessions, the socket copy on one and the digest on the
-other. Larger than PIECE, so a job's hand-over costs little against the hashing."""
+RECEIVE_READ = 1 << 20  # s2's most per read: hashed right after, from the cache
 MAX_INDEX = 1 << 20
 DIRECTIONS = ("to_device", "to_client")
 _INDEX_SIZE = struct.Struct("<I")
@@ -239,34 +236,14 @@ def _batches(chunks: list, start: int, length: int) -> Iterator[tuple[list, int]
 
 
 def _hashed(batches: Iterator[tuple[list, int]], digest: Any) -> Iterator[list]:
-    """``batches`` for the socket, hashed into ``digest`` by a worker thread HASH_JOB at a time,
-    in order, while the socket sends them (a queue's bytes do not change while they are sent):
-    on two cores, the socket's copy on one and the digest on the other, which reads mostly what
-    the socket just read, from the shared cache."""
-    pool = gevent.get_hub().threadpool
-    job = None
-    work: list = []
-    work_size = 0
-    for batch, size in batches:
-        work.extend(batch)
-        work_size += size
-        if work_size >= HASH_JOB:
-            if job is not None:
-                job.get()  # in order
-            job = pool.spawn(_update, digest, work)
-            work, work_size = [], 0
+    """``batches`` for the socket, each hashed into ``digest`` right after the socket copied it,
+    while its bytes are still in the cache: XXH3 reads a cached PIECE at tens of GB/s, so
+    hashing in line costs a few per cent of the copy; a worker thread would compete for the
+    same two cores and read the bytes again from memory."""
+    for batch, _ in batches:
         yield batch
-    if work:
-        if job is not None:
-            job.get()
-        job = pool.spawn(_update, digest, work)
-    if job is not None:
-        job.get()
-
-
-def _update(digest: Any, parts: list) -> None:
-    for part in parts:
-        digest.update(part)
+        for part in batch:
+            digest.update(part)
 
 
 def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
@@ -497,22 +474,14 @@ def _read_exactly(stream: Any, n: int) -> bytes:
 
 
 def _receive_hashed(stream: Any, into: np.ndarray, digest: Any) -> None:
-    """Read ``len(into)`` bytes straight into ``into`` (the socket's reader under a WSGI input);
-    a worker thread hashes each HASH_JOB, in order, while the next one is read."""
-    pool = gevent.get_hub().threadpool
+    """Read ``len(into)`` bytes straight into ``into`` (the socket's reader under a WSGI input),
+    hashing each read as it lands, while it is still in the cache."""
     reader = getattr(stream, "rfile", stream)  # gevent's Input copies through bytes; its reader does not
     view = into.data
-    job, pos, hashed = None, 0, 0
-    total = len(into)
+    pos, total = 0, len(into)
     while pos < total:
-        n = reader.readinto(view[pos:min(total, pos + HASH_JOB)])
+        n = reader.readinto(view[pos:min(total, pos + RECEIVE_READ)])
         if not n:
             raise ValueError(f"the pre-copy body ended {total - pos} bytes early")
+        digest.update(view[pos:pos + n])
         pos += n
-        if pos - hashed >= HASH_JOB or pos == total:
-            if job is not None:
-                job.get()
-            job = pool.spawn(digest.update, view[hashed:pos])
-            hashed = pos
-    if job is not None:
-        job.get()
