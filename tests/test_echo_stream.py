@@ -3,7 +3,8 @@ cleanly however its writer and reader threads interleave with finish(). Here its
 and the worst case is arranged with events: the writer is held just after its bytes came back, so the
 reader has matched everything while the writer has not counted its next piece, and stop comes then.
 Before the fix the reader began a read at that point, for a piece the stopped writer never sent: it
-ran into its timeout while finish() waited (seen once in CI, and under load here)."""
+ran into its timeout while finish() waited, and the test failed with "the stream threads did not
+end" after its last migration (reproduced here under load; the likely cause of the one CI failure)."""
 
 from __future__ import annotations
 
