@@ -63,7 +63,8 @@ def session(serve, no_thread_left):
 
 
 class EchoStream:
-    """A writer thread and a reader thread on one echo port, checking every byte in order."""
+    """A writer thread and a reader thread on one echo port, checking every byte in order. The
+    reader ends once the writer has ended and every byte it wrote came back."""
 
     def __init__(self, session: ThreadedSession) -> None:
         self.port = session.open_port(ECHO)
@@ -71,6 +72,7 @@ class EchoStream:
         self.totals = {"sent": 0, "checked": 0}
         self.room = threading.Condition()  # the writer keeps at most 4 MiB unmatched
         self.stop = threading.Event()
+        self.writing = True  # until the writer thread ends: no piece is counted after that
         self.errors: list[BaseException] = []
         self.threads = [threading.Thread(target=self._guard, args=(fn,)) for fn in (self._write, self._read)]
         for t in self.threads:
@@ -88,22 +90,26 @@ class EchoStream:
     def _write(self) -> None:
         rng = random.Random(7)
         block = os.urandom(1 << 16)
-        while not self.stop.is_set():
-            n = rng.randint(1, len(block))
-            start = rng.randint(0, len(block) - n)
-            piece = block[start : start + n]
+        try:
+            while not self.stop.is_set():
+                n = rng.randint(1, len(block))
+                start = rng.randint(0, len(block) - n)
+                piece = block[start : start + n]
+                with self.room:
+                    self.room.wait_for(
+                        lambda: self.stop.is_set() or self.totals["sent"] - self.totals["checked"] < 4 << 20,
+                        timeout=BOUND)
+                    self.sent.extend(piece)
+                    self.totals["sent"] += n
+                    self.room.notify_all()  # a reader waiting for bytes owed
+                self.port.write(piece)
+        finally:
             with self.room:
-                self.room.wait_for(lambda: self.stop.is_set() or self.totals["sent"] - self.totals["checked"] < 4 << 20,
-                                   timeout=BOUND)
-                self.sent.extend(piece)
-                self.totals["sent"] += n
-            self.port.write(piece)
+                self.writing = False
+                self.room.notify_all()
 
     def _read(self) -> None:
-        while True:
-            with self.room:
-                if self.stop.is_set() and self.totals["checked"] == self.totals["sent"]:
-                    return
+        while self._owed():
             got = self.port.read(None, timeout=BOUND)
             assert got, "the echo stream ended"
             with self.room:
@@ -112,12 +118,24 @@ class EchoStream:
                 self.totals["checked"] += len(got)
                 self.room.notify_all()
 
+    def _owed(self) -> bool:
+        """Until bytes are owed (True), or the writer ended and every byte came back (False). A
+        read begun with every byte matched would wait for the writer's next piece, and if stop is
+        set before the writer counts it, that piece never comes: the read ran into its timeout
+        while finish() waited (seen on a loaded machine, after the last migration)."""
+        with self.room:
+            assert self.room.wait_for(lambda: self.totals["sent"] > self.totals["checked"] or not self.writing,
+                                      timeout=BOUND), f"the writer wrote nothing for {BOUND:g} s"
+            return self.totals["sent"] > self.totals["checked"]
+
     def checked(self) -> int:
         with self.room:
             return self.totals["checked"]
 
     def finish(self) -> None:
         self.stop.set()
+        with self.room:
+            self.room.notify_all()  # a writer waiting for room stops now
         for t in self.threads:
             t.join(BOUND)
         assert not any(t.is_alive() for t in self.threads), "the stream threads did not end"
