@@ -58,28 +58,43 @@ def test_an_asyncio_program_keeps_its_echo_stream_through_seamless_migrations_ba
             progress = asyncio.Condition()
             stop = asyncio.Event()
 
+            writing = [True]  # until the writer ends: no piece is counted after that
+
             async def writer():
                 rng = random.Random(11)
                 block = os.urandom(1 << 16)
-                while not stop.is_set():
-                    n = rng.randint(1, len(block))
-                    start = rng.randint(0, len(block) - n)
-                    async with progress:  # at most 4 MiB unmatched
-                        await progress.wait_for(lambda: stop.is_set() or totals["sent"] - totals["checked"] < 4 << 20)
-                    sent.extend(block[start : start + n])
-                    totals["sent"] += n
-                    await port.write(block[start : start + n])
+                try:
+                    while not stop.is_set():
+                        n = rng.randint(1, len(block))
+                        start = rng.randint(0, len(block) - n)
+                        async with progress:  # at most 4 MiB unmatched
+                            await progress.wait_for(
+                                lambda: stop.is_set() or totals["sent"] - totals["checked"] < 4 << 20)
+                            sent.extend(block[start : start + n])
+                            totals["sent"] += n
+                            progress.notify_all()  # the reader waits for bytes owed
+                        await port.write(block[start : start + n])
+                finally:
+                    async with progress:
+                        writing[0] = False
+                        progress.notify_all()
+
+            async def owed() -> bool:
+                """Until bytes are owed, or the writer ended with every byte back: a read begun with
+                all matched would wait for a piece that a writer stopped a moment later never sends."""
+                async with progress:
+                    await progress.wait_for(lambda: totals["sent"] > totals["checked"] or not writing[0])
+                    return totals["sent"] > totals["checked"]
 
             async def reader():
-                async for got in port:  # ends only with the stream, which must not end here
+                while await owed():
+                    got = await port.read()
+                    assert got, "the echo stream ended"
                     assert got == bytes(sent[: len(got)]), f"stream differs at byte {totals['checked']}"
                     del sent[: len(got)]
                     totals["checked"] += len(got)
                     async with progress:
                         progress.notify_all()
-                    if stop.is_set() and totals["checked"] == totals["sent"]:
-                        return
-                raise AssertionError("the echo stream ended")
 
             async def moved_on(before: int) -> None:
                 async with progress:
