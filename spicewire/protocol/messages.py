@@ -532,6 +532,22 @@ def decode(channel_type: int, direction: Direction, msg_type: int, body: Buffer)
     return cls.decode(body)
 
 
+def check_decodable(channel_type: int, direction: Direction, msg_type: int, body: Buffer) -> None:
+    """Raises the CodecError ``decode`` would, without building the message where its layout
+    allows: scalars only (every inputs message but KEY_SCANCODE) decode from any body long enough,
+    and a data message from any body. For a stored message checked now and decoded later."""
+    cls = lookup(channel_type, direction, msg_type)
+    if cls is None:
+        raise CodecError(f"unknown message type {msg_type} ({direction!r}) on channel type {channel_type}")
+    layout = cls._layout
+    if layout.opaque_field:
+        return
+    if layout.fixed is not None:
+        _need(body, 0, layout.fixed.size, f"{cls.__name__}: fields")
+        return
+    cls.decode(body)
+
+
 def encode(msg: Message) -> bytes:
     return msg.encode()
 
