@@ -91,6 +91,31 @@ FIRST_READ = 4 << 10
 # may be this large (the socket gives what it holds, up to this) without holding more memory, and
 # a 1 GiB body read RECV_BUFFER at a time cost s2 4,096 turns of the loop, each its own idle().
 LANDING_READ = 8 << 20
+BULK_TURN = 8 << 20
+"""Bytes of one large body (a MIGRATE_DATA landing, a streamed one going out) read or written
+between two turns for the other greenlets. A turn per 1 MiB sendmsg or per landing read cost s1
+and s2 each some 8% of their CPU in a 512 MiB switch (the hub's loop after every copy, with cold
+caches), while this one connection is the downtime; a socket that runs dry or full still waits,
+and the others run then."""
+
+
+class BulkTurns:
+    """Counts the bytes of a large body moved since the other greenlets last had a turn."""
+
+    def __init__(self) -> None:
+        self.unturned = 0
+
+    def moved(self, n: int) -> bool:
+        """``n`` more bytes moved; True when the others are due a turn (counted from 0 again)."""
+        self.unturned += n
+        if self.unturned < BULK_TURN:
+            return False
+        self.unturned = 0
+        return True
+
+    def restart(self) -> None:
+        """The others had their turn (or the body ended): count from 0."""
+        self.unturned = 0
 
 
 def next_read_size(n: int, count: int) -> int:
@@ -618,6 +643,7 @@ class Connection:
         view = self.server.recv_view
         stall = self.server.config.stall_timeout
         want = FIRST_READ
+        turns = BulkTurns()
         while not self.closed:
             self._wait_for_reading(handler)
             if self.closed:
@@ -640,6 +666,9 @@ class Connection:
             if bulk is not None and isinstance(handler, PortConnection) and handler.on_bulk is not None:
                 handler.on_bulk()
             count = channel.serial_in - serial  # ACKs and PONGs too, which msgs leaves out
+            if bulk is not None and not count and not turns.moved(n):
+                continue  # inside a large body: no message to hand on, and no turn due yet
+            turns.restart()
             if count > FLOOD_MESSAGES:
                 self.server.flood_reads += 1
             want = next_read_size(n, count)
@@ -715,6 +744,7 @@ class Connection:
                 while self._outq and not self.closed:
                     head = self._outq.popleft()
                     if not isinstance(head, bytes):
+                        turns = BulkTurns()
                         for piece in head:  # a streamed body (send_stream)
                             if isinstance(piece, list):  # views gathered for one sendmsg, never joined
                                 sent = send_buffers(self.sock, piece)
@@ -725,7 +755,8 @@ class Connection:
                             self.pending_write -= sent
                             self.written += sent
                             self.server.metrics.bytes_out += sent
-                            gevent.idle()  # a client that keeps up would never make this yield
+                            if turns.moved(sent):  # a client that keeps up would never make this yield
+                                gevent.idle()
                         continue
                     batch, size = [head], len(head)
                     while self._outq and size < WRITE_BATCH:
