@@ -422,7 +422,7 @@ def test_announce_makes_the_server_expect_the_session(spice, control):
     status, body = post_json(control, "/migration/announce", announcement())
     # Beyond the count, s2 says which migration features it takes (an older one says none).
     assert status == 200 and body["announced"] == 1 and set(body) <= {"announced", "state_auth", "port_precopy",
-                                                                        "port_precopy_digests"}
+                                                                        "port_precopy_digests", "prepared"}
     assert spice.migration.expects(0x1234)
     assert spice.migration.announcements[0x1234].ports == [(0, SINK, "sink"), (1, ECHO, "echo")]
     assert get(control, "/migration/completed?ids=00001234") == {}  # expected, not arrived

@@ -46,7 +46,7 @@ from spicewire.protocol.enums import MAX_PASSWORD_LENGTH
 from spicewire.protocol.migration import MigrationMode
 from spicewire.server.admission import host_of
 from spicewire.server.events import Subscription
-from spicewire.server.migration.orchestrator import MigrationBusy, UnknownMigration
+from spicewire.server.migration.orchestrator import PREPARED_WAIT_MAX, MigrationBusy, UnknownMigration
 from spicewire.server.migration.precopy import receive_port_precopy
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
@@ -424,6 +424,7 @@ class ControlServer:
         self.router.add("POST", "/migration/display-precopy", self.display_precopy)
         self.router.add("POST", "/migration/port-precopy", self.port_precopy)
         self.router.add("GET", "/migration/completed", self.completed)
+        self.router.add("GET", "/migration/prepared", self.prepared)
         self.router.add("POST", "/migration/abort", self.abort)
         access = LoggingLogAdapter(logging.getLogger(f"{__name__}.access"), logging.DEBUG)
         listener: Any = (host, port) if unix is None else unix_listener(unix)
@@ -798,6 +799,20 @@ class ControlServer:
             elif sid in manager.failed:
                 answer[text] = {"failed": manager.failed[sid]}
         return answer
+
+    def prepared(self, request: Request) -> dict:
+        """``?migration=ID&wait=S``: whether the memory the migration's big MIGRATE_DATA bodies
+        land in is faulted in, answered once it is or S seconds passed (at most PREPARED_WAIT_MAX)."""
+        query = _query(request)
+        migration = _migration_id(query.get("migration"), "prepared query")
+        try:
+            wait = float(query.get("wait", "0"))
+        except ValueError:
+            wait = math.nan
+        if not 0 <= wait <= PREPARED_WAIT_MAX:  # NaN fails this too
+            raise HttpError(400, f"bad prepared query: wait must be 0 to {PREPARED_WAIT_MAX:g} seconds, "
+                                 f"not {query.get('wait')!r:.40}")
+        return {"prepared": self.spice.migration.prepared(migration, wait)}
 
     def abort(self, request: Request) -> dict:
         """s1 took these sessions of its migration back: drop whatever arrived of them here."""

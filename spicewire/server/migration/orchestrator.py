@@ -70,6 +70,13 @@ MAX_ANNOUNCED = 10_000  # sessions announced here and not yet landed, failed or 
 # server's memory budget, which bounds what it may hold anyway. A fixed 1 GiB here left a 1 GiB
 # backlog unprefaulted, and s2 then faulted its pages in during the downtime (~2 ms per MiB).
 PREFAULT_BUDGET: int | None = None
+PREPARED_WAIT = 10.0
+"""Seconds s1 waits, before it stops the devices, for s2 to have faulted in the memory the big
+MIGRATE_DATA bodies land in (``/migration/prepared``). Without pre-copy the pre-migration is a few
+ms and a 512 MiB prefault some 150 ms: s2 then waited for its tail inside the downtime, the page
+faults sharing the two cores with the relay. Past it the switch goes on, and the bodies land in
+whatever is faulted in by then."""
+PREPARED_WAIT_MAX = 60.0  # s2 holds a /migration/prepared request this long at most
 MAX_REMEMBERED = 2 * MAX_ANNOUNCED  # sessions whose migration here ended and whose outcome s2 still answers for
 
 
@@ -189,7 +196,19 @@ class MigrationManager:
         return {**({"state_auth": state_auth.negotiate(offered_auth)} if state_key else {}),
                 **({"display_state": DISPLAY_STATE_VERSION} if offered_display == DISPLAY_STATE_VERSION else {}),
                 **({"port_precopy": PRECOPY_VERSION, "port_precopy_digests": list(DIGESTS)}
-                   if self.server.config.precopy else {})}
+                   if self.server.config.precopy else {}),
+                "prepared": 1}
+
+    def prepared(self, migration_id: str, wait: float) -> bool:
+        """Whether the landing buffers of every session the migration ``migration_id`` announced
+        here are faulted in, once they are or ``wait`` seconds passed (s1 asks before it stops the
+        devices: PREPARED_WAIT)."""
+        jobs = [job for ann in self.announcements.values() if ann.migration_id == migration_id
+                for job in ann.buffers.values()]
+        pending = [job for job in jobs if not job.ready()]
+        if pending:
+            gevent.wait(pending, timeout=wait)
+        return all(job.ready() for job in jobs)
 
     def announce(self, migration_id: str, sessions: list[dict], ttl: float, state_key: bytes | None = None,
                  offered_auth: object = None, offered_display: object = None) -> int:
@@ -575,6 +594,7 @@ class MigrationManager:
             ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end, display_direct)
             ready = self._precopy_displays(migration, ready)
             self._precopy_ports(migration, ready)
+            self._await_landing_memory(migration, ready)
             pre_migration = time.time() - started
             ready, moved_devices = self._move_device_states(migration, ready)
             # The switch makes a burst of short-lived objects (every channel's MIGRATE, FLUSH_MARK,
@@ -652,6 +672,26 @@ class MigrationManager:
             entry["in_flight_bytes_moved"], entry["bytes_dropped"], f": {error}" if error else "",
             extra={"session": sid},
         )
+
+    @staticmethod
+    def _await_landing_memory(migration: Peer, ready: list[SessionSource]) -> None:
+        """While the ``ready`` sessions still run: wait up to PREPARED_WAIT for s2 to have faulted
+        in the memory their big MIGRATE_DATA bodies land in, so the downtime neither waits for
+        those page faults nor shares the cores with them. An s2 that does not offer ``prepared`` is
+        not asked; one that does not answer, or a migration out of time, is the later calls' concern."""
+        wait = min(PREPARED_WAIT, migration.end - time.monotonic())
+        if not ready or wait <= 0 or migration.features.get("prepared") != 1:
+            return
+        try:
+            answer = migration.client.get_json(f"/migration/prepared?migration={migration.id}&wait={wait:.3f}",
+                                               timeout=wait + STATUS_TIMEOUT)
+        except (MigrationError, OSError) as err:
+            log.warning("migration %s: cannot ask the destination whether its landing memory is ready: %s",
+                        migration.id, err)
+            return
+        if not (isinstance(answer, dict) and answer.get("prepared") is True):
+            log.info("migration %s: the destination's landing memory was not ready within %.1f s; switching anyway",
+                     migration.id, wait)
 
     def _announce(self, migration: Peer, sessions: list[Session], timeout: float) -> None:
         peer = migration.client
