@@ -1,5 +1,5 @@
-"""common.prefaulted: memory s2 faults in ahead of a migration's bytes, POPULATE_STEP bytes per
-system call so the hub's own allocations never wait behind one long fault-in."""
+"""common.prefaulted: memory s2 faults in ahead of a migration's bytes is in memory before anyone
+touches it (a page fault in the downtime costs about 2 ms per MiB)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from spicewire.server.migration import common
 
-STEP = common.POPULATE_STEP
+STEP = 16 << 20  # sizes around a round number of pages
 
 
 def resident(array: np.ndarray) -> int:
@@ -28,12 +28,6 @@ def resident(array: np.ndarray) -> int:
     raise AssertionError("no mapping holds the array")
 
 
-@pytest.mark.parametrize("size, steps", [(STEP - 1, [(0, STEP - 1)]), (STEP, [(0, STEP)]),
-                                         (STEP + 1, [(0, STEP), (STEP, 1)]), (1, [(0, 1)]), (0, [])])
-def test_memory_is_faulted_in_a_step_at_a_time(size, steps):
-    assert common.populate_steps(size) == steps
-
-
 @pytest.mark.parametrize("size", [STEP - 1, STEP, STEP + 1])
 def test_prefaulted_memory_is_in_memory_before_it_is_touched(size):
     array = common.prefaulted(size)
@@ -48,10 +42,3 @@ def test_an_unfaulted_mapping_is_not_resident():
     """The check above can fail: a mapping nobody touched holds no pages."""
     memory = mmap.mmap(-1, 4 * STEP, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     assert resident(np.frombuffer(memory, dtype=np.uint8)) < STEP
-
-
-def test_a_kernel_without_populate_write_gets_each_page_written(monkeypatch):
-    monkeypatch.setattr(common, "MADV_POPULATE_WRITE", 0x7FFF)  # an advice no kernel knows: EINVAL
-    array = common.prefaulted(STEP + 1)
-    assert resident(array) >= STEP + 1
-    assert not array.any()

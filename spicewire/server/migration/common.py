@@ -3,7 +3,6 @@ that keep the downtime short."""
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import mmap
@@ -40,31 +39,7 @@ def collector_paused():
             gc.enable()
 
 
-POPULATE_STEP = 16 << 20
-"""Bytes faulted in per system call. Faulting in holds the process's memory-map lock, which every
-mmap and munmap of the hub's (a large allocation, a freed one) waits for: one MAP_POPULATE of 1 GiB
-stalled the hub up to 76 ms; a step of 16 MiB costs it a few ms at most."""
-MADV_POPULATE_WRITE = 23  # Linux 5.14; Python's mmap names it from 3.12 on
-
-# Through ctypes, which lets go of the GIL for the call (mmap.madvise keeps it): the hub runs
-# while a step faults in.
-_libc = ctypes.CDLL(None, use_errno=True)
-_madvise = _libc.madvise
-_madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_madvise.restype = ctypes.c_int
-
-
 def prefaulted(size: int) -> np.ndarray:
-    """Anonymous memory faulted in now, POPULATE_STEP bytes at a time, in a worker thread."""
-    array = np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), dtype=np.uint8)
-    address = array.__array_interface__["data"][0]
-    for offset, length in populate_steps(size):
-        if _madvise(address + offset, length, MADV_POPULATE_WRITE) != 0:
-            # An older kernel (EINVAL): a write per page faults it in, one lock each.
-            array[offset:offset + length:mmap.PAGESIZE] = 0
-    return array
-
-
-def populate_steps(size: int) -> list[tuple[int, int]]:
-    """The (offset, length) pieces ``prefaulted`` faults in, POPULATE_STEP each, the last one less."""
-    return [(offset, min(POPULATE_STEP, size - offset)) for offset in range(0, size, POPULATE_STEP)]
+    """Anonymous memory the kernel maps in at once (MAP_POPULATE), in a worker thread."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+    return np.frombuffer(mmap.mmap(-1, size, flags=flags), dtype=np.uint8)
