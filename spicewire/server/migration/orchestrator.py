@@ -71,10 +71,11 @@ MAX_ANNOUNCED = 10_000  # sessions announced here and not yet landed, failed or 
 # backlog unprefaulted, and s2 then faulted its pages in during the downtime (~2 ms per MiB).
 PREFAULT_BUDGET: int | None = None
 PREPARED_WAIT = 10.0
-"""Seconds s1 waits, before it stops the devices, for s2 to have faulted in the memory the big
-MIGRATE_DATA bodies land in (``/migration/prepared``). Without pre-copy the pre-migration is a few
-ms and a 512 MiB prefault some 150 ms: s2 then waited for its tail inside the downtime, the page
-faults sharing the two cores with the relay. Past it the switch goes on, and the bodies land in
+"""Seconds s1 waits, before the port pre-copy and again before it stops the devices, for s2 to
+have faulted in the memory the big MIGRATE_DATA bodies land in (``/migration/prepared``). Without
+pre-copy the pre-migration is a few ms and a 512 MiB prefault some 150 ms: s2 then waited for its
+tail inside the downtime, the page faults sharing the two cores with the relay; with it, the first
+round waited for the prefault the same way. Past it the migration goes on, and the bytes land in
 whatever is faulted in by then."""
 PREPARED_WAIT_MAX = 60.0  # s2 holds a /migration/prepared request this long at most
 MAX_REMEMBERED = 2 * MAX_ANNOUNCED  # sessions whose migration here ended and whose outcome s2 still answers for
@@ -593,6 +594,9 @@ class MigrationManager:
             display_direct = migration.features.get("display_state") == DISPLAY_STATE_VERSION
             ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end, display_direct)
             ready = self._precopy_displays(migration, ready)
+            # Twice: the pre-copy lands in the announced buffers too, and takes them over for
+            # its regions, when s2 faults in what the tails will land in.
+            self._await_landing_memory(migration, ready)
             self._precopy_ports(migration, ready)
             self._await_landing_memory(migration, ready)
             pre_migration = time.time() - started
@@ -676,9 +680,10 @@ class MigrationManager:
     @staticmethod
     def _await_landing_memory(migration: Peer, ready: list[SessionSource]) -> None:
         """While the ``ready`` sessions still run: wait up to PREPARED_WAIT for s2 to have faulted
-        in the memory their big MIGRATE_DATA bodies land in, so the downtime neither waits for
-        those page faults nor shares the cores with them. An s2 that does not offer ``prepared`` is
-        not asked; one that does not answer, or a migration out of time, is the later calls' concern."""
+        in the memory their big MIGRATE_DATA bodies (or port pre-copies) land in, so neither the
+        downtime nor the pre-copy waits for those page faults or shares the cores with them. An
+        s2 that does not offer ``prepared`` is not asked; one that does not answer, or a migration
+        out of time, is the later calls' concern."""
         wait = min(PREPARED_WAIT, migration.end - time.monotonic())
         if not ready or wait <= 0 or migration.features.get("prepared") != 1:
             return
