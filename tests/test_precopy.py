@@ -215,8 +215,8 @@ def limit_sink(node, session, take: int) -> None:
         return taken
 
     device.write = write
-    port.pump()
-    assert left[0] == 0, left
+    port.pump()  # PUMP_TURN bytes now, the rest on the hub's next turns
+    wait_until(lambda: left[0] == 0, what=f"the sink to take {take} bytes")
 
 
 @pytest.mark.parametrize("consumed", [5 * MIB + 123, 24 * MIB, 30 * MIB])
@@ -589,6 +589,7 @@ def test_both_directions_precopy_trim_and_append_and_restore_in_order(features, 
     limits = Limits(to_device=64 * MIB, to_client=20 * MIB)
     port = PortState(0, "echo", EchoDevice(), limits)
     port.from_client(os.urandom(30 * MIB))
+    wait_until(lambda: not port.pump_pending, what="the echo to take what it has room for")  # PUMP_TURN a turn
     assert (port.to_client_bytes, port.to_device_bytes) == (20 * MIB, 10 * MIB)
     source = SimpleNamespace(session=SimpleNamespace(id=0x1234), ports={0: port}, port_precopies={}, moved=0)
     ann, manager = announced_echo(limits, 30 * MIB)
@@ -601,6 +602,7 @@ def test_both_directions_precopy_trim_and_append_and_restore_in_order(features, 
             port.flush_to_client()
             port.pump()  # room again: the echo takes client bytes and queues them for the client
             port.from_client(os.urandom(3 * MIB))
+            wait_until(lambda: not port.pump_pending, what="the echo to take what it has room for")
 
     precopy.precopy_ports(LoopbackPeer(manager, "m" * 16, between, features), [source])
     assert source.port_precopies and source.moved > 30 * MIB

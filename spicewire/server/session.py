@@ -16,6 +16,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
+import gevent
 import numpy as np
 
 from spicewire.devices import Device
@@ -32,6 +33,12 @@ if TYPE_CHECKING:
     from spicewire.server.display import DisplayState
 
 log = logging.getLogger(__name__)
+
+PUMP_TURN = 4 << 20
+"""Client bytes offered to a device per turn of the hub. A port restored from a migration, or a
+paused device resumed, can hold a GiB, in pieces as large as a pre-copied region: offered at once,
+a sink hashed it all in one turn while every other session of the server waited (~0.6 s a GiB), and
+on s2 before the migration was reported complete."""
 
 # spice-server's spicevmc DATA bodies are at most this long (7.4); spice-gtk reads any size.
 MAX_DATA_MESSAGE = 65568
@@ -117,6 +124,7 @@ class PortState:
         self.frozen = False
         self.label = f"port {channel_id} ({name})"  # the session adds its id
         self.failed: str | None = None  # why the device was taken off this port, if it broke
+        self._pump_due = False  # the rest of the queue is offered on the hub's next turn
         device.attach(self)
 
     # --- the Port interface devices see ------------------------------------------------------
@@ -134,17 +142,25 @@ class PortState:
         self.flush_to_client()
 
     def pump(self) -> None:
-        """Offer buffered client bytes to the device until it stops taking them."""
+        """Offer buffered client bytes to the device until it stops taking them, at most PUMP_TURN
+        bytes per turn of the hub: the rest is offered on the hub's next turn."""
+        self._pump_due = False
         if self.device_stopped or not self.attached:
             return
         was_blocked = not self.reading_allowed
         queue = self.to_device
+        offered = 0
         try:
             while queue:
+                if offered >= PUMP_TURN:
+                    self._pump_due = True
+                    gevent.get_hub().loop.run_callback(self._pump_turn)
+                    break
                 head = queue[0]
-                taken = self.device.write(head)
+                taken = self.device.write(head[:PUMP_TURN])
                 if taken <= 0:
                     break
+                offered += taken
                 self.to_device_bytes -= taken
                 self.budget.release(taken)
                 if taken >= len(head):
@@ -156,6 +172,15 @@ class PortState:
             return
         if was_blocked and self.reading_allowed and self.connection:
             self.connection.transport.resume_reading()
+
+    @property
+    def pump_pending(self) -> bool:
+        """Queued client bytes wait to be offered on the hub's next turn (PUMP_TURN)."""
+        return self._pump_due
+
+    def _pump_turn(self) -> None:
+        if self._pump_due:  # not already pumped by new bytes meanwhile
+            self.pump()
 
     # --- the device's life --------------------------------------------------------------------
 
