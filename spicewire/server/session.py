@@ -157,7 +157,8 @@ class PortState:
                     gevent.get_hub().loop.run_callback(self._pump_turn)
                     break
                 head = queue[0]
-                taken = self.device.write(head[:PUMP_TURN])
+                # A view cut only from an entry over a turn: most are one DATA message.
+                taken = self.device.write(head if len(head) <= PUMP_TURN else head[:PUMP_TURN])
                 if taken <= 0:
                     break
                 offered += taken
