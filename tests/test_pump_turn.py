@@ -43,8 +43,8 @@ def test_a_turn_offers_pump_turn_bytes_and_the_next_turn_the_rest(size):
     assert len(device.taken) == min(size, TURN)  # this turn
     assert port.pump_pending == (size > TURN)
     assert port.to_device_bytes == size - len(device.taken)
-    gevent.sleep(0)  # the hub's next turn
-    assert bytes(device.taken) == data and not port.pump_pending and port.to_device_bytes == 0
+    wait_until(lambda: not port.pump_pending, what="the next turn")
+    assert bytes(device.taken) == data and port.to_device_bytes == 0
 
 
 def test_one_large_queue_entry_is_offered_a_turn_at_a_time():
@@ -78,5 +78,34 @@ def test_new_bytes_pumped_meanwhile_take_the_scheduled_turn():
     port.from_client(bytes(7))  # pumps now: the rest of the first bytes and these
     assert len(device.taken) == TURN + 17 and not port.pump_pending
     offers = list(device.offers)
-    gevent.sleep(0)
+    gevent.idle()  # where the scheduled turn runs
+    gevent.idle()
     assert device.offers == offers
+
+
+def test_a_draining_queue_leaves_the_connections_their_turns():
+    """A connection reads again from gevent.idle() (net.Connection._serve). The rest of a large
+    queue waits for the same idle turns: as a callback it ran before them every time, and the
+    port's own client was not read until the whole queue had drained."""
+    device = Taker()
+    port = port_with(device)
+    port.from_client(bytes(3 * TURN + 1))
+    reader_turns, during = [0], []
+
+    def reader() -> None:
+        while True:
+            gevent.idle()
+            reader_turns[0] += 1
+
+    def watch() -> None:
+        while port.pump_pending:
+            during.append(reader_turns[0])
+            gevent.sleep(0.001)  # a timer: sleep(0) would keep the hub from ever being idle
+
+    greenlets = [gevent.spawn(reader), gevent.spawn(watch)]
+    try:
+        wait_until(lambda: not port.pump_pending, what="the queue to drain")
+    finally:
+        gevent.killall(greenlets)
+    assert device.offers == [TURN, TURN, TURN, 1]
+    assert during and during[-1] >= 2, f"the reader's turns while the queue drained: {during}"

@@ -124,7 +124,8 @@ class PortState:
         self.frozen = False
         self.label = f"port {channel_id} ({name})"  # the session adds its id
         self.failed: str | None = None  # why the device was taken off this port, if it broke
-        self._pump_due = False  # the rest of the queue is offered on the hub's next turn
+        self._pump_due = False  # the rest of the queue is offered on the hub's next idle turn
+        self._turn: Any = None  # the hub loop's idle watcher that runs that turn
         device.attach(self)
 
     # --- the Port interface devices see ------------------------------------------------------
@@ -143,7 +144,7 @@ class PortState:
 
     def pump(self) -> None:
         """Offer buffered client bytes to the device until it stops taking them, at most PUMP_TURN
-        bytes per turn of the hub: the rest is offered on the hub's next turn."""
+        bytes per turn of the hub: the rest is offered on its next idle turn (_schedule_turn)."""
         self._pump_due = False
         if self.device_stopped or not self.attached:
             return
@@ -154,7 +155,7 @@ class PortState:
             while queue:
                 if offered >= PUMP_TURN:
                     self._pump_due = True
-                    gevent.get_hub().loop.run_callback(self._pump_turn)
+                    self._schedule_turn()
                     break
                 head = queue[0]
                 # A view cut only from an entry over a turn: most are one DATA message.
@@ -179,7 +180,19 @@ class PortState:
         """Queued client bytes wait to be offered on the hub's next turn (PUMP_TURN)."""
         return self._pump_due
 
+    def _schedule_turn(self) -> None:
+        """The next turn runs when the hub is idle, as the connections' next reads do (they wait in
+        gevent.idle()). A callback would run before any of them, every turn of the loop: while a
+        GiB drained, the port's own client was not read at all, and its bytes piled up in the
+        socket (a migration's downtime then had to move them)."""
+        if self._turn is None:
+            self._turn = gevent.get_hub().loop.idle()
+        if not self._turn.active:
+            self._turn.start(self._pump_turn)
+
     def _pump_turn(self) -> None:
+        if self._turn is not None:
+            self._turn.stop()
         if self._pump_due:  # not already pumped by new bytes meanwhile
             self.pump()
 
