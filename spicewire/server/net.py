@@ -1107,6 +1107,7 @@ class SpiceServer:
                 if session.display is not None and session.migration is None:
                     session.display.tick(now)
                 for port in session.ports.values():
-                    if port.device.wants_ticks and port.connection is not None and not port.device_stopped:
+                    running = not (port.device_stopped or port.held)
+                    if port.device.wants_ticks and port.connection is not None and running:
                         port.tick(now)  # a device that raises closes its own port, not this loop
 

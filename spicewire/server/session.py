@@ -122,6 +122,10 @@ class PortState:
         # sends nothing (SPICE_MSG_MIGRATE went out, only MIGRATE_DATA may follow).
         self.device_stopped = False
         self.frozen = False
+        # A session landing here by migration: its device starts once the migration completed, as
+        # a VM resumes on its destination only then. Unlike a stopped device, the socket is read
+        # within the port's limits as usual (the client's bytes queue for the device).
+        self.held = False
         self.label = f"port {channel_id} ({name})"  # the session adds its id
         self.failed: str | None = None  # why the device was taken off this port, if it broke
         self._pump_due = False  # the rest of the queue is offered on the hub's next idle turn
@@ -146,7 +150,7 @@ class PortState:
         """Offer buffered client bytes to the device until it stops taking them, at most PUMP_TURN
         bytes per turn of the hub: the rest is offered on its next idle turn (_schedule_turn)."""
         self._pump_due = False
-        if self.device_stopped or not self.attached:
+        if self.device_stopped or self.held or not self.attached:
             return
         was_blocked = not self.reading_allowed
         queue = self.to_device
@@ -278,7 +282,7 @@ class PortState:
     def on_drained(self) -> None:
         """The socket writer caught up: the device may have room again."""
         self.flush_to_client()
-        if self.room and not self.device_stopped and self.attached:
+        if self.room and not self.device_stopped and not self.held and self.attached:
             try:
                 self.device.on_room()
             except Exception as err:
@@ -288,6 +292,12 @@ class PortState:
     def in_flight(self) -> int:
         """Bytes buffered here in either direction: what a migration moves or drops."""
         return self.to_device_bytes + self.to_client_bytes
+
+    def release_held(self) -> None:
+        """The migration that brought this port completed: the device starts on what it holds."""
+        self.held = False
+        self.pump()
+        self.on_drained()
 
     def restore(
         self, pending: Iterable[bytes | bytearray | memoryview], to_client: Iterable[bytes | bytearray | memoryview],

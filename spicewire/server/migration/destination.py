@@ -491,7 +491,6 @@ class SessionDestination:
         # No PORT_INIT: after a seamless switch the client keeps the port's name and state (spice-gtk
         # logs a critical for a second one, 5.9 item 8).
         handler.start(announce=False)
-        port.pump()
 
     def _restore_graphics(self, handler: GraphicsConnection, data: Any) -> None:
         """The display's place in its stream (the pixels came before, in the pre-copy and the
@@ -549,3 +548,8 @@ class SessionDestination:
         log.info("session %08x migrated here from %s: %s, %d bytes restored, %.3f ms after its main linked",
                  session.id, session.client, mode_label(mode), self.restored,
                  (self.times["completed"] - self.times["linked"]) * 1000, extra=context(session.id))
+        # Only now, as a VM resumes on its destination once its migration completed: a device
+        # consuming what the migration brought (a sink hashing hundreds of MiB, PUMP_TURN per hub
+        # turn) would otherwise take turns of the hub from the landing.
+        for port in session.ports.values():
+            port.release_held()
