@@ -295,12 +295,17 @@ class SessionSource:
         if conn is None:
             return
         ch = conn.channel
+        precopy = self.port_precopies.get(channel[1])
+        # With a pre-copy, s2 holds most of the queues and only what follows goes here, taken
+        # from the queues' ends (PortPrecopy.state): a list of a GiB queue's 16,000 views cost
+        # the downtime ~0.4 ms for nothing.
+        whole = precopy is None
         state = mig.PortMigrateData(
             ack_generation=ch.ack_generation, ack_window=ch.ack_window, serial=ch.serial_out + 1,
-            client_serial=ch.serial_in, pending=list(port.to_device), to_client=list(port.to_client),
+            client_serial=ch.serial_in, pending=list(port.to_device) if whole else [],
+            to_client=list(port.to_client) if whole else [],
         )
-        precopy = self.port_precopies.get(channel[1])
-        if precopy is not None:  # s2 holds most of the queues: only what follows them goes here
+        if precopy is not None:
             state = precopy.state(state)
         with collector_paused():
             writer = mig.PortMigrateDataWriter(state)
