@@ -33,16 +33,16 @@ def queue_chunks() -> list:
 @pytest.mark.parametrize("start", [0, 1, 64 << 10, (64 << 10) + 3])
 def test_batches_carry_the_bytes_asked_in_piece_sized_lists_of_the_chunks_themselves(start, length):
     """Around PIECE, from a chunk's first byte or inside one: the batches join to exactly the bytes
-    asked, each PIECE bytes but the last (never more), with its size beside it; a chunk wholly
-    inside a batch is the queue's own object (no copy, no view)."""
+    asked, each PIECE bytes but the last (never more); a chunk wholly inside a batch is the queue's
+    own object (no copy, no view)."""
     chunks = queue_chunks()
     data = b"".join(bytes(chunk) for chunk in chunks)
     length = len(data) - start if length is None else length
     batches = list(precopy._batches(chunks, start, length))
-    assert b"".join(bytes(part) for batch, _ in batches for part in batch) == data[start:start + length]
-    assert [size for _, size in batches] == [sum(len(part) for part in batch) for batch, _ in batches]
-    assert all(size == precopy.PIECE for _, size in batches[:-1]) and 0 < batches[-1][1] <= precopy.PIECE
-    inner = [part for batch, _ in batches for part in batch[1:-1]]
+    assert b"".join(bytes(part) for batch in batches for part in batch) == data[start:start + length]
+    sizes = [sum(len(part) for part in batch) for batch in batches]
+    assert all(size == precopy.PIECE for size in sizes[:-1]) and 0 < sizes[-1] <= precopy.PIECE
+    inner = [part for batch in batches for part in batch[1:-1]]
     assert inner and all(any(part is chunk for chunk in chunks) for part in inner)
 
 

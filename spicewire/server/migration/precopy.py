@@ -215,10 +215,10 @@ def plan_precopies(sources: list[SessionSource], kind: str) -> list[PortPrecopy]
     return plans
 
 
-def _batches(chunks: list, start: int, length: int) -> Iterator[tuple[list, int]]:
+def _batches(chunks: list, start: int, length: int) -> Iterator[list]:
     """``length`` bytes of ``chunks`` from byte ``start`` of the first on, as lists of PIECE bytes
-    (the last one fewer) for one system call each, with their size: the chunks themselves, and a
-    view of one only where a list begins or ends inside it. A queue is thousands of 64 KiB DATA
+    (the last one fewer) for one system call each: the chunks themselves, and a view of one only
+    where a list begins or ends inside it. A queue is thousands of 64 KiB DATA
     messages: the lists are cut from ``chunks`` by bisection, not built a chunk at a time (a few
     objects a chunk cost more than the socket's copy of it)."""
     ends = list(accumulate(map(len, chunks)))
@@ -235,16 +235,16 @@ def _batches(chunks: list, start: int, length: int) -> Iterator[tuple[list, int]
                 batch[0] = memoryview(batch[0])[cut_head:]
             if cut_tail:
                 batch[-1] = memoryview(batch[-1])[:len(batch[-1]) - cut_tail]
-        yield batch, upto - pos
+        yield batch
         pos = upto
 
 
-def _hashed(batches: Iterator[tuple[list, int]], digest: Any) -> Iterator[list]:
+def _hashed(batches: Iterator[list], digest: Any) -> Iterator[list]:
     """``batches`` for the socket, each hashed into ``digest`` right after the socket copied it,
     while its bytes are still in the cache: XXH3 reads a cached PIECE at tens of GB/s, so
     hashing in line costs a few per cent of the copy; a worker thread would compete for the
     same two cores and read the bytes again from memory."""
-    for batch, _ in batches:
+    for batch in batches:
         yield batch
         for part in batch:
             digest.update(part)
