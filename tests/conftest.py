@@ -51,6 +51,13 @@ def within_30_s():
 
 
 @pytest.fixture
+def within_60_s():
+    """The same bound for tests that start several servers or move large state."""
+    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
+        yield
+
+
+@pytest.fixture
 def nodes():
     """nodes(n, **kw) -> n more in-process servers with their control APIs (tests/test_migration.Node
     with ``kw``), each stopped at the end of the test."""

@@ -55,12 +55,7 @@ from tests.serverkit import (
     wait_until,
 )
 
-
-@pytest.fixture(autouse=True)
-def deadline():
-    """Every test here ends within 60 s, whatever the server does."""
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 def control_of(server):

@@ -21,10 +21,7 @@ pnodes = pytest.fixture(making_pnodes, name="pnodes")
 BODY = 6 * MIB  # over source.STREAM_MIGRATE_DATA: streamed in GATHER_BATCH batches, landed in bulk reads
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 @pytest.mark.parametrize(("moved", "due"), [(net.BULK_TURN - 1, False), (net.BULK_TURN, True),

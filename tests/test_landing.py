@@ -27,10 +27,7 @@ pnodes = pytest.fixture(making_pnodes, name="pnodes")
 SIZE = 1 << 16
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 def announcement_with(job: gevent.event.AsyncResult) -> Announcement:

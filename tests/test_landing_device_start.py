@@ -10,27 +10,20 @@ import hashlib
 import os
 from collections.abc import Callable
 
-import gevent
 import pytest
 
 from spicewire import devices
-from spicewire.control.client import ControlClient
-from spicewire.control.server import ControlServer
-from spicewire.server.net import ServerConfig, SpiceServer
 from spicewire.server.session import Limits
 
 from .serverkit import wait_until
-from .test_migration import PEER_TOKEN, Node, connect, only_entry
+from .test_migration import Node, connect, only_entry
 
 MIB = 1 << 20
 PROBE = "landing-probe"
 KIND = "landing-probe-sink"
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 # Servers are told apart by their memory budget, which every port of a server shares.
@@ -54,26 +47,13 @@ class ProbeSink(devices.SinkDevice):
         return super().write(data)
 
 
-class ProbeNode(Node):
-    """An in-process server with one port, a ProbeSink, and pre-copy on or off."""
-
-    def __init__(self, precopy_on: bool) -> None:
-        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=[(PROBE, KIND)],
-                                              limits=Limits(to_device=64 * MIB), precopy=precopy_on))
-        self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
-        self.control.start()
-        self.api = ControlClient(*self.control.address, token=PEER_TOKEN, timeout=60)
-        self.address = self.spice.address
-        self.control_address = self.control.address
-
-
 @pytest.fixture
 def probe_nodes():
-    made: list[ProbeNode] = []
+    """make(precopy_on) -> two in-process servers with one port, a ProbeSink."""
+    made: list[Node] = []
 
-    def make(precopy_on: bool) -> tuple[ProbeNode, ProbeNode]:
-        made.extend(ProbeNode(precopy_on) for _ in range(2))
+    def make(precopy_on: bool) -> tuple[Node, Node]:
+        made.extend(Node(Limits(to_device=64 * MIB), [(PROBE, KIND)], precopy=precopy_on) for _ in range(2))
         return made[-2], made[-1]
 
     WRITES.clear()

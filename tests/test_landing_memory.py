@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 
-import gevent
 import pytest
 
 from spicewire.errors import MigrationError
@@ -24,10 +23,7 @@ BODY = 6 * MIB  # over destination.PREFAULT_MIN: the backlog's buffer gets a pre
 MIGRATION = "0123456789abcdef"
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 @pytest.fixture

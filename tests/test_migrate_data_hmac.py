@@ -39,10 +39,7 @@ pnodes = pytest.fixture(making_pnodes, name="pnodes")
 SINK_CHANNEL = (ChannelType.PORT, 1)
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 def keys(version: int, secret: bytes = KEY) -> tuple[state_auth.MigrationKey, state_auth.MigrationKey]:

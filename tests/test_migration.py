@@ -71,9 +71,11 @@ class Node:
 
     peer_token: str | None = PEER_TOKEN
 
-    def __init__(self, limits: Limits | None = None, ports: list[tuple[str, str]] = PORTS) -> None:
+    def __init__(
+        self, limits: Limits | None = None, ports: list[tuple[str, str]] = PORTS, precopy: bool = True,
+    ) -> None:
         self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(ports),
-                                              limits=limits or Limits()))
+                                              limits=limits or Limits(), precopy=precopy))
         self.spice.start()
         self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
         self.control.start()

@@ -41,10 +41,7 @@ from .test_server_display import _inputs, _Sent
 BATCH = 4 * GATHER_SMALL  # GATHER_BATCH for these tests: every chunk of GATHER_SMALL goes as a view
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 # --- s1: GATHER_BATCH bytes of views per sendmsg ---------------------------------------------------

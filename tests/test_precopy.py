@@ -12,23 +12,19 @@ import io
 import os
 from types import SimpleNamespace
 
-import gevent
 import numpy as np
 import pytest
 
 from spicewire import devices
 from spicewire.control.client import ControlClient
-from spicewire.control.server import ControlServer
 from spicewire.errors import CodecError
 from spicewire.protocol import migration as mig
 from spicewire.server.migration import orchestrator, precopy
 from spicewire.server.migration import source as source_module
-from spicewire.server.net import ServerConfig, SpiceServer
 from spicewire.server.session import Limits
 
 from .serverkit import wait_until
 from .test_migration import (
-    PEER_TOKEN,
     PORTS,
     SINK,
     Node,
@@ -43,24 +39,14 @@ from .test_migration import (
 MIB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 class PNode(Node):
     """An in-process server whose pre-copy can be turned off (ServerConfig.precopy)."""
 
     def __init__(self, *, precopy_on: bool = True, limits: Limits | None = None) -> None:
-        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=list(PORTS),
-                                              limits=limits or Limits(to_device=64 * MIB), precopy=precopy_on))
-        self.spice.start()
-        self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
-        self.control.start()
-        self.api = ControlClient(*self.control.address, token=PEER_TOKEN, timeout=60)
-        self.address = self.spice.address
-        self.control_address = self.control.address
+        super().__init__(limits or Limits(to_device=64 * MIB), PORTS, precopy=precopy_on)
 
 
 def making_pnodes():

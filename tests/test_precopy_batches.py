@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import os
 
-import gevent
 import pytest
 
 from spicewire.server.migration import precopy
@@ -14,11 +13,7 @@ from spicewire.server.session import Limits
 
 from .test_precopy import MIB, announced_echo, echo_entry, precopy_body
 
-
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 def queue_chunks() -> list:

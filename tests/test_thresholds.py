@@ -12,7 +12,6 @@ import json
 import threading
 from types import SimpleNamespace
 
-import gevent
 import numpy as np
 import pytest
 
@@ -32,10 +31,7 @@ from .serverkit import ECHO, SINK, MainSession, PortChannel, running_server, wai
 KEY = bytes(range(32))
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 # --- reading a connection ------------------------------------------------------------------------

@@ -60,10 +60,7 @@ ECHO = "org.spicewire.echo"
 PASSWORD = "tls-ticket"
 
 
-@pytest.fixture(autouse=True)
-def deadline():
-    with gevent.Timeout(60, AssertionError("the test took longer than 60 s")):
-        yield
+pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
 # --- certificates ---------------------------------------------------------------------------------
