@@ -1107,7 +1107,6 @@ class SpiceServer:
                 if session.display is not None and session.migration is None:
                     session.display.tick(now)
                 for port in session.ports.values():
-                    running = not (port.device_stopped or port.held)
-                    if port.device.wants_ticks and port.connection is not None and running:
+                    if port.device.wants_ticks and port.connection is not None and port.device_running:
                         port.tick(now)  # a device that raises closes its own port, not this loop
 

@@ -152,7 +152,7 @@ class PortState:
         """Offer buffered client bytes to the device until it stops taking them, at most PUMP_TURN
         bytes per turn of the hub: the rest is offered on its next idle turn (_schedule_turn)."""
         self._pump_due = False
-        if self.device_stopped or self.held or not self.attached:
+        if not self.device_running or not self.attached:
             return
         was_blocked = not self.reading_allowed
         queue = self.to_device
@@ -197,8 +197,7 @@ class PortState:
             self._turn.start(self._pump_turn)
 
     def _pump_turn(self) -> None:
-        if self._turn is not None:
-            self._turn.stop()
+        self._turn.stop()  # an idle watcher fires on every idle turn until stopped
         if self._pump_due:  # not already pumped by new bytes meanwhile
             self.pump()
 
@@ -284,7 +283,7 @@ class PortState:
     def on_drained(self) -> None:
         """The socket writer caught up: the device may have room again."""
         self.flush_to_client()
-        if self.room and not self.device_stopped and not self.held and self.attached:
+        if self.room and self.device_running and self.attached:
             try:
                 self.device.on_room()
             except Exception as err:
@@ -294,6 +293,16 @@ class PortState:
     def in_flight(self) -> int:
         """Bytes buffered here in either direction: what a migration moves or drops."""
         return self.to_device_bytes + self.to_client_bytes
+
+    @property
+    def device_running(self) -> bool:
+        """The device takes and makes data: neither stopped for a migration away nor held until
+        one here completes."""
+        return not (self.device_stopped or self.held)
+
+    def hold(self) -> None:
+        """This port lands here by migration: its device waits for ``release_held``."""
+        self.held = True
 
     def release_held(self) -> None:
         """The migration that brought this port completed: the device starts on what it holds."""

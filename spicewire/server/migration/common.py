@@ -52,21 +52,18 @@ def prefaulted(size: int) -> np.ndarray:
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
     region = mmap.mmap(-1, size, flags=flags)
     array = np.frombuffer(region, dtype=np.uint8)
-    _regions[id(region)] = region
-    weakref.finalize(array, _unmap_later, id(region)).atexit = False
+    # The finalizer holds the mapping until the array is gone, then hands it to the unmapper
+    # thread, which drops the last reference: the munmap happens there.
+    weakref.finalize(array, _unmap_later, region).atexit = False
     return array
 
 
-# The mapping of every prefaulted array, kept here until its array is gone: then the unmapper
-# thread drops the last reference, and the munmap happens there.
-_regions: dict[int, mmap.mmap] = {}
 _unmapping: Any = None  # the unmapper's queue, made with its thread on first use
 _unmapping_lock = gevent.monkey.get_original("_thread", "allocate_lock")()  # any thread may drop a view
 
 
-def _unmap_later(key: int) -> None:
+def _unmap_later(region: mmap.mmap) -> None:
     global _unmapping
-    region = _regions.pop(key)
     with _unmapping_lock:
         if _unmapping is None:
             _unmapping = _SimpleQueue()

@@ -381,7 +381,7 @@ class MigrationManager:
         for cid, chunks in ann.device_state.items():
             session.ports[cid].device.restore(chunks)
         for port in session.ports.values():
-            port.held = True  # until the migration completes (SessionDestination._completed)
+            port.hold()  # until the migration completes (SessionDestination._completed)
         session.display = ann.display
         ann.session = session
         session.migration = SessionDestination(self, session)
