@@ -30,6 +30,11 @@ cdef extern from "_fastmem.h" nogil:
     void sw_stream_i64(int64_t *dst, int64_t v)
     void sw_stream_u32(uint32_t *dst, uint32_t v)
     void sw_stream_fence()
+    void sw_fault_in(unsigned char *p, size_t n, size_t step, size_t page, int advise)
+
+cdef extern from "unistd.h" nogil:
+    long sysconf(int name)
+    enum: _SC_PAGESIZE
 
 cdef Py_ssize_t MINI = layout.MINI_HEADER_SIZE
 cdef Py_ssize_t FULL = layout.FULL_HEADER_SIZE
@@ -404,3 +409,21 @@ def damage_tiles(object current, object shadow, Py_ssize_t tile, object dirty, b
     finally:
         PyBuffer_Release(&cur_view)
     return count
+
+
+def fault_in(object buf, Py_ssize_t step=layout.FAULT_STEP, bint advise=True):
+    """Fault in every page of the writable buffer ``buf`` (memory nobody else uses yet), without
+    the GIL, ``step`` bytes per system call; ``advise=False`` writes each page in place instead,
+    as where the kernel refuses MADV_POPULATE_WRITE (see sw_fault_in)."""
+    cdef Py_buffer view
+    cdef size_t page = <size_t>sysconf(_SC_PAGESIZE)
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    _get_buffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+    try:
+        with nogil:
+            # A step of whole pages: each call after the first starts page-aligned, as madvise asks.
+            sw_fault_in(<unsigned char *>view.buf, <size_t>view.len, (<size_t>step + page - 1) // page * page, page,
+                        advise)
+    finally:
+        PyBuffer_Release(&view)

@@ -42,6 +42,10 @@ FULL_HEADER_SIZE = FULL_HEADER.size  # 18
 # u32; real servers cap far lower per channel (PROTOCOL.md section 2).
 DEFAULT_MAX_SIZE = 64 * 1024 * 1024
 
+FAULT_STEP = 256 * 1024
+"""Bytes ``fault_in`` faults in per system call: the kernel holds the process's mmap lock through
+each, about 0.1 ms for this much, and every other thread's mmap, munmap and brk waits for it."""
+
 # From this many bytes on (the payload pack_chunks copies, the input scan walks) the compiled codec
 # writes its output with streaming stores: output that large leaves the cache before anyone reads it.
 # Below it a plain store wins: the output fits in cache and is usually read soon. Results are the same.

@@ -6,6 +6,7 @@ cannot be built. Keep every check in the same order as _codec.pyx so both raise 
 
 from __future__ import annotations
 
+import mmap
 import operator
 import struct
 from collections.abc import Iterable
@@ -213,3 +214,20 @@ def damage_tiles(
             cols = slice(tx * tile, (tx + 1) * tile)
             shadow[rows, cols] = current[rows, cols]
     return int(np.count_nonzero(tiles))
+
+
+def fault_in(buf: Buffer, step: int = layout.FAULT_STEP, advise: bool = True) -> None:
+    step = _ssize(step)
+    if step < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    view = _flat(buf)
+    if view.readonly:
+        raise BufferError("Object is not writable.")
+    if not view.nbytes:
+        return
+    # The first byte, then the first byte of every later page, written back in place: a write
+    # fault each, the contents unchanged. numpy lets go of the GIL for the strided copies.
+    array = np.frombuffer(view, dtype=np.uint8)
+    array[:1] = array[:1].copy()
+    pages = array[-array.ctypes.data % mmap.PAGESIZE :: mmap.PAGESIZE]
+    pages[...] = pages.copy()

@@ -1,4 +1,4 @@
-/* Little-endian loads/stores and a streaming copy for spicewire/_codec.pyx.
+/* Little-endian loads/stores, a streaming copy and page faulting for spicewire/_codec.pyx.
  *
  * The loads go through memcpy so unaligned addresses are legal on every CPU; compilers turn them
  * into single moves. The streaming copy uses non-temporal stores on x86: a migration buffer of
@@ -10,6 +10,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -86,6 +89,39 @@ static inline void sw_stream_fence(void)
 #if defined(__SSE2__)
     _mm_sfence();
 #endif
+}
+
+/* Fault in the pages of [p, p + n) for writing, `step` bytes per system call, for memory nobody
+ * else uses yet. MADV_POPULATE_WRITE (Linux 5.14) does what MAP_POPULATE does at mmap time, but
+ * a step at a time: the kernel holds the process's mmap lock through one call, so a single call
+ * for a GiB would make every other thread's mmap, munmap and brk wait for all of it. Where it is
+ * refused (an older kernel), or `advise` is 0, each page is written in place (a byte read and
+ * written back), one page fault each. */
+#ifndef SW_MADV_POPULATE_WRITE
+#define SW_MADV_POPULATE_WRITE 23
+#endif
+
+static inline void sw_fault_in(unsigned char *p, size_t n, size_t step, size_t page, int advise)
+{
+    uintptr_t at = (uintptr_t)p & ~(uintptr_t)(page - 1); /* madvise takes page-aligned starts */
+    uintptr_t end = (uintptr_t)p + n;
+    while (at < end) {
+        uintptr_t upto = end - at > step ? at + step : end;
+#if defined(__linux__)
+        if (advise && madvise((void *)at, upto - at, SW_MADV_POPULATE_WRITE) != 0)
+            advise = 0;
+#else
+        advise = 0;
+#endif
+        if (!advise) {
+            uintptr_t q = at < (uintptr_t)p ? (uintptr_t)p : at;
+            for (; q < upto; q = (q & ~(uintptr_t)(page - 1)) + page) {
+                volatile unsigned char *b = (volatile unsigned char *)q;
+                *b = *b;
+            }
+        }
+        at = upto;
+    }
 }
 
 #endif

@@ -88,3 +88,42 @@ def test_the_unmapper_thread_gives_the_memory_back():
     while mapped(address) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not mapped(address)
+
+
+def test_a_worker_thread_faulting_memory_in_leaves_the_hub_its_turns():
+    """The hub keeps running, mapping and unmapping memory as it serves, while a worker thread
+    faults 256 MiB in. With MAP_POPULATE it got no turn from the populate's start to its end: mmap
+    held the GIL, and the kernel the process's mmap lock, all that time (0.5-2 s a GiB here).
+    The worker's call is cut in eighths; the hub must have had turns in most of the six inner
+    ones (the outer ones hold the thread's own Python, where the GIL goes back and forth)."""
+    import gevent
+
+    turns: list[float] = []
+    window: list[float] = []
+    done = gevent.event.Event()
+
+    def hub_work() -> None:
+        while not done.is_set():
+            scratch = mmap.mmap(-1, 1 << 20)  # needs the mmap lock for writing
+            scratch.close()
+            turns.append(time.monotonic())
+            gevent.sleep(0)
+
+    def fault_in_a_worker() -> np.ndarray:
+        window.append(time.monotonic())
+        array = common.prefaulted(16 * STEP)
+        window.append(time.monotonic())
+        return array
+
+    worker = gevent.spawn(hub_work)
+    try:
+        array = gevent.get_hub().threadpool.apply(fault_in_a_worker)
+    finally:
+        done.set()
+        worker.join()
+    assert resident(array) == array.nbytes
+    start, end = window
+    eighth = (end - start) / 8
+    served = {int((t - start) // eighth) for t in turns if start <= t < end}
+    inner = served & set(range(1, 7))
+    assert len(inner) >= 4, f"the hub had turns in {sorted(served)} of the populate's eighths ({end - start:.3f} s)"

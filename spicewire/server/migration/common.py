@@ -14,6 +14,7 @@ from typing import Any
 import gevent.monkey
 import numpy as np
 
+from spicewire import codec
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType
 
@@ -44,17 +45,20 @@ def collector_paused():
 
 
 def prefaulted(size: int) -> np.ndarray:
-    """Anonymous memory the kernel maps in at once (MAP_POPULATE), in a worker thread. It is
-    given back in a thread of its own too, once the last view of it is gone (``_unmap_later``):
-    returning faulted-in pages costs about 0.1 ms a MiB, and that last view usually goes on the
-    hub, right as a session lands (a 64 MiB tail room, 5-7 ms) or as a device takes the last bytes
-    of a GiB it was restored with (~90 ms), while every other session waits."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    region = mmap.mmap(-1, size, flags=flags)
+    """Anonymous memory faulted in at once, for a worker thread to make. The faults go through
+    ``codec.fault_in``, not MAP_POPULATE: mmap makes those holding the GIL, and the kernel holds
+    the process's mmap lock through all of them, so a worker thread populating a GiB stopped the
+    hub for 0.5-2 s (every session of the server with it). The memory is given back in a thread
+    of its own too, once the last view of it is gone (``_unmap_later``): returning faulted-in
+    pages costs about 0.1 ms a MiB, and that last view usually goes on the hub, right as a session
+    lands (a 64 MiB tail room, 5-7 ms) or as a device takes the last bytes of a GiB it was
+    restored with (~90 ms), while every other session waits."""
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     array = np.frombuffer(region, dtype=np.uint8)
     # The finalizer holds the mapping until the array is gone, then hands it to the unmapper
     # thread, which drops the last reference: the munmap happens there.
     weakref.finalize(array, _unmap_later, region).atexit = False
+    codec.fault_in(array)
     return array
 
 
