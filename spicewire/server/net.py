@@ -786,6 +786,9 @@ class SpiceServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.sessions: dict[int, Session] = {}
+        # The sessions the tick loop visits: a screen, or a port whose device wants ticks. Walking
+        # every session each tick cost a server of 500 sink sessions 5-7% of its hub.
+        self._ticking: dict[int, Session] = {}
         self.keys = KeyPool(config.key_pool, config.key_pool_threads, refill_delay=config.key_pool_refill_delay)
         self._factories = [(name, devices.factory(kind)) for name, kind in config.port_channels]
         self._screen_factory: Callable[[], screens.Screen] | None = None
@@ -1028,6 +1031,8 @@ class SpiceServer:
                     session.display = DisplayState(self._screen_factory(), self.config.display_options)
                     session.display.attach_to(session, self.config.server_name, self.listen_label)
             self.sessions[session.id] = session
+            if session.display is not None or any(port.device.wants_ticks for port in session.ports.values()):
+                self._ticking[session.id] = session
             # What its client linked with: a migration carries it to s2 as the session's ticket.
             ticket = (self.migration.ticket(session.id) if migrating else None) or conn.password
             if ticket:
@@ -1083,6 +1088,7 @@ class SpiceServer:
     def _session_ended(self, session: Session) -> None:
         self.migration.session_ended(session)
         self.sessions.pop(session.id, None)
+        self._ticking.pop(session.id, None)
         self.tickets.pop(session.id, None)
         self.client_hosts.pop(session.id, None)
         self.session_tickets.session_ended(session.id)
@@ -1103,7 +1109,7 @@ class SpiceServer:
         while True:
             gevent.sleep(self.config.tick_interval)
             now = time.monotonic()
-            for session in list(self.sessions.values()):
+            for session in list(self._ticking.values()):
                 if session.display is not None and session.migration is None:
                     session.display.tick(now)
                 for port in session.ports.values():
