@@ -77,7 +77,9 @@ class Device:
         return [json.dumps(self.state()).encode()]
 
     def restore(self, chunks: Sequence[bytes | memoryview]) -> None:
-        self.load_state(json.loads(bytes(chunks[0])))
+        """Take the state ``save`` made; a state that is not one raises ValueError or TypeError
+        (it came from another server: a migration refuses it, it does not crash on it)."""
+        self.load_state(saved_object(chunks[0], f"a {self.kind} device's"))
 
     def state(self) -> dict:
         """The JSON part of the saved state; subclasses extend it."""
@@ -86,8 +88,31 @@ class Device:
     def load_state(self, state: dict) -> None:
         if state.get("kind") != self.kind:
             raise ValueError(f"cannot restore a {state.get('kind')!r} device into a {self.kind!r} one")
-        self.bytes_in = state["bytes_in"]
-        self.bytes_out = state["bytes_out"]
+        self.bytes_in = count_field(state, "bytes_in")
+        self.bytes_out = count_field(state, "bytes_out")
+
+
+def saved_object(chunk: bytes | memoryview, whose: str) -> dict:
+    """The JSON object a saved state's first chunk holds."""
+    state = json.loads(bytes(chunk))
+    if not isinstance(state, dict):
+        raise TypeError(f"{whose} saved state is a JSON object, not {type(state).__name__}")
+    return state
+
+
+def count_field(state: dict, name: str) -> int:
+    """``state[name]``, a whole number of 0 or more (not a bool)."""
+    value = state[name]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a whole number of 0 or more, not {value!r:.40}")
+    return value
+
+
+def flag_field(state: dict, name: str) -> bool:
+    value = state[name]
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, not {value!r:.40}")
+    return value
 
 
 DeviceFactory = Callable[[], Device]
@@ -173,7 +198,7 @@ class SinkDevice(Device):
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
-        self.paused = state["paused"]
+        self.paused = flag_field(state, "paused")
 
 
 _PATTERN = np.random.default_rng(0x5350494345).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
@@ -245,5 +270,6 @@ class SourceDevice(Device):
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
-        self.rate, self.limit, self.paused = state["rate"], state["limit"], state["paused"]
+        self.rate, self.limit = count_field(state, "rate"), count_field(state, "limit")
+        self.paused = flag_field(state, "paused")
         self._started = None  # the rate clock restarts here, from the restored offset

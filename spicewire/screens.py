@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from spicewire.devices import saved_object
 from spicewire.logs import session_label
 from spicewire.protocol.enums import ButtonMask, MouseButton
 from spicewire.protocol.graphics import CursorShape
@@ -188,7 +189,7 @@ class Screen:
         return [json.dumps(self.state()).encode()]
 
     def restore(self, chunks: Sequence[bytes | memoryview]) -> None:
-        self.load_state(json.loads(bytes(chunks[0])))
+        self.load_state(saved_object(chunks[0], f"a {self.kind} screen's"))
 
     def state(self) -> dict:
         """The JSON part of the saved state; subclasses extend it."""

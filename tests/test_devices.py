@@ -1,6 +1,7 @@
 """Devices behind port channels: their write/room contract and their saved state."""
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -99,6 +100,30 @@ def test_restoring_into_another_kind_is_refused():
     echo, _ = attached("echo")
     with pytest.raises(ValueError, match="sink"):
         echo.restore(sink.save())
+
+
+@pytest.mark.parametrize("kind", ["echo", "sink", "source"])
+@pytest.mark.parametrize("state", [b"[]", b'"sink"', b"7", b"null"])
+def test_a_saved_state_that_is_not_an_object_is_refused(kind, state):
+    """A device state comes from another server: whatever its shape, restore refuses it with a
+    ValueError or TypeError (a 400 to that server), never another exception (a 500). Hypothesis
+    found the JSON list."""
+    device = devices.factory(kind)()
+    with pytest.raises(TypeError, match="saved state is a JSON object"):
+        device.restore([state, *device.save()[1:]])
+
+
+@pytest.mark.parametrize(("kind", "field", "value"), [
+    ("sink", "bytes_in", "12"), ("sink", "bytes_out", -1), ("sink", "bytes_in", True), ("sink", "paused", 1),
+    ("source", "rate", 1.5), ("source", "limit", None), ("source", "paused", "no"), ("echo", "bytes_out", [3]),
+])
+def test_a_saved_field_of_the_wrong_type_is_refused(kind, field, value):
+    device = devices.factory(kind)()
+    saved = device.save()
+    state = json.loads(saved[0])
+    state[field] = value
+    with pytest.raises(ValueError, match=field):
+        devices.factory(kind)().restore([json.dumps(state).encode(), *saved[1:]])
 
 
 def test_source_pattern_is_deterministic_and_seekable():

@@ -396,6 +396,14 @@ def test_paint_save_restore_round_trip_continues_the_stroke():
     assert moved.framebuffer[70, 30].tolist() == pixel(PALETTE[2])
 
 
+@pytest.mark.parametrize("state", [b"[]", b"3", b'"paint"'])
+def test_a_saved_state_that_is_not_an_object_is_refused(state):
+    """It comes from another server: a TypeError (a 400 there), not an AttributeError (a 500)."""
+    saved = paint_screen().save()
+    with pytest.raises(TypeError, match="saved state is a JSON object"):
+        screens.factory("paint", 200, 100)().restore([state, *saved[1:]])
+
+
 def test_clock_save_restore_round_trip():
     screen = clock_screen()
     screen.attach(S1)
