@@ -300,6 +300,17 @@ class PortState:
         one here completes."""
         return not (self.device_stopped or self.held)
 
+    def stop_device(self) -> None:
+        """A migration away stops the device (the VM pauses): it neither takes nor makes data
+        until ``resume_device``; the socket is still read (the FLUSH_MARK is behind the data)."""
+        self.device_stopped = True
+
+    def resume_device(self) -> None:
+        """The migration away did not happen: the device goes on with what queued meanwhile."""
+        self.device_stopped = False
+        self.pump()
+        self.flush_to_client()
+
     def hold(self) -> None:
         """This port lands here by migration: its device waits for ``release_held``."""
         self.held = True

@@ -99,7 +99,7 @@ class SessionSource:
     def stop_devices(self) -> None:
         """The VM pauses: devices neither take nor make data; the sockets are still read."""
         for port in self.session.ports.values():
-            port.device_stopped = True
+            port.stop_device()
         if self.session.display is not None:
             self.session.display.stop()
         # A MAC's first setup after a while costs ~150 us (OpenSSL's context, cold caches): made
@@ -121,9 +121,7 @@ class SessionSource:
 
     def resume_devices(self) -> None:
         for port in self.session.ports.values():
-            port.device_stopped = False
-            port.pump()
-            port.flush_to_client()
+            port.resume_device()
         if self.session.display is not None:
             self.session.display.resume()
 
