@@ -58,21 +58,16 @@ def mac_rate(nbytes: int) -> float:
     return nbytes / (time.perf_counter() - start)
 
 
-def process_cpu() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def role_sender(port: int, nbytes: int, whole: bool) -> None:
     """Sends NBYTES: one 1 MiB block over and over, or (WHOLE) an NBYTES region front to back."""
     source = resident(nbytes) if whole else memoryview(os.urandom(CHUNK))
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sent, cpu = 0, process_cpu()
+        sent, cpu = 0, cpu_seconds(os.getpid())
         while sent < nbytes:
             n = min(CHUNK, nbytes - sent)
             sock.sendall(source[sent : sent + n] if whole else source[:n])
             sent += n
-    print(json.dumps({"cpu_s": process_cpu() - cpu}), flush=True)
+    print(json.dumps({"cpu_s": cpu_seconds(os.getpid()) - cpu}), flush=True)
 
 
 def role_relay(listen: int, forward: int) -> None:
@@ -80,13 +75,13 @@ def role_relay(listen: int, forward: int) -> None:
     with socket.create_server(("127.0.0.1", listen)) as server:
         print("ready", flush=True)
         src, _ = server.accept()
-        cpu = process_cpu()
+        cpu = cpu_seconds(os.getpid())
         with src, socket.create_connection(("127.0.0.1", forward)) as dst:
             buf = bytearray(CHUNK)
             view = memoryview(buf)
             while n := src.recv_into(buf):
                 dst.sendall(view[:n])
-    print(json.dumps({"cpu_s": process_cpu() - cpu}), flush=True)
+    print(json.dumps({"cpu_s": cpu_seconds(os.getpid()) - cpu}), flush=True)
 
 
 def role_receiver(listen: int, nbytes: int, whole: bool) -> None:
@@ -96,12 +91,12 @@ def role_receiver(listen: int, nbytes: int, whole: bool) -> None:
         print("ready", flush=True)
         conn, _ = server.accept()
         got = conn.recv_into(target[:CHUNK])
-        first, cpu = time.perf_counter(), process_cpu()  # from the first byte: start-up is not relaying
+        first, cpu = time.perf_counter(), cpu_seconds(os.getpid())  # from the first byte: start-up is not relaying
         with conn:
             while got < nbytes and (n := conn.recv_into(target[got : got + CHUNK] if whole else target)):
                 got += n
-        print(json.dumps({"received": got, "seconds": time.perf_counter() - first, "cpu_s": process_cpu() - cpu}),
-              flush=True)
+        spent = {"seconds": time.perf_counter() - first, "cpu_s": cpu_seconds(os.getpid()) - cpu}
+        print(json.dumps({"received": got, **spent}), flush=True)
 
 
 def role_client(port: int, mib: int, sessions: int) -> None:

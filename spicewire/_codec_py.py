@@ -226,7 +226,8 @@ def fault_in(buf: Buffer, step: int = layout.FAULT_STEP, advise: bool = True) ->
     if not view.nbytes:
         return
     # The first byte, then the first byte of every later page, written back in place: a write
-    # fault each, the contents unchanged. numpy lets go of the GIL for the strided copies.
+    # fault each, the contents unchanged. numpy lets go of the GIL for the strided copies. Here
+    # ``step`` and ``advise`` change nothing: they only choose how the compiled one faults.
     array = np.frombuffer(view, dtype=np.uint8)
     array[:1] = array[:1].copy()
     pages = array[-array.ctypes.data % mmap.PAGESIZE :: mmap.PAGESIZE]

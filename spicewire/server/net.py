@@ -786,8 +786,8 @@ class SpiceServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.sessions: dict[int, Session] = {}
-        # The sessions the tick loop visits: a screen, or a port whose device wants ticks. Walking
-        # every session each tick cost a server of 500 sink sessions 5-7% of its hub.
+        # The sessions the tick loop visits (Session.wants_ticks). Walking every session each tick
+        # kept an idle server of 500 sink sessions 7.8% busy (2.2% without it).
         self._ticking: dict[int, Session] = {}
         self.keys = KeyPool(config.key_pool, config.key_pool_threads, refill_delay=config.key_pool_refill_delay)
         self._factories = [(name, devices.factory(kind)) for name, kind in config.port_channels]
@@ -1031,7 +1031,7 @@ class SpiceServer:
                     session.display = DisplayState(self._screen_factory(), self.config.display_options)
                     session.display.attach_to(session, self.config.server_name, self.listen_label)
             self.sessions[session.id] = session
-            if session.display is not None or any(port.device.wants_ticks for port in session.ports.values()):
+            if session.wants_ticks:
                 self._ticking[session.id] = session
             # What its client linked with: a migration carries it to s2 as the session's ticket.
             ticket = (self.migration.ticket(session.id) if migrating else None) or conn.password

@@ -512,6 +512,12 @@ class Session:
     def in_flight(self) -> int:
         return sum(port.in_flight for port in self.ports.values())
 
+    @property
+    def wants_ticks(self) -> bool:
+        """Whether the server's tick loop has anything to do here: a screen, or a port whose
+        device wants ticks."""
+        return self.display is not None or any(port.device.wants_ticks for port in self.ports.values())
+
     def channel_ids(self) -> tuple[m.ChannelId, ...]:
         """What CHANNELS_LIST offers: the display's three channels, if it has a screen, and its ports."""
         graphics = (ChannelType.DISPLAY, ChannelType.INPUTS, ChannelType.CURSOR) if self.display is not None else ()

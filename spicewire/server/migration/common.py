@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 MAIN = mig.MAIN
 
 
+def whole_number(value: object) -> bool:
+    """An int of 0 or more, and not a bool: what a count or offset in a peer's JSON must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def port_channel(channel_id: int) -> mig.Channel:
     return (ChannelType.PORT, channel_id)
 

@@ -41,7 +41,7 @@ from spicewire.server.display import (
     prepare_update,
     take_precopy,
 )
-from spicewire.server.migration.common import collector_paused, mode_label, prefaulted
+from spicewire.server.migration.common import collector_paused, mode_label, prefaulted, whole_number
 from spicewire.server.migration.destination import (
     PREFAULT_BATCH,
     PREFAULT_MIN,
@@ -88,10 +88,6 @@ class MigrationBusy(MigrationError):
 class UnknownMigration(MigrationError):
     """A server-to-server call names a migration that has no announced sessions here (a caller
     that does not know the id is not the source that announced it)."""
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _landing(entry: object) -> bool:
@@ -424,12 +420,12 @@ class MigrationManager:
                 sid = parse_session_label(text)
             except ValueError:
                 raise ValueError(f"bad session id {text!r:.40} in the device state index") from None
-            if not (_whole(cid) and _whole(count)):
+            if not (whole_number(cid) and whole_number(count)):
                 raise ValueError(f"bad port {cid!r:.20} or chunk count {count!r:.20} in the device state index")
             if pos + count > len(chunks):
                 raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
             in_flight = entry.get("in_flight", 0)
-            if not _whole(in_flight):
+            if not whole_number(in_flight):
                 raise ValueError(f"bad in_flight {in_flight!r:.20} in the device state index")
             saved, pos = chunks[pos : pos + count], pos + count
             ann = self.announcements.get(sid)
@@ -461,7 +457,7 @@ class MigrationManager:
         the pre-copy. Checked here; applied with the rest once the whole batch is."""
         text, count, screen_chunks = entry["session_id"], entry["chunks"], entry["screen_chunks"]
         record = entry.get("channel") is True  # the display channel's record follows (DISPLAY_STATE_VERSION)
-        if not (_whole(count) and _whole(screen_chunks)) or count != screen_chunks + 4 + record:
+        if not (whole_number(count) and whole_number(screen_chunks)) or count != screen_chunks + 4 + record:
             raise ValueError(f"bad chunk counts {count!r:.20}/{screen_chunks!r:.20} for a screen")
         if pos + count > len(chunks):
             raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")

@@ -50,7 +50,7 @@ import struct
 from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
@@ -62,7 +62,7 @@ from spicewire.errors import MigrationError
 from spicewire.logs import parse_session_label, session_label
 from spicewire.protocol import migration as mig
 from spicewire.protocol.migrate_data import PrecopyRef, RegionRef
-from spicewire.server.migration.common import prefaulted
+from spicewire.server.migration.common import prefaulted, whole_number
 from spicewire.server.session import PortState
 
 if TYPE_CHECKING:
@@ -180,7 +180,7 @@ class PortPrecopy:
         return offset, max(0, min(total - offset, room))
 
     def state(self, base: mig.PortMigrateData) -> mig.PortMigrateData:
-        """``base`` (the record, the whole queues) as SWPD version 2: the reference to what s2
+        """``base`` (the record, without the queues) as SWPD version 2: the reference to what s2
         holds, and of the queues only what follows it."""
         refs, tails = {}, {}
         for direction in DIRECTIONS:
@@ -189,11 +189,8 @@ class PortPrecopy:
             head = total - queued
             refs[direction] = region.reference(head)
             tails[direction] = last_bytes(queue, total - max(head, region.end))
-        return mig.PortMigrateData(
-            base.ack_generation, base.ack_window, base.serial, base.client_serial, base.num_client_tokens,
-            base.num_send_tokens, base.device_state, tails["to_device"], tails["to_client"],
-            PrecopyRef(refs["to_device"], refs["to_client"]),
-        )
+        return replace(base, pending=tails["to_device"], to_client=tails["to_client"],
+                       precopy=PrecopyRef(refs["to_device"], refs["to_client"]))
 
 
 def _capacity(queued: int) -> int:
@@ -241,9 +238,10 @@ def _batches(chunks: list, start: int, length: int) -> Iterator[list]:
 
 def _hashed(batches: Iterator[list], digest: Any) -> Iterator[list]:
     """``batches`` for the socket, each hashed into ``digest`` right after the socket copied it,
-    while its bytes are still in the cache: XXH3 reads a cached PIECE at tens of GB/s, so
-    hashing in line costs a few per cent of the copy; a worker thread would compete for the
-    same two cores and read the bytes again from memory."""
+    while its bytes are still in or near the cache: XXH3 then took 10-18% of s1's time in a
+    round (perf), the socket's copy most of the rest. A worker thread hashing beside the send
+    was slower (four paired runs: 0.56-0.75x of a direct copy against 0.67-0.87x in line): it
+    competes with s2 for the other core and reads the bytes again."""
     for batch in batches:
         yield batch
         for part in batch:
@@ -277,7 +275,7 @@ def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
                                                   total_size, migration.left())
             capacities = answer.get("capacities") if isinstance(answer, dict) else None
             if answer.get("held") != len(entries) or not isinstance(capacities, list) or len(capacities) != len(
-                    entries) or not all(_whole(c) for c in capacities):
+                    entries) or not all(whole_number(c) for c in capacities):
                 raise MigrationError(f"the destination took {answer!r:.200} of {len(entries)} pre-copy entries")
             for (_, region, length, plan), capacity in zip(pieces, capacities, strict=True):
                 region.length += length
@@ -452,7 +450,7 @@ def _target(manager: Any, migration_id: str,
     cid, direction = entry["port"], entry["dir"]
     offset, length, capacity = entry["offset"], entry["length"], entry["capacity"]
     kind = entry.get("digest", LEGACY_DIGEST)  # an s1 from before the choice names none
-    if direction not in DIRECTIONS or not all(_whole(v) for v in (cid, offset, length, capacity)) or not (
+    if direction not in DIRECTIONS or not all(whole_number(v) for v in (cid, offset, length, capacity)) or not (
             isinstance(kind, str) and kind in DIGESTS):
         raise ValueError(f"bad pre-copy entry {entry!r:.200}")
     ann = manager.announcements.get(sid)
@@ -464,10 +462,6 @@ def _target(manager: Any, migration_id: str,
     # No more than a MIGRATE_DATA of the announced backlog could bring: s1 learns it in the answer.
     capacity = min(capacity, migrate_data_limit(ann.in_flight.get(cid, 0), manager.server.config.limits))
     return ann, (cid, direction), offset, capacity, length, kind
-
-
-def _whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_exactly(stream: Any, n: int) -> bytes:
