@@ -183,6 +183,58 @@ def test_bytes_appended_during_the_precopy_go_in_later_rounds_and_the_tail(pnode
     session.close()
 
 
+@pytest.mark.parametrize("tail_room", [None, 4 * MIB, 2 * MIB], ids=["buffer-sized", "fits", "too-small"])
+def test_the_tail_room_is_faulted_in_after_the_rounds_and_the_tail_lands_in_it(pnodes, after_round, monkeypatch,
+                                                                             tail_room):
+    """The pre-copy takes over the port's announced buffer; the memory owed for its MIGRATE_DATA
+    tail (TAIL_ROOM at most, else the buffer's size) is faulted in only once the rounds are over,
+    and the 3 MiB tail lands in it when it fits (around a TAIL_ROOM of 4 and 2 MiB), in fresh
+    memory when not. Every byte arrives, in order."""
+    from spicewire.server.migration import destination
+
+    if tail_room is not None:
+        monkeypatch.setattr(precopy, "TAIL_ROOM", tail_room)
+    running, faulted, landed = [False], [], []
+    real_precopy, real_prefaulted, real_take = orchestrator.precopy_ports, destination.prefaulted, \
+        destination.Announcement.take_buffer
+
+    def precopy_ports(migration, sources):
+        running[0] = True
+        try:
+            return real_precopy(migration, sources)
+        finally:
+            running[0] = False
+
+    def prefaulted(size):
+        faulted.append((size, running[0], real_prefaulted(size)))
+        return faulted[-1][2]
+
+    def take_buffer(ann, channel_id, size):
+        landed.append(real_take(ann, channel_id, size))
+        return landed[-1]
+
+    monkeypatch.setattr(orchestrator, "precopy_ports", precopy_ports)
+    monkeypatch.setattr(destination, "prefaulted", prefaulted)
+    monkeypatch.setattr(destination.Announcement, "take_buffer", take_buffer)
+    monkeypatch.setattr(precopy, "_capacity", lambda queued: queued)  # what comes later is the tail
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    first, tail = 24 * MIB, 3 * MIB
+    fill_paused_sink(s1, session, first, digest=digest)
+    sink = session.open_port(SINK)
+    after_round.append(lambda n: write_sink(s1, session, sink, tail, digest, first))
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    announced = destination.prefault_room(first)
+    expected = announced if tail_room is None else tail_room
+    assert [(size, during) for size, during, _ in faulted] == [(expected, False)]
+    into_tail_room = [np.shares_memory(buffer, faulted[0][2]) for buffer in landed if len(buffer) >= tail]
+    assert into_tail_room == [tail_room != 2 * MIB]
+    drain_sink(s2, session.session_id, first + tail, digest.hexdigest())
+    session.close()
+
+
 def limit_sink(node, session, take: int) -> None:
     """Let s1's paused sink take exactly ``take`` more bytes now (the device consuming part of a
     queue during pre-migration), then stop again."""

@@ -199,9 +199,11 @@ class MigrationManager:
     def prepared(self, migration_id: str, wait: float) -> bool:
         """Whether the landing buffers of every session the migration ``migration_id`` announced
         here are faulted in, once they are or ``wait`` seconds passed (s1 asks before it stops the
-        devices: PREPARED_WAIT)."""
-        jobs = [job for ann in self.announcements.values() if ann.migration_id == migration_id
-                for job in ann.buffers.values()]
+        devices: PREPARED_WAIT). The tail rooms the port pre-copies left owed are faulted in now."""
+        announced = [ann for ann in self.announcements.values() if ann.migration_id == migration_id]
+        for ann in announced:
+            ann.fault_in_tail_rooms()
+        jobs = [job for ann in announced for job in ann.buffers.values()]
         pending = [job for job in jobs if not job.ready()]
         if pending:
             gevent.wait(pending, timeout=wait)
@@ -592,8 +594,8 @@ class MigrationManager:
             display_direct = migration.features.get("display_state") == DISPLAY_STATE_VERSION
             ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end, display_direct)
             ready = self._precopy_displays(migration, ready)
-            # Twice: the pre-copy lands in the announced buffers too, and takes them over for
-            # its regions, when s2 faults in what the tails will land in.
+            # Twice: the pre-copy lands in the announced buffers too and takes them over for its
+            # regions; the second ask has s2 fault in what the tails will land in.
             self._await_landing_memory(migration, ready)
             self._precopy_ports(migration, ready)
             self._await_landing_memory(migration, ready)
