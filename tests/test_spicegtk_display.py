@@ -39,6 +39,7 @@ from spicewire.protocol.enums import (
     MsgcInputs,
 )
 from spicewire.screens import PALETTE, bgrx
+from spicewire.server import display as display_module
 from spicewire.server.display import PENDING_LIMIT, DisplayOptions
 from spicewire.server.net import ServerConfig, SpiceServer
 
@@ -165,6 +166,36 @@ def test_spicegtk_primary_equals_the_framebuffer_pixel_for_pixel(tmp_path, bound
         final = drv.quit()["state"]
     assert final["primary_surface_creates"] == 1 and final["primary_destroys"] == 0, final
     assert final["warnings"] == [], final["warnings"]
+
+
+@pytest.mark.parametrize("lz4", [False, True], ids=["raw", "lz4"])
+@pytest.mark.parametrize("size, draws", [((512, 512), 1), ((512, 513), 2)], ids=["draw-piece", "draw-piece+row"])
+def test_a_change_of_draw_piece_bytes_goes_whole_and_one_row_more_in_two_bands(tmp_path, bounded, monkeypatch,
+                                                                               size, draws, lz4):
+    """A whole 512-pixel-wide frame of noise: at 512 rows it is DRAW_PIECE pixel bytes exactly,
+    one DRAW_COPY; one row more and it goes as two bands. spice-gtk shows either pixel for pixel,
+    raw and as LZ4."""
+    peers.require("spicegtk")
+    assert size[0] * size[1] * 4 == display_module.DRAW_PIECE + (draws - 1) * size[0] * 4  # on the threshold
+    cut: list[int] = []
+    real_bands = display_module.bands
+
+    def bands(rect):
+        cut.append(len(real_bands(rect)))
+        return real_bands(rect)
+
+    monkeypatch.setattr(display_module, "bands", bands)
+    with display_server(display_size=size, display_options=DisplayOptions(lz4=lz4)) as server, \
+            DisplayDriver(server.address[1], tmp_path) as drv:
+        drv.ready()
+        framebuffer = screen_of(server).framebuffer
+        assert_shows(drv, framebuffer, "the first picture")
+        cut.clear()
+        framebuffer[...] = np.random.default_rng(size[1]).integers(0, 256, framebuffer.shape, dtype=np.uint8)
+        assert_shows(drv, framebuffer, "the whole frame changed")
+        assert cut == [draws]
+        final = drv.quit()["state"]
+    assert final["primary_surface_creates"] == 1 and final["warnings"] == [], final
 
 
 def test_keys_and_mouse_through_spicegtk_reach_the_screen(tmp_path, bounded):
