@@ -514,11 +514,14 @@ def test_rollback_after_the_precopy_drops_s2s_copy_and_keeps_every_byte_on_s1(pn
 
 
 @pytest.mark.peer
-@pytest.mark.parametrize("precopy_on", [True, False], ids=["precopy", "no-precopy"])
+@pytest.mark.parametrize("precopy_on, size", [(True, precopy.PRECOPY_MIN), (True, precopy.PRECOPY_MIN - 1),
+                                               (False, 20 * MIB)],
+                         ids=["precopy-min", "under-precopy-min", "no-precopy"])
 def test_spicegtk_follows_migrations_back_and_forth_with_and_without_precopy(pnodes, monkeypatch, precopied,
-                                                                            port_bodies, precopy_on):
-    """spice-gtk writes 20 MiB into a sink that starts paused, and the session migrates three
-    times: MIGRATE_DATA stays one opaque message per channel to it, whichever way the bytes go."""
+                                                                            port_bodies, precopy_on, size):
+    """spice-gtk writes ``size`` bytes into a sink that starts paused, and the session migrates
+    three times: MIGRATE_DATA stays one opaque message per channel to it, whichever way the bytes
+    go. At PRECOPY_MIN they are pre-copied; a byte less, or with pre-copy off, they are not."""
     from . import peers
     from .peers.spicegtk import start_driver
     from .peers.spicegtk_driver import make_payload
@@ -532,7 +535,7 @@ def test_spicegtk_follows_migrations_back_and_forth_with_and_without_precopy(pno
 
     monkeypatch.setattr(devices.SinkDevice, "__init__", paused_sink)  # every sink starts paused
     nodes = pnodes(precopy_on, precopy_on)
-    size = 20 * MIB
+    precopies = precopy_on and size >= precopy.PRECOPY_MIN
     driver = start_driver(nodes[0].address[1], port_name=SINK, send_bytes=size, hold=120, timeout=150)
     with driver:
         def queued():
@@ -547,8 +550,8 @@ def test_spicegtk_follows_migrations_back_and_forth_with_and_without_precopy(pno
             assert entry["migrated"] and entry["mode"] == "seamless" and entry["bytes_dropped"] == 0, entry
             wait_until(lambda src=src: session_id not in src.spice.sessions, 10, what="s1 to let go of the session")
             assert dst.port(session_id, SINK)["to_device_bytes"] == size
-        assert precopied == ([size] * 3 if precopy_on else [])
-        assert any(referenced for _, referenced in port_bodies) == precopy_on
+        assert precopied == ([size] * 3 if precopies else [0] * 3 if precopy_on else [])
+        assert any(referenced for _, referenced in port_bodies) == precopies
         drain_sink(nodes[1], session_id, size, hashlib.sha256(make_payload(size)).hexdigest())
         driver.terminate()
         wait_until(lambda: driver.proc.poll() is not None, 20, what="the driver to end")
