@@ -145,7 +145,8 @@ def big_migration(mib: int, precopy: bool, resume_during: bool) -> dict:
         s1.stop()
         s2.stop()
     return {"in_flight_bytes": size, "downtime_s": entry["downtime_s"], "precopied_bytes": report["precopied_bytes"],
-            "precopy_s": report["precopy_s"], "moved_bytes": entry["in_flight_bytes_moved"],
+            "precopy_s": report["precopy_s"], "prepare_s": report.get("prepare_s", 0.0),
+            "moved_bytes": entry["in_flight_bytes_moved"],
             "written_bytes": written["written"], "intact": intact}
 
 
@@ -181,6 +182,10 @@ def main() -> int:
         ("direct socket copy s1 -> s2 of whole regions, GB/s (each run)",
          f"{copy / 1e9:.2f} ({', '.join(f'{c / 1e9:.2f}' for c in copies)})", "", ""),
         ("  pre-copy vs direct copy, median of the pairs", f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8),
+        ("between the rounds, s2 faulting in the tails' memory (not in the rate): s (each run)",
+         ", ".join(f"{run['prepare_s']:.3f}" for run in paused), "", ""),
+        ("bytes left to MIGRATE_DATA (moved - pre-copied): KiB (each run)",
+         ", ".join(f"{(run['moved_bytes'] - run['precopied_bytes']) >> 10}" for run in paused), "", ""),
     ]
     results = {"machine": f"{os.cpu_count()} cores", "paused_runs": paused, "direct_copy_bytes_per_s": copies}
     if args.rate_only:

@@ -79,8 +79,8 @@ def precopied(monkeypatch):
     sent: list[int] = []
     real = orchestrator.precopy_ports
 
-    def record(migration, sources):
-        sent.append(real(migration, sources))
+    def record(migration, sources, *prepare):
+        sent.append(real(migration, sources, *prepare))
         return sent[-1]
 
     monkeypatch.setattr(orchestrator, "precopy_ports", record)
@@ -183,55 +183,93 @@ def test_bytes_appended_during_the_precopy_go_in_later_rounds_and_the_tail(pnode
     session.close()
 
 
-@pytest.mark.parametrize("tail_room", [None, 4 * MIB, 2 * MIB], ids=["buffer-sized", "fits", "too-small"])
-def test_the_tail_room_is_faulted_in_after_the_rounds_and_the_tail_lands_in_it(pnodes, after_round, monkeypatch,
-                                                                             tail_room):
-    """The pre-copy takes over the port's announced buffer; the memory owed for its MIGRATE_DATA
-    tail (TAIL_ROOM at most, else the buffer's size) is faulted in only once the rounds are over,
-    and the 3 MiB tail lands in it when it fits (around a TAIL_ROOM of 4 and 2 MiB), in fresh
+@pytest.mark.parametrize("later, tail, cap, room, fits", [
+    (2 * MIB, 3 * MIB, None, 4 * MIB, True),  # twice the later round holds the tail
+    (2 * MIB, 5 * MIB, None, 4 * MIB, False),  # a tail larger than that lands in fresh memory
+    (2 * MIB, 3 * MIB, 2 * MIB, 2 * MIB, False),  # TAIL_ROOM caps it
+    (0, 512 << 10, None, precopy.TAIL_ROOM_MIN, True),  # no later round: TAIL_ROOM_MIN
+], ids=["sized", "outgrown", "capped", "least"])
+def test_the_tail_room_is_sized_by_the_later_rounds_and_faulted_in_between_rounds(
+        pnodes, after_round, monkeypatch, later, tail, cap, room, fits):
+    """The pre-copy takes over the port's announced buffer. The memory for its MIGRATE_DATA tail is
+    twice the largest round after the first (TAIL_ROOM_MIN at least, TAIL_ROOM at most), faulted
+    in between rounds, never while s2 receives one; the tail lands in it when it fits, in fresh
     memory when not. Every byte arrives, in order."""
     from spicewire.server.migration import destination
 
-    if tail_room is not None:
-        monkeypatch.setattr(precopy, "TAIL_ROOM", tail_room)
-    running, faulted, landed = [False], [], []
-    real_precopy, real_prefaulted, real_take = orchestrator.precopy_ports, destination.prefaulted, \
+    if cap is not None:
+        monkeypatch.setattr(precopy, "TAIL_ROOM", cap)
+    receiving, faulted, landed = [False], [], []
+    real_receive, real_prefaulted, real_take = precopy.receive_port_precopy, destination.prefaulted, \
         destination.Announcement.take_buffer
 
-    def precopy_ports(migration, sources):
-        running[0] = True
+    def receive_port_precopy(*args):
+        receiving[0] = True
         try:
-            return real_precopy(migration, sources)
+            return real_receive(*args)
         finally:
-            running[0] = False
+            receiving[0] = False
 
     def prefaulted(size):
-        faulted.append((size, running[0], real_prefaulted(size)))
+        faulted.append((size, receiving[0], real_prefaulted(size)))
         return faulted[-1][2]
 
     def take_buffer(ann, channel_id, size):
         landed.append(real_take(ann, channel_id, size))
         return landed[-1]
 
-    monkeypatch.setattr(orchestrator, "precopy_ports", precopy_ports)
+    monkeypatch.setattr("spicewire.control.server.receive_port_precopy", receive_port_precopy)
     monkeypatch.setattr(destination, "prefaulted", prefaulted)
     monkeypatch.setattr(destination.Announcement, "take_buffer", take_buffer)
-    monkeypatch.setattr(precopy, "_capacity", lambda queued: queued)  # what comes later is the tail
+    # the region holds the first queue and the later round: what comes after is the tail
+    monkeypatch.setattr(precopy, "_capacity", lambda queued: queued + later)
     s1, s2 = pnodes(True, True)
     session = connect(s1)
     digest = hashlib.sha256()
-    first, tail = 24 * MIB, 3 * MIB
+    first = 24 * MIB
     fill_paused_sink(s1, session, first, digest=digest)
     sink = session.open_port(SINK)
-    after_round.append(lambda n: write_sink(s1, session, sink, tail, digest, first))
-    entry = only_entry(s1.migrate_to(s2))
+    if later:
+        after_round.append(lambda n: write_sink(s1, session, sink, later, digest, first))
+    after_round.append(lambda n: write_sink(s1, session, sink, tail, digest, first + later))
+    report = s1.migrate_to(s2)
+    entry = only_entry(report)
     assert entry["migrated"], entry
-    announced = destination.prefault_room(first)
-    expected = announced if tail_room is None else tail_room
-    assert [(size, during) for size, during, _ in faulted] == [(expected, False)]
+    assert report["precopied_bytes"] == first + later and report["prepare_s"] > 0
+    assert [(size, during) for size, during, _ in faulted] == [(room, False)]
     into_tail_room = [np.shares_memory(buffer, faulted[0][2]) for buffer in landed if len(buffer) >= tail]
-    assert into_tail_room == [tail_room != 2 * MIB]
-    drain_sink(s2, session.session_id, first + tail, digest.hexdigest())
+    assert into_tail_room == [fits]
+    drain_sink(s2, session.session_id, first + later + tail, digest.hexdigest())
+    session.close()
+
+
+def test_what_is_queued_while_s2_prepares_goes_in_the_last_round_not_the_tail(pnodes, precopied, port_bodies,
+                                                                             monkeypatch):
+    """s1 waits for s2's landing memory before the last round: the 2 MiB the client writes during
+    that wait are pre-copied by it, and MIGRATE_DATA carries only the reference."""
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    first, more = 20 * MIB, 2 * MIB
+    fill_paused_sink(s1, session, first, digest=digest)
+    sink = session.open_port(SINK)
+    real = orchestrator.MigrationManager._await_landing_memory
+    asked: list[int] = []
+
+    def await_landing_memory(migration, ready):
+        real(migration, ready)
+        asked.append(migration.precopied)
+        if len(asked) == 2:  # the pre-copy's ask, between its rounds
+            write_sink(s1, session, sink, more, digest, first)
+
+    monkeypatch.setattr(orchestrator.MigrationManager, "_await_landing_memory", staticmethod(await_landing_memory))
+    report = s1.migrate_to(s2)
+    entry = only_entry(report)
+    assert entry["migrated"], entry
+    assert len(asked) == 2 and precopied == [first + more]
+    body, referenced = max(port_bodies)
+    assert referenced and body < 64 << 10
+    drain_sink(s2, session.session_id, first + more, digest.hexdigest())
     session.close()
 
 

@@ -33,7 +33,7 @@ from spicewire.server.display import (
     restore_display_channel,
 )
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel, prefaulted
-from spicewire.server.migration.precopy import PrecopyMismatch, restore_precopy
+from spicewire.server.migration.precopy import PrecopyMismatch, restore_precopy, tail_room
 from spicewire.server.session import Limits, MainConnection, PortConnection, Session, multi_media_time
 
 if TYPE_CHECKING:
@@ -117,9 +117,10 @@ class Announcement:
     # (channel id, "to_device"|"to_client") -> the bytes s1 pre-copied (precopy.HeldRegion).
     precopied: dict[tuple[int, str], Any] = field(default_factory=dict)
     prefaulted: int = 0  # bytes of those buffers, counted against the orchestrator's PREFAULT_BUDGET
-    # channel id -> the memory owed for the MIGRATE_DATA tail of a port whose pre-copy took over
-    # its buffer, faulted in once s1 asks whether this server is prepared, after its rounds: beside
-    # the first round, the faults took the pre-copy a fifth of its rate (precopy._grow).
+    # channel id -> the most memory owed for the MIGRATE_DATA tail of a port whose pre-copy took
+    # over its buffer, faulted in (precopy.tail_room of it) once s1 asks whether this server is
+    # prepared, before its last round: beside the first round, the faults took the pre-copy a
+    # fifth of its rate (precopy._grow).
     tail_rooms: dict[int, int] = field(default_factory=dict)
 
     def take_buffer(self, channel_id: int, size: int) -> np.ndarray:
@@ -137,8 +138,9 @@ class Announcement:
     def fault_in_tail_rooms(self) -> None:
         """Start faulting in the owed tail rooms (``tail_rooms``), each in a worker thread."""
         pool = gevent.get_hub().threadpool
-        for channel_id, room in self.tail_rooms.items():
-            self.buffers[channel_id] = pool.spawn(prefaulted, room)
+        for channel_id, most in self.tail_rooms.items():
+            regions = [held for (cid, _), held in self.precopied.items() if cid == channel_id]
+            self.buffers[channel_id] = pool.spawn(prefaulted, tail_room(most, regions))
         self.tail_rooms.clear()
 
     def release(self) -> None:

@@ -117,7 +117,8 @@ class Peer:
         self.state_key = state_auth.MigrationKey.fresh()
         self.features: dict = {}  # what s2 said it takes beyond the baseline, in its answer to it
         self.precopied = 0  # queued port bytes sent to s2 before the switch
-        self.precopy_s = 0.0  # the time that took, the sessions running meanwhile
+        self.precopy_s = 0.0  # the time its rounds took, the sessions running meanwhile
+        self.prepare_s = 0.0  # the wait between them for s2 to fault in what the tails land in
 
     def left(self) -> float:
         """What is left of the migration's time, for the next call; none left is a failure."""
@@ -594,11 +595,12 @@ class MigrationManager:
             display_direct = migration.features.get("display_state") == DISPLAY_STATE_VERSION
             ready, switch_host = self._pre_migrate(sessions, sources, dst, mode, end, display_direct)
             ready = self._precopy_displays(migration, ready)
-            # Twice: the pre-copy lands in the announced buffers too and takes them over for its
-            # regions; the second ask has s2 fault in what the tails will land in.
+            # The pre-copy lands in the announced buffers too and takes them over for its
+            # regions; it asks again before its last round, when s2 faults in what the tails
+            # will land in. Without a pre-copy, s1 asks again here, before the stop.
             self._await_landing_memory(migration, ready)
-            self._precopy_ports(migration, ready)
-            self._await_landing_memory(migration, ready)
+            if not self._precopy_ports(migration, ready):
+                self._await_landing_memory(migration, ready)
             pre_migration = time.time() - started
             ready, moved_devices = self._move_device_states(migration, ready)
             # The switch makes a burst of short-lived objects (every channel's MIGRATE, FLUSH_MARK,
@@ -637,6 +639,7 @@ class MigrationManager:
             device_state_bytes=moved_devices,
             precopied_bytes=migration.precopied,
             precopy_s=round(migration.precopy_s, 6),
+            prepare_s=round(migration.prepare_s, 6),
             migrated=sum(1 for s in report["sessions"] if s["migrated"]),
             switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
             lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
@@ -755,17 +758,27 @@ class MigrationManager:
                 source.cancel(source.error)
         return ready, switch_host
 
-    def _precopy_ports(self, migration: Peer, ready: list[SessionSource]) -> None:
+    def _precopy_ports(self, migration: Peer, ready: list[SessionSource]) -> bool:
         """Send the big ports' queued bytes to s2 while the sessions keep running (precopy.py);
         whatever does not get there goes through the clients at the switch, as without it. Each
-        session's MIGRATE_DATA gets its MAC from here on if s2 checks them."""
+        session's MIGRATE_DATA gets its MAC from here on if s2 checks them. Whether it asked s2
+        for its landing memory between its rounds."""
         if migration.state_key.agree(migration.features.get("state_auth")):
             for source in ready:
                 source.state_key = migration.state_key
         if self.server.config.precopy and migration.features.get("port_precopy") == PRECOPY_VERSION:
             started = time.perf_counter()
-            migration.precopied = precopy_ports(migration, ready)
-            migration.precopy_s = time.perf_counter() - started
+            asked: list[float] = []  # when it asked s2 for the tails' memory, once
+
+            def prepare() -> None:
+                asked.append(time.perf_counter())
+                self._await_landing_memory(migration, ready)
+                migration.prepare_s = time.perf_counter() - asked[0]
+
+            migration.precopied = precopy_ports(migration, ready, prepare)
+            migration.precopy_s = time.perf_counter() - started - migration.prepare_s
+            return bool(asked)
+        return False
 
     @staticmethod
     def _precopy_displays(migration: Peer, ready: list[SessionSource]) -> list[SessionSource]:

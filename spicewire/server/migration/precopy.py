@@ -34,8 +34,8 @@ entry for it; s2 answers ``{"held": entries, "capacities": [...]}``, the most ea
 hold there (no more than a MIGRATE_DATA of the announced backlog could bring). s1 never sends past
 it; what does not fit travels in MIGRATE_DATA. s2 faults memory in as the rounds need it: first
 the buffer it faulted in for the port's MIGRATE_DATA when the session was announced, then more in
-segments. The memory the MIGRATE_DATA's tail then lands in (TAIL_ROOM at most) is faulted in once
-the rounds are over, when s1 asks whether s2 is prepared for the switch.
+segments. The memory the MIGRATE_DATA's tail then lands in (TAIL_ROOM at most) is faulted in
+between rounds, before the last one, when s1 asks whether s2 is prepared for the switch.
 
 Whatever fails (s2 refuses, a request breaks, time runs short) ends the pre-copy of every port of
 that migration: their whole state then goes through the client as without it. s2 drops what it
@@ -84,7 +84,14 @@ about a millisecond (a request to s2); a MiB left to MIGRATE_DATA cost the downt
 (1 MiB here: a client writing 6 MB/s left 0.3-1 MiB to the tail, and 1 GiB paused migrated in
 2.7-8 ms; with 64 KiB, 1.7-2.4 ms)."""
 PRECOPY_VERSION = 2  # what s2 answers an announcement with when it takes port pre-copies
-TAIL_ROOM = 64 << 20  # the most s2 faults in for a pre-copied port's MIGRATE_DATA (its tail)
+TAIL_ROOM = 64 << 20
+"""The most s2 faults in for a pre-copied port's MIGRATE_DATA, its tail: what is queued after the
+last round (a larger tail lands in fresh memory). It gets twice what the port's largest round
+after the first carried (about what it queues between two rounds), at least TAIL_ROOM_MIN: on the
+2-core VM the pre-copy was measured on, fresh pages cost 1.5-3 ms a MiB of CPU, and a fixed 16 MiB
+faulted in right before the last round cost a 1 GiB paused session's downtime 0.4-0.8 ms (its tail
+was 0-64 KiB)."""
+TAIL_ROOM_MIN = 1 << 20
 SEGMENT = 64 << 20  # memory s2 adds to a region at a time, beyond the announcement's buffer
 PIECE = 1 << 20  # bytes s1 hands the socket at a time (one sendmsg of many queue chunks)
 RECEIVE_READ = 1 << 20  # s2's most per read: hashed right after, from the cache
@@ -249,17 +256,32 @@ def _hashed(batches: Iterator[list], digest: Any) -> Iterator[list]:
             digest.update(part)
 
 
-def precopy_ports(migration: Peer, sources: list[SessionSource]) -> int:
+def _nothing() -> None:
+    pass
+
+
+def precopy_ports(migration: Peer, sources: list[SessionSource], prepare: Callable[[], None] = _nothing) -> int:
     """Pre-copy the big ports of ``sources`` to s2 in rounds; each source's ``port_precopies``
     holds those that got there. Returns the bytes sent; a failure sends the rest through the
-    client (no port of the migration is pre-copied then)."""
+    client (no port of the migration is pre-copied then).
+
+    ``prepare()`` runs once, before the round that would be the last (the next would carry less
+    than PRECOPY_SETTLED, or none is left): s1 waits there for s2 to fault in what the tails land
+    in. The sessions run on meanwhile, and what they queue goes in that round, not in the tails
+    (waiting after the last round instead, 0.1-0.2 s here, grew the tail from 0-128 KiB to 1-1.6
+    MiB and the downtime with it, by 2-3 ms)."""
     plans = plan_precopies(sources, choose_digest(migration.features))
     if not plans:
         return 0
     by_session = {source.session.id: source for source in sources}
     sent = 0
+    prepared = False
     try:
         for round_no in range(PRECOPY_ROUNDS):
+            due = sum(plan.due(direction)[1] for plan in plans for direction in DIRECTIONS)
+            if not prepared and (not due or (round_no and due < PRECOPY_SETTLED) or round_no == PRECOPY_ROUNDS - 1):
+                prepare()
+                prepared = True
             entries, pieces, size = _next_round(plans)
             if not entries or (round_no and size < PRECOPY_SETTLED):
                 break
@@ -333,6 +355,7 @@ class HeldRegion:
     segments: list[np.ndarray] = field(default_factory=list)
     start: int = 0
     length: int = 0
+    later_round: int = 0  # the most an entry after the region's first carried (tail_room)
     digest: Any = field(init=False)
 
     def __post_init__(self) -> None:
@@ -358,6 +381,12 @@ class HeldRegion:
 
     def views(self, skip: int) -> list[memoryview]:
         return [piece.data for piece in self.slices(skip, self.length)]
+
+
+def tail_room(most: int, regions: list[HeldRegion]) -> int:
+    """The memory s2 faults in for the tail of a port whose pre-copy holds ``regions`` (at most
+    ``most``): twice the largest later rounds of its two directions, at least TAIL_ROOM_MIN."""
+    return min(most, max(TAIL_ROOM_MIN, 2 * sum(region.later_round for region in regions)))
 
 
 class PrecopyMismatch(MigrationError):
@@ -421,6 +450,8 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
         for piece in held.slices(at, at + length):
             _receive_hashed(stream, piece, digest)
         held.length, held.digest = at + length, digest
+        if at:
+            held.later_round = max(held.later_round, length)
         capacities.append(held.capacity)
     return {"held": len(targets), "capacities": capacities}
 
@@ -436,10 +467,10 @@ def _grow(ann: Announcement, key: tuple[int, str], held: HeldRegion, size: int) 
         if buffer is not None:
             held.segments.append(buffer[:held.capacity])
             # The MIGRATE_DATA, the tail now, still lands in memory faulted in ahead, so the
-            # downtime pays for no page it touches; but after the rounds (Announcement.tail_rooms).
-            # Faulted in beside the first round, 64 MiB took 1 GiB's pre-copy from a median of
-            # 0.83x a direct socket copy to 0.67x (nine runs each, 2 cores): far more than the
-            # faults' own 20-30 ms of CPU. After the rounds, they cost pre-migration only those.
+            # downtime pays for no page it touches; but between rounds, before the last one
+            # (Announcement.tail_rooms, precopy_ports' ``prepare``). Faulted in beside the first
+            # round, 64 MiB of it (0.1-0.2 s of CPU on a 2-core VM) took 1 GiB's pre-copy from a
+            # median of 0.83x a direct socket copy to 0.67x (nine runs each).
             ann.tail_rooms[key[0]] = min(TAIL_ROOM, len(buffer))
     while held.allocated < size:
         room = held.capacity - held.allocated
