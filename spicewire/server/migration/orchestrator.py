@@ -199,8 +199,9 @@ class MigrationManager:
 
     def prepared(self, migration_id: str, wait: float) -> bool:
         """Whether the landing buffers of every session the migration ``migration_id`` announced
-        here are faulted in, once they are or ``wait`` seconds passed (s1 asks before it stops the
-        devices: PREPARED_WAIT). The tail rooms the port pre-copies left owed are faulted in now."""
+        here are faulted in, once they are or ``wait`` seconds passed (s1 asks before the port
+        pre-copy, and before its last round or the stop: PREPARED_WAIT). The tail rooms the port
+        pre-copies left owed are faulted in now."""
         announced = [ann for ann in self.announcements.values() if ann.migration_id == migration_id]
         for ann in announced:
             ann.fault_in_tail_rooms()
