@@ -138,6 +138,16 @@ def after_round(monkeypatch):
     return actions
 
 
+def paused_backlog(pnodes, first: int):
+    """Two servers with pre-copy on, and a session on s1 whose paused sink holds ``first`` random
+    bytes: (s1, s2, session, its sink port, the SHA-256 of everything written to it so far)."""
+    s1, s2 = pnodes(True, True)
+    session = connect(s1)
+    digest = hashlib.sha256()
+    fill_paused_sink(s1, session, first, digest=digest)
+    return s1, s2, session, session.open_port(SINK), digest
+
+
 def write_sink(node, session, sink, size: int, digest, queued_before: int) -> None:
     """Write ``size`` more random bytes to the (paused or limited) sink and wait until s1 queued them."""
     data = os.urandom(size)
@@ -163,12 +173,8 @@ def test_bytes_appended_during_the_precopy_go_in_later_rounds_and_the_tail(pnode
     MIGRATE_DATA the rest."""
     if room is not None:
         monkeypatch.setattr(precopy, "_capacity", lambda queued: queued + room)
-    s1, s2 = pnodes(True, True)
-    session = connect(s1)
-    digest = hashlib.sha256()
     first = 24 * MIB
-    fill_paused_sink(s1, session, first, digest=digest)
-    sink = session.open_port(SINK)
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
     last = precopy.PRECOPY_SETTLED // 2
     for queued, more in ((first, 3 * MIB), (first + 3 * MIB, 8 * MIB), (first + 11 * MIB, last)):
         after_round.append(lambda n, queued=queued, more=more: write_sink(s1, session, sink, more, digest, queued))
@@ -223,12 +229,8 @@ def test_the_tail_room_is_sized_by_the_later_rounds_and_faulted_in_between_round
     monkeypatch.setattr(destination.Announcement, "take_buffer", take_buffer)
     # the region holds the first queue and the later round: what comes after is the tail
     monkeypatch.setattr(precopy, "_capacity", lambda queued: queued + later)
-    s1, s2 = pnodes(True, True)
-    session = connect(s1)
-    digest = hashlib.sha256()
     first = 24 * MIB
-    fill_paused_sink(s1, session, first, digest=digest)
-    sink = session.open_port(SINK)
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
     if later:
         after_round.append(lambda n: write_sink(s1, session, sink, later, digest, first))
     after_round.append(lambda n: write_sink(s1, session, sink, tail, digest, first + later))
@@ -247,12 +249,8 @@ def test_what_is_queued_while_s2_prepares_goes_in_the_last_round_not_the_tail(pn
                                                                              monkeypatch):
     """s1 waits for s2's landing memory before the last round: the 2 MiB the client writes during
     that wait are pre-copied by it, and MIGRATE_DATA carries only the reference."""
-    s1, s2 = pnodes(True, True)
-    session = connect(s1)
-    digest = hashlib.sha256()
     first, more = 20 * MIB, 2 * MIB
-    fill_paused_sink(s1, session, first, digest=digest)
-    sink = session.open_port(SINK)
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
     real = orchestrator.MigrationManager._await_landing_memory
     asked: list[int] = []
 
@@ -301,12 +299,8 @@ def limit_sink(node, session, take: int) -> None:
 def test_what_the_device_consumed_during_the_precopy_is_trimmed_on_s2(pnodes, precopied, after_round, consumed):
     """Part of the pre-copied bytes, all of them, and beyond them into bytes queued after round 1
     (round 2 then starts the region afresh past what s2 held)."""
-    s1, s2 = pnodes(True, True)
-    session = connect(s1)
-    digest = hashlib.sha256()
     first = 24 * MIB
-    fill_paused_sink(s1, session, first, digest=digest)
-    sink = session.open_port(SINK)
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
 
     def consume_then_append(n):
         write_sink(s1, session, sink, 8 * MIB, digest, first)
@@ -339,12 +333,8 @@ def test_only_ports_holding_at_least_precopy_min_are_precopied(pnodes, precopied
                                                       (precopy.PRECOPY_SETTLED + 1, True)])
 def test_a_round_that_would_carry_less_than_precopy_settled_is_left_to_migrate_data(
         pnodes, precopied, after_round, appended, another_round):
-    s1, s2 = pnodes(True, True)
-    session = connect(s1)
-    digest = hashlib.sha256()
     first = 20 * MIB
-    fill_paused_sink(s1, session, first, digest=digest)
-    sink = session.open_port(SINK)
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
     after_round.append(lambda n: write_sink(s1, session, sink, appended, digest, first))
     entry = only_entry(s1.migrate_to(s2))
     assert entry["migrated"], entry
@@ -359,12 +349,8 @@ def test_the_precopy_stops_after_precopy_rounds_and_leaves_the_rest_to_migrate_d
     """The client writes 2 MiB (above PRECOPY_SETTLED) after each of rounds 1 to 3: 4 rounds carry
     them all; with PRECOPY_ROUNDS one short, the last 2 MiB are left to MIGRATE_DATA."""
     monkeypatch.setattr(precopy, "PRECOPY_ROUNDS", rounds)
-    s1, s2 = pnodes(True, True)
-    session = connect(s1)
-    digest = hashlib.sha256()
     first, more = 20 * MIB, 2 * MIB
-    fill_paused_sink(s1, session, first, digest=digest)
-    sink = session.open_port(SINK)
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
     for n in range(3):
         after_round.append(lambda _, queued=first + n * more: write_sink(s1, session, sink, more, digest, queued))
     entry = only_entry(s1.migrate_to(s2))
