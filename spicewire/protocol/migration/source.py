@@ -163,6 +163,26 @@ class SourceMigration(_Role):
 
     # commands
 
+    @property
+    def takes_channels(self) -> bool:
+        """Whether a channel the client links now can still migrate with the others: until the
+        switch (SPICE_MSG_MIGRATE, MIGRATE_END or SWITCH_HOST) goes out."""
+        return self.error is None and self.state not in (_S.MIGRATING, _S.WAIT_DISCONNECT, _S.DONE)
+
+    @entry
+    def channel_linked(self, channel: Channel, flags: int | None = None) -> list[SourceOutput]:
+        """A channel the client linked after the migration began (spice-gtk links a port channel
+        it learned of late here, and its twin on s2): it gets its MIGRATE at the switch like the
+        others, with ``flags`` or its type's. Only while ``takes_channels``."""
+        if not self.takes_channels or channel in self.channels:
+            raise LocalProtocolError(f"channel {channel} cannot join the migration in state {self.state.name}")
+        value = MigrateFlags(flags if flags is not None else default_migrate_flags(channel[0]))
+        if int(value) & ~int(MIGRATE_FLAGS_MASK):
+            raise LocalProtocolError(f"migrate flags beyond {MIGRATE_FLAGS_MASK!r}: {value!r}")
+        self.channels[channel] = _SC.NORMAL
+        self.flags[channel] = value
+        return self._out
+
     @entry
     def begin(self, dst_info: MigrationDstInfo, mode: MigrationMode, now: float) -> list[SourceOutput]:
         """spice_server_migrate_connect; ``mode`` is the best the owner allows (QEMU

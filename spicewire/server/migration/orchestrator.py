@@ -395,6 +395,8 @@ class MigrationManager:
     def port_linked(self, session: Session, handler: PortConnection | GraphicsConnection) -> None:
         if isinstance(session.migration, SessionDestination):
             session.migration.port_linked(handler)
+        elif isinstance(session.migration, SessionSource):
+            session.migration.channel_linked(handler)
 
     def receive_device_states(self, migration_id: str, body: bytes | bytearray | memoryview) -> dict:
         """The saved devices of sessions announced in ``migration_id`` (``pack_device_states``).

@@ -32,7 +32,7 @@ from spicewire.server.display import (
 )
 from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
 from spicewire.server.migration.precopy import PortPrecopy
-from spicewire.server.session import Session
+from spicewire.server.session import PortConnection, Session
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,27 @@ class SessionSource:
         self.state_key: state_auth.MigrationKey | None = None  # the migration's: every MIGRATE_DATA gets its MAC
         self.port_precopies: dict[int, PortPrecopy] = {}  # by channel id: the ports s2 holds pre-copied bytes of
         self._macs: dict[mig.Channel, state_auth.StateMac] = {}  # made before the stop (stop_devices)
+
+    def channel_linked(self, handler: PortConnection | GraphicsConnection) -> None:
+        """A channel the client linked to this session after its migration began: spice-gtk links
+        a port channel it learned of late, here and to s2, and s2 then waits for its MIGRATE_DATA.
+        Until the switch it migrates with the others; after, that link is closed."""
+        if isinstance(handler, PortConnection):
+            channel: mig.Channel = port_channel(handler.port.channel_id)
+        else:
+            channel = (handler.channel_type, 0)
+        if not self.machine.takes_channels or channel in self.machine.channels:
+            handler.transport.close("the session is switching to another server")
+            return
+        flags = None
+        if isinstance(handler, DisplayConnection):
+            flags = DIRECT_DISPLAY_MIGRATE_FLAGS if self.display_direct else DISPLAY_MIGRATE_FLAGS
+        self._apply(self.machine.channel_linked(channel, flags))
+        if isinstance(handler, PortConnection):
+            self.ports[handler.port.channel_id] = handler.port
+        else:
+            self.graphics[channel] = handler
+        handler.intercept = partial(self._intercept, channel)
 
     @property
     def connect_succeeded(self) -> bool:
