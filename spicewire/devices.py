@@ -100,10 +100,15 @@ def saved_object(chunk: bytes | memoryview, whose: str) -> dict:
     return state
 
 
+def whole_number(value: object) -> bool:
+    """An int of 0 or more, and not a bool: what a count or offset in another server's JSON must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def count_field(state: dict, name: str) -> int:
     """``state[name]``, a whole number of 0 or more (not a bool)."""
     value = state[name]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    if not whole_number(value):
         raise ValueError(f"{name} must be a whole number of 0 or more, not {value!r:.40}")
     return value
 

@@ -13,9 +13,11 @@ import gevent
 import gevent.event
 import pytest
 
+from spicewire.errors import LocalProtocolError
 from spicewire.protocol.caps import caps_to_words
 from spicewire.protocol.enums import ChannelType, MainCap, MigrateFlags
-from spicewire.protocol.migration import SourceMigration
+from spicewire.protocol.messages import MigrationDstInfo, MsgcMainMigrateConnectedSeamless, MsgMigrate
+from spicewire.protocol.migration import MigrationMode, SourceMigration
 from spicewire.server.migration.source import SessionSource
 from spicewire.server.net import SpiceServer
 
@@ -35,11 +37,8 @@ def test_a_channel_joins_until_the_switch_and_not_after():
     assert machine.takes_channels
     machine.channel_linked(PORT_CHANNEL)
     assert machine.flags[PORT_CHANNEL] == MigrateFlags.NEED_FLUSH | MigrateFlags.NEED_DATA_TRANSFER
-    with pytest.raises(Exception, match="cannot join"):
+    with pytest.raises(LocalProtocolError, match="cannot join"):
         SourceMigration([PORT_CHANNEL], []).channel_linked(PORT_CHANNEL)  # twice
-    from spicewire.protocol.messages import MigrationDstInfo, MsgcMainMigrateConnectedSeamless, MsgMigrate
-    from spicewire.protocol.migration import MigrationMode
-
     machine.begin(MigrationDstInfo(port=1, sport=0, host="127.0.0.1"), MigrationMode.SEAMLESS, 0.0)
     machine.receive((ChannelType.MAIN, 0), MsgcMainMigrateConnectedSeamless())
     assert machine.takes_channels

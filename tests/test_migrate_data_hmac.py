@@ -27,7 +27,8 @@ from spicewire.protocol import state_auth
 from spicewire.protocol.channel import ChannelConnection, Side
 from spicewire.protocol.enums import ChannelType, Msgc
 from spicewire.server.migration import source as source_module
-from spicewire.server.migration.destination import Announcement, SessionDestination, channel_of
+from spicewire.server.migration.common import channel_of
+from spicewire.server.migration.destination import Announcement, SessionDestination
 from spicewire.server.migration.source import gathered_segments
 
 from .serverkit import TIMEOUT, wait_until

@@ -17,19 +17,23 @@ import numpy as np
 from spicewire import codec
 from spicewire.protocol import migration as mig
 from spicewire.protocol.enums import ChannelType
+from spicewire.server.display import GraphicsConnection
+from spicewire.server.session import PortConnection
 
 log = logging.getLogger(__name__)
 
 MAIN = mig.MAIN
 
 
-def whole_number(value: object) -> bool:
-    """An int of 0 or more, and not a bool: what a count or offset in a peer's JSON must be."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def port_channel(channel_id: int) -> mig.Channel:
     return (ChannelType.PORT, channel_id)
+
+
+def channel_of(handler: PortConnection | GraphicsConnection) -> mig.Channel:
+    """The migration's key for a session channel's connection."""
+    if isinstance(handler, PortConnection):
+        return port_channel(handler.port.channel_id)
+    return (handler.channel_type, 0)
 
 
 def mode_label(mode: mig.MigrationMode | None) -> str | None:

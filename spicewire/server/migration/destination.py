@@ -32,7 +32,7 @@ from spicewire.server.display import (
     GraphicsConnection,
     restore_display_channel,
 )
-from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel, prefaulted
+from spicewire.server.migration.common import MAIN, channel_of, collector_paused, mode_label, port_channel, prefaulted
 from spicewire.server.migration.precopy import PrecopyMismatch, restore_precopy, tail_room
 from spicewire.server.session import Limits, MainConnection, PortConnection, Session, multi_media_time
 
@@ -234,12 +234,6 @@ def _landing_buffer(destination: weakref.ref[SessionDestination], handler: weakr
     if dest is None or port is None:  # the link or the migration is gone: the body goes nowhere
         return np.empty(size, dtype=np.uint8)
     return dest.landing_buffer(port, ann, size)
-
-
-def channel_of(handler: PortConnection | GraphicsConnection) -> mig.Channel:
-    if isinstance(handler, PortConnection):
-        return port_channel(handler.port.channel_id)
-    return (handler.channel_type, 0)
 
 
 class SessionDestination:

@@ -41,7 +41,7 @@ from spicewire.server.display import (
     prepare_update,
     take_precopy,
 )
-from spicewire.server.migration.common import collector_paused, mode_label, prefaulted, whole_number
+from spicewire.server.migration.common import collector_paused, mode_label, prefaulted
 from spicewire.server.migration.destination import (
     PREFAULT_BATCH,
     PREFAULT_MIN,
@@ -426,12 +426,12 @@ class MigrationManager:
                 sid = parse_session_label(text)
             except ValueError:
                 raise ValueError(f"bad session id {text!r:.40} in the device state index") from None
-            if not (whole_number(cid) and whole_number(count)):
+            if not (devices.whole_number(cid) and devices.whole_number(count)):
                 raise ValueError(f"bad port {cid!r:.20} or chunk count {count!r:.20} in the device state index")
             if pos + count > len(chunks):
                 raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
             in_flight = entry.get("in_flight", 0)
-            if not whole_number(in_flight):
+            if not devices.whole_number(in_flight):
                 raise ValueError(f"bad in_flight {in_flight!r:.20} in the device state index")
             saved, pos = chunks[pos : pos + count], pos + count
             ann = self.announcements.get(sid)
@@ -463,7 +463,8 @@ class MigrationManager:
         the pre-copy. Checked here; applied with the rest once the whole batch is."""
         text, count, screen_chunks = entry["session_id"], entry["chunks"], entry["screen_chunks"]
         record = entry.get("channel") is True  # the display channel's record follows (DISPLAY_STATE_VERSION)
-        if not (whole_number(count) and whole_number(screen_chunks)) or count != screen_chunks + 4 + record:
+        whole = devices.whole_number(count) and devices.whole_number(screen_chunks)
+        if not whole or count != screen_chunks + 4 + record:
             raise ValueError(f"bad chunk counts {count!r:.20}/{screen_chunks!r:.20} for a screen")
         if pos + count > len(chunks):
             raise MigrationError(f"device state index promises {count} chunks at {pos}; there are {len(chunks)}")
@@ -771,16 +772,17 @@ class MigrationManager:
                 source.state_key = migration.state_key
         if self.server.config.precopy and migration.features.get("port_precopy") == PRECOPY_VERSION:
             started = time.perf_counter()
-            asked: list[float] = []  # when it asked s2 for the tails' memory, once
+            waits: list[float] = []  # for s2's landing memory, between the rounds (once at most)
 
             def prepare() -> None:
-                asked.append(time.perf_counter())
+                asked = time.perf_counter()
                 self._await_landing_memory(migration, ready)
-                migration.prepare_s = time.perf_counter() - asked[0]
+                waits.append(time.perf_counter() - asked)
 
             migration.precopied = precopy_ports(migration, ready, prepare)
+            migration.prepare_s = sum(waits)
             migration.precopy_s = time.perf_counter() - started - migration.prepare_s
-            return bool(asked)
+            return bool(waits)
         return False
 
     @staticmethod

@@ -59,11 +59,12 @@ import gevent
 import numpy as np
 import xxhash
 
+from spicewire.devices import whole_number
 from spicewire.errors import MigrationError
 from spicewire.logs import parse_session_label, session_label
 from spicewire.protocol import migration as mig
 from spicewire.protocol.migrate_data import PrecopyRef, RegionRef
-from spicewire.server.migration.common import prefaulted, whole_number
+from spicewire.server.migration.common import prefaulted
 from spicewire.server.session import PortState
 
 if TYPE_CHECKING:
@@ -279,11 +280,11 @@ def precopy_ports(migration: Peer, sources: list[SessionSource], prepare: Callab
     try:
         for round_no in range(PRECOPY_ROUNDS):
             due = sum(plan.due(direction)[1] for plan in plans for direction in DIRECTIONS)
-            if not prepared and (not due or (round_no and due < PRECOPY_SETTLED) or round_no == PRECOPY_ROUNDS - 1):
+            if not prepared and (_settled(round_no, due) or round_no == PRECOPY_ROUNDS - 1):
                 prepare()
                 prepared = True
             entries, pieces, size = _next_round(plans)
-            if not entries or (round_no and size < PRECOPY_SETTLED):
+            if _settled(round_no, size):
                 break
             index = json.dumps(entries).encode()
             body = [_INDEX_SIZE.pack(len(index)) + index]
@@ -315,6 +316,12 @@ def precopy_ports(migration: Peer, sources: list[SessionSource], prepare: Callab
         if any(region.length for region in plan.regions.values()):
             by_session[plan.session_id].port_precopies[plan.port.channel_id] = plan
     return sent
+
+
+def _settled(round_no: int, size: int) -> bool:
+    """Whether a round ``round_no`` of ``size`` bytes is left to MIGRATE_DATA (the first goes
+    whatever its size)."""
+    return not size or (round_no > 0 and size < PRECOPY_SETTLED)
 
 
 def _next_round(plans: list[PortPrecopy]) -> tuple[list[dict], list[tuple], int]:

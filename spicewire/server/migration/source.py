@@ -30,7 +30,7 @@ from spicewire.server.display import (
     display_migrate_data,
     inputs_migrate_data,
 )
-from spicewire.server.migration.common import MAIN, collector_paused, mode_label, port_channel
+from spicewire.server.migration.common import MAIN, channel_of, collector_paused, mode_label, port_channel
 from spicewire.server.migration.precopy import PortPrecopy
 from spicewire.server.session import PortConnection, Session
 
@@ -65,8 +65,7 @@ class SessionSource:
         # display_direct (s2 agreed to DISPLAY_STATE_VERSION): the display's record goes in the
         # device state, and its MIGRATE only switches it.
         self.display_direct = display_direct
-        display_flags = DIRECT_DISPLAY_MIGRATE_FLAGS if display_direct else DISPLAY_MIGRATE_FLAGS
-        flags = {ch: display_flags for ch, conn in self.graphics.items() if isinstance(conn, DisplayConnection)}
+        flags = {ch: self._display_flags for ch, conn in self.graphics.items() if isinstance(conn, DisplayConnection)}
         self.machine = mig.SourceMigration(channels, main.client_caps, channel_flags=flags, timeout=timeout)
         self.connected: gevent.event.AsyncResult[mig.ConnectComplete] = gevent.event.AsyncResult()
         self.finished = gevent.event.Event()  # the client left s1 (or the attempt ended)
@@ -92,22 +91,23 @@ class SessionSource:
         """A channel the client linked to this session after its migration began: spice-gtk links
         a port channel it learned of late, here and to s2, and s2 then waits for its MIGRATE_DATA.
         Until the switch it migrates with the others; after, that link is closed."""
-        if isinstance(handler, PortConnection):
-            channel: mig.Channel = port_channel(handler.port.channel_id)
-        else:
-            channel = (handler.channel_type, 0)
+        channel = channel_of(handler)
         if not self.machine.takes_channels or channel in self.machine.channels:
             handler.transport.close("the session is switching to another server")
             return
-        flags = None
-        if isinstance(handler, DisplayConnection):
-            flags = DIRECT_DISPLAY_MIGRATE_FLAGS if self.display_direct else DISPLAY_MIGRATE_FLAGS
+        flags = self._display_flags if isinstance(handler, DisplayConnection) else None
         self._apply(self.machine.channel_linked(channel, flags))
         if isinstance(handler, PortConnection):
             self.ports[handler.port.channel_id] = handler.port
         else:
             self.graphics[channel] = handler
         handler.intercept = partial(self._intercept, channel)
+
+    @property
+    def _display_flags(self) -> int:
+        """The display channel's MIGRATE flags: with display_direct its record is in the device
+        state, and its MIGRATE only switches it."""
+        return DIRECT_DISPLAY_MIGRATE_FLAGS if self.display_direct else DISPLAY_MIGRATE_FLAGS
 
     @property
     def connect_succeeded(self) -> bool:
