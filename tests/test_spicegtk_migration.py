@@ -39,14 +39,16 @@ def sessions(served) -> list[dict]:
     return served.get("/sessions")["sessions"]
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, driver=None):
+    """``driver``: on a timeout, the failure also says what the driver was doing."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+            said = f"; the driver: {driver.last_words()}" if driver is not None else ""
+            pytest.fail(f"timed out after {timeout}s waiting for {what}{said}")
         time.sleep(0.05)
 
 
@@ -61,7 +63,7 @@ def wait_streaming(served, driver, more: int = 1) -> None:
     """Until the echo device on ``served`` has taken ``more`` bytes beyond what it had (the driver
     is streaming there)."""
     before = echoed_bytes(served, driver)
-    wait_for(lambda: echoed_bytes(served, driver) >= before + more, 20, f"{more} more bytes of the stream")
+    wait_for(lambda: echoed_bytes(served, driver) >= before + more, 20, f"{more} more bytes of the stream", driver)
 
 
 def connections_to(driver, served) -> int:
@@ -164,7 +166,7 @@ def test_semi_seamless_migrations_lose_in_flight_data_and_the_echo_resumes(serve
             def moved(src=src, dst=dst) -> bool:
                 return connections_to(driver, dst) == CHANNELS and connections_to(driver, src) == 0
 
-            wait_for(moved, 5, "every channel on the destination")
+            wait_for(moved, 5, "every channel on the destination", driver)
             wait_streaming(dst, driver, more=2 << 20)  # the echo works on the destination
         driver.stop_stream()
         rep = driver.report()

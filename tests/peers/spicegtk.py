@@ -167,6 +167,19 @@ class DriverProcess:
             return rep
         return _parse(out, err, self.proc.returncode)
 
+    def last_words(self, events: int = 30) -> str:
+        """SIGTERM, then what the driver was doing, for a failure message: its phase, the stream's
+        epochs and write state, its error and last ``events`` events (a flake names its cause)."""
+        self.terminate()
+        rep = self.report()
+        keep = ("error", "phase", "port_inits", "port_opened", "writer", "peers", "returncode")
+        summary = {k: rep.get(k) for k in keep}
+        if "stream" in rep:
+            summary["epochs"] = rep["stream"].get("epochs")
+        summary["events"] = rep.get("events", [])[-events:]
+        summary["stderr"] = (rep.get("stderr") or "")[-2000:]
+        return json.dumps(summary, default=str)
+
     def connections(self) -> list[tuple[str, int]]:
         """Remote (host, port) of every established TCP connection the driver has now."""
         return tcp_peers(self.proc.pid)

@@ -891,6 +891,8 @@ class Driver:
             "session_port": self.session.get_property("port") if hasattr(self, "session") else None,
             "peers": self.peers(),
             "port_inits": self.port_inits,
+            "writer": {"write_started": self.write_started, "write_busy": self.write_busy,
+                       "stream_writing": self.stream_writing, "in_flight": len(self.inflight)},
         }
         if self.stream is not None:
             r["stream"] = self.stream.report()
