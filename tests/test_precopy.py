@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -418,6 +419,55 @@ def test_a_precopy_s2_refuses_sends_the_whole_state_through_the_client(pnodes, p
     session.close()
 
 
+@pytest.mark.parametrize("short", [0, 1], ids=["fits", "a-byte-short"])
+def test_the_precopys_memory_on_s2_is_held_in_its_budget_and_a_round_it_cannot_hold_is_refused(
+        pnodes, precopied, after_round, port_bodies, short, caplog):
+    """Round 1 outgrows the announcement's buffer: s2 adds a SEGMENT, held in its memory budget
+    until the session landed. With a budget a byte short of it, s2 refuses the round (507), and
+    the whole state goes through the client. Every byte arrives either way, and s2's budget holds
+    nothing of the migration afterwards."""
+    from spicewire.server.migration.destination import prefault_room
+
+    first, more = 24 * MIB, 8 * MIB
+    s1, s2, session, sink, digest = paused_backlog(pnodes, first)
+    budget = s2.spice.budget
+    # Room for the announcement's buffer and a SEGMENT beside it, or a byte less. (What lands
+    # after may take the total past the limit: bytes accepted are never refused.)
+    budget.limit = prefault_room(first) + precopy.SEGMENT - short
+    after_round.append(lambda n: write_sink(s1, session, sink, more, digest, first))
+    entry = only_entry(s1.migrate_to(s2))
+    assert entry["migrated"], entry
+    if short:
+        assert precopied == [first]  # round 0 went; round 1 was refused, and the rest with it
+        assert "507" in caplog.text and "no room in this server's memory budget" in caplog.text
+        assert [referenced for _, referenced in port_bodies] == [False] * len(port_bodies)
+        assert budget.peak < prefault_room(first) + precopy.SEGMENT
+    else:
+        assert precopied == [first + more]
+        assert budget.peak >= prefault_room(first) + precopy.SEGMENT
+    assert s2.spice.migration.prefaulted == 0  # the announcement ended: what it held went back
+    drain_sink(s2, session.session_id, first + more, digest.hexdigest())
+    wait_until(lambda: budget.used == 0, what="s2's budget to hold nothing once the sink drained")
+    session.close()
+
+
+def test_a_tail_room_the_budget_cannot_hold_is_not_faulted_in():
+    """The tail rooms s2 faults in before the last round count in its budget; one that does not fit
+    is left out (its tail lands in memory taken as it arrives), the next one is still tried."""
+    from spicewire.server.budget import MemoryBudget
+
+    ann, manager = announced_echo(Limits(to_device=64 * MIB), 8 * MIB, MemoryBudget(3 * MIB))
+    # port 1's later rounds ask 4 MiB of room; ports 0 and 2 had none, and get TAIL_ROOM_MIN
+    ann.precopied[(1, "to_device")] = precopy.HeldRegion(64 * MIB, "xxh3-128", later_round=2 * MIB)
+    ann.tail_rooms = {0: 8 * MIB, 1: 8 * MIB, 2: 8 * MIB}
+    ann.fault_in_tail_rooms(manager.hold_for)
+    assert sorted(ann.buffers) == [0, 2] and not ann.tail_rooms
+    assert manager.server.budget.used == ann.prefaulted == 2 * precopy.TAIL_ROOM_MIN
+    assert manager.server.budget.refused == 1
+    for job in ann.buffers.values():
+        assert len(job.get(timeout=10)) == precopy.TAIL_ROOM_MIN
+
+
 @pytest.mark.parametrize("older", ["no-precopy", "no-features"])
 def test_an_s2_without_precopy_gets_the_whole_state_through_the_client(pnodes, precopied, port_bodies, monkeypatch,
                                                                         older):
@@ -635,13 +685,17 @@ class LoopbackPeer:
         return answer
 
 
-def announced_echo(limits: Limits, in_flight: int):
-    """s2's side of a migration ``"m" * 16`` that announced session 0x1234 with echo port 0."""
+def announced_echo(limits: Limits, in_flight: int, budget=None):
+    """s2's side of a migration ``"m" * 16`` that announced session 0x1234 with echo port 0, and a
+    manager that holds its memory in ``budget`` (MigrationManager.hold_for; no limit unless given)."""
+    from spicewire.server.budget import MemoryBudget
     from spicewire.server.migration.destination import Announcement
 
     ann = Announcement(0x1234, [(0, "echo", "echo")], float("inf"), "m" * 16, {0: in_flight})
-    return ann, SimpleNamespace(announcements={0x1234: ann}, server=SimpleNamespace(config=SimpleNamespace(
-        limits=limits)))
+    manager = SimpleNamespace(announcements={0x1234: ann}, _prefaulted=0, server=SimpleNamespace(
+        config=SimpleNamespace(limits=limits), budget=budget or MemoryBudget(1 << 50)))
+    manager.hold_for = partial(orchestrator.MigrationManager.hold_for, manager)
+    return ann, manager
 
 
 @pytest.mark.parametrize("features, kind", [(None, "xxh3-128"), ({}, "sha256")], ids=["digests", "older-s2"])

@@ -47,7 +47,7 @@ from spicewire.protocol.migration import MigrationMode
 from spicewire.server.admission import host_of
 from spicewire.server.events import Subscription
 from spicewire.server.migration.orchestrator import PREPARED_WAIT_MAX, MigrationBusy, UnknownMigration
-from spicewire.server.migration.precopy import receive_port_precopy
+from spicewire.server.migration.precopy import PrecopyNoRoom, discard_body, receive_port_precopy
 from spicewire.server.net import SpiceServer
 from spicewire.server.session import PortState, Session
 from spicewire.tlssocket import TlsSocket
@@ -771,9 +771,17 @@ class ControlServer:
             raise HttpError(404, f"no migration {migration} in progress here")
         seconds = request.limits.body_timeout + size / request.limits.body_rate
         late = HttpError(408, f"the pre-copy of {size} bytes did not arrive within {seconds:g} s")
+        stream = request.environ["wsgi.input"]
         try:
             with gevent.Timeout(seconds, late):
-                answer = receive_port_precopy(manager, migration, request.environ["wsgi.input"], size)
+                try:
+                    answer = receive_port_precopy(manager, migration, stream, size)
+                except PrecopyNoRoom as err:
+                    # s1 falls back on hearing it: the rest of the round is read and dropped
+                    # first, or s1, still sending it, would see only the connection reset.
+                    discard_body(stream, err.unread)
+                    request.consumed = True
+                    raise HttpError(507, str(err)) from None
         except HttpError:
             raise
         except (SpiceError, ValueError, KeyError, TypeError, OSError) as err:

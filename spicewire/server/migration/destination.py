@@ -135,12 +135,20 @@ class Announcement:
             return buffer[:size]
         return np.empty(size, dtype=np.uint8)
 
-    def fault_in_tail_rooms(self) -> None:
-        """Start faulting in the owed tail rooms (``tail_rooms``), each in a worker thread."""
+    def fault_in_tail_rooms(self, hold: Callable[[Announcement, int], bool]) -> None:
+        """Start faulting in the owed tail rooms (``tail_rooms``), each in a worker thread, as far
+        as ``hold`` (MigrationManager.hold_for) finds memory for them in the budget. A tail
+        without its room lands in fresh memory, as without a pre-copy."""
         pool = gevent.get_hub().threadpool
         for channel_id, most in self.tail_rooms.items():
             regions = [held for (cid, _), held in self.precopied.items() if cid == channel_id]
-            self.buffers[channel_id] = pool.spawn(prefaulted, tail_room(most, regions))
+            room = tail_room(most, regions)
+            if hold(self, room):
+                self.buffers[channel_id] = pool.spawn(prefaulted, room)
+            else:
+                log.info("session %s port %d: no room in the memory budget for a %d-byte MIGRATE_DATA tail "
+                         "ahead; it lands in memory taken as it arrives", session_label(self.session_id),
+                         channel_id, room)
         self.tail_rooms.clear()
 
     def release(self) -> None:

@@ -204,7 +204,7 @@ class MigrationManager:
         pre-copies left owed are faulted in now."""
         announced = [ann for ann in self.announcements.values() if ann.migration_id == migration_id]
         for ann in announced:
-            ann.fault_in_tail_rooms()
+            ann.fault_in_tail_rooms(self.hold_for)
         jobs = [job for ann in announced for job in ann.buffers.values()]
         pending = [job for job in jobs if not job.ready()]
         if pending:
@@ -239,8 +239,6 @@ class MigrationManager:
             if entry.get("display") is not None:
                 announced_screen(entry["display"])
         expires = time.monotonic() + ttl
-        memory = self.server.budget
-        budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else memory.limit
         pool = gevent.get_hub().threadpool
         batch: list[tuple[gevent.event.AsyncResult[np.ndarray], int]] = []  # small backlogs' buffers, one job's worth
         batched = 0
@@ -265,7 +263,7 @@ class MigrationManager:
                 room = prefault_room(size)
                 # Only what fits the budget: a big (or lying) announcement must not hold memory
                 # the real transfers need; beyond it MIGRATE_DATA gets its buffer when it arrives.
-                if room and self._prefaulted + room <= budget and memory.admits(room):
+                if room and self.hold_for(ann, room):
                     if size >= PREFAULT_MIN:
                         ann.buffers[cid] = pool.spawn(prefaulted, room)
                     else:
@@ -276,9 +274,6 @@ class MigrationManager:
                         if batched >= PREFAULT_BATCH:
                             _prefault_batch(pool, batch)
                             batch, batched = [], 0
-                    ann.prefaulted += room
-                    self._prefaulted += room
-                    memory.reserve(room)  # held until the announcement ends (end_announcement)
         if batch:
             _prefault_batch(pool, batch)
         # The sessions' objects, hundreds of thousands in a big server, are not garbage: each full
@@ -296,6 +291,21 @@ class MigrationManager:
         for record in (self.migration_of, self.completed, self.failed):
             while len(record) > MAX_REMEMBERED:
                 del record[next(iter(record))]
+
+    def hold_for(self, ann: Announcement, size: int) -> bool:
+        """Whether ``size`` more bytes of memory for ``ann``'s migration fit PREFAULT_BUDGET and the
+        server's memory budget. If they do, they are reserved until the announcement ends
+        (end_announcement): its prefault, the pre-copy's regions, the tail rooms."""
+        if self.announcements.get(ann.session_id) is not ann:
+            return False  # it ended (end_announcement released what it held): nothing more is held for it
+        memory = self.server.budget
+        budget = PREFAULT_BUDGET if PREFAULT_BUDGET is not None else memory.limit
+        if not memory.admits(size) or self._prefaulted + size > budget:  # admits counts a refusal
+            return False
+        memory.reserve(size)
+        ann.prefaulted += size
+        self._prefaulted += size
+        return True
 
     @property
     def prefaulted(self) -> int:

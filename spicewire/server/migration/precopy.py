@@ -35,7 +35,9 @@ hold there (no more than a MIGRATE_DATA of the announced backlog could bring). s
 it; what does not fit travels in MIGRATE_DATA. s2 faults memory in as the rounds need it: first
 the buffer it faulted in for the port's MIGRATE_DATA when the session was announced, then more in
 segments. The memory the MIGRATE_DATA's tail then lands in (TAIL_ROOM at most) is faulted in
-between rounds, before the last one, when s1 asks whether s2 is prepared for the switch.
+between rounds, before the last one, when s1 asks whether s2 is prepared for the switch. All of
+it is held in s2's memory budget until the announcement ends (MigrationManager.hold_for): a
+segment the budget has no room for refuses the round (507), a tail room is left out.
 
 Whatever fails (s2 refuses, a request breaks, time runs short) ends the pre-copy of every port of
 that migration: their whole state then goes through the client as without it. s2 drops what it
@@ -396,6 +398,25 @@ def tail_room(most: int, regions: list[HeldRegion]) -> int:
     return min(most, max(TAIL_ROOM_MIN, 2 * sum(region.later_round for region in regions)))
 
 
+class PrecopyNoRoom(MigrationError):
+    """s2's memory budget cannot hold more of a pre-copy: the round is refused. ``unread``: the
+    bytes of its body not read yet (discard_body)."""
+
+    unread = 0
+
+
+def discard_body(stream: Any, n: int) -> None:
+    """Read ``n`` bytes of a pre-copy body and drop them: the rest of a refused round, so that s1
+    hears the refusal rather than a reset while it still sends."""
+    reader = getattr(stream, "rfile", stream)  # where _receive_hashed reads from
+    scratch = memoryview(bytearray(min(n, RECEIVE_READ)))
+    while n:
+        got = reader.readinto(scratch[:min(n, len(scratch))])
+        if not got:
+            raise ValueError(f"the pre-copy body ended {n} bytes early")
+        n -= got
+
+
 class PrecopyMismatch(MigrationError):
     """What s2 holds is not what s1's MIGRATE_DATA says it sent: nothing is restored from it."""
 
@@ -452,7 +473,11 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
         if at + length > held.capacity:
             raise ValueError(f"a pre-copy entry of {length} bytes does not fit the region's {held.capacity - at} "
                              "left")
-        _grow(ann, key, held, at + length)
+        try:
+            _grow(manager, ann, key, held, at + length)
+        except PrecopyNoRoom as err:
+            err.unread = size - _INDEX_SIZE.size - index_size - sum(target[4] for target in targets[:len(capacities)])
+            raise
         digest = held.digest.copy()  # kept only once the entry is whole
         for piece in held.slices(at, at + length):
             _receive_hashed(stream, piece, digest)
@@ -463,11 +488,13 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
     return {"held": len(targets), "capacities": capacities}
 
 
-def _grow(ann: Announcement, key: tuple[int, str], held: HeldRegion, size: int) -> None:
+def _grow(manager: Any, ann: Announcement, key: tuple[int, str], held: HeldRegion, size: int) -> None:
     """Memory faulted in for ``size`` bytes of a region. Its first segment, for client->device
     bytes, is the buffer the announcement faulted in for the port's MIGRATE_DATA (which now carries
     only the tail); more come as rounds need them, at least SEGMENT each, faulted in by a worker
-    thread off the hub, never past the region's capacity."""
+    thread off the hub, never past the region's capacity. Each is held in the memory budget until
+    the announcement ends (MigrationManager.hold_for): one the budget has no room for refuses the
+    round (PrecopyNoRoom), and the ports' state goes through the client."""
     pool = gevent.get_hub().threadpool
     if not held.segments and key[1] == "to_device" and (job := ann.buffers.pop(key[0], None)) is not None:
         buffer = job.get()
@@ -480,8 +507,11 @@ def _grow(ann: Announcement, key: tuple[int, str], held: HeldRegion, size: int) 
             # median of 0.83x a direct socket copy to 0.67x (nine runs each).
             ann.tail_rooms[key[0]] = min(TAIL_ROOM, len(buffer))
     while held.allocated < size:
-        room = held.capacity - held.allocated
-        held.segments.append(pool.apply(prefaulted, (min(room, max(SEGMENT, size - held.allocated)),)))
+        segment = min(held.capacity - held.allocated, max(SEGMENT, size - held.allocated))
+        if not manager.hold_for(ann, segment):
+            raise PrecopyNoRoom(f"session {session_label(ann.session_id)} port {key[0]} {key[1]}: no room in this "
+                                f"server's memory budget for {segment} more bytes of pre-copy")
+        held.segments.append(pool.apply(prefaulted, (segment,)))
 
 
 def _target(manager: Any, migration_id: str,
