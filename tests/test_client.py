@@ -41,6 +41,10 @@ def test_client_learns_session_id_and_port_channels(server):
         assert session.channels == [(ChannelType.PORT, 0), (ChannelType.PORT, 1)]
         assert session.main.name == "spicewire"  # NAME_AND_UUID is advertised and honoured
         assert len(session.main.uuid) == 16
+        # main's reads go first in a loop turn (see the test below); the ports' do not
+        assert session.main.sock._read_event.priority == channels.FIRST_READ_PRIORITY
+        port = session.open_port("org.spicewire.sink")
+        assert port.sock._read_event.priority == 0
 
 
 def test_client_finds_a_port_by_name(server):
@@ -117,3 +121,31 @@ def test_client_links_main_and_port_to_qemu_spice_server():
         payload = b"spicewire through QEMU\n" * 40
         port.write(payload)
         assert read_exactly(port, len(payload), timeout=30) == payload
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["main-read-first", "as-libev-orders"])
+def test_main_is_read_before_the_channels_ready_in_the_same_loop_turn(first):
+    """At a seamless switch s1 sends main's MIGRATE before the other channels'. libev runs a
+    turn's ready sockets last-ready first, so without ``read_first`` main's would be read last
+    (and its FLUSH_MARK round trip, which the switch waits for, start last)."""
+    from gevent import socket
+
+    pairs = {name: socket.socketpair() for name in ("main", "inputs", "cursor")}
+    if first:
+        channels.read_first(pairs["main"][0])
+    woke: list[str] = []
+
+    def reader(name: str) -> None:
+        pairs[name][0].recv(16)
+        woke.append(name)
+
+    readers = [gevent.spawn(reader, name) for name in pairs]
+    gevent.sleep(0)  # every reader now waits on its socket
+    for name in pairs:  # main's MIGRATE first, then the others', all ready by the next turn
+        pairs[name][1].send(b"MIGRATE")
+    gevent.joinall(readers, timeout=5)
+    assert sorted(woke) == sorted(pairs)
+    assert woke.index("main") == (0 if first else len(pairs) - 1), woke
+    for a, b in pairs.values():
+        a.close()
+        b.close()
