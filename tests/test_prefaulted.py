@@ -127,3 +127,58 @@ def test_a_worker_thread_faulting_memory_in_leaves_the_hub_its_turns():
     served = {int((t - start) // eighth) for t in turns if start <= t < end}
     inner = served & set(range(1, 7))
     assert len(inner) >= 4, f"the hub had turns in {sorted(served)} of the populate's eighths ({end - start:.3f} s)"
+
+
+@pytest.mark.parametrize("size", [common.SPLIT_FAULT_MIN - 1, common.SPLIT_FAULT_MIN, common.SPLIT_FAULT_MIN + 1])
+def test_a_large_prefault_is_faulted_in_two_halves_side_by_side(monkeypatch, size):
+    """From SPLIT_FAULT_MIN on, two threads fault in the two page-aligned halves, which cover
+    the array exactly; below it, one call does it all. Either way every page is in memory."""
+    import threading
+
+    real, calls = common.codec.fault_in, []
+
+    def fault_in(view):
+        start = view.__array_interface__["data"][0]
+        calls.append((threading.get_native_id(), start, len(view)))
+        real(view)
+
+    monkeypatch.setattr(common.codec, "fault_in", fault_in)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    array = common.prefaulted(size)
+    base = array.__array_interface__["data"][0]
+    spans = sorted((start - base, length) for _, start, length in calls)
+    if size < common.SPLIT_FAULT_MIN:
+        assert spans == [(0, size)]
+    else:
+        (first, cut), (second, rest) = spans
+        assert first == 0 and second == cut and cut % mmap.PAGESIZE == 0 and cut + rest == size
+        assert len({thread for thread, _, _ in calls}) == 2
+    assert resident(array) >= size - size % mmap.PAGESIZE
+
+
+def test_a_prefault_whose_helper_fails_raises_once_both_halves_are_done(monkeypatch):
+    real, done = common.codec.fault_in, []
+
+    def fault_in(view):
+        if view.__array_interface__["data"][0] != base[0]:
+            raise MemoryError("no room for the second half")
+        time.sleep(0.05)  # the helper fails first; the caller still finishes its half
+        real(view)
+        done.append(len(view))
+
+    region = mmap.mmap(-1, common.SPLIT_FAULT_MIN, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    array = np.frombuffer(region, dtype=np.uint8)
+    base = [array.__array_interface__["data"][0]]
+    monkeypatch.setattr(common.codec, "fault_in", fault_in)
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 2)
+    with pytest.raises(MemoryError, match="second half"):
+        common._fault_in(array)
+    assert done == [common.SPLIT_FAULT_MIN // 2]
+
+
+def test_one_core_faults_in_with_one_thread(monkeypatch):
+    calls = []
+    monkeypatch.setattr(common.codec, "fault_in", lambda view: calls.append(len(view)))
+    monkeypatch.setattr(common.os, "cpu_count", lambda: 1)
+    common._fault_in(np.empty(common.SPLIT_FAULT_MIN, dtype=np.uint8))
+    assert calls == [common.SPLIT_FAULT_MIN]
