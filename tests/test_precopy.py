@@ -802,6 +802,25 @@ def test_an_entry_naming_no_digest_is_sha256_and_an_unknown_one_is_refused():
     assert not ann.precopied
 
 
+def test_a_round_whose_announcement_ended_meanwhile_is_refused_and_holds_nothing(monkeypatch):
+    """The announcement ends (aborted, expired) after the round's entries were checked: the memory
+    a segment would need is not reserved for it, as nobody would release it."""
+    ann, manager = announced_echo(Limits(to_device=64 * MIB), 8 * MIB)
+    real = precopy._target
+
+    def target(*args):
+        found = real(*args)
+        manager.announcements.clear()  # it ends while the round is read
+        return found
+
+    monkeypatch.setattr(precopy, "_target", target)
+    data = os.urandom(1000)
+    body = precopy_body([echo_entry(len(data))], data)
+    with pytest.raises(ValueError, match="migration ended here during its pre-copy"):
+        precopy.receive_port_precopy(manager, "m" * 16, io.BytesIO(body), len(body))
+    assert manager.server.budget.used == ann.prefaulted == 0
+
+
 def test_a_region_keeps_the_digest_it_started_with():
     ann, manager = announced_echo(Limits(to_device=64 * MIB), 8 * MIB)
     data = os.urandom(1000)

@@ -508,6 +508,8 @@ def _grow(manager: Any, ann: Announcement, key: tuple[int, str], held: HeldRegio
             ann.tail_rooms[key[0]] = min(TAIL_ROOM, len(buffer))
     while held.allocated < size:
         segment = min(held.capacity - held.allocated, max(SEGMENT, size - held.allocated))
+        if manager.announcements.get(ann.session_id) is not ann:
+            raise ValueError(f"session {session_label(ann.session_id)}'s migration ended here during its pre-copy")
         if not manager.hold_for(ann, segment):
             raise PrecopyNoRoom(f"session {session_label(ann.session_id)} port {key[0]} {key[1]}: no room in this "
                                 f"server's memory budget for {segment} more bytes of pre-copy")
