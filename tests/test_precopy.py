@@ -892,3 +892,14 @@ def test_a_body_cut_short_is_an_error_on_s2():
     into = np.zeros(precopy.PIECE + 1, np.uint8)
     with pytest.raises(ValueError, match="ended 1 bytes early"):
         precopy._receive_hashed(io.BytesIO(bytes(precopy.PIECE)), into, precopy.DIGESTS["xxh3-128"]())
+
+
+@pytest.mark.parametrize("size", [precopy.RECEIVE_READ - 1, precopy.RECEIVE_READ, precopy.RECEIVE_READ + 1])
+def test_the_rest_of_a_refused_round_is_read_to_its_end_and_not_past_it(size):
+    """discard_body drops exactly ``size`` bytes, RECEIVE_READ at most a read, whatever the socket
+    hands over a call; the next request's bytes stay unread. A body that ends early is an error."""
+    reader = TrickleReader(bytes(size) + b"NEXT")
+    precopy.discard_body(reader, size)
+    assert reader.read() == b"NEXT"
+    with pytest.raises(ValueError, match="ended 1 bytes early"):
+        precopy.discard_body(io.BytesIO(bytes(size - 1)), size)

@@ -107,8 +107,13 @@ def _fault_in(array: np.ndarray) -> None:
         raise failed[0]
 
 
+# The originals: under monkey-patching a thread would be a greenlet, and its munmap (or a
+# prefault's half) the hub's again.
+_start_thread: Callable[..., int] = gevent.monkey.get_original("_thread", "start_new_thread")
+_allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "allocate_lock")
+_SimpleQueue: Any = gevent.monkey.get_original("queue", "SimpleQueue")
 _unmapping: Any = None  # the unmapper's queue, made with its thread on first use
-_unmapping_lock = gevent.monkey.get_original("_thread", "allocate_lock")()  # any thread may drop a view
+_unmapping_lock = _allocate_lock()  # any thread may drop a view
 
 
 def _unmap_later(region: mmap.mmap) -> None:
@@ -128,8 +133,3 @@ def _unmapper(regions: Any) -> None:
             region.close()
         del region
 
-
-# The originals: under monkey-patching a thread would be a greenlet, and its munmap the hub's again.
-_start_thread: Callable[..., int] = gevent.monkey.get_original("_thread", "start_new_thread")
-_allocate_lock: Callable[[], Any] = gevent.monkey.get_original("_thread", "allocate_lock")
-_SimpleQueue: Any = gevent.monkey.get_original("queue", "SimpleQueue")

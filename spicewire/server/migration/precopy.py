@@ -408,7 +408,7 @@ class PrecopyNoRoom(MigrationError):
 def discard_body(stream: Any, n: int) -> None:
     """Read ``n`` bytes of a pre-copy body and drop them: the rest of a refused round, so that s1
     hears the refusal rather than a reset while it still sends."""
-    reader = getattr(stream, "rfile", stream)  # where _receive_hashed reads from
+    reader = _reader(stream)
     scratch = memoryview(bytearray(min(n, RECEIVE_READ)))
     while n:
         got = reader.readinto(scratch[:min(n, len(scratch))])
@@ -458,6 +458,7 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
     if _INDEX_SIZE.size + index_size + sum(target[4] for target in targets) != size:
         raise ValueError("the pre-copy entries do not add up to the body's size")
     capacities: list[int] = []
+    taken = _INDEX_SIZE.size + index_size  # of the body's bytes, so far
     for ann, key, offset, capacity, length, kind in targets:
         held = ann.precopied.get(key)
         if held is None:
@@ -476,11 +477,12 @@ def receive_port_precopy(manager: Any, migration_id: str, stream: Any, size: int
         try:
             _grow(manager, ann, key, held, at + length)
         except PrecopyNoRoom as err:
-            err.unread = size - _INDEX_SIZE.size - index_size - sum(target[4] for target in targets[:len(capacities)])
+            err.unread = size - taken
             raise
         digest = held.digest.copy()  # kept only once the entry is whole
         for piece in held.slices(at, at + length):
             _receive_hashed(stream, piece, digest)
+        taken += length
         held.length, held.digest = at + length, digest
         if at:
             held.later_round = max(held.later_round, length)
@@ -508,9 +510,9 @@ def _grow(manager: Any, ann: Announcement, key: tuple[int, str], held: HeldRegio
             ann.tail_rooms[key[0]] = min(TAIL_ROOM, len(buffer))
     while held.allocated < size:
         segment = min(held.capacity - held.allocated, max(SEGMENT, size - held.allocated))
-        if manager.announcements.get(ann.session_id) is not ann:
-            raise ValueError(f"session {session_label(ann.session_id)}'s migration ended here during its pre-copy")
         if not manager.hold_for(ann, segment):
+            if manager.announcements.get(ann.session_id) is not ann:  # hold_for holds nothing for it
+                raise ValueError(f"session {session_label(ann.session_id)}'s migration ended here during its pre-copy")
             raise PrecopyNoRoom(f"session {session_label(ann.session_id)} port {key[0]} {key[1]}: no room in this "
                                 f"server's memory budget for {segment} more bytes of pre-copy")
         held.segments.append(pool.apply(prefaulted, (segment,)))
@@ -545,10 +547,16 @@ def _read_exactly(stream: Any, n: int) -> bytes:
     return data
 
 
+def _reader(stream: Any) -> Any:
+    """What a pre-copy body's bytes are read from: the socket's reader under a WSGI input
+    (gevent's Input copies through bytes; its reader reads into a buffer given)."""
+    return getattr(stream, "rfile", stream)
+
+
 def _receive_hashed(stream: Any, into: np.ndarray, digest: Any) -> None:
     """Read ``len(into)`` bytes straight into ``into`` (the socket's reader under a WSGI input),
     hashing each read as it lands, while it is still in the cache."""
-    reader = getattr(stream, "rfile", stream)  # gevent's Input copies through bytes; its reader does not
+    reader = _reader(stream)
     view = into.data
     pos, total = 0, len(into)
     while pos < total:
