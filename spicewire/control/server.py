@@ -542,7 +542,7 @@ class ControlServer:
                           "made_on_demand": self.spice.keys.made_on_demand},
             # What the sessions hold against --memory-budget, and what one client cost the others.
             "memory": {**self.spice.budget.status(), "flood_reads": self.spice.flood_reads,
-                       "unread_closed": self.spice.unread_closed},
+                       "unread_closed": self.spice.unread_closed, "releasing": self.spice.releaser.pending},
             "config": {
                 "ticketing": password is not None,
                 "password_expiry": expiry,

@@ -5,7 +5,6 @@ protocol; it reads, writes, waits and times out.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import socket
@@ -59,6 +58,7 @@ from spicewire.server.display import (
     InputsConnection,
 )
 from spicewire.server.events import EventBus
+from spicewire.server.heap import TRIM_AFTER, Releaser, release_free_memory
 from spicewire.server.keys import KeyPool
 from spicewire.server.metrics import ServerMetrics
 from spicewire.server.migration import MigrationManager
@@ -259,9 +259,6 @@ def graphics_caps(channel_type: int) -> tuple[int, ...]:
     return ()
 
 
-TRIM_AFTER = 64 << 20
-
-
 def _handshake_failure(err: OSError, tls: ServerTLS) -> str:
     """One line on why a TLS handshake failed, with what an operator can do about it."""
     code = err.reason if isinstance(err, ssl.SSLError) else None
@@ -279,22 +276,6 @@ def _tcp_address(server: StreamServer) -> tuple[str, int]:
     if isinstance(address, str):
         raise TypeError(f"a SPICE server listens on TCP, not on {address!r}")
     return address[:2]
-
-_libc: ctypes.CDLL | None = None
-
-
-def release_free_memory() -> None:
-    """Give freed heap back to the system. A session that leaves (or migrates away) may free
-    hundreds of MiB of small buffers, which glibc keeps on its heap otherwise: the RSS would stay
-    as if the session were still here."""
-    global _libc
-    try:
-        if _libc is None:
-            _libc = ctypes.CDLL("libc.so.6")
-        _libc.malloc_trim(0)
-    except (OSError, AttributeError) as err:
-        log.debug("not glibc, freed heap stays with the process: %s", err)
-
 
 def _link_error_name(code: int) -> str:
     try:
@@ -797,6 +778,7 @@ class SpiceServer:
         self._connections: set[Connection] = set()
         self._pool = gevent.pool.Pool()
         self.budget = MemoryBudget(config.memory_budget)
+        self.releaser = Releaser()  # a session's large backlog is freed a step at a time
         self.recv_view = memoryview(bytearray(RECV_BUFFER))  # every connection's (Connection._serve)
         self.flood_reads = 0  # reads that brought more than FLOOD_MESSAGES messages (the next is cut)
         self.unread_closed = 0  # connections closed for leaving their queue unread
@@ -895,6 +877,7 @@ class SpiceServer:
             conn.close("server stopping")
         self._pool.join(timeout=timeout)
         self._pool.kill()
+        self.releaser.close()
 
     def serve_forever(self) -> None:
         self.start()
@@ -1094,15 +1077,16 @@ class SpiceServer:
         self.session_tickets.session_ended(session.id)
         session.close_ports("session ended")
         for port in session.ports.values():
-            port.release_device()
+            self.releaser.drop(*port.release_device())
         session.display = None
         log.info("session %08x ended", session.id, extra=context(session.id))
         self.memory_freed()
 
     def memory_freed(self) -> None:
         """Buffers were let go of: once enough were (or all), give the freed heap back to the
-        system, in a thread (trimming a large heap takes a while; ctypes lets go of the GIL)."""
-        if self.budget.trim_due(TRIM_AFTER):
+        system, in a thread (trimming a large heap takes a while; ctypes lets go of the GIL). Not
+        while the releaser's steps run: each ends with a trim."""
+        if self.budget.trim_due(TRIM_AFTER) and not self.releaser.busy:
             gevent.get_hub().threadpool.spawn(release_free_memory)
 
     def _tick_loop(self) -> None:

@@ -218,14 +218,17 @@ class PortState:
         except Exception as err:
             self.device_failed("tick", err)
 
-    def release_device(self) -> None:
-        """Let go of the device and of what either side had buffered: nothing reaches it again."""
+    def release_device(self) -> tuple[list[deque[Any]], int]:
+        """Let go of the device: nothing reaches it again. Returns what either side had buffered
+        (the two queues, and their bytes), no longer counted in the budget, for the caller to let
+        go of: a server frees a large backlog a step at a time (heap.Releaser)."""
         self.device.detach()
-        self.budget.release(self.to_device_bytes + self.to_client_bytes)
-        self.to_device.clear()
-        self.to_device_bytes = 0
-        self.to_client.clear()
-        self.to_client_bytes = 0
+        held: list[deque[Any]] = [self.to_device, self.to_client]
+        size = self.to_device_bytes + self.to_client_bytes
+        self.budget.release(size)
+        self.to_device, self.to_client = deque(), deque()
+        self.to_device_bytes = self.to_client_bytes = 0
+        return held, size
 
     def device_failed(self, call: str, err: Exception) -> None:
         """The device raised ``err`` from ``call``: this port ends, the rest of the session goes on."""
