@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from spicewire import devices
-from spicewire.server.session import Limits
+from spicewire.server.session import Limits, PortState
 
 from .serverkit import wait_until
 from .test_migration import Node, connect, only_entry
@@ -87,3 +87,34 @@ def test_a_running_device_takes_nothing_on_s2_before_the_session_landed(probe_no
     assert on_s2 and all(on_s2), f"{on_s2.count(False)} of {len(on_s2)} writes came before the landing"
     session.close()
 
+
+
+class MakesOnRoom(devices.Device):
+    """Makes its data only when told of room (a device may: on_room is the plug-in API's call)."""
+
+    kind = "makes-on-room"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.told: list[int] = []
+
+    def write(self, data: memoryview) -> int:
+        return len(data)
+
+    def on_room(self) -> None:
+        assert self.port is not None
+        self.told.append(self.port.room)
+
+
+@pytest.mark.parametrize("how", ["rolled back (resume_device)", "landed (release_held)"])
+def test_a_device_that_starts_again_is_told_of_the_room_a_drain_found_while_it_was_stopped(how):
+    device = MakesOnRoom()
+    port = PortState(0, "maker", device, Limits(to_device=1 << 20, to_client=1 << 20))
+    if how.startswith("rolled"):
+        port.stop_device()
+    else:
+        port.hold()
+    port.on_drained()  # the client-bound queue drained meanwhile: the device is not told yet
+    assert device.told == []
+    port.resume_device() if how.startswith("rolled") else port.release_held()
+    assert device.told == [1 << 20]

@@ -311,8 +311,7 @@ class PortState:
     def resume_device(self) -> None:
         """The migration away did not happen: the device goes on with what queued meanwhile."""
         self.device_stopped = False
-        self.pump()
-        self.flush_to_client()
+        self._device_starts()
 
     def hold(self) -> None:
         """This port lands here by migration: its device waits for ``release_held``."""
@@ -321,6 +320,12 @@ class PortState:
     def release_held(self) -> None:
         """The migration that brought this port completed: the device starts on what it holds."""
         self.held = False
+        self._device_starts()
+
+    def _device_starts(self) -> None:
+        """The device may run again: it is offered what the client queued meanwhile, and told of
+        the room the client-bound queue has (a drain while it was stopped did not tell it, and a
+        device that makes data only on_room would otherwise wait for a drain that never comes)."""
         self.pump()
         self.on_drained()
 
