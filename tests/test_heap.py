@@ -163,3 +163,15 @@ def test_a_big_session_s_memory_goes_back_to_the_system_through_the_steps(tmp_pa
 def vm_rss(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         return int(re.search(r"VmRSS:\s+(\d+) kB", status.read())[1]) << 10
+
+
+def test_a_trim_that_fails_is_logged_and_the_release_goes_on(caplog):
+    def failing() -> None:
+        raise RuntimeError("no thread pool any more")
+
+    releaser = Releaser(step=MIB, trim=failing)
+    queue = mib_queue(3)
+    releaser.drop([queue], 3 * MIB)
+    wait_until(lambda: not releaser.busy, what="the steps to end")
+    assert not queue and releaser.trims == 3
+    assert "could not go back to the system: no thread pool any more" in caplog.text

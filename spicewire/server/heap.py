@@ -87,7 +87,10 @@ class Releaser:
         try:
             while self._queues:
                 self.pending = max(0, self.pending - self._let_go_of_a_step())
-                self._trim()
+                try:
+                    self._trim()
+                except Exception as err:  # the buffers are let go of all the same
+                    log.warning("freed memory could not go back to the system: %s", err)
                 self.trims += 1
         finally:
             self._worker = None
