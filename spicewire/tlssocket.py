@@ -17,8 +17,8 @@ A server reads every connection into one shared buffer, valid only until its gre
 read that waited for a full socket would let another connection's read overwrite its bytes.
 
 ``send_buffers`` writes a list of buffers, unjoined, on a TLS socket or a plain one (there, up to
-SEND_VECTOR of them per sendmsg): the control client's streamed bodies and the server's gathered
-MIGRATE_DATA go out through it.
+SEND_VECTOR of them per sendmsg): the control client's streamed bodies (through ``send_batches``,
+which shares the hub while it sends) and the server's gathered MIGRATE_DATA go out through it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from typing import Any, cast
 import gevent
 import gevent.lock
 from gevent import socket
+
+from spicewire.turns import BulkTurns
 
 RAW_READ = 256 << 10  # ciphertext taken from the kernel per system call: 16 full records
 WRITE_CHUNK = 256 << 10  # plaintext encrypted per write: bounds the ciphertext held at once
@@ -253,4 +255,18 @@ def send_buffers(sock: socket.socket, buffers: Sequence[Any]) -> int:
             first += 1
         if sent:  # and what went of the next one
             views[first] = views[first][sent:]
+    return total
+
+
+def send_batches(sock: socket.socket, batches: Iterable[Sequence[Any]]) -> int:
+    """``send_buffers`` of each batch in turn, the process's other greenlets given a turn every
+    BULK_TURN bytes (spicewire/turns.py): a pre-copy round of a GiB goes out this way. Returns
+    the bytes written."""
+    turns = BulkTurns()
+    total = 0
+    for batch in batches:
+        sent = send_buffers(sock, batch)
+        total += sent
+        if turns.moved(sent):
+            gevent.idle()
     return total

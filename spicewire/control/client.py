@@ -13,7 +13,7 @@ from gevent import socket, ssl
 
 from spicewire.addresses import Address
 from spicewire.errors import MigrationError
-from spicewire.tlssocket import TlsSocket, send_buffers
+from spicewire.tlssocket import TlsSocket, send_batches
 
 log = logging.getLogger(__name__)
 HTTPS = "https://"  # before a control API's HOST:PORT: reach it over TLS
@@ -64,8 +64,7 @@ class ControlClient:
         late = TimeoutError(f"{method} {path}: no answer from {self.address} within {limit:.3g} s")
         with gevent.Timeout(limit, late), connect_control(self.host, self.port, self.unix, limit, self.tls) as sock:
             sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-            for batch in batches:
-                send_buffers(sock, batch)
+            send_batches(sock, batches)
             data = bytearray()
             while chunk := sock.recv(65536):
                 data += chunk

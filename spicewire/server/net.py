@@ -75,6 +75,7 @@ from spicewire.server.session import (
 )
 from spicewire.server.tls import ServerTLS, load_server_tls
 from spicewire.tlssocket import send_buffers
+from spicewire.turns import BulkTurns
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +92,6 @@ FIRST_READ = 4 << 10
 # may be this large (the socket gives what it holds, up to this) without holding more memory, and
 # a 1 GiB body read RECV_BUFFER at a time cost s2 4,096 turns of the loop, each its own idle().
 LANDING_READ = 8 << 20
-BULK_TURN = 8 << 20
-"""Bytes of one large body (a MIGRATE_DATA landing, a streamed one going out) read or written
-between two turns for the other greenlets. A turn per 1 MiB sendmsg or per landing read cost s1
-and s2 each some 8% of their CPU in a 512 MiB switch (the hub's loop after every copy, with cold
-caches), while this one connection is the downtime; a socket that runs dry or full still waits,
-and the others run then."""
-
-
-class BulkTurns:
-    """Counts the bytes of a large body moved since the other greenlets last had a turn."""
-
-    def __init__(self) -> None:
-        self.unturned = 0
-
-    def moved(self, n: int) -> bool:
-        """``n`` more bytes moved; True when the others are due a turn (counted from 0 again)."""
-        self.unturned += n
-        if self.unturned < BULK_TURN:
-            return False
-        self.unturned = 0
-        return True
-
-    def restart(self) -> None:
-        """The others had their turn (or the body ended): count from 0."""
-        self.unturned = 0
 
 
 def next_read_size(n: int, count: int) -> int:

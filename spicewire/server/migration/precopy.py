@@ -68,6 +68,7 @@ from spicewire.protocol import migration as mig
 from spicewire.protocol.migrate_data import PrecopyRef, RegionRef
 from spicewire.server.migration.common import prefaulted
 from spicewire.server.session import PortState
+from spicewire.turns import BulkTurns
 
 if TYPE_CHECKING:
     from spicewire.server.migration.destination import Announcement
@@ -559,9 +560,12 @@ def _receive_hashed(stream: Any, into: np.ndarray, digest: Any) -> None:
     reader = _reader(stream)
     view = into.data
     pos, total = 0, len(into)
+    turns = BulkTurns()
     while pos < total:
         n = reader.readinto(view[pos:min(total, pos + RECEIVE_READ)])
         if not n:
             raise ValueError(f"the pre-copy body ended {total - pos} bytes early")
         digest.update(view[pos:pos + n])
         pos += n
+        if turns.moved(n):  # a socket that never runs dry would keep the hub (turns.py)
+            gevent.idle()
