@@ -662,6 +662,40 @@ def test_relay_on_either_side_of_a_small_relay_chunk(monkeypatch, use_splice, of
         sock.close()
 
 @pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
+def test_a_relay_that_never_waits_gives_the_other_sessions_a_turn_every_bulk_turn(monkeypatch, use_splice):
+    """A client process may hold many sessions (a gateway): a relay whose sockets never block would
+    keep its hub to the body's end. With BULK_TURN a page it yields as it goes (each piece is at most
+    a page here, so a turn at least every two); with BULK_TURN over the body, not inside it."""
+    from spicewire import turns
+    from spicewire.client import migration as client_migration
+
+    chunk = 4096
+    monkeypatch.setattr(client_migration, "RELAY_CHUNK", chunk)
+    monkeypatch.setattr(client_migration, "_SPLICE", use_splice and client_migration._SPLICE)
+    idles = [0]
+    real = gevent.idle
+
+    def counted(*args):
+        idles[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(gevent, "idle", counted)
+    count = 5 * chunk
+    for bulk_turn, least, most in ((chunk, count // (2 * chunk), count // chunk), (2 * count, 0, 0)):
+        monkeypatch.setattr(turns, "BULK_TURN", bulk_turn)
+        idles[0] = 0
+        payload = os.urandom(count)
+        s1_far, s1_near = socket.socketpair()
+        s2_near, s2_far = socket.socketpair()
+        s1_far.sendall(payload)  # fits the socket buffers: the relay never waits
+        client_migration.relay(s1_near, s2_near, count, "port:1")
+        assert recv_exactly(s2_far, count) == payload
+        assert least <= idles[0] <= most, (bulk_turn, idles[0])
+        for sock in (s1_far, s1_near, s2_near, s2_far):
+            sock.close()
+
+
+@pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
 def test_relay_reports_s1_closing_early(monkeypatch, use_splice):
     from spicewire.client import migration as client_migration
 

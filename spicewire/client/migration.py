@@ -70,6 +70,7 @@ from spicewire.protocol.migration import (
     SwitchChannel,
     SwitchHost,
 )
+from spicewire.turns import BulkTurns
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -692,6 +693,7 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
         except OSError:
             pipe_size = 65536  # the default; pipe-max-size may be lower than a RELAY_CHUNK
         left = count
+        turns = BulkTurns()
         while left:
             if source.fileno() != src:
                 raise ConnectionError(f"{what}: s1's connection was closed during the relay")
@@ -707,6 +709,7 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
             if n == 0:
                 raise ConnectionError(f"s1 closed {what} {left} bytes before the end of MIGRATE_DATA")
             left -= n
+            piece = n
             try:
                 while n:
                     try:
@@ -715,6 +718,8 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
                         _wait_ready(out, dst, wait_write)
             except OSError as err:
                 raise _s2_write_failed(source, left, what, err) from err
+            if turns.moved(piece):  # the process's other sessions get a turn (turns.py)
+                gevent.idle()
     finally:
         os.close(r)
         os.close(w)
@@ -747,6 +752,7 @@ def _copy_relay(source: socket.socket, out: socket.socket, count: int, what: str
     buf = bytearray(min(RELAY_CHUNK, count))
     view = memoryview(buf)
     left = count
+    turns = BulkTurns()
     while left:
         n = source.recv_into(buf, min(len(buf), left))
         if n == 0:
@@ -756,4 +762,6 @@ def _copy_relay(source: socket.socket, out: socket.socket, count: int, what: str
             out.sendall(view[:n])
         except OSError as err:
             raise _s2_write_failed(source, left, what, err) from err
+        if turns.moved(n):
+            gevent.idle()
     return len(buf)
