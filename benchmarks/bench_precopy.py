@@ -131,11 +131,15 @@ def big_migration(mib: int, precopy: bool, resume_during: bool) -> dict:
         if resumer is not None:
             resumer.start()
         answers: list[float] = []
-        prober = threading.Thread(target=probe_status, args=(s1, done, answers))
-        prober.start()
+        answers2: list[float] = []
+        probers = [threading.Thread(target=probe_status, args=(s1, done, answers)),
+                   threading.Thread(target=probe_status, args=(s2, done, answers2))]
+        for prober in probers:
+            prober.start()
         report = s1.migrate_to(s2)
         done.set()
-        prober.join()
+        for prober in probers:
+            prober.join()
         if resumer is not None:
             resumer.join()
         written = client.ask("stop")
@@ -154,11 +158,12 @@ def big_migration(mib: int, precopy: bool, resume_during: bool) -> dict:
             "precopy_s": report["precopy_s"], "prepare_s": report.get("prepare_s", 0.0),
             "moved_bytes": entry["in_flight_bytes_moved"],
             "written_bytes": written["written"], "intact": intact,
-            "status_slowest_s": max(answers, default=float("nan"))}
+            "status_slowest_s": max(answers, default=float("nan")),
+            "s2_status_slowest_s": max(answers2, default=float("nan"))}
 
 
 def probe_status(server: bm.Served, done: threading.Event, answers: list[float]) -> None:
-    """A bystander on s1 through the migration: GET /status every 20 ms, each answer's time."""
+    """A bystander on a server through the migration: GET /status every 20 ms, each answer's time."""
     while not done.is_set():
         started = time.perf_counter()
         server.control.get_json("/status")
@@ -204,6 +209,7 @@ def main() -> int:
          ", ".join(f"{(run['moved_bytes'] - run['precopied_bytes']) >> 10}" for run in paused), "", ""),
         ("a bystander on s1 meanwhile: its slowest GET /status (one every 20 ms), ms (each run)",
          ", ".join(f"{run['status_slowest_s'] * 1e3:.1f}" for run in paused), "", ""),
+        ("  the same on s2", ", ".join(f"{run['s2_status_slowest_s'] * 1e3:.1f}" for run in paused), "", ""),
     ]
     results = {"machine": f"{os.cpu_count()} cores", "paused_runs": paused, "direct_copy_bytes_per_s": copies}
     if args.rate_only:
