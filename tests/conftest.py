@@ -78,3 +78,18 @@ def nodes():
 def new_node(nodes):
     """new_node() -> one more server, as ``nodes(1)`` makes it."""
     return lambda: nodes(1)[0]
+
+
+@pytest.fixture
+def gevent_idles(monkeypatch):
+    """How many times ``gevent.idle()`` was called (a one-item list): the turns a loop gave the
+    hub's other greenlets."""
+    count = [0]
+    real = gevent.idle
+
+    def counted(*args):
+        count[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(gevent, "idle", counted)
+    return count

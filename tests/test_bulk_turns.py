@@ -75,22 +75,9 @@ class NeverFull:
         return n
 
 
-@pytest.fixture
-def idles(monkeypatch):
-    count = [0]
-    real = gevent.idle
-
-    def counted(*args):
-        count[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(gevent, "idle", counted)
-    return count
-
-
 @pytest.mark.parametrize(("size", "expected"), [(turns.BULK_TURN - 1, 0), (turns.BULK_TURN, 1),
                                                 (turns.BULK_TURN + 1, 1), (3 * turns.BULK_TURN, 3)])
-def test_a_streamed_body_to_a_socket_that_never_blocks_gives_a_turn_every_bulk_turn(idles, size, expected):
+def test_a_streamed_body_to_a_socket_that_never_blocks_gives_a_turn_every_bulk_turn(gevent_idles, size, expected):
     """send_batches (the control client's streamed bodies: a pre-copy round): 64 KiB views in 1 MiB
     batches; without the turns, a loopback peer that keeps up would leave the others no turn at all."""
     piece = memoryview(bytes(64 << 10))
@@ -98,19 +85,19 @@ def test_a_streamed_body_to_a_socket_that_never_blocks_gives_a_turn_every_bulk_t
     batches = [views[i : i + 16] for i in range(0, len(views), 16)]
     sock = NeverFull()
     assert tlssocket.send_batches(sock, batches) == size == sock.sent
-    assert idles[0] == expected
+    assert gevent_idles[0] == expected
 
 
 @pytest.mark.parametrize(("size", "expected"), [(turns.BULK_TURN - 1, 0), (turns.BULK_TURN, 1),
                                                 (3 * turns.BULK_TURN + 5, 3)])
 def test_a_pre_copy_round_landing_from_a_socket_that_never_runs_dry_gives_a_turn_every_bulk_turn(
-        idles, size, expected):
+        gevent_idles, size, expected):
     data = np.random.default_rng(1).integers(0, 256, size, dtype=np.uint8)
     into = np.zeros(size, dtype=np.uint8)
     digest = xxhash.xxh3_128()
     precopy._receive_hashed(io.BytesIO(data.tobytes()), into, digest)
     assert np.array_equal(into, data) and digest.digest() == xxhash.xxh3_128(data).digest()
-    assert idles[0] == expected
+    assert gevent_idles[0] == expected
 
 
 def test_a_large_body_takes_turns_by_bulk_turn(pnodes, monkeypatch, turns_taken):

@@ -662,7 +662,8 @@ def test_relay_on_either_side_of_a_small_relay_chunk(monkeypatch, use_splice, of
         sock.close()
 
 @pytest.mark.parametrize("use_splice", [True, False], ids=["splice", "copy"])
-def test_a_relay_that_never_waits_gives_the_other_sessions_a_turn_every_bulk_turn(monkeypatch, use_splice):
+def test_a_relay_that_never_waits_gives_the_other_sessions_a_turn_every_bulk_turn(monkeypatch, use_splice,
+                                                                                   gevent_idles):
     """A client process may hold many sessions (a gateway): a relay whose sockets never block would
     keep its hub to the body's end. With BULK_TURN a page it yields as it goes (each piece is at most
     a page here, so a turn at least every two); with BULK_TURN over the body, not inside it."""
@@ -672,14 +673,7 @@ def test_a_relay_that_never_waits_gives_the_other_sessions_a_turn_every_bulk_tur
     chunk = 4096
     monkeypatch.setattr(client_migration, "RELAY_CHUNK", chunk)
     monkeypatch.setattr(client_migration, "_SPLICE", use_splice and client_migration._SPLICE)
-    idles = [0]
-    real = gevent.idle
-
-    def counted(*args):
-        idles[0] += 1
-        return real(*args)
-
-    monkeypatch.setattr(gevent, "idle", counted)
+    idles = gevent_idles
     count = 5 * chunk
     for bulk_turn, least, most in ((chunk, count // (2 * chunk), count // chunk), (2 * count, 0, 0)):
         monkeypatch.setattr(turns, "BULK_TURN", bulk_turn)
