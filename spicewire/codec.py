@@ -11,6 +11,9 @@ twin (_codec_py.py), which gives identical results and raises identical errors.
 - ``pack_chunks(chunks, out=None)``: many buffers into ONE numpy uint8 container (layout in
   _codec_layout.py); ``out`` is reused when it is large enough. ``packed_size(chunks)`` sizes it.
 - ``unpack_chunks(buf)``: the container's chunks as zero-copy memoryviews, after validating it.
+- ``gathered_chunks(chunks, batch)``: the container ``pack_chunks(chunks)`` makes, as lists of about
+  ``batch`` bytes of views (its index, then the chunks' own memory), and its size: for a socket to
+  send as they are, with no copy made (one backend for both: it only builds the index).
 - ``damage_tiles(current, shadow, tile, dirty, copy=True)``: compares two C-contiguous (h, w, 4) uint8
   frames in tiles of ``tile`` pixels; sets ``dirty[ty, tx]`` (a C-contiguous uint8 array of
   ``(ceil(h / tile), ceil(w / tile))``) to 1 where the tile differs and 0 where not, copies the
@@ -27,9 +30,10 @@ twin (_codec_py.py), which gives identical results and raises identical errors.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from spicewire._codec_layout import DEFAULT_MAX_SIZE
+from spicewire._codec_layout import DEFAULT_MAX_SIZE, byte_view, container_index
 
 if TYPE_CHECKING:
     # Both twins keep the API that _codec.pyi declares; type checkers read it there.
@@ -58,11 +62,33 @@ unpack_chunks = _impl.unpack_chunks
 damage_tiles = _impl.damage_tiles
 fault_in = _impl.fault_in
 
+
+
+def gathered_chunks(chunks: Sequence[Any], batch: int) -> tuple[list[list[bytes | memoryview]], int]:
+    """See the module's docstring. A chunk larger than ``batch`` is cut into views of ``batch``."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    views = [byte_view(chunk) for chunk in chunks]
+    index = container_index([len(view) for view in views])
+    batches: list[list[bytes | memoryview]] = [[index]]
+    filled = len(index)
+    for view in views:
+        for start in range(0, len(view), batch):
+            piece = view[start : start + batch]
+            if filled + len(piece) > batch:
+                batches.append([])
+                filled = 0
+            batches[-1].append(piece)
+            filled += len(piece)
+    return batches, len(index) + sum(len(view) for view in views)
+
+
 __all__ = [
     "BACKEND",
     "DEFAULT_MAX_SIZE",
     "damage_tiles",
     "fault_in",
+    "gathered_chunks",
     "pack_chunks",
     "packed_size",
     "parse_header",

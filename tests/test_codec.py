@@ -172,6 +172,24 @@ def test_pack_chunks_round_trips_every_buffer_kind(codec_impl):
     assert [bytes(v) for v in codec_impl.unpack_chunks(packed)] == [bytes(c) for c in sample_chunks()]
 
 
+@pytest.mark.parametrize("batch", [1, 7, 64, 65, 1 << 20])
+@pytest.mark.parametrize("chunks", [[], sample_chunks(), [bytes(130), np.arange(40, dtype=np.uint16)]],
+                         ids=["none", "every-kind", "over-a-batch"])
+def test_gathered_chunks_are_the_packed_container_as_views_in_batches(codec_impl, chunks, batch):
+    """What a socket sends of gathered_chunks is pack_chunks' container byte for byte, on either
+    backend; each batch holds at most ``batch`` bytes, or one piece (the index) alone."""
+    from spicewire import codec
+
+    batches, size = codec.gathered_chunks(chunks, batch)
+    joined = b"".join(bytes(piece) for pieces in batches for piece in pieces)
+    assert joined == codec_impl.pack_chunks(chunks).tobytes() and size == len(joined)
+    assert all(sum(len(p) for p in pieces) <= batch or len(pieces) == 1 for pieces in batches)
+    big = [p for pieces in batches[1:] for p in pieces]
+    assert all(isinstance(p, memoryview) for p in big)  # the chunks' own memory, never copied
+    with pytest.raises(ValueError):
+        codec.gathered_chunks(chunks, 0)
+
+
 def test_pack_chunks_writes_the_documented_header(codec_impl):
     packed = codec_impl.pack_chunks([b"abc", b"de"])
     _, version, header_size, count, flags, total, payload = struct.unpack_from("<IHHIIQQ", packed)

@@ -49,7 +49,7 @@ from spicewire.server.migration.destination import (
     SessionDestination,
     prefault_room,
 )
-from spicewire.server.migration.precopy import DIGESTS, PRECOPY_VERSION, precopy_ports
+from spicewire.server.migration.precopy import DIGESTS, PIECE, PRECOPY_VERSION, precopy_ports
 from spicewire.server.migration.source import SessionSource, pack_device_states
 from spicewire.server.session import PortConnection, PortState, Session
 
@@ -813,9 +813,11 @@ class MigrationManager:
                     source.precopy = Precopy(display)
                     index.append(session_label(source.session.id))
                     chunks.extend(source.precopy.chunks())
-                body = codec.pack_chunks([json.dumps(index).encode(), *chunks]).tobytes()
-                answer = peer.post_bytes(f"/migration/display-precopy?migration={migration.id}", body,
-                                         migration.left())
+                # The pictures go as they are (no container packed, then copied to bytes: two
+                # copies of up to PRECOPY_BATCH on the hub), and the send shares the hub (turns.py).
+                body, size = codec.gathered_chunks([json.dumps(index).encode(), *chunks], PIECE)
+                answer = peer.post_stream(f"/migration/display-precopy?migration={migration.id}", body, size,
+                                          migration.left())
                 if not isinstance(answer, dict) or answer.get("skipped"):
                     raise MigrationError(f"the destination skipped screens: {answer!r:.200}")
         except (MigrationError, OSError) as err:
