@@ -1,7 +1,8 @@
 """Sharing the hub while one greenlet moves a large body.
 
 gevent switches greenlets only when a socket would block. On loopback a socket to a fast peer
-seldom does, so a greenlet sending or receiving a large body (a MIGRATE_DATA, a pre-copy round)
+seldom does, so a greenlet sending or receiving a large body (a MIGRATE_DATA, a pre-copy round, a
+control API body such as a display pre-copy)
 would keep the hub, and every other connection of the process waiting, until the body's end: a
 1 GiB pre-copy round held s1's hub for 0.3-0.5 s, during which the migrating client's own writes
 piled up unread in its socket (2 MB) and went through the client in the downtime instead. So such

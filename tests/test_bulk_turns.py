@@ -122,3 +122,17 @@ def test_a_large_body_takes_turns_by_bulk_turn(pnodes, monkeypatch, turns_taken)
     assert each["_serve"] > turns_taken["_serve"], (each, turns_taken)
     drain_sink(s1, session.session_id, BODY, digest)
     session.close()
+
+
+@pytest.mark.parametrize(("size", "expected"), [(turns.BULK_TURN - 1, 0), (turns.BULK_TURN, 1),
+                                                (3 * turns.BULK_TURN + 5, 3)])
+def test_a_control_api_body_from_a_peer_that_never_runs_dry_gives_a_turn_every_bulk_turn(gevent_idles, size,
+                                                                                        expected):
+    """Request.body (device states, display pre-copies: up to 64 MiB) reads 1 MiB at a time."""
+    from spicewire.control.server import Request
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    request = Request("POST", "/migration/device-state",
+                      {"CONTENT_LENGTH": str(size), "wsgi.input": io.BytesIO(data)})
+    assert bytes(request.body(size)) == data
+    assert gevent_idles[0] == expected
