@@ -63,7 +63,6 @@ damage_tiles = _impl.damage_tiles
 fault_in = _impl.fault_in
 
 
-
 def gathered_chunks(chunks: Sequence[Any], batch: int) -> tuple[list[list[bytes | memoryview]], int]:
     """See the module's docstring. A chunk larger than ``batch`` is cut into views of ``batch``."""
     if batch < 1:

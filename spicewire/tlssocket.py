@@ -267,6 +267,5 @@ def send_batches(sock: socket.socket, batches: Iterable[Sequence[Any]]) -> int:
     for batch in batches:
         sent = send_buffers(sock, batch)
         total += sent
-        if turns.moved(sent):
-            gevent.idle()
+        turns.share(sent)
     return total

@@ -16,6 +16,7 @@ from spicewire.control.server import ControlServer
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType, MigrateFlags
 from spicewire.server.display import DisplayState
+from spicewire.server.migration.precopy import PIECE
 from spicewire.server.net import ServerConfig, SpiceServer
 
 from .serverkit import wait_until
@@ -58,8 +59,8 @@ class ScribbleScreen(screens.Screen):
 
 
 class DisplayNode(Node):
-    def __init__(self, name: str, screen: str = "test-scribble") -> None:
-        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, display=screen, display_size=(W, H),
+    def __init__(self, name: str, screen: str = "test-scribble", size: tuple[int, int] = (W, H)) -> None:
+        self.spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, display=screen, display_size=size,
                                               server_name=name))
         self.spice.start()
         self.control = ControlServer(self.spice, "127.0.0.1", 0, peer_token=PEER_TOKEN)
@@ -101,6 +102,21 @@ def test_a_screen_that_keeps_changing_arrives_whole_and_runs_on_s2(made, mode):
                                     and np.array_equal(d.primary, on_s2.screen.framebuffer), BOUND)
         expected_creates = 1 if mode == "seamless" else 2
         assert session.display.surface_creates == expected_creates
+
+
+@pytest.mark.parametrize("height", [511, 512, 513], ids=["under", "at", "over"])
+def test_a_surface_on_either_side_of_a_send_piece_is_pre_copied_whole(made, height):
+    """The pre-copy sends each surface as views of at most precopy.PIECE (1 MiB, 512x512 pixels):
+    one a row under, exactly one, and one a row over, through a real s2, arrive to the pixel."""
+    assert PIECE == 512 * 512 * 4
+    s1, s2 = DisplayNode("s1", size=(512, height)), DisplayNode("s2", size=(512, height))
+    made += [s1, s2]
+    with ClientSession(*s1.address, display=True) as session:
+        wait_until(lambda: s1.display().screen.scribbles > 5, BOUND, what="the screen to scribble")
+        screen_on_s1 = s1.display().screen
+        assert s1.migrate_to(s2)["migrated"] == 1
+        assert session.wait_migrated(BOUND) is not None
+        assert np.array_equal(s2.display().screen.framebuffer, screen_on_s1.framebuffer)
 
 
 def test_the_clock_shows_the_server_it_runs_on(made):

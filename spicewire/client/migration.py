@@ -718,8 +718,7 @@ def _splice_relay(source: socket.socket, out: socket.socket, count: int, what: s
                         _wait_ready(out, dst, wait_write)
             except OSError as err:
                 raise _s2_write_failed(source, left, what, err) from err
-            if turns.moved(piece):  # the process's other sessions get a turn (turns.py)
-                gevent.idle()
+            turns.share(piece)  # the process's other sessions get a turn (turns.py)
     finally:
         os.close(r)
         os.close(w)
@@ -762,6 +761,5 @@ def _copy_relay(source: socket.socket, out: socket.socket, count: int, what: str
             out.sendall(view[:n])
         except OSError as err:
             raise _s2_write_failed(source, left, what, err) from err
-        if turns.moved(n):
-            gevent.idle()
+        turns.share(n)
     return len(buf)

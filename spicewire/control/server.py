@@ -133,8 +133,7 @@ class Request:
                         break
                     view[got:got + len(chunk)] = chunk
                     got += len(chunk)
-                    if turns.moved(len(chunk)):
-                        gevent.idle()
+                    turns.share(len(chunk))
         except OSError:  # the client closed or reset before sending what it declared
             got = -1
         finally:

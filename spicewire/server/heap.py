@@ -9,7 +9,7 @@ measured on, the trim after a session's 1 GiB of 64 KiB buffers were freed stopp
 So the buffers of a session that leaves go a step at a time (``Releaser``): RELEASE_STEP bytes of
 them let go of on the hub, a trim in a worker thread, then the next step. With 16 MiB steps the hub
 waited at most 3-5 ms, and the whole GiB took 150 ms instead of 95 (it runs beside everything
-else). Smaller frees add up to a trim once TRIM_AFTER bytes were released (``Server.memory_freed``).
+else). Smaller frees add up to a trim once TRIM_AFTER bytes were released (``SpiceServer.memory_freed``).
 """
 
 from __future__ import annotations

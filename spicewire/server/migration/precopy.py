@@ -567,5 +567,4 @@ def _receive_hashed(stream: Any, into: np.ndarray, digest: Any) -> None:
             raise ValueError(f"the pre-copy body ended {total - pos} bytes early")
         digest.update(view[pos:pos + n])
         pos += n
-        if turns.moved(n):  # a socket that never runs dry would keep the hub (turns.py)
-            gevent.idle()
+        turns.share(n)  # a socket that never runs dry would keep the hub (turns.py)
