@@ -35,6 +35,7 @@ import gevent
 
 from spicewire.control.client import ControlClient
 from spicewire.demo import free_port, serving
+from spicewire.logs import session_label
 from spicewire.protocol import messages as m
 from spicewire.protocol.enums import ChannelType
 from tests.serverkit import DEFAULT_PORTS, ECHO, SINK, MainSession, RawChannel, echo_roundtrip
@@ -112,7 +113,7 @@ def come_and_go(address: tuple[str, int], control: ControlClient) -> None:
         with MainSession(address) as session:
             session.attach_channels()
             sink = session.open_port(SINK)
-            sid = f"{session.session_id:08x}"
+            sid = session_label(session.session_id)
             control.post_json(f"/sessions/{sid}/ports/{SINK_NAME}/pause", {})
             if not wire:
                 piece = os.urandom(64 << 10)
