@@ -51,6 +51,10 @@ each, about 0.1 ms for this much, and every other thread's mmap, munmap and brk 
 # Below it a plain store wins: the output fits in cache and is usually read soon. Results are the same.
 STREAM_THRESHOLD = 4 * 1024 * 1024
 
+# scan asks for the input's cache lines this many bytes ahead of its walk, while at least as many
+# are left: a hint, which changes no result.
+SCAN_PREFETCH = 1024
+
 __all__ = [
     "CHUNK_DATA_ALIGN",
     "CHUNK_ENTRY",
@@ -64,6 +68,7 @@ __all__ = [
     "FULL_HEADER_SIZE",
     "MINI_HEADER",
     "MINI_HEADER_SIZE",
+    "SCAN_PREFETCH",
     "STREAM_THRESHOLD",
     "container_index",
 ]

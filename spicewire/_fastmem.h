@@ -91,6 +91,17 @@ static inline void sw_stream_fence(void)
 #endif
 }
 
+/* Ask for the cache line at p ahead of its use. A hint, not a load: it never faults, so callers
+ * may not care where p points; they keep it inside their buffer anyway. */
+static inline void sw_prefetch(const unsigned char *p)
+{
+#if defined(__GNUC__)
+    __builtin_prefetch(p);
+#else
+    (void)p;
+#endif
+}
+
 /* Fault in the pages of [p, p + n) for writing, `step` bytes per system call, for memory nobody
  * else uses yet. MADV_POPULATE_WRITE (Linux 5.14) does what MAP_POPULATE does at mmap time, but
  * a step at a time: the kernel holds the process's mmap lock through one call, so a single call

@@ -1,5 +1,6 @@
-"""scan() over inputs around the streaming-store threshold: the compiled walk switches how it writes
-its output there, and must still agree with the pure twin on results and errors."""
+"""scan() over inputs around the streaming-store threshold, where the compiled walk switches how it
+writes its output, and around its prefetch distance, where it stops asking for lines ahead: it must
+still agree with the pure twin on results and errors."""
 
 import struct
 
@@ -51,3 +52,27 @@ def test_scan_reports_an_oversized_header_the_same_past_the_threshold(both_codec
     data = stream_of(T + 1, tail=struct.pack("<HI", 3, 1 << 20))
     result = outcome(compiled.scan, data, max_size=1 << 16)
     assert result[0] == "error" and result == outcome(pure.scan, data, max_size=1 << 16)
+
+
+P = layout.SCAN_PREFETCH
+
+
+@pytest.mark.parametrize("length", [P - 1, P, P + 1, 2 * P + 1])
+@pytest.mark.parametrize("tail", [b"", struct.pack("<HI", 3, 9) + b"abc", b"\x01\x00\x05"])
+def test_scan_agrees_either_side_of_the_prefetch_distance(both_codecs, length, tail):
+    """Whole streams and streams with a partial message (or a partial header) at the end, their
+    last whole message ending a byte under, at and over the prefetch distance."""
+    compiled, pure = both_codecs
+    data = stream_of(length, tail)
+    assert outcome(compiled.scan, data) == outcome(pure.scan, data)
+    assert compiled.scan(data)[3] == length
+
+
+@pytest.mark.parametrize("length", [P - 1, P, P + 1])
+def test_scan_full_headers_either_side_of_the_prefetch_distance(both_codecs, length):
+    compiled, pure = both_codecs
+    body = length - 18
+    data = struct.pack("<QHII", 1, 7, body, 0) + b"\x33" * body + struct.pack("<QHII", 2, 8, 0, 0)
+    result = outcome(compiled.scan, data, mini=False)
+    assert result == outcome(pure.scan, data, mini=False)
+    assert compiled.scan(data, mini=False)[3] == len(data)
