@@ -16,7 +16,7 @@ from spicewire.control.client import ControlClient
 from spicewire.server.heap import RELEASE_STEP, Releaser, release_free_memory, trim_in_thread
 from spicewire.server.session import Limits
 from tests.served import bound_addresses
-from tests.serverkit import DEFAULT_PORTS, SINK, MainSession, port_state, running_server, wait_until
+from tests.serverkit import DEFAULT_PORTS, ECHO, SINK, MainSession, port_state, running_server, wait_until
 
 MIB = 1 << 20
 
@@ -124,6 +124,40 @@ def test_a_session_that_leaves_with_a_large_backlog_is_freed_in_steps():
         assert server.budget.used == 0 and not port.to_device
         wait_until(lambda: not server.releaser.busy, what="the releaser to finish")
         assert not held and server.releaser.trims - trims == 4
+
+
+@pytest.mark.parametrize("steps", [0, 3])
+def test_a_device_that_fails_with_a_backlog_lets_go_of_it_through_the_releaser(steps):
+    """A sink whose write raises once it resumes with a backlog (a step under, or 3 steps and a
+    bit): its queues go to the server's releaser (a trim after each step), the budget has the
+    bytes back at once, and the session's other ports go on."""
+    size = steps * RELEASE_STEP + MIB
+    with running_server(limits=Limits(to_device=size + (4 << 20))) as server:
+        session = MainSession(server.address)
+        session.attach_channels()
+        sink = session.open_port(SINK)
+        port = port_state(server, session.session_id, SINK)
+        port.device.pause()
+        sink.send_data(os.urandom(MIB) * (size // MIB))
+        wait_until(lambda: port.to_device_bytes == size, what="the backlog to queue")
+        held = port.to_device
+        given: list[int] = []
+        drop = server.releaser.drop
+        server.releaser.drop = lambda queues, n: (given.append(n), drop(queues, n))  # type: ignore[method-assign]
+
+        def broken(data: memoryview) -> int:
+            raise OSError("the device's disk is gone")
+
+        port.device.write = broken  # type: ignore[method-assign]
+        port.device.resume()
+        wait_until(lambda: port.failed is not None, what="the device to fail")
+        assert given == [size] and server.budget.used == 0 and not port.to_device
+        wait_until(lambda: not server.releaser.busy, what="the releaser to finish")
+        assert not held and server.releaser.trims >= steps
+        assert session.session_id in server.sessions  # only the port ended
+        echo = session.open_port(ECHO)
+        echo.send_data(b"still here")
+        assert echo.read_data(10) == b"still here"
 
 
 def test_a_big_session_s_memory_goes_back_to_the_system_through_the_steps(tmp_path):

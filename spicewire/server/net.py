@@ -981,7 +981,7 @@ class SpiceServer:
                 session = Session(
                     id=new_session_id(self.sessions),
                     ports={
-                        i: PortState(i, name, make(), self.config.limits, self.budget)
+                        i: PortState(i, name, make(), self.config.limits, self.budget, self.let_go)
                         for i, (name, make) in enumerate(self._factories)
                     },
                     server_name=self.config.server_name,
@@ -1056,6 +1056,12 @@ class SpiceServer:
             self.releaser.drop(*port.release_device())
         session.display = None
         log.info("session %08x ended", session.id, extra=context(session.id))
+        self.memory_freed()
+
+    def let_go(self, held: list[deque[Any]], size: int) -> None:
+        """Queues a port gave up while its session goes on (its device failed): freed a step at
+        a time, as a session's are when it ends."""
+        self.releaser.drop(held, size)
         self.memory_freed()
 
     def memory_freed(self) -> None:

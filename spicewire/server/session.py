@@ -99,11 +99,21 @@ class Limits:
             raise ValueError(f"Limits.ack_window must be a whole number of messages, not {self.ack_window!r}")
 
 
+LetGo: TypeAlias = Callable[[list[deque[Any]], int], None]
+"""What takes the queues a port gave up, and their bytes, to free them: a server's frees a large
+backlog a step at a time (heap.Releaser)."""
+
+
+def _drop_at_once(held: list[deque[Any]], size: int) -> None:
+    """A port made on its own frees what it gave up with its last reference."""
+
+
 class PortState:
     """One port of a session: its device and the bytes buffered in each direction."""
 
     def __init__(
         self, channel_id: int, name: str, device: Device, limits: Limits, budget: MemoryBudget | None = None,
+        let_go: LetGo = _drop_at_once,
     ) -> None:
         self.channel_id = channel_id
         self.name = name
@@ -111,6 +121,7 @@ class PortState:
         self.limits = limits
         # The server's, shared by every session; a port made on its own counts against its own.
         self.budget = budget if budget is not None else MemoryBudget()
+        self.let_go = let_go  # where the queues of a device that fails go (device_failed)
         self.to_device: deque[memoryview] = deque()
         self.to_device_bytes = 0
         self.to_client: deque[bytes | bytearray | memoryview] = deque()
@@ -234,7 +245,9 @@ class PortState:
         """The device raised ``err`` from ``call``: this port ends, the rest of the session goes on."""
         self.failed = f"the {self.device.kind} device failed in {call}"
         log.error("%s: %s; closing the port", self.label, self.failed, exc_info=err)
-        self.release_device()
+        # Up to the port's limits of backlog: freed at once, it would hold the hub (and every
+        # other session) while glibc returns the pages.
+        self.let_go(*self.release_device())
         if self.connection is not None:
             self.connection.transport.close(self.failed)
 

@@ -386,7 +386,8 @@ class MigrationManager:
         limits, budget = self.server.config.limits, self.server.budget
         session = Session(
             id=session_id,
-            ports={cid: PortState(cid, name, devices.factory(kind)(), limits, budget) for cid, name, kind in ann.ports},
+            ports={cid: PortState(cid, name, devices.factory(kind)(), limits, budget, self.server.let_go)
+                   for cid, name, kind in ann.ports},
         )
         for cid, chunks in ann.device_state.items():
             session.ports[cid].device.restore(chunks)
