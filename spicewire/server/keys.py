@@ -5,10 +5,14 @@ Making one costs ~9 ms of CPU, so a burst of links (a migration of 500 sessions 
 on the destination) would otherwise queue behind key generation. The pool keeps up to ``size`` keys
 made in background threads, refills once links stop taking them, and hands each key out once.
 
-The background keys are generated in child processes (ChildKeys): cryptography holds the GIL while
-it generates an RSA key, so a thread generating one stops every greenlet of the server for those
+The background keys are generated in child processes (ChildKeys): cryptography held the GIL while
+it generated an RSA key, so a thread generating one stopped every greenlet of the server for those
 ~9 ms, and for much longer at the lowest priority, where the kernel often preempts it holding the
 lock. The thread now only waits on a pipe (without the GIL) and loads the key it gets (~10 us).
+cryptography 50 lets go of the GIL while it generates (two threads make keys side by side, and a
+third thread's ticks never waited over 0.7 ms), so with it a key made on demand in a thread stops
+nothing either; the children still keep the background's work at the lowest priority, whichever
+version is installed (pyproject allows 41 and later).
 """
 
 from __future__ import annotations
