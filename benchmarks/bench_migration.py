@@ -6,7 +6,7 @@
 2. Peak memory during that migration, read from /proc (VmHWM, reset just before the migration):
    the client beyond its idle size, s1 and s2 as a multiple of the in-flight state.
 3. Downtime of an idle session (main + one port) with our client, median of ROUNDS migrations
-   back and forth.
+   back and forth; then the same with IDLE_PORTS more (idle) port channels, and what each adds.
 4. SESSIONS sessions with 1 MiB in flight each, migrated by one command; all checked intact.
 
 Every process is on loopback; the script prints a JSON report and a table.
@@ -99,9 +99,10 @@ def role_receiver(listen: int, nbytes: int, whole: bool) -> None:
         print(json.dumps({"received": got, **spent}), flush=True)
 
 
-def role_client(port: int, mib: int, sessions: int) -> None:
-    """Our client: SESSIONS sessions, each writing MIB MiB into its sink, then following
-    migrations until stdin closes; answers 'rss' on stdin with its memory figures."""
+def role_client(port: int, mib: int, sessions: int, ports: int = 0) -> None:
+    """Our client: SESSIONS sessions, each writing MIB MiB into its sink (and linking PORTS more
+    port channels, idle), then following migrations until stdin closes; answers 'rss' on stdin
+    with its memory figures."""
     import gevent
 
     from spicewire.client import ClientSession
@@ -111,6 +112,8 @@ def role_client(port: int, mib: int, sessions: int) -> None:
     for _ in range(sessions):
         session = ClientSession("127.0.0.1", port).connect()
         opened.append((session, session.open_port(SINK), hashlib.sha256()))
+        for name in extra_port_names(ports):
+            session.open_port(name)
     print(json.dumps({"ready": [f"{s.session_id:08x}" for s, _, _ in opened], **memory(os.getpid())}), flush=True)
     for line in iter(lambda: gevent.os.tp_read(0, 4096).decode(), ""):
         for command in line.split():
@@ -213,8 +216,21 @@ class RoleClient:
 
 
 class Client(RoleClient):
-    def __init__(self, port: int, mib: int, sessions: int) -> None:
-        super().__init__(__file__, ["--port", str(port), "--mib", str(mib), "--sessions", str(sessions)])
+    def __init__(self, port: int, mib: int, sessions: int, ports: int = 0) -> None:
+        super().__init__(__file__, ["--port", str(port), "--mib", str(mib), "--sessions", str(sessions),
+                                    "--ports", str(ports)])
+
+
+IDLE_PORTS = 3  # more port channels linked by the second idle session: what each costs the switch
+
+
+def extra_port_names(count: int) -> list[str]:
+    return [f"org.spicewire.bench.echo{i}" for i in range(count)]
+
+
+def extra_port_channels(count: int) -> tuple[str, ...]:
+    """``serve`` arguments for ``count`` more echo ports (extra_port_names)."""
+    return tuple(arg for name in extra_port_names(count) for arg in ("--port-channel", f"{name}=echo"))
 
 
 def wait_until(predicate, timeout: float) -> None:
@@ -317,9 +333,12 @@ def bench_big_session(mib: int, rounds: int = 5) -> dict:
     }
 
 
-def bench_idle_downtime(rounds: int) -> dict:
-    s1, s2 = Served(8), Served(8)
-    client = Client(s1.port, 0, 1)
+def bench_idle_downtime(rounds: int, ports: int = 0) -> dict:
+    """The downtime of a session with nothing in flight: main and the sink, and ``ports`` more
+    port channels. Each channel makes its own round trips at the switch (a FLUSH_MARK, then its
+    MIGRATE_DATA through the client), so the downtime grows with them."""
+    s1, s2 = Served(8, extra_port_channels(ports)), Served(8, extra_port_channels(ports))
+    client = Client(s1.port, 0, 1, ports)
     downtimes = []
     try:
         here, there = s1, s2
@@ -332,7 +351,8 @@ def bench_idle_downtime(rounds: int) -> dict:
         client.stop()
         s1.stop()
         s2.stop()
-    return {"rounds": rounds, "median_downtime_s": statistics.median(downtimes), "max_downtime_s": max(downtimes)}
+    return {"rounds": rounds, "ports": ports, "median_downtime_s": statistics.median(downtimes),
+            "max_downtime_s": max(downtimes)}
 
 
 def bench_many_sessions(sessions: int) -> dict:
@@ -389,8 +409,9 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--ports", type=int, default=0, help="(client role) more idle port channels per session")
     parser.add_argument("--json", help="also write the report here")
-    parser.add_argument("--only", choices=["big", "idle", "many"], help="run one of the three")
+    parser.add_argument("--only", choices=["big", "idle", "ports", "many"], help="run one of the four")
     args = parser.parse_args()
     if args.role == "sender":
         role_sender(args.port, args.bytes, args.whole)
@@ -402,14 +423,16 @@ def main() -> int:
         role_receiver(args.listen, args.bytes, args.whole)
         return 0
     if args.role == "client":
-        role_client(args.port, args.mib, args.sessions)
+        role_client(args.port, args.mib, args.sessions, args.ports)
         return 0
     runs = {
         "big_session": lambda: bench_big_session(args.mib),
         "idle_downtime": lambda: bench_idle_downtime(args.rounds),
+        "idle_ports_downtime": lambda: bench_idle_downtime(args.rounds, IDLE_PORTS),
         "many_sessions": lambda: bench_many_sessions(args.sessions),
     }
-    wanted = {"big": "big_session", "idle": "idle_downtime", "many": "many_sessions"}.get(args.only)
+    wanted = {"big": "big_session", "idle": "idle_downtime", "ports": "idle_ports_downtime",
+              "many": "many_sessions"}.get(args.only)
     results = {"machine": f"{os.cpu_count()} cores", **{k: run() for k, run in runs.items() if wanted in (None, k)}}
     text = json.dumps(results, indent=1)
     print(text)
@@ -419,6 +442,8 @@ def main() -> int:
         with open(args.json, "w") as f:
             f.write(text)
     big, idle, many = results["big_session"], results["idle_downtime"], results["many_sessions"]
+    more = results["idle_ports_downtime"]
+    per_port = (more["median_downtime_s"] - idle["median_downtime_s"]) / more["ports"]
     mib = big["in_flight_bytes"] >> 20
     print("\n| measure | figure | goal | met |\n|---|---|---|---|")
     rows = [
@@ -442,6 +467,8 @@ def main() -> int:
          big["server_peak_vs_in_flight"] <= 1.25),
         ("idle session downtime, our client: median ms", f"{idle['median_downtime_s'] * 1e3:.2f}", "<= 2",
          idle["median_downtime_s"] <= 0.002),
+        (f"  the same with {more['ports']} more port channels (idle): median ms, and what each adds",
+         f"{more['median_downtime_s'] * 1e3:.2f}, +{per_port * 1e3:.2f} a port", "", ""),
         (f"{many['sessions']} sessions x 1 MiB, one command: s", f"{many['command_s']:.2f}", "<= 2, all intact",
          many["command_s"] <= 2.0 and many["intact"] == many["sessions"]),
         ("  its CPU: s1 / s2 / client, s (load average before)",
