@@ -118,9 +118,10 @@ cdef inline Py_ssize_t _scan_loop(
     # Each header's address depends on the size read from the one before, so the walk is a chain of
     # loads, and its speed is how short each link is. The next size is read at q + size + a
     # constant, an address the load unit adds up itself, while q moves on beside it: one load per
-    # link, where loading from the advanced q put two additions in it too (1.25x slower, in cache). And the
-    # chain cannot wait for memory: the next lines are asked for ahead (SCAN_PREFETCH), which took
-    # 1M mini headers from 2.9 ms to 2.0 on an AVX-512 Xeon, whose own prefetcher fell behind.
+    # link, where loading from the advanced q put two additions in it too (1.25x slower, in
+    # cache). And the chain cannot wait for memory: the next lines are asked for ahead
+    # (SCAN_PREFETCH), which took 1M mini headers from 2.9 ms to 2.0 on an AVX-512 Xeon, whose own
+    # prefetcher fell behind.
     cdef const unsigned char *q = p + pos
     cdef const unsigned char *end = p + n
     cdef Py_ssize_t count = 0, body_room
