@@ -125,6 +125,9 @@ cdef inline Py_ssize_t _scan_loop(
     cdef const unsigned char *q = p + pos
     cdef const unsigned char *end = p + n
     cdef Py_ssize_t count = 0, body_room
+    # A local: the module's value would be read again at every header, as the stores through the
+    # output pointers may change it as far as the compiler knows.
+    cdef Py_ssize_t ahead = SCAN_PREFETCH
     cdef uint32_t size, next_size
     if room > 0 and end - q >= hdr:
         size = sw_load_u32le(q + size_at)
@@ -146,8 +149,8 @@ cdef inline Py_ssize_t _scan_loop(
             if count == room or body_room - size < hdr:  # no room, or no whole header next
                 q += hdr + size
                 break
-            if end - q > SCAN_PREFETCH:
-                sw_prefetch(q + SCAN_PREFETCH)
+            if end - q > ahead:
+                sw_prefetch(q + ahead)
             next_size = sw_load_u32le(q + size + (hdr + size_at))  # inside: a whole header is there
             q += hdr + size
             size = next_size

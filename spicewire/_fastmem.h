@@ -91,8 +91,8 @@ static inline void sw_stream_fence(void)
 #endif
 }
 
-/* Ask for the cache line at p ahead of its use. A hint, not a load: it never faults, so callers
- * may not care where p points; they keep it inside their buffer anyway. */
+/* Ask for the cache line at p ahead of its use. A hint, not a load: it never faults, wherever p
+ * points (scan keeps it inside its input all the same). */
 static inline void sw_prefetch(const unsigned char *p)
 {
 #if defined(__GNUC__)

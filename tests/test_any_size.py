@@ -44,7 +44,7 @@ from spicewire.protocol import messages as m
 from spicewire.protocol.framing import MessageReader
 from spicewire.protocol.migration import SWPD_SEGMENT
 from spicewire.server.migration.destination import PREFAULT_MIN
-from spicewire.server.migration.source import STREAM_MIGRATE_DATA
+from spicewire.server.migration.source import GATHER_BATCH, STREAM_MIGRATE_DATA
 from spicewire.server.net import RECV_BUFFER as SERVER_RECV_BUFFER
 from spicewire.server.net import WRITE_BATCH
 from spicewire.server.session import MAX_DATA_MESSAGE, Limits
@@ -72,7 +72,7 @@ MESSAGE_EDGES = sorted({
 })
 # Thresholds on the in-flight state a migration moves (the port's MIGRATE_DATA is the held bytes
 # plus a few hundred bytes of records and container headers: STEP puts it clearly on either side).
-IN_FLIGHT_EDGES = sorted({STREAM_MIGRATE_DATA, RELAY_CHUNK, PREFAULT_MIN, SWPD_SEGMENT})
+IN_FLIGHT_EDGES = sorted({GATHER_BATCH, STREAM_MIGRATE_DATA, RELAY_CHUNK, PREFAULT_MIN, SWPD_SEGMENT})
 STEP = 64 << 10
 MAX_HELD = max(IN_FLIGHT_EDGES) + 2 * STEP
 

@@ -1053,14 +1053,14 @@ class SpiceServer:
         self.session_tickets.session_ended(session.id)
         session.close_ports("session ended")
         for port in session.ports.values():
-            self.releaser.drop(*port.release_device())
+            port.release_device()  # its queues go to let_go
         session.display = None
         log.info("session %08x ended", session.id, extra=context(session.id))
         self.memory_freed()
 
     def let_go(self, held: list[deque[Any]], size: int) -> None:
-        """Queues a port gave up while its session goes on (its device failed): freed a step at
-        a time, as a session's are when it ends."""
+        """Queues a port gave up (PortState.release_device: its session ended, or its device
+        failed): freed a step at a time."""
         self.releaser.drop(held, size)
         self.memory_freed()
 

@@ -100,8 +100,8 @@ class Limits:
 
 
 LetGo: TypeAlias = Callable[[list[deque[Any]], int], None]
-"""What takes the queues a port gave up, and their bytes, to free them: a server's frees a large
-backlog a step at a time (heap.Releaser)."""
+"""What takes the queues a port gave up (release_device), and their bytes, to free them: a
+server's frees a large backlog a step at a time (heap.Releaser), not at once on the hub."""
 
 
 def _drop_at_once(held: list[deque[Any]], size: int) -> None:
@@ -121,7 +121,7 @@ class PortState:
         self.limits = limits
         # The server's, shared by every session; a port made on its own counts against its own.
         self.budget = budget if budget is not None else MemoryBudget()
-        self.let_go = let_go  # where the queues of a device that fails go (device_failed)
+        self.let_go = let_go  # where the queues go once the device is let go of (release_device)
         self.to_device: deque[memoryview] = deque()
         self.to_device_bytes = 0
         self.to_client: deque[bytes | bytearray | memoryview] = deque()
@@ -229,25 +229,23 @@ class PortState:
         except Exception as err:
             self.device_failed("tick", err)
 
-    def release_device(self) -> tuple[list[deque[Any]], int]:
-        """Let go of the device: nothing reaches it again. Returns what either side had buffered
-        (the two queues, and their bytes), no longer counted in the budget, for the caller to let
-        go of: a server frees a large backlog a step at a time (heap.Releaser)."""
+    def release_device(self) -> None:
+        """Let go of the device: nothing reaches it again. What either side had buffered leaves
+        the budget at once and goes to ``let_go`` (up to the port's limits of backlog: freed at
+        once, it would hold the hub, and every other session, while glibc returns the pages)."""
         self.device.detach()
         held: list[deque[Any]] = [self.to_device, self.to_client]
         size = self.to_device_bytes + self.to_client_bytes
         self.budget.release(size)
         self.to_device, self.to_client = deque(), deque()
         self.to_device_bytes = self.to_client_bytes = 0
-        return held, size
+        self.let_go(held, size)
 
     def device_failed(self, call: str, err: Exception) -> None:
         """The device raised ``err`` from ``call``: this port ends, the rest of the session goes on."""
         self.failed = f"the {self.device.kind} device failed in {call}"
         log.error("%s: %s; closing the port", self.label, self.failed, exc_info=err)
-        # Up to the port's limits of backlog: freed at once, it would hold the hub (and every
-        # other session) while glibc returns the pages.
-        self.let_go(*self.release_device())
+        self.release_device()
         if self.connection is not None:
             self.connection.transport.close(self.failed)
 

@@ -377,14 +377,16 @@ def gathered_segments(writer: mig.PortMigrateDataWriter, mac: state_auth.StateMa
     yield writer.header
     pool = gevent.get_hub().threadpool
     hashing: gevent.event.AsyncResult | None = None
+    threaded = mac if mac is not None and mac.in_thread else None
+    inline = mac if mac is not None and not mac.in_thread else None
     for batch in writer.gathered(GATHER_BATCH):
-        if mac is not None and mac.in_thread:
+        if threaded is not None:
             if hashing is not None:
                 hashing.get()
-            hashing = pool.spawn(_update_all, mac, batch)
+            hashing = pool.spawn(_update_all, threaded, batch)
         yield batch
-        if mac is not None and not mac.in_thread:
-            _update_all(mac, batch)
+        if inline is not None:
+            _update_all(inline, batch)
     if mac is not None:
         if hashing is not None:
             hashing.get()
