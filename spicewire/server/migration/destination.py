@@ -7,6 +7,7 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, assert_never
@@ -256,7 +257,7 @@ class SessionDestination:
         self.restored = 0  # bytes restored from MIGRATE_DATA
         self.landing: dict[mig.Channel, LandingMac] = {}  # a port's MIGRATE_DATA being hashed as it lands
         self.hashed_ahead = 0  # bytes of MIGRATE_DATA bodies whose MAC was computed as they landed
-        self._macs: dict[mig.Channel, state_auth.StateMac] = {}  # made as main and the graphics link
+        self._macs: dict[mig.Channel, state_auth.StateMac] = {}  # made as each channel links
         self._display_waiting: DisplayConnection | None = None  # DISPLAY_STATE_VERSION: started at _completed
 
     @property
@@ -293,16 +294,17 @@ class SessionDestination:
         handler.intercept = partial(self._intercept_port, channel)
         handler.on_closed = self._link_closed
         self.links[channel] = handler
-        if isinstance(handler, GraphicsConnection):
-            self._prepare_mac(channel)
+        self._prepare_mac(channel)
         self._apply(self.machine.channel_linked(channel))
 
     def _prepare_mac(self, channel: mig.Channel) -> None:
-        """The MAC of a channel's small MIGRATE_DATA, made in pre-migration: a MAC's first setup
-        after a while costs ~150 us (OpenSSL's context, cold caches), in the downtime otherwise."""
+        """The MAC of a channel's MIGRATE_DATA (a large port body's landing MAC too), made in
+        pre-migration: a MAC's first setup after a while costs ~150 us (OpenSSL's context, cold
+        caches), in the downtime otherwise."""
         ann = self.manager.announcements.get(self.session.id)
         if ann is not None and ann.state_key is not None and channel not in self._macs:
-            self._macs[channel] = ann.state_key.mac(self.session.id, channel)
+            with suppress(state_auth.KeyReuse):  # a channel linked again: its MIGRATE_DATA is refused when it comes
+                self._macs[channel] = ann.state_key.mac(self.session.id, channel)
 
     def release(self) -> None:
         """Unhook this migration from the session's connections. The hooks and the links form
@@ -477,7 +479,7 @@ class SessionDestination:
         if ann.state_key is not None and size > ann.state_key.trailer_size and self.session.migration is self:
             channel = channel_of(handler)
             try:
-                mac = ann.state_key.mac(self.session.id, channel)
+                mac = self._macs.pop(channel, None) or ann.state_key.mac(self.session.id, channel)
             except state_auth.KeyReuse:
                 return buffer  # a second body for the channel: _authentic refuses it once it is whole
             landing = LandingMac(mac, buffer[:size], handler.channel.bulk_progress)

@@ -125,9 +125,9 @@ class SessionSource:
         if self.session.display is not None:
             self.session.display.stop()
         # A MAC's first setup after a while costs ~150 us (OpenSSL's context, cold caches): made
-        # now, the small MIGRATE_DATA bodies are sealed in the downtime for a few us each.
+        # now for every channel (a port's streamed body too), none is set up in the downtime.
         if self.state_key is not None:
-            for channel in (MAIN, *self.graphics):
+            for channel in (MAIN, *self.graphics, *(port_channel(cid) for cid in self.ports)):
                 if channel not in self._macs:
                     self._macs[channel] = self.state_key.mac(self.session.id, channel)
 
@@ -332,7 +332,8 @@ class SessionSource:
             self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, *pieces))))
             return
         outputs = self.machine.migrate_data_streamed(channel)
-        mac = None if self.state_key is None else self.state_key.mac(self.session.id, channel)
+        mac = None if self.state_key is None else (
+            self._macs.pop(channel, None) or self.state_key.mac(self.session.id, channel))
         size = writer.size + (0 if mac is None else mac.trailer_size)
         header = ch.send_streamed(Msg.MIGRATE_DATA, size)  # with what was queued before it
         conn.transport.send_stream(header, gathered_segments(writer, mac), len(header) + size)
