@@ -1,0 +1,199 @@
+"""The server's size and count limits, each tested on both sides: at the limit and one over (and
+one under where that differs from the limit)."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable
+
+import gevent
+import pytest
+from gevent import socket
+from gevent.server import StreamServer
+
+from spicewire.client import migration as client_migration
+from spicewire.server import budget as budget_module
+from spicewire.server import net
+from spicewire.server.budget import DEFAULT_SHARE, FALLBACK_LIMIT, MemoryBudget, default_limit
+from spicewire.server.events import EVENTS_LOST, QUEUE_LIMIT
+from spicewire.server.heap import TRIM_AFTER
+from spicewire.server.migration.orchestrator import UNREACHABLE_TRIES
+from tests.serverkit import running_server, wait_until
+from tests.test_migration import Node, connect, echo_ok, only_entry
+
+pytestmark = pytest.mark.usefixtures("within_30_s")
+
+MIB = 1 << 20
+LANDING_REPORTS = "/migration/completed"  # s1's "have they landed?" request to s2
+
+
+# --- QUEUE_LIMIT: a follower's event queue ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("emitted, lost", [(QUEUE_LIMIT - 1, 0), (QUEUE_LIMIT, 0), (QUEUE_LIMIT + 1, 1)],
+                         ids=["one-under", "at-the-limit", "one-over"])
+def test_a_server_s_follower_holds_queue_limit_events_and_loses_the_oldest_past_it(emitted, lost):
+    """The server's own bus: a follower that reads nothing keeps QUEUE_LIMIT events; one more drops
+    the oldest, and the next read says so."""
+    with running_server() as server:
+        follower = server.events.subscribe()
+        for n in range(emitted):
+            server.events.emit("tick", n=n)
+        got = follower.get(timeout=0)
+    assert [e["count"] for e in got if e["event"] == EVENTS_LOST] == ([lost] if lost else [])
+    assert [e["n"] for e in got if e["event"] == "tick"] == list(range(lost, emitted))
+
+
+# --- TRIM_AFTER: freed heap back to the system -----------------------------------------------------
+
+
+@pytest.mark.parametrize("freed, trims", [(TRIM_AFTER - 1, 0), (TRIM_AFTER, 1), (TRIM_AFTER + 1, 1)],
+                         ids=["one-under", "at-the-limit", "one-over"])
+def test_the_server_trims_the_heap_once_trim_after_bytes_were_released(monkeypatch, freed, trims):
+    """Released while the server still holds other bytes (all released trims sooner, at TRIM_IDLE):
+    one byte short of TRIM_AFTER is no trim, TRIM_AFTER or more is one."""
+    ran: list[str] = []
+    # A recorder instead of malloc_trim: memory_freed looks the name up in net each time.
+    monkeypatch.setattr(net, "release_free_memory", lambda: ran.append("trim"))
+    with running_server() as server:
+        still_held = MIB
+        server.budget.reserve(freed + still_held)
+        server.budget.release(freed)
+        server.memory_freed()
+        gevent.get_hub().threadpool.join()  # the trim, if any, runs in a worker thread
+        assert ran == ["trim"] * trims
+        server.budget.release(still_held)
+
+
+# --- FALLBACK_LIMIT: the budget when the machine's memory cannot be read ---------------------------
+
+
+def phys_pages(pages: int | None) -> Callable[[str | int], int]:
+    """os.sysconf as on a machine whose SC_PHYS_PAGES says ``pages`` (-1: a known name without a
+    value; None: a name the platform does not have); every other name as it is."""
+    real = os.sysconf
+
+    def sysconf(name: str | int) -> int:
+        if name != "SC_PHYS_PAGES":
+            return real(name)
+        if pages is None:
+            raise ValueError("unrecognized configuration name")
+        return pages
+
+    return sysconf
+
+
+@pytest.mark.parametrize("sysconf", [phys_pages(None), phys_pages(-1), phys_pages(0)],
+                         ids=["no-such-name", "no-value", "zero-pages"])
+def test_a_server_that_cannot_read_the_machine_s_memory_has_the_fallback_budget(monkeypatch, sysconf):
+    monkeypatch.setattr(budget_module.os, "sysconf", sysconf)
+    assert default_limit() == FALLBACK_LIMIT
+    with running_server() as server:
+        assert server.budget.limit == FALLBACK_LIMIT
+
+
+def test_one_page_of_memory_is_read_and_not_the_fallback(monkeypatch):
+    """The other side: the smallest memory that can be read is a quarter of it, however small."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(budget_module.os, "sysconf", phys_pages(1))
+    assert MemoryBudget().limit == page // DEFAULT_SHARE != FALLBACK_LIMIT
+
+
+# --- UNREACHABLE_TRIES: s1 asking s2 whether the sessions landed -----------------------------------
+
+
+class FlakyDestinationControl:
+    """s2's control API behind a proxy that resets the first ``refusals`` landing-report requests, as
+    a destination that cannot be reached, and passes everything else on to s2."""
+
+    def __init__(self, target: tuple[str, int], refusals: int) -> None:
+        self.target, self.refusals = target, refusals
+        self.refused = 0
+        self.answered = 0  # landing-report requests s2 answered
+        self.server = StreamServer(("127.0.0.1", 0), self._handle)
+        self.server.start()
+        self.address = self.server.address[:2]
+
+    def _handle(self, sock: socket.socket, _addr: tuple[str, int]) -> None:
+        with sock:
+            request = bytearray()
+            while b"\r\n\r\n" not in request and (chunk := sock.recv(65536)):
+                request += chunk
+            head = bytes(request).partition(b"\r\n\r\n")[0].decode("latin-1")
+            path = head.split()[1]
+            if path.startswith(LANDING_REPORTS) and self.refused < self.refusals:
+                self.refused += 1
+                # A reset, not an error status: s1 counts only requests that fail to get through.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            length = next((int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                           if line.lower().startswith("content-length:")), 0)
+            while len(request) < len(head) + 4 + length and (chunk := sock.recv(65536)):
+                request += chunk
+            with socket.create_connection(self.target, timeout=10) as s2:
+                s2.sendall(request)
+                while chunk := s2.recv(65536):
+                    sock.sendall(chunk)
+            if path.startswith(LANDING_REPORTS):
+                self.answered += 1
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def slow_client_switch(monkeypatch):
+    """The client holds on to s1 a while into the switch (it relays each MIGRATE_DATA late), so
+    that s1 asks s2 while it can still take the session back."""
+    relay = client_migration.MigrationDriver._relay
+
+    def late_relay(self, ev):
+        gevent.sleep(0.5)
+        return relay(self, ev)
+
+    monkeypatch.setattr(client_migration.MigrationDriver, "_relay", late_relay)
+
+
+def migrate_through(s1: Node, s2: Node, control: FlakyDestinationControl) -> dict:
+    return s1.api.post_json("/migrate", {
+        "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*control.address),
+        "mode": "seamless", "timeout": 10, "to_peer_token": s2.peer_token,
+    })
+
+
+@pytest.mark.usefixtures("slow_client_switch")
+def test_a_session_lands_when_s2_answers_after_unreachable_tries_minus_one_failed_requests(nodes):
+    s1, s2 = nodes(2)
+    session = connect(s1)
+    flaky = FlakyDestinationControl(s2.control_address, refusals=UNREACHABLE_TRIES - 1)
+    try:
+        report = migrate_through(s1, s2, flaky)
+    finally:
+        flaky.stop()
+    assert flaky.refused == UNREACHABLE_TRIES - 1 and flaky.answered >= 1
+    entry = only_entry(report)
+    assert report["migrated"] == 1 and entry["error"] is None, report
+    assert session.connected_to == s2.address
+    echo_ok(session)
+    session.close()
+
+
+@pytest.mark.usefixtures("slow_client_switch")
+def test_unreachable_tries_failed_requests_in_a_row_count_s2_as_gone_and_s1_takes_the_session_back(nodes):
+    s1, s2 = nodes(2)
+    session = connect(s1)
+    flaky = FlakyDestinationControl(s2.control_address, refusals=UNREACHABLE_TRIES + 5)
+    try:
+        report = migrate_through(s1, s2, flaky)
+    finally:
+        flaky.stop()
+    # s1 stopped asking at the limit: the requests past it were never made.
+    assert flaky.refused == UNREACHABLE_TRIES and flaky.answered == 0
+    entry = only_entry(report)
+    assert report["migrated"] == 0 and report["rolled_back"] == 1, report
+    assert entry["error"].startswith("rolled back: the destination is unreachable at {}:{}".format(*flaky.address))
+    wait_until(lambda: not session.migrating, what="the client to take s1's MIGRATE_CANCEL")
+    assert session.connected_to == s1.address
+    echo_ok(session)
+    session.close()
