@@ -18,6 +18,7 @@ from spicewire.server import net
 from spicewire.server.budget import DEFAULT_SHARE, FALLBACK_LIMIT, MemoryBudget, default_limit
 from spicewire.server.events import EVENTS_LOST, QUEUE_LIMIT
 from spicewire.server.heap import TRIM_AFTER
+from spicewire.server.migration import orchestrator
 from spicewire.server.migration.orchestrator import UNREACHABLE_TRIES
 from tests.serverkit import running_server, wait_until
 from tests.test_migration import Node, connect, echo_ok, only_entry
@@ -195,5 +196,26 @@ def test_unreachable_tries_failed_requests_in_a_row_count_s2_as_gone_and_s1_take
     assert entry["error"].startswith("rolled back: the destination is unreachable at {}:{}".format(*flaky.address))
     wait_until(lambda: not session.migrating, what="the client to take s1's MIGRATE_CANCEL")
     assert session.connected_to == s1.address
+    echo_ok(session)
+    session.close()
+
+
+def test_a_session_whose_client_left_before_s2_could_be_asked_is_lost_with_the_reason(nodes, monkeypatch):
+    """The client is on s2 before s1 asks (s1 waits for it to leave): s1 can no longer take the
+    session back, nor learn where it went. The report counts it lost and says why, the unreachable
+    destination, rather than that it never arrived: here it did."""
+    monkeypatch.setattr(orchestrator, "FIRST_ASK_WITHIN", 60.0)  # s1 asks only once the client left
+    s1, s2 = nodes(2)
+    session = connect(s1)
+    flaky = FlakyDestinationControl(s2.control_address, refusals=UNREACHABLE_TRIES + 5)
+    try:
+        report = migrate_through(s1, s2, flaky)
+    finally:
+        flaky.stop()
+    assert flaky.refused == UNREACHABLE_TRIES and report["lost"] == 1, report
+    unreachable = "the destination is unreachable at {}:{}".format(*flaky.address)
+    assert only_entry(report)["error"].startswith(
+        f"lost: the client left the source and the destination never reported its arrival: {unreachable}"), report
+    assert session.connected_to == s2.address
     echo_ok(session)
     session.close()

@@ -860,9 +860,12 @@ class MigrationManager:
         landed = {sid: entry for sid, entry in answers.items() if "failed" not in entry}
         for source in ready:
             sid = session_label(source.session.id)
-            if sid not in landed and source.can_roll_back:
+            if sid not in landed:
                 why = answers.get(sid, {}).get("failed") or "the destination did not take the session in time"
-                source.roll_back(why)
+                if source.can_roll_back:
+                    source.roll_back(why)
+                else:  # its report says why s1 cannot tell where it went (s2 unreachable, or it failed there)
+                    source.not_landed = why
         for source in ready:
             main = source.session.main
             if session_label(source.session.id) in landed and main is not None:
@@ -971,7 +974,8 @@ class MigrationManager:
         if "connected" in times:
             entry["pre_migration_s"] = round(times["connected"] - times["begin"], 6)
         if not landed and "migrate_sent" in times and "client_left" in times and not switched_host:
-            entry["error"] = entry["error"] or "lost: the client left the source but never arrived on the destination"
+            entry["error"] = entry["error"] or ("lost: the client left the source and the destination never reported "
+                                                f"its arrival: {source.not_landed or 'no answer'}")
         if landed and "migrate_sent" in times:
             completed = epoch_of(landed["times"]["completed"])  # s2's clock: one host, or synchronised ones
             entry["downtime_s"] = round(completed - times["migrate_sent"], 6)

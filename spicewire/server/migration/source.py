@@ -74,6 +74,7 @@ class SessionSource:
         self.dropped = 0  # in-flight bytes a semi-seamless migration throws away
         self.error: str | None = None
         self.rolled_back = False
+        self.not_landed: str | None = None  # why s2 did not report it landed, once the client had left s1
         self._timer: gevent.Greenlet | None = None
         self._timer_at: float | None = None  # the deadline _timer fires at
         main.intercept = partial(self._intercept, MAIN)
