@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_migration as bm
 
 from spicewire.demo import SINK
+from spicewire.server.migration.precopy import DIGESTS
 
 CHUNK = 1 << 20
 TRICKLE = 64 << 10  # what the client writes every TRICKLE_EVERY seconds while it migrates
@@ -86,18 +87,43 @@ class Client(bm.RoleClient):
         super().__init__(__file__, ["--port", str(port)])
 
 
-def direct_copy(nbytes: int) -> float:
+def direct_copy(nbytes: int, cpu: list[float] | None = None) -> float:
     """Bytes per second of a plain socket copy s1 -> s2 from and into NBYTES regions (two processes,
-    bench_migration's sender and receiver roles)."""
+    bench_migration's sender and receiver roles); the CPU seconds both spent go into ``cpu``."""
     p_recv = bm.free_port()
     receiver = bm.spawn("--role", "receiver", "--listen", str(p_recv), "--bytes", str(nbytes), "--whole")
     receiver.stdout.readline()
     sender = bm.spawn("--role", "sender", "--port", str(p_recv), "--bytes", str(nbytes), "--whole")
     result = json.loads(receiver.stdout.readline())
+    spent = result["cpu_s"] + json.loads(sender.stdout.readline())["cpu_s"]
     for proc in (sender, receiver):
         proc.wait(timeout=60)
     assert result["received"] == nbytes, result
+    if cpu is not None:
+        cpu.append(spent)
     return nbytes / result["seconds"]
+
+
+def digest_rate(nbytes: int) -> float:
+    """Bytes per second of one pass of the pre-copy's digest (the first precopy.DIGESTS names, the
+    one s1 picks with a current s2) over an NBYTES region on one core, in 1 MiB pieces as the
+    servers feed it: s1 hashes what it sends and s2 what it receives, CPU the direct copy does
+    not spend."""
+    region, step = bm.resident(nbytes), 1 << 20
+    digest = next(iter(DIGESTS.values()))()
+    start = time.perf_counter()
+    for offset in range(0, nbytes, step):
+        digest.update(region[offset : offset + step])
+    digest.digest()
+    return nbytes / (time.perf_counter() - start)
+
+
+def cpu_bound_ratio(copy_rate: float, copy_cpu_s: float, nbytes: int, digest_bytes_per_s: float) -> float:
+    """The highest pre-copy / direct copy ratio the CPU allows, if the pre-copy spent what the
+    copy's two processes do plus one digest pass on each server, spread over every core."""
+    copy_s = nbytes / copy_rate
+    needed = (copy_cpu_s + 2 * nbytes / digest_bytes_per_s) / (os.cpu_count() or 1)
+    return copy_s / max(copy_s, needed)
 
 
 def resume_once_precopied(server: bm.Served, sid: str, done: threading.Event) -> None:
@@ -192,10 +218,12 @@ def main() -> int:
         return 0
     size = args.mib << 20
     load_before = bm.load_average()
-    paused, copies = [], []
+    paused, copies, copy_cpu = [], [], []
     for _ in range(args.repeat):  # in pairs: see the module's docstring
         paused.append(big_migration(args.mib, True, False))
-        copies.append(direct_copy(size))
+        copies.append(direct_copy(size, copy_cpu))
+    digest_speed = digest_rate(size)
+    bound = cpu_bound_ratio(statistics.median(copies), statistics.median(copy_cpu), size, digest_speed)
     rates = [run["precopied_bytes"] / run["precopy_s"] for run in paused]
     precopy_rate, copy = statistics.median(rates), statistics.median(copies)
     ratio = statistics.median(rate / copied for rate, copied in zip(rates, copies, strict=True))
@@ -205,12 +233,16 @@ def main() -> int:
         ("direct socket copy s1 -> s2 of whole regions, GB/s (each run)",
          f"{copy / 1e9:.2f} ({', '.join(f'{c / 1e9:.2f}' for c in copies)})", "", ""),
         ("  pre-copy vs direct copy, median of the pairs", f"{ratio:.2f}x", ">= 0.8x", ratio >= 0.8),
+        ("  the copy's CPU per GiB (both processes); one digest pass (s1's, s2's) per GiB",
+         f"{statistics.median(copy_cpu) * (1 << 30) / size:.2f} s; {(1 << 30) / digest_speed:.2f} s", "", ""),
+        (f"  the best ratio those allow, spread over {os.cpu_count()} cores", f"{bound:.2f}x", "", ""),
         ("between the rounds, s2 faulting in the tails' memory (not in the rate): s (each run)",
          ", ".join(f"{run['prepare_s']:.3f}" for run in paused), "", ""),
         ("bytes left to MIGRATE_DATA (moved - pre-copied): KiB (each run)",
          ", ".join(f"{(run['moved_bytes'] - run['precopied_bytes']) >> 10}" for run in paused), "", ""),
     ]
-    results = {"machine": f"{os.cpu_count()} cores", "paused_runs": paused, "direct_copy_bytes_per_s": copies}
+    results = {"machine": f"{os.cpu_count()} cores", "paused_runs": paused, "direct_copy_bytes_per_s": copies,
+               "direct_copy_cpu_s": copy_cpu, "digest_bytes_per_s": digest_speed, "cpu_bound_ratio": bound}
     if args.rate_only:
         intact = all(run["intact"] for run in paused)
         report(results, args.json, [*rate_rows, ("everything the client wrote reached s2's sink (SHA-256), every run",
