@@ -78,7 +78,7 @@ class CursorShape:
 #                    QMask {u8 flags, i32 x, i32 y, u32 bitmap}
 #   57  Image        u64 id, u8 type, u8 flags, u32 width, u32 height
 #   75  BITMAP:      u8 format, u8 flags, u32 x, u32 y, u32 stride, u32 palette; pixels at 93
-#       LZ4:         BinaryData {u32 size; u8 top_down, u8 format, then blocks} at 79
+#       LZ4:         BinaryData {u32 size; u8 top_down, u8 format} at 75; the blocks at 81
 # A RECTS clip inserts ``u32 n, Rect[n]`` inline after the clip type: everything after moves.
 
 _BASE = struct.Struct("<IiiiiB")
