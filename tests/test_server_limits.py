@@ -106,10 +106,12 @@ def test_one_page_of_memory_is_read_and_not_the_fallback(monkeypatch):
 
 class FlakyDestinationControl:
     """s2's control API behind a proxy that resets the first ``refusals`` landing-report requests, as
-    a destination that cannot be reached, and passes everything else on to s2."""
+    a destination that cannot be reached (or gives them ``answer``: an error), and passes everything
+    else on to s2."""
 
-    def __init__(self, target: tuple[str, int], refusals: int) -> None:
+    def __init__(self, target: tuple[str, int], refusals: int, answer: bytes | None = None) -> None:
         self.target, self.refusals = target, refusals
+        self.answer = answer  # what a refusal says instead of a reset
         self.refused = 0
         self.answered = 0  # landing-report requests s2 answered
         self.server = StreamServer(("127.0.0.1", 0), self._handle)
@@ -125,6 +127,9 @@ class FlakyDestinationControl:
             path = head.split()[1]
             if path.startswith(LANDING_REPORTS) and self.refused < self.refusals:
                 self.refused += 1
+                if self.answer is not None:
+                    sock.sendall(self.answer)
+                    return
                 # A reset, not an error status: s1 counts only requests that fail to get through.
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
@@ -217,5 +222,32 @@ def test_a_session_whose_client_left_before_s2_could_be_asked_is_lost_with_the_r
     assert only_entry(report)["error"].startswith(
         f"lost: the client left the source and the destination never reported its arrival: {unreachable}"), report
     assert session.connected_to == s2.address
+    echo_ok(session)
+    session.close()
+
+
+@pytest.mark.usefixtures("slow_client_switch")
+@pytest.mark.parametrize("answers", [UNREACHABLE_TRIES - 1, UNREACHABLE_TRIES], ids=["one-under", "at-the-limit"])
+def test_error_answers_count_as_failed_requests(nodes, answers):
+    """An s2 that answers "have they landed?" with an error, time after time, cannot say either: past
+    UNREACHABLE_TRIES of them in a row s1 takes the session back, where it asked until the deadline."""
+    s1, s2 = nodes(2)
+    session = connect(s1)
+    error = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    flaky = FlakyDestinationControl(s2.control_address, refusals=answers, answer=error)
+    try:
+        report = migrate_through(s1, s2, flaky)
+    finally:
+        flaky.stop()
+    assert flaky.refused == answers, report
+    entry = only_entry(report)
+    if answers < UNREACHABLE_TRIES:
+        assert report["migrated"] == 1 and entry["error"] is None, report
+        assert session.connected_to == s2.address
+    else:
+        assert report["rolled_back"] == 1 and flaky.answered == 0, report
+        assert entry["error"].startswith("rolled back: the destination cannot say how it went"), report
+        wait_until(lambda: not session.migrating, what="the client to take s1's MIGRATE_CANCEL")
+        assert session.connected_to == s1.address
     echo_ok(session)
     session.close()

@@ -90,6 +90,12 @@ class UnknownMigration(MigrationError):
     that does not know the id is not the source that announced it)."""
 
 
+def _not_reported(sources: list[SessionSource], landed: dict, why: str) -> dict:
+    """``landed``, and every other session of ``sources`` failed for ``why``."""
+    waiting = (session_label(s.session.id) for s in sources)
+    return {sid: {"failed": why} for sid in waiting if sid not in landed} | landed
+
+
 def _landing(entry: object) -> bool:
     """One session in s2's ``/migration/completed`` answer: ``{"failed": why}``, or its report
     with the mode and when it completed (which the downtime is measured to)."""
@@ -945,13 +951,17 @@ class MigrationManager:
                 landed.update((sid, entry) for sid, entry in answer.items() if sid in asked)
                 unreachable = 0
             except MigrationError as err:  # names the address itself
+                # An error for an answer, time after time (an s2 that lost the migration, a broken
+                # one), tells no more than no answer: counted the same, or s1 asked until the deadline.
+                unreachable += 1
                 log.warning("cannot ask the destination how the migration went: %s", err)
+                if unreachable >= UNREACHABLE_TRIES:
+                    return _not_reported(sources, landed, f"the destination cannot say how it went: {err}")
             except OSError as err:
                 unreachable += 1
                 log.warning("cannot ask the destination at %s how the migration went: %s", peer.address, err)
                 if unreachable >= UNREACHABLE_TRIES:  # gone: what has not landed never will
-                    return {sid: {"failed": f"the destination is unreachable at {peer.address}: {err}"}
-                            for sid in (session_label(s.session.id) for s in sources) if sid not in landed} | landed
+                    return _not_reported(sources, landed, f"the destination is unreachable at {peer.address}: {err}")
             if len(landed) == len(sources) or time.monotonic() > deadline:
                 return landed
             if all(s.finished.is_set() for s in sources):
