@@ -15,7 +15,9 @@ Channel = tuple[int, int]
 """(channel_type, channel_id)."""
 MAIN: Channel = (ChannelType.MAIN, 0)
 MIGRATE_TIMEOUT = 10.0
-"""spice-server's MIGRATE_TIMEOUT: the connect wait and the wait for the client to leave (7.6)."""
+"""spice-server's MIGRATE_TIMEOUT: the connect wait and the wait for the client to leave (7.6). The
+machines' default only: spicewire's servers give each session's machine what is left of the
+``/migrate`` call's timeout instead."""
 
 _WITH_DATA = (
     frozenset({ChannelType.MAIN, ChannelType.INPUTS, ChannelType.DISPLAY, ChannelType.SMARTCARD}) | SPICEVMC_CHANNELS
