@@ -28,7 +28,7 @@ from spicewire.server.net import ServerConfig, SpiceServer
 
 from .served import TOKEN
 from .serverkit import running_server, wait_until
-from .test_client_migration import SESSION_ID, FakeServer
+from .test_client_migration import SESSION_ID, FakeServer, main_listing
 from .test_migration import PEER_TOKEN, Node
 
 W, H = 320, 200
@@ -134,11 +134,7 @@ def test_without_display_no_graphics_channel_is_linked():
     m.MsgDisplaySurfaceDestroy(7),
 ], ids=["short-draw", "huge-surface", "16-bit-surface", "destroy-unknown"])
 def test_nonsense_on_the_display_ends_that_channel_only(nonsense):
-    def main(server, conn):
-        conn.send(m.MsgMainInit(SESSION_ID, 0, 1, 1, 0, 10, 0, 0))
-        for msg in conn.messages():
-            if isinstance(msg, m.MsgcMainAttachChannels):
-                conn.send(m.MsgMainChannelsList((m.ChannelId(ChannelType.DISPLAY, 0),)))
+    main = main_listing(ChannelType.DISPLAY)
 
     def display(server, conn):
         conn.send(nonsense)
@@ -164,11 +160,7 @@ def test_reset_clears_the_primary_and_waits_for_the_next_mark():
     red = np.empty((H, W, 4), np.uint8)
     red[...] = bgrx(PALETTE[1])
 
-    def main(server, conn):
-        conn.send(m.MsgMainInit(SESSION_ID, 0, 1, 1, 0, 10, 0, 0))
-        for msg in conn.messages():
-            if isinstance(msg, m.MsgcMainAttachChannels):
-                conn.send(m.MsgMainChannelsList((m.ChannelId(ChannelType.DISPLAY, 0),)))
+    main = main_listing(ChannelType.DISPLAY)
 
     def display(server, conn):
         conn.send(m.MsgDisplaySurfaceCreate(0, W, H, SurfaceFormat.XRGB32, SurfaceFlags.PRIMARY))
@@ -246,11 +238,7 @@ def inputs_only():
     inputs channel and acknowledges no motion unless the test does."""
     received = gevent.queue.Queue()
 
-    def main(server, conn):
-        conn.send(m.MsgMainInit(SESSION_ID, 0, 1, 1, 0, 10, 0, 0))
-        for msg in conn.messages():
-            if isinstance(msg, m.MsgcMainAttachChannels):
-                conn.send(m.MsgMainChannelsList((m.ChannelId(ChannelType.INPUTS, 0),)))
+    main = main_listing(ChannelType.INPUTS)
 
     def inputs(server, conn):
         conn.send(m.MsgInputsInit(0))
@@ -375,13 +363,7 @@ def _fake_graphics_server(session_id: int, colour: tuple[int, int, int]) -> Fake
     """A scripted server whose display shows one colour and whose inputs and cursor say hello."""
     pixels = np.empty((H, W, 4), np.uint8)
     pixels[...] = bgrx(colour)
-    listed = tuple(m.ChannelId(t, 0) for t in (ChannelType.DISPLAY, ChannelType.INPUTS, ChannelType.CURSOR))
-
-    def main(server, conn):
-        conn.send(m.MsgMainInit(session_id, 0, 1, 1, 0, 10, 0, 0))
-        for msg in conn.messages():
-            if isinstance(msg, m.MsgcMainAttachChannels):
-                conn.send(m.MsgMainChannelsList(listed))
+    main = main_listing(ChannelType.DISPLAY, ChannelType.INPUTS, ChannelType.CURSOR, session_id=session_id)
 
     def display(server, conn):
         conn.send(m.MsgDisplaySurfaceCreate(0, W, H, SurfaceFormat.XRGB32, SurfaceFlags.PRIMARY))

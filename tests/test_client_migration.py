@@ -70,6 +70,20 @@ class FakeConn:
         return out
 
 
+def main_listing(*channel_types: int, session_id: int = SESSION_ID):
+    """A scripted main channel: MAIN_INIT, then a channel 0 of each of ``channel_types`` when the
+    client asks which channels there are."""
+    listed = tuple(m.ChannelId(t, 0) for t in channel_types)
+
+    def main(server, conn):
+        conn.send(m.MsgMainInit(session_id, 0, 1, 1, 0, 10, 0, 0))
+        for msg in conn.messages():
+            if isinstance(msg, m.MsgcMainAttachChannels):
+                conn.send(m.MsgMainChannelsList(listed))
+
+    return main
+
+
 class FakeServer:
     """Links every channel (no password), then runs ``handlers[channel_type](server, conn)``."""
 

@@ -56,7 +56,7 @@ from tests.serverkit import (
     sha256,
     wait_until,
 )
-from tests.test_client_migration import SESSION_ID, FakeServer
+from tests.test_client_migration import FakeServer, main_listing
 
 KEY = new_link_key()  # made once: key generation is the slow part of a link
 BOUND = 10.0  # every wait on a socket ends by then
@@ -348,11 +348,7 @@ def display_after_surface_create(width: int) -> tuple[BaseException | None, tupl
     """The client display channel's error and primary's shape once a scripted server sent it
     SURFACE_CREATE of ``width`` x 1: when the primary exists or the channel closed."""
 
-    def main(_server, conn):
-        conn.send(m.MsgMainInit(SESSION_ID, 0, 1, 1, 0, 10, 0, 0))
-        for msg in conn.messages():
-            if isinstance(msg, m.MsgcMainAttachChannels):
-                conn.send(m.MsgMainChannelsList((m.ChannelId(ChannelType.DISPLAY, 0),)))
+    main = main_listing(ChannelType.DISPLAY)
 
     def display(_server, conn):
         conn.send(m.MsgDisplaySurfaceCreate(0, width, 1, SurfaceFormat.XRGB32, SurfaceFlags.PRIMARY))

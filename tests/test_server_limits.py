@@ -161,22 +161,25 @@ def slow_client_switch(monkeypatch):
     monkeypatch.setattr(client_migration.MigrationDriver, "_relay", late_relay)
 
 
-def migrate_through(s1: Node, s2: Node, control: FlakyDestinationControl) -> dict:
-    return s1.api.post_json("/migrate", {
-        "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*control.address),
-        "mode": "seamless", "timeout": 10, "to_peer_token": s2.peer_token,
-    })
+def migrate_through_flaky(s1: Node, s2: Node, refusals: int, answer: bytes | None = None,
+                          ) -> tuple[dict, FlakyDestinationControl]:
+    """s1's /migrate report of a seamless migration to s2, whose control API s1 reaches through a
+    FlakyDestinationControl (returned too, stopped)."""
+    flaky = FlakyDestinationControl(s2.control_address, refusals, answer)
+    try:
+        return s1.api.post_json("/migrate", {
+            "to": "{}:{}".format(*s2.address), "to_control": "{}:{}".format(*flaky.address),
+            "mode": "seamless", "timeout": 10, "to_peer_token": s2.peer_token,
+        }), flaky
+    finally:
+        flaky.stop()
 
 
 @pytest.mark.usefixtures("slow_client_switch")
 def test_a_session_lands_when_s2_answers_after_unreachable_tries_minus_one_failed_requests(nodes):
     s1, s2 = nodes(2)
     session = connect(s1)
-    flaky = FlakyDestinationControl(s2.control_address, refusals=UNREACHABLE_TRIES - 1)
-    try:
-        report = migrate_through(s1, s2, flaky)
-    finally:
-        flaky.stop()
+    report, flaky = migrate_through_flaky(s1, s2, UNREACHABLE_TRIES - 1)
     assert flaky.refused == UNREACHABLE_TRIES - 1 and flaky.answered >= 1
     entry = only_entry(report)
     assert report["migrated"] == 1 and entry["error"] is None, report
@@ -189,11 +192,7 @@ def test_a_session_lands_when_s2_answers_after_unreachable_tries_minus_one_faile
 def test_unreachable_tries_failed_requests_in_a_row_count_s2_as_gone_and_s1_takes_the_session_back(nodes):
     s1, s2 = nodes(2)
     session = connect(s1)
-    flaky = FlakyDestinationControl(s2.control_address, refusals=UNREACHABLE_TRIES + 5)
-    try:
-        report = migrate_through(s1, s2, flaky)
-    finally:
-        flaky.stop()
+    report, flaky = migrate_through_flaky(s1, s2, UNREACHABLE_TRIES + 5)
     # s1 stopped asking at the limit: the requests past it were never made.
     assert flaky.refused == UNREACHABLE_TRIES and flaky.answered == 0
     entry = only_entry(report)
@@ -212,11 +211,7 @@ def test_a_session_whose_client_left_before_s2_could_be_asked_is_lost_with_the_r
     monkeypatch.setattr(orchestrator, "FIRST_ASK_WITHIN", 60.0)  # s1 asks only once the client left
     s1, s2 = nodes(2)
     session = connect(s1)
-    flaky = FlakyDestinationControl(s2.control_address, refusals=UNREACHABLE_TRIES + 5)
-    try:
-        report = migrate_through(s1, s2, flaky)
-    finally:
-        flaky.stop()
+    report, flaky = migrate_through_flaky(s1, s2, UNREACHABLE_TRIES + 5)
     assert flaky.refused == UNREACHABLE_TRIES and report["lost"] == 1, report
     unreachable = "the destination is unreachable at {}:{}".format(*flaky.address)
     assert only_entry(report)["error"].startswith(
@@ -234,11 +229,7 @@ def test_error_answers_count_as_failed_requests(nodes, answers):
     s1, s2 = nodes(2)
     session = connect(s1)
     error = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    flaky = FlakyDestinationControl(s2.control_address, refusals=answers, answer=error)
-    try:
-        report = migrate_through(s1, s2, flaky)
-    finally:
-        flaky.stop()
+    report, flaky = migrate_through_flaky(s1, s2, answers, error)
     assert flaky.refused == answers, report
     entry = only_entry(report)
     if answers < UNREACHABLE_TRIES:
