@@ -106,24 +106,9 @@ def direct_copy(nbytes: int, cpu: list[float] | None = None) -> float:
 
 def digest_rate(nbytes: int) -> float:
     """Bytes per second of one pass of the pre-copy's digest (the first precopy.DIGESTS names, the
-    one s1 picks with a current s2) over an NBYTES region on one core, in 1 MiB pieces as the
-    servers feed it: s1 hashes what it sends and s2 what it receives, CPU the direct copy does
-    not spend."""
-    region, step = bm.resident(nbytes), 1 << 20
-    digest = next(iter(DIGESTS.values()))()
-    start = time.perf_counter()
-    for offset in range(0, nbytes, step):
-        digest.update(region[offset : offset + step])
-    digest.digest()
-    return nbytes / (time.perf_counter() - start)
-
-
-def cpu_bound_ratio(copy_rate: float, copy_cpu_s: float, nbytes: int, digest_bytes_per_s: float) -> float:
-    """The highest pre-copy / direct copy ratio the CPU allows, if the pre-copy spent what the
-    copy's two processes do plus one digest pass on each server, spread over every core."""
-    copy_s = nbytes / copy_rate
-    needed = (copy_cpu_s + 2 * nbytes / digest_bytes_per_s) / (os.cpu_count() or 1)
-    return copy_s / max(copy_s, needed)
+    one s1 picks with a current s2): s1 hashes what it sends and s2 what it receives, CPU the
+    direct copy does not spend."""
+    return bm.pass_rate(next(iter(DIGESTS.values()))().update, nbytes)
 
 
 def resume_once_precopied(server: bm.Served, sid: str, done: threading.Event) -> None:
@@ -223,7 +208,7 @@ def main() -> int:
         paused.append(big_migration(args.mib, True, False))
         copies.append(direct_copy(size, copy_cpu))
     digest_speed = digest_rate(size)
-    bound = cpu_bound_ratio(statistics.median(copies), statistics.median(copy_cpu), size, digest_speed)
+    bound = bm.cpu_bound_ratio(size / statistics.median(copies), statistics.median(copy_cpu), 2 * size / digest_speed)
     rates = [run["precopied_bytes"] / run["precopy_s"] for run in paused]
     precopy_rate, copy = statistics.median(rates), statistics.median(copies)
     ratio = statistics.median(rate / copied for rate, copied in zip(rates, copies, strict=True))

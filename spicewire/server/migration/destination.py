@@ -306,6 +306,10 @@ class SessionDestination:
             with suppress(state_auth.KeyReuse):  # a channel linked again: its MIGRATE_DATA is refused when it comes
                 self._macs[channel] = ann.state_key.mac(self.session.id, channel)
 
+    def _mac(self, key: state_auth.MigrationKey, channel: mig.Channel) -> state_auth.StateMac:
+        """The channel's MIGRATE_DATA MAC: the one made as it linked (_prepare_mac), or one made now."""
+        return self._macs.pop(channel, None) or key.mac(self.session.id, channel)
+
     def release(self) -> None:
         """Unhook this migration from the session's connections. The hooks and the links form
         cycles (connection -> intercept -> this -> links -> connection); left in place, a closed
@@ -372,13 +376,12 @@ class SessionDestination:
         handler = self.links.get(channel)
         if isinstance(handler, PortConnection):
             handler.on_bulk = None
-        prepared = self._macs.pop(channel, None)  # made ahead (_prepare_mac)
         try:
             if landing is not None and landing.holds(data):
                 body = state_auth.opened(landing.finish(), data)
                 self.hashed_ahead += landing.ahead
             else:
-                mac = prepared or key.mac(self.session.id, channel)
+                mac = self._mac(key, channel)
                 if len(data) >= AUTH_IN_THREAD and mac.in_thread:
                     body = gevent.get_hub().threadpool.apply(state_auth.unsealed, (mac, data))
                 else:
@@ -479,7 +482,7 @@ class SessionDestination:
         if ann.state_key is not None and size > ann.state_key.trailer_size and self.session.migration is self:
             channel = channel_of(handler)
             try:
-                mac = self._macs.pop(channel, None) or ann.state_key.mac(self.session.id, channel)
+                mac = self._mac(ann.state_key, channel)
             except state_auth.KeyReuse:
                 return buffer  # a second body for the channel: _authentic refuses it once it is whole
             landing = LandingMac(mac, buffer[:size], handler.channel.bulk_progress)

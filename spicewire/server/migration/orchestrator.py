@@ -950,18 +950,15 @@ class MigrationManager:
                 asked = set(waiting)
                 landed.update((sid, entry) for sid, entry in answer.items() if sid in asked)
                 unreachable = 0
-            except MigrationError as err:  # names the address itself
+            except (MigrationError, OSError) as err:
                 # An error for an answer, time after time (an s2 that lost the migration, a broken
-                # one), tells no more than no answer: counted the same, or s1 asked until the deadline.
+                # one), tells no more than no answer: both count, or s1 asked until the deadline.
                 unreachable += 1
-                log.warning("cannot ask the destination how the migration went: %s", err)
-                if unreachable >= UNREACHABLE_TRIES:
-                    return _not_reported(sources, landed, f"the destination cannot say how it went: {err}")
-            except OSError as err:
-                unreachable += 1
-                log.warning("cannot ask the destination at %s how the migration went: %s", peer.address, err)
+                why = (f"the destination cannot say how it went: {err}" if isinstance(err, MigrationError)
+                       else f"the destination is unreachable at {peer.address}: {err}")  # MigrationError names it
+                log.warning("cannot ask how the migration went: %s", why)
                 if unreachable >= UNREACHABLE_TRIES:  # gone: what has not landed never will
-                    return _not_reported(sources, landed, f"the destination is unreachable at {peer.address}: {err}")
+                    return _not_reported(sources, landed, why)
             if len(landed) == len(sources) or time.monotonic() > deadline:
                 return landed
             if all(s.finished.is_set() for s in sources):

@@ -293,10 +293,14 @@ class SessionSource:
         """The body of ``pieces``, joined once, with its MAC trailer when s2 checks one."""
         if self.state_key is None:
             return b"".join(pieces)
-        mac = self._macs.pop(channel, None) or self.state_key.mac(self.session.id, channel)
+        mac = self._mac(self.state_key, channel)
         for piece in pieces:
             mac.update(piece)
         return b"".join([*pieces, mac.trailer()])
+
+    def _mac(self, key: state_auth.MigrationKey, channel: mig.Channel) -> state_auth.StateMac:
+        """The channel's MIGRATE_DATA MAC: the one made at the stop, or one made now."""
+        return self._macs.pop(channel, None) or key.mac(self.session.id, channel)
 
     def _send_migrate_data(self, channel: mig.Channel) -> None:
         if channel == MAIN:
@@ -333,8 +337,7 @@ class SessionSource:
             self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, *pieces))))
             return
         outputs = self.machine.migrate_data_streamed(channel)
-        mac = None if self.state_key is None else (
-            self._macs.pop(channel, None) or self.state_key.mac(self.session.id, channel))
+        mac = None if self.state_key is None else self._mac(self.state_key, channel)
         size = writer.size + (0 if mac is None else mac.trailer_size)
         header = ch.send_streamed(Msg.MIGRATE_DATA, size)  # with what was queued before it
         conn.transport.send_stream(header, gathered_segments(writer, mac), len(header) + size)
