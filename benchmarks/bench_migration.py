@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 from spicewire.demo import SINK, Server, free_port
@@ -368,6 +369,45 @@ def bench_idle_downtime(rounds: int, ports: int = 0) -> dict:
             "max_downtime_s": max(downtimes)}
 
 
+def tcp_memory() -> int | None:
+    """Bytes the kernel holds for all TCP sockets now (/proc/net/sockstat, in pages), or None."""
+    try:
+        with open("/proc/net/sockstat") as f:
+            for line in f:
+                if line.startswith("TCP:"):
+                    fields = line.split()
+                    return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGESIZE")
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class TcpMemoryPeak:
+    """The most the kernel held for TCP sockets while this is open, read every 10 ms. Every byte
+    on its way s1 -> client -> s2 sits in freshly allocated kernel pages until it is read; on a VM
+    whose host has taken free guest memory back, a fresh page costs the first write several
+    times what a recycled one does, so this says how much of that a command paid for."""
+
+    def __init__(self) -> None:
+        self.peak = tcp_memory()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.01):
+            now = tcp_memory()
+            if now is not None and (self.peak is None or now > self.peak):
+                self.peak = now
+
+    def __enter__(self) -> TcpMemoryPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
 def bench_many_sessions(sessions: int) -> dict:
     # Each session links main and a port: s2 keeps a link key ready for every channel coming, as an
     # operator expecting this migration would (serve --key-pool), and both make keys on 2 threads.
@@ -391,9 +431,10 @@ def bench_many_sessions(sessions: int) -> dict:
         processes = {"s1": s1.proc.pid, "s2": s2.proc.pid, "client": client.proc.pid}
         load = os.getloadavg()[0]
         cpu_before = {name: cpu_seconds(pid) for name, pid in processes.items()}
-        start = time.perf_counter()
-        report = s1.migrate_to(s2)
-        elapsed = time.perf_counter() - start
+        with TcpMemoryPeak() as tcp:
+            start = time.perf_counter()
+            report = s1.migrate_to(s2)
+            elapsed = time.perf_counter() - start
         cpu = {name: round(cpu_seconds(pid) - cpu_before[name], 2) for name, pid in processes.items()}
         keys_made = s2.control.get_json("/status")["link_keys"]["made_on_demand"]
         for sid in ids:
@@ -408,7 +449,8 @@ def bench_many_sessions(sessions: int) -> dict:
     return {"sessions": sessions, "migrated": report["migrated"], "intact": intact, "command_s": elapsed,
             "report_total_s": report["total_s"], "pre_migration_s": report["pre_migration_s"],
             "key_pool": pool, "keys_made_on_demand_on_s2": keys_made, "cpu_s": cpu,
-            "cpu_s_total": round(sum(cpu.values()), 2), "load_average_before": load}
+            "cpu_s_total": round(sum(cpu.values()), 2), "load_average_before": load,
+            "tcp_memory_peak_bytes": tcp.peak}
 
 
 def main() -> int:
@@ -491,6 +533,8 @@ def main() -> int:
         ("  its CPU: s1 / s2 / client, s (load average before)",
          (f"{many['cpu_s']['s1']} / {many['cpu_s']['s2']} / {many['cpu_s']['client']} "
           f"({many['load_average_before']:.1f})"), "", ""),
+        ("  the most the kernel held in TCP buffers meanwhile (fresh pages the bytes pass through): MiB",
+         "n/a" if many["tcp_memory_peak_bytes"] is None else f"{many['tcp_memory_peak_bytes'] / 2**20:.0f}", "", ""),
     ]
     for what, figure, goal, ok in rows:
         print(f"| {what} | {figure} | {goal} | {'' if ok == '' else ('yes' if ok else 'NO')} |")
