@@ -161,6 +161,21 @@ def test_a_key_tags_each_sessions_channel_once(version):
     state_auth.seal(s1_key, 8, SINK_CHANNEL, b"other session")
 
 
+@pytest.mark.parametrize("version", state_auth.VERSIONS)
+def test_a_prepared_mac_is_the_pairs_one_use(version):
+    """prepare makes a pair's MAC ahead; mac hands that one out, once, and the body it tags opens
+    under s2's key. Preparing again, or after the MAC was taken, makes none."""
+    s1_key, s2_key = keys(version)
+    s1_key.prepare(7, SINK_CHANNEL)
+    s1_key.prepare(7, SINK_CHANNEL)
+    mac = s1_key.mac(7, SINK_CHANNEL)
+    mac.update(b"body")
+    assert bytes(state_auth.unseal(s2_key, 7, SINK_CHANNEL, b"body" + mac.trailer())) == b"body"
+    s1_key.prepare(7, SINK_CHANNEL)
+    with pytest.raises(state_auth.KeyReuse):
+        s1_key.mac(7, SINK_CHANNEL)
+
+
 def test_each_pair_gets_a_key_of_its_own():
     """The same body under another session, channel or secret gets another tag: the one-time
     key is derived from all three."""
@@ -440,18 +455,18 @@ def test_no_mac_is_made_in_the_downtime(pnodes, monkeypatch, size):
     main's, not a port's, whose body goes in one frame or streamed and lands hashed as it comes."""
     made: list[tuple[tuple[int, int], bool]] = []  # (channel, whether a MIGRATE had gone out)
     migrates: list[tuple[int, int]] = []
-    real_mac, real_send = state_auth.MigrationKey.mac, source_module.SessionSource._send
+    real_new, real_send = state_auth.MigrationKey._new, source_module.SessionSource._send
 
-    def mac(self, session_id, channel):
+    def new(self, session_id, channel):  # where a key makes a MAC (prepared ahead, or on demand)
         made.append(((int(channel[0]), int(channel[1])), bool(migrates)))
-        return real_mac(self, session_id, channel)
+        return real_new(self, session_id, channel)
 
     def send(self, channel, msg):
         if isinstance(msg, m.MsgMigrate):
             migrates.append(channel)
         return real_send(self, channel, msg)
 
-    monkeypatch.setattr(state_auth.MigrationKey, "mac", mac)
+    monkeypatch.setattr(state_auth.MigrationKey, "_new", new)
     monkeypatch.setattr(source_module.SessionSource, "_send", send)
     s1, s2 = pnodes(False, False)  # no pre-copy: the whole backlog goes in the sink's MIGRATE_DATA
     session = connect(s1)

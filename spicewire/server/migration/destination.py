@@ -7,7 +7,6 @@ import logging
 import time
 import weakref
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any, assert_never
@@ -257,7 +256,6 @@ class SessionDestination:
         self.restored = 0  # bytes restored from MIGRATE_DATA
         self.landing: dict[mig.Channel, LandingMac] = {}  # a port's MIGRATE_DATA being hashed as it lands
         self.hashed_ahead = 0  # bytes of MIGRATE_DATA bodies whose MAC was computed as they landed
-        self._macs: dict[mig.Channel, state_auth.StateMac] = {}  # made as each channel links
         self._display_waiting: DisplayConnection | None = None  # DISPLAY_STATE_VERSION: started at _completed
 
     @property
@@ -299,16 +297,11 @@ class SessionDestination:
 
     def _prepare_mac(self, channel: mig.Channel) -> None:
         """The MAC of a channel's MIGRATE_DATA (a large port body's landing MAC too), made in
-        pre-migration: a MAC's first setup after a while costs ~150 us (OpenSSL's context, cold
-        caches), in the downtime otherwise."""
+        pre-migration (MigrationKey.prepare), not in the downtime. A channel linked again after
+        its MAC was taken gets none: its MIGRATE_DATA is refused when it comes."""
         ann = self.manager.announcements.get(self.session.id)
-        if ann is not None and ann.state_key is not None and channel not in self._macs:
-            with suppress(state_auth.KeyReuse):  # a channel linked again: its MIGRATE_DATA is refused when it comes
-                self._macs[channel] = ann.state_key.mac(self.session.id, channel)
-
-    def _mac(self, key: state_auth.MigrationKey, channel: mig.Channel) -> state_auth.StateMac:
-        """The channel's MIGRATE_DATA MAC: the one made as it linked (_prepare_mac), or one made now."""
-        return self._macs.pop(channel, None) or key.mac(self.session.id, channel)
+        if ann is not None and ann.state_key is not None:
+            ann.state_key.prepare(self.session.id, channel)
 
     def release(self) -> None:
         """Unhook this migration from the session's connections. The hooks and the links form
@@ -381,7 +374,7 @@ class SessionDestination:
                 body = state_auth.opened(landing.finish(), data)
                 self.hashed_ahead += landing.ahead
             else:
-                mac = self._mac(key, channel)
+                mac = key.mac(self.session.id, channel)
                 if len(data) >= AUTH_IN_THREAD and mac.in_thread:
                     body = gevent.get_hub().threadpool.apply(state_auth.unsealed, (mac, data))
                 else:
@@ -482,7 +475,7 @@ class SessionDestination:
         if ann.state_key is not None and size > ann.state_key.trailer_size and self.session.migration is self:
             channel = channel_of(handler)
             try:
-                mac = self._mac(ann.state_key, channel)
+                mac = ann.state_key.mac(self.session.id, channel)
             except state_auth.KeyReuse:
                 return buffer  # a second body for the channel: _authentic refuses it once it is whole
             landing = LandingMac(mac, buffer[:size], handler.channel.bulk_progress)

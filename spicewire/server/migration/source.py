@@ -86,7 +86,6 @@ class SessionSource:
         self.precopy: Precopy | None = None  # the picture as the pre-copy sent it to s2
         self.state_key: state_auth.MigrationKey | None = None  # the migration's: every MIGRATE_DATA gets its MAC
         self.port_precopies: dict[int, PortPrecopy] = {}  # by channel id: the ports s2 holds pre-copied bytes of
-        self._macs: dict[mig.Channel, state_auth.StateMac] = {}  # made before the stop (stop_devices)
 
     def channel_linked(self, handler: PortConnection | GraphicsConnection) -> None:
         """A channel the client linked to this session after its migration began: spice-gtk links
@@ -125,12 +124,10 @@ class SessionSource:
             port.stop_device()
         if self.session.display is not None:
             self.session.display.stop()
-        # A MAC's first setup after a while costs ~150 us (OpenSSL's context, cold caches): made
-        # now for every channel (a port's streamed body too), none is set up in the downtime.
+        # Every channel's MAC (a port's streamed body too) is set up now, none in the downtime.
         if self.state_key is not None:
             for channel in (MAIN, *self.graphics, *(port_channel(cid) for cid in self.ports)):
-                if channel not in self._macs:
-                    self._macs[channel] = self.state_key.mac(self.session.id, channel)
+                self.state_key.prepare(self.session.id, channel)
 
     def display_record(self) -> bytes | None:
         """The display channel's record for the device state (DISPLAY_STATE_VERSION), made once
@@ -293,14 +290,10 @@ class SessionSource:
         """The body of ``pieces``, joined once, with its MAC trailer when s2 checks one."""
         if self.state_key is None:
             return b"".join(pieces)
-        mac = self._mac(self.state_key, channel)
+        mac = self.state_key.mac(self.session.id, channel)
         for piece in pieces:
             mac.update(piece)
         return b"".join([*pieces, mac.trailer()])
-
-    def _mac(self, key: state_auth.MigrationKey, channel: mig.Channel) -> state_auth.StateMac:
-        """The channel's MIGRATE_DATA MAC: the one made at the stop, or one made now."""
-        return self._macs.pop(channel, None) or key.mac(self.session.id, channel)
 
     def _send_migrate_data(self, channel: mig.Channel) -> None:
         if channel == MAIN:
@@ -337,7 +330,7 @@ class SessionSource:
             self._apply(self.machine.send(channel, m.MsgMigrateData(self._sealed(channel, *pieces))))
             return
         outputs = self.machine.migrate_data_streamed(channel)
-        mac = None if self.state_key is None else self._mac(self.state_key, channel)
+        mac = None if self.state_key is None else self.state_key.mac(self.session.id, channel)
         size = writer.size + (0 if mac is None else mac.trailer_size)
         header = ch.send_streamed(Msg.MIGRATE_DATA, size)  # with what was queued before it
         conn.transport.send_stream(header, gathered_segments(writer, mac), len(header) + size)
