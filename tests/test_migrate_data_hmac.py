@@ -1,7 +1,8 @@
 """Authenticated migrate data (issues 9 and 13): s1 appends a MAC to every MIGRATE_DATA it sends
 through the client, with a key it gave s2 in the announcement; s2 restores nothing that fails it.
-Version 1 is HMAC-SHA256, version 2 a Poly1305 whose one-time key is derived per (session,
-channel); the two servers agree on one, so a pair of which one speaks only 1 still migrates.
+Version 1 is HMAC-SHA256, version 2 a Poly1305 and version 3 an AES-GMAC, each of those two under
+a one-time key derived per (session, channel); the two servers agree on one, so a pair of which one
+speaks less still migrates.
 
 A client that rewrites MIGRATE_DATA on the way (queued bytes, serials, main's body) is caught under
 either version: the session fails on s2 with that reason and s1 takes it back with every byte it held.
@@ -11,13 +12,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import os
+import struct
 import threading
 from collections import Counter
 from types import SimpleNamespace
 
 import gevent
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 from gevent import socket
 from gevent.server import StreamServer
 
@@ -44,6 +49,12 @@ SINK_CHANNEL = (ChannelType.PORT, 1)
 pytestmark = pytest.mark.usefixtures("within_60_s")  # a hang fails the test, not the run
 
 
+def other_version(version: int) -> int:
+    """Another version than ``version`` (the next one, round)."""
+    versions = state_auth.VERSIONS
+    return versions[(versions.index(version) + 1) % len(versions)]
+
+
 def keys(version: int, secret: bytes = KEY) -> tuple[state_auth.MigrationKey, state_auth.MigrationKey]:
     """s1's key and s2's for one migration: the same secret, each handing out a channel's MAC once."""
     return state_auth.MigrationKey(secret, version), state_auth.MigrationKey(secret, version)
@@ -64,12 +75,13 @@ def macs_made(monkeypatch) -> list[int]:
     return versions
 
 
-@pytest.fixture(params=[1, 2], ids=["v1", "v2"])
+@pytest.fixture(params=state_auth.VERSIONS, ids=[f"v{v}" for v in state_auth.VERSIONS])
 def auth_version(request, monkeypatch, macs_made):
-    """The state_auth version the pair speaks: 1 is an s2 that speaks no more (s1 offers 2). At
-    the end, every MAC either side made was of that version."""
-    if request.param == 1:
-        monkeypatch.setattr(state_auth, "negotiate", lambda offered: 1)
+    """The state_auth version the pair speaks: below the newest, an s2 that speaks no more (s1
+    offers the newest). At the end, every MAC either side made was of that version."""
+    if request.param < state_auth.VERSION:
+        real = state_auth.negotiate
+        monkeypatch.setattr(state_auth, "negotiate", lambda offered: min(real(offered), request.param))
     yield request.param
     assert macs_made and set(macs_made) == {request.param}, macs_made
 
@@ -85,6 +97,27 @@ def test_a_sealed_body_opens_to_itself(version):
     assert len(data) == len(body) + state_auth.trailer_size(version)
     assert data[len(body):len(body) + 4] == state_auth.TAGS[version]
     assert bytes(state_auth.unseal(s2_key, 7, SINK_CHANNEL, data)) == body
+
+
+def test_each_version_s_trailer_is_the_documented_mac():
+    """Each trailer as the module documents it, computed here with other APIs than the streamed
+    ones the servers use: HMAC-SHA256 over context and body; Poly1305 (one-shot), and the tag of an
+    AES-256-GCM encryption of nothing with the body as associated data and a zero nonce, each under
+    HMAC-SHA256(secret, tag | context)."""
+    body, session, channel = os.urandom(3000), 0x01020304, (10, 1)
+    context = struct.pack("<IBB", session, *channel)
+
+    def one_time(tag: bytes) -> bytes:
+        return hmac.digest(KEY, tag + context, "sha256")
+
+    expected = {
+        1: b"SWMA" + hmac.digest(KEY, b"SWMC" + context + body, "sha256"),
+        2: b"SWM2" + Poly1305.generate_tag(one_time(b"SWM2"), body),
+        3: b"SWM3" + AESGCM(one_time(b"SWM3")).encrypt(bytes(12), b"", body),
+    }
+    assert set(expected) == set(state_auth.VERSIONS)
+    for version, trailer in expected.items():
+        assert state_auth.seal(keys(version)[0], session, channel, body) == trailer, version
 
 
 @pytest.mark.parametrize("version", state_auth.VERSIONS)
@@ -109,7 +142,7 @@ def test_a_body_that_does_not_match_its_tag_is_refused(change, version):
     elif change == "other key":
         key = keys(version, bytes(32))[1]
     else:
-        key = keys(3 - version)[1]
+        key = keys(other_version(version))[1]
     with pytest.raises(state_auth.StateAuthError):
         state_auth.unseal(key, session, channel, bytes(data))
 
@@ -118,7 +151,7 @@ def test_a_body_that_does_not_match_its_tag_is_refused(change, version):
 def test_the_streamed_mac_is_the_mac_of_the_whole_body(version):
     """Computed batch by batch as the queue views go out (no second pass), it is the tag of the
     body. The batches are fed from a worker thread under version 1 (HMAC-SHA256 lets go of the GIL),
-    on the hub under version 2 (Poly1305 holds it: a thread would only add handoffs)."""
+    on the hub right after the socket's copy under versions 2 and 3 (from the cache)."""
     pending = [os.urandom(n) for n in (3 * MIB, 5, 9 * MIB + 1)]
     writer = mig.PortMigrateDataWriter(mig.PortMigrateData(serial=5, pending=pending))
     whole = mig.build_port_migrate_data(mig.PortMigrateData(serial=5, pending=pending)).tobytes()
@@ -141,7 +174,7 @@ def test_the_streamed_mac_is_the_mac_of_the_whole_body(version):
     sent = gevent.spawn(stream).get()
     assert sent[:-state_auth.trailer_size(version)] == whole
     assert bytes(state_auth.unseal(s2_key, 9, SINK_CHANNEL, sent)) == whole
-    assert fed_from and (threading.get_ident() in fed_from) == (version == 2)
+    assert fed_from and (threading.get_ident() in fed_from) == (version != 1)
 
 
 # --- one key, one body per channel ---------------------------------------------------------------
@@ -149,7 +182,7 @@ def test_the_streamed_mac_is_the_mac_of_the_whole_body(version):
 
 @pytest.mark.parametrize("version", state_auth.VERSIONS)
 def test_a_key_tags_each_sessions_channel_once(version):
-    """A Poly1305 key that tagged two bodies gives away enough to forge a third: s1's key refuses
+    """A one-time key that tagged two bodies gives away enough to forge a third: s1's key refuses
     a second body for a (session, channel) before tagging it; other pairs each get theirs once."""
     s1_key = keys(version)[0]
     state_auth.seal(s1_key, 7, SINK_CHANNEL, b"first")
@@ -176,11 +209,12 @@ def test_a_prepared_mac_is_the_pairs_one_use(version):
         s1_key.mac(7, SINK_CHANNEL)
 
 
-def test_each_pair_gets_a_key_of_its_own():
+@pytest.mark.parametrize("version", [2, 3])
+def test_each_pair_gets_a_key_of_its_own(version):
     """The same body under another session, channel or secret gets another tag: the one-time
     key is derived from all three."""
     body = b"the same body"
-    tags = {state_auth.seal(state_auth.MigrationKey(secret, 2), session, channel, body)
+    tags = {state_auth.seal(state_auth.MigrationKey(secret, version), session, channel, body)
             for secret, session, channel in [(KEY, 7, SINK_CHANNEL), (KEY, 8, SINK_CHANNEL),
                                              (KEY, 7, (ChannelType.PORT, 2)), (bytes(32), 7, SINK_CHANNEL)]}
     assert len(tags) == 4
@@ -224,24 +258,26 @@ def test_a_large_body_lands_hashed_unless_its_channel_had_its_mac_already(claime
 # --- which version a pair speaks -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("offered, checked", [(None, 1), (1, 1), (2, 2), (3, 2), (0, 1), (True, 1), ("2", 1)])
+@pytest.mark.parametrize("offered, checked", [(None, 1), (1, 1), (2, 2), (3, 3), (4, 3), (0, 1), (True, 1),
+                                              ("2", 1)])
 def test_s2_checks_the_highest_version_both_speak(offered, checked):
     """An older s1 offers nothing (it seals with HMAC-SHA256); a newer one than s2 gets s2's."""
     assert state_auth.negotiate(offered) == checked
 
 
-@pytest.mark.parametrize("answered, version", [(None, None), (1, 1), (2, 2), (3, None), ("2", None), (True, None)])
+@pytest.mark.parametrize("answered, version", [(None, None), (1, 1), (2, 2), (3, 3), (4, None), ("2", None),
+                                               (True, None)])
 def test_s1_seals_with_the_version_s2_answered(answered, version):
     key = state_auth.MigrationKey.fresh()
     assert key.agree(answered) == (version is not None) and key.version == version
     if version is not None:  # settled once
-        assert key.agree(3 - version) and key.version == version
+        assert key.agree(other_version(version)) and key.version == version
 
 
 @pytest.mark.parametrize("older", ["none", "s2", "s1"])
 def test_a_pair_with_an_older_side_migrates_with_hmac_sha256(pnodes, monkeypatch, macs_made, older):
     """s2 speaking only version 1, or s1 offering none (an older s1 sends no "state_auth"): both
-    sides use HMAC-SHA256 and the session migrates intact; two newer ones use Poly1305."""
+    sides use HMAC-SHA256 and the session migrates intact; two newer ones use the newest version."""
     if older == "s2":
         monkeypatch.setattr(state_auth, "negotiate", lambda offered: 1)
     elif older == "s1":
@@ -259,7 +295,7 @@ def test_a_pair_with_an_older_side_migrates_with_hmac_sha256(pnodes, monkeypatch
     digest = fill_paused_sink(s1, session, size)
     assert only_entry(s1.migrate_to(s2))["migrated"]
     drain_sink(s2, session.session_id, size, digest)
-    assert macs_made and set(macs_made) == {2 if older == "none" else 1}
+    assert macs_made and set(macs_made) == {state_auth.VERSION if older == "none" else 1}
     session.close()
 
 

@@ -2,23 +2,31 @@
 
 spice-server's s2 believes whatever MIGRATE_DATA the client relays. Between spicewire servers, s1
 gives s2 a random secret per migration over the server-to-server path (the announcement), and
-appends to every channel's MIGRATE_DATA body a trailer. Two versions, agreed in the announcement
+appends to every channel's MIGRATE_DATA body a trailer. Three versions, agreed in the announcement
 (s1 offers the highest it speaks as ``"state_auth"``, s2 answers the one it will check):
 
 - **1**: ``body | b"SWMA" | HMAC-SHA256(secret, context | body)``.
 - **2**: ``body | b"SWM2" | Poly1305(one_time_key, body)`` with
   ``one_time_key = HMAC-SHA256(secret, b"SWM2" | context)``. Poly1305 runs at several times
   HMAC-SHA256's rate, and the relay of a large body through the client should not wait for a hash.
+- **3**: ``body | b"SWM3" | GMAC(one_time_key, body)`` with
+  ``one_time_key = HMAC-SHA256(secret, b"SWM3" | context)``: the 16-byte tag of AES-256-GCM with
+  the body as associated data, nothing encrypted, and a nonce of 12 zero bytes (the key is never
+  used twice, see below). Each side feeds the MAC a batch right after the socket copied it, while
+  it is in the cache; there AES-GMAC (the CPU's carry-less multiply, as TLS's AES-GCM uses it)
+  ran at 0.026 s a GiB against Poly1305's 0.077 (0.11 against 0.16 s from memory) on the 2-core
+  Intel Xeon VM the fallback relay is measured on.
 
 ``context`` (u32 session id, u8 channel type, u8 channel id) binds the tag to one session and one
 channel, so a body cannot be moved to another channel or session either. s2 strips the trailer
 before it parses anything, and restores nothing from a body whose tag does not match.
 
-Why a version-2 key is used once. Poly1305 is a one-time MAC: whoever sees two bodies tagged with
-the same key (the client sees every MIGRATE_DATA it relays) can solve for the key and forge a
-third. The one-time key depends only on what both servers know before the body lands (s2 hashes a
-large body as it arrives, so it needs the key from the first byte): the secret, and the
-(session, channel) the body belongs to. Each pair is therefore tagged at most once per secret:
+Why a version-2 or -3 key is used once. Poly1305, and GMAC under a fixed nonce, are one-time MACs:
+whoever sees two bodies tagged with the same key (the client sees every MIGRATE_DATA it relays)
+can solve for the key's hash part and forge a third. The one-time key depends only on what both
+servers know before the body lands (s2 hashes a large body as it arrives, so it needs the key from
+the first byte): the secret, and the (session, channel) the body belongs to. Each pair is
+therefore tagged at most once per secret:
 
 - the secret is fresh for each migration attempt (``MigrationKey.fresh``, made by the orchestrator
   for one ``/migrate``); a retried or rolled-back migration is a new attempt with a new secret;
@@ -39,6 +47,7 @@ import hmac
 import secrets
 import struct
 
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from spicewire.errors import CodecError
@@ -46,14 +55,15 @@ from spicewire.errors import CodecError
 Buffer = bytes | bytearray | memoryview
 
 KEY_SIZE = 32
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 VERSION = max(VERSIONS)  # what s1 offers
-TAGS = {1: b"SWMA", 2: b"SWM2"}
+TAGS = {1: b"SWMA", 2: b"SWM2", 3: b"SWM3"}
 # Whether a version's update lets go of the GIL: hashlib's HMAC does for large pieces;
-# cryptography's Poly1305 holds it through the call (at some 12 GB/s here), so a worker thread
-# would gain it nothing but the handoffs to and from the hub.
-_IN_THREAD = {1: True, 2: False}
-_TAG_SIZES = {1: hashlib.sha256().digest_size, 2: 16}
+# cryptography's Poly1305 and GMAC are fed on the hub, right after the socket's copy, while the
+# batch is in the cache: a worker thread would read it again, beside the other core's work.
+_IN_THREAD = {1: True, 2: False, 3: False}
+_TAG_SIZES = {1: hashlib.sha256().digest_size, 2: 16, 3: 16}
+_GMAC_NONCE = bytes(12)  # the key is one-time (see the module's docstring)
 _CONTEXT = struct.Struct("<4sIBB")
 
 
@@ -88,19 +98,33 @@ class StateMac:
         self.trailer_size = trailer_size(version)
         self.in_thread = _IN_THREAD[version]
         if version == 1:
-            self._mac: hmac.HMAC | Poly1305 = hmac.new(
+            self._mac: hmac.HMAC | Poly1305 | _Gmac = hmac.new(
                 secret, _CONTEXT.pack(b"SWMC", session_id, channel[0], channel[1]), "sha256")
         else:
-            one_time = hmac.digest(secret, _CONTEXT.pack(b"SWM2", session_id, channel[0], channel[1]), "sha256")
-            self._mac = Poly1305(one_time)
+            one_time = hmac.digest(secret, _CONTEXT.pack(TAGS[version], session_id, channel[0], channel[1]), "sha256")
+            self._mac = Poly1305(one_time) if version == 2 else _Gmac(one_time)
 
     def update(self, piece: Buffer) -> None:
         self._mac.update(piece)
 
     def trailer(self) -> bytes:
-        """Once, after the last piece (a Poly1305 is finished by it)."""
+        """Once, after the last piece (a Poly1305 or a GMAC is finished by it)."""
         tag = self._mac.digest() if isinstance(self._mac, hmac.HMAC) else self._mac.finalize()
         return TAGS[self.version] + tag
+
+
+class _Gmac:
+    """AES-256-GMAC, streamed: an AES-GCM encryptor fed only associated data; its tag is the MAC."""
+
+    def __init__(self, key: bytes) -> None:
+        self._gcm = Cipher(algorithms.AES(key), modes.GCM(_GMAC_NONCE)).encryptor()
+
+    def update(self, piece: Buffer) -> None:
+        self._gcm.authenticate_additional_data(piece)
+
+    def finalize(self) -> bytes:
+        self._gcm.finalize()
+        return self._gcm.tag
 
 
 class MigrationKey:
