@@ -274,28 +274,37 @@ def test_s1_seals_with_the_version_s2_answered(answered, version):
         assert key.agree(other_version(version)) and key.version == version
 
 
-@pytest.mark.parametrize("older", ["none", "s2", "s1"])
-def test_a_pair_with_an_older_side_migrates_with_hmac_sha256(pnodes, monkeypatch, macs_made, older):
-    """s2 speaking only version 1, or s1 offering none (an older s1 sends no "state_auth"): both
-    sides use HMAC-SHA256 and the session migrates intact; two newer ones use the newest version."""
-    if older == "s2":
-        monkeypatch.setattr(state_auth, "negotiate", lambda offered: 1)
-    elif older == "s1":
-        real = ControlClient.post_json
+@pytest.mark.parametrize("older, version", [
+    ("none", state_auth.VERSION),
+    ("s2 speaks 1", 1), ("s1 offers none", 1),  # spicewire from before state_auth 2
+    ("s2 speaks 2", 2), ("s1 offers 2", 2),  # from before 3
+])
+def test_a_pair_with_an_older_side_migrates_with_the_highest_version_both_speak(pnodes, monkeypatch, macs_made,
+                                                                               older, version):
+    """s2 answering an older version than s1 offers, or s1 offering an older one (an s1 from before
+    state_auth sends none, and seals with HMAC-SHA256): both sides use the highest version both
+    speak, and the session migrates intact."""
+    if older.startswith("s2"):
+        real_negotiate = state_auth.negotiate
+        monkeypatch.setattr(state_auth, "negotiate", lambda offered: min(real_negotiate(offered), version))
+    elif older.startswith("s1"):
+        real_post = ControlClient.post_json
 
-        def without_offer(self, path, body, **kw):
+        def older_offer(self, path, body, **kw):
             if path == "/migration/announce":
                 body = {k: v for k, v in body.items() if k != "state_auth"}
-            return real(self, path, body, **kw)
+                if version > 1:
+                    body["state_auth"] = version
+            return real_post(self, path, body, **kw)
 
-        monkeypatch.setattr(ControlClient, "post_json", without_offer)
+        monkeypatch.setattr(ControlClient, "post_json", older_offer)
     s1, s2 = pnodes(False, False)
     session = connect(s1)
     size = 2 * MIB
     digest = fill_paused_sink(s1, session, size)
     assert only_entry(s1.migrate_to(s2))["migrated"]
     drain_sink(s2, session.session_id, size, digest)
-    assert macs_made and set(macs_made) == {state_auth.VERSION if older == "none" else 1}
+    assert macs_made and set(macs_made) == {version}
     session.close()
 
 
