@@ -58,9 +58,10 @@ KEY_SIZE = 32
 VERSIONS = (1, 2, 3)
 VERSION = max(VERSIONS)  # what s1 offers
 TAGS = {1: b"SWMA", 2: b"SWM2", 3: b"SWM3"}
-# Whether a version's update lets go of the GIL: hashlib's HMAC does for large pieces;
-# cryptography's Poly1305 and GMAC are fed on the hub, right after the socket's copy, while the
-# batch is in the cache: a worker thread would read it again, beside the other core's work.
+# Whether a version's MAC is fed from a worker thread. hashlib's HMAC lets go of the GIL for large
+# pieces; cryptography's Poly1305 holds it. Its GMAC lets go of it too, but is fed on the hub, right
+# after the socket's copy, from the cache: from a worker thread (reading the batch again, beside the
+# other core's work) a 1 GiB fallback's downtime went from 0.71-0.83 s to 0.85-0.96 s.
 _IN_THREAD = {1: True, 2: False, 3: False}
 _TAG_SIZES = {1: hashlib.sha256().digest_size, 2: 16, 3: 16}
 _GMAC_NONCE = bytes(12)  # the key is one-time (see the module's docstring)
