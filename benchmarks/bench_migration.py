@@ -515,8 +515,8 @@ def main() -> int:
          "", ""),
         ("that relay's CPU per GiB (its three processes), and how many of the cores it keeps busy",
          f"{big['whole_relay_cpu_s_per_gib']:.2f} s, {big['whole_relay_cores_busy']:.2f} of {os.cpu_count()}", "", ""),
-        ("one core's MIGRATE_DATA MAC (the newest state_auth) over the same bytes, from memory: GB/s; CPU s per GiB "
-         "of s1's and s2's passes",
+        (("one core's MIGRATE_DATA MAC (the newest state_auth) over the same bytes, from memory: GB/s; CPU s per "
+          "GiB of s1's and s2's passes"),
          (f"{big['mac_bytes_per_s'] / 1e9:.2f}; +{big['mac_cpu_s_per_gib_both']:.2f} s "
           f"({big['mac_cpu_s_per_gib_both'] / big['whole_relay_cpu_s_per_gib']:.0%} of the relay's)"), "", ""),
         (f"  the best migration / that relay the MAC passes allow: its CPU and theirs on {os.cpu_count()} cores",
