@@ -661,6 +661,7 @@ class MigrationManager:
             precopied_bytes=migration.precopied,
             precopy_s=round(migration.precopy_s, 6),
             prepare_s=round(migration.prepare_s, 6),
+            state_auth=migration.state_key.version,  # None: an s2 from before the MAC checks none
             migrated=sum(1 for s in report["sessions"] if s["migrated"]),
             switched_host=sum(1 for s in report["sessions"] if s["mode"] == "switch-host"),
             lost=sum(1 for s in report["sessions"] if (s["error"] or "").startswith("lost")),
