@@ -5,7 +5,7 @@ a one-time key derived per (session, channel); the two servers agree on one, so 
 speaks less still migrates.
 
 A client that rewrites MIGRATE_DATA on the way (queued bytes, serials, main's body) is caught under
-either version: the session fails on s2 with that reason and s1 takes it back with every byte it held.
+every version: the session fails on s2 with that reason and s1 takes it back with every byte it held.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 import struct
 import threading
 from collections import Counter
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import gevent
@@ -274,6 +275,20 @@ def test_s1_seals_with_the_version_s2_answered(answered, version):
         assert key.agree(other_version(version)) and key.version == version
 
 
+def rewrite_announcements(monkeypatch, rewrite: Callable[[dict], dict]) -> None:
+    """s1's announcements reach s2 as ``rewrite`` makes them (what an older s1 would send)."""
+    real = ControlClient.post_json
+
+    def post_json(self, path, body, **kw):
+        return real(self, path, rewrite(body) if path == "/migration/announce" else body, **kw)
+
+    monkeypatch.setattr(ControlClient, "post_json", post_json)
+
+
+def without(body: dict, *keys: str) -> dict:
+    return {k: v for k, v in body.items() if k not in keys}
+
+
 @pytest.mark.parametrize("older, version", [
     ("none", state_auth.VERSION),
     ("s2 speaks 1", 1), ("s1 offers none", 1),  # spicewire from before state_auth 2
@@ -287,28 +302,13 @@ def test_a_pair_with_an_older_side_migrates_with_the_highest_version_both_speak(
     speak, and the session migrates intact. An s2 that takes no key gets no MAC. The report names
     the version."""
     if version is None:
-        real_post = ControlClient.post_json
-
-        def without_key(self, path, body, **kw):
-            if path == "/migration/announce":
-                body = {k: v for k, v in body.items() if k not in ("state_key", "state_auth")}
-            return real_post(self, path, body, **kw)
-
-        monkeypatch.setattr(ControlClient, "post_json", without_key)
+        rewrite_announcements(monkeypatch, lambda body: without(body, "state_key", "state_auth"))
     elif older.startswith("s2"):
         real_negotiate = state_auth.negotiate
         monkeypatch.setattr(state_auth, "negotiate", lambda offered: min(real_negotiate(offered), version))
     elif older.startswith("s1"):
-        real_post = ControlClient.post_json
-
-        def older_offer(self, path, body, **kw):
-            if path == "/migration/announce":
-                body = {k: v for k, v in body.items() if k != "state_auth"}
-                if version > 1:
-                    body["state_auth"] = version
-            return real_post(self, path, body, **kw)
-
-        monkeypatch.setattr(ControlClient, "post_json", older_offer)
+        offer = {"state_auth": version} if version > 1 else {}
+        rewrite_announcements(monkeypatch, lambda body: {**without(body, "state_auth"), **offer})
     s1, s2 = pnodes(False, False)
     session = connect(s1)
     size = 2 * MIB
