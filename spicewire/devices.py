@@ -146,12 +146,19 @@ def kinds() -> list[str]:
 
 @register("echo")
 class EchoDevice(Device):
-    """Sends back everything it receives, as far as the client-bound queue has room."""
+    """Sends back everything it receives, as far as the client-bound queue has room. Pausing it
+    is a guest that stops reading its port: the client's bytes pile up on the server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
 
     def write(self, data: memoryview) -> int:
         port = self.port
         if port is None:  # the port checks first, so this is our bug, and it must not pass for push-back
             raise RuntimeError("an echo device was offered bytes after it was detached")
+        if self.paused:
+            return 0
         n = min(len(data), port.room)
         if n:
             port.send(bytes(data[:n]))
@@ -160,8 +167,27 @@ class EchoDevice(Device):
         return n
 
     def on_room(self) -> None:
-        if self.port is not None:  # detached: nothing is buffered for it any more
+        if self.port is not None and not self.paused:  # detached: nothing is buffered for it any more
             self.port.pump()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.port is not None:
+            self.port.pump()
+
+    def status(self) -> dict:
+        return {**super().status(), "paused": self.paused}
+
+    def state(self) -> dict:
+        return {**super().state(), "paused": self.paused}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        # an echo saved by a spicewire from before echoes could pause has no flag
+        self.paused = flag_field(state, "paused") if "paused" in state else False
 
 
 @register("sink")

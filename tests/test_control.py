@@ -11,6 +11,7 @@ import gevent
 import gevent.socket
 import pytest
 
+from spicewire import devices
 from spicewire.control.server import ControlServer, HttpError, Router, parse_session_id
 from spicewire.logs import parse_session_label, session_label
 from spicewire.protocol import messages as m
@@ -200,11 +201,52 @@ def test_echo_keeps_flowing_while_the_control_api_is_polled(spice, control):
     main.close()
 
 
-def test_a_device_that_cannot_pause_answers_409(spice, control):
+def test_paused_echo_holds_what_the_client_writes_and_resumed_echoes_it_all_in_order(spice, control):
     main, session_id = open_session(spice.address)
-    status, _, body = call(control, "POST", f"/sessions/{session_id:08x}/ports/{ECHO}/pause")
-    assert status == 409 and "cannot be paused" in body["error"]
+    base = f"/sessions/{session_id:08x}/ports/{ECHO}"
+    status, _, paused = call(control, "POST", f"{base}/pause")
+    assert status == 200 and paused["device"]["paused"] is True
+    port = RawChannel(spice.address, session_id, ChannelType.PORT, 1)
+    assert port.expect(m.MsgPortInit).name == ECHO
+    payload = os.urandom(200_000)
+    for i in range(0, len(payload), 65536):
+        port.send(m.MsgcSpicevmcData(payload[i : i + 65536]))
+    wait_for(lambda: port_view(control, session_id, ECHO)["to_device_bytes"] == len(payload), "all held")
+    view = port_view(control, session_id, ECHO)
+    assert view["to_client_bytes"] == 0 and view["device"]["bytes_in"] == view["device"]["bytes_out"] == 0
+
+    status, _, resumed = call(control, "POST", f"{base}/resume")
+    assert status == 200 and resumed["device"]["paused"] is False
+    got = b""
+    while len(got) < len(payload):
+        got += port.expect(m.MsgSpicevmcData).data
+    assert got == payload
+    assert port_view(control, session_id, ECHO)["device"]["bytes_out"] == len(payload)
+    port.close()
     main.close()
+
+
+@devices.register("test-unpausable")
+class UnpausableDevice(devices.Device):
+    """A device that keeps the base class' pause and resume, which refuse."""
+
+    def write(self, data: memoryview) -> int:
+        return len(data)
+
+
+def test_a_device_that_cannot_pause_answers_409():
+    spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=[("fixed", "test-unpausable")]))
+    spice.start()
+    control = _control(spice)
+    try:
+        main, session_id = open_session(spice.address)
+        for lever in ("pause", "resume"):
+            status, _, body = call(control, "POST", f"/sessions/{session_id:08x}/ports/fixed/{lever}")
+            assert status == 409 and f"cannot be {lever}d" in body["error"], body
+        main.close()
+    finally:
+        control.stop()
+        spice.stop()
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -63,6 +63,29 @@ def test_echo_asks_for_more_when_room_returns():
     assert port.pumps == 1
 
 
+def test_a_paused_echo_takes_nothing_and_resuming_pumps_the_port():
+    echo, port = attached("echo")
+    echo.pause()
+    assert echo.write(memoryview(b"abc")) == 0 and echo.status()["paused"] is True
+    echo.on_room()  # room returning does not wake a paused echo
+    assert port.pumps == 0
+    echo.resume()
+    assert port.pumps == 1 and echo.write(memoryview(b"abc")) == 3 and bytes(port.sent) == b"abc"
+
+
+def test_a_restored_echo_stays_paused_and_one_saved_before_echoes_paused_runs():
+    first, _ = attached("echo")
+    first.write(memoryview(b"12345"))
+    first.pause()
+    second, _ = attached("echo")
+    second.restore(first.save())
+    assert second.paused and second.status()["bytes_out"] == 5
+    older = {"kind": "echo", "bytes_in": 5, "bytes_out": 5}  # a spicewire whose echoes could not pause
+    third, _ = attached("echo")
+    third.restore([json.dumps(older).encode()])
+    assert not third.paused and third.status()["bytes_in"] == 5
+
+
 def test_sink_counts_and_hashes_what_it_consumes():
     sink, _ = attached("sink")
     data = os.urandom(100_000)
@@ -116,6 +139,7 @@ def test_a_saved_state_that_is_not_an_object_is_refused(kind, state):
 @pytest.mark.parametrize(("kind", "field", "value"), [
     ("sink", "bytes_in", "12"), ("sink", "bytes_out", -1), ("sink", "bytes_in", True), ("sink", "paused", 1),
     ("source", "rate", 1.5), ("source", "limit", None), ("source", "paused", "no"), ("echo", "bytes_out", [3]),
+    ("echo", "paused", "yes"),
 ])
 def test_a_saved_field_of_the_wrong_type_is_refused(kind, field, value):
     device = devices.factory(kind)()
