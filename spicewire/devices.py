@@ -92,6 +92,40 @@ class Device:
         self.bytes_out = count_field(state, "bytes_out")
 
 
+class PausableDevice(Device):
+    """A device the control API can pause and resume; whether it is paused travels in its state.
+    What a pause stops is the subclass's (it checks ``paused``): a sink or an echo takes no client
+    bytes, a source emits nothing. Resuming offers the port's buffered client bytes again."""
+
+    # False for a kind that learnt to pause later: an older server's state of it has no flag
+    PAUSED_IN_EVERY_STATE = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.port is not None:
+            self.port.pump()
+
+    def status(self) -> dict:
+        return {**super().status(), "paused": self.paused}
+
+    def state(self) -> dict:
+        return {**super().state(), "paused": self.paused}
+
+    def load_state(self, state: dict) -> None:
+        super().load_state(state)
+        if self.PAUSED_IN_EVERY_STATE or "paused" in state:
+            self.paused = flag_field(state, "paused")
+        else:
+            self.paused = False
+
+
 def saved_object(chunk: bytes | memoryview, whose: str) -> dict:
     """The JSON object a saved state's first chunk holds."""
     state = json.loads(bytes(chunk))
@@ -145,13 +179,11 @@ def kinds() -> list[str]:
 
 
 @register("echo")
-class EchoDevice(Device):
+class EchoDevice(PausableDevice):
     """Sends back everything it receives, as far as the client-bound queue has room. Pausing it
     is a guest that stops reading its port: the client's bytes pile up on the server."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.paused = False
+    PAUSED_IN_EVERY_STATE = False  # echoes could not pause before
 
     def write(self, data: memoryview) -> int:
         port = self.port
@@ -167,36 +199,17 @@ class EchoDevice(Device):
         return n
 
     def on_room(self) -> None:
-        if self.port is not None and not self.paused:  # detached: nothing is buffered for it any more
+        # detached: nothing is buffered for it any more; paused: resume() pumps
+        if self.port is not None and not self.paused:
             self.port.pump()
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-        if self.port is not None:
-            self.port.pump()
-
-    def status(self) -> dict:
-        return {**super().status(), "paused": self.paused}
-
-    def state(self) -> dict:
-        return {**super().state(), "paused": self.paused}
-
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)
-        # an echo saved by a spicewire from before echoes could pause has no flag
-        self.paused = flag_field(state, "paused") if "paused" in state else False
 
 
 @register("sink")
-class SinkDevice(Device):
+class SinkDevice(PausableDevice):
     """Consumes everything, keeping a byte count and a SHA-256; pausing makes data pile up."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.paused = False
         self._sha = PySha256()
 
     def write(self, data: memoryview) -> int:
@@ -206,16 +219,8 @@ class SinkDevice(Device):
         self.bytes_in += len(data)
         return len(data)
 
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-        if self.port is not None:
-            self.port.pump()
-
     def status(self) -> dict:
-        return {**super().status(), "paused": self.paused, "sha256": self._sha.finalize()}
+        return {**super().status(), "sha256": self._sha.finalize()}
 
     def save(self) -> list[bytes]:
         return [*super().save(), self._sha.serialize()]
@@ -223,13 +228,6 @@ class SinkDevice(Device):
     def restore(self, chunks: Sequence[bytes | memoryview]) -> None:
         super().restore(chunks)
         self._sha = PySha256.deserialize(bytes(chunks[1]))
-
-    def state(self) -> dict:
-        return {**super().state(), "paused": self.paused}
-
-    def load_state(self, state: dict) -> None:
-        super().load_state(state)
-        self.paused = flag_field(state, "paused")
 
 
 _PATTERN = np.random.default_rng(0x5350494345).integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
@@ -249,7 +247,7 @@ def source_pattern(offset: int, n: int) -> bytes:
 
 
 @register("source")
-class SourceDevice(Device):
+class SourceDevice(PausableDevice):
     """Emits the deterministic ``source_pattern`` stream at ``rate`` bytes/s (0 = as fast as the
     client takes it), up to ``limit`` bytes (0 = forever). Client bytes are consumed and counted."""
 
@@ -260,7 +258,6 @@ class SourceDevice(Device):
         super().__init__()
         self.rate = rate
         self.limit = limit
-        self.paused = False
         self._started: float | None = None  # when the rate clock started, and bytes_out then
         self._origin = 0
 
@@ -286,21 +283,17 @@ class SourceDevice(Device):
     def on_room(self) -> None:
         pass  # the next tick sends what is due
 
-    def pause(self) -> None:
-        self.paused = True
-
     def resume(self) -> None:
-        self.paused = False
+        super().resume()  # its pump finds nothing: a source takes every client byte at once
         self._started = None  # no burst for the time spent paused
 
     def status(self) -> dict:
-        return {**super().status(), "rate": self.rate, "paused": self.paused}
+        return {**super().status(), "rate": self.rate}
 
     def state(self) -> dict:
-        return {**super().state(), "rate": self.rate, "limit": self.limit, "paused": self.paused}
+        return {**super().state(), "rate": self.rate, "limit": self.limit}
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
         self.rate, self.limit = count_field(state, "rate"), count_field(state, "limit")
-        self.paused = flag_field(state, "paused")
         self._started = None  # the rate clock restarts here, from the restored offset

@@ -115,8 +115,8 @@ def test_seamless_migrations_back_and_forth_keep_the_echo_stream_byte_exact(serv
         wait_streaming(servers[0], driver)
         session_id = sessions(servers[0])[0]["session_id"]
         assert echo_lever(servers[0], session_id, "pause")["paused"] is True
-        held = wait_for(lambda: echo_port(servers[0])["to_device_bytes"] >= HELD and echo_port(servers[0]),
-                        10, f"{HELD} bytes held for the paused echo", driver)["to_device_bytes"]
+        held = wait_for(lambda: (n := echo_port(servers[0])["to_device_bytes"]) >= HELD and n,
+                        10, f"{HELD} bytes held for the paused echo", driver)
         entries = []
         for n in range(5):
             src, dst = servers[n % 2], servers[(n + 1) % 2]
