@@ -120,10 +120,7 @@ class PausableDevice(Device):
 
     def load_state(self, state: dict) -> None:
         super().load_state(state)
-        if self.PAUSED_IN_EVERY_STATE or "paused" in state:
-            self.paused = flag_field(state, "paused")
-        else:
-            self.paused = False
+        self.paused = (self.PAUSED_IN_EVERY_STATE or "paused" in state) and flag_field(state, "paused")
 
 
 def saved_object(chunk: bytes | memoryview, whose: str) -> dict:

@@ -222,15 +222,17 @@ def test_paused_echo_holds_what_the_client_writes_and_resumed_echoes_it_all_in_o
     main.close()
 
 
-@devices.register("test-unpausable")
 class UnpausableDevice(devices.Device):
     """A device that keeps the base class' pause and resume, which refuse."""
+
+    kind = "test-unpausable"
 
     def write(self, data: memoryview) -> int:
         return len(data)
 
 
-def test_a_device_that_cannot_pause_answers_409():
+def test_a_device_that_cannot_pause_answers_409(monkeypatch):
+    monkeypatch.setitem(devices._KINDS, UnpausableDevice.kind, UnpausableDevice)  # for this test only
     spice = SpiceServer(ServerConfig(host="127.0.0.1", port=0, port_channels=[("fixed", "test-unpausable")]))
     spice.start()
     control = _control(spice)
